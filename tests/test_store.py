@@ -1,0 +1,101 @@
+"""The on-disk directory format: atomic commits, checks on read, stale-file cleanup."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from retrieval.atomic import atomic_open, write_json_atomic
+from retrieval.errors import IndexFormatError
+from retrieval.store import MANIFEST_NAME, SHARD_ROWS, StoreReader, StoreWriter, directory_exists
+from retrieval.vector_index import build_vector_index
+
+
+def test_atomic_open_leaves_target_untouched_when_the_write_fails(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(target) as handle:
+            handle.write("new")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_write_json_atomic_round_trips(tmp_path):
+    write_json_atomic(tmp_path / "m.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": [1, 2]}
+
+
+def _write_build(root, value: float, extra_shards: bool = False):
+    writer = StoreWriter(root, kind="index")
+    rows = SHARD_ROWS + 3 if extra_shards else 5
+    vectors = np.full((rows, 4), value, np.float32)
+    files = {
+        "vectors": writer.write_vectors("clip", "image", vectors),
+        "table": writer.write_table("images", pa.table({"id": [f"i{n}" for n in range(rows)]})),
+        "faiss": writer.write_faiss("clip-image", build_vector_index(vectors[:5])),
+    }
+    writer.commit({"files": files}, [{"path": "bad.jpg", "reason": "truncated"}])
+    return files
+
+
+def test_commit_then_read_back(tmp_path):
+    files = _write_build(tmp_path, 0.5, extra_shards=True)
+    reader = StoreReader(tmp_path, kind="index")
+    assert len(files["vectors"]) == 2  # sharded
+    vectors = reader.read_vectors(reader.manifest["files"]["vectors"])
+    assert vectors.dtype == np.float32 and vectors.shape == (SHARD_ROWS + 3, 4)
+    assert np.all(vectors == 0.5)
+    assert reader.read_faiss(files["faiss"]).ntotal == 5
+    assert reader.read_table(files["table"]).num_rows == SHARD_ROWS + 3
+    assert reader.read_errors() == [{"path": "bad.jpg", "reason": "truncated"}]
+    assert reader.manifest["errors"] == 1
+    assert directory_exists(tmp_path)
+
+
+def test_vectors_are_stored_as_float16(tmp_path):
+    files = _write_build(tmp_path, 0.25)
+    assert np.load(tmp_path / files["vectors"][0]).dtype == np.float16
+
+
+def test_new_commit_replaces_old_files_and_uncommitted_build_changes_nothing(tmp_path):
+    old = _write_build(tmp_path, 0.5)
+    # a build that dies before commit: files written, manifest untouched
+    dead = StoreWriter(tmp_path, kind="index")
+    dead.write_vectors("clip", "image", np.ones((3, 4), np.float32))
+    reader = StoreReader(tmp_path, kind="index")
+    assert np.all(reader.read_vectors(reader.manifest["files"]["vectors"]) == 0.5)
+    new = _write_build(tmp_path, 0.75)
+    remaining = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert not (set(old["vectors"]) & remaining), "old build's files were not cleaned up"
+    assert set(new["vectors"]) <= remaining
+    assert len([p for p in remaining if p.startswith("vectors/")]) == 1  # the dead build's shard is gone too
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda root, files: (root / files["vectors"][0]).unlink(), "missing"),
+        (lambda root, files: (root / files["faiss"]).write_bytes(b"xx"), "damaged"),
+        (lambda root, files: (root / MANIFEST_NAME).write_text("{not json"), "unreadable manifest"),
+        (lambda root, files: (root / MANIFEST_NAME).write_text('{"format": 99, "kind": "index"}'), "format 99"),
+        (lambda root, files: (root / MANIFEST_NAME).write_text('{"format": 1, "kind": "anchors"}'), "expected 'index'"),
+    ],
+)
+def test_damaged_directories_give_errors_naming_the_file(tmp_path, damage, message):
+    files = _write_build(tmp_path, 0.5)
+    damage(tmp_path, files)
+    with pytest.raises(IndexFormatError, match=message) as info:
+        StoreReader(tmp_path, kind="index")
+    assert str(tmp_path) in str(info.value)
+
+
+def test_missing_and_non_index_directories(tmp_path):
+    with pytest.raises(IndexFormatError, match="no such index"):
+        StoreReader(tmp_path / "nope", kind="index")
+    with pytest.raises(IndexFormatError, match="not a index directory|no manifest.json"):
+        StoreReader(tmp_path, kind="index")

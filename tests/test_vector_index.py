@@ -1,0 +1,41 @@
+"""The FAISS layer against brute-force numpy search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.errors import InputError
+from retrieval.vector_index import build_vector_index, search
+
+
+def _unit_rows(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("n, d, k", [(1, 3, 1), (57, 17, 5), (300, 64, 10), (20, 8, 50)])
+def test_flat_search_matches_brute_force(n, d, k):
+    rng = np.random.default_rng(n + d)
+    data, queries = _unit_rows(rng, n, d), _unit_rows(rng, 7, d)
+    scores, positions = search(build_vector_index(data), queries, k)
+    expected = queries @ data.T
+    order = np.argsort(-expected, axis=1, kind="stable")[:, : min(k, n)]
+    assert positions.shape == (7, min(k, n))
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, order, axis=1), atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(expected, positions, axis=1), scores, atol=1e-5)
+
+
+def test_empty_index_returns_no_hits():
+    scores, positions = search(build_vector_index(np.zeros((0, 4), np.float32)), np.ones((2, 4), np.float32), 5)
+    assert scores.shape == (2, 0) and positions.shape == (2, 0)
+
+
+def test_bad_input():
+    index = build_vector_index(np.eye(4, dtype=np.float32))
+    with pytest.raises(InputError, match="dimension 3"):
+        search(index, np.ones((1, 3), np.float32), 1)
+    with pytest.raises(InputError, match="2-D"):
+        build_vector_index(np.ones(4, np.float32))
+    with pytest.raises(InputError, match="unknown index type"):
+        build_vector_index(np.eye(4, dtype=np.float32), "hnsw-typo")
