@@ -1,0 +1,328 @@
+"""ASIF relative representations against a plain-numpy reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from retrieval.errors import IndexFormatError, InputError, RetrievalError
+from retrieval.relative import (
+    AnchorSpace,
+    AsifParams,
+    SparseRelativeIndex,
+    relative_representation,
+    top_k_similarities,
+)
+
+N_VEC, N_ANCH, DIM = 37, 53, 19
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def reference_relative(v: np.ndarray, a: np.ndarray, k: int, p: float) -> np.ndarray:
+    """Dense ASIF rows: top-k of V @ A.T per row, clip at 0, power p, L2-normalise."""
+    s = v.astype(np.float64) @ a.astype(np.float64).T
+    out = np.zeros_like(s)
+    for i, row in enumerate(s):
+        top = np.argsort(-row, kind="stable")[: min(k, row.size)]
+        out[i, top] = np.maximum(row[top], 0.0) ** p
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
+
+
+def reference_search(rows: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Dense score matrix (q, n) of queries against rows."""
+    return queries.astype(np.float64) @ rows.astype(np.float64).T
+
+
+def assert_search_matches(scores, positions, dense_scores, k):
+    """Scores equal the reference top-k; positions equal where the score is unique."""
+    kk = min(k, dense_scores.shape[1])
+    assert scores.shape == positions.shape == (dense_scores.shape[0], kk)
+    assert scores.dtype == np.float32 and positions.dtype == np.int64
+    for i, ref in enumerate(dense_scores):
+        ref_top = np.sort(ref)[::-1][:kk]
+        np.testing.assert_allclose(scores[i], ref_top, atol=1e-5)
+        # the returned positions really have those scores, best first, no repeats
+        np.testing.assert_allclose(ref[positions[i]], scores[i], atol=1e-5)
+        assert len(set(positions[i].tolist())) == kk
+        assert np.all(np.diff(scores[i]) <= 0)
+        for j, pos in enumerate(positions[i]):
+            if np.sum(np.abs(ref - ref[pos]) < 1e-6) == 1:
+                assert pos == np.argsort(-ref, kind="stable")[j]
+
+
+# --------------------------------------------------------------------------- params
+
+
+def test_params_validation_and_json():
+    params = AsifParams(k=7, p=2.5)
+    assert AsifParams.from_json(json.loads(json.dumps(params.to_json()))) == params
+    assert AsifParams.from_json({"k": 3, "p": 1}).p == 1.0
+    for bad in ({"k": 0}, {"k": -2}, {"k": 2.5}, {"k": True}, {"p": 0}, {"p": -1.0},
+                {"p": float("nan")}, {"p": float("inf")}, {"p": "3"}):
+        with pytest.raises(InputError):
+            AsifParams(**bad)
+    for bad_json in ([], {"k": 3}, {"k": 3, "p": 2, "q": 1}, {"k": "3", "p": 2}):
+        with pytest.raises(InputError):
+            AsifParams.from_json(bad_json)
+    assert issubclass(InputError, RetrievalError)
+
+
+# --------------------------------------------------------------------------- relative rows
+
+
+@pytest.mark.parametrize("k", [1, 5, 53, 200])
+@pytest.mark.parametrize("p", [1.0, 3.0, 8.0, 0.5])
+def test_relative_matches_reference(k, p):
+    rng = np.random.default_rng(1000 * k + int(10 * p))
+    v, a = _unit(rng, N_VEC, DIM), _unit(rng, N_ANCH, DIM)
+    rel = relative_representation(v, a, AsifParams(k=k, p=p))
+    assert isinstance(rel, sp.csr_matrix)
+    assert rel.shape == (N_VEC, N_ANCH) and rel.dtype == np.float32
+    assert rel.has_sorted_indices
+    assert np.all(np.diff(rel.indptr) <= min(k, N_ANCH))
+    assert np.all(rel.data != 0) and np.all(rel.data > 0)
+    for i in range(N_VEC):  # indices strictly increasing within each row
+        assert np.all(np.diff(rel.indices[rel.indptr[i] : rel.indptr[i + 1]]) > 0)
+    ref = reference_relative(v, a, k, p)
+    np.testing.assert_allclose(rel.toarray(), ref, atol=1e-5)
+    norms = np.linalg.norm(rel.toarray(), axis=1)
+    np.testing.assert_allclose(norms[norms > 0], 1.0, atol=1e-5)
+
+
+def test_top_k_similarities_matches_dense():
+    rng = np.random.default_rng(3)
+    v, a = _unit(rng, N_VEC, DIM), _unit(rng, N_ANCH, DIM)
+    scores, ids = top_k_similarities(v.astype(np.float64), a, k=5, batch_size=4)
+    assert scores.shape == ids.shape == (N_VEC, 5)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    dense = v @ a.T
+    np.testing.assert_array_equal(ids, np.argsort(-dense, axis=1)[:, :5])
+    np.testing.assert_allclose(scores, np.take_along_axis(dense, ids, axis=1), atol=1e-5)
+    scores, ids = top_k_similarities(v, a, k=200)
+    assert scores.shape == (N_VEC, N_ANCH)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 36, 37, 38])
+def test_batch_boundaries(batch_size):
+    rng = np.random.default_rng(5)
+    v, a = _unit(rng, N_VEC, DIM), _unit(rng, N_ANCH, DIM)
+    params = AsifParams(k=5, p=3.0)
+    rel = relative_representation(v, a, params, batch_size=batch_size)
+    np.testing.assert_allclose(rel.toarray(), reference_relative(v, a, 5, 3.0), atol=1e-5)
+    space = AnchorSpace(a, _unit(rng, N_ANCH, 7))
+    rel2 = space.relative(v, "image", params, batch_size=batch_size)
+    assert (rel2 != rel).nnz == 0
+
+
+def test_all_negative_similarities_give_zero_row():
+    rng = np.random.default_rng(7)
+    a = _unit(rng, N_ANCH, DIM)
+    a[:, 0] = np.abs(a[:, 0]) + 0.5  # every anchor has a large positive first coordinate
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    v = _unit(rng, 4, DIM)
+    v[0] = 0.0
+    v[0, 0] = -1.0  # negative inner product with every anchor
+    assert np.all(v[0] @ a.T < 0)
+    for p in (0.5, 3.0):
+        rel = relative_representation(v, a, AsifParams(k=10, p=p))
+        dense = rel.toarray()
+        assert not np.isnan(dense).any()
+        assert rel[0].nnz == 0 and np.all(dense[0] == 0)
+        np.testing.assert_allclose(dense, reference_relative(v, a, 10, p), atol=1e-5)
+    # such a zero query scores 0 against everything, ties broken by lower position
+    coll = relative_representation(_unit(rng, N_VEC, DIM), a, AsifParams(k=10, p=3.0))
+    scores, positions = SparseRelativeIndex(coll).search(rel[:1], k=5)
+    assert np.all(scores == 0) and not np.isnan(scores).any()
+    np.testing.assert_array_equal(positions[0], np.arange(5))
+
+
+def test_dimension_and_shape_errors():
+    rng = np.random.default_rng(9)
+    v, a = _unit(rng, N_VEC, DIM), _unit(rng, N_ANCH, DIM + 1)
+    with pytest.raises(InputError, match=rf"{DIM}.*{DIM + 1}"):
+        relative_representation(v, a, AsifParams())
+    with pytest.raises(InputError):
+        top_k_similarities(v[0], a[:, :DIM], k=3)  # 1-D
+    with pytest.raises(InputError):
+        top_k_similarities(v, a[:, :DIM], k=0)
+    bad = v.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(InputError):
+        top_k_similarities(bad, a[:, :DIM], k=3)
+    with pytest.raises(InputError, match="53.*52"):
+        AnchorSpace(_unit(rng, 53, DIM), _unit(rng, 52, 8))
+    space = AnchorSpace(_unit(rng, N_ANCH, DIM), _unit(rng, N_ANCH, 8))
+    assert space.n_anchors == N_ANCH
+    with pytest.raises(InputError, match=rf"{DIM}.*8"):
+        space.relative(v, "text", AsifParams())
+    with pytest.raises(InputError):
+        space.relative(v, "audio", AsifParams())  # type: ignore[arg-type]
+    idx = SparseRelativeIndex(relative_representation(v, a[:, :DIM], AsifParams(k=3)))
+    with pytest.raises(InputError, match="52.*53"):
+        idx.search(sp.csr_matrix((2, N_ANCH - 1), dtype=np.float32), k=3)
+    with pytest.raises(InputError):
+        idx.search(sp.csr_matrix((2, N_ANCH), dtype=np.float32), k=0)
+
+
+def test_anchor_space_reuses_index_and_matches_function():
+    rng = np.random.default_rng(11)
+    ai, at = _unit(rng, N_ANCH, DIM), _unit(rng, N_ANCH, 8)
+    space = AnchorSpace(ai, at)
+    params = AsifParams(k=6, p=2.0)
+    vi, vt = _unit(rng, N_VEC, DIM), _unit(rng, 5, 8)
+    r1 = space.relative(vi, "image", params)
+    first = space._indexes["image"]
+    r2 = space.relative(vi[:10], "image", AsifParams(k=3, p=1.0))
+    assert space._indexes["image"] is first
+    np.testing.assert_allclose(r1.toarray(), reference_relative(vi, ai, 6, 2.0), atol=1e-5)
+    np.testing.assert_allclose(r2.toarray(), reference_relative(vi[:10], ai, 3, 1.0), atol=1e-5)
+    rt = space.relative(vt, "text", params)
+    np.testing.assert_allclose(rt.toarray(), reference_relative(vt, at, 6, 2.0), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- sparse index
+
+
+@pytest.mark.parametrize("k_rel", [1, 5, 53])
+@pytest.mark.parametrize("k_search", [1, 4, 37, 100])
+def test_search_matches_dense_reference(k_rel, k_search):
+    rng = np.random.default_rng(13 + k_rel)
+    a = _unit(rng, N_ANCH, DIM)
+    params = AsifParams(k=k_rel, p=3.0)
+    coll = relative_representation(_unit(rng, N_VEC, DIM), a, params)
+    queries = relative_representation(_unit(rng, 11, DIM), a, params)
+    idx = SparseRelativeIndex(coll)
+    assert len(idx) == N_VEC and idx.n_anchors == N_ANCH
+    scores, positions = idx.search(queries, k=k_search)
+    dense = reference_search(coll.toarray(), queries.toarray(), k_search)
+    assert_search_matches(scores, positions, dense, k_search)
+
+
+def test_search_ties_and_small_batches(monkeypatch):
+    # duplicated rows give exact ties: lower position first
+    rows = sp.csr_matrix(np.array([[0, 1, 0], [1, 0, 0], [0, 1, 0], [0.6, 0.8, 0], [0, 1, 0]],
+                                  dtype=np.float32))
+    idx = SparseRelativeIndex(rows)
+    q = sp.csr_matrix(np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=np.float32))
+    scores, positions = idx.search(q, k=4)
+    np.testing.assert_array_equal(positions[0], [0, 2, 4, 3])
+    np.testing.assert_allclose(scores[0], [1, 1, 1, 0.8])
+    np.testing.assert_array_equal(positions[1], [0, 1, 2, 3])  # all-zero scores
+    np.testing.assert_array_equal(scores[1], 0)
+    np.testing.assert_array_equal(positions[2], [1, 3, 0, 2])
+    # force a score block of one query at a time: same answers
+    import retrieval.relative as rel_mod
+
+    monkeypatch.setattr(rel_mod, "_SCORE_BLOCK_ELEMENTS", 1)
+    s2, p2 = idx.search(q, k=4)
+    np.testing.assert_array_equal(p2, positions)
+    np.testing.assert_array_equal(s2, scores)
+
+
+def test_search_many_ties_exact_order():
+    # 300 rows on 3 anchors with only a few distinct scores: exact (score desc, position asc)
+    rng = np.random.default_rng(23)
+    levels = np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
+    rows = sp.csr_matrix(levels[rng.integers(0, 4, size=300)])
+    q = sp.csr_matrix(np.array([[0.8, 0.6, 0], [0, 0, 1], [0, 0, 0]], dtype=np.float32))
+    for k in (1, 50, 120, 300, 400):
+        scores, positions = SparseRelativeIndex(rows).search(q, k=k)
+        dense = (q.toarray() @ rows.toarray().T).astype(np.float32)
+        for i, ref in enumerate(dense):
+            want = np.lexsort((np.arange(300), -ref))[: min(k, 300)]
+            np.testing.assert_array_equal(positions[i], want)
+            np.testing.assert_array_equal(scores[i], ref[want])
+
+
+def test_search_does_not_modify_inputs():
+    rows = sp.csr_matrix(
+        (np.array([2.0, 1.0], dtype=np.float32), np.array([2, 0]), np.array([0, 2])), shape=(1, 3)
+    )
+    before = rows.indices.copy()
+    idx = SparseRelativeIndex(rows)
+    np.testing.assert_array_equal(rows.indices, before)
+    scores, positions = idx.search(sp.csr_matrix(np.array([[1.0, 0, 1.0]])), k=3)
+    np.testing.assert_allclose(scores, [[3.0]])
+    np.testing.assert_array_equal(positions, [[0]])
+
+
+def test_save_load_round_trip(tmp_path: Path):
+    rng = np.random.default_rng(17)
+    a = _unit(rng, N_ANCH, DIM)
+    coll = relative_representation(_unit(rng, N_VEC, DIM), a, AsifParams(k=5, p=3.0))
+    idx = SparseRelativeIndex(coll)
+    path = tmp_path / "rows.npz"
+    idx.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.npz"]  # no temp file left
+    idx.save(path)  # overwrite in place
+    back = SparseRelativeIndex.load(path)
+    assert len(back) == N_VEC and back.n_anchors == N_ANCH
+    assert (back.rows != idx.rows).nnz == 0 and back.rows.dtype == np.float32
+    q = relative_representation(_unit(rng, 3, DIM), a, AsifParams(k=5, p=3.0))
+    for got, want in zip(back.search(q, 10), idx.search(q, 10)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_load_errors_name_the_file(tmp_path: Path):
+    rng = np.random.default_rng(19)
+    coll = relative_representation(
+        _unit(rng, N_VEC, DIM), _unit(rng, N_ANCH, DIM), AsifParams(k=5, p=3.0)
+    )
+    path = tmp_path / "rows.npz"
+    SparseRelativeIndex(coll).save(path)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexFormatError, match="truncated.npz"):
+        SparseRelativeIndex.load(truncated)
+    with pytest.raises(IndexFormatError, match="missing.npz"):
+        SparseRelativeIndex.load(tmp_path / "missing.npz")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    with pytest.raises(IndexFormatError, match="garbage.npz"):
+        SparseRelativeIndex.load(garbage)
+    pickled = tmp_path / "pickled.npz"  # an object array must not be unpickled
+    np.savez(pickled, data=np.array([{"x": 1}], dtype=object), format=np.array("csr"))
+    with pytest.raises(IndexFormatError, match="pickled.npz"):
+        SparseRelativeIndex.load(pickled)
+
+
+# --------------------------------------------------------------------------- cross-modal sanity
+
+
+def _paired_concepts(seed: int, n: int, latent: int = 8):
+    """Image/text vectors of the same concepts via different random linear maps of a latent."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, latent))
+    img = z @ rng.standard_normal((latent, 48)) + 0.1 * rng.standard_normal((n, 48))
+    txt = z @ rng.standard_normal((latent, 32)) + 0.1 * rng.standard_normal((n, 32))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    return img.astype(np.float32), txt.astype(np.float32)
+
+
+def _text_to_image_recall_at_1(space: AnchorSpace, img, txt, params: AsifParams) -> float:
+    gallery = SparseRelativeIndex(space.relative(img, "image", params))
+    _, positions = gallery.search(space.relative(txt, "text", params), k=1)
+    return float(np.mean(positions[:, 0] == np.arange(len(txt))))
+
+
+def test_cross_modal_retrieval_far_above_chance():
+    img, txt = _paired_concepts(seed=0, n=250)
+    params = AsifParams(k=20, p=3.0)
+    space = AnchorSpace(img[:200], txt[:200])
+    recall = _text_to_image_recall_at_1(space, img[200:], txt[200:], params)
+    assert recall > 0.7, recall  # chance is 1/50 = 0.02
+    # control: break the anchor pairing and the coupling (hence retrieval) is gone
+    perm = np.random.default_rng(1).permutation(200)
+    broken = AnchorSpace(img[:200], txt[:200][perm])
+    assert _text_to_image_recall_at_1(broken, img[200:], txt[200:], params) < 0.2
