@@ -1,8 +1,6 @@
-"""Readers that turn user sources (folders, globs, caption files) into items,
-plus robust image decoding.
+"""Readers that turn user sources (folders, globs, caption files) into items.
 
-Nothing here touches global state: Pillow's limits are passed explicitly and
-warnings are only filtered inside ``warnings.catch_warnings`` blocks.
+Image decoding lives in :mod:`retrieval.images` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -16,15 +14,13 @@ import json
 import logging
 import os
 import string
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageDecodeError, InputError
+from .errors import InputError
+from .images import LoadedImage, load_image, normalize_image  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +29,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 _GLOB_CHARS = frozenset("*?[")
-_DEFAULT_MAX_PIXELS = 178_956_970
 
 
 # --------------------------------------------------------------------------- ids
@@ -495,145 +490,3 @@ def read_caption_file(
         rows = _read_parquet(file, wanted)
     return _build_records(file, rows, errors, caption_column, image_col, template)
 
-
-# --------------------------------------------------------------------------- images
-
-
-@dataclass
-class LoadedImage:
-    """A decoded RGB image with its size and the hash of the file bytes."""
-
-    image: Image.Image
-    width: int
-    height: int
-    sha256: str
-
-
-def _composite_on_white(rgba: Image.Image) -> Image.Image:
-    """Flatten an RGBA image onto a white background."""
-    background = Image.new("RGB", rgba.size, (255, 255, 255))
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
-
-
-def _nominal_max(mode: str, hi: float) -> float:
-    """Full-scale value for a constant high-bit-depth image."""
-    if mode == "F":
-        return 1.0 if hi <= 1.0 else 255.0
-    if mode.startswith("I;16"):
-        return 65535.0
-    return 255.0 if hi <= 255 else 65535.0 if hi <= 65535 else float(2**31 - 1)
-
-
-def _scale_to_8bit(img: Image.Image) -> Image.Image:
-    """Map a 16/32-bit integer or float greyscale image to 8-bit using its real value range."""
-    data = np.asarray(img).astype(np.float64)
-    finite = data[np.isfinite(data)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    data = np.where(np.isfinite(data), data, lo)
-    if hi > lo:
-        scaled = (data - lo) * (255.0 / (hi - lo))
-    else:
-        scaled = np.full_like(data, 255.0 * max(lo, 0.0) / _nominal_max(img.mode, hi))
-    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
-
-
-def _has_transparency(img: Image.Image) -> bool:
-    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-
-
-def normalize_image(img: Image.Image) -> Image.Image:
-    """First frame, EXIF orientation applied, converted to 8-bit RGB (transparency on white)."""
-    if getattr(img, "is_animated", False) and img.tell() != 0:
-        img.seek(0)
-    orientation = img.getexif().get(0x0112, 1)
-    if orientation in range(2, 9):
-        img = ImageOps.exif_transpose(img)
-    mode = img.mode
-    if mode == "RGB" and "transparency" not in img.info:
-        return img
-    if mode == "F" or mode.startswith("I"):
-        return _scale_to_8bit(img)
-    if _has_transparency(img):
-        if mode == "La":
-            img = img.convert("LA")
-        return _composite_on_white(img.convert("RGBA"))
-    return img.convert("RGB")
-
-
-def _read_bytes(path: Path) -> bytes:
-    """File bytes, or ImageDecodeError naming why they cannot be read."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ImageDecodeError(path, "file not found") from None
-    except PermissionError:
-        raise ImageDecodeError(path, "permission denied") from None
-    except IsADirectoryError:
-        raise ImageDecodeError(path, "is a directory") from None
-    except OSError as exc:
-        raise ImageDecodeError(path, f"cannot read file: {exc.strerror or exc}") from None
-
-
-def _bomb_reason(width: int, height: int, max_pixels: int) -> str:
-    return (f"decompression bomb: declared size {width}x{height} = {width * height} pixels "
-            f"exceeds max_pixels {max_pixels}")
-
-
-def _open_image(data: bytes, path: Path, max_pixels: int) -> Image.Image:
-    """Open and fully decode ``data``; every Pillow failure becomes ImageDecodeError."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageDecodeError(path, "not an image (cannot identify image file)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(path, f"decompression bomb: {exc}") from None
-    except Exception as exc:  # Pillow raises SyntaxError/ValueError/struct.error on bad headers
-        raise ImageDecodeError(path, f"corrupt image header: {_describe(exc)}") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ImageDecodeError(path, _bomb_reason(width, height, max_pixels))
-    try:
-        img.load()
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(path, f"decompression bomb: {exc}") from None
-    except Exception as exc:
-        raise ImageDecodeError(path, _load_failure(exc)) from None
-    return img
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _load_failure(exc: BaseException) -> str:
-    """Short reason for a failure while decoding pixel data."""
-    text = _describe(exc)
-    if "truncated" in text.lower() or isinstance(exc, EOFError):
-        return f"truncated image data ({text})"
-    return f"corrupt image data ({text})"
-
-
-def load_image(path: str | Path, max_pixels: int = _DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Read, hash, decode and normalise one image file."""
-    file = Path(path)
-    data = _read_bytes(file)
-    if not data:
-        raise ImageDecodeError(file, "empty file (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
-    # Pillow reports oddities (corrupt EXIF, bomb-size hints) as warnings; keep them
-    # local and log them instead of letting them reach the user's warning filters.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = _open_image(data, file, max_pixels)
-        try:
-            rgb = normalize_image(img)
-        except Exception as exc:
-            reason = f"cannot convert {img.mode} image to RGB: {_describe(exc)}"
-            raise ImageDecodeError(file, reason) from None
-    for warning in caught:
-        logger.debug("%s: %s", file, warning.message)
-    return LoadedImage(image=rgb, width=rgb.width, height=rgb.height, sha256=digest)
