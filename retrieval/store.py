@@ -98,6 +98,7 @@ class StoreWriter:
     def write_sparse(self, stem: str, relative_index: Any) -> str:
         """Write a sparse relative index (``SparseRelativeIndex``) under ``relative/``."""
         rel = f"relative/{stem}-{self.build_id}.npz"
+        (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
         relative_index.save(self.root / rel)
         return self._finish(rel)
 

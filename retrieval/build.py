@@ -1,0 +1,238 @@
+"""Build an index directory (and anchor directories) from images and captions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import __version__
+from .anchors import AnchorSet, build_anchor_set, resolve_anchor_set, save_anchor_set
+from .collection import CaptionRecord, ImageRef, ItemError, find_images, read_caption_file
+from .config import CaptionOptions, EncoderChoice
+from .embed import EmbeddedImages, EmbedOptions, embed_images
+from .errors import InputError
+from .provenance import encoder_record
+from .relative import AsifParams, SparseRelativeIndex
+from .store import MANIFEST_NAME, StoreWriter
+from .vector_index import build_vector_index
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INDEX = Path("index_data") / "default"
+
+
+@dataclass
+class Collection:
+    """The images and captions of one build, with the problems met while reading them."""
+
+    images: list[ImageRef] = field(default_factory=list)
+    captions: list[CaptionRecord] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+
+
+def gather_collection(
+    images: Sequence[str | Path], captions: Sequence[str | Path], options: CaptionOptions
+) -> Collection:
+    """Find images and read caption files; images named by pairs files join the image collection."""
+    if not images and not captions:
+        raise InputError("nothing to index: give --images PATH and/or --captions FILE")
+    collection = Collection(images=find_images(images) if images else [])
+    seen = {ref.path for ref in collection.images}
+    for path in captions:
+        parsed = read_caption_file(path, options.caption_column, options.image_column, options.template, options.encoding)
+        collection.captions.extend(parsed.records)
+        collection.errors.extend(parsed.errors)
+        for record in parsed.records:
+            if record.image is not None and record.image not in seen:
+                seen.add(record.image)
+                collection.images.append(ImageRef(path=record.image, source=str(path)))
+    return collection
+
+
+def load_encoders(choice: EncoderChoice) -> tuple[Any, Any]:
+    """(image encoder, text encoder); the same object for a contrastive model."""
+    from .encoders.registry import load_clip_encoder, load_image_encoder, load_text_encoder
+
+    if choice.clip:
+        model = load_clip_encoder(choice.clip, checkpoint=choice.checkpoint, device=choice.device)
+        return model, model
+    image = load_image_encoder(choice.image, checkpoint=choice.checkpoint, device=choice.device)
+    text = load_text_encoder(choice.text, device=choice.device)
+    return image, text
+
+
+def _prepare_target(index: Path) -> None:
+    """Refuse to write into a folder that holds something other than an index."""
+    if index.exists() and not index.is_dir():
+        raise InputError(f"{index}: exists and is not a directory")
+    if index.is_dir() and any(index.iterdir()) and not (index / MANIFEST_NAME).exists():
+        leftovers = {p.name for p in index.iterdir()} <= {"items", "vectors", "faiss", "relative", "anchors", "errors.jsonl"}
+        if not leftovers:
+            raise InputError(f"{index}: exists, is not empty and is not an index; choose another --index path")
+
+
+def _image_table(embedded: EmbeddedImages) -> "pa.Table":  # noqa: F821
+    import pyarrow as pa
+
+    rows = embedded.rows
+    return pa.table(
+        {
+            "id": [row.ref.id for row in rows],
+            "kind": ["image"] * len(rows),
+            "uri": [str(row.ref.path) for row in rows],
+            "width": pa.array([row.width for row in rows], pa.int32()),
+            "height": pa.array([row.height for row in rows], pa.int32()),
+            "sha256": [row.sha256 for row in rows],
+            "source": [row.ref.source for row in rows],
+            "label": pa.array([row.ref.label for row in rows], pa.string()),
+        }
+    )
+
+
+def _caption_table(captions: Sequence[CaptionRecord]) -> "pa.Table":  # noqa: F821
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "id": [record.id for record in captions],
+            "kind": ["caption"] * len(captions),
+            "caption": [record.text for record in captions],
+            "source": [record.source for record in captions],
+            "row": pa.array([record.row for record in captions], pa.int64()),
+            "image_uri": pa.array([str(record.image) if record.image else None for record in captions], pa.string()),
+            "image_id": pa.array([record.image_id for record in captions], pa.string()),
+            "label": pa.array([record.label for record in captions], pa.string()),
+        }
+    )
+
+
+def build_index(
+    images: Sequence[str | Path] = (),
+    captions: Sequence[str | Path] = (),
+    index: str | Path = DEFAULT_INDEX,
+    encoders: EncoderChoice | None = None,
+    anchors: str | Path | None = None,
+    asif: AsifParams | None = None,
+    caption_options: CaptionOptions = CaptionOptions(),
+    embed: EmbedOptions = EmbedOptions(),
+) -> "Index":  # noqa: F821
+    """Embed images and captions and write an index directory; returns the opened index.
+
+    With a contrastive ``encoders.clip`` model both kinds share one space. With
+    unimodal ``encoders.image`` + ``encoders.text``, ``anchors`` (a directory from
+    :func:`build_anchors` or ``builtin:imagenet``) is required and cross-modal
+    search goes through ASIF relative representations.
+    """
+    from .engine import open_index
+
+    started = time.perf_counter()
+    if encoders is None:
+        raise InputError("choose encoders: EncoderChoice(clip=...) or EncoderChoice(image=..., text=...)")
+    if not encoders.is_contrastive and anchors is None:
+        raise InputError(
+            "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or builtin:imagenet"
+        )
+    index = Path(index)
+    _prepare_target(index)
+    collection = gather_collection(images, captions, caption_options)
+    image_encoder, text_encoder = load_encoders(encoders)
+    anchor_set = resolve_anchor_set(str(anchors), image_encoder, text_encoder) if anchors is not None else None
+    params = asif or (anchor_set.params if anchor_set else None)
+
+    embedded = embed_images(collection.images, image_encoder, embed)
+    images_seconds = time.perf_counter() - started
+    texts = [record.text for record in collection.captions]
+    caption_vectors = text_encoder.encode_texts(texts, progress=embed.progress) if texts else np.zeros((0, text_encoder.dim), np.float32)
+    if not len(embedded.rows) and not texts:
+        raise InputError("no image could be read and no caption was given; nothing to index (see the warnings above)")
+
+    writer = StoreWriter(index, kind="index")
+    image_space, text_space = ("clip", "clip") if encoders.is_contrastive else ("image", "text")
+    files: dict[str, Any] = {
+        "items": {
+            "image": writer.write_table("images", _image_table(embedded)),
+            "caption": writer.write_table("captions", _caption_table(collection.captions)),
+        },
+        "vectors": {
+            f"{image_space}/image": writer.write_vectors(image_space, "image", embedded.vectors),
+            f"{text_space}/caption": writer.write_vectors(text_space, "caption", caption_vectors),
+        },
+        "faiss": {
+            f"{image_space}/image": writer.write_faiss(f"{image_space}-image", build_vector_index(embedded.vectors)),
+            f"{text_space}/caption": writer.write_faiss(f"{text_space}-caption", build_vector_index(caption_vectors)),
+        },
+    }
+    manifest: dict[str, Any] = {
+        "tool": {"name": "retrieval", "version": __version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "mode": "clip" if encoders.is_contrastive else "asif",
+        "encoders": {"image": encoder_record(image_encoder), "text": encoder_record(text_encoder)},
+        "checkpoint": str(Path(encoders.checkpoint).resolve()) if encoders.checkpoint else None,
+        "metric": "inner_product",
+        "spaces": {"image": image_space, "caption": text_space},
+        "counts": {"image": len(embedded.rows), "caption": len(texts)},
+        "index": {"type": "flat", "exact": True},
+        "sources": {"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
+        "caption_options": caption_options.to_json(),
+    }
+    if anchor_set is not None:
+        files["anchors"] = {
+            "image": writer.write_array("anchors", "image", anchor_set.image_vectors.astype(np.float32)),
+            "text": writer.write_array("anchors", "text", anchor_set.text_vectors.astype(np.float32)),
+        }
+        files["relative"] = _write_relative(writer, anchor_set, params, embedded.vectors, caption_vectors)
+        manifest["anchors"] = {
+            "name": anchor_set.name,
+            "count": len(anchor_set),
+            "image_encoder": anchor_set.image_encoder,
+            "text_encoder": anchor_set.text_encoder,
+        }
+        manifest["asif"] = params.to_json()
+    total = time.perf_counter() - started
+    manifest["build"] = {
+        "seconds": round(total, 3),
+        "images_per_second": round(len(embedded.rows) / images_seconds, 2) if embedded.rows else None,
+        "device": image_encoder.device,
+    }
+    manifest["files"] = files
+    errors = collection.errors + embedded.errors
+    writer.commit(manifest, (error.to_json() for error in errors))
+    return open_index(index, device=encoders.device)
+
+
+def _write_relative(
+    writer: StoreWriter, anchor_set: AnchorSet, params: AsifParams, image_vectors: np.ndarray, caption_vectors: np.ndarray
+) -> dict[str, str]:
+    """ASIF relative rows of the collection, stored sparse (CSR)."""
+    space = anchor_set.space()
+    return {
+        "image": writer.write_sparse("image", SparseRelativeIndex(space.relative(image_vectors, "image", params))),
+        "caption": writer.write_sparse("caption", SparseRelativeIndex(space.relative(caption_vectors, "text", params))),
+    }
+
+
+def build_anchors(
+    pairs: Sequence[str | Path],
+    out: str | Path,
+    image_encoder: str,
+    text_encoder: str,
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    caption_options: CaptionOptions = CaptionOptions(),
+    embed: EmbedOptions = EmbedOptions(),
+    asif: AsifParams | None = None,
+) -> AnchorSet:
+    """Embed (image, caption) pairs with two unimodal encoders and save them as an anchor directory."""
+    from .anchors import DEFAULT_PARAMS, load_anchor_set
+
+    out = Path(out)
+    _prepare_target(out)
+    image_model, text_model = load_encoders(EncoderChoice(image=image_encoder, text=text_encoder, checkpoint=str(checkpoint) if checkpoint else None, device=device))
+    anchor_set, errors = build_anchor_set(pairs, image_model, text_model, caption_options, embed, asif or DEFAULT_PARAMS)
+    save_anchor_set(anchor_set, out, errors)
+    return load_anchor_set(out)

@@ -1,0 +1,270 @@
+"""Command line: parse options, call the Python API, print results (text, or JSON lines with --json)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+
+from . import __version__
+from .build import DEFAULT_INDEX
+from .errors import RetrievalError
+
+IMAGE_ENCODER_HELP = "Unimodal image encoder spec, e.g. efficientnet-lite0 (see list-encoders)."
+TEXT_ENCODER_HELP = "Unimodal text encoder spec, e.g. minilm or st:NAME_OR_PATH (see list-encoders)."
+
+
+class CliError(click.ClickException):
+    """A library error shown as one line, with the library's exit code."""
+
+    def __init__(self, error: RetrievalError) -> None:
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+
+def run_api(call: Callable[[], Any]) -> Any:
+    """Call the library; turn its errors into clean one-line CLI errors."""
+    try:
+        return call()
+    except RetrievalError as e:
+        raise CliError(e) from e
+
+
+def echo_json(record: dict[str, Any]) -> None:
+    click.echo(json.dumps(record, ensure_ascii=False))
+
+
+def caption_options(func: Callable) -> Callable:
+    """Options shared by commands that read caption or pairs files."""
+    options = [
+        click.option("--caption-column", default="caption", show_default=True, help="Column holding the caption text (csv, tsv, jsonl, parquet)."),
+        click.option("--image-column", default="image", show_default=True, help="Column holding the image path of a pairs file; relative paths resolve against the file's folder."),
+        click.option("--caption-template", default=None, help='Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use {label}.'),
+        click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def embed_options(func: Callable) -> Callable:
+    """Options shared by commands that embed images."""
+    options = [
+        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=True), default=None, help="Local weights for the (image or CLIP) encoder: a file, or an open_clip model folder."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto uses CUDA (half precision) when present."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per encoder batch."),
+        click.option("--workers", default="auto", show_default=True, help="DataLoader worker processes for decoding, or 'auto'."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 'auto' or a whole number, got {value!r}", param_hint="--workers") from None
+
+
+def _asif(k: int | None, p: float | None, default: Any = None) -> Any:
+    from .relative import AsifParams
+
+    if k is None and p is None:
+        return default
+    base = default or AsifParams()
+    return run_api(lambda: AsifParams(k=k if k is not None else base.k, p=p if p is not None else base.p))
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="retrieval")
+def main() -> None:
+    """Vision-language search: index photos and captions, then ask text -> image and image -> caption.
+
+    \b
+    Contrastive model (one shared space):
+      retrieval build-index --images photos/ --captions caps.txt --encoder open_clip:ViT-B-32/laion2b_s34b_b79k
+    Frozen unimodal models bridged by ASIF anchors (works offline):
+      retrieval build-index --images photos/ --captions caps.txt \\
+          --image-encoder efficientnet-lite0 --text-encoder minilm --anchors builtin:imagenet
+    Then:
+      retrieval text-to-image "a dog running on the beach"
+      retrieval image-to-caption photos/dog.jpg
+    """
+
+
+@main.command("build-anchors")
+@click.option("--pairs", "pairs", multiple=True, required=True, help="Pairs file (captions with an image column) or labelled folder root/<label>/*.jpg. Repeatable.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the anchor set to.")
+@click.option("--image-encoder", required=True, help=IMAGE_ENCODER_HELP)
+@click.option("--text-encoder", required=True, help=TEXT_ENCODER_HELP)
+@click.option("--k", type=int, default=None, help="Default ASIF top-k for indexes using these anchors.")
+@click.option("--p", type=float, default=None, help="Default ASIF exponent for indexes using these anchors.")
+@caption_options
+@embed_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, text_encoder: str, k: int | None, p: float | None,
+                          caption_column: str, image_column: str, caption_template: str | None, encoding: str,
+                          checkpoint: str | None, device: str, batch_size: int, workers: str, quiet: bool, as_json: bool) -> None:
+    """Embed (image, caption) anchor pairs with two unimodal encoders, for ASIF cross-modal search."""
+    from .anchors import DEFAULT_PARAMS
+    from .build import build_anchors
+    from .config import CaptionOptions
+    from .embed import EmbedOptions
+
+    _setup_logging(quiet)
+    anchors = run_api(lambda: build_anchors(
+        pairs, out, image_encoder, text_encoder, checkpoint=checkpoint, device=device,
+        caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
+        embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet),
+        asif=_asif(k, p, DEFAULT_PARAMS),
+    ))
+    summary = {"out": out, "anchors": len(anchors), "asif": anchors.params.to_json()}
+    if as_json:
+        echo_json(summary)
+    else:
+        click.echo(f"wrote {len(anchors)} anchor pairs to {out} (ASIF k={anchors.params.k}, p={anchors.params.p:g})")
+
+
+@main.command("build-index")
+@click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern. Repeatable.")
+@click.option("--captions", multiple=True, help="Caption file: .txt (one per line), .csv, .tsv, .jsonl, .parquet. A file with an image column also adds its images. Repeatable.")
+@click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, type=click.Path(file_okay=False), help="Index directory to write.")
+@click.option("--encoder", default=None, help="Contrastive encoder spec: open_clip:MODEL/PRETRAINED, or open_clip:MODEL with --checkpoint.")
+@click.option("--image-encoder", default=None, help=IMAGE_ENCODER_HELP)
+@click.option("--text-encoder", default=None, help=TEXT_ENCODER_HELP)
+@click.option("--anchors", default=None, help="With unimodal encoders: an anchor directory from build-anchors, or builtin:imagenet.")
+@click.option("--k", type=int, default=None, help="ASIF top-k (default: the anchor set's).")
+@click.option("--p", type=float, default=None, help="ASIF exponent (default: the anchor set's).")
+@caption_options
+@embed_options
+@click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
+def build_index_command(images: Sequence[str], captions: Sequence[str], index_path: str, encoder: str | None,
+                        image_encoder: str | None, text_encoder: str | None, anchors: str | None, k: int | None, p: float | None,
+                        caption_column: str, image_column: str, caption_template: str | None, encoding: str,
+                        checkpoint: str | None, device: str, batch_size: int, workers: str, quiet: bool, as_json: bool) -> None:
+    """Embed images and captions and write a searchable index directory.
+
+    A previous index at the same path stays readable until the new one is complete.
+    """
+    from .build import build_index
+    from .config import CaptionOptions, EncoderChoice
+    from .embed import EmbedOptions
+
+    _setup_logging(quiet)
+    choice = run_api(lambda: EncoderChoice(clip=encoder, image=image_encoder, text=text_encoder, checkpoint=checkpoint, device=device))
+    index = run_api(lambda: build_index(
+        images, captions, index_path, choice, anchors=anchors, asif=_asif(k, p),
+        caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
+        embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet),
+    ))
+    info = index.info()
+    if as_json:
+        echo_json(info)
+        return
+    counts = info["counts"]
+    click.echo(f"indexed {counts['image']} images and {counts['caption']} captions into {index_path} ({info['mode']}, {info['build']['seconds']:.1f} s)")
+    if info["errors"]:
+        click.echo(f"skipped {info['errors']} unreadable items; reasons in {Path(index_path) / 'errors.jsonl'}", err=True)
+
+
+def _print_hits(hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str]) -> None:
+    if as_json:
+        for hit in hits:
+            echo_json(hit.to_dict())
+        return
+    if not hits:
+        click.echo("no results")
+    for hit in hits:
+        click.echo(f"{hit.rank:>3}  {hit.score:7.4f}  {describe(hit)}")
+
+
+def _open(index_path: str, device: str = "auto") -> Any:
+    from .engine import open_index
+
+    return run_api(lambda: open_index(index_path, device=device))
+
+
+@main.command("text-to-image")
+@click.argument("query")
+@click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, help="Index directory.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per hit: rank, score, id, uri, width, height.")
+def text_to_image_command(query: str, index_path: str, k: int, device: str, as_json: bool) -> None:
+    """Find the images that best match QUERY."""
+    index = _open(index_path, device)
+    hits = run_api(lambda: index.text_to_image(query, k=k))
+    _print_hits(hits, as_json, lambda hit: hit.uri)
+
+
+@main.command("image-to-caption")
+@click.argument("image", type=click.Path())
+@click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, help="Index directory.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per hit: rank, score, id, caption, source, image_uri.")
+def image_to_caption_command(image: str, index_path: str, k: int, device: str, as_json: bool) -> None:
+    """Find the captions that best describe IMAGE."""
+    index = _open(index_path, device)
+    hits = run_api(lambda: index.image_to_caption(image, k=k))
+    _print_hits(hits, as_json, lambda hit: hit.caption)
+
+
+@main.command("info")
+@click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, help="Index directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def info_command(index_path: str, as_json: bool) -> None:
+    """Summarise an index: encoders, counts, ASIF parameters, skipped items, size."""
+    info = run_api(lambda: _open(index_path).info())
+    if as_json:
+        echo_json(info)
+        return
+    click.echo(f"index      {info['path']} (format {info['format']}, built {info['created']} by retrieval {info['tool_version']})")
+    click.echo(f"mode       {info['mode']}")
+    for role, record in info["encoders"].items():
+        click.echo(f"{role:<10} {record['spec']} (dim {record['dim']}, weights {record['fingerprint']})")
+    click.echo(f"items      {info['counts']['image']} images, {info['counts']['caption']} captions, {info['errors']} skipped")
+    click.echo(f"search     {info['index']['type']} ({'exact' if info['index'].get('exact') else 'approximate'} inner product)")
+    if "anchors" in info:
+        click.echo(f"anchors    {info['anchors']['name']} ({info['anchors']['count']} pairs), ASIF k={info['asif']['k']} p={info['asif']['p']:g}")
+    build = info["build"]
+    speed = f", {build['images_per_second']} images/s" if build.get("images_per_second") else ""
+    click.echo(f"build      {build['seconds']:.1f} s on {build['device']}{speed}")
+    click.echo(f"disk       {info['disk_bytes'] / 1e6:.2f} MB")
+
+
+@main.command("list-encoders")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per encoder.")
+def list_encoders_command(as_json: bool) -> None:
+    """Show the encoder specs this tool knows and whether each works offline here."""
+    from dataclasses import asdict
+
+    from .anchors import list_builtin_anchor_sets
+    from .encoders.registry import list_encoders
+
+    encoders = list_encoders()
+    if as_json:
+        for info in encoders:
+            echo_json(asdict(info))
+        return
+    width = max(len(info.name) for info in encoders)
+    for info in encoders:
+        status = "offline ok" if info.available_offline else "needs download"
+        click.echo(f"{info.name:<{width}}  {info.kind:<10}  {status:<14}  {info.description}" + (f" ({info.note})" if info.note else ""))
+    click.echo("built-in anchor sets: " + ", ".join(list_builtin_anchor_sets()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,53 @@
+"""Shared fixtures: real photos from ../shared/data and a tiny CLIP model on disk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+COCO = SHARED_DATA / "coco-train-mini"
+IMAGENET = SHARED_DATA / "imagenet-sample"
+
+
+def require_shared_data() -> None:
+    if not (COCO / "captions.jsonl").is_file():
+        pytest.skip(f"real photos not found at {SHARED_DATA}")
+
+
+def coco_pairs(n_images: int) -> list[dict]:
+    """The COCO caption rows of the first ``n_images`` photos (in file order)."""
+    rows = [json.loads(line) for line in (COCO / "captions.jsonl").read_text().splitlines() if line.strip()]
+    keep: list[str] = []
+    for row in rows:
+        if row["image"] not in keep and len(keep) < n_images:
+            keep.append(row["image"])
+    return [row for row in rows if row["image"] in keep]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    from tiny_clip import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def small_collection(tmp_path_factory) -> Path:
+    """6 COCO photos copied with their pairs file (30 captions), plus one truncated JPEG."""
+    require_shared_data()
+    root = tmp_path_factory.mktemp("collection")
+    rows = coco_pairs(6)
+    (root / "images").mkdir()
+    for image in {row["image"] for row in rows}:
+        shutil.copy(COCO / image, root / image)
+    with open(root / "pairs.jsonl", "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({"image": row["image"], "caption": row["caption"]}) + "\n")
+    good = (COCO / rows[0]["image"]).read_bytes()
+    (root / "images" / "broken.jpg").write_bytes(good[: len(good) // 3])
+    (root / "captions.txt").write_text("a plate of food\na man riding a horse\n", encoding="utf-8")
+    return root

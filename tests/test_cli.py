@@ -1,0 +1,100 @@
+"""The command line through click's CliRunner: it parses, calls the API and prints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from retrieval.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def cli_index(tmp_path_factory, tiny_clip_dir, small_collection) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "index"
+    result = run(
+        "build-index", "--images", small_collection / "images", "--captions", small_collection / "pairs.jsonl",
+        "--index", path, "--encoder", "open_clip:tiny", "--checkpoint", tiny_clip_dir,
+        "--device", "cpu", "--workers", "0", "--batch-size", "3", "--quiet",
+    )
+    assert "indexed 6 images and 30 captions" in result.output
+    assert "skipped 1 unreadable items" in result.output
+    return path
+
+
+def test_text_to_image_json_lines(cli_index):
+    lines = run("text-to-image", "a plate of food", "--index", cli_index, "-k", "3", "--json").stdout.splitlines()
+    hits = [json.loads(line) for line in lines]
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert {"rank", "score", "id", "uri"} <= set(hits[0])
+    assert all(Path(h["uri"]).is_file() for h in hits)
+
+
+def test_image_to_caption_text_and_json(cli_index, small_collection):
+    photo = sorted((small_collection / "images").glob("0*.jpg"))[0]
+    text = run("image-to-caption", photo, "--index", cli_index, "-k", "2").stdout.splitlines()
+    assert len(text) == 2 and text[0].split()[0] == "1"
+    hits = [json.loads(line) for line in run("image-to-caption", photo, "--index", cli_index, "--json").stdout.splitlines()]
+    assert len(hits) == 5 and {"rank", "score", "id", "caption"} <= set(hits[0])
+    assert hits[0]["caption"] in text[0]
+
+
+def test_info_text_and_json(cli_index):
+    info = json.loads(run("info", "--index", cli_index, "--json").stdout)
+    assert info["counts"] == {"image": 6, "caption": 30} and info["errors"] == 1
+    text = run("info", "--index", cli_index).output
+    assert "open_clip:tiny" in text and "6 images, 30 captions, 1 skipped" in text
+
+
+def test_list_encoders():
+    output = run("list-encoders").output
+    assert "efficientnet-lite0" in output and "minilm" in output and "builtin:imagenet" in output
+    rows = [json.loads(line) for line in run("list-encoders", "--json").stdout.splitlines()]
+    assert {row["name"] for row in rows} >= {"efficientnet-lite0", "minilm"}
+
+
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["build-index", "--images", "/no/such/folder", "--encoder", "open_clip:tiny"], "/no/such/folder", 2),
+        (["build-index", "--captions", "x.txt"], "--encoder", 2),
+        (["text-to-image", "a dog", "--index", "/no/such/index"], "no such index", 4),
+        (["build-index", "--captions", "x.txt", "--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm"], "anchor", 2),
+    ],
+)
+def test_errors_are_one_clean_line(args, message, code):
+    result = run(*args, ok=False)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert result.output.startswith("Error: ")
+
+
+def test_missing_caption_column_names_the_file(tmp_path, tiny_clip_dir):
+    (tmp_path / "c.csv").write_text("text,other\nhello,1\n", encoding="utf-8")
+    result = run("build-index", "--captions", tmp_path / "c.csv", "--index", tmp_path / "i", "--encoder", "open_clip:tiny",
+                 "--checkpoint", tiny_clip_dir, "--quiet", ok=False)
+    assert result.exit_code == 2 and "c.csv" in result.output and "caption" in result.output
+    ok = run("build-index", "--captions", tmp_path / "c.csv", "--caption-column", "text", "--index", tmp_path / "i",
+             "--encoder", "open_clip:tiny", "--checkpoint", tiny_clip_dir, "--quiet", "--json")
+    assert json.loads(ok.stdout)["counts"]["caption"] == 1
+
+
+def test_cli_py_from_a_checkout_and_help():
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0
+    for command in ("build-anchors", "build-index", "text-to-image", "image-to-caption", "info", "list-encoders"):
+        assert command in result.stdout
