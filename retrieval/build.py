@@ -144,8 +144,9 @@ def build_index(
     anchor_set = resolve_anchor_set(str(anchors), image_encoder, text_encoder) if anchors is not None else None
     params = asif or (anchor_set.params if anchor_set else None)
 
+    embed_started = time.perf_counter()
     embedded = embed_images(collection.images, image_encoder, embed)
-    images_seconds = time.perf_counter() - started
+    images_seconds = time.perf_counter() - embed_started
     texts = [record.text for record in collection.captions]
     caption_vectors = text_encoder.encode_texts(texts, progress=embed.progress) if texts else np.zeros((0, text_encoder.dim), np.float32)
     if not len(embedded.rows) and not texts:

@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine: `make demo` (set up + run the main job offline) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch from this pin installs from the local wheel cache on the project machines; elsewhere pip downloads it.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf index_data/demo
