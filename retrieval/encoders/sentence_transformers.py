@@ -8,7 +8,8 @@ model directory). ``checkpoint=DIR`` loads the named model from a local director
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,10 @@ class SentenceTransformerEncoder(TextEncoder):
                 "sentence-transformers is not installed: pip install sentence-transformers"
             ) from e
         try:
-            model = SentenceTransformer(
-                str(source), device=device, local_files_only=local or reason is not None
-            )
+            with _no_loading_bar(enabled=local):
+                model = SentenceTransformer(
+                    str(source), device=device, local_files_only=local or reason is not None
+                )
         except Exception as e:
             if local:
                 raise EncoderError(
@@ -145,3 +147,23 @@ class SentenceTransformerEncoder(TextEncoder):
         # Re-normalise in float32: on CUDA the model runs under float16 autocast.
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         return np.ascontiguousarray(emb / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+@contextmanager
+def _no_loading_bar(enabled: bool) -> Iterator[None]:
+    """Hide transformers' per-load "Loading weights" bar for local models (nothing is downloaded).
+
+    The library keeps this switch in module state, so it is restored on exit.
+    """
+    if not enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
