@@ -106,14 +106,27 @@ def embed_pairs(
     image_encoder: Any,
     text_encoder: Any,
     embed: EmbedOptions = EmbedOptions(),
+    cache_dir: str | Path | None = None,
 ) -> tuple[list[ImageRef], np.ndarray, np.ndarray, list[list[CaptionRecord]], list[ItemError]]:
-    """Embed pairs as one anchor per image; its text side is the mean of its captions' vectors."""
+    """Embed pairs as one anchor per image; its text side is the mean of its captions' vectors.
+
+    With ``cache_dir``, embeddings come from (and go to) the embedding cache.
+    """
     groups = group_by_image(records)
     refs = [ImageRef(path=image, source=captions[0].source, label=captions[0].label) for image, captions in groups.items()]
-    embedded = embed_images(refs, image_encoder, embed)
+    if cache_dir is not None:
+        from .embedding_cache import EmbeddingCache
+
+        image_cache, text_cache = EmbeddingCache(cache_dir, image_encoder), EmbeddingCache(cache_dir, text_encoder)
+        embedded = image_cache.embed_images(refs, image_encoder, embed)
+    else:
+        embedded = embed_images(refs, image_encoder, embed)
     kept = [groups[row.ref.path] for row in embedded.rows]
     texts = [record.text for captions in kept for record in captions]
-    caption_vectors = text_encoder.encode_texts(texts, progress=embed.progress)
+    if cache_dir is not None:
+        caption_vectors = text_cache.encode_texts(texts, text_encoder, progress=embed.progress)
+    else:
+        caption_vectors = text_encoder.encode_texts(texts, progress=embed.progress)
     offsets = np.cumsum([0] + [len(captions) for captions in kept])
     text_vectors = mean_caption_vectors([list(range(offsets[i], offsets[i + 1])) for i in range(len(kept))], caption_vectors)
     return [row.ref for row in embedded.rows], embedded.vectors, text_vectors, kept, embedded.errors
@@ -126,10 +139,11 @@ def build_anchor_set(
     options: CaptionOptions = CaptionOptions(),
     embed: EmbedOptions = EmbedOptions(),
     params: AsifParams = DEFAULT_PARAMS,
+    cache_dir: str | Path | None = None,
 ) -> tuple[AnchorSet, list[ItemError]]:
     """Embed the pairs in ``sources`` into an anchor set (unreadable images are skipped and returned)."""
     records, errors = read_pairs(sources, options)
-    refs, image_vectors, text_vectors, kept, image_errors = embed_pairs(records, image_encoder, text_encoder, embed)
+    refs, image_vectors, text_vectors, kept, image_errors = embed_pairs(records, image_encoder, text_encoder, embed, cache_dir)
     anchors = AnchorSet(
         name=", ".join(map(str, sources)),
         image_vectors=image_vectors,

@@ -227,13 +227,17 @@ def build_anchors(
     caption_options: CaptionOptions = CaptionOptions(),
     embed: EmbedOptions = EmbedOptions(),
     asif: AsifParams | None = None,
+    cache_dir: str | Path | None = None,
 ) -> AnchorSet:
-    """Embed (image, caption) pairs with two unimodal encoders and save them as an anchor directory."""
+    """Embed (image, caption) pairs with two unimodal encoders and save them as an anchor directory.
+
+    With ``cache_dir``, embeddings are reused from (and added to) the embedding cache.
+    """
     from .anchors import DEFAULT_PARAMS, load_anchor_set
 
     out = Path(out)
     _prepare_target(out)
     image_model, text_model = load_encoders(EncoderChoice(image=image_encoder, text=text_encoder, checkpoint=str(checkpoint) if checkpoint else None, device=device))
-    anchor_set, errors = build_anchor_set(pairs, image_model, text_model, caption_options, embed, asif or DEFAULT_PARAMS)
+    anchor_set, errors = build_anchor_set(pairs, image_model, text_model, caption_options, embed, asif or DEFAULT_PARAMS, cache_dir)
     save_anchor_set(anchor_set, out, errors)
     return load_anchor_set(out)

@@ -111,11 +111,12 @@ def main() -> None:
 @click.option("--text-encoder", required=True, help=TEXT_ENCODER_HELP)
 @click.option("--k", type=int, default=None, help="Default ASIF top-k for indexes using these anchors.")
 @click.option("--p", type=float, default=None, help="Default ASIF exponent for indexes using these anchors.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Reuse and fill an embedding cache folder (e.g. index_data/cache/embeddings).")
 @caption_options
 @embed_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, text_encoder: str, k: int | None, p: float | None,
-                          caption_column: str, image_column: str, caption_template: str | None, encoding: str,
+                          cache_dir: str | None, caption_column: str, image_column: str, caption_template: str | None, encoding: str,
                           checkpoint: str | None, device: str, batch_size: int, workers: str, quiet: bool, as_json: bool) -> None:
     """Embed (image, caption) anchor pairs with two unimodal encoders, for ASIF cross-modal search."""
     from .anchors import DEFAULT_PARAMS
@@ -128,7 +129,7 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
         pairs, out, image_encoder, text_encoder, checkpoint=checkpoint, device=device,
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
         embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet),
-        asif=_asif(k, p, DEFAULT_PARAMS),
+        asif=_asif(k, p, DEFAULT_PARAMS), cache_dir=cache_dir,
     ))
     summary = {"out": out, "anchors": len(anchors), "asif": anchors.params.to_json()}
     if as_json:
@@ -243,6 +244,92 @@ def info_command(index_path: str, as_json: bool) -> None:
     speed = f", {build['images_per_second']} images/s" if build.get("images_per_second") else ""
     click.echo(f"build      {build['seconds']:.1f} s on {build['device']}{speed}")
     click.echo(f"disk       {info['disk_bytes'] / 1e6:.2f} MB")
+
+
+def _format_eval_row(row: dict[str, Any]) -> str:
+    label = row["route"] + (f" [{row['split']}]" if row.get("split") else "")
+    if "top1" in row:
+        return f"{label:<34}{row['top1']:>8.3f}{row['top5']:>8.3f}{row['scored']['images']:>8}"
+    cells = []
+    for task in ("text_to_image", "image_to_caption"):
+        values = row[task]
+        cells += [f"{values['R@1']:>7.3f}", f"{values['R@5']:>7.3f}", f"{values['R@10']:>7.3f}", f"{values['median_rank']:>6.1f}"]
+    return f"{label:<34}" + "".join(cells) + f"{row['scored']['text_queries']:>7}{row['scored']['image_queries']:>7}"
+
+
+def _print_eval(report: dict[str, Any]) -> None:
+    anchors = ", ".join(f"{a['name']} ({a['count']})" for a in report["anchors"]) or "none"
+    click.echo(f"{report['task']} on {report['data']}  encoders: {report['encoders']['image']} + {report['encoders']['text']}  anchors: {anchors}")
+    if report["split"]:
+        click.echo(f"split: {report['split']}")
+    if report["task"] == "zero-shot":
+        click.echo(f"{'route':<34}{'top-1':>8}{'top-5':>8}{'images':>8}")
+    else:
+        click.echo(f"{'route':<34}{'t2i R@1':>7}{'R@5':>7}{'R@10':>7}{'medR':>6}{'i2c R@1':>7}{'R@5':>7}{'R@10':>7}{'medR':>6}{'texts':>7}{'images':>7}")
+    for row in report["rows"]:
+        click.echo(_format_eval_row(row))
+    if report["chosen"]:
+        click.echo("best on the tuning half, reported on the other half:")
+        click.echo(_format_eval_row(report["chosen"]))
+    final = report["chosen"] or (report["rows"][0] if len(report["rows"]) == 1 else None)
+    if final and "per_class_top1" in final:
+        click.echo("per-class top-1: " + ", ".join(f"{name} {acc:.2f}" for name, acc in final["per_class_top1"].items()))
+
+
+@main.command("eval")
+@click.argument("data", type=click.Path())
+@click.option("--encoder", default=None, help="Contrastive encoder spec (route clip).")
+@click.option("--image-encoder", default=None, help=IMAGE_ENCODER_HELP)
+@click.option("--text-encoder", default=None, help=TEXT_ENCODER_HELP)
+@click.option("--anchors", multiple=True, help="Anchor directory or builtin:imagenet; repeat to fuse several sets.")
+@click.option("--anchor-weights", default=None, help="Comma-separated weight per anchor set when fusing, e.g. 1,0.5.")
+@click.option("--route", "routes", multiple=True, type=click.Choice(["clip", "asif", "projected", "linear", "all"]),
+              help="How images and texts are compared; repeatable. 'all' = every route the encoders allow. Default: clip or asif.")
+@click.option("--align", type=click.Choice(["linear"]), default=None, help="Also report the linear (ridge) alignment baseline.")
+@click.option("--k", type=int, default=None, help="ASIF top-k (default 100).")
+@click.option("--p", type=float, default=None, help="ASIF exponent (default 2).")
+@click.option("--sweep", "sweep_values", multiple=True, help="Grid over ASIF settings, e.g. --sweep k=5,10,30,100 --sweep p=1,3,8.")
+@click.option("--split", is_flag=True, help="Pick the best setting on even-numbered images, report it on the odd-numbered half.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate an evenly spread subset of this many images.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Embedding cache folder (default index_data/cache/embeddings).")
+@caption_options
+@embed_options
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as one JSON object.")
+def eval_command(data: str, encoder: str | None, image_encoder: str | None, text_encoder: str | None, anchors: Sequence[str],
+                 anchor_weights: str | None, routes: Sequence[str], align: str | None, k: int | None, p: float | None,
+                 sweep_values: Sequence[str], split: bool, limit: int | None, cache_dir: str | None,
+                 caption_column: str, image_column: str, caption_template: str | None, encoding: str,
+                 checkpoint: str | None, device: str, batch_size: int, workers: str, quiet: bool, as_json: bool) -> None:
+    """Measure quality on DATA: a pairs file (text -> image and image -> caption recall@1/5/10, median rank)
+    or a labelled folder root/<label>/* with --caption-template (zero-shot top-1/top-5 and per-class accuracy).
+
+    Embeddings are cached by (encoder fingerprint, content hash): reruns with other settings encode nothing.
+    """
+    from .config import CaptionOptions, EncoderChoice
+    from .embed import EmbedOptions
+    from .eval_data import run_eval
+
+    _setup_logging(quiet)
+    choice = run_api(lambda: EncoderChoice(clip=encoder, image=image_encoder, text=text_encoder, checkpoint=checkpoint, device=device))
+    chosen_routes = list(routes) or None
+    if chosen_routes and "all" in chosen_routes:
+        chosen_routes = ["clip"] if choice.is_contrastive else ["asif", "projected", "linear"]
+    if align:
+        chosen_routes = list(dict.fromkeys((chosen_routes or (["clip"] if choice.is_contrastive else ["asif"])) + [align]))
+    try:
+        weights = [float(w) for w in anchor_weights.split(",")] if anchor_weights else None
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {anchor_weights!r}", param_hint="--anchor-weights") from None
+    report = run_api(lambda: run_eval(
+        data, choice, anchors=anchors, routes=chosen_routes, params=_asif(k, p), sweep_values=sweep_values,
+        anchor_weights=weights, split=split, limit=limit, cache_dir=cache_dir,
+        caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
+        embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet),
+    ))
+    if as_json:
+        echo_json(report)
+    else:
+        _print_eval(report)
 
 
 @main.command("list-encoders")

@@ -1,0 +1,145 @@
+"""Evaluation: metrics against brute-force numpy, sweeps with honest splits, the cache, and the eval CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from retrieval import EmbedOptions, EncoderChoice
+from retrieval.anchors import AnchorSet
+from retrieval.cli import main
+from retrieval.collection import find_images
+from retrieval.embedding_cache import EmbeddingCache
+from retrieval.errors import InputError
+from retrieval.eval_data import check_no_leak, parse_sweep, route_configs
+from retrieval.evaluate import LabelledData, PairedData, RouteConfig, evaluate, make_scorer, sweep
+from retrieval.relative import AsifParams
+
+from conftest import IMAGENET, require_shared_data
+
+
+def unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def paired():
+    rng = np.random.default_rng(0)
+    images = unit(rng, 30, 16)
+    owner = np.repeat(np.arange(30), 3)
+    captions = images[owner] + 0.9 * unit(rng, 90, 16)
+    return PairedData(images, captions / np.linalg.norm(captions, axis=1, keepdims=True), owner)
+
+
+def test_paired_recall_matches_brute_force(paired):
+    result = evaluate(paired, RouteConfig("clip"), [])
+    scores = paired.caption_vectors @ paired.image_vectors.T
+    t2i = np.array([np.sum(row > row[o]) for row, o in zip(scores, paired.caption_owner)])
+    i2c = np.array([np.sum(col > col[paired.caption_owner == i].max()) for i, col in enumerate(scores.T)])
+    for k in (1, 5, 10):
+        assert result["text_to_image"][f"R@{k}"] == pytest.approx(np.mean(t2i < k))
+        assert result["image_to_caption"][f"R@{k}"] == pytest.approx(np.mean(i2c < k))
+    assert result["text_to_image"]["median_rank"] == np.median(t2i + 1)
+    assert result["scored"] == {"text_queries": 90, "image_queries": 30, "images": 30, "captions": 90}
+    assert 0.2 < result["text_to_image"]["R@1"] < 1.0  # a test that can tell good from bad
+
+
+def test_zero_shot_accuracy_and_confusion():
+    rng = np.random.default_rng(1)
+    prompts = unit(rng, 4, 8)
+    labels = rng.integers(0, 4, 200)
+    images = prompts[labels] + 1.2 * unit(rng, 200, 8)
+    data = LabelledData(images, labels, ["a", "b", "c", "d"], prompts)
+    result = evaluate(data, RouteConfig("clip"), [])
+    predicted = (images @ prompts.T).argmax(axis=1)
+    assert result["top1"] == pytest.approx(np.mean(predicted == labels))
+    assert result["top5"] == 1.0
+    matrix = np.array(result["confusion"]["matrix"])
+    assert matrix.sum() == 200 and np.trace(matrix) == np.sum(predicted == labels)
+
+
+def test_routes_over_anchors_beat_chance_on_synthetic_cross_modal_data():
+    rng = np.random.default_rng(2)
+    latent = rng.standard_normal((260, 6))
+    to_image, to_text = rng.standard_normal((6, 40)), rng.standard_normal((6, 24))
+
+    def norm(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    images, texts = norm(latent @ to_image), norm(latent @ to_text + 0.3 * rng.standard_normal((260, 24)))
+    anchors = AnchorSet("synthetic", images[:200], texts[:200], ["x"] * 200, {}, {}, AsifParams(20, 2.0))
+    data = PairedData(images[200:], texts[200:], np.arange(60))
+    for route in ("asif", "projected", "linear"):
+        result = evaluate(data, RouteConfig(route, AsifParams(20, 2.0) if route != "linear" else None), [anchors])
+        assert result["text_to_image"]["R@1"] > 0.3, (route, result["text_to_image"])  # chance: 1/60
+    fused = make_scorer(RouteConfig("asif", AsifParams(20, 2.0), (1.0, 1.0)), data.image_vectors, data.caption_vectors, [anchors, anchors])
+    single = make_scorer(RouteConfig("asif", AsifParams(20, 2.0)), data.image_vectors, data.caption_vectors, [anchors])
+    np.testing.assert_allclose((fused.texts_as_queries @ fused.images_for_text_queries.T).toarray(),
+                               (single.texts_as_queries @ single.images_for_text_queries.T).toarray(), atol=1e-5)
+
+
+def test_sweep_reports_the_choice_on_the_other_half(paired):
+    configs = route_configs(["clip"], None, {}, None)
+    result = sweep(paired, configs, [], split=True)
+    assert [row["split"] for row in result.rows] == ["tune"] and result.chosen["split"] == "report"
+    assert result.rows[0]["scored"]["images"] == 15 and result.chosen["scored"]["images"] == 15
+    grid = route_configs(["asif", "linear"], None, parse_sweep(["k=5,10", "p=1,3"]), None)
+    assert [c.label() for c in grid] == ["asif k=5 p=1", "asif k=5 p=3", "asif k=10 p=1", "asif k=10 p=3", "linear"]
+    with pytest.raises(InputError, match="--sweep"):
+        parse_sweep(["q=1"])
+
+
+def test_anchors_that_contain_evaluated_images_are_refused(tmp_path):
+    anchors = AnchorSet("mine", np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), ["a", "b"], {}, {}, uris=[str(tmp_path / "x.jpg")])
+    check_no_leak([anchors], [tmp_path / "y.jpg"])
+    with pytest.raises(InputError, match="leak"):
+        check_no_leak([anchors], [tmp_path / "x.jpg"])
+
+
+def test_embedding_cache_encodes_each_item_once(tmp_path, tiny_clip_dir, small_collection, monkeypatch):
+    from retrieval.encoders.registry import load_clip_encoder
+
+    model = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
+    refs = find_images([small_collection / "images"])
+    options = EmbedOptions(workers=0, progress=False)
+    first = EmbeddingCache(tmp_path, model).embed_images(refs, model, options)
+    texts = EmbeddingCache(tmp_path, model).encode_texts(["a", "b", "a"], model)
+    import retrieval.embedding_cache as module
+
+    monkeypatch.setattr(module, "embed_images", lambda *a, **k: pytest.fail("re-encoded a cached image"))
+    monkeypatch.setattr(model, "encode_texts", lambda *a, **k: pytest.fail("re-encoded a cached text"))
+    again = EmbeddingCache(tmp_path, model)  # a new process would load the same parts
+    second = again.embed_images(refs, model, options)
+    np.testing.assert_array_equal(first.vectors, second.vectors)
+    assert [r.ref.path for r in first.rows] == [r.ref.path for r in second.rows]
+    assert [(r.width, r.height) for r in first.rows] == [(r.width, r.height) for r in second.rows]
+    assert len(first.errors) == len(second.errors) == 1  # the broken JPEG is reported both times
+    np.testing.assert_array_equal(again.encode_texts(["b", "a"], model), texts[[1, 0]])
+
+
+def test_eval_cli_on_pairs_and_on_a_labelled_folder(tmp_path, small_collection):
+    require_shared_data()
+    runner = CliRunner()
+    common = ["--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm", "--anchors", "builtin:imagenet",
+              "--cache", str(tmp_path / "cache"), "--quiet"]
+    result = runner.invoke(main, ["eval", str(small_collection / "pairs.jsonl"), *common, "--route", "all",
+                                  "--sweep", "k=10,100", "--split", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["task"] == "retrieval" and len(report["rows"]) == 5  # asif x2, projected x2, linear
+    assert report["chosen"]["split"] == "report" and report["chosen"]["scored"]["images"] == 3
+    text = runner.invoke(main, ["eval", str(small_collection / "pairs.jsonl"), *common, "--align", "linear"]).stdout
+    assert "asif k=100 p=2" in text and "linear" in text and "t2i R@1" in text
+    for label in ("goldfish", "volcano", "banana"):
+        (tmp_path / "labelled" / label).mkdir(parents=True)
+        shutil.copy(next(IMAGENET.glob(f"*_{label}.JPEG")), tmp_path / "labelled" / label / "a.jpg")
+    result = runner.invoke(main, ["eval", str(tmp_path / "labelled"), *common, "--caption-template", "a photo of a {label}"])
+    assert result.exit_code == 0, result.output
+    assert "zero-shot" in result.stdout and "per-class top-1" in result.stdout
+    result = runner.invoke(main, ["eval", str(tmp_path / "labelled"), *common, "--json"])
+    assert json.loads(result.stdout)["rows"][0]["top1"] == 1.0  # three distinct ImageNet classes, own photos
