@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retrieval import EmbedOptions, EncoderChoice
+from retrieval import EmbedOptions
 from retrieval.anchors import AnchorSet
 from retrieval.cli import main
 from retrieval.collection import find_images
