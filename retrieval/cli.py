@@ -74,6 +74,16 @@ def _workers(value: str) -> int | str:
         raise click.BadParameter(f"expected 'auto' or a whole number, got {value!r}", param_hint="--workers") from None
 
 
+def _int_list(value: str, option: str) -> list[int]:
+    try:
+        numbers = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected whole numbers separated by commas, got {value!r}", param_hint=option) from None
+    if not numbers or min(numbers) < 0:
+        raise click.BadParameter(f"expected whole numbers >= 0, got {value!r}", param_hint=option)
+    return numbers
+
+
 def _asif(k: int | None, p: float | None, default: Any = None) -> Any:
     from .relative import AsifParams
 
@@ -289,6 +299,9 @@ def _print_eval(report: dict[str, Any]) -> None:
 @click.option("--k", type=int, default=None, help="ASIF top-k (default 100).")
 @click.option("--p", type=float, default=None, help="ASIF exponent (default 2).")
 @click.option("--sweep", "sweep_values", multiple=True, help="Grid over ASIF settings, e.g. --sweep k=5,10,30,100 --sweep p=1,3,8.")
+@click.option("--center", type=click.Choice(["none", "anchors", "collection"]), default="none", show_default=True,
+              help="Subtract each modality's mean first: anchors = the anchors' means; collection = evaluated images by their own mean (transductive, label-free).")
+@click.option("--refine", default="0", show_default=True, help="Zero-shot only: rounds of label-free prototype refinement on the evaluated images (transductive); comma list to sweep.")
 @click.option("--split", is_flag=True, help="Pick the best setting on even-numbered images, report it on the odd-numbered half.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate an evenly spread subset of this many images.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Embedding cache folder (default index_data/cache/embeddings).")
@@ -297,7 +310,7 @@ def _print_eval(report: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as one JSON object.")
 def eval_command(data: str, encoder: str | None, image_encoder: str | None, text_encoder: str | None, anchors: Sequence[str],
                  anchor_weights: str | None, routes: Sequence[str], align: str | None, k: int | None, p: float | None,
-                 sweep_values: Sequence[str], split: bool, limit: int | None, cache_dir: str | None,
+                 sweep_values: Sequence[str], center: str, refine: str, split: bool, limit: int | None, cache_dir: str | None,
                  caption_column: str, image_column: str, caption_template: str | None, encoding: str,
                  checkpoint: str | None, device: str, batch_size: int, workers: str, quiet: bool, as_json: bool) -> None:
     """Measure quality on DATA: a pairs file (text -> image and image -> caption recall@1/5/10, median rank)
@@ -322,7 +335,7 @@ def eval_command(data: str, encoder: str | None, image_encoder: str | None, text
         raise click.BadParameter(f"expected numbers separated by commas, got {anchor_weights!r}", param_hint="--anchor-weights") from None
     report = run_api(lambda: run_eval(
         data, choice, anchors=anchors, routes=chosen_routes, params=_asif(k, p), sweep_values=sweep_values,
-        anchor_weights=weights, split=split, limit=limit, cache_dir=cache_dir,
+        anchor_weights=weights, split=split, center=center, refine=_int_list(refine, "--refine"), limit=limit, cache_dir=cache_dir,
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
         embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet),
     ))

@@ -106,17 +106,20 @@ def parse_sweep(values: Sequence[str]) -> dict[str, list[float]]:
     return grid
 
 
-def route_configs(routes: Sequence[str], params: AsifParams | None, grid: dict[str, list[float]], weights: Sequence[float] | None) -> list[RouteConfig]:
-    """Every (route, k, p) combination to evaluate."""
+def route_configs(
+    routes: Sequence[str], params: AsifParams | None, grid: dict[str, list[float]], weights: Sequence[float] | None,
+    center: str = "none", refine: Sequence[int] = (0,),
+) -> list[RouteConfig]:
+    """Every (route, k, p, refinement) combination to evaluate."""
     configs = []
     w = tuple(weights) if weights else None
-    for route in routes:
+    for route, rounds in itertools.product(routes, refine):
         if route in ("asif", "projected"):
             base = params or AsifParams(k=100, p=2.0)
             for k, p in itertools.product(grid.get("k", [base.k]), grid.get("p", [base.p])):
-                configs.append(RouteConfig(route, AsifParams(int(k), float(p)), w))
+                configs.append(RouteConfig(route, AsifParams(int(k), float(p)), w, center, rounds))
         else:
-            configs.append(RouteConfig(route, None, w))
+            configs.append(RouteConfig(route, None, w, center if route != "clip" else "none", rounds))
     return configs
 
 
@@ -129,6 +132,8 @@ def run_eval(
     sweep_values: Sequence[str] = (),
     anchor_weights: Sequence[float] | None = None,
     split: bool = False,
+    center: str = "none",
+    refine: Sequence[int] = (0,),
     caption_options: CaptionOptions = CaptionOptions(),
     embed: EmbedOptions = EmbedOptions(),
     cache_dir: str | Path | None = None,
@@ -152,7 +157,7 @@ def run_eval(
         dataset, evaluated = load_paired(data, caption_options, opened, embed, limit)
         task = "retrieval"
     check_no_leak(anchor_sets, evaluated)
-    result: SweepResult = sweep(dataset, route_configs(routes, params, parse_sweep(sweep_values), anchor_weights), anchor_sets, split)
+    result: SweepResult = sweep(dataset, route_configs(routes, params, parse_sweep(sweep_values), anchor_weights, center, refine), anchor_sets, split)
     return {
         "task": task,
         "data": str(data),

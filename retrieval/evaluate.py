@@ -76,11 +76,49 @@ class RouteConfig:
     route: str
     params: AsifParams | None = None
     anchor_weights: tuple[float, ...] | None = None
+    center: str = "none"  # none | anchors | collection (see center_spaces)
+    refine: int = 0  # zero-shot only: rounds of transductive prototype refinement
 
     def label(self) -> str:
+        label = self.route
         if self.route in ("asif", "projected") and self.params:
-            return f"{self.route} k={self.params.k} p={self.params.p:g}"
-        return self.route
+            label += f" k={self.params.k} p={self.params.p:g}"
+        if self.center != "none":
+            label += f" center={self.center}"
+        if self.refine:
+            label += f" refine={self.refine}"
+        return label
+
+
+CENTERING = ("none", "anchors", "collection")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def center_spaces(
+    mode: str, image_vectors: np.ndarray, text_vectors: np.ndarray, anchors: Sequence[AnchorSet]
+) -> tuple[np.ndarray, np.ndarray, list[AnchorSet]]:
+    """Subtract each modality's mean before comparing (frozen encoders' features share a large common component).
+
+    ``anchors``: anchors and items are centred by the anchors' means (inductive).
+    ``collection``: as ``anchors``, but the evaluated images are centred by their own mean
+    (transductive and label-free: it adapts to the collection's domain, e.g. 32-pixel thumbnails).
+    """
+    if mode not in CENTERING:
+        raise InputError(f"unknown centering {mode!r}; choose from {', '.join(CENTERING)}")
+    if mode == "none" or not anchors:
+        return image_vectors, text_vectors, list(anchors)
+    image_mean = np.vstack([a.image_vectors for a in anchors]).mean(axis=0)
+    text_mean = np.vstack([a.text_vectors for a in anchors]).mean(axis=0)
+    centred = [
+        AnchorSet(a.name, _unit(a.image_vectors - image_mean), _unit(a.text_vectors - text_mean), a.captions,
+                  a.image_encoder, a.text_encoder, a.params, a.uris)
+        for a in anchors
+    ]
+    own_mean = image_vectors.mean(axis=0) if mode == "collection" else image_mean
+    return _unit(image_vectors - own_mean), _unit(text_vectors - text_mean), centred
 
 
 @dataclass
@@ -95,6 +133,8 @@ class Scorer:
 
 def make_scorer(config: RouteConfig, image_vectors: np.ndarray, text_vectors: np.ndarray, anchors: Sequence[AnchorSet]) -> Scorer:
     """Put images and texts of one evaluation into the route's common space."""
+    if config.route != "clip":
+        image_vectors, text_vectors, anchors = center_spaces(config.center, image_vectors, text_vectors, anchors)
     if config.route == "clip":
         return Scorer(image_vectors, text_vectors, image_vectors, text_vectors)
     if not anchors:
@@ -130,12 +170,17 @@ def score_blocks(queries: Matrix, collection: Matrix, block: int = 2048):
 
 
 def rank_of_relevant(queries: Matrix, collection: Matrix, relevant: Callable[[int], np.ndarray]) -> np.ndarray:
-    """0-based rank of the best-placed relevant item for each query (ties count in the query's favour)."""
+    """0-based rank of the best-placed relevant item: how many irrelevant items score at least as high.
+
+    Ties count against the query, so a route that gives many items the same score
+    (e.g. all-zero relative rows) cannot look good by accident.
+    """
     ranks = np.empty(queries.shape[0], np.int64)
     for start, scores in score_blocks(queries, collection):
         for offset, row in enumerate(scores):
-            best = row[relevant(start + offset)].max()
-            ranks[start + offset] = int(np.sum(row > best))
+            wanted = relevant(start + offset)
+            best = row[wanted].max()
+            ranks[start + offset] = int(np.sum(row >= best) - np.sum(row[wanted] >= best))
     return ranks
 
 
@@ -161,15 +206,41 @@ def evaluate_paired(data: PairedData, scorer: Scorer, ks: Sequence[int] = (1, 5,
     }
 
 
-def evaluate_zero_shot(data: LabelledData, scorer: Scorer) -> dict[str, Any]:
+def refine_prototypes(images: Matrix, prototypes: Matrix, rounds: int, keep: float = 0.5) -> np.ndarray:
+    """Transductive, label-free refinement of class prototypes (a few k-means-like steps).
+
+    Each round assigns every image to its best prototype, then moves each prototype
+    to (its original direction + the mean of the most confident ``keep`` fraction
+    of its images), normalised. No label is used; the collection itself is.
+    """
+    images = images.toarray() if sp.issparse(images) else np.asarray(images)
+    start = _unit(prototypes.toarray() if sp.issparse(prototypes) else np.asarray(prototypes))
+    current = start
+    for _ in range(rounds):
+        scores = images @ current.T
+        assigned, confidence = scores.argmax(axis=1), scores.max(axis=1)
+        moved = []
+        for c in range(len(start)):
+            members = np.flatnonzero(assigned == c)
+            top = members[np.argsort(-confidence[members])[: max(1, int(len(members) * keep))]] if len(members) else members
+            mean = _unit(images[top].mean(axis=0, keepdims=True))[0] if len(top) else np.zeros(start.shape[1], np.float32)
+            moved.append(start[c] + mean)
+        current = _unit(np.stack(moved))
+    return current
+
+
+def evaluate_zero_shot(data: LabelledData, scorer: Scorer, refine: int = 0) -> dict[str, Any]:
     """Top-1 / top-5 accuracy of classifying each image by its best-scoring class prompt, and the confusion."""
     n_classes = len(data.class_names)
     predictions = np.empty(data.n_images, np.int64)
     ranks = np.empty(data.n_images, np.int64)
-    for start, scores in score_blocks(scorer.images_as_queries, scorer.texts_for_image_queries):
+    prototypes = scorer.texts_for_image_queries
+    if refine:
+        prototypes = refine_prototypes(scorer.images_as_queries, prototypes, refine)
+    for start, scores in score_blocks(scorer.images_as_queries, prototypes):
         predictions[start : start + len(scores)] = scores.argmax(axis=1)
         gold = scores[np.arange(len(scores)), data.labels[start : start + len(scores)]]
-        ranks[start : start + len(scores)] = np.sum(scores > gold[:, None], axis=1)
+        ranks[start : start + len(scores)] = np.sum(scores >= gold[:, None], axis=1) - 1  # ties count against
     confusion = np.zeros((n_classes, n_classes), np.int64)
     np.add.at(confusion, (data.labels, predictions), 1)
     per_class = {name: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, name in enumerate(data.class_names)}
@@ -186,8 +257,14 @@ def evaluate(data: PairedData | LabelledData, config: RouteConfig, anchors: Sequ
     """Score ``data`` along one route."""
     texts = data.caption_vectors if isinstance(data, PairedData) else data.prompt_vectors
     scorer = make_scorer(config, data.image_vectors, texts, anchors)
-    result = evaluate_paired(data, scorer) if isinstance(data, PairedData) else evaluate_zero_shot(data, scorer)
-    return {"route": config.label(), **({"k": config.params.k, "p": config.params.p} if config.params else {}), **result}
+    if isinstance(data, PairedData):
+        if config.refine:
+            raise InputError("prototype refinement (--refine) applies to zero-shot classification only")
+        result = evaluate_paired(data, scorer)
+    else:
+        result = evaluate_zero_shot(data, scorer, config.refine)
+    settings = {"k": config.params.k, "p": config.params.p} if config.params else {}
+    return {"route": config.label(), **settings, "center": config.center, "refine": config.refine, **result}
 
 
 def headline(result: dict[str, Any]) -> float:

@@ -39,14 +39,20 @@ def paired():
 def test_paired_recall_matches_brute_force(paired):
     result = evaluate(paired, RouteConfig("clip"), [])
     scores = paired.caption_vectors @ paired.image_vectors.T
-    t2i = np.array([np.sum(row > row[o]) for row, o in zip(scores, paired.caption_owner)])
-    i2c = np.array([np.sum(col > col[paired.caption_owner == i].max()) for i, col in enumerate(scores.T)])
+    t2i = np.array([np.sum(row >= row[o]) - 1 for row, o in zip(scores, paired.caption_owner)])
+    i2c = np.array([np.sum(col[paired.caption_owner != i] >= col[paired.caption_owner == i].max()) for i, col in enumerate(scores.T)])
     for k in (1, 5, 10):
         assert result["text_to_image"][f"R@{k}"] == pytest.approx(np.mean(t2i < k))
         assert result["image_to_caption"][f"R@{k}"] == pytest.approx(np.mean(i2c < k))
     assert result["text_to_image"]["median_rank"] == np.median(t2i + 1)
     assert result["scored"] == {"text_queries": 90, "image_queries": 30, "images": 30, "captions": 90}
     assert 0.2 < result["text_to_image"]["R@1"] < 1.0  # a test that can tell good from bad
+
+
+def test_ties_count_against_the_query():
+    flat = PairedData(np.zeros((5, 4), np.float32), np.zeros((5, 4), np.float32), np.arange(5))
+    result = evaluate(flat, RouteConfig("clip"), [])
+    assert result["text_to_image"]["R@1"] == 0.0 and result["text_to_image"]["R@5"] == 1.0
 
 
 def test_zero_shot_accuracy_and_confusion():
@@ -143,3 +149,27 @@ def test_eval_cli_on_pairs_and_on_a_labelled_folder(tmp_path, small_collection):
     assert "zero-shot" in result.stdout and "per-class top-1" in result.stdout
     result = runner.invoke(main, ["eval", str(tmp_path / "labelled"), *common, "--json"])
     assert json.loads(result.stdout)["rows"][0]["top1"] == 1.0  # three distinct ImageNet classes, own photos
+
+
+def test_centering_and_refinement_options():
+    rng = np.random.default_rng(3)
+    shared = rng.standard_normal(12)
+    anchors = AnchorSet("a", unit(rng, 50, 12) + shared, unit(rng, 50, 8), ["x"] * 50, {}, {})
+    images = unit(rng, 20, 12) + 3 * shared
+    from retrieval.evaluate import center_spaces, refine_prototypes
+
+    centred_images, centred_texts, centred_anchors = center_spaces("collection", images, unit(rng, 4, 8), [anchors])
+    np.testing.assert_allclose(np.linalg.norm(centred_images, axis=1), 1, atol=1e-5)
+    raw = images - images.mean(axis=0)
+    np.testing.assert_allclose(centred_images, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
+    assert abs(float(centred_anchors[0].image_vectors.mean(axis=0) @ shared)) < abs(float(anchors.image_vectors.mean(axis=0) @ shared))
+    with pytest.raises(InputError, match="centering"):
+        center_spaces("median", images, images, [anchors])
+    # refinement moves prototypes towards their confidently assigned images, never using labels
+    clusters = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0) + 0.05 * rng.standard_normal((30, 3)).astype(np.float32)
+    start = np.array([[1, 0.6, 0], [0, 1, 0.6], [0.6, 0, 1]], np.float32)
+    refined = refine_prototypes(clusters, start, rounds=2)
+    assert np.all(np.argmax(refined, axis=1) == [0, 1, 2])
+    assert np.all(np.diag(refined) > np.diag(start / np.linalg.norm(start, axis=1, keepdims=True)))
+    with pytest.raises(InputError, match="zero-shot"):
+        evaluate(PairedData(unit(rng, 3, 4), unit(rng, 3, 4), np.arange(3)), RouteConfig("clip", refine=1), [])
