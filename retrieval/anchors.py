@@ -65,6 +65,41 @@ class AnchorSet:
         check_same_encoder(self.text_encoder, text_encoder, f"anchor set {self.name} (text side)")
 
 
+class AnchorSpaces:
+    """One or several anchor sets used together: their relative spaces are fused with per-set weights.
+
+    ``relative`` gives the exact sparse ASIF rows (concatenated weighted spaces, see
+    :func:`retrieval.projection.fuse_relative`); ``project`` gives the dense projected
+    route: relative weights times the other modality's (weighted, stacked) anchors.
+    """
+
+    def __init__(self, sets: Sequence[AnchorSet], weights: Sequence[float] | None = None) -> None:
+        if not sets:
+            raise InputError("no anchor set given")
+        self.sets = list(sets)
+        self.weights = [float(w) for w in (weights or [1.0] * len(sets))]
+        if len(self.weights) != len(self.sets):
+            raise InputError(f"{len(self.weights)} anchor weights for {len(self.sets)} anchor sets")
+        self._spaces = [s.space() for s in self.sets]
+
+    def relative(self, vectors: np.ndarray, modality: str, params: AsifParams) -> Any:
+        from .projection import fuse_relative
+
+        parts = [space.relative(vectors, modality, params) for space in self._spaces]
+        return parts[0] if len(parts) == 1 else fuse_relative(parts, self.weights)
+
+    def project(self, relative_rows: Any, target_modality: str) -> np.ndarray:
+        """Dense vectors in ``target_modality``'s encoder space for rows from :meth:`relative`."""
+        from .projection import project_to_modality
+
+        total = sum(self.weights)
+        stacked = np.vstack([
+            np.sqrt(w / total) * (s.text_vectors if target_modality == "text" else s.image_vectors)
+            for w, s in zip(self.weights, self.sets)
+        ]) if len(self.sets) > 1 else (self.sets[0].text_vectors if target_modality == "text" else self.sets[0].image_vectors)
+        return project_to_modality(relative_rows, stacked)
+
+
 def read_pairs(sources: Sequence[str | Path], options: CaptionOptions) -> tuple[list[CaptionRecord], list[ItemError]]:
     """Read (image, caption) pairs from pairs files and labelled folders (``root/<label>/*.jpg``)."""
     records: list[CaptionRecord] = []

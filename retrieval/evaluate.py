@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from .anchors import AnchorSet
+from .anchors import AnchorSet, AnchorSpaces
 from .errors import InputError
-from .projection import LinearAlignment, fuse_relative, project_to_modality
+from .projection import LinearAlignment
 from .relative import AsifParams
 
 ROUTES = ("clip", "asif", "projected", "linear")
@@ -146,20 +146,12 @@ def make_scorer(config: RouteConfig, image_vectors: np.ndarray, text_vectors: np
     if config.route not in ROUTES:
         raise InputError(f"unknown route {config.route!r}; choose from {', '.join(ROUTES)}")
     params = config.params or anchors[0].params
-    weights = list(config.anchor_weights or [1.0] * len(anchors))
-    if len(weights) != len(anchors):
-        raise InputError(f"{len(weights)} anchor weights for {len(anchors)} anchor sets")
-    spaces = [a.space() for a in anchors]
-    image_rel = fuse_relative([s.relative(image_vectors, "image", params) for s in spaces], weights)
-    text_rel = fuse_relative([s.relative(text_vectors, "text", params) for s in spaces], weights)
+    spaces = AnchorSpaces(anchors, config.anchor_weights)
+    image_rel = spaces.relative(image_vectors, "image", params)
+    text_rel = spaces.relative(text_vectors, "text", params)
     if config.route == "asif":
         return Scorer(image_rel, text_rel, image_rel, text_rel)
-    scale = [np.sqrt(w / sum(weights)) for w in weights]
-    text_anchors = np.vstack([s * a.text_vectors for s, a in zip(scale, anchors)])
-    image_anchors = np.vstack([s * a.image_vectors for s, a in zip(scale, anchors)])
-    images_in_text_space = project_to_modality(image_rel, text_anchors)
-    texts_in_image_space = project_to_modality(text_rel, image_anchors)
-    return Scorer(images_in_text_space, text_vectors, image_vectors, texts_in_image_space)
+    return Scorer(spaces.project(image_rel, "text"), text_vectors, image_vectors, spaces.project(text_rel, "image"))
 
 
 def score_blocks(queries: Matrix, collection: Matrix, block: int = 2048):
