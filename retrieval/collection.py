@@ -183,8 +183,13 @@ def _dedupe(refs: Iterable[ImageRef]) -> list[ImageRef]:
 def _resolve_existing(paths: Iterable[Path]) -> Iterator[Path]:
     """Resolve paths, dropping broken links and other non-files."""
     for path in paths:
-        resolved = path.resolve()
-        if resolved.is_file():
+        try:
+            resolved = path.resolve()
+            is_file = resolved.is_file()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            logger.warning("skipping %s: cannot resolve the path (%s)", path, exc)
+            continue
+        if is_file:
             yield resolved
         else:
             logger.warning("skipping %s: not a regular file (broken link?)", path)
@@ -218,6 +223,11 @@ def labelled_folder_images(root: str | Path) -> list[ImageRef]:
     root_path = Path(root).expanduser()
     refs: list[ImageRef] = []
     for label_dir in _label_dirs(root_path):
+        try:
+            _check_unicode(label_dir.name, "label folder name")
+        except ValueError as exc:
+            logger.warning("skipping %s: %s; rename the folder", label_dir, exc)
+            continue
         found = _resolve_existing(_walk_images(label_dir))
         refs.extend(ImageRef(path=p, source=str(root), label=label_dir.name) for p in found)
     if not refs:
@@ -407,7 +417,18 @@ def _row_text(row: Mapping[str, object], caption_column: str, template: str | No
     text = text.strip()
     if not text:
         raise ValueError("empty caption")
+    _check_unicode(text, "caption")
     return text
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Raise ValueError for text that cannot be stored as UTF-8 (a lone surrogate, e.g. from a JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not valid Unicode (lone surrogate {text[exc.start]!r} at character {exc.start})"
+        ) from None
 
 
 def _row_image(row: Mapping[str, object], image_column: str, base: Path) -> Path:
@@ -415,6 +436,7 @@ def _row_image(row: Mapping[str, object], image_column: str, base: Path) -> Path
     value = _as_text(row.get(image_column))
     if value is None or not value.strip():
         raise ValueError("empty image path")
+    _check_unicode(value, "image path")
     image = Path(value.strip()).expanduser()
     return (image if image.is_absolute() else base / image).resolve()
 
@@ -457,6 +479,10 @@ def read_caption_file(
 ) -> CaptionFile:
     """Read captions (and optional image paths) from a .txt/.csv/.tsv/.jsonl/.parquet file."""
     file = Path(path).expanduser().absolute()
+    try:
+        _check_unicode(str(file), "file name")
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}; rename the file") from None
     suffix = file.suffix.lower()
     if suffix not in CAPTION_EXTENSIONS:
         raise InputError(

@@ -40,3 +40,9 @@ class EncoderMismatchError(RetrievalError):
     """A query uses an encoder other than the one the index was built with."""
 
     exit_code = 5
+
+
+class IndexLockedError(RetrievalError):
+    """Another process is building the same index or anchor directory right now."""
+
+    exit_code = 6

@@ -143,6 +143,11 @@ def _load_failure(exc: BaseException) -> str:
 def load_image(path: str | Path, max_pixels: int = _DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read, hash, decode and normalise one image file."""
     file = Path(path)
+    try:
+        str(file).encode("utf-8")
+    except UnicodeEncodeError:
+        # bytes that are not UTF-8 in the name: the path cannot be stored in the index or shown reliably
+        raise ImageDecodeError(file, "file name is not valid UTF-8; rename the file to index it") from None
     data = _read_bytes(file)
     if not data:
         raise ImageDecodeError(file, "empty file (0 bytes)")

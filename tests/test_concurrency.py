@@ -1,0 +1,277 @@
+"""Concurrent use of one index: readers while a writer rebuilds, and two writers at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retrieval
+from retrieval import EmbedOptions, EncoderChoice
+from retrieval.errors import IndexLockedError
+from retrieval.locking import LOCK_NAME, WriterLock, writer_lock
+
+import hostile
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = EmbedOptions(batch_size=4, workers=0, progress=False)
+
+
+def _clip(tiny_clip_dir: Path) -> EncoderChoice:
+    return EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
+
+
+def _look(path: Path, query: np.ndarray) -> str:
+    """Open the index and check it is one consistent build; returns its build id."""
+    index = retrieval.open_index(path, device="cpu")
+    counts = index.manifest["counts"]
+    for kind in ("image", "caption"):
+        ids = index.items(kind)["id"]
+        assert len(ids) == counts[kind], f"{kind}: {len(ids)} items, manifest says {counts[kind]}"
+        if counts[kind]:
+            assert index._faiss(kind).ntotal == counts[kind]
+            scores, positions = index.search_vectors(kind, query, "text", 3)
+            assert positions.shape == (1, min(3, counts[kind])) and (positions < counts[kind]).all()
+            assert [ids[p] for p in positions[0]]
+    assert len(index.errors()) == index.manifest["errors"]
+    return index.manifest["build_id"]
+
+
+READER_PROCESS = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    sys.path.insert(0, sys.argv[3])
+    import retrieval
+    from test_concurrency import _look
+    path, stop = sys.argv[1], sys.argv[2]
+    query = np.ones((1, 32), np.float32) / np.sqrt(32)
+    builds, looks, failures = set(), 0, []
+    import os
+    builds.add(_look(path, query))
+    print("ready", flush=True)
+    while not os.path.exists(stop):
+        try:
+            builds.add(_look(path, query))
+            looks += 1
+        except Exception as e:
+            failures.append(f"{type(e).__name__}: {e}")
+    print(json.dumps({"looks": looks, "builds": len(builds), "failures": failures[:5]}))
+    """
+)
+
+
+def test_readers_see_one_consistent_build_while_a_writer_rebuilds(tmp_path, tiny_clip_dir, small_collection):
+    index = tmp_path / "index"
+    first = retrieval.build_index(images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"],
+                                  index=index, encoders=_clip(tiny_clip_dir), embed=QUIET)
+    query = first.text_encoder.encode_texts(["a plate of food"])
+    early = retrieval.open_index(index, device="cpu")  # opened now, read only after every rebuild below
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", READER_PROCESS, str(index), str(stop), str(ROOT / "tests")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "ready", reader.stderr.read()[-2000:]
+    failures: list[str] = []
+    seen: list[str] = []
+    done = threading.Event()
+
+    def read_in_a_loop() -> None:
+        while not done.is_set():
+            try:
+                seen.append(_look(index, query))
+            except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
+                failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=read_in_a_loop) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        with hostile.time_limit(240, "the rebuilds"):
+            for round_ in range(4):
+                images = [small_collection / "images"] if round_ % 2 else []
+                captions = [small_collection / ("pairs.jsonl" if round_ % 2 else "captions.txt")]
+                retrieval.build_index(images=images, captions=captions, index=index, encoders=_clip(tiny_clip_dir),
+                                      embed=QUIET)
+    finally:
+        done.set()
+        stop.write_text("")
+        for thread in threads:
+            thread.join(timeout=60)
+        out, err = reader.communicate(timeout=120)
+    assert not failures, failures[:5]
+    report = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"failures": [err[-2000:]]}
+    assert not report["failures"], report
+    assert len(seen) > 10 and len(set(seen)) >= 2, (len(seen), len(set(seen)))  # the readers really overlapped
+    assert report["looks"] >= 1
+    # the index opened before the rebuilds still answers from its own build, although its files are deleted
+    assert not (index / early.manifest["files"]["faiss"]["clip/image"]).exists()
+    assert _look(index, query) != first.manifest["build_id"]
+    assert early.manifest["build_id"] == first.manifest["build_id"]
+    assert early.manifest["counts"] == {"image": 6, "caption": 30}
+    assert len(early.items("image")["id"]) == 6
+    assert [h.id for h in early.text_to_image("a plate of food", k=3)] == [
+        h.id for h in first.text_to_image("a plate of food", k=3)
+    ]
+    assert len(early.errors()) == 1
+
+
+def test_a_second_writer_fails_at_once_naming_the_first(tmp_path, tiny_clip_dir, small_collection):
+    index = tmp_path / "index"
+    retrieval.build_index(captions=[small_collection / "captions.txt"], index=index, encoders=_clip(tiny_clip_dir),
+                          embed=QUIET)
+    with writer_lock(index):
+        started = time.monotonic()
+        with pytest.raises(IndexLockedError, match=rf"index is locked by another build \(pid {os.getpid()}\)"):
+            retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=index,
+                                  encoders=_clip(tiny_clip_dir), embed=QUIET)
+        assert time.monotonic() - started < 2
+        with pytest.raises(IndexLockedError):
+            retrieval.build_anchors([small_collection / "pairs.jsonl"], index, "efficientnet-lite0", "minilm")
+        # readers never wait for the lock
+        assert retrieval.open_index(index).manifest["counts"]["caption"] == 2
+        # the command line: exit code 6 and one line
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "cli.py"), "build-index", "--index", str(index), "--captions",
+             str(small_collection / "captions.txt"), "--encoder", "open_clip:tiny", "--checkpoint", str(tiny_clip_dir)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == IndexLockedError.exit_code == 6
+        assert f"index is locked by another build (pid {os.getpid()})" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (index / LOCK_NAME).exists()
+    assert retrieval.open_index(index).manifest["counts"]["caption"] == 2  # untouched by the refused writers
+
+
+def test_two_builds_started_together_one_wins_one_is_refused(tmp_path, tiny_clip_dir, small_collection):
+    index = tmp_path / "fresh"
+    outcomes: list[object] = [None, None]
+    barrier = threading.Barrier(2)
+
+    def build(slot: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[slot] = retrieval.build_index(images=[small_collection / "images"], index=index,
+                                                   encoders=_clip(tiny_clip_dir), embed=QUIET)
+        except Exception as e:  # noqa: BLE001
+            outcomes[slot] = e
+
+    threads = [threading.Thread(target=build, args=(slot,)) for slot in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    refused = [o for o in outcomes if isinstance(o, IndexLockedError)]
+    built = [o for o in outcomes if isinstance(o, retrieval.Index)]
+    assert len(refused) == 1 and len(built) == 1, outcomes
+    assert retrieval.open_index(index).manifest["counts"]["image"] == 6
+
+
+def test_the_lock_is_exclusive_under_contention(tmp_path):
+    """Many threads (each its own open file) take and release the lock; never two holders at once."""
+    inside, entries, refusals = [0], [0], [0]
+    guard = threading.Lock()
+
+    def hammer() -> None:
+        for _ in range(150):
+            try:
+                with writer_lock(tmp_path / "d"):
+                    with guard:
+                        inside[0] += 1
+                        assert inside[0] == 1, "two writers hold the lock"
+                        entries[0] += 1
+                    time.sleep(0.0005)
+                    with guard:
+                        inside[0] -= 1
+            except IndexLockedError:
+                with guard:
+                    refusals[0] += 1
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert entries[0] + refusals[0] == 600 and entries[0] > 20 and refusals[0] > 0
+    assert not (tmp_path / "d" / LOCK_NAME).exists()
+
+
+def test_a_killed_writer_leaves_no_stuck_lock(tmp_path):
+    index = tmp_path / "index"
+    index.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from retrieval.locking import WriterLock; lock = WriterLock(sys.argv[1]); "
+         "print('locked', flush=True); time.sleep(120)", str(index)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(IndexLockedError, match=f"pid {holder.pid}"):
+            WriterLock(index)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert (index / LOCK_NAME).read_text().strip() == str(holder.pid)  # stale file, dead pid
+    with writer_lock(index) as lock:
+        assert lock.held
+    assert not (index / LOCK_NAME).exists()
+
+
+def test_a_failed_build_releases_the_lock(tmp_path, tiny_clip_dir, small_collection, monkeypatch):
+    import retrieval.build as build_module
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("the encoder blew up")
+
+    monkeypatch.setattr(build_module, "embed_images", dies)
+    with pytest.raises(RuntimeError, match="blew up"):
+        retrieval.build_index(images=[small_collection / "images"], index=tmp_path / "i",
+                              encoders=_clip(tiny_clip_dir), embed=QUIET)
+    assert not (tmp_path / "i").exists()  # nothing was written: the directory made for the lock is gone
+    monkeypatch.undo()
+    retrieval.build_index(captions=[small_collection / "captions.txt"], index=tmp_path / "i",
+                          encoders=_clip(tiny_clip_dir), embed=QUIET)
+
+
+def test_a_reader_keeps_its_snapshot_after_the_files_are_deleted(tmp_path):
+    """Store level, every file type: two commits later the first reader still reads its own build."""
+    import pyarrow as pa
+    import scipy.sparse as sp
+
+    from retrieval.relative import SparseRelativeIndex
+    from retrieval.store import StoreReader, StoreWriter
+    from retrieval.vector_index import build_vector_index
+
+    def commit(value: float) -> None:
+        writer = StoreWriter(tmp_path, kind="index")
+        vectors = np.full((3, 4), value, np.float32)
+        rows = sp.csr_matrix(np.full((3, 2), value, np.float32))
+        files = {"vectors": writer.write_vectors("clip", "image", vectors),
+                 "items": writer.write_table("images", pa.table({"v": [value] * 3})),
+                 "faiss": writer.write_faiss("clip-image", build_vector_index(vectors)),
+                 "relative": writer.write_sparse("image", SparseRelativeIndex(rows))}
+        writer.commit({"files": files}, [{"value": value}])
+
+    commit(0.5)
+    reader = StoreReader(tmp_path, kind="index")
+    files = reader.manifest["files"]
+    commit(0.25)
+    commit(0.125)
+    assert not any((tmp_path / rel).exists() for rel in reader.manifest["checksums"])
+    assert (reader.read_vectors(files["vectors"]) == 0.5).all()
+    assert reader.read_table(files["items"]).column("v").to_pylist() == [0.5] * 3
+    assert reader.read_faiss(files["faiss"]).ntotal == 3
+    assert (reader.read_sparse(files["relative"]).rows.toarray() == 0.5).all()
+    assert reader.read_errors() == [{"value": 0.5}]
+    assert StoreReader(tmp_path, kind="index").read_errors() == [{"value": 0.125}]
+    reader.close()
+    with pytest.raises(retrieval.IndexFormatError, match="closed"):
+        reader.read_table(files["items"])
