@@ -11,14 +11,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__
-from .anchors import AnchorSet, build_anchor_set, resolve_anchor_set, save_anchor_set
+from .anchors import AnchorSet, AnchorSpaces, build_anchor_set, resolve_anchor_set, save_anchor_set
 from .collection import CaptionRecord, ImageRef, ItemError, find_images, read_caption_file
 from .config import CaptionOptions, EncoderChoice
 from .embed import EmbeddedImages, EmbedOptions, embed_images
 from .errors import InputError
 from .provenance import encoder_record
 from .relative import AsifParams, SparseRelativeIndex
-from .store import MANIFEST_NAME, StoreWriter
+from .locking import writer_lock
+from .store import MANIFEST_NAME, StoreWriter, is_leftover_name
 from .vector_index import build_vector_index
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _prepare_target(index: Path) -> None:
     if index.exists() and not index.is_dir():
         raise InputError(f"{index}: exists and is not a directory")
     if index.is_dir() and any(index.iterdir()) and not (index / MANIFEST_NAME).exists():
-        leftovers = {p.name for p in index.iterdir()} <= {"items", "vectors", "faiss", "relative", "anchors", "errors.jsonl"}
+        leftovers = all(is_leftover_name(p.name) for p in index.iterdir())
         if not leftovers:
             raise InputError(f"{index}: exists, is not empty and is not an index; choose another --index path")
 
@@ -116,105 +117,120 @@ def build_index(
     captions: Sequence[str | Path] = (),
     index: str | Path = DEFAULT_INDEX,
     encoders: EncoderChoice | None = None,
-    anchors: str | Path | None = None,
+    anchors: str | Path | Sequence[str | Path] | None = None,
     asif: AsifParams | None = None,
     caption_options: CaptionOptions = CaptionOptions(),
     embed: EmbedOptions = EmbedOptions(),
+    anchor_weights: Sequence[float] | None = None,
 ) -> "Index":  # noqa: F821
     """Embed images and captions and write an index directory; returns the opened index.
 
     With a contrastive ``encoders.clip`` model both kinds share one space. With
     unimodal ``encoders.image`` + ``encoders.text``, ``anchors`` (a directory from
-    :func:`build_anchors` or ``builtin:imagenet``) is required and cross-modal
-    search goes through ASIF relative representations.
+    :func:`build_anchors` or ``builtin:imagenet``, or a list of them fused with
+    ``anchor_weights``) is required and cross-modal search goes through ASIF
+    relative representations (exact sparse route ``asif``) or their dense
+    projections (route ``projected``).
     """
     from .engine import open_index
 
     started = time.perf_counter()
     if encoders is None:
         raise InputError("choose encoders: EncoderChoice(clip=...) or EncoderChoice(image=..., text=...)")
-    if not encoders.is_contrastive and anchors is None:
+    if isinstance(anchors, (str, Path)):
+        anchors = [anchors]
+    if not encoders.is_contrastive and not anchors:
         raise InputError(
             "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or builtin:imagenet"
         )
     index = Path(index)
     _prepare_target(index)
-    collection = gather_collection(images, captions, caption_options)
-    image_encoder, text_encoder = load_encoders(encoders)
-    anchor_set = resolve_anchor_set(str(anchors), image_encoder, text_encoder) if anchors is not None else None
-    params = asif or (anchor_set.params if anchor_set else None)
+    with writer_lock(index):  # one build at a time: a second writer fails here, at once
+        collection = gather_collection(images, captions, caption_options)
+        image_encoder, text_encoder = load_encoders(encoders)
+        anchor_sets = [resolve_anchor_set(str(a), image_encoder, text_encoder) for a in anchors or ()]
+        spaces = AnchorSpaces(anchor_sets, anchor_weights) if anchor_sets else None
+        params = asif or (anchor_sets[0].params if anchor_sets else None)
 
-    embed_started = time.perf_counter()
-    embedded = embed_images(collection.images, image_encoder, embed)
-    images_seconds = time.perf_counter() - embed_started
-    texts = [record.text for record in collection.captions]
-    caption_vectors = text_encoder.encode_texts(texts, progress=embed.progress) if texts else np.zeros((0, text_encoder.dim), np.float32)
-    if not len(embedded.rows) and not texts:
-        raise InputError("no image could be read and no caption was given; nothing to index (see the warnings above)")
+        embed_started = time.perf_counter()
+        embedded = embed_images(collection.images, image_encoder, embed)
+        images_seconds = time.perf_counter() - embed_started
+        texts = [record.text for record in collection.captions]
+        caption_vectors = text_encoder.encode_texts(texts, progress=embed.progress) if texts else np.zeros((0, text_encoder.dim), np.float32)
+        if not len(embedded.rows) and not texts:
+            raise InputError("no image could be read and no caption was given; nothing to index (see the warnings above)")
 
-    writer = StoreWriter(index, kind="index")
-    image_space, text_space = ("clip", "clip") if encoders.is_contrastive else ("image", "text")
-    files: dict[str, Any] = {
-        "items": {
-            "image": writer.write_table("images", _image_table(embedded)),
-            "caption": writer.write_table("captions", _caption_table(collection.captions)),
-        },
-        "vectors": {
-            f"{image_space}/image": writer.write_vectors(image_space, "image", embedded.vectors),
-            f"{text_space}/caption": writer.write_vectors(text_space, "caption", caption_vectors),
-        },
-        "faiss": {
-            f"{image_space}/image": writer.write_faiss(f"{image_space}-image", build_vector_index(embedded.vectors)),
-            f"{text_space}/caption": writer.write_faiss(f"{text_space}-caption", build_vector_index(caption_vectors)),
-        },
-    }
-    manifest: dict[str, Any] = {
-        "tool": {"name": "retrieval", "version": __version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "mode": "clip" if encoders.is_contrastive else "asif",
-        "encoders": {"image": encoder_record(image_encoder), "text": encoder_record(text_encoder)},
-        "checkpoint": str(Path(encoders.checkpoint).resolve()) if encoders.checkpoint else None,
-        "metric": "inner_product",
-        "spaces": {"image": image_space, "caption": text_space},
-        "counts": {"image": len(embedded.rows), "caption": len(texts)},
-        "index": {"type": "flat", "exact": True},
-        "sources": {"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
-        "caption_options": caption_options.to_json(),
-    }
-    if anchor_set is not None:
-        files["anchors"] = {
-            "image": writer.write_array("anchors", "image", anchor_set.image_vectors.astype(np.float32)),
-            "text": writer.write_array("anchors", "text", anchor_set.text_vectors.astype(np.float32)),
+        writer = StoreWriter(index, kind="index")
+        image_space, text_space = ("clip", "clip") if encoders.is_contrastive else ("image", "text")
+        files: dict[str, Any] = {
+            "items": {
+                "image": writer.write_table("images", _image_table(embedded)),
+                "caption": writer.write_table("captions", _caption_table(collection.captions)),
+            },
+            "vectors": {
+                f"{image_space}/image": writer.write_vectors(image_space, "image", embedded.vectors),
+                f"{text_space}/caption": writer.write_vectors(text_space, "caption", caption_vectors),
+            },
+            "faiss": {
+                f"{image_space}/image": writer.write_faiss(f"{image_space}-image", build_vector_index(embedded.vectors)),
+                f"{text_space}/caption": writer.write_faiss(f"{text_space}-caption", build_vector_index(caption_vectors)),
+            },
         }
-        files["relative"] = _write_relative(writer, anchor_set, params, embedded.vectors, caption_vectors)
-        manifest["anchors"] = {
-            "name": anchor_set.name,
-            "count": len(anchor_set),
-            "image_encoder": anchor_set.image_encoder,
-            "text_encoder": anchor_set.text_encoder,
+        manifest: dict[str, Any] = {
+            "tool": {"name": "retrieval", "version": __version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "mode": "clip" if encoders.is_contrastive else "asif",
+            "encoders": {"image": encoder_record(image_encoder), "text": encoder_record(text_encoder)},
+            "checkpoint": str(Path(encoders.checkpoint).resolve()) if encoders.checkpoint else None,
+            "metric": "inner_product",
+            "spaces": {"image": image_space, "caption": text_space},
+            "counts": {"image": len(embedded.rows), "caption": len(texts)},
+            "index": {"type": "flat", "exact": True},
+            "sources": {"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
+            "caption_options": caption_options.to_json(),
         }
-        manifest["asif"] = params.to_json()
-    total = time.perf_counter() - started
-    manifest["build"] = {
-        "seconds": round(total, 3),
-        "images_per_second": round(len(embedded.rows) / images_seconds, 2) if embedded.rows else None,
-        "device": image_encoder.device,
-    }
-    manifest["files"] = files
-    errors = collection.errors + embedded.errors
-    writer.commit(manifest, (error.to_json() for error in errors))
+        manifest["routes"] = ["clip"]
+        if spaces is not None:
+            _write_asif(writer, files, manifest, spaces, params, embedded.vectors, caption_vectors)
+        total = time.perf_counter() - started
+        manifest["build"] = {
+            "seconds": round(total, 3),
+            "images_per_second": round(len(embedded.rows) / images_seconds, 2) if embedded.rows else None,
+            "device": image_encoder.device,
+        }
+        manifest["files"] = files
+        errors = collection.errors + embedded.errors
+        writer.commit(manifest, (error.to_json() for error in errors))
     return open_index(index, device=encoders.device)
 
 
-def _write_relative(
-    writer: StoreWriter, anchor_set: AnchorSet, params: AsifParams, image_vectors: np.ndarray, caption_vectors: np.ndarray
-) -> dict[str, str]:
-    """ASIF relative rows of the collection, stored sparse (CSR)."""
-    space = anchor_set.space()
-    return {
-        "image": writer.write_sparse("image", SparseRelativeIndex(space.relative(image_vectors, "image", params))),
-        "caption": writer.write_sparse("caption", SparseRelativeIndex(space.relative(caption_vectors, "text", params))),
+def _write_asif(
+    writer: StoreWriter, files: dict[str, Any], manifest: dict[str, Any], spaces: AnchorSpaces, params: AsifParams,
+    image_vectors: np.ndarray, caption_vectors: np.ndarray,
+) -> None:
+    """Anchors (copied in, so the index is self-contained), sparse relative rows, and the projected dense route."""
+    files["anchors"] = [
+        {
+            "image": writer.write_array("anchors", f"image-{n}", anchor_set.image_vectors.astype(np.float32)),
+            "text": writer.write_array("anchors", f"text-{n}", anchor_set.text_vectors.astype(np.float32)),
+        }
+        for n, anchor_set in enumerate(spaces.sets)
+    ]
+    image_rows = spaces.relative(image_vectors, "image", params)
+    caption_rows = spaces.relative(caption_vectors, "text", params)
+    files["relative"] = {
+        "image": writer.write_sparse("image", SparseRelativeIndex(image_rows)),
+        "caption": writer.write_sparse("caption", SparseRelativeIndex(caption_rows)),
     }
+    # images projected into the text encoder's space answer raw text queries, and the reverse
+    files["faiss"]["projected/image"] = writer.write_faiss("projected-image", build_vector_index(spaces.project(image_rows, "text")))
+    files["faiss"]["projected/caption"] = writer.write_faiss("projected-caption", build_vector_index(spaces.project(caption_rows, "image")))
+    manifest["anchors"] = [
+        {"name": a.name, "count": len(a), "weight": w, "image_encoder": a.image_encoder, "text_encoder": a.text_encoder}
+        for a, w in zip(spaces.sets, spaces.weights)
+    ]
+    manifest["asif"] = params.to_json()
+    manifest["routes"] = ["asif", "projected"]
 
 
 def build_anchors(
@@ -237,7 +253,8 @@ def build_anchors(
 
     out = Path(out)
     _prepare_target(out)
-    image_model, text_model = load_encoders(EncoderChoice(image=image_encoder, text=text_encoder, checkpoint=str(checkpoint) if checkpoint else None, device=device))
-    anchor_set, errors = build_anchor_set(pairs, image_model, text_model, caption_options, embed, asif or DEFAULT_PARAMS, cache_dir)
-    save_anchor_set(anchor_set, out, errors)
+    with writer_lock(out):
+        image_model, text_model = load_encoders(EncoderChoice(image=image_encoder, text=text_encoder, checkpoint=str(checkpoint) if checkpoint else None, device=device))
+        anchor_set, errors = build_anchor_set(pairs, image_model, text_model, caption_options, embed, asif or DEFAULT_PARAMS, cache_dir)
+        save_anchor_set(anchor_set, out, errors)
     return load_anchor_set(out)

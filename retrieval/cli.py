@@ -74,6 +74,15 @@ def _workers(value: str) -> int | str:
         raise click.BadParameter(f"expected 'auto' or a whole number, got {value!r}", param_hint="--workers") from None
 
 
+def _weights(value: str | None) -> list[float] | None:
+    if not value:
+        return None
+    try:
+        return [float(w) for w in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}", param_hint="--anchor-weights") from None
+
+
 def _int_list(value: str, option: str) -> list[int]:
     try:
         numbers = [int(x) for x in value.split(",") if x.strip()]
@@ -155,14 +164,16 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 @click.option("--encoder", default=None, help="Contrastive encoder spec: open_clip:MODEL/PRETRAINED, or open_clip:MODEL with --checkpoint.")
 @click.option("--image-encoder", default=None, help=IMAGE_ENCODER_HELP)
 @click.option("--text-encoder", default=None, help=TEXT_ENCODER_HELP)
-@click.option("--anchors", default=None, help="With unimodal encoders: an anchor directory from build-anchors, or builtin:imagenet.")
+@click.option("--anchors", multiple=True, help="With unimodal encoders: an anchor directory from build-anchors, or builtin:imagenet. Repeat to fuse several sets.")
+@click.option("--anchor-weights", default=None, help="Comma-separated weight per anchor set when fusing, e.g. 1,0.5.")
 @click.option("--k", type=int, default=None, help="ASIF top-k (default: the anchor set's).")
 @click.option("--p", type=float, default=None, help="ASIF exponent (default: the anchor set's).")
 @caption_options
 @embed_options
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 def build_index_command(images: Sequence[str], captions: Sequence[str], index_path: str, encoder: str | None,
-                        image_encoder: str | None, text_encoder: str | None, anchors: str | None, k: int | None, p: float | None,
+                        image_encoder: str | None, text_encoder: str | None, anchors: Sequence[str], anchor_weights: str | None,
+                        k: int | None, p: float | None,
                         caption_column: str, image_column: str, caption_template: str | None, encoding: str,
                         checkpoint: str | None, device: str, batch_size: int, workers: str, quiet: bool, as_json: bool) -> None:
     """Embed images and captions and write a searchable index directory.
@@ -176,7 +187,7 @@ def build_index_command(images: Sequence[str], captions: Sequence[str], index_pa
     _setup_logging(quiet)
     choice = run_api(lambda: EncoderChoice(clip=encoder, image=image_encoder, text=text_encoder, checkpoint=checkpoint, device=device))
     index = run_api(lambda: build_index(
-        images, captions, index_path, choice, anchors=anchors, asif=_asif(k, p),
+        images, captions, index_path, choice, anchors=list(anchors) or None, anchor_weights=_weights(anchor_weights), asif=_asif(k, p),
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
         embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet),
     ))
@@ -212,11 +223,12 @@ def _open(index_path: str, device: str = "auto") -> Any:
 @click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, help="Index directory.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--route", type=click.Choice(["clip", "asif", "projected"]), default=None, help="Cross-modal route (default: the index's first; see info).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit: rank, score, id, uri, width, height.")
-def text_to_image_command(query: str, index_path: str, k: int, device: str, as_json: bool) -> None:
+def text_to_image_command(query: str, index_path: str, k: int, device: str, route: str | None, as_json: bool) -> None:
     """Find the images that best match QUERY."""
     index = _open(index_path, device)
-    hits = run_api(lambda: index.text_to_image(query, k=k))
+    hits = run_api(lambda: index.text_to_image(query, k=k, route=route))
     _print_hits(hits, as_json, lambda hit: hit.uri)
 
 
@@ -225,11 +237,12 @@ def text_to_image_command(query: str, index_path: str, k: int, device: str, as_j
 @click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, help="Index directory.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--route", type=click.Choice(["clip", "asif", "projected"]), default=None, help="Cross-modal route (default: the index's first; see info).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit: rank, score, id, caption, source, image_uri.")
-def image_to_caption_command(image: str, index_path: str, k: int, device: str, as_json: bool) -> None:
+def image_to_caption_command(image: str, index_path: str, k: int, device: str, route: str | None, as_json: bool) -> None:
     """Find the captions that best describe IMAGE."""
     index = _open(index_path, device)
-    hits = run_api(lambda: index.image_to_caption(image, k=k))
+    hits = run_api(lambda: index.image_to_caption(image, k=k, route=route))
     _print_hits(hits, as_json, lambda hit: hit.caption)
 
 
@@ -249,7 +262,9 @@ def info_command(index_path: str, as_json: bool) -> None:
     click.echo(f"items      {info['counts']['image']} images, {info['counts']['caption']} captions, {info['errors']} skipped")
     click.echo(f"search     {info['index']['type']} ({'exact' if info['index'].get('exact') else 'approximate'} inner product)")
     if "anchors" in info:
-        click.echo(f"anchors    {info['anchors']['name']} ({info['anchors']['count']} pairs), ASIF k={info['asif']['k']} p={info['asif']['p']:g}")
+        sets = ", ".join(f"{a['name']} ({a['count']} pairs, weight {a['weight']:g})" for a in info["anchors"])
+        click.echo(f"anchors    {sets}; ASIF k={info['asif']['k']} p={info['asif']['p']:g}")
+    click.echo(f"routes     {', '.join(info['routes'])}")
     build = info["build"]
     speed = f", {build['images_per_second']} images/s" if build.get("images_per_second") else ""
     click.echo(f"build      {build['seconds']:.1f} s on {build['device']}{speed}")
@@ -263,7 +278,8 @@ def _format_eval_row(row: dict[str, Any]) -> str:
     cells = []
     for task in ("text_to_image", "image_to_caption"):
         values = row[task]
-        cells += [f"{values['R@1']:>7.3f}", f"{values['R@5']:>7.3f}", f"{values['R@10']:>7.3f}", f"{values['median_rank']:>6.1f}"]
+        first = 8 if task == "text_to_image" else 9
+        cells += [f"{values['R@1']:>{first}.3f}", f"{values['R@5']:>7.3f}", f"{values['R@10']:>7.3f}", f"{values['median_rank']:>6.1f}"]
     return f"{label:<34}" + "".join(cells) + f"{row['scored']['text_queries']:>7}{row['scored']['image_queries']:>7}"
 
 
@@ -275,7 +291,7 @@ def _print_eval(report: dict[str, Any]) -> None:
     if report["task"] == "zero-shot":
         click.echo(f"{'route':<34}{'top-1':>8}{'top-5':>8}{'images':>8}")
     else:
-        click.echo(f"{'route':<34}{'t2i R@1':>7}{'R@5':>7}{'R@10':>7}{'medR':>6}{'i2c R@1':>7}{'R@5':>7}{'R@10':>7}{'medR':>6}{'texts':>7}{'images':>7}")
+        click.echo(f"{'route':<34}{'t2i R@1':>8}{'R@5':>7}{'R@10':>7}{'medR':>6}{'i2c R@1':>9}{'R@5':>7}{'R@10':>7}{'medR':>6}{'texts':>7}{'images':>7}")
     for row in report["rows"]:
         click.echo(_format_eval_row(row))
     if report["chosen"]:
@@ -313,26 +329,29 @@ def eval_command(data: str, encoder: str | None, image_encoder: str | None, text
                  sweep_values: Sequence[str], center: str, refine: str, split: bool, limit: int | None, cache_dir: str | None,
                  caption_column: str, image_column: str, caption_template: str | None, encoding: str,
                  checkpoint: str | None, device: str, batch_size: int, workers: str, quiet: bool, as_json: bool) -> None:
-    """Measure quality on DATA: a pairs file (text -> image and image -> caption recall@1/5/10, median rank)
-    or a labelled folder root/<label>/* with --caption-template (zero-shot top-1/top-5 and per-class accuracy).
+    """Measure quality on DATA: a pairs file (text -> image and image -> caption recall@1/5/10, median rank),
+    a labelled folder root/<label>/* with --caption-template (zero-shot top-1/top-5 and per-class accuracy),
+    or an index directory built from a pairs file (its own pairs, every route it answers by).
 
     Embeddings are cached by (encoder fingerprint, content hash): reruns with other settings encode nothing.
     """
     from .config import CaptionOptions, EncoderChoice
     from .embed import EmbedOptions
-    from .eval_data import run_eval
+    from .eval_data import evaluate_index, run_eval
+    from .store import directory_exists
 
     _setup_logging(quiet)
+    if directory_exists(data) and (Path(data) / "items").is_dir():  # an existing index: its own pairs, every route
+        report = run_api(lambda: evaluate_index(data))
+        echo_json(report) if as_json else _print_eval(report)
+        return
     choice = run_api(lambda: EncoderChoice(clip=encoder, image=image_encoder, text=text_encoder, checkpoint=checkpoint, device=device))
     chosen_routes = list(routes) or None
     if chosen_routes and "all" in chosen_routes:
         chosen_routes = ["clip"] if choice.is_contrastive else ["asif", "projected", "linear"]
     if align:
         chosen_routes = list(dict.fromkeys((chosen_routes or (["clip"] if choice.is_contrastive else ["asif"])) + [align]))
-    try:
-        weights = [float(w) for w in anchor_weights.split(",")] if anchor_weights else None
-    except ValueError:
-        raise click.BadParameter(f"expected numbers separated by commas, got {anchor_weights!r}", param_hint="--anchor-weights") from None
+    weights = _weights(anchor_weights)
     report = run_api(lambda: run_eval(
         data, choice, anchors=anchors, routes=chosen_routes, params=_asif(k, p), sweep_values=sweep_values,
         anchor_weights=weights, split=split, center=center, refine=_int_list(refine, "--refine"), limit=limit, cache_dir=cache_dir,

@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from .anchors import AnchorSet, AnchorSpaces
 from .collection import load_image, normalize_image
 from .errors import IndexFormatError, InputError
 from .hits import CaptionHit, ImageHit
 from .provenance import check_same_encoder
-from .relative import AnchorSpace, AsifParams, SparseRelativeIndex
+from .relative import AsifParams, SparseRelativeIndex
 from .store import StoreReader
 from .vector_index import search as vector_search
 
@@ -40,12 +41,25 @@ class Index:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def text_to_image(self, text: str, k: int = 10) -> list[ImageHit]:
-        """The ``k`` images that best match ``text``."""
+    @property
+    def routes(self) -> list[str]:
+        """Cross-modal routes this index answers by: ``clip``, or ``asif`` (default) and ``projected``."""
+        return self.manifest.get("routes") or (["clip"] if self.mode == "clip" else ["asif"])
+
+    def _route(self, route: str | None) -> str:
+        if route is None:
+            return self.routes[0]
+        if route not in self.routes:
+            raise InputError(f"{self.path}: route {route!r} not available; this index answers by {', '.join(self.routes)}")
+        return route
+
+    def text_to_image(self, text: str, k: int = 10, route: str | None = None) -> list[ImageHit]:
+        """The ``k`` images that best match ``text`` (``route``: see :attr:`routes`)."""
         _check_query(text, k)
         self._require("image")
+        route = self._route(route)
         query = self.text_encoder.encode_texts([text])
-        scores, positions = self._search("image", query, "text", k)
+        scores, positions = self._search("image", query, "text", k, route)
         table = self._items["image"]
         return [
             ImageHit(
@@ -59,14 +73,15 @@ class Index:
             for rank, (score, pos) in enumerate(zip(scores, positions))
         ]
 
-    def image_to_caption(self, image: ImageQuery, k: int = 5) -> list[CaptionHit]:
+    def image_to_caption(self, image: ImageQuery, k: int = 5, route: str | None = None) -> list[CaptionHit]:
         """The ``k`` captions that best describe ``image`` (a path or a PIL image)."""
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
         self._require("caption")
+        route = self._route(route)
         picture = normalize_image(image) if hasattr(image, "convert") else load_image(image).image
         query = self.image_encoder.encode_images([picture])
-        scores, positions = self._search("caption", query, "image", k)
+        scores, positions = self._search("caption", query, "image", k, route)
         table = self._items["caption"]
         return [
             CaptionHit(
@@ -80,16 +95,21 @@ class Index:
             for rank, (score, pos) in enumerate(zip(scores, positions))
         ]
 
-    def _search(self, kind: str, query: np.ndarray, query_modality: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, kind: str, query: np.ndarray, query_modality: str, k: int, route: str) -> tuple[np.ndarray, np.ndarray]:
         """Search the ``kind`` collection with one encoded query of the other modality."""
-        scores, positions = self.search_vectors(kind, query, query_modality, k)
+        scores, positions = self.search_vectors(kind, query, query_modality, k, route)
         return scores[0], positions[0]
 
-    def search_vectors(self, kind: str, queries: np.ndarray, query_modality: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(
+        self, kind: str, queries: np.ndarray, query_modality: str, k: int, route: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Search the ``kind`` items with encoded queries (rows) of ``query_modality``; returns (scores, positions)."""
-        if self.mode == "clip":
+        route = self._route(route)
+        if route == "clip":
             return vector_search(self._faiss(kind), queries, k)
-        relative_queries = self._anchor_space.relative(queries, query_modality, self.asif_params)
+        if route == "projected":  # items were projected into the query's encoder space at build time
+            return vector_search(self._faiss_indexes[f"projected/{kind}"], queries, k)
+        relative_queries = self._anchor_spaces.relative(queries, query_modality, self.asif_params)
         return self._relative(kind).search(relative_queries, k)
 
     def search_collection(self, source_kind: str, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +144,12 @@ class Index:
     @cached_property
     def _faiss_indexes(self) -> dict[str, Any]:
         spaces = self.manifest["spaces"]
-        return {kind: self._store.read_faiss(self._files["faiss"][f"{spaces[kind]}/{kind}"]) for kind in ("image", "caption")}
+        indexes = {kind: self._store.read_faiss(self._files["faiss"][f"{spaces[kind]}/{kind}"]) for kind in ("image", "caption")}
+        for kind in ("image", "caption"):
+            rel = self._files["faiss"].get(f"projected/{kind}")
+            if rel:
+                indexes[f"projected/{kind}"] = self._store.read_faiss(rel)
+        return indexes
 
     def _relative(self, kind: str) -> SparseRelativeIndex:
         return self._relative_indexes[kind]
@@ -134,11 +159,16 @@ class Index:
         return {kind: SparseRelativeIndex.load(self._store.path(rel)) for kind, rel in self._files["relative"].items()}
 
     @cached_property
-    def _anchor_space(self) -> AnchorSpace:
-        files = self._files.get("anchors")
-        if not files:
+    def _anchor_spaces(self) -> AnchorSpaces:
+        stored = self._files.get("anchors")
+        if not stored:
             raise IndexFormatError(f"{self.path}: an ASIF index without anchors; rebuild it")
-        return AnchorSpace(self._store.read_array(files["image"]), self._store.read_array(files["text"]))
+        sets = [
+            AnchorSet(meta["name"], self._store.read_array(files["image"]), self._store.read_array(files["text"]), [],
+                      meta["image_encoder"], meta["text_encoder"])
+            for meta, files in zip(self.manifest["anchors"], stored)
+        ]
+        return AnchorSpaces(sets, [meta["weight"] for meta in self.manifest["anchors"]])
 
     @property
     def asif_params(self) -> AsifParams:
@@ -190,8 +220,9 @@ class Index:
             "build": m["build"],
             "disk_bytes": self._store.disk_bytes(),
         }
+        summary["routes"] = self.routes
         if "anchors" in m:
-            summary["anchors"] = {"name": m["anchors"]["name"], "count": m["anchors"]["count"]}
+            summary["anchors"] = [{"name": a["name"], "count": a["count"], "weight": a["weight"]} for a in m["anchors"]]
             summary["asif"] = m["asif"]
         return summary
 

@@ -123,6 +123,42 @@ def route_configs(
     return configs
 
 
+def evaluate_index(path: str | Path) -> dict[str, Any]:
+    """Recall of an existing index on its own pairs (captions that name an indexed image), for each of its routes.
+
+    Uses the stored vectors, relative rows and projections: nothing is encoded.
+    """
+    from .engine import open_index
+    from .evaluate import Scorer, evaluate_paired
+
+    index = open_index(path)
+    images, captions = index.items("image"), index.items("caption")
+    position = {image_id: pos for pos, image_id in enumerate(images["id"])}
+    keep = [row for row, image_id in enumerate(captions["image_id"]) if image_id in position]
+    if not keep:
+        raise InputError(f"{path}: no caption names an indexed image; evaluation needs captions from a pairs file")
+    owner = np.array([position[captions["image_id"][row]] for row in keep], np.int64)
+    store, files, spaces = index._store, index.manifest["files"], index.manifest["spaces"]
+    image_vectors = store.read_vectors(files["vectors"][f"{spaces['image']}/image"])
+    caption_vectors = store.read_vectors(files["vectors"][f"{spaces['caption']}/caption"])[keep]
+    rows = []
+    for route in index.routes:
+        if route == "clip":
+            scorer = Scorer(image_vectors, caption_vectors, image_vectors, caption_vectors)
+        elif route == "asif":
+            image_rel, caption_rel = index._relative("image").rows, index._relative("caption").rows[keep]
+            scorer = Scorer(image_rel, caption_rel, image_rel, caption_rel)
+        else:
+            projected_images = index._faiss_indexes["projected/image"].reconstruct_n(0, len(image_vectors))
+            projected_captions = index._faiss_indexes["projected/caption"].reconstruct_n(0, len(captions["id"]))[keep]
+            scorer = Scorer(projected_images, caption_vectors, image_vectors, projected_captions)
+        data = PairedData(image_vectors, caption_vectors, owner)
+        rows.append({"route": route, **evaluate_paired(data, scorer)})
+    anchors = [{"name": a["name"], "count": a["count"]} for a in index.manifest.get("anchors", [])]
+    return {"task": "retrieval", "data": str(path), "encoders": {r: e["spec"] for r, e in index.manifest["encoders"].items()},
+            "anchors": anchors, "anchor_weights": None, "split": None, "rows": rows, "chosen": None}
+
+
 def run_eval(
     data: str | Path,
     encoders: EncoderChoice,

@@ -43,7 +43,7 @@ def test_coco_recall_through_asif(tmp_path, imagenet_anchors, anchors):
     info = json.loads(invoke("build-index", "--captions", COCO / "captions.jsonl", "--index", tmp_path / "coco",
                              "--anchors", anchor_arg, "--json", *UNIMODAL))
     assert info["counts"] == {"image": 80, "caption": 400} and info["errors"] == 0
-    assert info["anchors"]["count"] == 1000
+    assert info["anchors"][0]["count"] == 1000
     index = retrieval.open_index(tmp_path / "coco")
     recall = paired_recall(index, ks=(1, 5, 10))
     print(f"\n{anchors}: {json.dumps(recall)}")

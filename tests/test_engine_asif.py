@@ -83,7 +83,7 @@ def test_anchor_directory(anchor_dir):
 def test_asif_index_scores_match_a_numpy_reference(asif_index):
     assert asif_index.mode == "asif" and asif_index.asif_params == AsifParams(k=5, p=2.0)
     store, files = asif_index._store, asif_index.manifest["files"]
-    anchor_images, anchor_texts = store.read_array(files["anchors"]["image"]), store.read_array(files["anchors"]["text"])
+    anchor_images, anchor_texts = store.read_array(files["anchors"][0]["image"]), store.read_array(files["anchors"][0]["text"])
     image_vectors = store.read_vectors(files["vectors"]["image/image"])
     # stored relative rows = numpy ASIF of the stored (float16) vectors
     stored_rows = asif_index._relative("image").rows.toarray()
@@ -95,6 +95,44 @@ def test_asif_index_scores_match_a_numpy_reference(asif_index):
     uris = asif_index.items("image")["uri"]
     np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1], atol=1e-5)
     assert [expected[uris.index(h.uri)] for h in hits] == pytest.approx([h.score for h in hits], abs=1e-5)
+
+
+def test_projected_route_matches_a_numpy_reference(asif_index):
+    """Images projected into text space (ASIF weights x text anchors) answer a raw text query."""
+    assert asif_index.routes == ["asif", "projected"]
+    store, files = asif_index._store, asif_index.manifest["files"]
+    anchor_images, anchor_texts = store.read_array(files["anchors"][0]["image"]), store.read_array(files["anchors"][0]["text"])
+    image_vectors = store.read_vectors(files["vectors"]["image/image"])
+    projected = reference_relative(image_vectors, anchor_images, 5, 2.0) @ anchor_texts
+    projected /= np.linalg.norm(projected, axis=1, keepdims=True)
+    query = asif_index.text_encoder.encode_texts(["a man riding a horse"])[0]
+    expected = projected @ query
+    hits = asif_index.text_to_image("a man riding a horse", k=6, route="projected")
+    np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1], atol=5e-3)
+    with pytest.raises(retrieval.InputError, match="route 'clip' not available"):
+        asif_index.text_to_image("a horse", route="clip")
+
+
+def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
+    from retrieval.anchors import AnchorSpaces
+
+    index = retrieval.build_index(
+        captions=[small_collection / "pairs.jsonl"], index=tmp_path / "fused", encoders=UNIMODAL,
+        anchors=[anchor_dir, "builtin:imagenet"], anchor_weights=[1.0, 0.5], embed=QUIET,
+    )
+    info = index.info()
+    assert [(a["count"], a["weight"]) for a in info["anchors"]] == [(12, 1.0), (1000, 0.5)]
+    assert index._relative("image").n_anchors == 1012
+    sets = [retrieval.load_anchor_set(anchor_dir), None]
+    from retrieval.anchors import builtin_imagenet
+
+    sets[1] = builtin_imagenet(index.image_encoder, index.text_encoder)
+    spaces = AnchorSpaces(sets, [1.0, 0.5])
+    image_vectors = index._store.read_vectors(index.manifest["files"]["vectors"]["image/image"])
+    query = index.text_encoder.encode_texts(["a cake on a table"])
+    expected = (spaces.relative(image_vectors, "image", index.asif_params) @ spaces.relative(query, "text", index.asif_params).T).toarray()[:, 0]
+    hits = index.text_to_image("a cake on a table", k=6)
+    np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1], atol=5e-3)
 
 
 def test_image_to_caption_through_anchors(asif_index, small_collection):
@@ -121,7 +159,7 @@ def test_builtin_imagenet_anchors_find_the_right_photo(tmp_path, imagenet_subset
     for row in rows:
         shutil.copy(row["file"], photos / (row["class_name"].replace(" ", "_") + ".jpg"))
     index = retrieval.build_index(images=[photos], index=tmp_path / "i", encoders=UNIMODAL, anchors="builtin:imagenet", embed=QUIET)
-    assert index.manifest["anchors"]["count"] == 1000
+    assert index.manifest["anchors"][0]["count"] == 1000
     correct = sum(index.text_to_image(f"a photo of a {row['class_name']}", k=1)[0].uri.endswith(row["class_name"].replace(" ", "_") + ".jpg") for row in rows)
     assert correct >= 10, f"only {correct}/12 class queries found their photo"
 
@@ -144,6 +182,9 @@ def test_cli_build_anchors_from_a_labelled_folder_and_query(tmp_path, small_coll
     info = json.loads(result.stdout)
     assert info["mode"] == "asif" and info["asif"]["k"] == 3 and info["counts"]["caption"] == 2
     photo = next((small_collection / "images").glob("0*.jpg"))
-    result = runner.invoke(main, ["image-to-caption", str(photo), "--index", str(tmp_path / "i"), "--json", "-k", "2"])
-    assert result.exit_code == 0, result.output
-    assert len(result.stdout.splitlines()) == 2
+    for route in ("asif", "projected"):
+        result = runner.invoke(main, ["image-to-caption", str(photo), "--index", str(tmp_path / "i"), "--json", "-k", "2", "--route", route])
+        assert result.exit_code == 0, result.output
+        assert len(result.stdout.splitlines()) == 2
+    result = runner.invoke(main, ["image-to-caption", str(photo), "--index", str(tmp_path / "i"), "--route", "clip"])
+    assert result.exit_code == 2 and "not available" in result.output

@@ -90,7 +90,7 @@ def test_failed_rebuild_keeps_the_previous_index(tmp_path, tiny_clip_dir, small_
     def dies(*args, **kwargs):
         raise KeyboardInterrupt("killed half way")
 
-    monkeypatch.setattr(build_module, "_write_relative", dies)
+    monkeypatch.setattr(build_module, "_write_asif", dies)
     monkeypatch.setattr(build_module, "build_vector_index", dies)
     with pytest.raises(KeyboardInterrupt):
         retrieval.build_index(images=[small_collection / "images"], index=tmp_path / "i", encoders=choice, embed=QUIET)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retrieval import EmbedOptions
+from retrieval import EmbedOptions, EncoderChoice
 from retrieval.anchors import AnchorSet
 from retrieval.cli import main
 from retrieval.collection import find_images
@@ -173,3 +173,21 @@ def test_centering_and_refinement_options():
     assert np.all(np.diag(refined) > np.diag(start / np.linalg.norm(start, axis=1, keepdims=True)))
     with pytest.raises(InputError, match="zero-shot"):
         evaluate(PairedData(unit(rng, 3, 4), unit(rng, 3, 4), np.arange(3)), RouteConfig("clip", refine=1), [])
+
+
+def test_eval_of_an_index_agrees_with_eval_of_its_pairs_file(tmp_path, small_collection):
+    import retrieval
+    from retrieval.eval_data import evaluate_index, run_eval
+
+    choice = EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu")
+    retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "i", encoders=choice,
+                          anchors="builtin:imagenet", embed=EmbedOptions(workers=0, progress=False))
+    from_index = evaluate_index(tmp_path / "i")
+    from_pairs = run_eval(small_collection / "pairs.jsonl", choice, anchors=["builtin:imagenet"], routes=["asif", "projected"],
+                          cache_dir=tmp_path / "cache", embed=EmbedOptions(workers=0, progress=False))
+    assert [r["route"] for r in from_index["rows"]] == ["asif", "projected"]
+    for mine, theirs in zip(from_index["rows"], from_pairs["rows"]):
+        for task in ("text_to_image", "image_to_caption"):
+            assert mine[task] == pytest.approx(theirs[task], abs=0.02), (mine["route"], task)  # float16 storage
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "i"), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["rows"][0]["route"] == "asif"
