@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
     EncoderMismatchError,
     ImageDecodeError,
     IndexFormatError,
+    IndexLockedError,
     InputError,
     RetrievalError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "ImageHit",
     "Index",
     "IndexFormatError",
+    "IndexLockedError",
     "InputError",
     "RetrievalError",
     "__version__",

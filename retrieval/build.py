@@ -12,7 +12,7 @@ import numpy as np
 
 from . import __version__
 from .anchors import AnchorSet, AnchorSpaces, build_anchor_set, resolve_anchor_set, save_anchor_set
-from .collection import CaptionRecord, ImageRef, ItemError, find_images, read_caption_file
+from .collection import CaptionRecord, ImageRef, ItemError, discover_images, read_caption_file
 from .config import CaptionOptions, EncoderChoice
 from .embed import EmbeddedImages, EmbedOptions, embed_images
 from .errors import InputError
@@ -42,7 +42,8 @@ def gather_collection(
     """Find images and read caption files; images named by pairs files join the image collection."""
     if not images and not captions:
         raise InputError("nothing to index: give --images PATH and/or --captions FILE")
-    collection = Collection(images=find_images(images) if images else [])
+    found, skipped = discover_images(images) if images else ([], [])
+    collection = Collection(images=found, errors=list(skipped))
     seen = {ref.path for ref in collection.images}
     for path in captions:
         parsed = read_caption_file(path, options.caption_column, options.image_column, options.template, options.encoding)

@@ -180,30 +180,39 @@ def _dedupe(refs: Iterable[ImageRef]) -> list[ImageRef]:
     return out
 
 
-def _resolve_existing(paths: Iterable[Path]) -> Iterator[Path]:
-    """Resolve paths, dropping broken links and other non-files."""
+def _resolve_existing(paths: Iterable[Path], skipped: list[ItemError] | None = None) -> Iterator[Path]:
+    """Resolve paths, dropping broken links and other non-files (recorded in ``skipped`` when given)."""
     for path in paths:
         try:
             resolved = path.resolve()
             is_file = resolved.is_file()
         except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
-            logger.warning("skipping %s: cannot resolve the path (%s)", path, exc)
-            continue
-        if is_file:
-            yield resolved
+            reason = f"cannot resolve the path ({exc})"
         else:
-            logger.warning("skipping %s: not a regular file (broken link?)", path)
+            if is_file:
+                yield resolved
+                continue
+            reason = "not a regular file (broken or looping link?)"
+        logger.warning("skipping %s: %s", path, reason)
+        if skipped is not None:
+            skipped.append(ItemError(path=str(path), reason=reason, kind="image"))
+
+
+def discover_images(paths: Sequence[str | Path]) -> tuple[list[ImageRef], list[ItemError]]:
+    """Like :func:`find_images`, also returning the entries skipped during discovery (broken or looping links)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    refs: list[ImageRef] = []
+    skipped: list[ItemError] = []
+    for arg in paths:
+        found = list(_resolve_existing(_images_for_arg(arg), skipped))
+        refs.extend(ImageRef(path=p, source=str(arg)) for p in found)
+    return _dedupe(refs), skipped
 
 
 def find_images(paths: Sequence[str | Path]) -> list[ImageRef]:
     """Image files from files, folders (recursive) and glob patterns, de-duplicated."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    refs: list[ImageRef] = []
-    for arg in paths:
-        found = list(_resolve_existing(_images_for_arg(arg)))
-        refs.extend(ImageRef(path=p, source=str(arg)) for p in found)
-    return _dedupe(refs)
+    return discover_images(paths)[0]
 
 
 def _label_dirs(root: Path) -> list[Path]:

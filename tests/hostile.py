@@ -36,7 +36,7 @@ class ImageCase:
 
     name: str  # file name under the corpus folder (may hold a lone surrogate: undecodable bytes)
     hostile: str  # what is odd about it
-    outcome: str  # indexed | skipped (row in errors.jsonl) | dropped (at discovery, warning) | deduped
+    outcome: str  # indexed | skipped (row in errors.jsonl) | deduped
     reason: str = ""  # regex the errors.jsonl reason must match, for skipped files
     upright: str | None = None  # name of a file whose decoded pixels this one must reproduce
     tolerance: float = 0.0  # mean absolute pixel difference allowed against ``upright``
@@ -238,9 +238,9 @@ def make_image_corpus(root: Path) -> list[ImageCase]:
     (root / "alias.jpg").symlink_to(root / "dup-a.jpg")
     add("alias.jpg", None, "a symlink to another file of the corpus", "deduped")
     (root / "loop.jpg").symlink_to(root / "loop.jpg")
-    add("loop.jpg", None, "a symlink to itself", "dropped")
+    add("loop.jpg", None, "a symlink to itself", "skipped", r"cannot resolve the path|broken or looping link")
     (root / "dangling.jpg").symlink_to(root / "gone.jpg")
-    add("dangling.jpg", None, "a symlink to nothing", "dropped")
+    add("dangling.jpg", None, "a symlink to nothing", "skipped", r"not a regular file \(broken or looping link\?\)")
     (root / "sub").mkdir()
     (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a directory loop: sub/up/sub/up/...
     write(root / "sub", "nested.png", plain_png)

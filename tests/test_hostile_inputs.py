@@ -1,8 +1,8 @@
 """The hostile-input corpus (tests/hostile.py) through a whole build_index with the tiny CLIP model.
 
 Every file ends as declared in the corpus: indexed correctly (decoded pixels checked against the
-upright photo, not only the embedding), skipped with a precise reason in errors.jsonl, or dropped
-at discovery with a warning. The build itself never fails and never hangs.
+upright photo, not only the embedding), skipped with a precise reason in errors.jsonl (broken and
+looping links too), or de-duplicated. The build itself never fails and never hangs.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def test_every_image_case_ends_as_declared(corpus):
             assert case.name not in positions, f"{case.name!r} ({case.hostile}) should have been skipped"
             assert path in errors, f"{case.name!r} ({case.hostile}) has no row in errors.jsonl"
             assert re.search(case.reason, errors[path]["reason"]), (case.name, errors[path]["reason"])
-        else:  # dropped at discovery (broken links) or deduplicated (a link to a file already indexed)
+        else:  # deduplicated (a link to a file already indexed)
             assert case.name not in positions and path not in errors, case.name
         seen.append(case.outcome)
     # nothing else got in, and nothing indexed twice
