@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -39,7 +40,11 @@ class WriterLock:
         self._acquire()
 
     def _acquire(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
+        try:
+            mode = os.stat(self.root).st_mode
+        except FileNotFoundError:  # one stat, not exists() + is_dir(): another writer may remove the folder in between
+            mode = None
+        if mode is not None and not stat.S_ISDIR(mode):
             raise InputError(f"{self.root}: exists and is not a directory")
         for _ in range(1000):  # retried only while a releasing writer removes the file (or folder) under us
             try:
