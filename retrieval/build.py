@@ -18,6 +18,7 @@ from .embed import EmbeddedImages, EmbedOptions, embed_images
 from .errors import InputError
 from .provenance import encoder_record
 from .relative import AsifParams, SparseRelativeIndex
+from .resume import remove_work
 from .locking import writer_lock
 from .store import MANIFEST_NAME, StoreWriter, is_leftover_name
 from .vector_index import build_vector_index
@@ -154,7 +155,7 @@ def build_index(
         params = asif or (anchor_sets[0].params if anchor_sets else None)
 
         embed_started = time.perf_counter()
-        embedded = embed_images(collection.images, image_encoder, embed)
+        embedded = embed_images(collection.images, image_encoder, embed, work_dir=index)  # resumable: see resume.py
         images_seconds = time.perf_counter() - embed_started
         texts = [record.text for record in collection.captions]
         caption_vectors = text_encoder.encode_texts(texts, progress=embed.progress) if texts else np.zeros((0, text_encoder.dim), np.float32)
@@ -196,13 +197,23 @@ def build_index(
         total = time.perf_counter() - started
         manifest["build"] = {
             "seconds": round(total, 3),
-            "images_per_second": round(len(embedded.rows) / images_seconds, 2) if embedded.rows else None,
+            "images_per_second": _images_per_second(embedded, len(collection.images), images_seconds),
+            "images_resumed": embedded.resumed,
             "device": image_encoder.device,
         }
         manifest["files"] = files
         errors = collection.errors + embedded.errors
         writer.commit(manifest, (error.to_json() for error in errors))
+        remove_work(index)  # the progress shards served their purpose: the index is committed
     return open_index(index, device=encoders.device)
+
+
+def _images_per_second(embedded: EmbeddedImages, total: int, seconds: float) -> float | None:
+    """Embedding speed of this run; a resumed run counts only the images it embedded itself."""
+    if embedded.resumed:
+        fresh = total - embedded.resumed
+        return round(fresh / seconds, 2) if fresh and seconds > 0 else None
+    return round(len(embedded.rows) / seconds, 2) if embedded.rows else None
 
 
 def _write_asif(

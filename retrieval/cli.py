@@ -170,15 +170,19 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 @click.option("--p", type=float, default=None, help="ASIF exponent (default: the anchor set's).")
 @caption_options
 @embed_options
+@click.option("--progress-shard-size", type=click.IntRange(min=0), default=None,
+              help="Images per progress shard (default 4096; 0 = off). A killed build rerun with the same command resumes from the last shard.")
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 def build_index_command(images: Sequence[str], captions: Sequence[str], index_path: str, encoder: str | None,
                         image_encoder: str | None, text_encoder: str | None, anchors: Sequence[str], anchor_weights: str | None,
                         k: int | None, p: float | None,
                         caption_column: str, image_column: str, caption_template: str | None, encoding: str,
-                        checkpoint: str | None, device: str, batch_size: int, workers: str, quiet: bool, as_json: bool) -> None:
+                        checkpoint: str | None, device: str, batch_size: int, workers: str, quiet: bool,
+                        progress_shard_size: int | None, as_json: bool) -> None:
     """Embed images and captions and write a searchable index directory.
 
-    A previous index at the same path stays readable until the new one is complete.
+    A previous index at the same path stays readable until the new one is complete. A build that
+    is killed resumes from its last progress shard when the same command is run again.
     """
     from .build import build_index
     from .config import CaptionOptions, EncoderChoice
@@ -189,7 +193,7 @@ def build_index_command(images: Sequence[str], captions: Sequence[str], index_pa
     index = run_api(lambda: build_index(
         images, captions, index_path, choice, anchors=list(anchors) or None, anchor_weights=_weights(anchor_weights), asif=_asif(k, p),
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet),
+        embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet, progress_shard_size=progress_shard_size),
     ))
     info = index.info()
     if as_json:

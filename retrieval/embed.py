@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -29,12 +30,36 @@ class EmbedOptions:
     batch_size: int = 32
     workers: int | str = "auto"
     progress: bool = True
+    # images per progress shard of a resumable build (see retrieval.resume); None: the
+    # RETRIEVAL_PROGRESS_SHARD_SIZE environment variable, else 4096; 0 turns progress shards off
+    progress_shard_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers != "auto" and (not isinstance(self.workers, int) or self.workers < 0):
             raise InputError(f"--workers must be 'auto' or a whole number >= 0, got {self.workers!r}")
+        if self.progress_shard_size is not None and (
+            not isinstance(self.progress_shard_size, int) or self.progress_shard_size < 0
+        ):
+            raise InputError(f"progress_shard_size must be a whole number >= 0, got {self.progress_shard_size!r}")
+
+    def resolved_progress_shard_size(self) -> int:
+        """Images per progress shard: the option, else the environment variable, else the default."""
+        from .resume import DEFAULT_PROGRESS_SHARD_SIZE, PROGRESS_SHARD_ENV
+
+        if self.progress_shard_size is not None:
+            return self.progress_shard_size
+        text = os.environ.get(PROGRESS_SHARD_ENV, "").strip()
+        if not text:
+            return DEFAULT_PROGRESS_SHARD_SIZE
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise InputError(f"{PROGRESS_SHARD_ENV} must be a whole number >= 0, got {text!r}")
+        return value
 
 
 @dataclass
@@ -54,6 +79,7 @@ class EmbeddedImages:
     rows: list[ImageRow]
     vectors: np.ndarray
     errors: list[ItemError] = field(default_factory=list)
+    resumed: int = 0  # images (embedded or skipped) taken from the progress shards of an earlier run
 
 
 def resolve_workers(workers: int | str, n_items: int) -> int:
@@ -67,6 +93,8 @@ def resolve_workers(workers: int | str, n_items: int) -> int:
 
 class _ImageDataset:
     """Map-style dataset: index -> (index, pixels or None, width, height, sha256, error reason)."""
+
+    draft_size: tuple[int, int] | None = None  # images are decoded in full (part of a resumable job's key)
 
     def __init__(self, refs: Sequence[ImageRef], transform: Callable[[Any], Any]) -> None:
         self.paths = [ref.path for ref in refs]
@@ -93,39 +121,128 @@ def _collate(samples: list[tuple[int, Any, int, int, str, str | None]]) -> dict[
 
     good = [s for s in samples if s[1] is not None]
     return {
+        "positions": [s[0] for s in samples],
         "pixels": torch.stack([s[1] for s in good]) if good else None,
         "ok": [(s[0], s[2], s[3], s[4]) for s in good],
         "failed": [(s[0], s[5]) for s in samples if s[1] is None],
     }
 
 
-def embed_images(refs: Sequence[ImageRef], encoder: Any, options: EmbedOptions = EmbedOptions()) -> EmbeddedImages:
-    """Embed ``refs`` with ``encoder`` (an ``ImageEncoder``), skipping and reporting unreadable files."""
+def _batches(todo: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Position batches: each run of consecutive positions cut into ``batch_size`` pieces from its start.
+
+    Runs start at 0 or at the end of a progress shard, which is always a batch boundary,
+    so a resumed build forms exactly the batches an uninterrupted one would.
+    """
+    batches: list[list[int]] = []
+    if not len(todo):
+        return batches
+    breaks = np.flatnonzero(np.diff(todo) != 1) + 1
+    for run in np.split(todo, breaks):
+        for start in range(0, len(run), batch_size):
+            batches.append(run[start : start + batch_size].tolist())
+    return batches
+
+
+def embed_images(
+    refs: Sequence[ImageRef], encoder: Any, options: EmbedOptions = EmbedOptions(), work_dir: str | Path | None = None
+) -> EmbeddedImages:
+    """Embed ``refs`` with ``encoder`` (an ``ImageEncoder``), skipping and reporting unreadable files.
+
+    With ``work_dir`` (an index directory, under its writer lock) the build is resumable:
+    every ``options.progress_shard_size`` images go to a progress shard under
+    ``work_dir/.work/<job key>/`` (written by a background thread), and the shards of an
+    earlier, interrupted run of the same job are loaded instead of embedded again.
+    See :mod:`retrieval.resume`.
+    """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from .resume import Shard, WorkFolder, job_key
+
+    n = len(refs)
+    dim = int(encoder.dim)
     dataset = _ImageDataset(refs, encoder.image_transform())
-    workers = resolve_workers(options.workers, len(refs))
+    vectors = np.zeros((n, dim), np.float32)
+    done = np.zeros(n, bool)
+    ok_meta: dict[int, tuple[int, int, str]] = {}
+    failures: dict[int, str] = {}
+
+    shard_size = options.resolved_progress_shard_size() if work_dir is not None else 0
+    work: WorkFolder | None = None
+    if shard_size and n >= shard_size:
+        key = job_key(dataset.paths, encoder, options.batch_size, dataset.transform, dataset.draft_size)
+        work = WorkFolder(work_dir, key, n, dim)
+        for shard in work.load():
+            for row, (position, width, height, sha) in enumerate(shard.ok):
+                vectors[position] = shard.vectors[row]
+                ok_meta[position] = (width, height, sha)
+            failures.update(shard.failed)
+            done[shard.start : shard.stop] = True
+    resumed = int(done.sum())
+    if resumed and options.progress:
+        print(f"resuming: {resumed:,} of {n:,} images already embedded", file=sys.stderr, flush=True)
+
+    todo = np.flatnonzero(~done)
+    workers = resolve_workers(options.workers, len(todo))
     loader = DataLoader(
         dataset,
-        batch_size=options.batch_size,
-        shuffle=False,
+        batch_sampler=_batches(todo, options.batch_size),
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=encoder.device == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    rows: list[ImageRow] = []
-    chunks: list[np.ndarray] = []
-    errors: list[ItemError] = []
-    with tqdm(total=len(refs), desc="images", unit="img", file=sys.stderr, delay=1.0, disable=not options.progress) as bar:
-        for batch in loader:
+    pending: Shard | None = None
+    bar = tqdm(total=n, initial=resumed, desc="images", unit="img", file=sys.stderr, delay=1.0,
+               disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
+    try:
+        batches = iter(loader) if len(todo) else iter(())
+        if work is not None and len(todo):
+            work.start()  # after the DataLoader forked its workers: no thread is copied into them
+        for batch in batches:
+            positions = batch["positions"]
+            if work is not None and pending is not None and positions[0] != pending.stop:
+                _seal(pending, vectors)
+                work.submit(pending)  # a gap left by a damaged shard is filled: close the run
+                pending = None
             if batch["pixels"] is not None:
-                chunks.append(encoder.encode_image_tensors(batch["pixels"]))
-                rows.extend(ImageRow(refs[i], w, h, sha) for i, w, h, sha in batch["ok"])
+                encoded = encoder.encode_image_tensors(batch["pixels"])
+                good = [position for position, _, _, _ in batch["ok"]]
+                vectors[good] = encoded
+                for position, width, height, sha in batch["ok"]:
+                    ok_meta[position] = (int(width), int(height), sha)
             for position, reason in batch["failed"]:
                 log.warning("skipped %s: %s", refs[position].path, reason)
-                errors.append(ItemError(path=str(refs[position].path), reason=reason, kind="image"))
-            bar.update(len(batch["ok"]) + len(batch["failed"]))
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
-    return EmbeddedImages(rows=rows, vectors=vectors.astype(np.float32, copy=False), errors=errors)
+                failures[position] = reason
+            done[positions] = True
+            bar.update(len(positions))
+            if work is not None:
+                if pending is None:
+                    pending = Shard(start=positions[0], stop=positions[0])
+                pending.stop = positions[-1] + 1
+                pending.ok.extend((p, *ok_meta[p]) for p, _, _, _ in batch["ok"])
+                pending.failed.extend(batch["failed"])
+                if pending.stop - pending.start >= shard_size:
+                    _seal(pending, vectors)
+                    work.submit(pending)
+                    pending = None
+        if work is not None:
+            work.close()  # the last, partial run is not written: the commit follows at once
+    except BaseException:
+        if work is not None:
+            work.abort()
+        raise
+    finally:
+        bar.close()
+
+    rows = [ImageRow(refs[p], *ok_meta[p]) for p in sorted(ok_meta)]
+    errors = [ItemError(path=str(refs[p].path), reason=failures[p], kind="image") for p in sorted(failures)]
+    keep = np.fromiter(sorted(ok_meta), dtype=np.int64, count=len(ok_meta))
+    matrix = vectors[keep] if len(keep) != n else vectors
+    return EmbeddedImages(rows=rows, vectors=matrix, errors=errors, resumed=resumed)
+
+
+def _seal(shard: Any, vectors: np.ndarray) -> None:
+    """Give a shard its own copy of its vectors (the writer thread reads them later)."""
+    shard.vectors = vectors[[row[0] for row in shard.ok]].copy() if shard.ok else np.zeros((0, vectors.shape[1]), np.float32)

@@ -61,6 +61,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
 LOCK_NAME = ".lock"
+WORK_NAME = ".work"  # progress shards of a build in progress (retrieval.resume); never in a manifest
 SHARD_ROWS = 65_536
 MAX_MANIFEST_BYTES = 64 << 20
 _DATA_DIRS = ("items", "vectors", "faiss", "relative", "anchors")
@@ -95,8 +96,12 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
 
 
 def is_leftover_name(name: str) -> bool:
-    """True for an entry a killed or finished build may leave at the top of an index directory."""
-    return name in _DATA_DIRS or name in (ERRORS_NAME, LOCK_NAME) or bool(_ROOT_TEMP.match(name))
+    """True for an entry a killed or finished build may leave at the top of an index directory.
+
+    ``.work`` holds the progress shards of a resumable build (:mod:`retrieval.resume`);
+    readers never look at it and :func:`remove_stale_files` leaves it alone.
+    """
+    return name in _DATA_DIRS or name in (ERRORS_NAME, LOCK_NAME, WORK_NAME) or bool(_ROOT_TEMP.match(name))
 
 
 class StoreWriter:
