@@ -94,11 +94,10 @@ def resolve_workers(workers: int | str, n_items: int) -> int:
 class _ImageDataset:
     """Map-style dataset: index -> (index, pixels or None, width, height, sha256, error reason)."""
 
-    draft_size: tuple[int, int] | None = None  # images are decoded in full (part of a resumable job's key)
-
-    def __init__(self, refs: Sequence[ImageRef], transform: Callable[[Any], Any]) -> None:
+    def __init__(self, refs: Sequence[ImageRef], transform: Callable[[Any], Any], draft_size: tuple[int, int] | None = None) -> None:
         self.paths = [ref.path for ref in refs]
         self.transform = transform
+        self.draft_size = draft_size  # large JPEGs decode at reduced scale, never below this (part of a job's key)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -106,7 +105,7 @@ class _ImageDataset:
     def __getitem__(self, position: int) -> tuple[int, Any, int, int, str, str | None]:
         path = self.paths[position]
         try:
-            loaded = load_image(path)
+            loaded = load_image(path, draft_size=self.draft_size)
         except ImageDecodeError as e:
             return position, None, 0, 0, "", e.reason
         try:
@@ -162,7 +161,7 @@ def embed_images(
 
     n = len(refs)
     dim = int(encoder.dim)
-    dataset = _ImageDataset(refs, encoder.image_transform())
+    dataset = _ImageDataset(refs, encoder.image_transform(), getattr(encoder, "draft_size", None))
     vectors = np.zeros((n, dim), np.float32)
     done = np.zeros(n, bool)
     ok_meta: dict[int, tuple[int, int, str]] = {}

@@ -38,7 +38,24 @@ class ImageEncoder(ABC):
 
     @abstractmethod
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """Picklable callable: RGB PIL image -> CHW float32 tensor ready for ``encode_image_tensors``."""
+        """Picklable callable: RGB PIL image -> CHW float32 tensor ready for ``encode_image_tensors``.
+
+        Backends return their fastest equivalent of :meth:`reference_transform` (see
+        ``retrieval.preprocess``); it accepts an image decoded with ``load_image(path,
+        draft_size=self.draft_size)``.
+        """
+
+    def reference_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The model's own (torchvision) preprocessing that :meth:`image_transform` reproduces;
+        picklable. For tests and benchmarks: slower, same tensors up to resampling rounding."""
+        return self.image_transform()
+
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        """(width, height) an upright image must keep when decoded at reduced scale so that
+        :meth:`image_transform` gives the same quality, for ``load_image(draft_size=...)``; None
+        means decode in full."""
+        return None
 
     @abstractmethod
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import EncoderError
+from ..preprocess import efficientnet_transform
 from .base import (
     ImageEncoder,
     check_pixels,
@@ -50,7 +51,10 @@ def bundled_weights_path() -> Path:
 
 
 def build_transform() -> Callable[[Image.Image], torch.Tensor]:
-    """Resize(256, bicubic) -> CenterCrop(224) -> ToTensor -> Normalize(0.5, 0.5); picklable."""
+    """Resize(256, bicubic) -> CenterCrop(224) -> ToTensor -> Normalize(0.5, 0.5); picklable.
+
+    The reference transform; ``image_transform()`` returns its fast equivalent
+    (``retrieval.preprocess.efficientnet_transform``)."""
     from torchvision import transforms as T
 
     return T.Compose(
@@ -115,7 +119,14 @@ class EfficientNetLiteEncoder(ImageEncoder):
         return self._fingerprint
 
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return efficientnet_transform()
+
+    def reference_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         return build_transform()
+
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        return efficientnet_transform().draft_size
 
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         check_pixels(pixels)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import EncoderError
+from ..preprocess import FastImageTransform, open_clip_transform
 from ._hub import cached_hub_file, hub_unreachable_reason
 from .base import (
     ImageEncoder,
@@ -54,6 +55,8 @@ FETCH_FIX = (
 
 __all__ = ["PREFIX", "OpenClipEncoder"]
 
+_UNSET = object()
+
 
 class OpenClipEncoder(ImageEncoder, TextEncoder):
     """An open_clip model used as both image and text encoder (see module docstring for specs)."""
@@ -70,6 +73,7 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self._fingerprint: str | None = None
+        self._fast: FastImageTransform | None | object = _UNSET
         self.spec = spec
         self.device = device
         self.dim = _embed_dim(model, tokenizer)
@@ -114,7 +118,22 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
         return self._fingerprint
 
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The fast equivalent of the model's preprocess (its own where none exists)."""
+        fast = self._fast_transform()
+        return fast if fast is not None else self._preprocess
+
+    def reference_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         return self._preprocess
+
+    @property
+    def draft_size(self) -> tuple[int, int] | None:
+        fast = self._fast_transform()
+        return fast.draft_size if fast is not None else None
+
+    def _fast_transform(self) -> FastImageTransform | None:
+        if self._fast is _UNSET:
+            self._fast = _fast_preprocess(self._model)
+        return self._fast  # type: ignore[return-value]
 
     @property
     def logit_scale(self) -> float:
@@ -332,6 +351,21 @@ def _unknown_tag_message(model: str, tag: str, tags: list[str]) -> str:
 def _few(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _fast_preprocess(model: Any) -> FastImageTransform | None:
+    """Fast transform from the model's open_clip preprocess config (size, resize mode,
+    interpolation, mean, std), or None where the config has no exact fast equivalent."""
+    import open_clip
+
+    try:
+        cfg = open_clip.get_model_preprocess_cfg(model)
+    except Exception:  # an old or unusual model object: keep open_clip's own preprocess
+        return None
+    fast = open_clip_transform(cfg) if cfg else None
+    if fast is None:
+        log.info("no fast preprocessing for open_clip config %s; using open_clip's transform", cfg)
+    return fast
 
 
 def _embed_dim(model: Any, tokenizer: Callable) -> int:
