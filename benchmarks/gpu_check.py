@@ -51,9 +51,40 @@ def model_alone(encoder, batch: int = 256, rounds: int = 20) -> float:
     return batch * rounds / (time.perf_counter() - start)
 
 
+def end_to_end(encoder, coco: Path, work: Path, copies: int) -> dict:
+    """Images/s of the whole embedding stage over copies of the COCO photos, and of decoding alone."""
+    import shutil
+
+    from torch.utils.data import DataLoader
+
+    from retrieval.collection import find_images
+    from retrieval.embed import EmbedOptions, _collate, _ImageDataset, embed_images, resolve_workers
+
+    folder = work / "photos"
+    folder.mkdir()
+    for n in range(copies):
+        for photo in sorted((coco / "images").glob("*.jpg")):
+            shutil.copy(photo, folder / f"{n:03d}-{photo.name}")
+    refs = find_images([folder])
+    options = EmbedOptions(batch_size=256, workers="auto", progress=False)
+    embed_images(refs[:512], encoder, options)  # warm-up: workers, CUDA kernels
+    start = time.perf_counter()
+    embed_images(refs, encoder, options)
+    pipeline = len(refs) / (time.perf_counter() - start)
+    workers = resolve_workers("auto", len(refs))
+    loader = DataLoader(_ImageDataset(refs, encoder.image_transform(), encoder.draft_size), batch_size=256, num_workers=workers, collate_fn=_collate)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    decode = len(refs) / (time.perf_counter() - start)
+    return {"images": len(refs), "workers": workers, "pipeline_images_per_second": round(pipeline, 1),
+            "decode_preprocess_only_images_per_second": round(decode, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("coco", type=Path)
+    parser.add_argument("--copies", type=int, default=20, help="copies of the 80 COCO photos for the throughput run")
     args = parser.parse_args()
     import torch
 
@@ -86,6 +117,7 @@ def main() -> None:
     report["gpu_index_opens_on_cpu"] = len(reopened.image_to_caption(next((args.coco / "images").glob("*.jpg")), 3)) == 3
     if torch.cuda.is_available():
         report["model_alone_images_per_second"] = round(model_alone(gpu.image_encoder), 1)
+    report["throughput"] = end_to_end(gpu.image_encoder, args.coco, work, copies=args.copies)
     print(json.dumps(report, indent=1))
 
 

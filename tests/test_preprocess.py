@@ -341,3 +341,22 @@ def test_drafted_crop_region_matches_full_decode_for_every_orientation(tmp_path,
     assert good < naive
     if orientation in (2, 3, 4, 6, 7, 8):  # a mirrored axis: the offset matters
         assert good < unshifted
+
+
+def test_efficientnet_fast_cpu_inference_keeps_embeddings():
+    """channels-last + bfloat16 autocast (where native) against plain float32 on real photos."""
+    import torch
+
+    encoder = load_image_encoder("efficientnet-lite0", device="cpu")
+    photos = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample").glob("*.JPEG"))[:12]
+    if not photos:
+        pytest.skip("real photos not available")
+    transform = encoder.reference_transform()
+    pixels = torch.stack([transform(load_image(p).image) for p in photos])
+    fast = encoder.encode_image_tensors(pixels)
+    with torch.inference_mode():
+        model = encoder._model.to(memory_format=torch.contiguous_format)
+        plain = model.extract_features(pixels).mean(dim=(2, 3)).numpy()
+        encoder._model.to(memory_format=torch.channels_last)
+    plain /= np.linalg.norm(plain, axis=1, keepdims=True)
+    assert float(np.sum(fast * plain, axis=1).min()) >= 0.99

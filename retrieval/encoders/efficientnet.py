@@ -74,10 +74,16 @@ class EfficientNetLiteEncoder(ImageEncoder):
     dim = DIM
 
     def __init__(self, model: Any, spec: str, device: str) -> None:
+        import torch
+
         self._model = model
         self._fingerprint: str | None = None
         self.spec = spec
         self.device = device
+        # Measured by benchmarks/cpu_inference.py on the 2-core CPU: channels-last 2.1x, plus bfloat16
+        # autocast 4.1x over float32, cosine >= 0.9996. bfloat16 only where the CPU computes it natively.
+        self._model.to(memory_format=torch.channels_last)
+        self._cpu_bfloat16 = device == "cpu" and _native_cpu_bfloat16()
 
     @classmethod
     def load(
@@ -130,10 +136,11 @@ class EfficientNetLiteEncoder(ImageEncoder):
 
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         check_pixels(pixels)
-        with inference_context(self.device):
-            fmap = self._model.extract_features(
-                pixels.to(self.device, non_blocking=True)
-            )
+        import torch
+
+        pixels = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with inference_context(self.device), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._cpu_bfloat16):
+            fmap = self._model.extract_features(pixels)
             pooled = fmap.float().mean(dim=(2, 3))
         return to_unit_numpy(pooled)
 
@@ -156,3 +163,13 @@ class EfficientNetLiteEncoder(ImageEncoder):
         with inference_context(self.device):
             logits = self._model(pixels.to(self.device, non_blocking=True))
         return np.asarray(logits.float().cpu().numpy(), dtype=np.float32)
+
+
+def _native_cpu_bfloat16() -> bool:
+    """True when this CPU has native bfloat16 matrix instructions (else autocast would be slower)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -1,0 +1,133 @@
+"""Embedding throughput on CPU: our pipeline against a naive loop, and our text path against SentenceTransformer.encode.
+
+Images: real photos from ../shared/data (COCO + ImageNet sample), for EfficientNet-Lite0 and a
+CLIP-sized image tower (ViT-B/32 architecture, random weights). The naive loop opens each
+image, converts it, applies the encoder's own reference transform and runs the model one image
+at a time. Ours: retrieval.embed.embed_images (DataLoader workers, batches, fast preprocessing).
+Both produce embeddings that are compared (cosine). Every ratio is measured in the same run;
+each timing is the median of --repeats runs.
+
+    python benchmarks/throughput.py [--images 320] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def median_time(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def plain_forward(encoder):
+    """The model as a user would call it: float32, default memory format, no autocast."""
+    import torch
+
+    model = encoder._model
+    if hasattr(model, "encode_image"):
+        return lambda x: model.encode_image(x)
+    return lambda x: model.to(memory_format=torch.contiguous_format).extract_features(x).mean(dim=(2, 3))
+
+
+def naive_loop(paths, encoder) -> np.ndarray:
+    """Open, convert, the encoder's reference transform, one image at a time through the plain model."""
+    import torch
+    from PIL import Image
+
+    transform = encoder.reference_transform()
+    forward = plain_forward(encoder)
+    rows = []
+    for path in paths:
+        with Image.open(path) as img:
+            pixels = transform(img.convert("RGB")).unsqueeze(0)
+        with torch.no_grad():
+            rows.append(forward(pixels)[0].float().numpy())
+    rows = np.stack(rows)
+    if hasattr(encoder._model, "extract_features"):  # restore the encoder's own (channels-last) layout
+        encoder._model.to(memory_format=torch.channels_last)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def pipeline(refs, encoder, batch_size: int) -> np.ndarray:
+    from retrieval.embed import EmbedOptions, embed_images
+
+    return embed_images(refs, encoder, EmbedOptions(batch_size=batch_size, workers="auto", progress=False)).vectors
+
+
+def random_vit_b32(folder: Path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_check import save_random_vit_b32
+
+    from retrieval.encoders.registry import load_clip_encoder
+
+    return load_clip_encoder("open_clip:ViT-B-32", checkpoint=save_random_vit_b32(folder), device="cpu")
+
+
+def image_rows(n: int, repeats: int, batch_size: int) -> list[dict]:
+    from retrieval.collection import find_images
+    from retrieval.encoders.registry import load_image_encoder
+
+    refs = (find_images([DATA / "coco-train-mini" / "images"]) + find_images([DATA / "imagenet-sample"]))[: n]
+    paths = [ref.path for ref in refs]
+    encoders = {"efficientnet-lite0": load_image_encoder("efficientnet-lite0", device="cpu"),
+                "ViT-B/32 (random weights)": random_vit_b32(Path(tempfile.mkdtemp()) / "vit")}
+    rows = []
+    for name, encoder in encoders.items():
+        naive_s, naive = median_time(lambda: naive_loop(paths, encoder), repeats)
+        ours_s, ours = median_time(lambda: pipeline(refs, encoder, batch_size), repeats)
+        cosine = np.sum(naive * ours, axis=1)
+        rows.append({"encoder": name, "images": len(paths), "naive_img_s": round(len(paths) / naive_s, 2),
+                     "ours_img_s": round(len(paths) / ours_s, 2), "ratio": round(naive_s / ours_s, 2),
+                     "cosine_min": round(float(cosine.min()), 4), "cosine_median": round(float(np.median(cosine)), 5)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def text_row(repeats: int) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval.collection import read_caption_file
+    from retrieval.encoders.registry import load_text_encoder
+    from retrieval.encoders.sentence_transformers import minilm_path
+
+    texts = [r.text for r in read_caption_file(DATA / "coco-train-mini" / "captions.jsonl").records] * 5
+    ours = load_text_encoder("minilm", device="cpu")
+    reference = SentenceTransformer(str(minilm_path()), device="cpu")
+    ref_s, ref = median_time(lambda: reference.encode(texts), repeats)
+    ours_s, mine = median_time(lambda: ours.encode_texts(texts), repeats)
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    row = {"text_encoder": "minilm", "captions": len(texts), "sentence_transformers_encode_per_s": round(len(texts) / ref_s, 1),
+           "ours_per_s": round(len(texts) / ours_s, 1), "ratio": round(ref_s / ours_s, 3),
+           "cosine_min": round(float(np.sum(ref * mine, axis=1).min()), 5)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    image_rows(args.images, args.repeats, args.batch_size)
+    text_row(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
