@@ -119,6 +119,11 @@ class EfficientNetLiteEncoder(ImageEncoder):
         log.info("loaded %s from %s on %s", ALIAS, path, device)
         return cls(model, ALIAS, device)
 
+    @property
+    def numerics(self) -> str:
+        """How the vectors are computed (part of embedding-cache keys): bfloat16 autocast on capable CPUs."""
+        return "bf16-autocast" if self._cpu_bfloat16 else ("fp16-autocast" if self.device.startswith("cuda") else "fp32")
+
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = module_fingerprint(self._model)
