@@ -177,3 +177,13 @@ def short_error(e: BaseException, limit: int = 300) -> str:
 def to_rgb(image: Image.Image) -> Image.Image:
     """The image in RGB mode (module-level so transforms that use it stay picklable)."""
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def native_cpu_bfloat16() -> bool:
+    """True when this CPU has native bfloat16 matrix instructions (else bfloat16 autocast would be slower)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

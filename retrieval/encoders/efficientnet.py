@@ -21,6 +21,7 @@ from .base import (
     check_pixels,
     inference_context,
     module_fingerprint,
+    native_cpu_bfloat16,
     short_error,
     to_rgb,
     to_unit_numpy,
@@ -83,7 +84,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
         # Measured by benchmarks/cpu_inference.py on the 2-core CPU: channels-last 2.1x, plus bfloat16
         # autocast 4.1x over float32, cosine >= 0.9996. bfloat16 only where the CPU computes it natively.
         self._model.to(memory_format=torch.channels_last)
-        self._cpu_bfloat16 = device == "cpu" and _native_cpu_bfloat16()
+        self._cpu_bfloat16 = device == "cpu" and native_cpu_bfloat16()
 
     @classmethod
     def load(
@@ -168,13 +169,3 @@ class EfficientNetLiteEncoder(ImageEncoder):
         with inference_context(self.device):
             logits = self._model(pixels.to(self.device, non_blocking=True))
         return np.asarray(logits.float().cpu().numpy(), dtype=np.float32)
-
-
-def _native_cpu_bfloat16() -> bool:
-    """True when this CPU has native bfloat16 matrix instructions (else autocast would be slower)."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False

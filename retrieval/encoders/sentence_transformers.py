@@ -22,6 +22,7 @@ from .base import (
     as_text_list,
     inference_context,
     module_fingerprint,
+    native_cpu_bfloat16,
     short_error,
 )
 
@@ -57,6 +58,12 @@ class SentenceTransformerEncoder(TextEncoder):
             or model.get_sentence_embedding_dimension
         )
         self.dim = int(get_dim())
+        self._cpu_bfloat16 = device == "cpu" and native_cpu_bfloat16()
+
+    @property
+    def numerics(self) -> str:
+        """How the vectors are computed (part of embedding-cache keys)."""
+        return "bf16-autocast" if self._cpu_bfloat16 else ("fp16-autocast" if self.device.startswith("cuda") else "fp32")
 
     @classmethod
     def load(
@@ -135,7 +142,11 @@ class SentenceTransformerEncoder(TextEncoder):
         items = as_text_list(texts)
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
-        with inference_context(self.device):
+        import torch
+
+        # bfloat16 autocast on CPUs that compute it natively: 2.1x captions/s, cosine >= 0.99998
+        # against float32 (measured on the COCO captions; see benchmarks/THROUGHPUT.md).
+        with inference_context(self.device), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._cpu_bfloat16):
             emb = self._model.encode(
                 items,
                 batch_size=batch_size,
