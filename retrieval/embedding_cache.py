@@ -35,8 +35,7 @@ class EmbeddingCache:
 
     def __init__(self, root: str | Path, encoder: Any) -> None:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in encoder.spec)[:60]
-        numerics = getattr(encoder, "numerics", None) or ("fp16-autocast" if str(encoder.device).startswith("cuda") else "fp32")
-        self.folder = Path(root) / f"{safe}-{encoder.fingerprint()}-{numerics}"  # same weights, other arithmetic: other vectors
+        self.folder = Path(root) / f"{safe}-{encoder.fingerprint()}-{encoder.numerics}"
         self.dim = int(encoder.dim)
         self._vectors: dict[str, np.ndarray] = {}
         self._sizes: dict[str, tuple[int, int]] = {}

@@ -36,6 +36,11 @@ class ImageEncoder(ABC):
     def fingerprint(self) -> str:
         """16 hex chars identifying the weights (same weights -> same value in any process)."""
 
+    @property
+    def numerics(self) -> str:
+        """How the vectors are computed (part of embedding-cache keys): same weights, other arithmetic, other vectors."""
+        return "fp16-autocast" if str(self.device).startswith("cuda") else "fp32"
+
     @abstractmethod
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """Picklable callable: RGB PIL image -> CHW float32 tensor ready for ``encode_image_tensors``.
@@ -94,6 +99,11 @@ class TextEncoder(ABC):
     @abstractmethod
     def fingerprint(self) -> str:
         """16 hex chars identifying the weights (same weights -> same value in any process)."""
+
+    @property
+    def numerics(self) -> str:
+        """How the vectors are computed (part of embedding-cache keys): same weights, other arithmetic, other vectors."""
+        return "fp16-autocast" if str(self.device).startswith("cuda") else "fp32"
 
     @abstractmethod
     def encode_texts(

@@ -123,7 +123,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
     @property
     def numerics(self) -> str:
         """How the vectors are computed (part of embedding-cache keys): bfloat16 autocast on capable CPUs."""
-        return "bf16-autocast" if self._cpu_bfloat16 else ("fp16-autocast" if self.device.startswith("cuda") else "fp32")
+        return "bf16-autocast" if self._cpu_bfloat16 else super().numerics
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:

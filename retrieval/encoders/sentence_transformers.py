@@ -63,7 +63,7 @@ class SentenceTransformerEncoder(TextEncoder):
     @property
     def numerics(self) -> str:
         """How the vectors are computed (part of embedding-cache keys)."""
-        return "bf16-autocast" if self._cpu_bfloat16 else ("fp16-autocast" if self.device.startswith("cuda") else "fp32")
+        return "bf16-autocast" if self._cpu_bfloat16 else super().numerics
 
     @classmethod
     def load(
