@@ -13,7 +13,7 @@ import numpy as np
 from . import __version__
 from .anchors import AnchorSet, AnchorSpaces, build_anchor_set, resolve_anchor_set, save_anchor_set
 from .collection import CaptionRecord, ImageRef, ItemError, discover_images, read_caption_file
-from .config import CaptionOptions, EncoderChoice
+from .config import CaptionOptions, EncoderChoice, IndexOptions
 from .embed import EmbeddedImages, EmbedOptions, embed_images
 from .errors import InputError
 from .provenance import encoder_record
@@ -21,7 +21,7 @@ from .relative import AsifParams, SparseRelativeIndex
 from .resume import remove_work
 from .locking import writer_lock
 from .store import MANIFEST_NAME, StoreWriter, is_leftover_name
-from .vector_index import build_vector_index
+from .searchable import VectorSet, sample_queries, write_vector_sets
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def build_index(
     caption_options: CaptionOptions = CaptionOptions(),
     embed: EmbedOptions = EmbedOptions(),
     anchor_weights: Sequence[float] | None = None,
+    index_options: IndexOptions = IndexOptions(),
 ) -> "Index":  # noqa: F821
     """Embed images and captions and write an index directory; returns the opened index.
 
@@ -169,14 +170,8 @@ def build_index(
                 "image": writer.write_table("images", _image_table(embedded)),
                 "caption": writer.write_table("captions", _caption_table(collection.captions)),
             },
-            "vectors": {
-                f"{image_space}/image": writer.write_vectors(image_space, "image", embedded.vectors),
-                f"{text_space}/caption": writer.write_vectors(text_space, "caption", caption_vectors),
-            },
-            "faiss": {
-                f"{image_space}/image": writer.write_faiss(f"{image_space}-image", build_vector_index(embedded.vectors)),
-                f"{text_space}/caption": writer.write_faiss(f"{text_space}-caption", build_vector_index(caption_vectors)),
-            },
+            "vectors": {},
+            "faiss": {},
         }
         manifest: dict[str, Any] = {
             "tool": {"name": "retrieval", "version": __version__},
@@ -187,13 +182,16 @@ def build_index(
             "metric": "inner_product",
             "spaces": {"image": image_space, "caption": text_space},
             "counts": {"image": len(embedded.rows), "caption": len(texts)},
-            "index": {"type": "flat", "exact": True},
+            "rows": {"image": len(embedded.rows), "caption": len(texts)},
+            "index": index_options.to_json(),
             "sources": {"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
             "caption_options": caption_options.to_json(),
         }
+        sets = _vector_sets(image_space, text_space, embedded.vectors, caption_vectors)
         manifest["routes"] = ["clip"]
         if spaces is not None:
-            _write_asif(writer, files, manifest, spaces, params, embedded.vectors, caption_vectors)
+            sets += _write_asif(writer, files, manifest, spaces, params, embedded.vectors, caption_vectors)
+        write_vector_sets(writer, files, manifest, sets, index_options, embed.progress)
         total = time.perf_counter() - started
         manifest["build"] = {
             "seconds": round(total, 3),
@@ -208,6 +206,26 @@ def build_index(
     return open_index(index, device=encoders.device)
 
 
+def _vector_sets(image_space: str, text_space: str, image_vectors: np.ndarray, caption_vectors: np.ndarray) -> list[VectorSet]:
+    """The image and caption vector sets, each with recall queries from the other kind when it shares the space."""
+    shared = image_space == text_space
+    return [
+        _with_queries(f"{image_space}/image", image_vectors, caption_vectors if shared else None, "captions"),
+        _with_queries(f"{text_space}/caption", caption_vectors, image_vectors if shared else None, "images"),
+    ]
+
+
+def _with_queries(key: str, vectors: np.ndarray, others: np.ndarray | None, others_name: str) -> VectorSet:
+    if others is not None and len(others):
+        return VectorSet(key, vectors, sample_queries(others), others_name)
+    return VectorSet(key, vectors, sample_queries(vectors), "self")
+
+
+def projected_set(kind: str, projected: np.ndarray, queries_from: np.ndarray, queries_name: str) -> VectorSet:
+    """The vector set of items projected into the other encoder's space."""
+    return _with_queries(f"projected/{kind}", projected, queries_from, queries_name)
+
+
 def _images_per_second(embedded: EmbeddedImages, total: int, seconds: float) -> float | None:
     """Embedding speed of this run; a resumed run counts only the images it embedded itself."""
     if embedded.resumed:
@@ -219,8 +237,8 @@ def _images_per_second(embedded: EmbeddedImages, total: int, seconds: float) -> 
 def _write_asif(
     writer: StoreWriter, files: dict[str, Any], manifest: dict[str, Any], spaces: AnchorSpaces, params: AsifParams,
     image_vectors: np.ndarray, caption_vectors: np.ndarray,
-) -> None:
-    """Anchors (copied in, so the index is self-contained), sparse relative rows, and the projected dense route."""
+) -> list[VectorSet]:
+    """Anchors (copied in, so the index is self-contained), sparse relative rows; returns the projected vector sets."""
     files["anchors"] = [
         {
             "image": writer.write_array("anchors", f"image-{n}", anchor_set.image_vectors.astype(np.float32)),
@@ -234,15 +252,18 @@ def _write_asif(
         "image": writer.write_sparse("image", SparseRelativeIndex(image_rows)),
         "caption": writer.write_sparse("caption", SparseRelativeIndex(caption_rows)),
     }
-    # images projected into the text encoder's space answer raw text queries, and the reverse
-    files["faiss"]["projected/image"] = writer.write_faiss("projected-image", build_vector_index(spaces.project(image_rows, "text")))
-    files["faiss"]["projected/caption"] = writer.write_faiss("projected-caption", build_vector_index(spaces.project(caption_rows, "image")))
     manifest["anchors"] = [
         {"name": a.name, "count": len(a), "weight": w, "image_encoder": a.image_encoder, "text_encoder": a.text_encoder}
         for a, w in zip(spaces.sets, spaces.weights)
     ]
     manifest["asif"] = params.to_json()
     manifest["routes"] = ["asif", "projected"]
+    # images projected into the text encoder's space answer raw text queries (recall measured with
+    # the captions' text vectors), and captions projected into the image space answer image queries
+    return [
+        projected_set("image", spaces.project(image_rows, "text"), caption_vectors, "captions"),
+        projected_set("caption", spaces.project(caption_rows, "image"), image_vectors, "images"),
+    ]
 
 
 def build_anchors(

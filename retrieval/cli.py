@@ -12,67 +12,21 @@ import click
 
 from . import __version__
 from .build import DEFAULT_INDEX
-from .errors import RetrievalError
-
-IMAGE_ENCODER_HELP = "Unimodal image encoder spec, e.g. efficientnet-lite0 (see list-encoders)."
-TEXT_ENCODER_HELP = "Unimodal text encoder spec, e.g. minilm or st:NAME_OR_PATH (see list-encoders)."
-
-
-class CliError(click.ClickException):
-    """A library error shown as one line, with the library's exit code."""
-
-    def __init__(self, error: RetrievalError) -> None:
-        super().__init__(str(error))
-        self.exit_code = error.exit_code
-
-
-def run_api(call: Callable[[], Any]) -> Any:
-    """Call the library; turn its errors into clean one-line CLI errors."""
-    try:
-        return call()
-    except RetrievalError as e:
-        raise CliError(e) from e
-
-
-def echo_json(record: dict[str, Any]) -> None:
-    click.echo(json.dumps(record, ensure_ascii=False))
-
-
-def caption_options(func: Callable) -> Callable:
-    """Options shared by commands that read caption or pairs files."""
-    options = [
-        click.option("--caption-column", default="caption", show_default=True, help="Column holding the caption text (csv, tsv, jsonl, parquet)."),
-        click.option("--image-column", default="image", show_default=True, help="Column holding the image path of a pairs file; relative paths resolve against the file's folder."),
-        click.option("--caption-template", default=None, help='Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use {label}.'),
-        click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def embed_options(func: Callable) -> Callable:
-    """Options shared by commands that embed images."""
-    options = [
-        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=True), default=None, help="Local weights for the (image or CLIP) encoder: a file, or an open_clip model folder."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto uses CUDA (half precision) when present."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per encoder batch."),
-        click.option("--workers", default="auto", show_default=True, help="DataLoader worker processes for decoding, or 'auto'."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _workers(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"expected 'auto' or a whole number, got {value!r}", param_hint="--workers") from None
-
+from .cli_query import image_to_caption_command, text_to_image_command
+from .cli_update import add_command, remove_command
+from .cli_common import (
+    IMAGE_ENCODER_HELP,
+    TEXT_ENCODER_HELP,
+    caption_options,
+    echo_json,
+    embed_options,
+    index_options,
+    index_type_options,
+    open_index_or_fail,
+    run_api,
+    setup_logging,
+    workers_option,
+)
 
 def _weights(value: str | None) -> list[float] | None:
     if not value:
@@ -100,10 +54,6 @@ def _asif(k: int | None, p: float | None, default: Any = None) -> Any:
         return default
     base = default or AsifParams()
     return run_api(lambda: AsifParams(k=k if k is not None else base.k, p=p if p is not None else base.p))
-
-
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -143,11 +93,11 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
     from .config import CaptionOptions
     from .embed import EmbedOptions
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     anchors = run_api(lambda: build_anchors(
         pairs, out, image_encoder, text_encoder, checkpoint=checkpoint, device=device,
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet),
+        embed=EmbedOptions(batch_size=batch_size, workers=workers_option(workers), progress=not quiet),
         asif=_asif(k, p, DEFAULT_PARAMS), cache_dir=cache_dir,
     ))
     summary = {"out": out, "anchors": len(anchors), "asif": anchors.params.to_json()}
@@ -172,13 +122,15 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 @embed_options
 @click.option("--progress-shard-size", type=click.IntRange(min=0), default=None,
               help="Images per progress shard (default 4096; 0 = off). A killed build rerun with the same command resumes from the last shard.")
+@index_type_options
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 def build_index_command(images: Sequence[str], captions: Sequence[str], index_path: str, encoder: str | None,
                         image_encoder: str | None, text_encoder: str | None, anchors: Sequence[str], anchor_weights: str | None,
                         k: int | None, p: float | None,
                         caption_column: str, image_column: str, caption_template: str | None, encoding: str,
                         checkpoint: str | None, device: str, batch_size: int, workers: str, quiet: bool,
-                        progress_shard_size: int | None, as_json: bool) -> None:
+                        progress_shard_size: int | None, index_type: str, max_memory: str | None, target_recall: float,
+                        as_json: bool) -> None:
     """Embed images and captions and write a searchable index directory.
 
     A previous index at the same path stays readable until the new one is complete. A build that
@@ -188,12 +140,13 @@ def build_index_command(images: Sequence[str], captions: Sequence[str], index_pa
     from .config import CaptionOptions, EncoderChoice
     from .embed import EmbedOptions
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     choice = run_api(lambda: EncoderChoice(clip=encoder, image=image_encoder, text=text_encoder, checkpoint=checkpoint, device=device))
     index = run_api(lambda: build_index(
         images, captions, index_path, choice, anchors=list(anchors) or None, anchor_weights=_weights(anchor_weights), asif=_asif(k, p),
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet, progress_shard_size=progress_shard_size),
+        embed=EmbedOptions(batch_size=batch_size, workers=workers_option(workers), progress=not quiet, progress_shard_size=progress_shard_size),
+        index_options=index_options(index_type, max_memory, target_recall),
     ))
     info = index.info()
     if as_json:
@@ -205,49 +158,10 @@ def build_index_command(images: Sequence[str], captions: Sequence[str], index_pa
         click.echo(f"skipped {info['errors']} unreadable items; reasons in {Path(index_path) / 'errors.jsonl'}", err=True)
 
 
-def _print_hits(hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str]) -> None:
-    if as_json:
-        for hit in hits:
-            echo_json(hit.to_dict())
-        return
-    if not hits:
-        click.echo("no results")
-    for hit in hits:
-        click.echo(f"{hit.rank:>3}  {hit.score:7.4f}  {describe(hit)}")
-
-
-def _open(index_path: str, device: str = "auto") -> Any:
-    from .engine import open_index
-
-    return run_api(lambda: open_index(index_path, device=device))
-
-
-@main.command("text-to-image")
-@click.argument("query")
-@click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, help="Index directory.")
-@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--route", type=click.Choice(["clip", "asif", "projected"]), default=None, help="Cross-modal route (default: the index's first; see info).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per hit: rank, score, id, uri, width, height.")
-def text_to_image_command(query: str, index_path: str, k: int, device: str, route: str | None, as_json: bool) -> None:
-    """Find the images that best match QUERY."""
-    index = _open(index_path, device)
-    hits = run_api(lambda: index.text_to_image(query, k=k, route=route))
-    _print_hits(hits, as_json, lambda hit: hit.uri)
-
-
-@main.command("image-to-caption")
-@click.argument("image", type=click.Path())
-@click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, help="Index directory.")
-@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--route", type=click.Choice(["clip", "asif", "projected"]), default=None, help="Cross-modal route (default: the index's first; see info).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per hit: rank, score, id, caption, source, image_uri.")
-def image_to_caption_command(image: str, index_path: str, k: int, device: str, route: str | None, as_json: bool) -> None:
-    """Find the captions that best describe IMAGE."""
-    index = _open(index_path, device)
-    hits = run_api(lambda: index.image_to_caption(image, k=k, route=route))
-    _print_hits(hits, as_json, lambda hit: hit.caption)
+main.add_command(text_to_image_command)
+main.add_command(image_to_caption_command)
+main.add_command(add_command)
+main.add_command(remove_command)
 
 
 @main.command("info")
@@ -255,7 +169,7 @@ def image_to_caption_command(image: str, index_path: str, k: int, device: str, r
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def info_command(index_path: str, as_json: bool) -> None:
     """Summarise an index: encoders, counts, ASIF parameters, skipped items, size."""
-    info = run_api(lambda: _open(index_path).info())
+    info = run_api(lambda: open_index_or_fail(index_path).info())
     if as_json:
         echo_json(info)
         return
@@ -264,7 +178,19 @@ def info_command(index_path: str, as_json: bool) -> None:
     for role, record in info["encoders"].items():
         click.echo(f"{role:<10} {record['spec']} (dim {record['dim']}, weights {record['fingerprint']})")
     click.echo(f"items      {info['counts']['image']} images, {info['counts']['caption']} captions, {info['errors']} skipped")
-    click.echo(f"search     {info['index']['type']} ({'exact' if info['index'].get('exact') else 'approximate'} inner product)")
+    deleted = info.get("deleted") or {}
+    if any(deleted.values()):
+        click.echo(f"deleted    {deleted.get('image', 0)} images, {deleted.get('caption', 0)} captions (hidden from results)")
+    requested = info["index"]
+    budget = f", budget {requested['max_memory'] / 2**30:.2f} GB" if requested.get("max_memory") else ""
+    click.echo(f"index type {requested.get('index_type', 'flat')} (target recall@10 {requested.get('target_recall', 1.0)}{budget})")
+    for key, described in info.get("vector_indexes", {}).items():
+        knobs = " ".join(f"{name}={value}" for name, value in described["knobs"].items()) or "exact"
+        recall = described["recall@10"]
+        measured = (f"recall@1 {described['recall@1']:.3f} recall@10 {recall:.3f}, {described['latency_ms_median']:.3f} ms/query "
+                    f"({described['recall_queries']} {described['query_source']} queries)") if recall is not None else "not measured (empty)"
+        click.echo(f"  {key:<18} {described['factory']} [{knobs}] {measured}")
+        click.echo(f"  {'':<18} why: {described['why']}")
     if "anchors" in info:
         sets = ", ".join(f"{a['name']} ({a['count']} pairs, weight {a['weight']:g})" for a in info["anchors"])
         click.echo(f"anchors    {sets}; ASIF k={info['asif']['k']} p={info['asif']['p']:g}")
@@ -344,7 +270,7 @@ def eval_command(data: str, encoder: str | None, image_encoder: str | None, text
     from .eval_data import evaluate_index, run_eval
     from .store import directory_exists
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     if directory_exists(data) and (Path(data) / "items").is_dir():  # an existing index: its own pairs, every route
         report = run_api(lambda: evaluate_index(data))
         echo_json(report) if as_json else _print_eval(report)
@@ -360,7 +286,7 @@ def eval_command(data: str, encoder: str | None, image_encoder: str | None, text
         data, choice, anchors=anchors, routes=chosen_routes, params=_asif(k, p), sweep_values=sweep_values,
         anchor_weights=weights, split=split, center=center, refine=_int_list(refine, "--refine"), limit=limit, cache_dir=cache_dir,
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed=EmbedOptions(batch_size=batch_size, workers=_workers(workers), progress=not quiet),
+        embed=EmbedOptions(batch_size=batch_size, workers=workers_option(workers), progress=not quiet),
     ))
     if as_json:
         echo_json(report)

@@ -44,3 +44,28 @@ class EncoderChoice:
     @property
     def is_contrastive(self) -> bool:
         return self.clip is not None
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """Which vector indexes a build makes: a type (``auto``, ``flat``, ``hnsw``, ``ivf``, ``ivfpq`` or a
+    FAISS factory string), a memory budget in bytes for all of them together, and the recall@10 that
+    ``auto`` and the knob tuning aim for."""
+
+    index_type: str = "auto"
+    max_memory: int | None = None
+    target_recall: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_recall <= 1:
+            raise InputError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise InputError(f"--max-memory must be positive, got {self.max_memory}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> "IndexOptions":
+        data = data or {}
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -15,6 +15,10 @@ from .hits import CaptionHit, ImageHit
 from .provenance import check_same_encoder
 from .relative import AsifParams, SparseRelativeIndex
 from .store import StoreReader
+from .index_spec import SearchKnobs
+from .placement import place_index
+from .searchable import knobs_of, spec_of
+from .vector_index import Exclusions, VectorSource, _drop_excluded
 from .vector_index import search as vector_search
 
 ImageQuery = Any  # a path (str or Path) or a PIL image
@@ -23,9 +27,13 @@ ImageQuery = Any  # a path (str or Path) or a PIL image
 class Index:
     """A built index, opened for queries. Encoders load on first use and are checked against the manifest."""
 
-    def __init__(self, path: str | Path, device: str = "auto") -> None:
+    def __init__(self, path: str | Path, device: str = "auto", mmap: bool = True) -> None:
         self.path = Path(path)
         self.device = device
+        self.mmap = mmap
+        self._loaded: dict[str, Any] = {}
+        self._sources: dict[str, VectorSource] = {}
+        self._excluded: dict[str, Exclusions | None] = {}
         self._store = StoreReader(self.path, kind="index")
         self.manifest: dict[str, Any] = self._store.manifest
         self._files: dict[str, Any] = self.manifest["files"]
@@ -53,64 +61,91 @@ class Index:
             raise InputError(f"{self.path}: route {route!r} not available; this index answers by {', '.join(self.routes)}")
         return route
 
-    def text_to_image(self, text: str, k: int = 10, route: str | None = None) -> list[ImageHit]:
-        """The ``k`` images that best match ``text`` (``route``: see :attr:`routes`)."""
-        _check_query(text, k)
+    def text_to_image(self, text: str, k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None) -> list[ImageHit]:
+        """The ``k`` images that best match ``text`` (``route``: see :attr:`routes`; ``knobs``: nprobe / ef_search)."""
+        return self.texts_to_images([text], k, route, knobs)[0]
+
+    def texts_to_images(self, texts: Sequence[str], k: int = 10, route: str | None = None,
+                        knobs: SearchKnobs | None = None) -> list[list[ImageHit]]:
+        """Batch text -> image: all ``texts`` encoded and searched in one pass; one hit list per text."""
+        for text in texts:
+            _check_query(text, k)
         self._require("image")
         route = self._route(route)
-        query = self.text_encoder.encode_texts([text])
-        scores, positions = self._search("image", query, "text", k, route)
+        if not texts:
+            return []
+        queries = self.text_encoder.encode_texts(list(texts))
+        scores, positions = self.search_vectors("image", queries, "text", k, route, knobs)
         table = self._items["image"]
         return [
-            ImageHit(
-                rank=rank + 1,
-                score=float(score),
-                id=table["id"][pos],
-                uri=table["uri"][pos],
-                width=int(table["width"][pos]),
-                height=int(table["height"][pos]),
-            )
-            for rank, (score, pos) in enumerate(zip(scores, positions))
+            [
+                ImageHit(rank=rank + 1, score=float(score), id=table["id"][pos], uri=table["uri"][pos],
+                         width=int(table["width"][pos]), height=int(table["height"][pos]))
+                for rank, (score, pos) in enumerate(_live(row_scores, row_positions))
+            ]
+            for row_scores, row_positions in zip(scores, positions)
         ]
 
-    def image_to_caption(self, image: ImageQuery, k: int = 5, route: str | None = None) -> list[CaptionHit]:
+    def image_to_caption(self, image: ImageQuery, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None) -> list[CaptionHit]:
         """The ``k`` captions that best describe ``image`` (a path or a PIL image)."""
+        return self.images_to_captions([image], k, route, knobs)[0]
+
+    def images_to_captions(self, images: Sequence[ImageQuery], k: int = 5, route: str | None = None,
+                           knobs: SearchKnobs | None = None) -> list[list[CaptionHit]]:
+        """Batch image -> caption: all ``images`` (paths or PIL images) encoded and searched in one pass.
+
+        An unreadable image raises :class:`~retrieval.errors.ImageDecodeError` naming it; to skip such
+        images instead, load them first (see the CLI, which reports and skips them).
+        """
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
         self._require("caption")
         route = self._route(route)
-        picture = normalize_image(image) if hasattr(image, "convert") else load_image(image).image
-        query = self.image_encoder.encode_images([picture])
-        scores, positions = self._search("caption", query, "image", k, route)
+        if not images:
+            return []
+        pictures = [normalize_image(image) if hasattr(image, "convert") else load_image(image).image for image in images]
+        queries = self.image_encoder.encode_images(pictures)
+        scores, positions = self.search_vectors("caption", queries, "image", k, route, knobs)
         table = self._items["caption"]
         return [
-            CaptionHit(
-                rank=rank + 1,
-                score=float(score),
-                id=table["id"][pos],
-                caption=table["caption"][pos],
-                source=table["source"][pos],
-                image_uri=table["image_uri"][pos],
-            )
-            for rank, (score, pos) in enumerate(zip(scores, positions))
+            [
+                CaptionHit(rank=rank + 1, score=float(score), id=table["id"][pos], caption=table["caption"][pos],
+                           source=table["source"][pos], image_uri=table["image_uri"][pos])
+                for rank, (score, pos) in enumerate(_live(row_scores, row_positions))
+            ]
+            for row_scores, row_positions in zip(scores, positions)
         ]
 
-    def _search(self, kind: str, query: np.ndarray, query_modality: str, k: int, route: str) -> tuple[np.ndarray, np.ndarray]:
-        """Search the ``kind`` collection with one encoded query of the other modality."""
-        scores, positions = self.search_vectors(kind, query, query_modality, k, route)
-        return scores[0], positions[0]
-
     def search_vectors(
-        self, kind: str, queries: np.ndarray, query_modality: str, k: int, route: str | None = None
+        self, kind: str, queries: np.ndarray, query_modality: str, k: int, route: str | None = None,
+        knobs: SearchKnobs | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Search the ``kind`` items with encoded queries (rows) of ``query_modality``; returns (scores, positions)."""
+        """Search the ``kind`` items with encoded queries (rows) of ``query_modality``; returns (scores, positions).
+
+        Deleted items are never returned; a position of -1 pads a row when fewer than ``k`` items are live.
+        """
         route = self._route(route)
         if route == "clip":
-            return vector_search(self._faiss(kind), queries, k)
+            return self._search_key(f"{self.manifest['spaces'][kind]}/{kind}", kind, queries, k, knobs)
         if route == "projected":  # items were projected into the query's encoder space at build time
-            return vector_search(self._faiss_indexes[f"projected/{kind}"], queries, k)
+            return self._search_key(f"projected/{kind}", kind, queries, k, knobs)
         relative_queries = self._anchor_spaces.relative(queries, query_modality, self.asif_params)
-        return self._relative(kind).search(relative_queries, k)
+        return self._search_relative(kind, relative_queries, k)
+
+    def _search_key(self, key: str, kind: str, queries: np.ndarray, k: int, knobs: SearchKnobs | None) -> tuple[np.ndarray, np.ndarray]:
+        record = self._records.get(key)
+        tuned = knobs_of(record).override(knobs or SearchKnobs())
+        rerank_with = self._vector_source(key) if spec_of(record).rerank else None
+        return vector_search(self._vector_index(key), queries, k, tuned, self._exclusions(kind), rerank_with)
+
+    def _search_relative(self, kind: str, relative_queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        exclude = self._exclusions(kind)
+        index = self._relative(kind)
+        if exclude is None:
+            return index.search(relative_queries, k)
+        fetch = min(len(index), k + len(exclude))
+        scores, positions = index.search(relative_queries, fetch)
+        return _drop_excluded(scores, positions, exclude, min(k, len(index) - len(exclude)))
 
     def search_collection(self, source_kind: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Use every stored ``source_kind`` item as a query against the other kind (for evaluation).
@@ -121,8 +156,8 @@ class Index:
         if self.mode == "clip":
             space = self.manifest["spaces"][source_kind]
             queries = self._store.read_vectors(self._files["vectors"][f"{space}/{source_kind}"])
-            return vector_search(self._faiss(target), queries, k)
-        return self._relative(target).search(self._relative(source_kind).rows, k)
+            return self._search_key(f"{space}/{target}", target, queries, k, None)
+        return self._search_relative(target, self._relative(source_kind).rows, k)
 
     def items(self, kind: str) -> dict[str, list]:
         """The stored item columns of ``kind`` (``image`` or ``caption``), row-aligned with positions."""
@@ -138,18 +173,50 @@ class Index:
     def _items(self) -> dict[str, dict[str, list]]:
         return {kind: self._store.read_table(rel).to_pydict() for kind, rel in self._files["items"].items()}
 
-    def _faiss(self, kind: str) -> Any:
-        return self._faiss_indexes[kind]
+    @property
+    def _records(self) -> dict[str, Any]:
+        return self.manifest.get("vector_indexes") or {}
 
-    @cached_property
-    def _faiss_indexes(self) -> dict[str, Any]:
-        spaces = self.manifest["spaces"]
-        indexes = {kind: self._store.read_faiss(self._files["faiss"][f"{spaces[kind]}/{kind}"]) for kind in ("image", "caption")}
-        for kind in ("image", "caption"):
-            rel = self._files["faiss"].get(f"projected/{kind}")
-            if rel:
-                indexes[f"projected/{kind}"] = self._store.read_faiss(rel)
-        return indexes
+    def _faiss(self, kind: str) -> Any:
+        """The FAISS index of ``kind`` in its own encoder's space."""
+        return self._vector_index(f"{self.manifest['spaces'][kind]}/{kind}")
+
+    def _vector_index(self, key: str) -> Any:
+        """The FAISS index of ``key`` (e.g. ``clip/image``), loaded on first use and placed on the device.
+
+        IVF indexes are memory-mapped (their lists stay on disk) unless ``mmap=False``.
+        """
+        if key not in self._loaded:
+            rel = self._files["faiss"].get(key)
+            if rel is None:
+                raise IndexFormatError(f"{self.path}: no vector index {key!r}; rebuild the index")
+            spec = spec_of(self._records.get(key))
+            index = self._store.read_faiss(rel, mmap=self.mmap and spec.nlist is not None)
+            self._loaded[key] = place_index(index, spec, self.device, lambda: self._vector_source(key))
+        return self._loaded[key]
+
+    def _vector_source(self, key: str) -> VectorSource:
+        """The stored float16 vectors of ``key``, memory-mapped (for re-ranking and the torch path)."""
+        if key not in self._sources:
+            self._sources[key] = self._store.vector_source(self._files["vectors"][key])
+        return self._sources[key]
+
+    def _exclusions(self, kind: str) -> Exclusions | None:
+        """The deleted positions of ``kind`` (None when nothing was deleted)."""
+        if kind not in self._excluded:
+            rel = (self._files.get("deleted") or {}).get(kind)
+            positions = self._store.read_array(rel) if rel else np.zeros(0, np.int64)
+            self._excluded[kind] = Exclusions(positions, self.rows(kind)) if len(positions) else None
+        return self._excluded[kind]
+
+    def rows(self, kind: str) -> int:
+        """Stored rows of ``kind``, deleted ones included (positions run from 0 to rows - 1)."""
+        return int((self.manifest.get("rows") or self.manifest["counts"])[kind])
+
+    def deleted(self, kind: str) -> np.ndarray:
+        """Positions of the deleted ``kind`` items (their rows stay in :meth:`items` until compaction)."""
+        exclude = self._exclusions(kind)
+        return exclude.positions if exclude is not None else np.zeros(0, np.int64)
 
     def _relative(self, kind: str) -> SparseRelativeIndex:
         return self._relative_indexes[kind]
@@ -214,8 +281,10 @@ class Index:
             "encoders": m["encoders"],
             "checkpoint": m.get("checkpoint"),
             "counts": m["counts"],
+            "deleted": {kind: int(len(self.deleted(kind))) for kind in ("image", "caption")},
             "errors": m["errors"],
             "index": m["index"],
+            "vector_indexes": _describe_vector_indexes(m),
             "spaces": m["spaces"],
             "build": m["build"],
             "disk_bytes": self._store.disk_bytes(),
@@ -231,6 +300,33 @@ class Index:
         return self._store.read_errors()
 
 
+def _describe_vector_indexes(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Per vector index: what was built and why, and the recall and latency measured on this collection."""
+    described = {}
+    for key, record in (manifest.get("vector_indexes") or {}).items():
+        choice, measured = record["choice"], record.get("measured") or {}
+        described[key] = {
+            "type": choice["spec"]["type"],
+            "factory": choice["spec"]["factory"],
+            "count": record["count"],
+            "why": choice["reason"],
+            "estimated_bytes": choice["estimated_bytes"],
+            "knobs": measured.get("knobs", {}),
+            "recall@1": measured.get("recall@1"),
+            "recall@10": measured.get("recall@10"),
+            "latency_ms_median": measured.get("latency_ms_median"),
+            "recall_queries": measured.get("queries"),
+            "query_source": measured.get("query_source"),
+            "target_reached": measured.get("target_reached"),
+        }
+    return described
+
+
+def _live(scores: np.ndarray, positions: np.ndarray) -> list[tuple[float, int]]:
+    """(score, position) pairs of one result row, padding (-1) dropped."""
+    return [(float(score), int(pos)) for score, pos in zip(scores, positions) if pos >= 0]
+
+
 def _check_query(text: str, k: int) -> None:
     if not isinstance(text, str) or not text.strip():
         raise InputError("the query text is empty")
@@ -238,6 +334,6 @@ def _check_query(text: str, k: int) -> None:
         raise InputError(f"k must be at least 1, got {k}")
 
 
-def open_index(path: str | Path, device: str = "auto") -> Index:
-    """Open an index directory written by :func:`build_index`."""
-    return Index(path, device=device)
+def open_index(path: str | Path, device: str = "auto", mmap: bool = True) -> Index:
+    """Open an index directory written by :func:`build_index` (IVF lists memory-mapped unless ``mmap=False``)."""
+    return Index(path, device=device, mmap=mmap)

@@ -123,6 +123,14 @@ def route_configs(
     return configs
 
 
+def _projected(index: Any, kind: str) -> np.ndarray:
+    """The items of ``kind`` projected into the other encoder's space, as stored at build time."""
+    if f"projected/{kind}" in index.manifest["files"]["vectors"]:
+        return index._vector_source(f"projected/{kind}").all()
+    faiss_index = index._vector_index(f"projected/{kind}")  # built before projected vectors were stored: flat
+    return faiss_index.reconstruct_n(0, faiss_index.ntotal)
+
+
 def evaluate_index(path: str | Path) -> dict[str, Any]:
     """Recall of an existing index on its own pairs (captions that name an indexed image), for each of its routes.
 
@@ -149,8 +157,8 @@ def evaluate_index(path: str | Path) -> dict[str, Any]:
             image_rel, caption_rel = index._relative("image").rows, index._relative("caption").rows[keep]
             scorer = Scorer(image_rel, caption_rel, image_rel, caption_rel)
         else:
-            projected_images = index._faiss_indexes["projected/image"].reconstruct_n(0, len(image_vectors))
-            projected_captions = index._faiss_indexes["projected/caption"].reconstruct_n(0, len(captions["id"]))[keep]
+            projected_images = _projected(index, "image")
+            projected_captions = _projected(index, "caption")[keep]
             scorer = Scorer(projected_images, caption_vectors, image_vectors, projected_captions)
         data = PairedData(image_vectors, caption_vectors, owner)
         rows.append({"route": route, **evaluate_paired(data, scorer)})

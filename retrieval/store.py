@@ -122,6 +122,13 @@ class StoreWriter:
         self.files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         return rel
 
+    def carry(self, rel: str, meta: Mapping[str, Any]) -> str:
+        """Keep a file of the previous build in this one, unchanged (its checksum entry is reused)."""
+        if not (self.root / rel).is_file():
+            raise IndexFormatError(f"{self.root / rel}: missing; cannot carry it into the new build")
+        self.files[rel] = dict(meta)
+        return rel
+
     def write_array(self, folder: str, stem: str, array: np.ndarray) -> str:
         """Write one ``.npy`` file (never pickled) and return its relative path."""
         rel = f"{folder}/{stem}-{self.build_id}.npy"
@@ -130,13 +137,17 @@ class StoreWriter:
                 np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
         return self._finish(rel)
 
-    def write_vectors(self, space: str, kind: str, vectors: np.ndarray) -> list[str]:
-        """Write L2-normalised vectors as float16 shards of at most ``SHARD_ROWS`` rows."""
-        vectors = np.asarray(vectors, dtype=np.float16)
+    def write_vectors(self, space: str, kind: str, vectors: Any, first_shard: int = 0) -> list[str]:
+        """Write L2-normalised vectors (a matrix or a ``VectorSource``) as float16 shards of at most ``SHARD_ROWS`` rows."""
+        blocks = vectors.chunks(SHARD_ROWS) if hasattr(vectors, "chunks") else None
+        if blocks is None:
+            matrix = np.asarray(vectors, dtype=np.float16)
+            blocks = (matrix[start : start + SHARD_ROWS] for start in range(0, max(len(matrix), 1), SHARD_ROWS))
         shards = []
-        for number, start in enumerate(range(0, max(len(vectors), 1), SHARD_ROWS)):
-            chunk = vectors[start : start + SHARD_ROWS]
-            shards.append(self.write_array(f"vectors/{space}", f"{kind}-{number:05d}", chunk))
+        for number, chunk in enumerate(blocks, start=first_shard):
+            shards.append(self.write_array(f"vectors/{space}", f"{kind}-{number:05d}", np.asarray(chunk, dtype=np.float16)))
+        if not shards:  # an empty source: one empty shard keeps the dimension
+            shards.append(self.write_array(f"vectors/{space}", f"{kind}-{first_shard:05d}", np.zeros((0, getattr(vectors, "dim", 0)), np.float16)))
         return shards
 
     def write_table(self, stem: str, table: "pa.Table") -> str:  # noqa: F821
@@ -381,6 +392,16 @@ class StoreReader:
             return array
         return _parse_npy(self._data(rel), where)
 
+    def vector_source(self, shards: list[str]) -> "VectorSource":  # noqa: F821
+        """The float16 shards as one memory-mapped :class:`~retrieval.vector_index.VectorSource` (nothing loaded)."""
+        from .vector_index import VectorSource
+
+        parts = [self.read_array(rel, mmap=True) for rel in shards]
+        for rel, part in zip(shards, parts):
+            if part.ndim != 2 or not np.issubdtype(part.dtype, np.floating):
+                raise IndexFormatError(f"{self.root / rel}: a {part.dtype} array of shape {part.shape}, expected vector rows")
+        return VectorSource(parts)
+
     def read_vectors(self, shards: list[str]) -> np.ndarray:
         """Concatenate float16 shards into one float32 matrix."""
         parts = [self.read_array(rel) for rel in shards]
@@ -402,11 +423,23 @@ class StoreReader:
         except (OSError, ValueError, pa.ArrowException) as e:
             raise IndexFormatError(f"{self.root / rel}: cannot read parquet ({e})") from e
 
-    def read_faiss(self, rel: str) -> Any:
-        """Load a FAISS index file; its bytes are always verified (and a flat index's header checked) first."""
+    def read_faiss(self, rel: str, mmap: bool = False) -> Any:
+        """Load a FAISS index file; its bytes are always verified (and a flat index's header checked) first.
+
+        With ``mmap``, the file is hashed in a streaming pass and then memory-mapped
+        (IVF lists stay on disk: an index larger than RAM remains searchable).
+        """
         import faiss
 
+        from .vector_index import read_vector_index
+
         where = self.root / rel
+        if mmap:
+            path = self.path(rel)
+            try:
+                return read_vector_index(str(path), mmap=True)
+            except RuntimeError as e:
+                raise IndexFormatError(f"{where}: cannot read FAISS index ({str(e).splitlines()[0]})") from e
         data = self._data(rel, force_verify=True)
         _check_faiss_header(data, where)
         try:

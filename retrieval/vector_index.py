@@ -1,54 +1,324 @@
-"""FAISS vector indexes: build, search, and place on GPUs when faiss-gpu is installed.
+"""FAISS vector indexes: build from a spec, search with per-query knobs, deletions and re-ranking.
 
-Kept behind these few functions so approximate index types can slot in later.
-Positions returned by :func:`search` are row numbers of the vectors added.
+Positions returned by :func:`search` are row numbers of the vectors added, in
+order (FAISS sequential ids). Deleted rows are excluded at search time with a
+FAISS ID selector, so every index type (flat, IVF, HNSW) supports deletion
+without a rebuild.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .errors import InputError
+from .index_spec import DEFAULT_RERANK_FACTOR, HNSW_EF_CONSTRUCTION, IndexSpec, SearchKnobs, spec_for
 
-INDEX_TYPES = ("flat",)
+log = logging.getLogger(__name__)
+
+ADD_CHUNK = 65_536
 
 
-def build_vector_index(vectors: np.ndarray, index_type: str = "flat") -> Any:
-    """Build an inner-product FAISS index over L2-normalised ``vectors`` (rows)."""
+class VectorSource:
+    """Row-concatenated matrices (float16 or float32, in memory or memory-mapped) read in float32 chunks.
+
+    Lets an index be trained and filled from shards on disk without holding
+    the whole collection in memory, and lets a shortlist be re-ranked from the
+    stored float16 rows.
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray] | np.ndarray) -> None:
+        if isinstance(parts, np.ndarray):
+            parts = [parts]
+        self.parts = [p for p in parts if len(p)] or list(parts[:1])
+        dims = {p.shape[1] for p in self.parts if p.ndim == 2}
+        if any(p.ndim != 2 for p in self.parts) or len(dims) > 1:
+            raise InputError(f"expected 2-D vector matrices of one dimension, got shapes {[p.shape for p in self.parts]}")
+        self.dim = dims.pop() if dims else 0
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def chunks(self, size: int = ADD_CHUNK) -> Iterator[np.ndarray]:
+        """Consecutive float32 blocks of at most ``size`` rows, in order."""
+        for part in self.parts:
+            for start in range(0, len(part), size):
+                yield np.ascontiguousarray(part[start : start + size], dtype=np.float32)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 rows at positions ``rows`` (any shape); negative positions give zero rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        flat = rows.reshape(-1)
+        out = np.zeros((len(flat), self.dim), np.float32)
+        part_of = np.searchsorted(self.offsets, flat, side="right") - 1
+        for number, part in enumerate(self.parts):
+            mask = (part_of == number) & (flat >= 0)
+            if mask.any():
+                local = flat[mask] - self.offsets[number]
+                order = np.argsort(local)  # sorted reads are kinder to a memory-mapped file
+                picked = np.empty((len(local), self.dim), np.float32)
+                picked[order] = part[local[order]]
+                out[mask] = picked
+        return out.reshape(*rows.shape, self.dim)
+
+    def sample(self, count: int, seed: int = 0) -> np.ndarray:
+        """``count`` distinct rows chosen at random (all rows when there are fewer), as float32."""
+        n = len(self)
+        if count >= n:
+            return np.concatenate(list(self.chunks())) if n else np.zeros((0, self.dim), np.float32)
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
+        return self.take(rows)
+
+    def all(self) -> np.ndarray:
+        """Every row as one float32 matrix (only for collections that fit in memory)."""
+        return self.sample(len(self))
+
+
+class RowSubset(VectorSource):
+    """Some rows of a :class:`VectorSource`, in the order given, read lazily (for compaction)."""
+
+    def __init__(self, source: VectorSource, rows: np.ndarray) -> None:
+        self.source = source
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.dim = source.dim
+        self.parts = [self]  # type: ignore[list-item]
+        self.offsets = np.array([0, len(self.rows)])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def chunks(self, size: int = ADD_CHUNK) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.rows), size):
+            yield self.source.take(self.rows[start : start + size])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        mapped = np.where(rows >= 0, self.rows[np.clip(rows, 0, max(len(self.rows) - 1, 0))], -1) if len(self.rows) else np.full(rows.shape, -1)
+        return self.source.take(mapped)
+
+
+def as_source(vectors: VectorSource | np.ndarray | Sequence[np.ndarray]) -> VectorSource:
+    return vectors if isinstance(vectors, VectorSource) else VectorSource(vectors)
+
+
+def build_vector_index(
+    vectors: VectorSource | np.ndarray, spec: IndexSpec | str = "flat", progress: bool = False, seed: int = 0
+) -> Any:
+    """Build an inner-product FAISS index over L2-normalised rows: train on a sample, add in chunks."""
     import faiss
 
-    if index_type not in INDEX_TYPES:
-        raise InputError(f"unknown index type {index_type!r}; choose one of: {', '.join(INDEX_TYPES)}")
-    vectors = _as_matrix(vectors)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    if len(vectors):
-        index.add(vectors)
+    source = as_source(vectors)
+    if isinstance(spec, str):
+        spec = spec_for(spec, len(source), source.dim)
+    d = source.dim or 1
+    index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    _set_build_params(index, spec)
+    if not index.is_trained:
+        if len(source) < (spec.nlist or 1):
+            raise InputError(f"{spec.factory} needs at least {spec.nlist} vectors to train, got {len(source)}; use flat")
+        sample = source.sample(spec.train_size or len(source), seed=seed)
+        log.info("training %s on %d of %d vectors", spec.factory, len(sample), len(source))
+        index.train(sample)
+    add_vectors(index, source, progress=progress)
     return index
+
+
+def _set_build_params(index: Any, spec: IndexSpec) -> None:
+    import faiss
+
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        ivf.cp.niter = 10  # the lists need not be optimal, only balanced: 10 iterations, like autofaiss
+        ivf.cp.min_points_per_centroid = 1
+        ivfpq = faiss.downcast_index(ivf)
+        if hasattr(ivfpq, "pq"):
+            ivfpq.do_polysemous_training = False  # FAISS's default trains it: minutes, and we never use Hamming filtering
+            ivfpq.pq.cp.niter = 10
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if hasattr(quantizer, "hnsw"):
+            quantizer.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            quantizer.hnsw.efSearch = 128
+    if isinstance(index, faiss.IndexPreTransform):
+        for number in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(number))
+            if isinstance(transform, faiss.OPQMatrix):
+                transform.niter = 10
+        base = faiss.downcast_index(index.index)
+    else:
+        base = index
+    if hasattr(base, "hnsw"):
+        base.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+
+
+def add_vectors(index: Any, vectors: VectorSource | np.ndarray, progress: bool = False) -> None:
+    """Append rows to ``index`` in chunks (their positions continue from ``index.ntotal``)."""
+    source = as_source(vectors)
+    bar = None
+    if progress and len(source) > ADD_CHUNK:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(source), desc="indexing", unit="vec", unit_scale=True, leave=False)
+    for chunk in source.chunks():
+        index.add(chunk)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+
+
+def _ivf_of(index: Any) -> Any:
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def is_ivf(index: Any) -> bool:
+    return _ivf_of(index) is not None
+
+
+def empty_copy(index: Any) -> Any:
+    """A trained copy of ``index`` holding no vectors (for refilling without retraining)."""
+    import faiss
+
+    copy = faiss.clone_index(index)
+    copy.reset()
+    return copy
+
+
+def search_params(index: Any, knobs: SearchKnobs, selector: Any = None) -> Any:
+    """FAISS per-query search parameters for ``index`` (None when there is nothing to set)."""
+    import faiss
+
+    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    if _ivf_of(index) is not None:
+        params = faiss.SearchParametersIVF()
+        if knobs.nprobe:
+            params.nprobe = int(knobs.nprobe)
+        else:
+            params.nprobe = _ivf_of(index).nprobe
+    elif hasattr(base, "hnsw"):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = int(knobs.ef_search or base.hnsw.efSearch)
+    elif selector is not None:
+        params = faiss.SearchParameters()
+    else:
+        return None
+    if selector is not None:
+        params.sel = selector
+    return params
+
+
+class Exclusions:
+    """Deleted positions, as a FAISS selector (kept alive with its id array) and a lookup mask."""
+
+    def __init__(self, positions: np.ndarray, total: int) -> None:
+        import faiss
+
+        self.positions = np.unique(np.asarray(positions, dtype=np.int64))
+        self.mask = np.zeros(max(total, 0), bool)
+        self.mask[self.positions[self.positions < total]] = True
+        self._batch = faiss.IDSelectorBatch(self.positions) if len(self.positions) else None
+        self.selector = faiss.IDSelectorNot(self._batch) if self._batch is not None else None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def search(
+    index: Any,
+    queries: np.ndarray,
+    k: int,
+    knobs: SearchKnobs = SearchKnobs(),
+    exclude: Exclusions | None = None,
+    rerank_with: VectorSource | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner-product search; returns (scores, positions), each (q, k') with k' = min(k, live rows).
+
+    With ``rerank_with``, a shortlist of ``k x rerank_factor`` is scored exactly
+    with those vectors. Positions of a query with fewer than ``k'`` hits are -1.
+    """
+    queries = _as_matrix(queries)
+    if queries.shape[1] != index.d:
+        raise InputError(f"query vectors have dimension {queries.shape[1]}, the index has {index.d}")
+    live = int(index.ntotal) - (len(exclude) if exclude is not None else 0)
+    k = min(int(k), live)
+    if k <= 0:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    shortlist = k
+    if rerank_with is not None:
+        shortlist = min(live, k * (knobs.rerank_factor or DEFAULT_RERANK_FACTOR))
+    selector = exclude.selector if exclude is not None else None
+    if getattr(index, "supports_selector", True):
+        params = search_params(index, knobs, selector)
+        scores, positions = index.search(queries, shortlist, params=params) if params is not None else index.search(queries, shortlist)
+    else:  # a GPU or torch index: over-fetch and drop the deleted rows here
+        scores, positions = index.search(queries, min(int(index.ntotal), shortlist + (len(exclude) if exclude else 0)))
+        scores, positions = _drop_excluded(scores, positions, exclude, shortlist)
+    positions = positions.astype(np.int64)
+    if rerank_with is not None:
+        scores, positions = rerank(queries, positions, rerank_with)
+    return scores[:, :k], positions[:, :k]
+
+
+def _drop_excluded(scores: np.ndarray, positions: np.ndarray, exclude: Exclusions | None, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    if exclude is None or not len(exclude):
+        return scores[:, :keep], positions[:, :keep]
+    valid = positions >= 0
+    hit = np.zeros_like(valid)
+    hit[valid] = exclude.mask[positions[valid]]
+    order = np.argsort(hit, axis=1, kind="stable")  # live rows first, their order kept
+    scores = np.take_along_axis(np.where(hit, -np.inf, scores), order, axis=1)[:, :keep]
+    positions = np.take_along_axis(np.where(hit, -1, positions), order, axis=1)[:, :keep]
+    return scores.astype(np.float32), positions
+
+
+def rerank(queries: np.ndarray, candidates: np.ndarray, vectors: VectorSource) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of each query with its candidate rows, sorted best first (-1 candidates last)."""
+    rows = vectors.take(candidates)  # (q, s, d)
+    exact = np.einsum("qd,qsd->qs", queries, rows)
+    exact[candidates < 0] = -np.inf
+    order = np.argsort(-exact, axis=1, kind="stable")
+    return np.take_along_axis(exact, order, axis=1).astype(np.float32), np.take_along_axis(candidates, order, axis=1)
 
 
 def to_available_gpus(index: Any) -> Any:
     """Move ``index`` to all GPUs when faiss was built with GPU support; else return it unchanged."""
     import faiss
 
-    if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+    if not gpu_count():
         return index
     options = faiss.GpuMultipleClonerOptions()
     options.useFloat16 = True
-    return faiss.index_cpu_to_all_gpus(index, co=options)
+    gpu_index = faiss.index_cpu_to_all_gpus(index, co=options)
+    return _NoSelector(gpu_index)
 
 
-def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` inner-product search; returns (scores, positions), each (q, k') with k' = min(k, ntotal)."""
-    queries = _as_matrix(queries)
-    if queries.shape[1] != index.d:
-        raise InputError(f"query vectors have dimension {queries.shape[1]}, the index has {index.d}")
-    k = min(int(k), int(index.ntotal))
-    if k <= 0:
-        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    scores, positions = index.search(queries, k)
-    return scores, positions.astype(np.int64)
+def gpu_count() -> int:
+    """GPUs faiss can use (0 for faiss-cpu)."""
+    import faiss
+
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+class _NoSelector:
+    """Wraps an index whose search takes no ID selector (FAISS GPU indexes): deletions are filtered after."""
+
+    supports_selector = False
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.index, name)
+
+    def search(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, k)
 
 
 def _as_matrix(vectors: np.ndarray) -> np.ndarray:
@@ -56,3 +326,20 @@ def _as_matrix(vectors: np.ndarray) -> np.ndarray:
     if vectors.ndim != 2:
         raise InputError(f"expected a 2-D matrix of vectors, got shape {vectors.shape}")
     return vectors
+
+
+def read_vector_index(path: str, mmap: bool = True) -> Any:
+    """Load a FAISS index file; IVF lists (and flat/HNSW storage) are memory-mapped when ``mmap``.
+
+    A memory-mapped IVF index is searched straight from the file, so an index
+    larger than RAM stays searchable (the OS keeps the hot lists in page cache).
+    """
+    import faiss
+
+    if not mmap:
+        return faiss.read_index(str(path))
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError:
+        return faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | faiss.IO_FLAG_READ_ONLY)

@@ -91,7 +91,7 @@ def test_failed_rebuild_keeps_the_previous_index(tmp_path, tiny_clip_dir, small_
         raise KeyboardInterrupt("killed half way")
 
     monkeypatch.setattr(build_module, "_write_asif", dies)
-    monkeypatch.setattr(build_module, "build_vector_index", dies)
+    monkeypatch.setattr(build_module, "write_vector_sets", dies)
     with pytest.raises(KeyboardInterrupt):
         retrieval.build_index(images=[small_collection / "images"], index=tmp_path / "i", encoders=choice, embed=QUIET)
     reopened = retrieval.open_index(tmp_path / "i")
