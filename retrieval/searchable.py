@@ -14,12 +14,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import IndexOptions
-from .index_spec import IndexChoice, IndexSpec, SearchKnobs, choose_index, estimate_bytes, spec_for
+from .index_spec import IVF_MIN_POINTS_PER_LIST, IndexChoice, IndexSpec, SearchKnobs, choose_index, estimate_bytes, spec_for
 from .recall import RECALL_QUERIES, RecallReport, measure_and_tune
 from .vector_index import Exclusions, VectorSource, as_source, build_vector_index
 
 log = logging.getLogger(__name__)
 
+MIN_TRAINABLE = 2 * IVF_MIN_POINTS_PER_LIST  # fewer vectors than this are searched exactly whatever the type asked
 DRIFT_RATIO = 1.25  # new vectors this much farther from their list centroids than the training sample: retrain
 GROWTH_RATIO = 4.0  # or the collection this many times larger than when the lists were trained
 
@@ -64,14 +65,16 @@ def split_budget(sets: Sequence[tuple[str, int, int]], max_memory: int | None) -
 
 
 def choose(options: IndexOptions, n: int, d: int, budget: int | None) -> IndexChoice:
-    """The index for ``n`` vectors: ``auto`` picks within ``budget``; a named type is taken as asked."""
+    """The index for ``n`` vectors: ``auto`` picks within ``budget``; a named type is taken as asked,
+    except that a set too small to train lists or codebooks gets exact search."""
     if options.index_type.lower() == "auto":
         return choose_index(n, d, budget, options.target_recall)
-    if n == 0:
-        spec = spec_for("flat", n, d)
+    spec = spec_for(options.index_type, max(n, 1), d) if n >= MIN_TRAINABLE else spec_for("flat", n, d)
+    if spec.type == "flat" and options.index_type.lower() != "flat":
+        reason = f"asked for {options.index_type}, but {n} vectors are too few to train it (at least {MIN_TRAINABLE}): exact search"
     else:
-        spec = spec_for(options.index_type, n, d)
-    return IndexChoice(spec, f"asked for {options.index_type}", estimate_bytes(spec, n, d), budget, options.target_recall)
+        reason = f"asked for {options.index_type}"
+    return IndexChoice(spec, reason, estimate_bytes(spec, n, d), budget, options.target_recall)
 
 
 def sample_queries(vectors: VectorSource | np.ndarray, seed: int = 1) -> np.ndarray:

@@ -37,7 +37,7 @@ from .locking import writer_lock
 from .relative import SparseRelativeIndex
 from .resume import remove_work
 from .recall import RECALL_QUERIES
-from .searchable import VectorSet, describe, knobs_of, mean_residual, measure, needs_retraining, query_key, spec_of
+from .searchable import VectorSet, choose, describe, knobs_of, mean_residual, measure, needs_retraining, query_key, spec_of
 from .store import StoreWriter
 from .vector_index import Exclusions, RowSubset, VectorSource, add_vectors, build_vector_index, empty_copy
 
@@ -255,18 +255,16 @@ def _append_vectors(update: _Update, key: str, vectors: np.ndarray) -> dict[str,
     update.new_sources[key] = full
     record = update.manifest["vector_indexes"][key]
     index = update.store.read_faiss(update.files["faiss"][key])
+    budget = record["choice"].get("budget_bytes")
+    wanted = choose(update.options(), len(full), full.dim, budget)
     why = needs_retraining(record, index, vectors, len(full)) if len(vectors) else None
-    spec = spec_of(record)
-    if record["count"] == 0 or (spec.exact is False and not index.is_trained):
-        why = why or "the index was empty when built"
+    if wanted.spec.type != spec_of(record).type:
+        why = f"at {len(full)} vectors the index type becomes {wanted.spec.type}"
     if why:
-        log.warning("%s: retraining (%s)", key, why)
-        from .recall import RECALL_QUERIES
-from .searchable import choose
-
-        choice = choose(update.options(), len(full), full.dim, (record["choice"] or {}).get("budget_bytes"))
+        log.warning("%s: rebuilding the vector index from the stored vectors (%s)", key, why)
+        choice = wanted
         index = build_vector_index(full, choice.spec)
-        record["choice"] = {**choice.to_json(), "reason": f"retrained on add: {why}; {choice.reason}"}
+        record["choice"] = {**choice.to_json(), "reason": f"rebuilt on add: {why}; {choice.reason}"}
         residual = mean_residual(index, full.sample(10_000, seed=2))
         update.manifest["vector_indexes"][key] = {**record, "trained": {"count": len(full), "mean_residual": residual}}
     elif len(vectors):

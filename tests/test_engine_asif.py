@@ -188,3 +188,31 @@ def test_cli_build_anchors_from_a_labelled_folder_and_query(tmp_path, small_coll
         assert len(result.stdout.splitlines()) == 2
     result = runner.invoke(main, ["image-to-caption", str(photo), "--index", str(tmp_path / "i"), "--route", "clip"])
     assert result.exit_code == 2 and "not available" in result.output
+
+
+def test_add_and_remove_in_an_asif_index_equal_a_full_build(tmp_path, anchor_dir, small_collection):
+    """Relative rows and projected vectors of added items equal those of a build of everything."""
+    from retrieval.update import add_to_index, remove_from_index
+
+    rows = [json.loads(line) for line in (small_collection / "pairs.jsonl").read_text().splitlines()]
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    for row in rows:  # the pairs files name images relative to their own folder
+        row["image"] = str((small_collection / row["image"]).resolve())
+    first.write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    second.write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
+    grown = tmp_path / "grown"
+    retrieval.build_index(captions=[first], index=grown, encoders=UNIMODAL, anchors=anchor_dir, embed=QUIET)
+    add_to_index(grown, captions=[second], embed=QUIET, device="cpu")
+    full = retrieval.build_index(captions=[first, second], index=tmp_path / "full", encoders=UNIMODAL, anchors=anchor_dir, embed=QUIET)
+    index = retrieval.open_index(grown, device="cpu")
+    assert index.manifest["counts"] == full.manifest["counts"]
+    for route in ("asif", "projected"):
+        got = index.text_to_image("a man riding a horse", k=4, route=route)
+        want = full.text_to_image("a man riding a horse", k=4, route=route)
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-3)
+        assert {h.id for h in got} == {h.id for h in want}
+    gone = index.text_to_image("a man riding a horse", k=1)[0]
+    remove_from_index(grown, ids=[gone.id])
+    after = retrieval.open_index(grown, device="cpu")
+    for route in ("asif", "projected"):
+        assert gone.id not in [h.id for h in after.text_to_image("a man riding a horse", k=10, route=route)]
