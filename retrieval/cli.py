@@ -188,7 +188,7 @@ def info_command(index_path: str, as_json: bool) -> None:
         knobs = " ".join(f"{name}={value}" for name, value in described["knobs"].items()) or "exact"
         recall = described["recall@10"]
         measured = (f"recall@1 {described['recall@1']:.3f} recall@10 {recall:.3f}, {described['latency_ms_median']:.3f} ms/query "
-                    f"({described['recall_queries']} {described['query_source']} queries)") if recall is not None else "not measured (empty)"
+                    f"({described['recall_queries']} queries: {described['query_source']})") if recall is not None else "not measured (empty)"
         click.echo(f"  {key:<18} {described['factory']} [{knobs}] {measured}")
         click.echo(f"  {'':<18} why: {described['why']}")
     if "anchors" in info:

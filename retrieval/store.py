@@ -523,7 +523,7 @@ _FLAT_HEADER = 37  # fourcc, d:int32, ntotal:int64, 2 x int64, is_trained:bool, 
 
 
 def _check_faiss_header(data: bytearray, where: Path) -> None:
-    """For flat indexes (the only kind this package writes), check the header against the size."""
+    """For flat indexes, check the header against the size (other types: FAISS parses them after the sha256 check)."""
     fourcc = bytes(data[:4])
     if fourcc not in _FLAT_FOURCCS:
         return  # another index type: its sha256 matched the manifest, FAISS parses it
