@@ -292,3 +292,72 @@ def test_a_vector_shard_cut_short_by_a_crash_is_never_read(tmp_path):
     writer.commit({"files": {"vectors": [rel]}})
     assert StoreReader(tmp_path, kind="index").read_array(rel).shape == (3, 4)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _stop_at_every_point(command: list[str], index: Path, tmp_path: Path, check) -> list[tuple[str, str]]:
+    """Run ``cli.py`` under the crash-point bootstrap, checking the index at every rename and unlink."""
+    log = tmp_path / "update-points.log"
+    log.write_text("")
+    boot = tmp_path / "crashpoint_boot.py"
+    boot.write_text(BOOTSTRAP)
+    env = _child_env() | {"CRASHPOINT_DIR": str(index), "CRASHPOINT_LOG": str(log)}
+    points = []
+    with hostile.time_limit(240, "the stopped update"):
+        child = subprocess.Popen([sys.executable, str(boot), str(ROOT / "cli.py")] + command, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "update.err", "wb"))
+        while True:
+            _, status = os.waitpid(child.pid, os.WUNTRACED)
+            if not os.WIFSTOPPED(status):
+                assert os.WEXITSTATUS(status) == 0, (tmp_path / "update.err").read_text()[-2000:]
+                break
+            point = log.read_text().splitlines()[-1]
+            points.append((point, check(point)))
+            os.kill(child.pid, signal.SIGCONT)
+        child.returncode = 0
+    return points
+
+
+def test_add_and_remove_are_atomic_at_every_commit_step(tmp_path, tiny_clip_dir, small_collection, big_collection):
+    """Readers see the old state or the new one at every instant an add or a remove could be killed."""
+    index = tmp_path / "index"
+    retrieval.build_index(
+        captions=[small_collection / "pairs.jsonl"], index=index,
+        encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
+        embed=EmbedOptions(batch_size=2, workers=0, progress=False),
+    )
+    snapshots = Snapshots(tiny_clip_dir, small_collection / "images" / sorted(
+        p.name for p in (small_collection / "images").glob("0*.jpg"))[0])
+
+    def state(path: Path) -> dict:
+        opened = retrieval.open_index(path, device="cpu")
+        ids = {kind: opened.items(kind)["id"] for kind in ("image", "caption")}
+        _, images = opened.search_vectors("image", snapshots.text_queries, "text", 5)
+        _, captions = opened.search_vectors("caption", snapshots.image_query, "image", 5)
+        return {"build_id": opened.manifest["build_id"], "counts": opened.manifest["counts"],
+                "t2i": [[ids["image"][p] for p in row] for row in images], "i2c": [ids["caption"][p] for p in captions[0]]}
+
+    for command, expected_counts in (
+        (["add", "--index", str(index), "--captions", str(big_collection / "pairs.jsonl"), "-q", "--workers", "0"], {"image": 26, "caption": 130}),
+        (["remove", "--index", str(index), "--path", str(small_collection / "pairs.jsonl")], {"image": 26, "caption": 100}),
+    ):
+        old = state(index)
+        seen: dict = {}
+
+        def check(point: str) -> str:
+            now = state(index)
+            if now["build_id"] == old["build_id"]:
+                assert now == old, f"{point}: the previous state changed"
+                return "old"
+            assert now["counts"] == expected_counts, point
+            seen.setdefault("new", now)
+            assert now == seen["new"], f"{point}: the new state answers differently"
+            return "new"
+
+        points = _stop_at_every_point(command, index, tmp_path, check)
+        phases = [phase for _, phase in points]
+        assert "old" in phases and "new" in phases, points
+        first_new = phases.index("new")
+        assert points[first_new - 1][0] == "before-replace manifest.json" and set(phases[first_new:]) == {"new"}
+        final = json.loads((index / MANIFEST_NAME).read_text())
+        files = {p.relative_to(index).as_posix() for p in index.rglob("*") if p.is_file()}
+        assert files == set(final["checksums"]) | {"manifest.json", "errors.jsonl"}, sorted(files)
