@@ -53,15 +53,15 @@ class VectorSource:
         rows = np.asarray(rows, dtype=np.int64)
         flat = rows.reshape(-1)
         out = np.zeros((len(flat), self.dim), np.float32)
+        if len(self.parts) == 1:  # the common case: no part lookup
+            valid = flat >= 0
+            out[valid] = self.parts[0][flat[valid]] if not valid.all() else self.parts[0][flat]
+            return out.reshape(*rows.shape, self.dim)
         part_of = np.searchsorted(self.offsets, flat, side="right") - 1
         for number, part in enumerate(self.parts):
             mask = (part_of == number) & (flat >= 0)
             if mask.any():
-                local = flat[mask] - self.offsets[number]
-                order = np.argsort(local)  # sorted reads are kinder to a memory-mapped file
-                picked = np.empty((len(local), self.dim), np.float32)
-                picked[order] = part[local[order]]
-                out[mask] = picked
+                out[mask] = part[flat[mask] - self.offsets[number]]
         return out.reshape(*rows.shape, self.dim)
 
     def sample(self, count: int, seed: int = 0) -> np.ndarray:
@@ -278,13 +278,18 @@ def _drop_excluded(scores: np.ndarray, positions: np.ndarray, exclude: Exclusion
     return scores.astype(np.float32), positions
 
 
-def rerank(queries: np.ndarray, candidates: np.ndarray, vectors: VectorSource) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner products of each query with its candidate rows, sorted best first (-1 candidates last)."""
-    rows = vectors.take(candidates)  # (q, s, d)
-    exact = np.einsum("qd,qsd->qs", queries, rows)
+def rerank(queries: np.ndarray, candidates: np.ndarray, vectors: VectorSource, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of each query with its candidate rows, sorted best first (-1 candidates last).
+
+    Queries go in blocks so the gathered candidate rows stay small (cache-sized) whatever the batch.
+    """
+    exact = np.empty(candidates.shape, np.float32)
+    for start in range(0, len(queries), block):
+        rows = vectors.take(candidates[start : start + block])  # (b, s, d)
+        exact[start : start + block] = np.matmul(rows, queries[start : start + block, :, None])[..., 0]
     exact[candidates < 0] = -np.inf
     order = np.argsort(-exact, axis=1, kind="stable")
-    return np.take_along_axis(exact, order, axis=1).astype(np.float32), np.take_along_axis(candidates, order, axis=1)
+    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(candidates, order, axis=1)
 
 
 def to_available_gpus(index: Any) -> Any:
