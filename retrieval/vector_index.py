@@ -172,6 +172,8 @@ def add_vectors(index: Any, vectors: VectorSource | np.ndarray, progress: bool =
 def _ivf_of(index: Any) -> Any:
     import faiss
 
+    if hasattr(faiss, "try_extract_index_ivf"):  # no exception on the search path for non-IVF indexes
+        return faiss.try_extract_index_ivf(index)
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -195,13 +197,11 @@ def search_params(index: Any, knobs: SearchKnobs, selector: Any = None) -> Any:
     """FAISS per-query search parameters for ``index`` (None when there is nothing to set)."""
     import faiss
 
+    ivf = _ivf_of(index)
     base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
-    if _ivf_of(index) is not None:
+    if ivf is not None:
         params = faiss.SearchParametersIVF()
-        if knobs.nprobe:
-            params.nprobe = int(knobs.nprobe)
-        else:
-            params.nprobe = _ivf_of(index).nprobe
+        params.nprobe = int(knobs.nprobe or ivf.nprobe)
     elif hasattr(base, "hnsw"):
         params = faiss.SearchParametersHNSW()
         params.efSearch = int(knobs.ef_search or base.hnsw.efSearch)

@@ -75,7 +75,13 @@ def test_build_records_the_choice_and_the_measured_recall(ivf_index):
 
 
 def test_nprobe_per_query_reaches_exact_results(ivf_index, small_collection):
+    import faiss
+
     index = retrieval.open_index(ivf_index, device="cpu")
+    lists = faiss.extract_index_ivf(index._vector_index("clip/caption")).invlists
+    assert "OnDisk" in type(faiss.downcast_InvertedLists(lists)).__name__  # memory-mapped, not loaded
+    loaded = retrieval.open_index(ivf_index, device="cpu", mmap=False)._vector_index("clip/caption")
+    assert "Array" in type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded).invlists)).__name__
     nlist = index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
     photo = sorted((small_collection / "images").glob("*.jpg"))[0]
     query = index.image_encoder.encode_images([retrieval.engine.load_image(photo).image])
