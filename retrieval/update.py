@@ -104,7 +104,7 @@ class _Update:
         deleted = self.deleted[kind]
         return Exclusions(deleted, self.rows[kind]) if len(deleted) else None
 
-    def remeasure(self, key: str, index: Any, source: VectorSource, record: dict[str, Any], trained: tuple[int, float | None] | None) -> dict[str, Any]:
+    def remeasure(self, key: str, index: Any, source: VectorSource, record: dict[str, Any]) -> dict[str, Any]:
         """The manifest record of ``key`` after the update: recall measured again, knobs re-tuned."""
         from .index_spec import IndexChoice
 
@@ -119,9 +119,8 @@ class _Update:
         report = measure(index, spec, VectorSet(key, source, queries, query_name), self.options().target_recall, self.exclusions(kind))
         choice = IndexChoice(spec, choice_json["reason"], choice_json["estimated_bytes"], choice_json.get("budget_bytes"),
                              choice_json.get("target_recall", self.options().target_recall))
-        old_trained = record.get("trained") or {}
-        count, residual = trained if trained else (old_trained.get("count", 0), old_trained.get("mean_residual"))
-        return describe(choice, report, len(source), source.dim, count, residual)
+        trained = record.get("trained") or {}
+        return describe(choice, report, len(source), source.dim, trained.get("count", 0), trained.get("mean_residual"))
 
     def query_source(self, key: str) -> VectorSource:
         return self.new_sources.get(key) or self.source(key)
@@ -131,16 +130,11 @@ class _Update:
         self.new_files["faiss"][key] = self.writer.write_faiss(f"{space}-{kind}", index)
 
     def commit(self, operation: dict[str, Any], errors: list[dict[str, Any]]) -> None:
-        files = dict(self.files)
-        files.update({name: value for name, value in self.new_files.items() if value or name not in files})
-        for name in ("items", "vectors", "faiss"):
-            merged = dict(self.files.get(name) or {})
-            merged.update(self.new_files.get(name) or {})
-            files[name] = merged
-        deleted = {kind: rel for kind, rel in (self.new_files.get("deleted") or {}).items() if rel}
-        files.pop("deleted", None)
-        if deleted:
-            files["deleted"] = deleted
+        """Write the manifest naming only what this update carried or wrote (the commit point)."""
+        missing = set(self.files) - set(self.new_files) - {"deleted"}
+        if missing:
+            raise RuntimeError(f"update left out {sorted(missing)}")  # a bug here, never a half-carried index
+        files = {name: value for name, value in self.new_files.items() if value or name != "deleted"}
         self.manifest["files"] = files
         self.manifest["rows"] = self.rows
         self.manifest["counts"] = {kind: self.rows[kind] - len(self.deleted[kind]) for kind in KINDS}
@@ -278,7 +272,7 @@ def _remeasure_all(update: _Update) -> None:
     for key, index in update.built.items():
         record = update.manifest["vector_indexes"][key]
         source = update.new_sources.get(key) or update.source(key)
-        update.manifest["vector_indexes"][key] = update.remeasure(key, index, source, record, None)
+        update.manifest["vector_indexes"][key] = update.remeasure(key, index, source, record)
 
 
 def remove_from_index(
