@@ -12,14 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from .index_spec import DEFAULT_RERANK_FACTOR, IndexSpec, SearchKnobs
+from .index_spec import IndexSpec, SearchKnobs
 from .vector_index import Exclusions, VectorSource, search
 
-RECALL_QUERIES = 200
+RECALL_QUERIES = 500
+CONFIDENCE_Z = 1.645  # a knob is kept when the one-sided 95% lower bound of its recall@10 reaches the target
 LATENCY_QUERIES = 50
 NPROBE_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 EF_SEARCH_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-RERANK_STEPS = (2, 4, 10, 20)
+RERANK_STEPS = (2, 4, 10, 20, 40)  # shortlist = k x factor; tuning starts at the widest and shrinks it
 EXACT_BLOCK_BYTES = 256 << 20
 
 
@@ -50,11 +51,23 @@ def exact_search(source: VectorSource, queries: np.ndarray, k: int, exclude: Exc
 
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean fraction of the true top-``k`` found in the returned top-``k`` (recall@k, as FAISS reports it)."""
+    per_query = per_query_recall(found, truth, k)
+    return float(per_query.mean()) if len(per_query) else 1.0
+
+
+def per_query_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """Recall@k of each query."""
     k = min(k, truth.shape[1], found.shape[1])
-    if k == 0 or len(truth) == 0:
-        return 1.0
-    hits = [len(np.intersect1d(found[i, :k], truth[i, :k])) for i in range(len(truth))]
-    return float(np.mean(hits) / k)
+    if k == 0:
+        return np.ones(len(truth))
+    return np.array([len(np.intersect1d(found[i, :k], truth[i, :k])) / k for i in range(len(truth))])
+
+
+def lower_bound(per_query: np.ndarray) -> float:
+    """One-sided 95% lower confidence bound of the mean recall (what tuning compares with the target)."""
+    if len(per_query) < 2:
+        return float(per_query.mean()) if len(per_query) else 1.0
+    return float(per_query.mean() - CONFIDENCE_Z * per_query.std(ddof=1) / np.sqrt(len(per_query)))
 
 
 @dataclass
@@ -88,12 +101,13 @@ class RecallReport:
 
 
 def _measure(index: Any, queries: np.ndarray, truth: np.ndarray, knobs: SearchKnobs, exclude: Exclusions | None,
-             rerank_with: VectorSource | None) -> tuple[float, float, float]:
-    """(recall@1, recall@10, batch seconds) of one knob setting."""
+             rerank_with: VectorSource | None) -> tuple[float, float, float, float]:
+    """(recall@1, recall@10, its lower confidence bound, batch seconds) of one knob setting."""
     started = time.perf_counter()
     _, found = search(index, queries, 10, knobs, exclude, rerank_with)
     seconds = time.perf_counter() - started
-    return recall_at(found, truth, 1), recall_at(found, truth, 10), seconds
+    at10 = per_query_recall(found, truth, 10)
+    return recall_at(found, truth, 1), float(at10.mean()) if len(at10) else 1.0, lower_bound(at10), seconds
 
 
 def _latency_ms(index: Any, queries: np.ndarray, knobs: SearchKnobs, exclude: Exclusions | None,
@@ -107,10 +121,10 @@ def _latency_ms(index: Any, queries: np.ndarray, knobs: SearchKnobs, exclude: Ex
 
 
 def _candidates(spec: IndexSpec, index: Any) -> list[SearchKnobs]:
-    """Knob settings to try, cheapest first."""
+    """Knob settings to try, cheapest first (re-ranked indexes: with the widest shortlist, shrunk afterwards)."""
     if spec.nlist:
         steps = [n for n in NPROBE_STEPS if n <= spec.nlist] or [spec.nlist]
-        factor = DEFAULT_RERANK_FACTOR if spec.rerank else None
+        factor = RERANK_STEPS[-1] if spec.rerank else None
         return [SearchKnobs(nprobe=n, rerank_factor=factor) for n in steps]
     if spec.hnsw_m:
         return [SearchKnobs(ef_search=ef) for ef in EF_SEARCH_STEPS]
@@ -130,41 +144,38 @@ def measure_and_tune(
     """Recall@1/10 of ``index`` against exact search over ``source`` for ``queries``, and its latency.
 
     With a ``target_recall``, tries the knob settings from cheapest up and keeps the
-    first that reaches it (the last one when none does). ``fixed`` skips tuning.
+    first whose recall@10 reaches it with 95% confidence (the last one when none
+    does): the knobs then hold on new queries too, not only on these. ``fixed``
+    skips tuning.
     """
     queries = np.ascontiguousarray(queries[:RECALL_QUERIES], dtype=np.float32)
     _, truth = exact_search(source, queries, 10, exclude)
     rerank_with = source if spec.rerank else None
     trail: list[dict[str, Any]] = []
+
+    def attempt(knobs: SearchKnobs) -> bool:
+        r1, r10, bound, seconds = _measure(index, queries, truth, knobs, exclude, rerank_with)
+        trail.append({**knobs.to_json(), "recall@1": round(r1, 4), "recall@10": round(r10, 4),
+                      "recall@10_lower_bound": round(bound, 4), "batch_seconds": round(seconds, 5)})
+        return target_recall is not None and bound >= target_recall
+
     candidates = [fixed] if fixed is not None else _candidates(spec, index)
     chosen = candidates[-1]
     reached = target_recall is None
     for knobs in candidates:
-        r1, r10, seconds = _measure(index, queries, truth, knobs, exclude, rerank_with)
-        trail.append({**knobs.to_json(), "recall@1": round(r1, 4), "recall@10": round(r10, 4), "batch_seconds": round(seconds, 5)})
-        if target_recall is not None and r10 >= target_recall:
+        if attempt(knobs):
             chosen, reached = knobs, True
             break
     if spec.rerank and reached and fixed is None:
-        chosen = _smallest_rerank(index, queries, truth, chosen, target_recall, exclude, source, trail)
-    r1, r10, seconds = _measure(index, queries, truth, chosen, exclude, rerank_with)
+        for factor in RERANK_STEPS[:-1]:  # the shortest shortlist that still reaches the target
+            shorter = SearchKnobs(nprobe=chosen.nprobe, rerank_factor=factor)
+            if attempt(shorter):
+                chosen = shorter
+                break
+    r1, r10, _, seconds = _measure(index, queries, truth, chosen, exclude, rerank_with)
     latency = _latency_ms(index, queries, chosen, exclude, rerank_with)
     return RecallReport(
         knobs=chosen, recall_at_1=r1, recall_at_10=r10, latency_ms_median=latency,
         batch_qps=len(queries) / seconds if seconds > 0 else 0.0, queries=len(queries), query_source=query_source,
         target_recall=target_recall, target_reached=reached or target_recall is None, tuning=trail,
     )
-
-
-def _smallest_rerank(index: Any, queries: np.ndarray, truth: np.ndarray, knobs: SearchKnobs, target: float | None,
-                     exclude: Exclusions | None, source: VectorSource, trail: list[dict[str, Any]]) -> SearchKnobs:
-    """The shortest re-ranking shortlist that still reaches the target at the chosen nprobe."""
-    for factor in RERANK_STEPS:
-        if factor >= (knobs.rerank_factor or DEFAULT_RERANK_FACTOR):
-            break
-        candidate = SearchKnobs(nprobe=knobs.nprobe, rerank_factor=factor)
-        r1, r10, seconds = _measure(index, queries, truth, candidate, exclude, source)
-        trail.append({**candidate.to_json(), "recall@1": round(r1, 4), "recall@10": round(r10, 4), "batch_seconds": round(seconds, 5)})
-        if target is not None and r10 >= target:
-            return candidate
-    return knobs
