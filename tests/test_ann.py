@@ -188,6 +188,7 @@ def test_vector_source_reads_shards_rows_and_subsets():
     np.testing.assert_array_equal(source.take(rows), joined[rows])
     np.testing.assert_array_equal(source.take(np.array([-1]))[0], np.zeros(32, np.float32))
     np.testing.assert_array_equal(np.concatenate(list(source.chunks(64))), joined)
+    assert [len(c) for c in source.chunks(64)] == [64, 64, 64, 58]  # blocks span the shard boundary
     subset = RowSubset(source, np.array([5, 200, 7]))
     np.testing.assert_array_equal(subset.all(), joined[[5, 200, 7]])
     np.testing.assert_array_equal(subset.take(np.array([2, 0])), joined[[7, 5]])
