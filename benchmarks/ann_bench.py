@@ -56,10 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.index_spec import (  # noqa: E402
-    HNSW_EF_CONSTRUCTION, IndexSpec, SearchKnobs, choose_index, estimate_bytes, parse_memory, spec_for,
+    IndexSpec, SearchKnobs, choose_index, estimate_bytes, parse_memory, spec_for,
 )
 from retrieval.recall import EF_SEARCH_STEPS, NPROBE_STEPS, RECALL_QUERIES, measure_and_tune, recall_at  # noqa: E402
-from retrieval.vector_index import VectorSource, build_vector_index, search  # noqa: E402
+from retrieval.vector_index import VectorSource, apply_build_params, build_vector_index, search  # noqa: E402
 
 K = 10
 TARGET = 0.95
@@ -82,25 +82,7 @@ def raw_build(xb: np.ndarray, spec: IndexSpec, seed: int = 0) -> Any:
 
     n, d = xb.shape
     index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    if spec.nlist:
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.niter = 10
-        ivf.cp.min_points_per_centroid = 1
-        inner = faiss.downcast_index(ivf)
-        if hasattr(inner, "pq"):
-            inner.do_polysemous_training = False
-            inner.pq.cp.niter = 10
-        quantizer = faiss.downcast_index(ivf.quantizer)
-        if hasattr(quantizer, "hnsw"):
-            quantizer.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            quantizer.hnsw.efSearch = 128
-    if isinstance(index, faiss.IndexPreTransform):
-        for number in range(index.chain.size()):
-            transform = faiss.downcast_VectorTransform(index.chain.at(number))
-            if isinstance(transform, faiss.OPQMatrix):
-                transform.niter = 10
-    if hasattr(index, "hnsw"):
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    apply_build_params(index, spec)  # the very settings the library applies, so only the wrapper differs
     if not index.is_trained:
         size = spec.train_size or n
         # the very rows VectorSource.sample(size, seed) picks

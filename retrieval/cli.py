@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import click
 

@@ -18,7 +18,7 @@ from .store import StoreReader
 from .index_spec import SearchKnobs
 from .placement import place_index
 from .searchable import knobs_of, spec_of
-from .vector_index import Exclusions, VectorSource, _drop_excluded
+from .vector_index import Exclusions, VectorSource, drop_excluded
 from .vector_index import search as vector_search
 
 ImageQuery = Any  # a path (str or Path) or a PIL image
@@ -145,7 +145,7 @@ class Index:
             return index.search(relative_queries, k)
         fetch = min(len(index), k + len(exclude))
         scores, positions = index.search(relative_queries, fetch)
-        return _drop_excluded(scores, positions, exclude, min(k, len(index) - len(exclude)))
+        return drop_excluded(scores, positions, exclude, min(k, len(index) - len(exclude)))
 
     def search_collection(self, source_kind: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Use every stored ``source_kind`` item as a query against the other kind (for evaluation).

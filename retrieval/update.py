@@ -37,7 +37,7 @@ from .locking import writer_lock
 from .relative import SparseRelativeIndex
 from .resume import remove_work
 from .recall import RECALL_QUERIES
-from .searchable import VectorSet, choose, describe, knobs_of, mean_residual, measure, needs_retraining, query_key, spec_of
+from .searchable import VectorSet, choose, mean_residual, measure, needs_retraining, query_key, spec_of
 from .store import StoreWriter
 from .vector_index import Exclusions, RowSubset, VectorSource, add_vectors, build_vector_index, empty_copy
 
@@ -106,21 +106,13 @@ class _Update:
 
     def remeasure(self, key: str, index: Any, source: VectorSource, record: dict[str, Any]) -> dict[str, Any]:
         """The manifest record of ``key`` after the update: recall measured again, knobs re-tuned."""
-        from .index_spec import IndexChoice
-
-        spaces = self.manifest["spaces"]
         live = {kind: self.rows[kind] - len(self.deleted[kind]) for kind in KINDS}
-        query_from, query_name = query_key(key, spaces, live)
-        kind = key.split("/")[1]
+        query_from, query_name = query_key(key, self.manifest["spaces"], live)
         query_source = source if query_from == key else self.query_source(query_from)
         queries = query_source.sample(RECALL_QUERIES, seed=1)
-        choice_json = record["choice"]
-        spec = spec_of(record)
-        report = measure(index, spec, VectorSet(key, source, queries, query_name), self.options().target_recall, self.exclusions(kind))
-        choice = IndexChoice(spec, choice_json["reason"], choice_json["estimated_bytes"], choice_json.get("budget_bytes"),
-                             choice_json.get("target_recall", self.options().target_recall))
-        trained = record.get("trained") or {}
-        return describe(choice, report, len(source), source.dim, trained.get("count", 0), trained.get("mean_residual"))
+        report = measure(index, spec_of(record), VectorSet(key, source, queries, query_name), self.options().target_recall,
+                         self.exclusions(key.split("/")[1]))
+        return {**record, "count": len(source), "measured": report.to_json() if report else None}
 
     def query_source(self, key: str) -> VectorSource:
         return self.new_sources.get(key) or self.source(key)

@@ -64,10 +64,12 @@ class VectorSource:
         """float32 rows at positions ``rows`` (any shape); negative positions give zero rows."""
         rows = np.asarray(rows, dtype=np.int64)
         flat = rows.reshape(-1)
+        valid = flat >= 0
+        if len(self.parts) == 1 and valid.all():  # the common case: one gather, one conversion
+            return np.asarray(self.parts[0][flat], dtype=np.float32).reshape(*rows.shape, self.dim)
         out = np.zeros((len(flat), self.dim), np.float32)
-        if len(self.parts) == 1:  # the common case: no part lookup
-            valid = flat >= 0
-            out[valid] = self.parts[0][flat[valid]] if not valid.all() else self.parts[0][flat]
+        if len(self.parts) == 1:
+            out[valid] = self.parts[0][flat[valid]]
             return out.reshape(*rows.shape, self.dim)
         part_of = np.searchsorted(self.offsets, flat, side="right") - 1
         for number, part in enumerate(self.parts):
@@ -133,7 +135,7 @@ def build_vector_index(
         spec = spec_for(spec, len(source), source.dim)
     d = source.dim or 1
     index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    _set_build_params(index, spec)
+    apply_build_params(index, spec)
     if not index.is_trained:
         if len(source) < (spec.nlist or 1):
             raise InputError(f"{spec.factory} needs at least {spec.nlist} vectors to train, got {len(source)}; use flat")
@@ -144,7 +146,8 @@ def build_vector_index(
     return index
 
 
-def _set_build_params(index: Any, spec: IndexSpec) -> None:
+def apply_build_params(index: Any, spec: IndexSpec) -> None:
+    """The build settings this package uses (k-means iterations, no polysemous training, efConstruction, OPQ iterations)."""
     import faiss
 
     ivf = _ivf_of(index)
@@ -290,14 +293,15 @@ def search(
         scores, positions = index.search(queries, shortlist, params=params) if params is not None else index.search(queries, shortlist)
     else:  # a GPU or torch index: over-fetch and drop the deleted rows here
         scores, positions = index.search(queries, min(int(index.ntotal), shortlist + (len(exclude) if exclude else 0)))
-        scores, positions = _drop_excluded(scores, positions, exclude, shortlist)
-    positions = positions.astype(np.int64)
+        scores, positions = drop_excluded(scores, positions, exclude, shortlist)
+    positions = positions.astype(np.int64, copy=False)
     if rerank_with is not None:
         scores, positions = rerank(queries, positions, rerank_with)
     return scores[:, :k], positions[:, :k]
 
 
-def _drop_excluded(scores: np.ndarray, positions: np.ndarray, exclude: Exclusions | None, keep: int) -> tuple[np.ndarray, np.ndarray]:
+def drop_excluded(scores: np.ndarray, positions: np.ndarray, exclude: Exclusions | None, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``keep`` hits of each row that are not excluded (for searchers without an ID selector)."""
     if exclude is None or not len(exclude):
         return scores[:, :keep], positions[:, :keep]
     valid = positions >= 0
