@@ -94,7 +94,8 @@ def index_type_options(func: Callable) -> Callable:
     """Options choosing the vector index of a build."""
     options = [
         click.option("--index-type", default="auto", show_default=True,
-                     help="flat (exact), hnsw, ivf, ivfpq (OPQ+IVF+PQ, re-ranked from the stored vectors), a FAISS factory "
+                     help="flat (exact), hnsw, ivf (IVF-Flat), ivfsq (IVF over float16 vectors), ivfpq (OPQ+IVF+PQ, "
+                          "re-ranked from the stored vectors), a FAISS factory "
                           "string, or auto: chosen from the collection size within --max-memory."),
         click.option("--max-memory", default=None, help="Memory budget for the vector indexes together, e.g. 4GB (default: no limit)."),
         click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,

@@ -5,8 +5,11 @@ this package builds and tunes:
 
 - a small collection (fewer than ``AUTO_FLAT_BELOW`` vectors) is searched
   exactly: an exact scan of it already takes about a millisecond;
-- otherwise an inverted file (IVF-Flat) when its full-precision vectors fit
-  the budget: ``nlist`` ~ 4 sqrt(n), rounded to a power of two;
+- otherwise an inverted file whose lists hold the float16 vectors
+  (``IVF{nlist},SQfp16``) when they fit the budget: ``nlist`` ~ 4 sqrt(n),
+  rounded to a power of two. The store keeps vectors in float16 anyway, so
+  these lists lose nothing against them, take half the memory of IVF-Flat and
+  scan about twice as fast (benchmarks/ANN.md);
 - otherwise OPQ + IVF + PQ with the largest code size that fits, its shortlist
   re-ranked exactly from the float16 vectors kept on disk (memory-mapped, so
   they cost page cache, not the budget).
@@ -24,7 +27,7 @@ from typing import Any
 
 from .errors import InputError
 
-INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq", "auto")
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfsq", "ivfpq", "auto")
 AUTO_FLAT_BELOW = 50_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
@@ -44,8 +47,9 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 2
 class IndexSpec:
     """A FAISS index to build: its type, factory string and build parameters.
 
-    ``type`` is ``flat``, ``hnsw``, ``ivf``, ``ivfpq`` or ``factory`` (any other
-    FAISS factory string, built as given and searched without tuning).
+    ``type`` is ``flat``, ``hnsw``, ``ivf`` (IVF-Flat), ``ivfsq`` (IVF with
+    float16 lists), ``ivfpq`` or ``factory`` (any other FAISS factory string,
+    built as given and searched without tuning).
     ``rerank``: search a shortlist of ``k x rerank_factor`` in the index, then
     score it exactly with the stored float16 vectors.
     """
@@ -159,16 +163,17 @@ def spec_for(index_type: str, n: int, d: int, pq_m: int | None = None) -> IndexS
         return IndexSpec("flat", "Flat")
     if lowered == "hnsw":
         return IndexSpec("hnsw", f"HNSW{HNSW_M},Flat", hnsw_m=HNSW_M)
-    if lowered in ("ivf", "ivfpq"):
+    if lowered in ("ivf", "ivfsq", "ivfpq"):
         if n < IVF_MIN_POINTS_PER_LIST * 2:
             raise InputError(f"index type {lowered!r} needs at least {IVF_MIN_POINTS_PER_LIST * 2} vectors to train, got {n}; use flat")
         nlist = nlist_for(n)
-        if lowered == "ivf":
-            return IndexSpec("ivf", f"{_quantizer(nlist)},Flat", nlist=nlist, train_size=train_size_for(nlist, n, False))
+        if lowered in ("ivf", "ivfsq"):
+            lists = "Flat" if lowered == "ivf" else "SQfp16"
+            return IndexSpec(lowered, f"{_quantizer(nlist)},{lists}", nlist=nlist, train_size=train_size_for(nlist, n, False))
         m = pq_m or _largest_pq(d)
         if d % m:
             raise InputError(f"PQ with {m} sub-quantizers needs a dimension divisible by {m}; the vectors have {d}")
-        return IndexSpec("ivfpq", f"OPQ{m},{_quantizer(nlist)},PQ{m}", nlist=nlist, pq_m=m, rerank=True,
+        return IndexSpec("ivfpq", f"OPQ{m},{_quantizer(nlist)},PQ{m},Refine(SQfp16)", nlist=nlist, pq_m=m, rerank=True,
                          train_size=train_size_for(nlist, n, True))
     if lowered == "auto":
         raise InputError("'auto' is resolved by choose_index(), not spec_for()")
@@ -196,6 +201,8 @@ def estimate_bytes(spec: IndexSpec, n: int, d: int) -> int:
         return n * d * 4 + n * (spec.hnsw_m or HNSW_M) * 2 * 4 + n * 8
     if spec.type == "ivf":
         return n * d * 4 + ids + lists
+    if spec.type == "ivfsq":
+        return n * d * 2 + ids + lists
     if spec.type == "ivfpq":
         m = spec.pq_m or 64
         return n * m + ids + lists + d * d * 4 + 256 * d * 4
@@ -215,10 +222,10 @@ def choose_index(n: int, d: int, max_memory: int | None = None, target_recall: f
         return IndexChoice(flat, why, flat_bytes, max_memory, target_recall)
     if n < IVF_MIN_POINTS_PER_LIST * 2:
         raise InputError(f"{n} vectors of dimension {d} need {_human(flat_bytes)} for exact search, over the {budget}")
-    ivf = spec_for("ivf", n, d)
+    ivf = spec_for("ivfsq", n, d)
     ivf_bytes = estimate_bytes(ivf, n, d)
     if fits(ivf_bytes):
-        why = (f"{n} vectors: IVF-Flat with {ivf.nlist} lists ({_human(ivf_bytes)} within the {budget}); "
+        why = (f"{n} vectors: IVF with {ivf.nlist} lists holding the float16 vectors ({_human(ivf_bytes)} within the {budget}); "
                f"nprobe is tuned at build time to reach recall@10 >= {target_recall}")
         return IndexChoice(ivf, why, ivf_bytes, max_memory, target_recall)
     tried = []
@@ -228,14 +235,14 @@ def choose_index(n: int, d: int, max_memory: int | None = None, target_recall: f
         pq = spec_for("ivfpq", n, d, pq_m=m)
         need = estimate_bytes(pq, n, d)
         if fits(need):
-            why = (f"{n} vectors: full-precision IVF needs {_human(ivf_bytes)}, over the {budget}; "
+            why = (f"{n} vectors: IVF over float16 vectors needs {_human(ivf_bytes)}, over the {budget}; "
                    f"OPQ+IVF{pq.nlist}+PQ{m} ({m} bytes per vector, {_human(need)}) with the shortlist re-ranked "
                    f"exactly from the float16 vectors on disk; nprobe tuned for recall@10 >= {target_recall}")
             return IndexChoice(pq, why, need, max_memory, target_recall)
         tried.append(f"PQ{m}: {_human(need)}")
     raise InputError(
         f"{n} vectors of dimension {d} do not fit the {budget}: "
-        f"IVF-Flat needs {_human(ivf_bytes)}, {'; '.join(tried) or 'no PQ size divides the dimension'}; raise --max-memory"
+        f"IVF over float16 vectors needs {_human(ivf_bytes)}, {'; '.join(tried) or 'no PQ size divides the dimension'}; raise --max-memory"
     )
 
 

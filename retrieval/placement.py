@@ -11,7 +11,7 @@ from .vector_index import VectorSource, gpu_count, to_available_gpus
 
 log = logging.getLogger(__name__)
 
-GPU_TYPES = ("flat", "ivf", "ivfpq")  # FAISS GPU has no HNSW: those stay on the CPU
+GPU_TYPES = ("flat", "ivf", "ivfsq", "ivfpq")  # FAISS GPU has no HNSW: those stay on the CPU
 
 
 def place_index(index: Any, spec: IndexSpec, device: str, load_vectors: Callable[[], VectorSource]) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -30,14 +30,15 @@ def exact_search(source: VectorSource, queries: np.ndarray, k: int, exclude: Exc
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
     best_rows = np.zeros((len(queries), 0), np.int64)
     start = 0
-    block_rows = max(1024, EXACT_BLOCK_BYTES // max(1, 4 * source.dim))
+    # per row of a block: its float32 vector, and per query a float32 score and an int64 partition index
+    block_rows = max(1024, EXACT_BLOCK_BYTES // max(1, 4 * source.dim + 12 * len(queries)))
     for chunk in source.chunks(block_rows):
         scores = queries @ chunk.T
         rows = np.arange(start, start + len(chunk), dtype=np.int64)
         if exclude is not None and len(exclude):
             scores[:, exclude.mask[start : start + len(chunk)]] = -np.inf
         kk = min(k, scores.shape[1])
-        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        top = np.argpartition(scores, scores.shape[1] - kk, axis=1)[:, -kk:]  # no negated copy of the block
         best_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
         best_rows = np.concatenate([best_rows, rows[top]], axis=1)
         if best_scores.shape[1] > k:
@@ -131,6 +132,31 @@ def _candidates(spec: IndexSpec, index: Any) -> list[SearchKnobs]:
     return [SearchKnobs()]
 
 
+def fastest_shortlist(widest: SearchKnobs, widest_seconds: float, nprobes: list[int | None],
+                       attempt: Callable[[SearchKnobs], tuple[bool, float]]) -> SearchKnobs:
+    """The fastest (nprobe, shortlist factor) reaching the target, starting from the widest shortlist's.
+
+    A shorter shortlist re-ranks less but may need more lists probed to keep the
+    recall; each factor gets the fewest probes that reach the target, and a factor
+    stops being probed further once it is slower than the best so far.
+    """
+    best, best_seconds = widest, widest_seconds
+    start = nprobes.index(widest.nprobe)
+    for factor in reversed(RERANK_STEPS[:-1]):
+        ok = False
+        for position in range(start, len(nprobes)):
+            knobs = SearchKnobs(nprobe=nprobes[position], rerank_factor=factor)
+            ok, seconds = attempt(knobs)
+            if ok or seconds > best_seconds:
+                break
+        if not ok:
+            break  # this factor cannot beat the best; shorter ones need still more probes
+        start = position
+        if seconds < best_seconds:
+            best, best_seconds = knobs, seconds
+    return best
+
+
 def measure_and_tune(
     index: Any,
     spec: IndexSpec,
@@ -153,25 +179,22 @@ def measure_and_tune(
     rerank_with = source if spec.rerank else None
     trail: list[dict[str, Any]] = []
 
-    def attempt(knobs: SearchKnobs) -> bool:
+    def attempt(knobs: SearchKnobs) -> tuple[bool, float]:
         r1, r10, bound, seconds = _measure(index, queries, truth, knobs, exclude, rerank_with)
         trail.append({**knobs.to_json(), "recall@1": round(r1, 4), "recall@10": round(r10, 4),
                       "recall@10_lower_bound": round(bound, 4), "batch_seconds": round(seconds, 5)})
-        return target_recall is not None and bound >= target_recall
+        return target_recall is not None and bound >= target_recall, seconds
 
     candidates = [fixed] if fixed is not None else _candidates(spec, index)
     chosen = candidates[-1]
     reached = target_recall is None
     for knobs in candidates:
-        if attempt(knobs):
+        ok, seconds = attempt(knobs)
+        if ok:
             chosen, reached = knobs, True
             break
     if spec.rerank and reached and fixed is None:
-        for factor in RERANK_STEPS[:-1]:  # the shortest shortlist that still reaches the target
-            shorter = SearchKnobs(nprobe=chosen.nprobe, rerank_factor=factor)
-            if attempt(shorter):
-                chosen = shorter
-                break
+        chosen = fastest_shortlist(chosen, seconds, [c.nprobe for c in candidates], attempt)
     r1, r10, _, seconds = _measure(index, queries, truth, chosen, exclude, rerank_with)
     latency = _latency_ms(index, queries, chosen, exclude, rerank_with)
     return RecallReport(

@@ -16,7 +16,7 @@ import numpy as np
 from .config import IndexOptions
 from .index_spec import IVF_MIN_POINTS_PER_LIST, IndexChoice, IndexSpec, SearchKnobs, choose_index, estimate_bytes, spec_for
 from .recall import RECALL_QUERIES, RecallReport, measure_and_tune
-from .vector_index import Exclusions, VectorSource, as_source, build_vector_index
+from .vector_index import Exclusions, VectorSource, as_source, build_vector_index, without_refinement
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def mean_residual(index: Any, vectors: np.ndarray) -> float | None:
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if len(x) == 0:
         return None
+    index = without_refinement(index)
     if isinstance(index, faiss.IndexPreTransform):
         for number in range(index.chain.size()):
             x = faiss.downcast_VectorTransform(index.chain.at(number)).apply(x)

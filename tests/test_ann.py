@@ -8,6 +8,7 @@ import pytest
 
 from retrieval.errors import InputError
 from retrieval.index_spec import (
+    IndexSpec,
     SearchKnobs,
     choose_index,
     estimate_bytes,
@@ -15,7 +16,7 @@ from retrieval.index_spec import (
     parse_memory,
     spec_for,
 )
-from retrieval.recall import exact_search, measure_and_tune, recall_at
+from retrieval.recall import fastest_shortlist, exact_search, measure_and_tune, recall_at
 from retrieval.searchable import mean_residual, needs_retraining, split_budget
 from retrieval.torch_search import TorchFlatIndex, torch_cuda_available
 from retrieval.vector_index import (
@@ -25,7 +26,9 @@ from retrieval.vector_index import (
     build_vector_index,
     empty_copy,
     gpu_count,
+    is_refined,
     read_vector_index,
+    rerank,
     search,
     to_available_gpus,
 )
@@ -90,7 +93,8 @@ def test_auto_choice_follows_size_and_budget():
     small = choose_index(10_000, 512)
     assert small.spec.type == "flat" and "exact" in small.reason
     big = choose_index(1_000_000, 512, parse_memory("4GB"))
-    assert big.spec.type == "ivf" and big.spec.nlist == 4096 and big.estimated_bytes <= 4 << 30
+    assert big.spec.type == "ivfsq" and big.spec.factory == "IVF4096,SQfp16" and big.estimated_bytes <= 4 << 30
+    assert big.estimated_bytes < 0.55 * estimate_bytes(spec_for("ivf", 1_000_000, 512), 1_000_000, 512)  # float16 lists
     squeezed = choose_index(10_000_000, 512, parse_memory("4GB"), 0.9)
     assert squeezed.spec.type == "ivfpq" and squeezed.spec.rerank and squeezed.estimated_bytes <= 4 << 30
     assert "over the 4.0 GB budget" in squeezed.reason
@@ -119,7 +123,7 @@ def test_unknown_type_and_factory_strings():
 # -- searching -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("index_type", ["hnsw", "ivf", "ivfpq", "IVF32,SQ8"])
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf", "ivfsq", "ivfpq", "IVF32,SQ8"])
 def test_approximate_types_reach_their_target_against_brute_force(index_type, built):
     source = VectorSource(DATA)
     spec, index = built(index_type)
@@ -141,15 +145,40 @@ def test_ivf_visiting_every_list_is_exact():
     assert recall_at(one, found, 10) < 1.0  # the knob is really applied per query
 
 
-def test_rerank_returns_exact_scores_of_the_shortlist(built):
+def test_float16_lists_visiting_every_list_are_exact_over_the_stored_float16_vectors(built):
+    spec, index = built("ivfsq")
+    stored = DATA.astype(np.float16).astype(np.float32)  # what the store keeps
+    scores, found = search(index, QUERIES, 10, SearchKnobs(nprobe=spec.nlist))
+    np.testing.assert_allclose(scores, np.take_along_axis(QUERIES @ stored.T, found, axis=1), atol=1e-5)
+    assert recall_at(found, brute_force(stored, QUERIES, 10), 10) >= 0.999  # only exact near-ties may swap
+
+
+def test_ivfpq_reranks_natively_with_exact_scores_of_the_float16_vectors(built):
     spec, index = built("ivfpq")
+    assert is_refined(index) and spec.factory.endswith(",Refine(SQfp16)")
+    stored = DATA.astype(np.float16).astype(np.float32)
     scores, found = search(index, QUERIES, 5, SearchKnobs(nprobe=spec.nlist, rerank_factor=20), rerank_with=VectorSource(DATA))
-    exact = np.take_along_axis(QUERIES @ DATA.T, found, axis=1)
-    np.testing.assert_allclose(scores, exact, atol=1e-5)
+    np.testing.assert_allclose(scores, np.take_along_axis(QUERIES @ stored.T, found, axis=1), atol=1e-5)
     assert (np.diff(scores, axis=1) <= 1e-7).all()
+    short = search(index, QUERIES, 10, SearchKnobs(nprobe=spec.nlist, rerank_factor=1))[1]
+    long = search(index, QUERIES, 10, SearchKnobs(nprobe=spec.nlist, rerank_factor=40))[1]
+    truth = brute_force(stored, QUERIES, 10)
+    assert recall_at(short, truth, 10) < recall_at(long, truth, 10)  # the shortlist factor is applied per query
 
 
-@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
+def test_python_rerank_of_an_index_without_refinement_is_exact():
+    index = build_vector_index(DATA, IndexSpec("factory", "IVF16,PQ8", nlist=16, train_size=len(DATA)))
+    candidates = np.array([[5, 3, -1, 7], [0, 1, 2, 3]])
+    source = VectorSource([DATA[:4].astype(np.float16), DATA[4:]])
+    scores, found = rerank(QUERIES[:2], candidates, source)
+    expected = np.take_along_axis(QUERIES[:2] @ source.all().T, np.where(found < 0, 0, found), axis=1)
+    np.testing.assert_allclose(scores[found >= 0], expected[found >= 0], atol=1e-6)
+    assert found[0, -1] == -1 and set(found[0, :3]) == {3, 5, 7} and (np.diff(scores, axis=1) <= 0).all()
+    _, searched = search(index, QUERIES, 5, SearchKnobs(nprobe=16, rerank_factor=20), rerank_with=source)
+    assert recall_at(searched, brute_force(source.all(), QUERIES, 5), 5) >= 0.9
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf", "ivfsq"])
 def test_deleted_rows_are_never_returned(index_type, built):
     _, index = built(index_type)
     truth = brute_force(DATA, QUERIES, 3)
@@ -195,14 +224,24 @@ def test_vector_source_reads_shards_rows_and_subsets():
     assert len(source.sample(50)) == 50 and len(np.unique(source.sample(50), axis=0)) == 50
 
 
-def test_memory_mapped_ivf_answers_like_the_loaded_one(tmp_path):
-    spec = spec_for("ivf", len(DATA), 32)
-    index = build_vector_index(DATA, spec)
+@pytest.mark.parametrize("index_type", ["ivf", "ivfsq"])
+def test_memory_mapped_ivf_answers_like_the_loaded_one(tmp_path, built, index_type):
+    _, index = built(index_type)
     path = tmp_path / "ivf.index"
     faiss.write_index(index, str(path))
     mapped = read_vector_index(str(path), mmap=True)
     assert "OnDisk" in type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(mapped).invlists)).__name__
     knobs = SearchKnobs(nprobe=8)
+    np.testing.assert_array_equal(search(mapped, QUERIES, 10, knobs)[1], search(index, QUERIES, 10, knobs)[1])
+
+
+def test_memory_mapped_ivfpq_maps_its_reranking_codes(tmp_path, built):
+    spec, index = built("ivfpq")
+    path = tmp_path / "ivfpq.index"
+    faiss.write_index(index, str(path))
+    mapped = read_vector_index(str(path), mmap=True)
+    assert not faiss.downcast_index(faiss.downcast_index(mapped).refine_index).codes.is_owned  # a view of the file
+    knobs = SearchKnobs(nprobe=8, rerank_factor=10)
     np.testing.assert_array_equal(search(mapped, QUERIES, 10, knobs)[1], search(index, QUERIES, 10, knobs)[1])
 
 
@@ -228,9 +267,11 @@ def test_drift_and_growth_trigger_retraining():
 
 
 def test_estimates_match_what_faiss_allocates(built):
-    for index_type in ("flat", "ivf", "ivfpq", "hnsw"):
+    for index_type in ("flat", "ivf", "ivfsq", "ivfpq", "hnsw"):
         spec, index = built(index_type)
         stored = len(faiss.serialize_index(index))
+        if is_refined(index):  # its float16 re-ranking codes are memory-mapped from the file: page cache, not budget
+            stored -= DATA.size * 2
         assert 0.6 * stored <= estimate_bytes(spec, len(DATA), 32) <= 2.0 * stored, index_type
 
 
@@ -257,9 +298,21 @@ def test_torch_float16_path_on_cuda_matches_faiss_cpu():
 
 @pytest.mark.skipif(gpu_count() == 0, reason="faiss has no GPU support here (faiss-cpu) or sees no GPU")
 def test_faiss_gpu_indexes_match_the_cpu():
-    for index_type in ("flat", "ivf"):
+    for index_type in ("flat", "ivf", "ivfsq"):
         cpu = build_vector_index(DATA, spec_for(index_type, len(DATA), 32))
         gpu = to_available_gpus(cpu)
         knobs = SearchKnobs(nprobe=16)
         exclude = Exclusions(np.array([3]), len(DATA))
         assert recall_at(search(gpu, QUERIES, 10, knobs, exclude)[1], search(cpu, QUERIES, 10, knobs, exclude)[1], 10) >= 0.99
+
+
+def test_shortlist_tuning_picks_the_fastest_setting_that_reaches_the_target():
+    tried = []
+
+    def attempt(knobs):  # recall grows with probes x shortlist; time with both
+        tried.append((knobs.nprobe, knobs.rerank_factor))
+        return knobs.nprobe * knobs.rerank_factor >= 160, knobs.nprobe + 0.3 * knobs.rerank_factor
+
+    best = fastest_shortlist(SearchKnobs(nprobe=4, rerank_factor=40), 16.0, [1, 2, 4, 8, 16, 32, 64], attempt)
+    assert (best.nprobe, best.rerank_factor) == (8, 20)
+    assert (16, 4) in tried and (32, 4) not in tried  # a factor is not probed past the best time
