@@ -173,7 +173,7 @@ def spec_for(index_type: str, n: int, d: int, pq_m: int | None = None) -> IndexS
         m = pq_m or _largest_pq(d)
         if d % m:
             raise InputError(f"PQ with {m} sub-quantizers needs a dimension divisible by {m}; the vectors have {d}")
-        return IndexSpec("ivfpq", f"OPQ{m},{_quantizer(nlist)},PQ{m},Refine(SQfp16)", nlist=nlist, pq_m=m, rerank=True,
+        return IndexSpec("ivfpq", f"OPQ{m},{_quantizer(nlist)},PQ{m}", nlist=nlist, pq_m=m, rerank=True,
                          train_size=train_size_for(nlist, n, True))
     if lowered == "auto":
         raise InputError("'auto' is resolved by choose_index(), not spec_for()")

@@ -55,14 +55,14 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .atomic import atomic_open, atomic_path, write_json_atomic
-from .errors import IndexFormatError
+from .errors import IndexFormatError, InputError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
 LOCK_NAME = ".lock"
 WORK_NAME = ".work"  # progress shards of a build in progress (retrieval.resume); never in a manifest
-SHARD_ROWS = 65_536
+VECTOR_CHUNK_ROWS = 65_536  # rows converted and written at a time
 MAX_MANIFEST_BYTES = 64 << 20
 _DATA_DIRS = ("items", "vectors", "faiss", "relative", "anchors")
 _BUILD_ID = re.compile(r"b[0-9]{8}T[0-9]{6}-[0-9a-f]{6}")
@@ -138,17 +138,32 @@ class StoreWriter:
         return self._finish(rel)
 
     def write_vectors(self, space: str, kind: str, vectors: Any, first_shard: int = 0) -> list[str]:
-        """Write L2-normalised vectors (a matrix or a ``VectorSource``) as float16 shards of at most ``SHARD_ROWS`` rows."""
-        blocks = vectors.chunks(SHARD_ROWS) if hasattr(vectors, "chunks") else None
-        if blocks is None:
+        """Write L2-normalised vectors (a matrix or a ``VectorSource``) as one float16 shard, streamed in chunks.
+
+        One contiguous file per build (``add`` appends further shards): FAISS can then
+        re-rank from it in place (see ``faiss_views``), and a memory-mapped read is one map.
+        """
+        if not hasattr(vectors, "chunks"):
             matrix = np.asarray(vectors, dtype=np.float16)
-            blocks = (matrix[start : start + SHARD_ROWS] for start in range(0, max(len(matrix), 1), SHARD_ROWS))
-        shards = []
-        for number, chunk in enumerate(blocks, start=first_shard):
-            shards.append(self.write_array(f"vectors/{space}", f"{kind}-{number:05d}", np.asarray(chunk, dtype=np.float16)))
-        if not shards:  # an empty source: one empty shard keeps the dimension
-            shards.append(self.write_array(f"vectors/{space}", f"{kind}-{first_shard:05d}", np.zeros((0, getattr(vectors, "dim", 0)), np.float16)))
-        return shards
+            if matrix.ndim != 2:
+                raise InputError(f"expected a 2-D matrix of vectors, got shape {matrix.shape}")
+            blocks, rows, dim = (matrix[start : start + VECTOR_CHUNK_ROWS] for start in range(0, len(matrix), VECTOR_CHUNK_ROWS)), *matrix.shape
+        else:
+            blocks, rows, dim = vectors.chunks(VECTOR_CHUNK_ROWS), len(vectors), vectors.dim
+        rel = f"vectors/{space}/{kind}-{first_shard:05d}-{self.build_id}.npy"
+        with atomic_path(self.root / rel) as tmp:
+            if rows == 0:  # numpy cannot map an empty file region
+                with open(tmp, "wb") as handle:
+                    np.save(handle, np.zeros((0, dim), np.float16), allow_pickle=False)
+            else:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
+                start = 0
+                for chunk in blocks:
+                    out[start : start + len(chunk)] = chunk
+                    start += len(chunk)
+                out.flush()
+                del out
+        return [self._finish(rel)]
 
     def write_table(self, stem: str, table: "pa.Table") -> str:  # noqa: F821
         """Write a parquet table under ``items/``."""

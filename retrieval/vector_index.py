@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import InputError
+from .faiss_views import refine_with_rows
 from .index_spec import DEFAULT_RERANK_FACTOR, HNSW_EF_CONSTRUCTION, IndexSpec, SearchKnobs, spec_for
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class VectorSource:
         self.dim = dims.pop() if dims else 0
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
         self._tensors: list[Any] | None = None
+        self._rerankers: dict[int, tuple[Any, Any]] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -96,6 +98,15 @@ class VectorSource:
         for start in range(0, len(rows), step):
             into[start : start + step] = source.index_select(0, positions[start : start + step])
         return out
+
+    def native_reranker(self, index: Any) -> Any | None:
+        """``index`` re-ranking its shortlist in FAISS from these rows, viewed in place (None where not possible)."""
+        rerankers = self.__dict__.setdefault("_rerankers", {})
+        entry = rerankers.get(id(index))
+        if entry is None:
+            single = self.parts[0] if len(self.parts) == 1 and isinstance(self.parts[0], np.ndarray) else None
+            entry = rerankers[id(index)] = (index, refine_with_rows(index, single) if single is not None else None)
+        return entry[1]
 
     def sample(self, count: int, seed: int = 0) -> np.ndarray:
         """``count`` distinct rows chosen at random (all rows when there are fewer), as float32."""
@@ -239,7 +250,7 @@ def _core(index: Any) -> Any:
 
 
 def is_refined(index: Any) -> bool:
-    """Whether ``index`` re-ranks its own shortlist (a FAISS ``IndexRefine``: our ``ivfpq``)."""
+    """Whether ``index`` re-ranks its own shortlist (a FAISS ``IndexRefine``: ivfpq with its rows, or a factory ``...,Refine(...)``)."""
     import faiss
 
     return isinstance(index, faiss.Index) and isinstance(faiss.downcast_index(index), faiss.IndexRefine)
@@ -358,8 +369,10 @@ def search(
     k = min(int(k), live)
     if k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    if rerank_with is not None and is_refined(index):
-        rerank_with = None  # FAISS re-ranks natively from the float16 codes in the index file
+    if rerank_with is not None:
+        native = index if is_refined(index) else rerank_with.native_reranker(index)
+        if native is not None:  # FAISS re-ranks in C++ from the same rows; else numpy does, below
+            index, rerank_with = native, None
     shortlist = k
     if rerank_with is not None:
         shortlist = min(live, k * (knobs.rerank_factor or DEFAULT_RERANK_FACTOR))

@@ -153,17 +153,25 @@ def test_float16_lists_visiting_every_list_are_exact_over_the_stored_float16_vec
     assert recall_at(found, brute_force(stored, QUERIES, 10), 10) >= 0.999  # only exact near-ties may swap
 
 
-def test_ivfpq_reranks_natively_with_exact_scores_of_the_float16_vectors(built):
+def test_ivfpq_reranks_in_faiss_from_the_stored_float16_rows_without_copying_them(built):
     spec, index = built("ivfpq")
-    assert is_refined(index) and spec.factory.endswith(",Refine(SQfp16)")
-    stored = DATA.astype(np.float16).astype(np.float32)
-    scores, found = search(index, QUERIES, 5, SearchKnobs(nprobe=spec.nlist, rerank_factor=20), rerank_with=VectorSource(DATA))
+    stored16 = DATA.astype(np.float16)
+    source = VectorSource(stored16)
+    native = source.native_reranker(index)
+    assert is_refined(native) and not faiss.downcast_index(native.refine_index).codes.is_owned  # a view, no copy
+    knobs = SearchKnobs(nprobe=spec.nlist, rerank_factor=20)
+    scores, found = search(index, QUERIES, 5, knobs, rerank_with=source)
+    stored = stored16.astype(np.float32)
     np.testing.assert_allclose(scores, np.take_along_axis(QUERIES @ stored.T, found, axis=1), atol=1e-5)
     assert (np.diff(scores, axis=1) <= 1e-7).all()
-    short = search(index, QUERIES, 10, SearchKnobs(nprobe=spec.nlist, rerank_factor=1))[1]
-    long = search(index, QUERIES, 10, SearchKnobs(nprobe=spec.nlist, rerank_factor=40))[1]
+    in_numpy = search(index, QUERIES, 5, knobs, rerank_with=VectorSource([stored16[:100], stored16[100:]]))  # two parts: no view
+    np.testing.assert_array_equal(in_numpy[1], found)
+    short = search(index, QUERIES, 10, SearchKnobs(nprobe=spec.nlist, rerank_factor=1), rerank_with=source)[1]
+    long = search(index, QUERIES, 10, SearchKnobs(nprobe=spec.nlist, rerank_factor=40), rerank_with=source)[1]
     truth = brute_force(stored, QUERIES, 10)
     assert recall_at(short, truth, 10) < recall_at(long, truth, 10)  # the shortlist factor is applied per query
+    exclude = Exclusions(truth[:, 0], len(DATA))
+    assert not np.isin(search(index, QUERIES, 10, knobs, exclude, rerank_with=source)[1], truth[:, 0]).any()
 
 
 def test_python_rerank_of_an_index_without_refinement_is_exact():
@@ -235,12 +243,12 @@ def test_memory_mapped_ivf_answers_like_the_loaded_one(tmp_path, built, index_ty
     np.testing.assert_array_equal(search(mapped, QUERIES, 10, knobs)[1], search(index, QUERIES, 10, knobs)[1])
 
 
-def test_memory_mapped_ivfpq_maps_its_reranking_codes(tmp_path, built):
-    spec, index = built("ivfpq")
-    path = tmp_path / "ivfpq.index"
+def test_a_refined_factory_index_is_read_with_its_codes_memory_mapped(tmp_path):
+    index = build_vector_index(DATA, spec_for("IVF32,PQ8,Refine(SQfp16)", len(DATA), 32))
+    path = tmp_path / "refined.index"
     faiss.write_index(index, str(path))
     mapped = read_vector_index(str(path), mmap=True)
-    assert not faiss.downcast_index(faiss.downcast_index(mapped).refine_index).codes.is_owned  # a view of the file
+    assert is_refined(mapped) and not faiss.downcast_index(faiss.downcast_index(mapped).refine_index).codes.is_owned
     knobs = SearchKnobs(nprobe=8, rerank_factor=10)
     np.testing.assert_array_equal(search(mapped, QUERIES, 10, knobs)[1], search(index, QUERIES, 10, knobs)[1])
 
@@ -270,8 +278,6 @@ def test_estimates_match_what_faiss_allocates(built):
     for index_type in ("flat", "ivf", "ivfsq", "ivfpq", "hnsw"):
         spec, index = built(index_type)
         stored = len(faiss.serialize_index(index))
-        if is_refined(index):  # its float16 re-ranking codes are memory-mapped from the file: page cache, not budget
-            stored -= DATA.size * 2
         assert 0.6 * stored <= estimate_bytes(spec, len(DATA), 32) <= 2.0 * stored, index_type
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from retrieval.atomic import atomic_open, write_json_atomic
 from retrieval.errors import IndexFormatError
-from retrieval.store import MANIFEST_NAME, SHARD_ROWS, StoreReader, StoreWriter, directory_exists
-from retrieval.vector_index import build_vector_index
+from retrieval.store import MANIFEST_NAME, VECTOR_CHUNK_ROWS, StoreReader, StoreWriter, directory_exists
+from retrieval.vector_index import VectorSource, build_vector_index
 
 
 def test_atomic_open_leaves_target_untouched_when_the_write_fails(tmp_path):
@@ -30,9 +30,9 @@ def test_write_json_atomic_round_trips(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": [1, 2]}
 
 
-def _write_build(root, value: float, extra_shards: bool = False):
+def _write_build(root, value: float, several_chunks: bool = False):
     writer = StoreWriter(root, kind="index")
-    rows = SHARD_ROWS + 3 if extra_shards else 5
+    rows = VECTOR_CHUNK_ROWS + 3 if several_chunks else 5
     vectors = np.full((rows, 4), value, np.float32)
     files = {
         "vectors": writer.write_vectors("clip", "image", vectors),
@@ -44,14 +44,14 @@ def _write_build(root, value: float, extra_shards: bool = False):
 
 
 def test_commit_then_read_back(tmp_path):
-    files = _write_build(tmp_path, 0.5, extra_shards=True)
+    files = _write_build(tmp_path, 0.5, several_chunks=True)
     reader = StoreReader(tmp_path, kind="index")
-    assert len(files["vectors"]) == 2  # sharded
+    assert len(files["vectors"]) == 1  # written in chunks into one contiguous file
     vectors = reader.read_vectors(reader.manifest["files"]["vectors"])
-    assert vectors.dtype == np.float32 and vectors.shape == (SHARD_ROWS + 3, 4)
+    assert vectors.dtype == np.float32 and vectors.shape == (VECTOR_CHUNK_ROWS + 3, 4)
     assert np.all(vectors == 0.5)
     assert reader.read_faiss(files["faiss"]).ntotal == 5
-    assert reader.read_table(files["table"]).num_rows == SHARD_ROWS + 3
+    assert reader.read_table(files["table"]).num_rows == VECTOR_CHUNK_ROWS + 3
     assert reader.read_errors() == [{"path": "bad.jpg", "reason": "truncated"}]
     assert reader.manifest["errors"] == 1
     assert directory_exists(tmp_path)
@@ -60,6 +60,16 @@ def test_commit_then_read_back(tmp_path):
 def test_vectors_are_stored_as_float16(tmp_path):
     files = _write_build(tmp_path, 0.25)
     assert np.load(tmp_path / files["vectors"][0]).dtype == np.float16
+
+
+def test_a_vector_source_of_several_parts_streams_into_one_file_and_empty_keeps_its_dimension(tmp_path):
+    writer = StoreWriter(tmp_path, kind="index")
+    parts = [np.random.default_rng(n).standard_normal((rows, 8)).astype(np.float16) for n, rows in enumerate((3, 70_000))]
+    written = writer.write_vectors("clip", "image", VectorSource(parts))
+    assert len(written) == 1
+    np.testing.assert_array_equal(np.load(tmp_path / written[0]), np.concatenate(parts))
+    empty = writer.write_vectors("clip", "caption", VectorSource([np.zeros((0, 8), np.float16)]), first_shard=2)
+    assert np.load(tmp_path / empty[0]).shape == (0, 8) and "-00002-" in empty[0]
 
 
 def test_new_commit_replaces_old_files_and_uncommitted_build_changes_nothing(tmp_path):

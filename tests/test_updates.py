@@ -89,6 +89,24 @@ def test_nprobe_per_query_reaches_exact_results(ivf_index, small_collection):
     assert [h.id for h in hits] == _exact_caption_ids(index, query, 10)[0]
 
 
+def test_ivfpq_index_reranks_in_faiss_from_the_stored_vectors(tmp_path, tiny_clip_dir, small_collection, caption_files):
+    import faiss
+
+    path = tmp_path / "index"
+    retrieval.build_index(images=[small_collection / "images"], captions=[caption_files / "all.txt"], index=path,
+                          encoders=clip(tiny_clip_dir), embed=QUIET, index_options=IndexOptions("ivfpq", target_recall=0.9))
+    index = retrieval.open_index(path, device="cpu")
+    assert index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["type"] == "ivfpq"
+    compressed, stored = index._vector_index("clip/caption"), index._vector_source("clip/caption")
+    native = stored.native_reranker(compressed)
+    assert native is not None and not faiss.downcast_index(native.refine_index).codes.is_owned  # the stored file, viewed
+    nlist = index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
+    photo = sorted((small_collection / "images").glob("*.jpg"))[0]
+    query = index.image_encoder.encode_images([retrieval.engine.load_image(photo).image])
+    hits = index.image_to_caption(photo, k=5, knobs=SearchKnobs(nprobe=nlist, rerank_factor=80))  # the whole list set
+    assert [h.id for h in hits] == _exact_caption_ids(index, query, 5)[0]
+
+
 def test_batch_text_queries_equal_single_queries(ivf_index, tmp_path):
     index = retrieval.open_index(ivf_index, device="cpu")
     texts = ["a plate of food", "a man riding a horse", "people at a table"]
