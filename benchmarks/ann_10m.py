@@ -2,18 +2,20 @@
 
 Data: ``benchmarks/ann_data.py`` (synthetic CLIP-like embeddings, see there), generated streamingly into
 float16 shards of 1M rows under ``index_data/bench/`` (10M x 512 x 2 bytes = 10 GB on disk; no step ever
-holds the collection in float32). Then, as a build of the library does:
+holds the collection in float32), then copied once into one contiguous float16 file, the layout a library
+build stores a vector set in. Then, as a build of the library does:
 
 1. ``choose_index(n, d, parse_memory(--max-memory), --target)`` (at 10M / 4GB: OPQ + IVF + PQ, the shortlist
    re-ranked from the float16 vectors on disk);
-2. ``build_vector_index(VectorSource([np.load(shard, mmap_mode="r"), ...]), spec)`` (trains on a sample, adds
+2. ``build_vector_index(VectorSource([np.load(file, mmap_mode="r")]), spec)`` (trains on a sample, adds
    in chunks), written with ``faiss.write_index``;
 3. ``measure_and_tune(..., target_recall=--target)`` on ``RECALL_QUERIES`` held-out queries (its ground truth is
    ``exact_search`` streamed over the shards);
 4. evaluation on ``--queries`` other held-out queries: recall@10 against exact search, latency at batch 1
    (median of ``--single``), QPS at batch ``--queries``;
 5. a fresh child process opens the written index with ``read_vector_index(path, mmap=True)``, re-ranks from
-   the memory-mapped shards and reports its own peak memory: what a search process holds within the budget.
+   the memory-mapped float16 file (FAISS ``IndexRefine`` viewing it in place) and reports its own peak memory:
+   what a search process holds within the budget.
 
 Memory: peak RSS from ``resource.getrusage`` (= VmHWM) counts the resident pages of the memory-mapped shards
 too (page cache the kernel can drop, streamed through by the build and by exact search), so peak anonymous
@@ -107,14 +109,14 @@ def evaluate(index: Any, spec: IndexSpec, knobs: SearchKnobs, source: VectorSour
 
 
 def child(args: argparse.Namespace) -> None:
-    """A fresh search process: open the index memory-mapped, re-rank from the memory-mapped shards, report memory."""
+    """A fresh search process: open the index memory-mapped, re-rank from the memory-mapped vectors, report memory."""
     spec_data = json.loads(args.child_spec)
     spec, knobs = IndexSpec.from_json(spec_data["spec"]), SearchKnobs.from_json(spec_data["knobs"])
     monitor = C.MemoryMonitor()
     started = time.perf_counter()
     index = read_vector_index(args.child, mmap=True)
     opened = time.perf_counter() - started
-    parts = ann_data.load(args.n, args.d, args.seed, log)
+    parts = ann_data.load_contiguous(args.n, args.d, args.seed, log)
     if args.madv_random:  # no readahead around each re-ranked row (a benchmark-side setting of the memory maps)
         import mmap
 
@@ -180,9 +182,9 @@ def main() -> None:
         C.write_json(json_path, result)
         return out
 
-    parts = phase("generate", lambda: ann_data.load(n, d, args.seed, log))
+    parts = phase("generate", lambda: ann_data.load_contiguous(n, d, args.seed, log))
     source = VectorSource(parts)
-    log(f"data: {n:,} x {d} float16 in {len(parts)} memory-mapped shards, {sum(p.nbytes for p in parts) / (1 << 30):.1f} GiB")
+    log(f"data: {n:,} x {d} float16 in {len(parts)} memory-mapped file(s), {sum(p.nbytes for p in parts) / (1 << 30):.1f} GiB")
     choice = choose_index(n, d, budget, args.target)
     spec = choice.spec
     result["choice"] = choice.to_json()
@@ -225,7 +227,7 @@ def run_search_processes(result: dict[str, Any], args: argparse.Namespace, path:
     base = [sys.executable, __file__, "--child", str(path), "--child-spec", spec_arg, "--n", str(args.n), "--d", str(args.d),
             "--seed", str(args.seed), "--queries", str(args.queries), "--single", str(args.single), "--rounds", "1",
             "--time-budget", str(SEARCH_PROCESS_PHASE_SECONDS)]
-    shards = ann_data.ensure_shards(args.n, args.d, args.seed, log)
+    shards = [ann_data.contiguous_path(args.n, args.d, args.seed)]
     runs = {}
     for name, extra in (("default", []), ("MADV_RANDOM", ["--madv-random"])):
         for file in [path, *shards]:
@@ -289,7 +291,7 @@ def report_tables(result: dict[str, Any], budget: int) -> None:
                         f(sp["peak"]["anon"] / GB, 2), f(sp["vm_hwm"] / GB, 2),
                         f"{cg.get('peak_bytes', 0) / GB:.2f} / {cg.get('oom_kill', '-')}"])
     if sp_rows:
-        print(f"\nFresh search processes (read_vector_index(mmap=True), re-ranking from the memory-mapped float16 shards), "
+        print(f"\nFresh search processes (read_vector_index(mmap=True), re-ranking from the memory-mapped float16 file), "
               f"index and shards dropped from the page cache before each; each phase stopped after "
               f"{SEARCH_PROCESS_PHASE_SECONDS} s\n")
         print(C.table(["memory maps", "memory limit (cgroup)", "recall@10", "same as build process", "b1 ms first pass / warm (queries)",

@@ -151,13 +151,14 @@ def numpy_single(xb: np.ndarray, q: np.ndarray, k: int = K) -> np.ndarray:
 
 def compare_search(fns: dict[str, Callable[[np.ndarray], np.ndarray]], singles: np.ndarray, batch: np.ndarray,
                    rounds: int) -> dict[str, dict[str, Any]]:
-    """Batch-1 latencies and batch throughput of each searcher, interleaved round by round (order alternating)."""
+    """Batch-1 latencies (searchers taking turns query by query) and batch throughput (order alternating
+    round by round) of each searcher."""
     names = list(fns)
     out = {name: {"single_s": [], "batch_s": [], "found": None} for name in names}
     for number in range(rounds):
         order = names if number % 2 == 0 else names[::-1]
-        for name in order:
-            out[name]["single_s"] += C.single_latencies(fns[name], singles)
+        for name, times in C.interleaved_latencies(fns, singles, flip=number % 2 == 1).items():
+            out[name]["single_s"] += times
         for name in order:
             started = time.perf_counter()
             found = fns[name](batch)

@@ -138,6 +138,21 @@ def single_latencies(fn: Callable[[np.ndarray], Any], queries: np.ndarray) -> li
     return times
 
 
+def interleaved_latencies(fns: dict[str, Callable[[np.ndarray], Any]], queries: np.ndarray, flip: bool = False) -> dict[str, list[float]]:
+    """Seconds of each ``fn(q[None])`` per query row, the searchers taking turns on every query (the order
+    alternating query by query), so drift in machine speed over a run falls on all of them alike."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for number, q in enumerate(queries):
+        q = q[None, :]
+        order = names if (number % 2 == 0) != flip else names[::-1]
+        for name in order:
+            started = time.perf_counter()
+            fns[name](q)
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -168,6 +168,30 @@ def load(n: int, d: int = 512, seed: int = 0, log=print) -> list[np.ndarray]:
     return parts
 
 
+def contiguous_path(n: int, d: int = 512, seed: int = 0) -> Path:
+    return data_dir(d, seed) / f"all_{n}.npy"
+
+
+def load_contiguous(n: int, d: int = 512, seed: int = 0, log=print) -> list[np.ndarray]:
+    """Rows [0, n) as one memory-mapped float16 file, as a library build stores a vector set (the shards are
+    copied into it once, streamed): FAISS re-ranks from such a file in place (``retrieval.faiss_views``)."""
+    path = contiguous_path(n, d, seed)
+    if not path.exists():
+        log(f"copying the {n:,}-row shards into one file {path.name} (once)")
+        tmp = path.with_suffix(".tmp.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
+        start = 0
+        for part in load(n, d, seed, log):
+            for offset in range(0, len(part), 1 << 18):
+                block = part[offset : offset + (1 << 18)]
+                out[start : start + len(block)] = block
+                start += len(block)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    return [np.load(path, mmap_mode="r")]
+
+
 def queries(count: int, d: int = 512, seed: int = 0, offset: int = 0) -> np.ndarray:
     """``count`` held-out float32 queries (rows ``offset``.. of the query stream): same model, never in the collection."""
     folder = data_dir(d, seed)

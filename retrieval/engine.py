@@ -198,7 +198,10 @@ class Index:
     def _vector_source(self, key: str) -> VectorSource:
         """The stored float16 vectors of ``key``, memory-mapped (for re-ranking and the torch path)."""
         if key not in self._sources:
-            self._sources[key] = self._store.vector_source(self._files["vectors"][key])
+            source = self._store.vector_source(self._files["vectors"][key])
+            if spec_of(self._records.get(key)).rerank:  # read a few rows per query: no readahead around them
+                source.advise_random_access()
+            self._sources[key] = source
         return self._sources[key]
 
     def _exclusions(self, kind: str) -> Exclusions | None:

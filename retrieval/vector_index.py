@@ -99,6 +99,24 @@ class VectorSource:
             into[start : start + step] = source.index_select(0, positions[start : start + step])
         return out
 
+    def advise_random_access(self) -> int:
+        """Tell the kernel the memory-mapped parts are read a few scattered rows at a time (``MADV_RANDOM``).
+
+        Re-ranking reads ~400 rows of 1 KB per query; with default readahead each one
+        pulls in far more from disk when the rows are not cached: 5 instead of 56
+        queries/s at 10M vectors under a 4 GB memory limit (benchmarks/ANN.md). Returns
+        how many maps were advised (0 where the platform or the parts do not allow it).
+        """
+        import mmap
+
+        advised = 0
+        for part in self.parts:
+            mapping = getattr(part, "_mmap", None)  # numpy.memmap's own map of the file
+            if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                mapping.madvise(mmap.MADV_RANDOM)
+                advised += 1
+        return advised
+
     def native_reranker(self, index: Any) -> Any | None:
         """``index`` re-ranking its shortlist in FAISS from these rows, viewed in place (None where not possible)."""
         rerankers = self.__dict__.setdefault("_rerankers", {})

@@ -98,6 +98,7 @@ def test_ivfpq_index_reranks_in_faiss_from_the_stored_vectors(tmp_path, tiny_cli
     index = retrieval.open_index(path, device="cpu")
     assert index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["type"] == "ivfpq"
     compressed, stored = index._vector_index("clip/caption"), index._vector_source("clip/caption")
+    assert stored.advise_random_access() == 1  # the engine already did: one memory-mapped file, re-ranked row by row
     native = stored.native_reranker(compressed)
     assert native is not None and not faiss.downcast_index(native.refine_index).codes.is_owned  # the stored file, viewed
     nlist = index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
