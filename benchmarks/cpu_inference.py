@@ -1,7 +1,8 @@
 """Which CPU inference settings help: the image towers alone on preloaded tensors, same run.
 
 Compares, per encoder, the default (float32, contiguous, inference_mode) with channels-last
-memory format and with bfloat16 autocast, and checks the embeddings stay within cosine 0.99.
+memory format, with bfloat16 autocast and (CLIP towers) with int8 dynamically quantised Linear
+layers, and checks the embeddings stay within cosine 0.99.
 Each timing is the median of --repeats batches.
 
     python benchmarks/cpu_inference.py [--batch 32] [--repeats 5]
@@ -67,6 +68,13 @@ def main() -> None:
         rows["channels_last"] = timed(lambda: run(pixels.contiguous(memory_format=torch.channels_last)), args.repeats)
         model.to(memory_format=torch.contiguous_format)
         rows["bfloat16 autocast"] = timed(lambda: run(pixels, bf16=True), args.repeats)
+        int8 = getattr(encoder, "_int8_tower", lambda: None)()  # CLIP image towers: Linear layers int8 (dynamic)
+        if int8 is not None:
+            def run_int8(x):
+                with torch.inference_mode():
+                    return int8(x)
+
+            rows["int8 Linear (dynamic quantisation)"] = timed(lambda: run_int8(pixels), args.repeats)
         for setting, (seconds, out) in rows.items():
             cosine = float(np.sum(unit(base) * unit(out), axis=1).min())
             print(json.dumps({"encoder": name, "setting": setting, "images_per_s": round(args.batch / seconds, 2),

@@ -154,6 +154,19 @@ def test_tiny_clip_dims_norms_determinism(tiny, photos):
     assert tiny.logit_scale > 0
 
 
+def test_clip_image_tower_runs_int8_on_the_cpu_close_to_float32(tiny, photos):
+    import torch
+
+    assert tiny.numerics == "int8-linear"  # a separate embedding-cache key from float32 vectors
+    tower = tiny._int8_tower()
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in tower.modules())
+    pixels = torch.stack([tiny.image_transform()(p) for p in photos])
+    with torch.inference_mode():
+        reference = torch.nn.functional.normalize(tiny._model.encode_image(pixels), dim=-1).numpy()
+    cosine = (tiny.encode_image_tensors(pixels) * reference).sum(axis=1)
+    assert cosine.min() >= 0.99 and not np.allclose(cosine, 1.0, atol=1e-7)  # close, and really int8
+
+
 def test_encode_image_tensors_rejects_bad_shape(tiny):
     import torch
 

@@ -125,7 +125,9 @@ def test_indexed_images_decode_like_the_upright_photo(corpus):
         diff = float(np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16)).mean())
         assert diff <= case.tolerance, f"{case.name} ({case.hostile}): mean pixel difference {diff:.2f}"
         cosine = float(vectors[positions[case.name]] @ vectors[positions[case.upright]])
-        assert cosine > (0.9999 if case.tolerance == 0 else 0.98), (case.name, cosine)
+        # lossless: the same pixels; the CPU's int8 image tower scales activations per batch, which moves a
+        # vector by well under 1e-3 cosine between batches (a missed rotation costs far more: see below)
+        assert cosine > (0.999 if case.tolerance == 0 else 0.98), (case.name, cosine)
         checked += 1
     assert checked >= 20
 

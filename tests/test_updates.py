@@ -176,11 +176,12 @@ def test_add_encodes_only_new_items_and_equals_a_full_build(two_step, caption_fi
     assert updated.manifest["updates"][-1]["op"] == "add"
     full = retrieval.build_index(images=[first, second], captions=[caption_files / "all.txt"], index=tmp_path / "full",
                                  encoders=clip(tiny_clip_dir), embed=QUIET, index_options=IndexOptions("flat"))
-    # same items, same scores (a random tiny model makes near-ties, so compare scores, not orders)
+    # same items, same scores (a random tiny model makes near-ties, so compare scores, not orders); image vectors
+    # come from other batches here, and the CPU's int8 image tower scales activations per batch: < 2e-3 apart
     for text in ("a plate of food", "a man riding a horse"):
         got, want = updated.text_to_image(text, k=6), full.text_to_image(text, k=6)
         assert {h.id for h in got} == {h.id for h in want}
-        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-4)
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=2e-3)
     nlist = updated.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
     for photo in sorted(second.glob("0*.jpg")):
         got, want = updated.image_to_caption(photo, k=5, knobs=SearchKnobs(nprobe=nlist)), full.image_to_caption(photo, k=5)
