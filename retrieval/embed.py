@@ -83,12 +83,16 @@ class EmbeddedImages:
 
 
 def resolve_workers(workers: int | str, n_items: int) -> int:
-    """Number of DataLoader worker processes: 'auto' uses the spare cores on large collections."""
+    """Number of DataLoader worker processes: 'auto' gives large collections one per core (at most 8).
+
+    One per core, not one per spare core: on the 2-core CPU EfficientNet-Lite0 embedded 109 img/s
+    with 2 workers and 89 with 1, ViT-B/32 35 and 34 (workers sleep while the batch queue is full).
+    """
     if workers != "auto":
         return int(workers)
     if n_items < SMALL_COLLECTION:
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 class _ImageDataset:
