@@ -48,8 +48,8 @@ class EncoderChoice:
 
 @dataclass(frozen=True)
 class IndexOptions:
-    """Which vector indexes a build makes: a type (``auto``, ``flat``, ``hnsw``, ``ivf``, ``ivfpq`` or a
-    FAISS factory string), a memory budget in bytes for all of them together, and the recall@10 that
+    """Which vector indexes a build makes: a type (``auto``, ``flat``, ``hnsw``, ``ivf``, ``ivfsq``, ``ivfpq``
+    or a FAISS factory string), a memory budget in bytes for all of them together, and the recall@10 that
     ``auto`` and the knob tuning aim for."""
 
     index_type: str = "auto"
