@@ -55,7 +55,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .atomic import atomic_open, atomic_path, write_json_atomic
-from .errors import IndexFormatError, InputError
+from .errors import IndexFormatError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -143,13 +143,10 @@ class StoreWriter:
         One contiguous file per build (``add`` appends further shards): FAISS can then
         re-rank from it in place (see ``faiss_views``), and a memory-mapped read is one map.
         """
-        if not hasattr(vectors, "chunks"):
-            matrix = np.asarray(vectors, dtype=np.float16)
-            if matrix.ndim != 2:
-                raise InputError(f"expected a 2-D matrix of vectors, got shape {matrix.shape}")
-            blocks, rows, dim = (matrix[start : start + VECTOR_CHUNK_ROWS] for start in range(0, len(matrix), VECTOR_CHUNK_ROWS)), *matrix.shape
-        else:
-            blocks, rows, dim = vectors.chunks(VECTOR_CHUNK_ROWS), len(vectors), vectors.dim
+        from .vector_index import as_source
+
+        source = as_source(vectors)  # checks for one 2-D matrix (or parts of one dimension)
+        rows, dim = len(source), source.dim
         rel = f"vectors/{space}/{kind}-{first_shard:05d}-{self.build_id}.npy"
         with atomic_path(self.root / rel) as tmp:
             if rows == 0:  # numpy cannot map an empty file region
@@ -158,7 +155,7 @@ class StoreWriter:
             else:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
                 start = 0
-                for chunk in blocks:
+                for chunk in source.chunks(VECTOR_CHUNK_ROWS):
                     out[start : start + len(chunk)] = chunk
                     start += len(chunk)
                 out.flush()

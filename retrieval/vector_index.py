@@ -44,7 +44,6 @@ class VectorSource:
         self.dim = dims.pop() if dims else 0
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
         self._tensors: list[Any] | None = None
-        self._rerankers: dict[int, tuple[Any, Any]] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -119,7 +118,7 @@ class VectorSource:
 
     def native_reranker(self, index: Any) -> Any | None:
         """``index`` re-ranking its shortlist in FAISS from these rows, viewed in place (None where not possible)."""
-        rerankers = self.__dict__.setdefault("_rerankers", {})
+        rerankers = self.__dict__.setdefault("_rerankers", {})  # (index, reranker) by id(index); RowSubset too
         entry = rerankers.get(id(index))
         if entry is None:
             single = self.parts[0] if len(self.parts) == 1 and isinstance(self.parts[0], np.ndarray) else None
