@@ -19,7 +19,9 @@ import pytest
 from retrieval.encoders import load_clip_encoder, load_image_encoder
 from retrieval.images import load_image
 from retrieval.preprocess import (
+    RESAMPLERS,
     FastImageTransform,
+    default_resampler,
     efficientnet_transform,
     open_clip_transform,
 )
@@ -135,11 +137,15 @@ def test_fast_path_embeddings_match_reference(name, request, real_photos, thumbn
         assert float(diff.mean()) <= 1.0 * level, label  # under one 8-bit level on average
 
 
-def test_fast_transform_matches_reference_to_one_level(effnet, real_photos, thumbnails):
-    """No draft, no reduction: folding the crop into the resize changes nothing but rounding."""
+@pytest.mark.parametrize("resampler", RESAMPLERS)
+def test_fast_transform_matches_reference_to_one_level(effnet, real_photos, thumbnails, resampler):
+    """No draft, no reduction: Pillow resampling only the crop region, or torch's uint8 resize of
+    the whole image (then the crop), changes nothing but rounding."""
     from PIL import Image
 
-    fast, ref = effnet.image_transform(), effnet.reference_transform()
+    ref = effnet.reference_transform()
+    base = effnet.image_transform()
+    fast = FastImageTransform(base.resize, base.crop, base.mean, base.std, base.interpolation, resampler=resampler)
     level = _level(fast)
     for path in real_photos + thumbnails:
         img = Image.open(path).convert("RGB")
@@ -275,8 +281,34 @@ def test_transforms_pickle(effnet, tiny, real_photos):
         clone = pickle.loads(pickle.dumps(transform))
         x, y = transform(img), clone(img)
         assert x.is_contiguous() and str(x.dtype) == "torch.float32" and bool((x == y).all())
-        assert clone.draft_size == enc.draft_size
+        assert clone.draft_size == enc.draft_size and clone.resampler == transform.resampler
         pickle.loads(pickle.dumps(enc.reference_transform()))
+
+
+def test_resampler_choice():
+    import torch
+
+    fast_uint8_resize = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert default_resampler() == ("torch" if fast_uint8_resize else "pillow")
+    assert efficientnet_transform().resampler == default_resampler()
+    assert "resampler=" in repr(efficientnet_transform())  # part of a resumable job's key
+    with pytest.raises(ValueError, match="resampler"):
+        FastImageTransform(256, 224, 0.5, 0.5, resampler="opencv")
+
+
+def test_torch_resampler_leaves_drafted_and_huge_images_to_pillow(effnet, large_jpegs, tmp_path):
+    """A drafted JPEG's crop region needs Pillow's fractional box, and an image >= 2 * reducing_gap
+    times the output is box-reduced first: both take Pillow's path, whatever the resampler."""
+    from PIL import Image
+
+    torch_t = FastImageTransform(256, 224, 0.5, 0.5, resampler="torch")
+    pillow_t = FastImageTransform(256, 224, 0.5, 0.5, resampler="pillow")
+    drafted = load_image(large_jpegs[0], draft_size=torch_t.draft_size).image
+    huge = load_image(large_jpegs[0]).image
+    png = tmp_path / "huge.png"
+    huge.save(png)
+    for img in (drafted, huge, Image.open(png).convert("RGB")):
+        assert bool((torch_t(img) == pillow_t(img)).all())
 
 
 def test_non_rgb_inputs_are_converted(real_photos):
