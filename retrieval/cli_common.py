@@ -56,12 +56,30 @@ def embed_options(func: Callable) -> Callable:
         click.option("--checkpoint", type=click.Path(exists=True, dir_okay=True), default=None, help="Local weights for the (image or CLIP) encoder: a file, or an open_clip model folder."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto uses CUDA (half precision) when present."),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per encoder batch."),
-        click.option("--workers", default="auto", show_default=True, help="DataLoader worker processes for decoding, or 'auto'."),
+        workers_flag,
+        replicas_flag,
         click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+workers_flag = click.option(
+    "--workers", default="auto", show_default=True,
+    help="DataLoader worker processes that decode images, or 'auto' (one per core, none for under 64 images).")
+replicas_flag = click.option(
+    "--replicas/--no-replicas", default=None,
+    help="On the CPU, each worker also encodes its batches with its own single-threaded copy of the "
+         "encoder (default on Linux with 2+ workers: faster than one multi-threaded encoder). "
+         "--no-replicas encodes in the main process.")
+
+
+def embed_settings(batch_size: int, workers: str, replicas: bool | None, quiet: bool, **more: Any) -> Any:
+    """EmbedOptions from the shared embedding flags."""
+    from .embed import EmbedOptions
+
+    return EmbedOptions(batch_size=batch_size, workers=workers_option(workers), replicas=replicas, progress=not quiet, **more)
 
 
 def workers_option(value: str) -> int | str:

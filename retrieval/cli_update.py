@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import click
 
-from .cli_common import caption_options, echo_json, index_option, run_api, setup_logging, workers_option
+from .cli_common import caption_options, echo_json, embed_settings, index_option, replicas_flag, run_api, setup_logging, workers_flag
 
 
 def _report(report: Any, as_json: bool, index_path: str) -> None:
@@ -40,11 +40,12 @@ def _report(report: Any, as_json: bool, index_path: str) -> None:
 @caption_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per encoder batch.")
-@click.option("--workers", default="auto", show_default=True, help="DataLoader worker processes for decoding, or 'auto'.")
+@workers_flag
+@replicas_flag
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
 def add_command(images: Sequence[str], captions: Sequence[str], index_path: str, caption_column: str, image_column: str,
-                caption_template: str | None, encoding: str, device: str, batch_size: int, workers: str, quiet: bool,
+                caption_template: str | None, encoding: str, device: str, batch_size: int, workers: str, replicas: bool | None, quiet: bool,
                 as_json: bool) -> None:
     """Add images and captions to a built index, encoding only the new ones.
 
@@ -53,13 +54,12 @@ def add_command(images: Sequence[str], captions: Sequence[str], index_path: str,
     Readers keep seeing the previous state until the update is committed.
     """
     from .config import CaptionOptions
-    from .embed import EmbedOptions
     from .update import add_to_index
 
     setup_logging(quiet)
     report = run_api(lambda: add_to_index(
         index_path, images, captions, CaptionOptions(caption_column, image_column, caption_template, encoding),
-        EmbedOptions(batch_size=batch_size, workers=workers_option(workers), progress=not quiet), device=device,
+        embed_settings(batch_size, workers, replicas, quiet), device=device,
     ))
     _report(report, as_json, index_path)
 

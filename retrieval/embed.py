@@ -1,5 +1,10 @@
 """The embedding stage: decode and preprocess images in DataLoader workers, encode in batches.
 
+On a GPU the main process encodes the batches the workers prepare. On the CPU each worker
+also encodes its own batches with a single-threaded copy of the encoder (*replicas*, shared
+copy-on-write by fork): the model's intra-op threads scale poorly and, sharing the cores
+with decode workers, stall each other (see :func:`use_replicas`).
+
 Unreadable images are skipped and reported as :class:`ItemError` rows; they
 never stop a build.
 """
@@ -7,6 +12,7 @@ never stop a build.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +27,8 @@ from .errors import ImageDecodeError, InputError
 log = logging.getLogger(__name__)
 
 SMALL_COLLECTION = 64  # below this many images, worker processes cost more than they save
+MAX_AUTO_WORKERS = 8  # decode-only workers: more rarely help one encoder keep up
+MAX_AUTO_REPLICAS = 32  # workers that also encode: one per core
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,9 @@ class EmbedOptions:
 
     batch_size: int = 32
     workers: int | str = "auto"
+    # CPU only: each worker also encodes its batches with a single-threaded copy of the encoder;
+    # None decides by use_replicas (on for a CPU encoder with >= 2 workers where fork exists)
+    replicas: bool | None = None
     progress: bool = True
     # images per progress shard of a resumable build (see retrieval.resume); None: the
     # RETRIEVAL_PROGRESS_SHARD_SIZE environment variable, else 4096; 0 turns progress shards off
@@ -82,8 +93,17 @@ class EmbeddedImages:
     resumed: int = 0  # images (embedded or skipped) taken from the progress shards of an earlier run
 
 
-def resolve_workers(workers: int | str, n_items: int) -> int:
-    """Number of DataLoader worker processes: 'auto' gives large collections one per core (at most 8).
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | str, n_items: int, replicas: bool = False) -> int:
+    """Number of DataLoader worker processes: 'auto' gives large collections one per core
+    (at most MAX_AUTO_WORKERS, or MAX_AUTO_REPLICAS when the workers also encode).
 
     One per core, not one per spare core: on the 2-core CPU EfficientNet-Lite0 embedded 109 img/s
     with 2 workers and 89 with 1, ViT-B/32 35 and 34 (workers sleep while the batch queue is full).
@@ -92,7 +112,39 @@ def resolve_workers(workers: int | str, n_items: int) -> int:
         return int(workers)
     if n_items < SMALL_COLLECTION:
         return 0
-    return max(1, min(8, os.cpu_count() or 1))
+    return max(1, min(MAX_AUTO_REPLICAS if replicas else MAX_AUTO_WORKERS, _cores()))
+
+
+def _fork_context() -> Any:
+    """The 'fork' multiprocessing context on Linux, else None (replicas are shared by forking)."""
+    if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return None
+
+
+def use_replicas(option: bool | None, device: str, workers: int | str, n_items: int) -> bool:
+    """Whether the DataLoader workers encode too, each with its own single-threaded encoder copy.
+
+    Only for CPU encoders, and only where workers are forked (Linux): the copy is then the
+    parent's memory, shared copy-on-write, and a forked worker must stay single-threaded
+    (OpenMP hangs in a child whose parent used its thread pool). ``None`` (auto) turns it on
+    where that holds and at least two workers would run. Measured on the 2-core CPU
+    (``benchmarks/THROUGHPUT.md``): EfficientNet-Lite0 104-129 img/s against 72-79 with the
+    encoder in the main process, ViT-B/32 39-42 against 35-38; one model with two threads
+    runs 1.6x one with one thread, two single-threaded copies 2x.
+    """
+    on_cpu = str(device) == "cpu"
+    if option is None:
+        return on_cpu and _fork_context() is not None and resolve_workers(workers, n_items, replicas=True) >= 2
+    if not option:
+        return False
+    if not on_cpu:
+        raise InputError(f"encoder replicas run on the CPU; this encoder runs on {device}")
+    if workers == 0:
+        raise InputError("encoder replicas run in the worker processes: --workers must be at least 1")
+    if _fork_context() is None:
+        raise InputError("encoder replicas need worker processes started by fork (Linux)")
+    return True
 
 
 class _ImageDataset:
@@ -129,6 +181,20 @@ def _collate(samples: list[tuple[int, Any, int, int, str, str | None]]) -> dict[
         "ok": [(s[0], s[2], s[3], s[4]) for s in good],
         "failed": [(s[0], s[5]) for s in samples if s[1] is None],
     }
+
+
+class _EncodingCollate:
+    """Collate in a worker and encode there: the worker's batch leaves as vectors, not pixels."""
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+
+    def __call__(self, samples: list[tuple[int, Any, int, int, str, str | None]]) -> dict[str, Any]:
+        batch = _collate(samples)
+        if batch["pixels"] is not None:
+            batch["vectors"] = self.encoder.encode_image_tensors(batch["pixels"])
+            batch["pixels"] = None
+        return batch
 
 
 def _batches(todo: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -187,14 +253,21 @@ def embed_images(
         print(f"resuming: {resumed:,} of {n:,} images already embedded", file=sys.stderr, flush=True)
 
     todo = np.flatnonzero(~done)
-    workers = resolve_workers(options.workers, len(todo))
+    # decided by the whole job, not by what is left: a resumed run encodes its batches exactly
+    # as the uninterrupted run would have (a replica's one thread and the main process's
+    # several can differ in the last bit)
+    replicas = use_replicas(options.replicas, encoder.device, options.workers, n)
+    workers = resolve_workers(options.workers, n, replicas) if len(todo) else 0
+    if replicas:
+        encoder.prepare()  # anything built lazily is built once, here, and shared by the forks
     loader = DataLoader(
         dataset,
         batch_sampler=_batches(todo, options.batch_size),
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=_EncodingCollate(encoder) if replicas else _collate,
         pin_memory=encoder.device == "cuda",
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=(2 if replicas else 4) if workers else None,
+        multiprocessing_context=_fork_context() if replicas else None,
     )
     pending: Shard | None = None
     bar = tqdm(total=n, initial=resumed, desc="images", unit="img", file=sys.stderr, delay=1.0,
@@ -209,8 +282,10 @@ def embed_images(
                 _seal(pending, vectors)
                 work.submit(pending)  # a gap left by a damaged shard is filled: close the run
                 pending = None
-            if batch["pixels"] is not None:
+            encoded = batch.get("vectors")
+            if encoded is None and batch["pixels"] is not None:
                 encoded = encoder.encode_image_tensors(batch["pixels"])
+            if encoded is not None:
                 good = [position for position, _, _, _ in batch["ok"]]
                 vectors[good] = encoded
                 for position, width, height, sha in batch["ok"]:

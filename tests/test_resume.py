@@ -128,17 +128,23 @@ def _assert_same_index(a: dict, b: dict) -> None:
     assert a["errors"] == b["errors"]
 
 
-def test_a_killed_build_resumes_and_equals_an_uninterrupted_one(tmp_path, photos, tiny_clip_dir):
-    # the reference: one uninterrupted build, in this process with the options of the command
-    # (it writes progress shards too, and removes them)
-    reference = tmp_path / "reference"
+def _uninterrupted(index: Path, photos: Path, tiny_clip_dir: Path, options: EmbedOptions) -> Path:
+    """One uninterrupted build in this process, with the command's options (it writes progress
+    shards too, and removes them)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(PROGRESS_SHARD_ENV, str(SHARD))
         retrieval.build_index(
-            images=[photos], index=reference,
+            images=[photos], index=index,
             encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
-            embed=EmbedOptions(batch_size=2, workers=0, progress=False),
+            embed=options,
         )
+    return index
+
+
+def test_a_killed_build_resumes_and_equals_an_uninterrupted_one(tmp_path, photos, tiny_clip_dir):
+    # the reference: one uninterrupted build, in this process with the options of the command
+    # (it writes progress shards too, and removes them)
+    reference = _uninterrupted(tmp_path / "reference", photos, tiny_clip_dir, EmbedOptions(batch_size=2, workers=0, progress=False))
     assert not (reference / ".work").exists()
     expected = _state(reference)
     assert len(expected["ids"]) == 80
@@ -172,6 +178,23 @@ def test_a_killed_build_resumes_and_equals_an_uninterrupted_one(tmp_path, photos
     # (c) the work folder, stale job included, is gone after the commit
     assert not (index / ".work").exists()
     assert sorted(p.name for p in index.iterdir()) == ["errors.jsonl", "faiss", "items", "manifest.json", "vectors"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="encoder replicas are forked worker processes (Linux)")
+def test_a_killed_build_with_encoder_replicas_resumes_exactly(tmp_path, photos, tiny_clip_dir):
+    """The CPU default on Linux: two workers that decode and encode. SIGKILL takes the workers
+    down with the build; the rerun equals an uninterrupted build with the same options."""
+    options = EmbedOptions(batch_size=2, workers=2, replicas=True, progress=False)
+    expected = _state(_uninterrupted(tmp_path / "reference", photos, tiny_clip_dir, options))
+    index = tmp_path / "index"
+    cmd = _cmd(index, photos, tiny_clip_dir)
+    cmd[cmd.index("--workers") + 1] = "2"
+    cmd.append("--replicas")
+    folder, _ = _kill_after_shards(cmd, index, tmp_path)
+    covered = _covered(folder)
+    err = _run(cmd)
+    assert f"resuming: {covered:,} of 80 images already embedded" in err, err[-2000:]
+    _assert_same_index(_state(index), expected)
 
 
 class _Counting:

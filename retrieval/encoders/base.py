@@ -62,6 +62,10 @@ class ImageEncoder(ABC):
         means decode in full."""
         return None
 
+    def prepare(self) -> None:
+        """Build whatever :meth:`encode_image_tensors` would build on first use (e.g. a quantised
+        copy of the model), so that worker processes forked afterwards share it."""
+
     @abstractmethod
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         """Encode a (B,3,H,W) batch of transformed images -> (B,dim) float32 unit rows."""

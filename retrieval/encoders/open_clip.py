@@ -146,6 +146,9 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
         """How image vectors are computed (part of embedding-cache keys): int8 Linear layers on the CPU."""
         return "int8-linear" if self._int8_tower() is not None else super().numerics
 
+    def prepare(self) -> None:
+        self._int8_tower()
+
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         check_pixels(pixels)
         tower = self._int8_tower()

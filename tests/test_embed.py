@@ -1,0 +1,106 @@
+"""The embedding stage's execution modes: in-process, decode workers, and encoder replicas in the workers.
+
+Every mode must give the same rows, the same skipped files and the same vectors; the choice of
+mode follows the device, the worker count and the platform.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from retrieval import EmbedOptions, InputError
+from retrieval.collection import discover_images
+from retrieval.embed import MAX_AUTO_REPLICAS, MAX_AUTO_WORKERS, SMALL_COLLECTION, embed_images, resolve_workers, use_replicas
+
+from conftest import COCO, IMAGENET, require_shared_data
+
+LINUX = sys.platform.startswith("linux")
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    """10 real photos (COCO and ImageNet sizes) with a truncated JPEG and a non-image among them."""
+    require_shared_data()
+    photos = sorted((COCO / "images").glob("*.jpg"))[:5] + sorted(IMAGENET.glob("*.JPEG"))[::200][:5]
+    bad = tmp_path_factory.mktemp("bad")
+    (bad / "truncated.jpg").write_bytes(photos[0].read_bytes()[:3000])
+    (bad / "notes.jpg").write_bytes(b"not an image at all")
+    return discover_images(photos[:3] + [bad / "truncated.jpg"] + photos[3:7] + [bad / "notes.jpg"] + photos[7:])[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_clip_dir):
+    from retrieval.encoders import load_clip_encoder
+
+    return load_clip_encoder("open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    from retrieval.encoders import load_image_encoder
+
+    return load_image_encoder("efficientnet-lite0", device="cpu")
+
+
+def _summary(embedded):
+    rows = [(str(r.ref.path), r.width, r.height, r.sha256) for r in embedded.rows]
+    errors = [(e.path, e.reason) for e in embedded.errors]
+    return rows, errors
+
+
+@pytest.mark.parametrize("name", ["tiny", "effnet"])
+def test_every_mode_gives_the_same_embedding(request, name, refs):
+    encoder = request.getfixturevalue(name)
+    modes = {
+        "in process": EmbedOptions(batch_size=3, workers=0, progress=False),
+        "decode workers": EmbedOptions(batch_size=3, workers=2, replicas=False, progress=False),
+    }
+    if LINUX:
+        modes["encoder replicas"] = EmbedOptions(batch_size=3, workers=2, replicas=True, progress=False)
+    results = {mode: embed_images(refs, encoder, options) for mode, options in modes.items()}
+    expected = results.pop("in process")
+    rows, errors = _summary(expected)
+    assert len(rows) == 10 and len(errors) == 2
+    assert {path.rsplit("/", 1)[-1] for path, _ in errors} == {"truncated.jpg", "notes.jpg"}
+    for mode, got in results.items():
+        assert _summary(got) == (rows, errors), mode
+        # the same batches through the same arithmetic; a replica's single thread and the main
+        # process's two may round a few values differently in the last bit (measured <= 6e-8)
+        assert got.vectors.dtype == np.float32
+        np.testing.assert_allclose(got.vectors, expected.vectors, rtol=0, atol=1e-6, err_msg=mode)
+
+
+def test_worker_counts():
+    assert resolve_workers(3, 10) == 3  # explicit counts are kept, small collection or not
+    assert resolve_workers("auto", SMALL_COLLECTION - 1) == 0
+    many = resolve_workers("auto", 10_000)
+    assert 1 <= many <= MAX_AUTO_WORKERS
+    assert many <= resolve_workers("auto", 10_000, replicas=True) <= MAX_AUTO_REPLICAS
+
+
+def test_replicas_follow_device_workers_and_platform(monkeypatch):
+    import retrieval.embed as embed
+
+    monkeypatch.setattr(embed, "_cores", lambda: 4)
+    assert use_replicas(None, "cuda", "auto", 10_000) is False  # a GPU encoder stays in the main process
+    assert use_replicas(None, "cpu", 0, 10_000) is False
+    assert use_replicas(None, "cpu", 1, 10_000) is False  # one replica: no better than the main process
+    assert use_replicas(None, "cpu", "auto", 10) is False  # too few images for worker processes
+    assert use_replicas(False, "cpu", "auto", 10_000) is False
+    if LINUX:
+        assert use_replicas(None, "cpu", "auto", 10_000) is True
+        assert use_replicas(True, "cpu", 1, 10) is True
+    with pytest.raises(InputError, match="CPU"):
+        use_replicas(True, "cuda:0", 2, 10_000)
+    with pytest.raises(InputError, match="--workers"):
+        use_replicas(True, "cpu", 0, 10_000)
+    monkeypatch.setattr(embed, "_fork_context", lambda: None)  # as on macOS / Windows
+    assert use_replicas(None, "cpu", "auto", 10_000) is False
+    with pytest.raises(InputError, match="fork"):
+        use_replicas(True, "cpu", 2, 10_000)
+    monkeypatch.setattr(embed, "_cores", lambda: 1)
+    monkeypatch.setattr(embed, "_fork_context", lambda: "fork")
+    assert use_replicas(None, "cpu", "auto", 10_000) is False  # one core: one worker
