@@ -5,7 +5,10 @@ memory format, with bfloat16 autocast and (CLIP towers) with int8 dynamically qu
 layers, and checks the embeddings stay within cosine 0.99.
 Each timing is the median of --repeats batches.
 
-    python benchmarks/cpu_inference.py [--batch 32] [--repeats 5]
+Then (``--micro-batches``) the encoders' own CPU settings over one batch cut into slices of each
+size, with 1 and with all threads: ms per image, sizes alternating within each repeat.
+
+    python benchmarks/cpu_inference.py [--batch 32] [--repeats 5] [--micro-batches 4,8,16,32]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--micro-batches", default="4,8,16,32", help="slice sizes to compare ('' to skip)")
     args = parser.parse_args()
     import sys
 
@@ -79,6 +83,44 @@ def main() -> None:
             cosine = float(np.sum(unit(base) * unit(out), axis=1).min())
             print(json.dumps({"encoder": name, "setting": setting, "images_per_s": round(args.batch / seconds, 2),
                               "speedup": round(base_s / seconds, 3), "cosine_min": round(cosine, 5)}), flush=True)
+    sizes = [int(v) for v in args.micro_batches.split(",") if v.strip()]
+    if sizes:
+        for name, encoder in encoders.items():
+            micro_batch_sweep(name, encoder, pixels, sizes, args.repeats)
+
+
+def micro_batch_sweep(name: str, encoder, pixels, sizes: list[int], repeats: int) -> None:
+    """ms per image of the encoder's own CPU path (channels-last, bfloat16 or int8 as it chooses)
+    when the batch is cut into slices of each size; one thread, then all."""
+    import torch
+
+    from retrieval.encoders import efficientnet
+
+    def sliced(size: int):  # the raw model call, bypassing the encoder's own slicing
+        if isinstance(encoder, efficientnet.EfficientNetLiteEncoder):
+            x = pixels.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=encoder._cpu_bfloat16):
+                return [encoder._model.extract_features(part) for part in x.split(size)]
+        tower = encoder._int8_tower() or encoder._model.encode_image
+        with torch.inference_mode():
+            return [tower(part) for part in pixels.split(size)]
+
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in sorted({1, threads_before}):
+            torch.set_num_threads(threads)
+            for size in sizes:
+                sliced(size)  # warm-up: kernels for this shape
+            times: dict[int, list[float]] = {size: [] for size in sizes}
+            for _ in range(repeats):
+                for size in sizes:
+                    start = time.perf_counter()
+                    sliced(size)
+                    times[size].append(time.perf_counter() - start)
+            print(json.dumps({"encoder": name, "threads": threads, "ms_per_image_by_slice": {
+                size: round(1e3 * statistics.median(times[size]) / len(pixels), 2) for size in sizes}}), flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 Images: real photos from ../shared/data (COCO + ImageNet sample), for EfficientNet-Lite0 and a
 CLIP-sized image tower (ViT-B/32 architecture, random weights). The naive loop opens each
 image, converts it, applies the encoder's own reference transform and runs the model one image
-at a time. Ours: retrieval.embed.embed_images (DataLoader workers, batches, fast preprocessing).
-Both produce embeddings that are compared (cosine). Every ratio is measured in the same run;
-each timing is the median of --repeats runs.
+at a time. Ours: retrieval.embed.embed_images with its defaults (DataLoader workers that decode
+and, on the CPU on Linux, encode with single-threaded encoder replicas; batches; fast
+preprocessing), and the same with the encoder in the main process (--no-replicas). Embeddings
+are compared (cosine). Every ratio is measured in the same run; the paths alternate within each
+repeat and each timing is the median of --repeats runs.
 
     python benchmarks/throughput.py [--images 320] [--repeats 3]
 """
@@ -24,13 +26,17 @@ import numpy as np
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def median_time(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
+def median_times(fns: dict, repeats: int) -> dict[str, tuple[float, object]]:
+    """Median seconds (and the last result) of each function; the functions alternate within each
+    repeat, so a machine that slows down mid-run slows all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    results: dict[str, object] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name]) for name in fns}
 
 
 def plain_forward(encoder):
@@ -62,10 +68,11 @@ def naive_loop(paths, encoder) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-def pipeline(refs, encoder, batch_size: int) -> np.ndarray:
+def pipeline(refs, encoder, batch_size: int, replicas: bool | None = None) -> np.ndarray:
     from retrieval.embed import EmbedOptions, embed_images
 
-    return embed_images(refs, encoder, EmbedOptions(batch_size=batch_size, workers="auto", progress=False)).vectors
+    options = EmbedOptions(batch_size=batch_size, workers="auto", replicas=replicas, progress=False)
+    return embed_images(refs, encoder, options).vectors
 
 
 def random_vit_b32(folder: Path):
@@ -89,11 +96,18 @@ def image_rows(n: int, repeats: int, batch_size: int) -> list[dict]:
                 "ViT-B/32 (random weights)": random_vit_b32(Path(tempfile.mkdtemp()) / "vit")}
     rows = []
     for name, encoder in encoders.items():
-        naive_s, naive = median_time(lambda: naive_loop(paths, encoder), repeats)
-        ours_s, ours = median_time(lambda: pipeline(refs, encoder, batch_size), repeats)
+        timed = median_times({
+            "naive": lambda: naive_loop(paths, encoder),
+            "ours": lambda: pipeline(refs, encoder, batch_size),  # the default: replicas where they apply
+            "ours_main_process_encoder": lambda: pipeline(refs, encoder, batch_size, replicas=False),
+        }, repeats)
+        naive_s, naive = timed["naive"]
+        ours_s, ours = timed["ours"]
+        main_s, _ = timed["ours_main_process_encoder"]
         cosine = np.sum(naive * ours, axis=1)
         rows.append({"encoder": name, "images": len(paths), "naive_img_s": round(len(paths) / naive_s, 2),
                      "ours_img_s": round(len(paths) / ours_s, 2), "ratio": round(naive_s / ours_s, 2),
+                     "ours_no_replicas_img_s": round(len(paths) / main_s, 2), "ratio_no_replicas": round(naive_s / main_s, 2),
                      "cosine_min": round(float(cosine.min()), 4), "cosine_median": round(float(np.median(cosine)), 5)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -109,8 +123,8 @@ def text_row(repeats: int) -> dict:
     texts = [r.text for r in read_caption_file(DATA / "coco-train-mini" / "captions.jsonl").records] * 5
     ours = load_text_encoder("minilm", device="cpu")
     reference = SentenceTransformer(str(minilm_path()), device="cpu")
-    ref_s, ref = median_time(lambda: reference.encode(texts), repeats)
-    ours_s, mine = median_time(lambda: ours.encode_texts(texts), repeats)
+    timed = median_times({"reference": lambda: reference.encode(texts), "ours": lambda: ours.encode_texts(texts)}, repeats)
+    (ref_s, ref), (ours_s, mine) = timed["reference"], timed["ours"]
     ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     row = {"text_encoder": "minilm", "captions": len(texts), "sentence_transformers_encode_per_s": round(len(texts) / ref_s, 1),
            "ours_per_s": round(len(texts) / ours_s, 1), "ratio": round(ref_s / ours_s, 3),

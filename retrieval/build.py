@@ -198,6 +198,8 @@ def build_index(
             "images_per_second": _images_per_second(embedded, len(collection.images), images_seconds),
             "images_resumed": embedded.resumed,
             "device": image_encoder.device,
+            "workers": embedded.workers,
+            "encoder_replicas": embedded.replicas,
         }
         manifest["files"] = files
         errors = collection.errors + embedded.errors

@@ -192,6 +192,8 @@ def info_command(index_path: str, as_json: bool) -> None:
     click.echo(f"routes     {', '.join(info['routes'])}")
     build = info["build"]
     speed = f", {build['images_per_second']} images/s" if build.get("images_per_second") else ""
+    if build.get("workers"):
+        speed += f" ({build['workers']} workers{' encoding too' if build.get('encoder_replicas') else ''})"
     click.echo(f"build      {build['seconds']:.1f} s on {build['device']}{speed}")
     click.echo(f"disk       {info['disk_bytes'] / 1e6:.2f} MB")
 

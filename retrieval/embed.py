@@ -91,6 +91,8 @@ class EmbeddedImages:
     vectors: np.ndarray
     errors: list[ItemError] = field(default_factory=list)
     resumed: int = 0  # images (embedded or skipped) taken from the progress shards of an earlier run
+    workers: int = 0  # DataLoader worker processes this run started
+    replicas: bool = False  # whether those workers encoded too (single-threaded encoder copies)
 
 
 def _cores() -> int:
@@ -318,7 +320,7 @@ def embed_images(
     errors = [ItemError(path=str(refs[p].path), reason=failures[p], kind="image") for p in sorted(failures)]
     keep = np.fromiter(sorted(ok_meta), dtype=np.int64, count=len(ok_meta))
     matrix = vectors[keep] if len(keep) != n else vectors
-    return EmbeddedImages(rows=rows, vectors=matrix, errors=errors, resumed=resumed)
+    return EmbeddedImages(rows=rows, vectors=matrix, errors=errors, resumed=resumed, workers=workers, replicas=replicas and workers > 0)
 
 
 def _seal(shard: Any, vectors: np.ndarray) -> None:

@@ -57,6 +57,10 @@ def test_info_text_and_json(cli_index):
     assert info["counts"] == {"image": 6, "caption": 30} and info["errors"] == 1
     text = run("info", "--index", cli_index).output
     assert "open_clip:tiny" in text and "6 images, 30 captions, 1 skipped" in text
+    build = info["build"]  # the embedding throughput of the build, and how it ran
+    assert build["images_per_second"] > 0 and build["images_resumed"] == 0
+    assert (build["device"], build["workers"], build["encoder_replicas"]) == ("cpu", 0, False)
+    assert f"on cpu, {build['images_per_second']} images/s" in text
 
 
 def test_list_encoders():

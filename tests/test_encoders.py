@@ -110,6 +110,24 @@ def test_efficientnet_dims_norms_determinism(effnet, photos):
     assert effnet.encode_images([]).shape == (0, 1280)
 
 
+def test_efficientnet_slices_large_cpu_batches_without_changing_vectors(effnet, photos):
+    """On the CPU a batch runs in slices of CPU_MICRO_BATCH images (activations stay in cache):
+    a batch spanning three slices gives each image the vector it gets alone."""
+    import torch
+
+    from retrieval.encoders.efficientnet import CPU_MICRO_BATCH
+
+    transform = effnet.image_transform()
+    tensors = [transform(p) for p in photos]
+    tensors += [t.flip(-1) for t in tensors] + [t.flip(-2) for t in tensors]
+    n = 2 * CPU_MICRO_BATCH + 3
+    batch = torch.stack((tensors * n)[:n])
+    together = effnet.encode_image_tensors(batch)
+    _assert_unit_rows(together, n, 1280)
+    alone = np.concatenate([effnet.encode_image_tensors(batch[i : i + 1]) for i in range(n)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
 def test_minilm_dims_norms_determinism(minilm):
     assert isinstance(minilm, TextEncoder) and not isinstance(minilm, ImageEncoder)
     assert (minilm.spec, minilm.dim, minilm.device) == ("minilm", 384, "cpu")

@@ -195,6 +195,9 @@ def test_a_killed_build_with_encoder_replicas_resumes_exactly(tmp_path, photos, 
     err = _run(cmd)
     assert f"resuming: {covered:,} of 80 images already embedded" in err, err[-2000:]
     _assert_same_index(_state(index), expected)
+    build = retrieval.open_index(index, device="cpu").manifest["build"]
+    assert (build["workers"], build["encoder_replicas"], build["images_resumed"]) == (2, True, covered)
+    assert build["images_per_second"] > 0  # counts only the images this run embedded
 
 
 class _Counting:
