@@ -83,7 +83,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, text_encoder: str, k: int | None, p: float | None,
                           cache_dir: str | None, caption_column: str, image_column: str, caption_template: str | None, encoding: str,
-                          checkpoint: str | None, device: str, batch_size: int, workers: str, replicas: bool | None, quiet: bool, as_json: bool) -> None:
+                          checkpoint: str | None, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool, as_json: bool) -> None:
     """Embed (image, caption) anchor pairs with two unimodal encoders, for ASIF cross-modal search."""
     from .anchors import DEFAULT_PARAMS
     from .build import build_anchors
@@ -93,7 +93,7 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
     anchors = run_api(lambda: build_anchors(
         pairs, out, image_encoder, text_encoder, checkpoint=checkpoint, device=device,
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed=embed_settings(batch_size, workers, replicas, quiet),
+        embed=embed_settings(batch_size, workers, replicas, compile_model, quiet),
         asif=_asif(k, p, DEFAULT_PARAMS), cache_dir=cache_dir,
     ))
     summary = {"out": out, "anchors": len(anchors), "asif": anchors.params.to_json()}
@@ -124,7 +124,7 @@ def build_index_command(images: Sequence[str], captions: Sequence[str], index_pa
                         image_encoder: str | None, text_encoder: str | None, anchors: Sequence[str], anchor_weights: str | None,
                         k: int | None, p: float | None,
                         caption_column: str, image_column: str, caption_template: str | None, encoding: str,
-                        checkpoint: str | None, device: str, batch_size: int, workers: str, replicas: bool | None, quiet: bool,
+                        checkpoint: str | None, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
                         progress_shard_size: int | None, index_type: str, max_memory: str | None, target_recall: float,
                         as_json: bool) -> None:
     """Embed images and captions and write a searchable index directory.
@@ -140,7 +140,7 @@ def build_index_command(images: Sequence[str], captions: Sequence[str], index_pa
     index = run_api(lambda: build_index(
         images, captions, index_path, choice, anchors=list(anchors) or None, anchor_weights=_weights(anchor_weights), asif=_asif(k, p),
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed=embed_settings(batch_size, workers, replicas, quiet, progress_shard_size=progress_shard_size),
+        embed=embed_settings(batch_size, workers, replicas, compile_model, quiet, progress_shard_size=progress_shard_size),
         index_options=index_options(index_type, max_memory, target_recall),
     ))
     info = index.info()
@@ -255,7 +255,7 @@ def eval_command(data: str, encoder: str | None, image_encoder: str | None, text
                  anchor_weights: str | None, routes: Sequence[str], align: str | None, k: int | None, p: float | None,
                  sweep_values: Sequence[str], center: str, refine: str, split: bool, limit: int | None, cache_dir: str | None,
                  caption_column: str, image_column: str, caption_template: str | None, encoding: str,
-                 checkpoint: str | None, device: str, batch_size: int, workers: str, replicas: bool | None, quiet: bool, as_json: bool) -> None:
+                 checkpoint: str | None, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool, as_json: bool) -> None:
     """Measure quality on DATA: a pairs file (text -> image and image -> caption recall@1/5/10, median rank),
     a labelled folder root/<label>/* with --caption-template (zero-shot top-1/top-5 and per-class accuracy),
     or an index directory built from a pairs file (its own pairs, every route it answers by).
@@ -282,7 +282,7 @@ def eval_command(data: str, encoder: str | None, image_encoder: str | None, text
         data, choice, anchors=anchors, routes=chosen_routes, params=_asif(k, p), sweep_values=sweep_values,
         anchor_weights=weights, split=split, center=center, refine=_int_list(refine, "--refine"), limit=limit, cache_dir=cache_dir,
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed=embed_settings(batch_size, workers, replicas, quiet),
+        embed=embed_settings(batch_size, workers, replicas, compile_model, quiet),
     ))
     if as_json:
         echo_json(report)

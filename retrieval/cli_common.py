@@ -55,9 +55,10 @@ def embed_options(func: Callable) -> Callable:
     options = [
         click.option("--checkpoint", type=click.Path(exists=True, dir_okay=True), default=None, help="Local weights for the (image or CLIP) encoder: a file, or an open_clip model folder."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto uses CUDA (half precision) when present."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per encoder batch."),
+        batch_size_flag,
         workers_flag,
         replicas_flag,
+        compile_flag,
         click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr."),
     ]
     for option in reversed(options):
@@ -65,6 +66,9 @@ def embed_options(func: Callable) -> Callable:
     return func
 
 
+batch_size_flag = click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None,
+    help="Images per encoder batch (default: 32 on the CPU, 256 on a GPU).")
 workers_flag = click.option(
     "--workers", default="auto", show_default=True,
     help="DataLoader worker processes that decode images, or 'auto' (one per core, none for under 64 images).")
@@ -75,11 +79,19 @@ replicas_flag = click.option(
          "--no-replicas encodes in the main process.")
 
 
-def embed_settings(batch_size: int, workers: str, replicas: bool | None, quiet: bool, **more: Any) -> Any:
+compile_flag = click.option(
+    "--compile", "compile_model", is_flag=True,
+    help="Run the image model through torch.compile (meant for GPUs and large collections: "
+         "compiling takes tens of seconds; the main process encodes, so no replicas).")
+
+
+def embed_settings(batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
+                   **more: Any) -> Any:
     """EmbedOptions from the shared embedding flags."""
     from .embed import EmbedOptions
 
-    return EmbedOptions(batch_size=batch_size, workers=workers_option(workers), replicas=replicas, progress=not quiet, **more)
+    return EmbedOptions(batch_size=batch_size, workers=workers_option(workers), replicas=replicas, compile=compile_model,
+                        progress=not quiet, **more)
 
 
 def workers_option(value: str) -> int | str:

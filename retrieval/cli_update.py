@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import click
 
-from .cli_common import caption_options, echo_json, embed_settings, index_option, replicas_flag, run_api, setup_logging, workers_flag
+from .cli_common import batch_size_flag, caption_options, compile_flag, echo_json, embed_settings, index_option, replicas_flag, run_api, setup_logging, workers_flag
 
 
 def _report(report: Any, as_json: bool, index_path: str) -> None:
@@ -39,13 +39,14 @@ def _report(report: Any, as_json: bool, index_path: str) -> None:
 @index_option
 @caption_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per encoder batch.")
+@batch_size_flag
 @workers_flag
 @replicas_flag
+@compile_flag
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
 def add_command(images: Sequence[str], captions: Sequence[str], index_path: str, caption_column: str, image_column: str,
-                caption_template: str | None, encoding: str, device: str, batch_size: int, workers: str, replicas: bool | None, quiet: bool,
+                caption_template: str | None, encoding: str, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
                 as_json: bool) -> None:
     """Add images and captions to a built index, encoding only the new ones.
 
@@ -59,7 +60,7 @@ def add_command(images: Sequence[str], captions: Sequence[str], index_path: str,
     setup_logging(quiet)
     report = run_api(lambda: add_to_index(
         index_path, images, captions, CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed_settings(batch_size, workers, replicas, quiet), device=device,
+        embed_settings(batch_size, workers, replicas, compile_model, quiet), device=device,
     ))
     _report(report, as_json, index_path)
 

@@ -11,6 +11,7 @@ never stop a build.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -27,6 +28,11 @@ from .errors import ImageDecodeError, InputError
 log = logging.getLogger(__name__)
 
 SMALL_COLLECTION = 64  # below this many images, worker processes cost more than they save
+# Default images per encoder batch. The CPU encoders slice batches themselves where smaller
+# ones run faster (EfficientNet-Lite0), so 32 only sets how work is handed out; a GPU wants
+# large batches (the H200 ran ViT-B/32 at 20,444 img/s with 256, benchmarks/THROUGHPUT.md).
+CPU_BATCH_SIZE = 32
+CUDA_BATCH_SIZE = 256
 MAX_AUTO_WORKERS = 8  # decode-only workers: more rarely help one encoder keep up
 MAX_AUTO_REPLICAS = 32  # workers that also encode: one per core
 
@@ -35,25 +41,33 @@ MAX_AUTO_REPLICAS = 32  # workers that also encode: one per core
 class EmbedOptions:
     """How the embedding stage runs."""
 
-    batch_size: int = 32
+    batch_size: int | None = None  # None: CPU_BATCH_SIZE on the CPU, CUDA_BATCH_SIZE on a GPU
     workers: int | str = "auto"
     # CPU only: each worker also encodes its batches with a single-threaded copy of the encoder;
     # None decides by use_replicas (on for a CPU encoder with >= 2 workers where fork exists)
     replicas: bool | None = None
+    # run the image model through torch.compile (for GPUs; the main process encodes: no replicas)
+    compile: bool = False
     progress: bool = True
     # images per progress shard of a resumable build (see retrieval.resume); None: the
     # RETRIEVAL_PROGRESS_SHARD_SIZE environment variable, else 4096; 0 turns progress shards off
     progress_shard_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise InputError(f"--batch-size must be a whole number >= 1, got {self.batch_size!r}")
         if self.workers != "auto" and (not isinstance(self.workers, int) or self.workers < 0):
             raise InputError(f"--workers must be 'auto' or a whole number >= 0, got {self.workers!r}")
         if self.progress_shard_size is not None and (
             not isinstance(self.progress_shard_size, int) or self.progress_shard_size < 0
         ):
             raise InputError(f"progress_shard_size must be a whole number >= 0, got {self.progress_shard_size!r}")
+
+    def resolved_batch_size(self, device: str) -> int:
+        """Images per encoder batch: the option, else the default for the device."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return CUDA_BATCH_SIZE if str(device).startswith("cuda") else CPU_BATCH_SIZE
 
     def resolved_progress_shard_size(self) -> int:
         """Images per progress shard: the option, else the environment variable, else the default."""
@@ -124,7 +138,7 @@ def _fork_context() -> Any:
     return None
 
 
-def use_replicas(option: bool | None, device: str, workers: int | str, n_items: int) -> bool:
+def use_replicas(option: bool | None, device: str, workers: int | str, n_items: int, compile: bool = False) -> bool:
     """Whether the DataLoader workers encode too, each with its own single-threaded encoder copy.
 
     Only for CPU encoders, and only where workers are forked (Linux): the copy is then the
@@ -137,7 +151,7 @@ def use_replicas(option: bool | None, device: str, workers: int | str, n_items: 
     """
     on_cpu = str(device) == "cpu"
     if option is None:
-        return on_cpu and _fork_context() is not None and resolve_workers(workers, n_items, replicas=True) >= 2
+        return on_cpu and not compile and _fork_context() is not None and resolve_workers(workers, n_items, replicas=True) >= 2
     if not option:
         return False
     if not on_cpu:
@@ -146,6 +160,8 @@ def use_replicas(option: bool | None, device: str, workers: int | str, n_items: 
         raise InputError("encoder replicas run in the worker processes: --workers must be at least 1")
     if _fork_context() is None:
         raise InputError("encoder replicas need worker processes started by fork (Linux)")
+    if compile:
+        raise InputError("--compile compiles the encoder in the main process: use it with --no-replicas")
     return True
 
 
@@ -239,10 +255,11 @@ def embed_images(
     ok_meta: dict[int, tuple[int, int, str]] = {}
     failures: dict[int, str] = {}
 
+    batch_size = options.resolved_batch_size(encoder.device)
     shard_size = options.resolved_progress_shard_size() if work_dir is not None else 0
     work: WorkFolder | None = None
     if shard_size and n >= shard_size:
-        key = job_key(dataset.paths, encoder, options.batch_size, dataset.transform, dataset.draft_size)
+        key = job_key(dataset.paths, encoder, batch_size, dataset.transform, dataset.draft_size)
         work = WorkFolder(work_dir, key, n, dim)
         for shard in work.load():
             for row, (position, width, height, sha) in enumerate(shard.ok):
@@ -258,13 +275,13 @@ def embed_images(
     # decided by the whole job, not by what is left: a resumed run encodes its batches exactly
     # as the uninterrupted run would have (a replica's one thread and the main process's
     # several can differ in the last bit)
-    replicas = use_replicas(options.replicas, encoder.device, options.workers, n)
+    replicas = use_replicas(options.replicas, encoder.device, options.workers, n, options.compile)
     workers = resolve_workers(options.workers, n, replicas) if len(todo) else 0
     if replicas:
         encoder.prepare()  # anything built lazily is built once, here, and shared by the forks
     loader = DataLoader(
         dataset,
-        batch_sampler=_batches(todo, options.batch_size),
+        batch_sampler=_batches(todo, batch_size),
         num_workers=workers,
         collate_fn=_EncodingCollate(encoder) if replicas else _collate,
         pin_memory=encoder.device == "cuda",
@@ -272,49 +289,51 @@ def embed_images(
         multiprocessing_context=_fork_context() if replicas else None,
     )
     pending: Shard | None = None
+    compiling = encoder.compiled() if options.compile else contextlib.nullcontext()
     bar = tqdm(total=n, initial=resumed, desc="images", unit="img", file=sys.stderr, delay=1.0,
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
-    try:
-        batches = iter(loader) if len(todo) else iter(())
-        if work is not None and len(todo):
-            work.start()  # after the DataLoader forked its workers: no thread is copied into them
-        for batch in batches:
-            positions = batch["positions"]
-            if work is not None and pending is not None and positions[0] != pending.stop:
-                _seal(pending, vectors)
-                work.submit(pending)  # a gap left by a damaged shard is filled: close the run
-                pending = None
-            encoded = batch.get("vectors")
-            if encoded is None and batch["pixels"] is not None:
-                encoded = encoder.encode_image_tensors(batch["pixels"])
-            if encoded is not None:
-                good = [position for position, _, _, _ in batch["ok"]]
-                vectors[good] = encoded
-                for position, width, height, sha in batch["ok"]:
-                    ok_meta[position] = (int(width), int(height), sha)
-            for position, reason in batch["failed"]:
-                log.warning("skipped %s: %s", refs[position].path, reason)
-                failures[position] = reason
-            done[positions] = True
-            bar.update(len(positions))
-            if work is not None:
-                if pending is None:
-                    pending = Shard(start=positions[0], stop=positions[0])
-                pending.stop = positions[-1] + 1
-                pending.ok.extend((p, *ok_meta[p]) for p, _, _, _ in batch["ok"])
-                pending.failed.extend(batch["failed"])
-                if pending.stop - pending.start >= shard_size:
+    with compiling:  # torch.compile inside it, if asked for
+        try:
+            batches = iter(loader) if len(todo) else iter(())
+            if work is not None and len(todo):
+                work.start()  # after the DataLoader forked its workers: no thread is copied into them
+            for batch in batches:
+                positions = batch["positions"]
+                if work is not None and pending is not None and positions[0] != pending.stop:
                     _seal(pending, vectors)
-                    work.submit(pending)
+                    work.submit(pending)  # a gap left by a damaged shard is filled: close the run
                     pending = None
-        if work is not None:
-            work.close()  # the last, partial run is not written: the commit follows at once
-    except BaseException:
-        if work is not None:
-            work.abort()
-        raise
-    finally:
-        bar.close()
+                encoded = batch.get("vectors")
+                if encoded is None and batch["pixels"] is not None:
+                    encoded = encoder.encode_image_tensors(batch["pixels"])
+                if encoded is not None:
+                    good = [position for position, _, _, _ in batch["ok"]]
+                    vectors[good] = encoded
+                    for position, width, height, sha in batch["ok"]:
+                        ok_meta[position] = (int(width), int(height), sha)
+                for position, reason in batch["failed"]:
+                    log.warning("skipped %s: %s", refs[position].path, reason)
+                    failures[position] = reason
+                done[positions] = True
+                bar.update(len(positions))
+                if work is not None:
+                    if pending is None:
+                        pending = Shard(start=positions[0], stop=positions[0])
+                    pending.stop = positions[-1] + 1
+                    pending.ok.extend((p, *ok_meta[p]) for p, _, _, _ in batch["ok"])
+                    pending.failed.extend(batch["failed"])
+                    if pending.stop - pending.start >= shard_size:
+                        _seal(pending, vectors)
+                        work.submit(pending)
+                        pending = None
+            if work is not None:
+                work.close()  # the last, partial run is not written: the commit follows at once
+        except BaseException:
+            if work is not None:
+                work.abort()
+            raise
+        finally:
+            bar.close()
 
     rows = [ImageRow(refs[p], *ok_meta[p]) for p in sorted(ok_meta)]
     errors = [ItemError(path=str(refs[p].path), reason=failures[p], kind="image") for p in sorted(failures)]

@@ -104,3 +104,27 @@ def test_replicas_follow_device_workers_and_platform(monkeypatch):
     monkeypatch.setattr(embed, "_cores", lambda: 1)
     monkeypatch.setattr(embed, "_fork_context", lambda: "fork")
     assert use_replicas(None, "cpu", "auto", 10_000) is False  # one core: one worker
+
+
+def test_batch_size_follows_the_device_unless_given():
+    from retrieval.embed import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
+
+    assert EmbedOptions().resolved_batch_size("cpu") == CPU_BATCH_SIZE == 32
+    assert EmbedOptions().resolved_batch_size("cuda:1") == CUDA_BATCH_SIZE == 256
+    assert EmbedOptions(batch_size=7).resolved_batch_size("cuda") == 7
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(InputError, match="--batch-size"):
+            EmbedOptions(batch_size=bad)
+
+
+def test_compiled_encoder_gives_the_same_vectors(tiny, refs):
+    """--compile: torch.compile'd image model in the main process (slow to compile, so the tiny model)."""
+    plain = embed_images(refs, tiny, EmbedOptions(batch_size=4, workers=0, progress=False))
+    compiled = embed_images(refs, tiny, EmbedOptions(batch_size=4, workers=2, compile=True, progress=False))
+    assert compiled.replicas is False and compiled.workers == 2  # decode workers; the main process encodes
+    assert _summary(compiled) == _summary(plain)
+    np.testing.assert_allclose(compiled.vectors, plain.vectors, rtol=0, atol=1e-5)
+    assert "_compiled_forwards" in vars(tiny) and not vars(tiny).get("_compile_on")  # compiled, and switched off again
+    if LINUX:
+        with pytest.raises(InputError, match="--compile"):
+            embed_images(refs, tiny, EmbedOptions(workers=2, replicas=True, compile=True, progress=False))

@@ -152,7 +152,8 @@ class EfficientNetLiteEncoder(ImageEncoder):
         pixels = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         slices = pixels.split(CPU_MICRO_BATCH) if self.device == "cpu" else (pixels,)
         with inference_context(self.device), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._cpu_bfloat16):
-            pooled = torch.cat([self._model.extract_features(part).float().mean(dim=(2, 3)) for part in slices])
+            features = self._forward("features", self._model.extract_features)
+            pooled = torch.cat([features(part).float().mean(dim=(2, 3)) for part in slices])
         return to_unit_numpy(pooled)
 
     def classifier_anchors(self) -> tuple[np.ndarray, list[str]]:

@@ -154,7 +154,7 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
         tower = self._int8_tower()
         with inference_context(self.device):
             pixels = pixels.to(self.device, non_blocking=True)
-            features = tower(pixels) if tower is not None else self._model.encode_image(pixels)
+            features = self._forward("image", tower if tower is not None else self._model.encode_image)(pixels)
         return to_unit_numpy(features)
 
     def _int8_tower(self) -> Any:

@@ -107,7 +107,7 @@ class TimmEncoder(ImageEncoder):
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         check_pixels(pixels)
         with inference_context(self.device):
-            features = self._model(pixels.to(self.device, non_blocking=True))
+            features = self._forward("image", self._model)(pixels.to(self.device, non_blocking=True))
         return to_unit_numpy(features)
 
 
