@@ -13,7 +13,8 @@ import pytest
 
 from retrieval import EmbedOptions, InputError
 from retrieval.collection import discover_images
-from retrieval.embed import MAX_AUTO_REPLICAS, MAX_AUTO_WORKERS, SMALL_COLLECTION, embed_images, resolve_workers, use_replicas
+from retrieval.embed import embed_images
+from retrieval.workers import MAX_AUTO_REPLICAS, MAX_AUTO_WORKERS, SMALL_COLLECTION, resolve_workers, use_replicas
 
 from conftest import COCO, IMAGENET, require_shared_data
 
@@ -82,9 +83,9 @@ def test_worker_counts():
 
 
 def test_replicas_follow_device_workers_and_platform(monkeypatch):
-    import retrieval.embed as embed
+    import retrieval.workers as workers
 
-    monkeypatch.setattr(embed, "_cores", lambda: 4)
+    monkeypatch.setattr(workers, "_cores", lambda: 4)
     assert use_replicas(None, "cuda", "auto", 10_000) is False  # a GPU encoder stays in the main process
     assert use_replicas(None, "cpu", 0, 10_000) is False
     assert use_replicas(None, "cpu", 1, 10_000) is False  # one replica: no better than the main process
@@ -97,12 +98,12 @@ def test_replicas_follow_device_workers_and_platform(monkeypatch):
         use_replicas(True, "cuda:0", 2, 10_000)
     with pytest.raises(InputError, match="--workers"):
         use_replicas(True, "cpu", 0, 10_000)
-    monkeypatch.setattr(embed, "_fork_context", lambda: None)  # as on macOS / Windows
+    monkeypatch.setattr(workers, "fork_context", lambda: None)  # as on macOS / Windows
     assert use_replicas(None, "cpu", "auto", 10_000) is False
     with pytest.raises(InputError, match="fork"):
         use_replicas(True, "cpu", 2, 10_000)
-    monkeypatch.setattr(embed, "_cores", lambda: 1)
-    monkeypatch.setattr(embed, "_fork_context", lambda: "fork")
+    monkeypatch.setattr(workers, "_cores", lambda: 1)
+    monkeypatch.setattr(workers, "fork_context", lambda: "fork")
     assert use_replicas(None, "cpu", "auto", 10_000) is False  # one core: one worker
 
 
