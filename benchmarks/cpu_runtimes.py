@@ -22,29 +22,16 @@ import argparse
 import copy
 import importlib.util
 import json
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import median_times  # noqa: E402  (same folder)
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def alternate(fns: dict[str, Callable[[], np.ndarray]], repeats: int) -> dict[str, tuple[float, np.ndarray]]:
-    """Median seconds and last output of each path; one warm-up call each, then paths alternate."""
-    outputs = {name: fn() for name, fn in fns.items()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(times[name]), outputs[name]) for name in fns}
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -81,21 +68,19 @@ def onnx_session(module, example: tuple, names: list[str], dynamic: dict, folder
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-class _Features:
+def pooled_features(model):
     """EfficientNet's pooled features as one module (what ONNX exports)."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class Features(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
 
-        class Features(torch.nn.Module):
-            def __init__(self, inner) -> None:
-                super().__init__()
-                self.inner = inner
+        def forward(self, x):
+            return self.inner.extract_features(x).mean(dim=(2, 3))
 
-            def forward(self, x):
-                return self.inner.extract_features(x).mean(dim=(2, 3))
-
-        return Features(model)
+    return Features(model)
 
 
 def image_rows(repeats: int, folder: Path) -> None:
@@ -111,7 +96,7 @@ def image_rows(repeats: int, folder: Path) -> None:
     }
     for name, encoder in encoders.items():
         model = copy.deepcopy(encoder._model).to(memory_format=torch.contiguous_format)
-        plain = model.visual if hasattr(model, "visual") else _Features(model)
+        plain = model.visual if hasattr(model, "visual") else pooled_features(model)
         plain.eval()
 
         def run(context, module=plain):
@@ -127,7 +112,7 @@ def image_rows(repeats: int, folder: Path) -> None:
         if session is not None:
             feed = {"pixels": pixels.numpy()}
             paths["onnxruntime fp32"] = lambda: session.run(None, feed)[0]
-        timed = alternate(paths, repeats)
+        timed = median_times(paths, repeats, warmup=True)
         report(name, len(pixels), timed, "current (encode_image_tensors)", timed["fp32 torch.inference_mode"][1])
 
 
@@ -187,7 +172,7 @@ def text_rows(repeats: int, count: int, folder: Path) -> None:
         session = onnx_session(Hidden(bert), tuple(example[n] for n in names), names, dynamic, folder / ("text-int8" if int8 else "text-fp32"), int8)
         if session is not None:
             paths[label] = (lambda s: lambda: pooled(lambda tokens: s.run(None, {n: tokens[n].astype(np.int64) for n in names})[0]))(session)
-    timed = alternate(paths, repeats)
+    timed = median_times(paths, repeats, warmup=True)
     report("minilm", len(texts), timed, "current (encode_texts, bf16 autocast)", timed["fp32 torch"][1])
 
 
@@ -196,7 +181,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--captions", type=int, default=2000)
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
     if importlib.util.find_spec("onnxruntime") is None:
         print("onnxruntime is not installed: its rows are skipped (pip install onnxruntime onnx onnxscript)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,11 +26,12 @@ import numpy as np
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def median_times(fns: dict, repeats: int) -> dict[str, tuple[float, object]]:
+def median_times(fns: dict, repeats: int, warmup: bool = False) -> dict[str, tuple[float, object]]:
     """Median seconds (and the last result) of each function; the functions alternate within each
-    repeat, so a machine that slows down mid-run slows all of them alike."""
+    repeat, so a machine that slows down mid-run slows all of them alike. ``warmup``: one untimed
+    call of each first."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    results: dict[str, object] = {}
+    results: dict[str, object] = {name: fn() for name, fn in fns.items()} if warmup else {}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()

@@ -77,8 +77,6 @@ replicas_flag = click.option(
     help="On the CPU, each worker also encodes its batches with its own single-threaded copy of the "
          "encoder (default on Linux with 2+ workers: faster than one multi-threaded encoder). "
          "--no-replicas encodes in the main process.")
-
-
 compile_flag = click.option(
     "--compile", "compile_model", is_flag=True,
     help="Run the image model through torch.compile (meant for GPUs and large collections: "

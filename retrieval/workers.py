@@ -57,9 +57,9 @@ def use_replicas(option: bool | None, device: str, workers: int | str, n_items: 
     parent's memory, shared copy-on-write, and a forked worker must stay single-threaded
     (OpenMP hangs in a child whose parent used its thread pool). ``None`` (auto) turns it on
     where that holds and at least two workers would run. Measured on the 2-core CPU
-    (``benchmarks/THROUGHPUT.md``): EfficientNet-Lite0 104-129 img/s against 72-79 with the
-    encoder in the main process, ViT-B/32 39-42 against 35-38; one model with two threads
-    runs 1.6x one with one thread, two single-threaded copies 2x.
+    (``benchmarks/THROUGHPUT.md``): EfficientNet-Lite0 171-174 img/s against 117-121 with the
+    encoder in the main process (1,080 photos), ViT-B/32 39.1 against 35.3 (320 photos); one
+    model with two threads ran 1.6x one with one thread, two single-threaded copies 2x.
     """
     on_cpu = str(device) == "cpu"
     if option is None:

@@ -65,8 +65,8 @@ class ImageEncoder(ABC):
     @contextmanager
     def compiled(self) -> Iterator[None]:
         """Inside this block the image model runs through ``torch.compile`` (compiled on first
-        use in this process, kept for later blocks). Pays off on CUDA; on the 2-core CPU
-        EfficientNet-Lite0 gained 3% for 22 s of compilation (``benchmarks/THROUGHPUT.md``)."""
+        use in this process, kept for later blocks). Meant for CUDA (not measured there yet); on
+        the 2-core CPU EfficientNet-Lite0 gained 3% for 22 s of compilation (``benchmarks/THROUGHPUT.md``)."""
         previous = self.__dict__.get("_compile_on", False)
         self._compile_on = True
         try:

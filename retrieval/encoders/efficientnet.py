@@ -37,8 +37,8 @@ ALIAS = "efficientnet-lite0"
 DIM = 1280
 # On the CPU the model runs over batches in slices of this many images: its activations then
 # stay in cache. 2-core CPU, bfloat16, median ms per image (benchmarks/cpu_inference.py
-# --micro-batch): one thread 6.3 / 5.9 / 7.8 / 13.6 for slices of 4 / 8 / 16 / 32 images,
-# two threads 3.8 / 3.4 / 4.4 / 8.1.
+# --micro-batches): one thread 7.01 / 6.38 / 7.52 / 12.81 for slices of 4 / 8 / 16 / 32 images,
+# two threads 4.31 / 3.94 / 6.51 / 10.28.
 CPU_MICRO_BATCH = 8
 
 __all__ = ["ALIAS", "EfficientNetLiteEncoder", "bundled_weights_path"]
