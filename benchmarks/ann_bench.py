@@ -55,11 +55,11 @@ import ann_data
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retrieval.index_spec import (  # noqa: E402
+from retrieval.index.spec import (  # noqa: E402
     DEFAULT_RERANK_FACTOR, IndexSpec, SearchKnobs, choose_index, estimate_bytes, parse_memory, spec_for,
 )
-from retrieval.recall import EF_SEARCH_STEPS, NPROBE_STEPS, RECALL_QUERIES, measure_and_tune, recall_at  # noqa: E402
-from retrieval.vector_index import VectorSource, apply_build_params, build_vector_index, search  # noqa: E402
+from retrieval.index.recall import EF_SEARCH_STEPS, NPROBE_STEPS, RECALL_QUERIES, measure_and_tune, recall_at  # noqa: E402
+from retrieval.index.vector_index import VectorSource, apply_build_params, build_vector_index, search  # noqa: E402
 
 K = 10
 TARGET = 0.95

@@ -174,7 +174,7 @@ def contiguous_path(n: int, d: int = 512, seed: int = 0) -> Path:
 
 def load_contiguous(n: int, d: int = 512, seed: int = 0, log=print) -> list[np.ndarray]:
     """Rows [0, n) as one memory-mapped float16 file, as a library build stores a vector set (the shards are
-    copied into it once, streamed): FAISS re-ranks from such a file in place (``retrieval.faiss_views``)."""
+    copied into it once, streamed): FAISS re-ranks from such a file in place (``retrieval.index.faiss_views``)."""
     path = contiguous_path(n, d, seed)
     if not path.exists():
         log(f"copying the {n:,}-row shards into one file {path.name} (once)")
@@ -210,8 +210,8 @@ def truth(parts: list[np.ndarray], q: np.ndarray, name: str, seed: int = 0, k: i
     import sys
 
     sys.path.insert(0, str(ROOT))
-    from retrieval.recall import exact_search
-    from retrieval.vector_index import VectorSource
+    from retrieval.index.recall import exact_search
+    from retrieval.index.vector_index import VectorSource
 
     n, d = sum(len(p) for p in parts), q.shape[1]
     path = data_dir(d, seed) / f"truth_{name}_n{n}_q{len(q)}_k{k}.npy"
@@ -242,8 +242,8 @@ def main() -> None:
         import sys
 
         sys.path.insert(0, str(ROOT))
-        from retrieval.recall import exact_search
-        from retrieval.vector_index import VectorSource
+        from retrieval.index.recall import exact_search
+        from retrieval.index.vector_index import VectorSource
 
         q = queries(500, args.d, args.seed)
         source = VectorSource(parts)

@@ -119,7 +119,7 @@ def image_rows(repeats: int, folder: Path) -> None:
 def text_rows(repeats: int, count: int, folder: Path) -> None:
     import torch
 
-    from retrieval.collection import read_caption_file
+    from retrieval.sources.collection import read_caption_file
     from retrieval.encoders.registry import load_text_encoder
 
     texts = [r.text for r in read_caption_file(DATA / "coco-train-mini" / "captions.jsonl").records]

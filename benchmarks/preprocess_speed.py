@@ -72,7 +72,7 @@ def _reference_path(transform: Callable) -> Callable[[Path], object]:
 
 
 def _fast_path(transform: Callable, draft_size: tuple[int, int] | None) -> Callable[[Path], object]:
-    from retrieval.images import load_image
+    from retrieval.sources.images import load_image
 
     def run(path: Path) -> object:
         return transform(load_image(path, draft_size=draft_size).image)
@@ -102,7 +102,7 @@ def _encoders() -> list[tuple[str, Callable, object]]:
     import open_clip
 
     from retrieval.encoders.efficientnet import build_transform
-    from retrieval.preprocess import efficientnet_transform, open_clip_transform
+    from retrieval.encoders.preprocess import efficientnet_transform, open_clip_transform
 
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     fast_clip = open_clip_transform(open_clip.get_model_preprocess_cfg(model))

@@ -3,7 +3,7 @@
 Images: real photos from ../shared/data (COCO + ImageNet sample), for EfficientNet-Lite0 and a
 CLIP-sized image tower (ViT-B/32 architecture, random weights). The naive loop opens each
 image, converts it, applies the encoder's own reference transform and runs the model one image
-at a time. Ours: retrieval.embed.embed_images with its defaults (DataLoader workers that decode
+at a time. Ours: retrieval.embed.pipeline.embed_images with its defaults (DataLoader workers that decode
 and, on the CPU on Linux, encode with single-threaded encoder replicas; batches; fast
 preprocessing), and the same with the encoder in the main process (--no-replicas). Embeddings
 are compared (cosine). Every ratio is measured in the same run; the paths alternate within each
@@ -70,7 +70,7 @@ def naive_loop(paths, encoder) -> np.ndarray:
 
 
 def pipeline(refs, encoder, batch_size: int, replicas: bool | None = None) -> np.ndarray:
-    from retrieval.embed import EmbedOptions, embed_images
+    from retrieval.embed.pipeline import EmbedOptions, embed_images
 
     options = EmbedOptions(batch_size=batch_size, workers="auto", replicas=replicas, progress=False)
     return embed_images(refs, encoder, options).vectors
@@ -88,7 +88,7 @@ def random_vit_b32(folder: Path):
 
 
 def image_rows(n: int, repeats: int, batch_size: int) -> list[dict]:
-    from retrieval.collection import find_images
+    from retrieval.sources.collection import find_images
     from retrieval.encoders.registry import load_image_encoder
 
     refs = (find_images([DATA / "coco-train-mini" / "images"]) + find_images([DATA / "imagenet-sample"]))[: n]
@@ -117,7 +117,7 @@ def image_rows(n: int, repeats: int, batch_size: int) -> list[dict]:
 def text_row(repeats: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from retrieval.collection import read_caption_file
+    from retrieval.sources.collection import read_caption_file
     from retrieval.encoders.registry import load_text_encoder
     from retrieval.encoders.sentence_transformers import minilm_path
 

@@ -7,14 +7,14 @@ set of anchor (image, caption) pairs.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from retrieval.core.version import __version__
 
-from .anchors import AnchorSet, load_anchor_set  # noqa: E402
-from .build import build_anchors, build_index  # noqa: E402
-from .config import CaptionOptions, EncoderChoice, IndexOptions  # noqa: E402
-from .embed import EmbedOptions  # noqa: E402
-from .engine import Index, open_index  # noqa: E402
-from .errors import (  # noqa: E402
+from retrieval.asif.anchors import AnchorSet, load_anchor_set  # noqa: E402
+from retrieval.api.build import build_anchors, build_index  # noqa: E402
+from retrieval.core.config import CaptionOptions, EncoderChoice, IndexOptions  # noqa: E402
+from retrieval.embed.pipeline import EmbedOptions  # noqa: E402
+from retrieval.api.engine import Index, open_index  # noqa: E402
+from retrieval.core.errors import (  # noqa: E402
     EncoderError,
     EncoderMismatchError,
     ImageDecodeError,
@@ -23,10 +23,10 @@ from .errors import (  # noqa: E402
     InputError,
     RetrievalError,
 )
-from .hits import CaptionHit, ImageHit  # noqa: E402
-from .index_spec import SearchKnobs  # noqa: E402
-from .relative import AsifParams  # noqa: E402
-from .update import UpdateReport, add_to_index, remove_from_index  # noqa: E402
+from retrieval.core.hits import CaptionHit, ImageHit  # noqa: E402
+from retrieval.index.spec import SearchKnobs  # noqa: E402
+from retrieval.asif.relative import AsifParams  # noqa: E402
+from retrieval.api.update import UpdateReport, add_to_index, remove_from_index  # noqa: E402
 
 __all__ = [
     "AnchorSet",

@@ -6,8 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval.errors import InputError
-from retrieval.index_spec import (
+from retrieval.core.errors import InputError
+from retrieval.index.spec import (
     IndexSpec,
     SearchKnobs,
     choose_index,
@@ -16,10 +16,10 @@ from retrieval.index_spec import (
     parse_memory,
     spec_for,
 )
-from retrieval.recall import fastest_shortlist, exact_search, measure_and_tune, recall_at
-from retrieval.searchable import mean_residual, needs_retraining, split_budget
-from retrieval.torch_search import TorchFlatIndex, torch_cuda_available
-from retrieval.vector_index import (
+from retrieval.index.recall import fastest_shortlist, exact_search, measure_and_tune, recall_at
+from retrieval.index.vector_sets import mean_residual, needs_retraining, split_budget
+from retrieval.index.torch_search import TorchFlatIndex, torch_cuda_available
+from retrieval.index.vector_index import (
     Exclusions,
     RowSubset,
     VectorSource,
@@ -207,7 +207,7 @@ def test_exclusions_leave_fewer_hits_than_k_padded():
 
 
 def test_exact_search_streams_blocks_like_numpy(monkeypatch):
-    import retrieval.recall as recall
+    import retrieval.index.recall as recall
 
     monkeypatch.setattr(recall, "EXACT_BLOCK_BYTES", 1)  # forces many blocks
     source = VectorSource([DATA[:1000].astype(np.float16), DATA[1000:2500]])
@@ -285,7 +285,7 @@ def test_estimates_match_what_faiss_allocates(built):
 
 
 def test_torch_exact_index_matches_faiss_on_cpu(monkeypatch):
-    import retrieval.torch_search as torch_search
+    import retrieval.index.torch_search as torch_search
 
     monkeypatch.setattr(torch_search, "ROW_BLOCK", 1000)  # several row blocks merged
     index = TorchFlatIndex(VectorSource([DATA[:2500], DATA[2500:]]), device="cpu")

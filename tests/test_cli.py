@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from retrieval.cli import main
+from retrieval.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

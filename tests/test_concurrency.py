@@ -16,8 +16,8 @@ import pytest
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
-from retrieval.errors import IndexLockedError
-from retrieval.locking import LOCK_NAME, WriterLock, writer_lock
+from retrieval.core.errors import IndexLockedError
+from retrieval.store.locking import LOCK_NAME, WriterLock, writer_lock
 
 import hostile
 
@@ -208,7 +208,7 @@ def test_a_killed_writer_leaves_no_stuck_lock(tmp_path):
     index.mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from retrieval.locking import WriterLock; lock = WriterLock(sys.argv[1]); "
+         "import sys, time; from retrieval.store.locking import WriterLock; lock = WriterLock(sys.argv[1]); "
          "print('locked', flush=True); time.sleep(120)", str(index)],
         stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )
@@ -226,7 +226,7 @@ def test_a_killed_writer_leaves_no_stuck_lock(tmp_path):
 
 
 def test_a_failed_build_releases_the_lock(tmp_path, tiny_clip_dir, small_collection, monkeypatch):
-    import retrieval.build as build_module
+    import retrieval.api.build as build_module
 
     def dies(*args, **kwargs):
         raise RuntimeError("the encoder blew up")
@@ -246,9 +246,10 @@ def test_a_reader_keeps_its_snapshot_after_the_files_are_deleted(tmp_path):
     import pyarrow as pa
     import scipy.sparse as sp
 
-    from retrieval.relative import SparseRelativeIndex
-    from retrieval.store import StoreReader, StoreWriter
-    from retrieval.vector_index import build_vector_index
+    from retrieval.asif.relative import SparseRelativeIndex
+    from retrieval.store.reader import StoreReader
+    from retrieval.store.writer import StoreWriter
+    from retrieval.index.vector_index import build_vector_index
 
     def commit(value: float) -> None:
         writer = StoreWriter(tmp_path, kind="index")

@@ -29,7 +29,7 @@ import pytest
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
-from retrieval.store import MANIFEST_NAME
+from retrieval.store.layout import MANIFEST_NAME
 
 import hostile
 from conftest import COCO, coco_pairs, require_shared_data
@@ -97,7 +97,7 @@ class Snapshots:
 
         encoder = load_clip_encoder("open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
         self.text_queries = encoder.encode_texts(QUERIES)
-        self.image_query = encoder.encode_images([retrieval.collection.load_image(photo).image])
+        self.image_query = encoder.encode_images([retrieval.sources.collection.load_image(photo).image])
 
     def take(self, path: Path) -> dict:
         index = retrieval.open_index(path, device="cpu")
@@ -285,7 +285,8 @@ def test_leftovers_of_a_killed_first_build_do_not_block_the_rerun(tmp_path, tiny
 
 def test_a_vector_shard_cut_short_by_a_crash_is_never_read(tmp_path):
     """Data files are renamed into place only when complete: a partial write is a temporary file."""
-    from retrieval.store import StoreReader, StoreWriter
+    from retrieval.store.reader import StoreReader
+    from retrieval.store.writer import StoreWriter
 
     writer = StoreWriter(tmp_path, kind="index")
     rel = writer.write_array("vectors/clip", "image-00000", np.ones((3, 4), np.float16))

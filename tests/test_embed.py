@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from retrieval import EmbedOptions, InputError
-from retrieval.collection import discover_images
-from retrieval.embed import embed_images
-from retrieval.workers import MAX_AUTO_REPLICAS, MAX_AUTO_WORKERS, SMALL_COLLECTION, resolve_workers, use_replicas
+from retrieval.sources.collection import discover_images
+from retrieval.embed.pipeline import embed_images
+from retrieval.embed.workers import MAX_AUTO_REPLICAS, MAX_AUTO_WORKERS, SMALL_COLLECTION, resolve_workers, use_replicas
 
 from conftest import COCO, IMAGENET, require_shared_data
 
@@ -83,7 +83,7 @@ def test_worker_counts():
 
 
 def test_replicas_follow_device_workers_and_platform(monkeypatch):
-    import retrieval.workers as workers
+    import retrieval.embed.workers as workers
 
     monkeypatch.setattr(workers, "_cores", lambda: 4)
     assert use_replicas(None, "cuda", "auto", 10_000) is False  # a GPU encoder stays in the main process
@@ -108,7 +108,7 @@ def test_replicas_follow_device_workers_and_platform(monkeypatch):
 
 
 def test_batch_size_follows_the_device_unless_given():
-    from retrieval.embed import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
+    from retrieval.embed.pipeline import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
 
     assert EmbedOptions().resolved_batch_size("cpu") == CPU_BATCH_SIZE == 32
     assert EmbedOptions().resolved_batch_size("cuda:1") == CUDA_BATCH_SIZE == 256

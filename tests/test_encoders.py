@@ -25,7 +25,7 @@ from retrieval.encoders import (
     load_text_encoder,
     resolve_device,
 )
-from retrieval.errors import EncoderError
+from retrieval.core.errors import EncoderError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_clip import TINY_EMBED_DIM, make_tiny_clip

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 import retrieval
-from retrieval.cli import main
-from retrieval.metrics import paired_recall
+from retrieval.cli.main import main
+from retrieval.eval.metrics import paired_recall
 
 from conftest import COCO, IMAGENET, require_shared_data
 

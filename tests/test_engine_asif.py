@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 import retrieval
 from retrieval import AsifParams, CaptionOptions, EmbedOptions, EncoderChoice
-from retrieval.anchors import AnchorSet
-from retrieval.cli import main
-from retrieval.errors import EncoderMismatchError
+from retrieval.asif.anchors import AnchorSet
+from retrieval.cli.main import main
+from retrieval.core.errors import EncoderMismatchError
 
 from conftest import IMAGENET, require_shared_data
 
@@ -114,7 +114,7 @@ def test_projected_route_matches_a_numpy_reference(asif_index):
 
 
 def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
-    from retrieval.anchors import AnchorSpaces
+    from retrieval.asif.anchors import AnchorSpaces
 
     index = retrieval.build_index(
         captions=[small_collection / "pairs.jsonl"], index=tmp_path / "fused", encoders=UNIMODAL,
@@ -124,7 +124,7 @@ def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
     assert [(a["count"], a["weight"]) for a in info["anchors"]] == [(12, 1.0), (1000, 0.5)]
     assert index._relative("image").n_anchors == 1012
     sets = [retrieval.load_anchor_set(anchor_dir), None]
-    from retrieval.anchors import builtin_imagenet
+    from retrieval.asif.anchors import builtin_imagenet
 
     sets[1] = builtin_imagenet(index.image_encoder, index.text_encoder)
     spaces = AnchorSpaces(sets, [1.0, 0.5])
@@ -192,7 +192,7 @@ def test_cli_build_anchors_from_a_labelled_folder_and_query(tmp_path, small_coll
 
 def test_add_and_remove_in_an_asif_index_equal_a_full_build(tmp_path, anchor_dir, small_collection):
     """Relative rows and projected vectors of added items equal those of a build of everything."""
-    from retrieval.update import add_to_index, remove_from_index
+    from retrieval.api.update import add_to_index, remove_from_index
 
     rows = [json.loads(line) for line in (small_collection / "pairs.jsonl").read_text().splitlines()]
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"

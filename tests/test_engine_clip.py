@@ -11,7 +11,7 @@ from PIL import Image
 
 import retrieval
 from retrieval import CaptionHit, EmbedOptions, EncoderChoice, ImageHit
-from retrieval.errors import EncoderMismatchError, IndexFormatError, InputError
+from retrieval.core.errors import EncoderMismatchError, IndexFormatError, InputError
 
 QUIET = EmbedOptions(batch_size=4, workers=0, progress=False)
 
@@ -85,7 +85,7 @@ def test_failed_rebuild_keeps_the_previous_index(tmp_path, tiny_clip_dir, small_
     first = retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "i", encoders=choice, embed=QUIET)
     before = [h.id for h in first.text_to_image("people at a table", k=3)]
 
-    import retrieval.build as build_module
+    import retrieval.api.build as build_module
 
     def dies(*args, **kwargs):
         raise KeyboardInterrupt("killed half way")

@@ -10,14 +10,14 @@ import pytest
 from click.testing import CliRunner
 
 from retrieval import EmbedOptions, EncoderChoice
-from retrieval.anchors import AnchorSet
-from retrieval.cli import main
-from retrieval.collection import find_images
-from retrieval.embedding_cache import EmbeddingCache
-from retrieval.errors import InputError
-from retrieval.eval_data import check_no_leak, parse_sweep, route_configs
-from retrieval.evaluate import LabelledData, PairedData, RouteConfig, evaluate, make_scorer, sweep
-from retrieval.relative import AsifParams
+from retrieval.asif.anchors import AnchorSet
+from retrieval.cli.main import main
+from retrieval.sources.collection import find_images
+from retrieval.embed.cache import EmbeddingCache
+from retrieval.core.errors import InputError
+from retrieval.eval.data import check_no_leak, parse_sweep, route_configs
+from retrieval.eval.evaluate import LabelledData, PairedData, RouteConfig, evaluate, make_scorer, sweep
+from retrieval.asif.relative import AsifParams
 
 from conftest import IMAGENET, require_shared_data
 
@@ -115,7 +115,7 @@ def test_embedding_cache_encodes_each_item_once(tmp_path, tiny_clip_dir, small_c
     options = EmbedOptions(workers=0, progress=False)
     first = EmbeddingCache(tmp_path, model).embed_images(refs, model, options)
     texts = EmbeddingCache(tmp_path, model).encode_texts(["a", "b", "a"], model)
-    import retrieval.embedding_cache as module
+    import retrieval.embed.cache as module
 
     monkeypatch.setattr(module, "embed_images", lambda *a, **k: pytest.fail("re-encoded a cached image"))
     monkeypatch.setattr(model, "encode_texts", lambda *a, **k: pytest.fail("re-encoded a cached text"))
@@ -156,7 +156,7 @@ def test_centering_and_refinement_options():
     shared = rng.standard_normal(12)
     anchors = AnchorSet("a", unit(rng, 50, 12) + shared, unit(rng, 50, 8), ["x"] * 50, {}, {})
     images = unit(rng, 20, 12) + 3 * shared
-    from retrieval.evaluate import center_spaces, refine_prototypes
+    from retrieval.eval.evaluate import center_spaces, refine_prototypes
 
     centred_images, centred_texts, centred_anchors = center_spaces("collection", images, unit(rng, 4, 8), [anchors])
     np.testing.assert_allclose(np.linalg.norm(centred_images, axis=1), 1, atol=1e-5)
@@ -177,7 +177,7 @@ def test_centering_and_refinement_options():
 
 def test_eval_of_an_index_agrees_with_eval_of_its_pairs_file(tmp_path, small_collection):
     import retrieval
-    from retrieval.eval_data import evaluate_index, run_eval
+    from retrieval.eval.data import evaluate_index, run_eval
 
     choice = EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu")
     retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "i", encoders=choice,

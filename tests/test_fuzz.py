@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
-from retrieval.collection import CaptionFile, read_caption_file
-from retrieval.errors import ImageDecodeError, InputError
+from retrieval.sources.collection import CaptionFile, read_caption_file
+from retrieval.core.errors import ImageDecodeError, InputError
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
                 derandomize=True)

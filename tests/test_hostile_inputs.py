@@ -19,8 +19,8 @@ from PIL import Image
 
 import retrieval
 from retrieval import CaptionOptions, EmbedOptions, EncoderChoice
-from retrieval.collection import load_image
-from retrieval.errors import ImageDecodeError, InputError
+from retrieval.sources.collection import load_image
+from retrieval.core.errors import ImageDecodeError, InputError
 
 import hostile
 from conftest import require_shared_data
@@ -212,7 +212,7 @@ def test_whole_file_problems_stop_the_build_with_one_clear_line(tmp_path, tiny_c
 
 
 def test_latin1_captions_with_the_right_encoding_and_from_the_cli(tmp_path, tiny_clip_dir):
-    from retrieval.cli import main
+    from retrieval.cli.main import main
 
     path = tmp_path / "latin1.txt"
     path.write_bytes("café crème\nnaïve façade\n".encode("latin-1"))

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from retrieval.encoders import load_clip_encoder, load_image_encoder
-from retrieval.images import load_image
-from retrieval.preprocess import (
+from retrieval.sources.images import load_image
+from retrieval.encoders.preprocess import (
     RESAMPLERS,
     FastImageTransform,
     default_resampler,
@@ -250,7 +250,7 @@ def test_bad_draft_size_is_a_programming_error(real_photos, bad):
 
 
 def test_corrupt_jpeg_still_reports_decode_errors(tmp_path, real_photos):
-    from retrieval.errors import ImageDecodeError
+    from retrieval.core.errors import ImageDecodeError
 
     data = real_photos[-1].read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
@@ -353,7 +353,7 @@ def test_drafted_crop_region_matches_full_decode_for_every_orientation(tmp_path,
     EXIF mirroring moves that partial block to the start; the crop must still line up."""
     from PIL import Image
 
-    from retrieval.images import DRAFT_INFO
+    from retrieval.sources.images import DRAFT_INFO
 
     fast = FastImageTransform(48, 48, 0.5, 0.5, reducing_gap=None)  # draft_size (96, 96): 1/8 of 817x777
     img = Image.open(real_photos[0]).convert("RGB").resize((817, 777), Image.Resampling.LANCZOS)

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from retrieval.errors import IndexFormatError, InputError
-from retrieval.projection import (
+from retrieval.core.errors import IndexFormatError, InputError
+from retrieval.asif.projection import (
     LinearAlignment,
     fuse_relative,
     project_to_modality,
     reciprocal_rank_fusion,
 )
-from retrieval.relative import AnchorSpace, AsifParams
+from retrieval.asif.relative import AnchorSpace, AsifParams
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

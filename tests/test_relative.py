@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from retrieval.errors import IndexFormatError, InputError, RetrievalError
-from retrieval.relative import (
+from retrieval.core.errors import IndexFormatError, InputError, RetrievalError
+from retrieval.asif.relative import (
     AnchorSpace,
     AsifParams,
     SparseRelativeIndex,
@@ -220,7 +220,7 @@ def test_search_ties_and_small_batches(monkeypatch):
     np.testing.assert_array_equal(scores[1], 0)
     np.testing.assert_array_equal(positions[2], [1, 3, 0, 2])
     # force a score block of one query at a time: same answers
-    import retrieval.relative as rel_mod
+    import retrieval.asif.relative as rel_mod
 
     monkeypatch.setattr(rel_mod, "_SCORE_BLOCK_ELEMENTS", 1)
     s2, p2 = idx.search(q, k=4)

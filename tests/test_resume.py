@@ -23,10 +23,11 @@ import pytest
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
-from retrieval.collection import discover_images
-from retrieval.embed import _batches, embed_images
-from retrieval.resume import PROGRESS_SHARD_ENV, ProgressWriteError, WorkFolder, job_key
-from retrieval.store import MANIFEST_NAME, StoreWriter, is_leftover_name, remove_stale_files
+from retrieval.sources.collection import discover_images
+from retrieval.embed.pipeline import _batches, embed_images
+from retrieval.embed.resume import PROGRESS_SHARD_ENV, ProgressWriteError, WorkFolder, job_key
+from retrieval.store.layout import MANIFEST_NAME, is_leftover_name
+from retrieval.store.writer import StoreWriter, remove_stale_files
 
 from conftest import COCO, require_shared_data
 
@@ -35,7 +36,7 @@ SHARD = 8
 
 SLOW_BOOT = r'''
 import runpy, sys, time
-import retrieval.embed as embed
+import retrieval.embed.pipeline as embed
 _load = embed.load_image
 embed.load_image = lambda *a, **k: (time.sleep(0.02), _load(*a, **k))[1]
 sys.argv = sys.argv[1:]
@@ -267,7 +268,7 @@ def test_damaged_progress_shards_are_embedded_again(tmp_path, refs, tiny_encoder
 
     capsys.readouterr()
     rerun = _Counting(tiny_encoder)
-    with caplog.at_level(logging.WARNING, logger="retrieval.resume"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.embed.resume"):
         resumed = embed_images(refs, rerun, options, work_dir=tmp_path)
     assert "resuming: 8 of 32 images already embedded" in capsys.readouterr().err
     assert resumed.resumed == 8

@@ -21,8 +21,11 @@ import pytest
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
-from retrieval.errors import IndexFormatError
-from retrieval.store import MANIFEST_NAME, StoreReader, StoreWriter, manifest_digest
+from retrieval.core.errors import IndexFormatError
+from retrieval.store.layout import MANIFEST_NAME
+from retrieval.store.reader import StoreReader
+from retrieval.store.writer import StoreWriter
+from retrieval.store.manifest import manifest_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -45,8 +48,8 @@ def _store_dir(root: Path) -> dict[str, str]:
     import pyarrow as pa
     import scipy.sparse as sp
 
-    from retrieval.relative import SparseRelativeIndex
-    from retrieval.vector_index import build_vector_index
+    from retrieval.asif.relative import SparseRelativeIndex
+    from retrieval.index.vector_index import build_vector_index
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(12, 8)).astype(np.float32)

@@ -11,12 +11,12 @@ from click.testing import CliRunner
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
-from retrieval.cli import main
-from retrieval.config import IndexOptions
-from retrieval.errors import InputError
-from retrieval.index_spec import SearchKnobs
-from retrieval.store import StoreWriter
-from retrieval.update import add_to_index, remove_from_index
+from retrieval.cli.main import main
+from retrieval.core.config import IndexOptions
+from retrieval.core.errors import InputError
+from retrieval.index.spec import SearchKnobs
+from retrieval.store.writer import StoreWriter
+from retrieval.api.update import add_to_index, remove_from_index
 
 from conftest import coco_pairs, require_shared_data
 
@@ -84,7 +84,7 @@ def test_nprobe_per_query_reaches_exact_results(ivf_index, small_collection):
     assert "Array" in type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded).invlists)).__name__
     nlist = index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
     photo = sorted((small_collection / "images").glob("*.jpg"))[0]
-    query = index.image_encoder.encode_images([retrieval.engine.load_image(photo).image])
+    query = index.image_encoder.encode_images([retrieval.api.engine.load_image(photo).image])
     hits = index.image_to_caption(photo, k=10, knobs=SearchKnobs(nprobe=nlist))
     assert [h.id for h in hits] == _exact_caption_ids(index, query, 10)[0]
 
@@ -103,7 +103,7 @@ def test_ivfpq_index_reranks_in_faiss_from_the_stored_vectors(tmp_path, tiny_cli
     assert native is not None and not faiss.downcast_index(native.refine_index).codes.is_owned  # the stored file, viewed
     nlist = index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
     photo = sorted((small_collection / "images").glob("*.jpg"))[0]
-    query = index.image_encoder.encode_images([retrieval.engine.load_image(photo).image])
+    query = index.image_encoder.encode_images([retrieval.api.engine.load_image(photo).image])
     hits = index.image_to_caption(photo, k=5, knobs=SearchKnobs(nprobe=nlist, rerank_factor=80))  # the whole list set
     assert [h.id for h in hits] == _exact_caption_ids(index, query, 5)[0]
 
@@ -219,7 +219,7 @@ def test_compaction_keeps_results_of_the_live_rows(two_step, caption_files):
     ids = index.items("caption")["id"]
     doomed = ids[::3]  # a third of the captions: above the compaction threshold
     photo = sorted(first.glob("*.jpg"))[0]
-    query = index.image_encoder.encode_images([retrieval.engine.load_image(photo).image])
+    query = index.image_encoder.encode_images([retrieval.api.engine.load_image(photo).image])
     deleted_positions = [ids.index(i) for i in doomed]
     expected = _exact_caption_ids(index, query, 5, deleted_positions)[0]
     report = remove_from_index(path, ids=doomed)

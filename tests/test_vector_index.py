@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.errors import InputError
-from retrieval.vector_index import build_vector_index, search
+from retrieval.core.errors import InputError
+from retrieval.index.vector_index import build_vector_index, search
 
 
 def _unit_rows(rng, n, d):

@@ -46,7 +46,7 @@ class ImageEncoder(ABC):
         """Picklable callable: RGB PIL image -> CHW float32 tensor ready for ``encode_image_tensors``.
 
         Backends return their fastest equivalent of :meth:`reference_transform` (see
-        ``retrieval.preprocess``); it accepts an image decoded with ``load_image(path,
+        ``retrieval.encoders.preprocess``); it accepts an image decoded with ``load_image(path,
         draft_size=self.draft_size)``.
         """
 

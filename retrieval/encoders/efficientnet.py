@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import EncoderError
-from ..preprocess import efficientnet_transform
+from retrieval.core.errors import EncoderError
+from retrieval.encoders.preprocess import efficientnet_transform
 from .base import (
     ImageEncoder,
     check_pixels,
@@ -60,7 +60,7 @@ def build_transform() -> Callable[[Image.Image], torch.Tensor]:
     """Resize(256, bicubic) -> CenterCrop(224) -> ToTensor -> Normalize(0.5, 0.5); picklable.
 
     The reference transform; ``image_transform()`` returns its fast equivalent
-    (``retrieval.preprocess.efficientnet_transform``)."""
+    (``retrieval.encoders.preprocess.efficientnet_transform``)."""
     from torchvision import transforms as T
 
     return T.Compose(

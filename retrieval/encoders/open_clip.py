@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import EncoderError
-from ..preprocess import FastImageTransform, open_clip_transform
+from retrieval.core.errors import EncoderError
+from retrieval.encoders.preprocess import FastImageTransform, open_clip_transform
 from ._hub import cached_hub_file, hub_unreachable_reason
 from .base import (
     ImageEncoder,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import EncoderError
+from retrieval.core.errors import EncoderError
 from .base import ImageEncoder, TextEncoder
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EncoderError
+from retrieval.core.errors import EncoderError
 from ._hub import hub_unreachable_reason
 from .base import (
     TextEncoder,

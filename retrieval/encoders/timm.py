@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import EncoderError
+from retrieval.core.errors import EncoderError
 from ._hub import cached_hub_file, hub_unreachable_reason
 from .base import (
     ImageEncoder,

@@ -1,0 +1,276 @@
+"""ASIF anchor sets: (image, caption) pairs embedded with a frozen image and a frozen text encoder.
+
+An anchor set is built from pairs files or labelled folders, or taken from an
+ImageNet classifier's own final layer (``builtin:imagenet``), and saved as a
+reusable directory (format v1, kind ``anchors``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from retrieval.sources.collection import CaptionRecord, ImageRef, ItemError, labelled_folder_pairs, read_caption_file
+from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions
+from retrieval.embed.pipeline import EmbedOptions, embed_images
+from retrieval.core.errors import InputError
+from retrieval.store.provenance import check_same_encoder, encoder_record
+from retrieval.asif.relative import AnchorSpace, AsifParams
+from retrieval.store.reader import StoreReader
+from retrieval.store.writer import StoreWriter
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_IMAGENET = "builtin:imagenet"
+IMAGENET_IMAGE_ENCODERS = ("efficientnet-lite0",)
+# Prompts for class-name anchors; averaged when several. CLIP's 6-template ensemble
+# measured no better than this one on COCO (benchmarks/asif_params.py) at 6x the cost.
+CLASS_PROMPTS = ("a photo of a {}.",)
+DEFAULT_PARAMS = AsifParams(k=100, p=2.0)  # tuned on half of COCO: benchmarks/asif_params.py
+
+
+@dataclass
+class AnchorSet:
+    """N anchor pairs: row i of ``image_vectors`` and of ``text_vectors`` describe the same thing."""
+
+    name: str
+    image_vectors: np.ndarray
+    text_vectors: np.ndarray
+    captions: list[str]
+    image_encoder: dict[str, Any]
+    text_encoder: dict[str, Any]
+    params: AsifParams = DEFAULT_PARAMS
+    uris: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.image_vectors) != len(self.text_vectors):
+            raise InputError(f"anchor set {self.name}: {len(self.image_vectors)} image and {len(self.text_vectors)} text vectors")
+        if len(self.image_vectors) == 0:
+            raise InputError(f"anchor set {self.name}: no anchor pairs")
+
+    def __len__(self) -> int:
+        return len(self.image_vectors)
+
+    def space(self) -> AnchorSpace:
+        """The anchor matrices, ready to compute relative representations."""
+        return AnchorSpace(self.image_vectors, self.text_vectors)
+
+    def check_encoders(self, image_encoder: Any, text_encoder: Any) -> None:
+        """Raise unless the given encoders are the ones these anchors were embedded with."""
+        check_same_encoder(self.image_encoder, image_encoder, f"anchor set {self.name} (image side)")
+        check_same_encoder(self.text_encoder, text_encoder, f"anchor set {self.name} (text side)")
+
+
+class AnchorSpaces:
+    """One or several anchor sets used together: their relative spaces are fused with per-set weights.
+
+    ``relative`` gives the exact sparse ASIF rows (concatenated weighted spaces, see
+    :func:`retrieval.asif.projection.fuse_relative`); ``project`` gives the dense projected
+    route: relative weights times the other modality's (weighted, stacked) anchors.
+    """
+
+    def __init__(self, sets: Sequence[AnchorSet], weights: Sequence[float] | None = None) -> None:
+        if not sets:
+            raise InputError("no anchor set given")
+        self.sets = list(sets)
+        self.weights = [float(w) for w in (weights or [1.0] * len(sets))]
+        if len(self.weights) != len(self.sets):
+            raise InputError(f"{len(self.weights)} anchor weights for {len(self.sets)} anchor sets")
+        self._spaces = [s.space() for s in self.sets]
+
+    def relative(self, vectors: np.ndarray, modality: str, params: AsifParams) -> Any:
+        from retrieval.asif.projection import fuse_relative
+
+        parts = [space.relative(vectors, modality, params) for space in self._spaces]
+        return parts[0] if len(parts) == 1 else fuse_relative(parts, self.weights)
+
+    def project(self, relative_rows: Any, target_modality: str) -> np.ndarray:
+        """Dense vectors in ``target_modality``'s encoder space for rows from :meth:`relative`."""
+        from retrieval.asif.projection import project_to_modality
+
+        total = sum(self.weights)
+        stacked = np.vstack([
+            np.sqrt(w / total) * (s.text_vectors if target_modality == "text" else s.image_vectors)
+            for w, s in zip(self.weights, self.sets)
+        ]) if len(self.sets) > 1 else (self.sets[0].text_vectors if target_modality == "text" else self.sets[0].image_vectors)
+        return project_to_modality(relative_rows, stacked)
+
+
+def read_pairs(sources: Sequence[str | Path], options: CaptionOptions) -> tuple[list[CaptionRecord], list[ItemError]]:
+    """Read (image, caption) pairs from pairs files and labelled folders (``root/<label>/*.jpg``)."""
+    records: list[CaptionRecord] = []
+    errors: list[ItemError] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            records.extend(labelled_folder_pairs(path, options.template or DEFAULT_LABEL_TEMPLATE))
+            continue
+        parsed = read_caption_file(path, options.caption_column, options.image_column, options.template, options.encoding)
+        if not parsed.is_pairs:
+            raise InputError(
+                f"{path}: not a pairs file (no {options.image_column!r} column); name the image column with --image-column"
+            )
+        records.extend(parsed.records)
+        errors.extend(parsed.errors)
+    if not records:
+        raise InputError("no (image, caption) pairs in " + ", ".join(map(str, sources)))
+    return records, errors
+
+
+def group_by_image(records: Sequence[CaptionRecord]) -> dict[Path, list[CaptionRecord]]:
+    """Captions per image, in order of first appearance."""
+    groups: dict[Path, list[CaptionRecord]] = {}
+    for record in records:
+        assert record.image is not None  # read_pairs only returns paired records
+        groups.setdefault(record.image, []).append(record)
+    return groups
+
+
+def mean_caption_vectors(groups: Sequence[list[int]], caption_vectors: np.ndarray) -> np.ndarray:
+    """One L2-normalised text vector per group: the mean of its captions' vectors."""
+    means = np.stack([caption_vectors[rows].mean(axis=0) for rows in groups]).astype(np.float32)
+    return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+
+
+def embed_pairs(
+    records: Sequence[CaptionRecord],
+    image_encoder: Any,
+    text_encoder: Any,
+    embed: EmbedOptions = EmbedOptions(),
+    cache_dir: str | Path | None = None,
+) -> tuple[list[ImageRef], np.ndarray, np.ndarray, list[list[CaptionRecord]], list[ItemError]]:
+    """Embed pairs as one anchor per image; its text side is the mean of its captions' vectors.
+
+    With ``cache_dir``, embeddings come from (and go to) the embedding cache.
+    """
+    groups = group_by_image(records)
+    refs = [ImageRef(path=image, source=captions[0].source, label=captions[0].label) for image, captions in groups.items()]
+    if cache_dir is not None:
+        from retrieval.embed.cache import EmbeddingCache
+
+        image_cache, text_cache = EmbeddingCache(cache_dir, image_encoder), EmbeddingCache(cache_dir, text_encoder)
+        embedded = image_cache.embed_images(refs, image_encoder, embed)
+    else:
+        embedded = embed_images(refs, image_encoder, embed)
+    kept = [groups[row.ref.path] for row in embedded.rows]
+    texts = [record.text for captions in kept for record in captions]
+    if cache_dir is not None:
+        caption_vectors = text_cache.encode_texts(texts, text_encoder, progress=embed.progress)
+    else:
+        caption_vectors = text_encoder.encode_texts(texts, progress=embed.progress)
+    offsets = np.cumsum([0] + [len(captions) for captions in kept])
+    text_vectors = mean_caption_vectors([list(range(offsets[i], offsets[i + 1])) for i in range(len(kept))], caption_vectors)
+    return [row.ref for row in embedded.rows], embedded.vectors, text_vectors, kept, embedded.errors
+
+
+def build_anchor_set(
+    sources: Sequence[str | Path],
+    image_encoder: Any,
+    text_encoder: Any,
+    options: CaptionOptions = CaptionOptions(),
+    embed: EmbedOptions = EmbedOptions(),
+    params: AsifParams = DEFAULT_PARAMS,
+    cache_dir: str | Path | None = None,
+) -> tuple[AnchorSet, list[ItemError]]:
+    """Embed the pairs in ``sources`` into an anchor set (unreadable images are skipped and returned)."""
+    records, errors = read_pairs(sources, options)
+    refs, image_vectors, text_vectors, kept, image_errors = embed_pairs(records, image_encoder, text_encoder, embed, cache_dir)
+    anchors = AnchorSet(
+        name=", ".join(map(str, sources)),
+        image_vectors=image_vectors,
+        text_vectors=text_vectors,
+        captions=[captions[0].text for captions in kept],
+        image_encoder=encoder_record(image_encoder),
+        text_encoder=encoder_record(text_encoder),
+        params=params,
+        uris=[str(ref.path) for ref in refs],
+    )
+    return anchors, errors + image_errors
+
+
+def builtin_imagenet(image_encoder: Any, text_encoder: Any, params: AsifParams = DEFAULT_PARAMS) -> AnchorSet:
+    """Anchors from an ImageNet classifier: its final-layer rows paired with prompts of the 1,000 class names."""
+    if not hasattr(image_encoder, "classifier_anchors"):
+        raise InputError(
+            f"{BUILTIN_IMAGENET} needs an ImageNet classifier as image encoder ({', '.join(IMAGENET_IMAGE_ENCODERS)}), "
+            f"not {image_encoder.spec}"
+        )
+    prototypes, class_names = image_encoder.classifier_anchors()
+    prompts = [template.format(name) for name in class_names for template in CLASS_PROMPTS]
+    prompt_vectors = text_encoder.encode_texts(prompts, progress=False)
+    per_class = len(CLASS_PROMPTS)
+    text_vectors = mean_caption_vectors(
+        [list(range(i * per_class, (i + 1) * per_class)) for i in range(len(class_names))], prompt_vectors
+    )
+    return AnchorSet(
+        name=BUILTIN_IMAGENET,
+        image_vectors=np.asarray(prototypes, np.float32),
+        text_vectors=text_vectors,
+        captions=[CLASS_PROMPTS[0].format(name) for name in class_names],
+        image_encoder=encoder_record(image_encoder),
+        text_encoder=encoder_record(text_encoder),
+        params=params,
+    )
+
+
+def list_builtin_anchor_sets() -> list[str]:
+    """Names accepted by ``--anchors`` besides a directory."""
+    return [BUILTIN_IMAGENET]
+
+
+def save_anchor_set(anchors: AnchorSet, out: str | Path, errors: Sequence[ItemError] = ()) -> dict[str, Any]:
+    """Write ``anchors`` to ``out`` as an anchor directory; returns its manifest."""
+    import pyarrow as pa
+
+    from retrieval.index.vector_index import build_vector_index
+
+    writer = StoreWriter(out, kind="anchors")
+    files = {
+        "image_vectors": writer.write_array("anchors", "image", anchors.image_vectors.astype(np.float32)),
+        "text_vectors": writer.write_array("anchors", "text", anchors.text_vectors.astype(np.float32)),
+        "pairs": writer.write_table("pairs", pa.table({"uri": anchors.uris or [""] * len(anchors), "caption": anchors.captions})),
+        "image_faiss": writer.write_faiss("image", build_vector_index(anchors.image_vectors)),
+        "text_faiss": writer.write_faiss("text", build_vector_index(anchors.text_vectors)),
+    }
+    manifest = {
+        "name": anchors.name,
+        "count": len(anchors),
+        "image_encoder": anchors.image_encoder,
+        "text_encoder": anchors.text_encoder,
+        "asif": anchors.params.to_json(),
+        "files": files,
+    }
+    return writer.commit(manifest, (error.to_json() for error in errors))
+
+
+def load_anchor_set(path: str | Path) -> AnchorSet:
+    """Read an anchor directory written by :func:`save_anchor_set`."""
+    reader = StoreReader(path, kind="anchors")
+    manifest, files = reader.manifest, reader.manifest["files"]
+    pairs = reader.read_table(files["pairs"]).to_pydict()
+    return AnchorSet(
+        name=str(path),
+        image_vectors=reader.read_array(files["image_vectors"]),
+        text_vectors=reader.read_array(files["text_vectors"]),
+        captions=list(pairs["caption"]),
+        image_encoder=manifest["image_encoder"],
+        text_encoder=manifest["text_encoder"],
+        params=AsifParams.from_json(manifest["asif"]),
+        uris=[uri for uri in pairs["uri"] if uri],
+    )
+
+
+def resolve_anchor_set(reference: str, image_encoder: Any, text_encoder: Any) -> AnchorSet:
+    """An anchor set from ``builtin:NAME`` or an anchor directory, checked against the encoders."""
+    if reference.startswith(BUILTIN_PREFIX):
+        if reference != BUILTIN_IMAGENET:
+            raise InputError(f"unknown built-in anchor set {reference!r}; known: {', '.join(list_builtin_anchor_sets())}")
+        return builtin_imagenet(image_encoder, text_encoder)
+    anchors = load_anchor_set(reference)
+    anchors.check_encoders(image_encoder, text_encoder)
+    return anchors

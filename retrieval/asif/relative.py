@@ -1,0 +1,374 @@
+"""ASIF relative representations (arXiv 2210.01738).
+
+An anchor set is N (image, caption) pairs, embedded once with a frozen image
+encoder (A_img, N x d_img) and a frozen text encoder (A_txt, N x d_txt), rows
+L2-normalised. A vector x of either modality becomes an N-dim "relative" row:
+its inner products with the anchors of its own modality, of which only the
+top-k are kept, clipped at 0, raised to the power p and L2-normalised. Rows of
+both modalities then live in the same anchor space, and cross-modal similarity
+is their inner product. Rows are sparse (at most k non-zeros), so they are held
+as CSR matrices and searched through an inverted (anchor -> rows) layout.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from retrieval.core.errors import IndexFormatError, InputError
+
+Modality = Literal["image", "text"]
+
+# Upper bound on the elements of one dense (batch, n) score block in search().
+_SCORE_BLOCK_ELEMENTS = 1 << 23  # 32 MiB of float32
+
+
+@dataclass(frozen=True)
+class AsifParams:
+    """ASIF sparsification parameters: keep the top-``k`` anchors, raise to ``p``."""
+
+    k: int = 30  # placeholder defaults; the lead will measure and set them
+    p: float = 3.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):
+            raise InputError(f"ASIF k must be an integer >= 1, got {self.k!r}")
+        if self.k < 1:
+            raise InputError(f"ASIF k must be an integer >= 1, got {self.k}")
+        if isinstance(self.p, bool) or not isinstance(self.p, numbers.Real):
+            raise InputError(f"ASIF p must be a number > 0, got {self.p!r}")
+        if not math.isfinite(float(self.p)) or float(self.p) <= 0:
+            raise InputError(f"ASIF p must be a finite number > 0, got {self.p}")
+        object.__setattr__(self, "k", int(self.k))
+        object.__setattr__(self, "p", float(self.p))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form, e.g. for an index manifest."""
+        return {"k": self.k, "p": self.p}
+
+    @classmethod
+    def from_json(cls, d: Any) -> AsifParams:
+        """Inverse of :meth:`to_json`; both keys are required, no others allowed."""
+        if not isinstance(d, dict):
+            raise InputError(f"ASIF params must be a JSON object, got {type(d).__name__}")
+        missing = {"k", "p"} - d.keys()
+        extra = d.keys() - {"k", "p"}
+        if missing or extra:
+            raise InputError(
+                f"ASIF params need exactly the keys 'k' and 'p'"
+                f" (missing: {sorted(missing)}, unknown: {sorted(map(str, extra))})"
+            )
+        return cls(k=d["k"], p=d["p"])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_matrix(a: np.ndarray, name: str) -> np.ndarray:
+    """Validate a 2-D finite array and return it as C-contiguous float32."""
+    arr = np.asarray(a)
+    if arr.ndim != 2:
+        raise InputError(f"{name} must be a 2-D array, got shape {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise InputError(f"{name} must be numeric, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
+def _check_dims(vectors: np.ndarray, anchors: np.ndarray) -> None:
+    if vectors.shape[1] != anchors.shape[1]:
+        raise InputError(
+            f"vectors have dimension {vectors.shape[1]} but anchors have dimension"
+            f" {anchors.shape[1]}"
+        )
+
+
+def _flat_ip_index(anchors: np.ndarray) -> Any:
+    """Exact inner-product faiss index over (validated, float32) anchors."""
+    import faiss
+
+    index = faiss.IndexFlatIP(anchors.shape[1])
+    index.add(anchors)
+    return index
+
+
+def _search_flat(
+    index: Any, vectors: np.ndarray, k: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k search of an exact faiss index in batches of ``batch_size`` rows."""
+    n = vectors.shape[0]
+    kk = min(k, index.ntotal)
+    scores = np.empty((n, kk), dtype=np.float32)
+    ids = np.empty((n, kk), dtype=np.int64)
+    if kk == 0:
+        return scores, ids
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        scores[start:stop], ids[start:stop] = index.search(vectors[start:stop], kk)
+    return scores, ids
+
+
+def _relative_from_topk(
+    scores: np.ndarray, ids: np.ndarray, n_anchors: int, p: float
+) -> sp.csr_matrix:
+    """Clip, power, L2-normalise top-k scores and scatter them into an (n, N) CSR."""
+    n, kk = scores.shape
+    w = np.maximum(scores.astype(np.float64), 0.0)  # clip before the power (p may be < 1)
+    np.power(w, p, out=w)
+    norms = np.sqrt(np.einsum("ij,ij->i", w, w))
+    nz = norms > 0  # all-zero rows stay zero instead of becoming NaN
+    w[nz] /= norms[nz, None]
+    order = np.argsort(ids, axis=1, kind="stable")  # sorted column indices per row
+    ids_sorted = np.take_along_axis(ids, order, axis=1)
+    w_sorted = np.take_along_axis(w, order, axis=1).astype(np.float32)
+    keep = w_sorted != 0
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(keep.sum(axis=1), out=indptr[1:])
+    out = sp.csr_matrix(
+        (w_sorted[keep], ids_sorted[keep], indptr), shape=(n, n_anchors), dtype=np.float32
+    )
+    out.has_sorted_indices = True
+    return out
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def top_k_similarities(
+    vectors: np.ndarray, anchors: np.ndarray, k: int, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products of each vector with the anchors.
+
+    Returns ``(scores (n, k') float32, anchor_ids (n, k') int64)``, best first,
+    with ``k' = min(k, N)``; the search runs in batches of ``batch_size`` rows.
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise InputError(f"k must be an integer >= 1, got {k!r}")
+    batch_size = _check_batch_size(batch_size)
+    v = _as_matrix(vectors, "vectors")
+    a = _as_matrix(anchors, "anchors")
+    _check_dims(v, a)
+    return _search_flat(_flat_ip_index(a), v, int(k), batch_size)
+
+
+def relative_representation(
+    vectors: np.ndarray, anchors: np.ndarray, params: AsifParams, batch_size: int = 4096
+) -> sp.csr_matrix:
+    """ASIF relative rows of ``vectors`` against same-modality ``anchors``.
+
+    Returns an (n, N) float32 CSR matrix with at most ``params.k`` non-zeros per
+    row (zeros after clipping dropped), sorted indices, rows L2-normalised.
+    """
+    scores, ids = top_k_similarities(vectors, anchors, params.k, batch_size)
+    return _relative_from_topk(scores, ids, np.shape(anchors)[0], params.p)
+
+
+# --------------------------------------------------------------------------- anchor space
+
+
+class AnchorSpace:
+    """Anchor matrices of one anchor set, ready to turn vectors of either modality into relative rows."""
+
+    def __init__(self, image_anchors: np.ndarray, text_anchors: np.ndarray) -> None:
+        img = _as_matrix(image_anchors, "image anchors")
+        txt = _as_matrix(text_anchors, "text anchors")
+        if img.shape[0] != txt.shape[0]:
+            raise InputError(
+                f"anchor sets differ in size: {img.shape[0]} image anchors vs"
+                f" {txt.shape[0]} text anchors"
+            )
+        if img.shape[0] == 0:
+            raise InputError("anchor set is empty")
+        self._anchors: dict[str, np.ndarray] = {"image": img, "text": txt}
+        self._indexes: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def n_anchors(self) -> int:
+        """Number N of anchor pairs (the dimension of relative rows)."""
+        return self._anchors["image"].shape[0]
+
+    def dim(self, modality: Modality) -> int:
+        """Embedding dimension of the anchors of one modality."""
+        return self._anchors[self._check_modality(modality)].shape[1]
+
+    def _check_modality(self, modality: str) -> str:
+        if modality not in self._anchors:
+            raise InputError(f"modality must be 'image' or 'text', got {modality!r}")
+        return modality
+
+    def _index(self, modality: str) -> Any:
+        with self._lock:
+            index = self._indexes.get(modality)
+            if index is None:
+                index = _flat_ip_index(self._anchors[modality])
+                self._indexes[modality] = index
+            return index
+
+    def relative(
+        self,
+        vectors: np.ndarray,
+        modality: Modality,
+        params: AsifParams,
+        batch_size: int = 4096,
+    ) -> sp.csr_matrix:
+        """Relative rows (n, N) of ``vectors`` embedded by the ``modality`` encoder."""
+        modality = self._check_modality(modality)
+        batch_size = _check_batch_size(batch_size)
+        v = _as_matrix(vectors, f"{modality} vectors")
+        _check_dims(v, self._anchors[modality])
+        scores, ids = _search_flat(self._index(modality), v, params.k, batch_size)
+        return _relative_from_topk(scores, ids, self.n_anchors, params.p)
+
+
+# --------------------------------------------------------------------------- sparse index
+
+
+def _as_csr(rows: Any, name: str) -> sp.csr_matrix:
+    """Validate a 2-D sparse matrix and return it as canonical float32 CSR."""
+    if not sp.issparse(rows):
+        raise InputError(f"{name} must be a scipy sparse matrix, got {type(rows).__name__}")
+    if rows.ndim != 2:
+        raise InputError(f"{name} must be 2-D, got shape {rows.shape}")
+    m = sp.csr_matrix(rows, dtype=np.float32, copy=True)  # never touch the caller's arrays
+    m.sum_duplicates()  # also sorts indices
+    if not np.isfinite(m.data).all():
+        raise InputError(f"{name} contain NaN or infinite values")
+    return m
+
+
+def _top_k_row(s: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-kk of one dense score row: descending score, ties by lower position."""
+    n = s.shape[0]
+    if kk < n:
+        cut = np.argpartition(s, n - kk)[n - kk :]
+        t = s[cut].min()
+        above = np.flatnonzero(s > t)
+        tied = np.flatnonzero(s == t)[: kk - above.size]
+        cand = np.concatenate([above, tied])
+    else:
+        cand = np.arange(n)
+    order = np.lexsort((cand, -s[cand]))
+    pos = cand[order]
+    return s[pos], pos
+
+
+class SparseRelativeIndex:
+    """Relative rows of a collection, stored CSR, searched through an inverted (CSC) layout."""
+
+    def __init__(self, rows: sp.csr_matrix) -> None:
+        self._rows = _as_csr(rows, "relative rows")
+        # Inverted lists: column j of the CSC form = the collection rows that use anchor j.
+        self._inverted = self._rows.tocsc()
+        self._inverted.sort_indices()
+
+    def __len__(self) -> int:
+        return self._rows.shape[0]
+
+    @property
+    def n_anchors(self) -> int:
+        """Number N of anchors (columns) of the stored rows."""
+        return self._rows.shape[1]
+
+    @property
+    def rows(self) -> sp.csr_matrix:
+        """The stored (n, N) CSR rows (do not modify)."""
+        return self._rows
+
+    def search(self, queries: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by sparse inner product with each query row.
+
+        Returns ``(scores (q, k') float32, positions (q, k') int64)``, sorted by
+        descending score with ties broken by lower position; ``k' = min(k, len(self))``.
+        """
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise InputError(f"k must be an integer >= 1, got {k!r}")
+        q = _as_csr(queries, "queries")
+        if q.shape[1] != self.n_anchors:
+            raise InputError(
+                f"queries have {q.shape[1]} anchor columns but the index has {self.n_anchors}"
+            )
+        n = len(self)
+        kk = min(int(k), n)
+        n_q = q.shape[0]
+        scores = np.zeros((n_q, kk), dtype=np.float32)
+        positions = np.zeros((n_q, kk), dtype=np.int64)
+        if kk == 0 or n_q == 0:
+            return scores, positions
+        # C_csc @ Q^T, computed as Q @ C_csc.T: the transpose of the CSC layout is a CSR
+        # (N, n) view whose row j is anchor j's inverted list, so the sparse product only
+        # walks the lists of each query's non-zero anchors. Only the (batch, n) result
+        # block is ever dense.
+        inverted_t = self._inverted.T
+        batch = max(1, min(n_q, _SCORE_BLOCK_ELEMENTS // n))
+        for start in range(0, n_q, batch):
+            stop = min(start + batch, n_q)
+            block = (q[start:stop] @ inverted_t).toarray()
+            for i in range(stop - start):
+                s, pos = _top_k_row(block[i], kk)
+                scores[start + i] = s
+                positions[start + i] = pos
+        return scores, positions
+
+    def save(self, path: Path) -> None:
+        """Write the rows to ``path`` (.npz, no pickle) atomically."""
+        path = Path(path)
+        folder = path.parent
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                sp.save_npz(fh, self._rows, compressed=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
+            raise
+        try:  # make the rename itself durable; not every platform can open a folder
+            dir_fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+    @classmethod
+    def load(cls, path: Path) -> SparseRelativeIndex:
+        """Read rows written by :meth:`save`; a missing or corrupt file raises IndexFormatError."""
+        path = Path(path)
+        if not path.is_file():
+            raise IndexFormatError(f"{path}: relative-row file not found")
+        try:
+            m = sp.load_npz(path)  # np.load(..., allow_pickle=False) inside
+            if m.format not in ("csr", "csc") or m.ndim != 2:
+                raise ValueError(f"expected a 2-D CSR matrix, found format {m.format!r}")
+            m = sp.csr_matrix(m)
+            m.check_format(full_check=True)
+        except Exception as exc:  # zip, npy header, key and structure errors alike
+            raise IndexFormatError(
+                f"{path}: not a readable relative-row file ({type(exc).__name__}: {exc})"
+            ) from exc
+        return cls(m)

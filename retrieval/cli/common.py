@@ -1,0 +1,142 @@
+"""Helpers shared by the CLI's command modules: errors, JSON output, shared options."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from retrieval.api.build import DEFAULT_INDEX
+from retrieval.core.errors import RetrievalError
+
+IMAGE_ENCODER_HELP = "Unimodal image encoder spec, e.g. efficientnet-lite0 (see list-encoders)."
+TEXT_ENCODER_HELP = "Unimodal text encoder spec, e.g. minilm or st:NAME_OR_PATH (see list-encoders)."
+INDEX_HELP = "Index directory."
+
+
+class CliError(click.ClickException):
+    """A library error shown as one line, with the library's exit code."""
+
+    def __init__(self, error: RetrievalError) -> None:
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+
+def run_api(call: Callable[[], Any]) -> Any:
+    """Call the library; turn its errors into clean one-line CLI errors."""
+    try:
+        return call()
+    except RetrievalError as e:
+        raise CliError(e) from e
+
+
+def echo_json(record: dict[str, Any]) -> None:
+    click.echo(json.dumps(record, ensure_ascii=False))
+
+
+def caption_options(func: Callable) -> Callable:
+    """Options shared by commands that read caption or pairs files."""
+    options = [
+        click.option("--caption-column", default="caption", show_default=True, help="Column holding the caption text (csv, tsv, jsonl, parquet)."),
+        click.option("--image-column", default="image", show_default=True, help="Column holding the image path of a pairs file; relative paths resolve against the file's folder."),
+        click.option("--caption-template", default=None, help='Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use {label}.'),
+        click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def embed_options(func: Callable) -> Callable:
+    """Options shared by commands that embed images."""
+    options = [
+        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=True), default=None, help="Local weights for the (image or CLIP) encoder: a file, or an open_clip model folder."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto uses CUDA (half precision) when present."),
+        batch_size_flag,
+        workers_flag,
+        replicas_flag,
+        compile_flag,
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+batch_size_flag = click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None,
+    help="Images per encoder batch (default: 32 on the CPU, 256 on a GPU).")
+workers_flag = click.option(
+    "--workers", default="auto", show_default=True,
+    help="DataLoader worker processes that decode images, or 'auto' (one per core, none for under 64 images).")
+replicas_flag = click.option(
+    "--replicas/--no-replicas", default=None,
+    help="On the CPU, each worker also encodes its batches with its own single-threaded copy of the "
+         "encoder (default on Linux with 2+ workers: faster than one multi-threaded encoder). "
+         "--no-replicas encodes in the main process.")
+compile_flag = click.option(
+    "--compile", "compile_model", is_flag=True,
+    help="Run the image model through torch.compile (meant for GPUs and large collections: "
+         "compiling takes tens of seconds; the main process encodes, so no replicas).")
+
+
+def embed_settings(batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
+                   **more: Any) -> Any:
+    """EmbedOptions from the shared embedding flags."""
+    from retrieval.embed.pipeline import EmbedOptions
+
+    return EmbedOptions(batch_size=batch_size, workers=workers_option(workers), replicas=replicas, compile=compile_model,
+                        progress=not quiet, **more)
+
+
+def workers_option(value: str) -> int | str:
+    """``--workers``: 'auto' or a whole number."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 'auto' or a whole number, got {value!r}", param_hint="--workers") from None
+
+
+def setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+
+
+
+def open_index_or_fail(index_path: str, device: str = "auto") -> Any:
+    """Open an index for the CLI (errors as one line)."""
+    from retrieval.api.engine import open_index
+
+    return run_api(lambda: open_index(index_path, device=device))
+
+
+def index_option(func: Callable) -> Callable:
+    return click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, help=INDEX_HELP)(func)
+
+
+def index_type_options(func: Callable) -> Callable:
+    """Options choosing the vector index of a build."""
+    options = [
+        click.option("--index-type", default="auto", show_default=True,
+                     help="flat (exact), hnsw, ivf (IVF-Flat), ivfsq (IVF over float16 vectors), ivfpq (OPQ+IVF+PQ, "
+                          "re-ranked from the stored vectors), a FAISS factory "
+                          "string, or auto: chosen from the collection size within --max-memory."),
+        click.option("--max-memory", default=None, help="Memory budget for the vector indexes together, e.g. 4GB (default: no limit)."),
+        click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+                     help="recall@10 against exact search that auto and the nprobe/efSearch tuning aim for."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def index_options(index_type: str, max_memory: str | None, target_recall: float) -> Any:
+    """``IndexOptions`` from the CLI's strings."""
+    from retrieval.core.config import IndexOptions
+    from retrieval.index.spec import parse_memory
+
+    return run_api(lambda: IndexOptions(index_type=index_type, max_memory=parse_memory(max_memory), target_recall=target_recall))

@@ -1,0 +1,139 @@
+"""Query commands: ``text-to-image`` and ``image-to-caption``, one query or a whole file of them in one pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+
+from retrieval.cli.common import echo_json, index_option, open_index_or_fail, run_api
+from retrieval.index.spec import SearchKnobs
+
+QUERY_BATCH = 256  # queries encoded and searched together
+
+
+def _search_options(func: Callable) -> Callable:
+    options = [
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--route", type=click.Choice(["clip", "asif", "projected"]), default=None, help="Cross-modal route (default: the index's first; see info)."),
+        click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit per query (default: tuned at build time; see info). Higher: better recall, slower."),
+        click.option("--ef-search", type=click.IntRange(min=1), default=None, help="HNSW search breadth (default: tuned at build time; see info)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _print_hits(hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str]) -> None:
+    if as_json:
+        for hit in hits:
+            echo_json(hit.to_dict())
+        return
+    if not hits:
+        click.echo("no results")
+    for hit in hits:
+        click.echo(f"{hit.rank:>3}  {hit.score:7.4f}  {describe(hit)}")
+
+
+def _print_batch(query: str, hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str]) -> None:
+    if as_json:
+        echo_json({"query": query, "hits": [hit.to_dict() for hit in hits]})
+        return
+    click.echo(f"# {query}")
+    _print_hits(hits, False, describe)
+    click.echo("")
+
+
+def _chunks(items: Sequence[Any], size: int = QUERY_BATCH) -> Any:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@click.command("text-to-image")
+@click.argument("query", required=False)
+@click.option("--queries-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Answer every query in a file in one pass: .txt (one per line), .csv, .tsv, .jsonl or .parquet (see --column).")
+@click.option("--column", default="caption", show_default=True, help="Column holding the query text in a csv/tsv/jsonl/parquet --queries-file.")
+@index_option
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per query.")
+@_search_options
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines: one object per hit (rank, score, id, uri, width, height); with --queries-file one {query, hits} object per query.")
+def text_to_image_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
+                          route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
+    """Find the images that best match QUERY (or each query of --queries-file)."""
+    from retrieval.sources.collection import read_caption_file
+
+    if (query is None) == (queries_file is None):
+        raise click.UsageError("give a QUERY or --queries-file FILE (one of them)")
+    index = open_index_or_fail(index_path, device)
+    knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
+    if query is not None:
+        hits = run_api(lambda: index.text_to_image(query, k=k, route=route, knobs=knobs))
+        _print_hits(hits, as_json, lambda hit: hit.uri)
+        return
+    parsed = run_api(lambda: read_caption_file(queries_file, caption_column=column))
+    for problem in parsed.errors:
+        click.echo(f"warning: skipped {problem.path} row {problem.row}: {problem.reason}", err=True)
+    texts = [record.text for record in parsed.records]
+    for batch in _chunks(texts):
+        results = run_api(lambda: index.texts_to_images(batch, k=k, route=route, knobs=knobs))
+        for text, hits in zip(batch, results):
+            _print_batch(text, hits, as_json, lambda hit: hit.uri)
+
+
+def _image_list(path: str) -> list[str]:
+    """Image paths listed in a text file, one per line; relative ones resolve against the file's folder."""
+    base = Path(path).resolve().parent
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"{path}: cannot read ({e})", param_hint="--queries-file") from None
+    entries = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [str(Path(entry) if Path(entry).is_absolute() else base / entry) for entry in entries]
+
+
+@click.command("image-to-caption")
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--queries-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A text file listing query images, one path per line; all are answered in one pass.")
+@index_option
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per image.")
+@_search_options
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri); for several images one {query, hits} object per image.")
+def image_to_caption_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, device: str,
+                             route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
+    """Find the captions that best describe IMAGE. Several images, folders or globs (or --queries-file) are
+    answered in one pass; unreadable ones are reported and skipped."""
+    from retrieval.sources.collection import discover_images, load_image
+    from retrieval.core.errors import ImageDecodeError
+
+    paths = list(images) + (_image_list(queries_file) if queries_file else [])
+    if not paths:
+        raise click.UsageError("give an IMAGE (or several, folders, globs) or --queries-file FILE")
+    index = open_index_or_fail(index_path, device)
+    knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
+    if len(paths) == 1 and not queries_file and not Path(paths[0]).is_dir():
+        hits = run_api(lambda: index.image_to_caption(paths[0], k=k, route=route, knobs=knobs))
+        _print_hits(hits, as_json, lambda hit: hit.caption)
+        return
+    refs, skipped = run_api(lambda: discover_images(paths))
+    for problem in skipped:
+        click.echo(f"warning: skipped {problem.path}: {problem.reason}", err=True)
+    for batch in _chunks(refs):
+        pictures, names = [], []
+        for ref in batch:
+            try:
+                pictures.append(load_image(ref.path).image)
+                names.append(str(ref.path))
+            except ImageDecodeError as e:
+                click.echo(f"warning: skipped {e}", err=True)
+                if as_json:
+                    echo_json({"query": str(ref.path), "error": e.reason})
+        if not pictures:
+            continue
+        results = run_api(lambda: index.images_to_captions(pictures, k=k, route=route, knobs=knobs))
+        for name, hits in zip(names, results):
+            _print_batch(name, hits, as_json, lambda hit: hit.caption)

@@ -1,0 +1,80 @@
+"""Update commands: ``add`` items to a built index, ``remove`` items from it."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import click
+
+from retrieval.cli.common import batch_size_flag, caption_options, compile_flag, echo_json, embed_settings, index_option, replicas_flag, run_api, setup_logging, workers_flag
+
+
+def _report(report: Any, as_json: bool, index_path: str) -> None:
+    if as_json:
+        echo_json(report.to_json())
+        return
+    counts = report.counts
+    if report.operation == "add":
+        click.echo(f"added {report.added['image']} images and {report.added['caption']} captions to {index_path} "
+                   f"(now {counts['image']} images, {counts['caption']} captions; {report.seconds:.1f} s)")
+        present = report.already_present
+        if any(present.values()):
+            click.echo(f"already in the index, not added again: {present['image']} images, {present['caption']} captions")
+        for key, why in report.retrained.items():
+            click.echo(f"retrained {key}: {why}")
+    else:
+        click.echo(f"removed {report.removed['image']} images and {report.removed['caption']} captions from {index_path} "
+                   f"(now {counts['image']} images, {counts['caption']} captions)")
+        if report.compacted:
+            click.echo(f"compacted: {', '.join(report.compacted)}")
+        if report.not_found:
+            click.echo(f"not found: {', '.join(report.not_found)}", err=True)
+    if report.skipped:
+        click.echo(f"skipped {report.skipped} unreadable items; reasons in errors.jsonl", err=True)
+
+
+@click.command("add")
+@click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern to add. Repeatable.")
+@click.option("--captions", multiple=True, help="Caption file to add (a pairs file also adds its images). Repeatable.")
+@index_option
+@caption_options
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@batch_size_flag
+@workers_flag
+@replicas_flag
+@compile_flag
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
+def add_command(images: Sequence[str], captions: Sequence[str], index_path: str, caption_column: str, image_column: str,
+                caption_template: str | None, encoding: str, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
+                as_json: bool) -> None:
+    """Add images and captions to a built index, encoding only the new ones.
+
+    Items already in the index (same id) are skipped. The vector indexes are not retrained unless the
+    new data drifted from the training data or the collection grew past 4x; recall is measured again.
+    Readers keep seeing the previous state until the update is committed.
+    """
+    from retrieval.core.config import CaptionOptions
+    from retrieval.api.update import add_to_index
+
+    setup_logging(quiet)
+    report = run_api(lambda: add_to_index(
+        index_path, images, captions, CaptionOptions(caption_column, image_column, caption_template, encoding),
+        embed_settings(batch_size, workers, replicas, compile_model, quiet), device=device,
+    ))
+    _report(report, as_json, index_path)
+
+
+@click.command("remove")
+@click.option("--id", "ids", multiple=True, help="Item id to remove (see the JSON output of queries). Repeatable.")
+@click.option("--path", "paths", multiple=True, help="Remove the image at this path, or every caption read from this caption file. Repeatable.")
+@index_option
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
+def remove_command(ids: Sequence[str], paths: Sequence[str], index_path: str, as_json: bool) -> None:
+    """Remove items by id or path. Removed items disappear from results at once; once a quarter of a kind is
+    removed its files are compacted. Readers keep seeing the previous state until the update is committed."""
+    from retrieval.api.update import remove_from_index
+
+    setup_logging(False)
+    report = run_api(lambda: remove_from_index(index_path, ids, paths))
+    _report(report, as_json, index_path)

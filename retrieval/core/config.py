@@ -1,0 +1,71 @@
+"""Small option dataclasses shared by the Python API and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from retrieval.core.errors import InputError
+
+DEFAULT_LABEL_TEMPLATE = "a photo of a {label}"
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """How caption and pairs files are read."""
+
+    caption_column: str = "caption"
+    image_column: str = "image"
+    template: str | None = None
+    encoding: str = "utf-8"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """Which encoders embed a collection: one contrastive model, or an image and a text model."""
+
+    clip: str | None = None
+    image: str | None = None
+    text: str | None = None
+    checkpoint: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.clip and (self.image or self.text):
+            raise InputError("give either --encoder (a contrastive model) or --image-encoder with --text-encoder, not both")
+        if not self.clip and not (self.image and self.text):
+            raise InputError("give --encoder SPEC (e.g. open_clip:ViT-B-32/openai), or both --image-encoder and --text-encoder")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def is_contrastive(self) -> bool:
+        return self.clip is not None
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """Which vector indexes a build makes: a type (``auto``, ``flat``, ``hnsw``, ``ivf``, ``ivfsq``, ``ivfpq``
+    or a FAISS factory string), a memory budget in bytes for all of them together, and the recall@10 that
+    ``auto`` and the knob tuning aim for."""
+
+    index_type: str = "auto"
+    max_memory: int | None = None
+    target_recall: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_recall <= 1:
+            raise InputError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise InputError(f"--max-memory must be positive, got {self.max_memory}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> "IndexOptions":
+        data = data or {}
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})

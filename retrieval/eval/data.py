@@ -1,0 +1,214 @@
+"""Load evaluation data through the embedding cache and run an evaluation (the API behind ``retrieval eval``)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from retrieval.asif.anchors import AnchorSet, resolve_anchor_set
+from retrieval.sources.collection import ImageRef, labelled_folder_images, read_caption_file
+from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions, EncoderChoice
+from retrieval.embed.pipeline import EmbedOptions
+from retrieval.embed.cache import DEFAULT_CACHE, EmbeddingCache
+from retrieval.core.errors import InputError
+from retrieval.eval.evaluate import LabelledData, PairedData, RouteConfig, SweepResult, sweep
+from retrieval.asif.relative import AsifParams
+
+
+def evenly_spaced(n: int, limit: int | None) -> np.ndarray:
+    """``limit`` rows spread over ``range(n)`` (all rows when limit is None or >= n)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+
+@dataclass
+class Encoders:
+    image: Any
+    text: Any
+    image_cache: EmbeddingCache
+    text_cache: EmbeddingCache
+
+
+def open_encoders(choice: EncoderChoice, cache_dir: str | Path | None) -> Encoders:
+    from retrieval.api.build import load_encoders
+
+    image, text = load_encoders(choice)
+    root = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    return Encoders(image, text, EmbeddingCache(root, image), EmbeddingCache(root, text))
+
+
+class CachedTextEncoder:
+    """A text encoder whose ``encode_texts`` goes through the embedding cache (e.g. for built-in anchor prompts)."""
+
+    def __init__(self, encoder: Any, cache: EmbeddingCache) -> None:
+        self._encoder, self._cache = encoder, cache
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        return self._cache.encode_texts(texts, self._encoder, progress=progress)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+
+def load_paired(path: Path, options: CaptionOptions, encoders: Encoders, embed: EmbedOptions, limit: int | None = None) -> tuple[PairedData, list[Path]]:
+    """Images and captions of a pairs file (several captions per image allowed)."""
+    parsed = read_caption_file(path, options.caption_column, options.image_column, options.template, options.encoding)
+    if not parsed.is_pairs:
+        raise InputError(f"{path}: not a pairs file (no {options.image_column!r} column); name it with --image-column")
+    images = list(dict.fromkeys(record.image for record in parsed.records))
+    images = [images[i] for i in evenly_spaced(len(images), limit)]
+    embedded = encoders.image_cache.embed_images([ImageRef(path=p, source=str(path)) for p in images], encoders.image, embed)
+    row_of = {row.ref.path: i for i, row in enumerate(embedded.rows)}
+    records = [record for record in parsed.records if record.image in row_of]
+    captions = encoders.text_cache.encode_texts([r.text for r in records], encoders.text, progress=embed.progress)
+    owner = np.array([row_of[r.image] for r in records], np.int64)
+    return PairedData(embedded.vectors, captions, owner), [row.ref.path for row in embedded.rows]
+
+
+def load_labelled(root: Path, template: str, encoders: Encoders, embed: EmbedOptions, limit: int | None = None) -> tuple[LabelledData, list[Path]]:
+    """A labelled folder ``root/<label>/*`` with one prompt per class built from ``template``."""
+    refs = labelled_folder_images(root)
+    refs = [refs[i] for i in evenly_spaced(len(refs), limit)]
+    class_names = sorted({ref.label for ref in refs})
+    embedded = encoders.image_cache.embed_images(refs, encoders.image, embed)
+    labels = np.array([class_names.index(row.ref.label) for row in embedded.rows], np.int64)
+    prompts = [template.format(label=name.replace("_", " ")) for name in class_names]
+    prompt_vectors = encoders.text_cache.encode_texts(prompts, encoders.text)
+    return LabelledData(embedded.vectors, labels, class_names, prompt_vectors), [row.ref.path for row in embedded.rows]
+
+
+def check_no_leak(anchors: Sequence[AnchorSet], evaluated: Sequence[Path]) -> None:
+    """Refuse an evaluation whose anchors include an evaluated image."""
+    evaluated_set = {str(Path(p).resolve()) for p in evaluated}
+    for anchor_set in anchors:
+        overlap = evaluated_set & {str(Path(uri).resolve()) for uri in anchor_set.uris}
+        if overlap:
+            raise InputError(f"anchor set {anchor_set.name} contains {len(overlap)} evaluated images (e.g. {sorted(overlap)[0]}); evaluation would leak")
+
+
+def parse_sweep(values: Sequence[str]) -> dict[str, list[float]]:
+    """``["k=5,10", "p=1,3"]`` -> ``{"k": [5, 10], "p": [1, 3]}``."""
+    grid: dict[str, list[float]] = {}
+    for value in values:
+        name, _, numbers = value.partition("=")
+        name = name.strip().lower()
+        if name not in ("k", "p") or not numbers:
+            raise InputError(f"--sweep {value!r}: expected k=N,N,... or p=X,X,...")
+        try:
+            grid[name] = [float(x) for x in numbers.split(",") if x.strip()]
+        except ValueError as e:
+            raise InputError(f"--sweep {value!r}: {e}") from e
+    return grid
+
+
+def route_configs(
+    routes: Sequence[str], params: AsifParams | None, grid: dict[str, list[float]], weights: Sequence[float] | None,
+    center: str = "none", refine: Sequence[int] = (0,),
+) -> list[RouteConfig]:
+    """Every (route, k, p, refinement) combination to evaluate."""
+    configs = []
+    w = tuple(weights) if weights else None
+    for route, rounds in itertools.product(routes, refine):
+        if route in ("asif", "projected"):
+            base = params or AsifParams(k=100, p=2.0)
+            for k, p in itertools.product(grid.get("k", [base.k]), grid.get("p", [base.p])):
+                configs.append(RouteConfig(route, AsifParams(int(k), float(p)), w, center, rounds))
+        else:
+            configs.append(RouteConfig(route, None, w, center if route != "clip" else "none", rounds))
+    return configs
+
+
+def _projected(index: Any, kind: str) -> np.ndarray:
+    """The items of ``kind`` projected into the other encoder's space, as stored at build time."""
+    if f"projected/{kind}" in index.manifest["files"]["vectors"]:
+        return index._vector_source(f"projected/{kind}").all()
+    faiss_index = index._vector_index(f"projected/{kind}")  # built before projected vectors were stored: flat
+    return faiss_index.reconstruct_n(0, faiss_index.ntotal)
+
+
+def evaluate_index(path: str | Path) -> dict[str, Any]:
+    """Recall of an existing index on its own pairs (captions that name an indexed image), for each of its routes.
+
+    Uses the stored vectors, relative rows and projections: nothing is encoded.
+    """
+    from retrieval.api.engine import open_index
+    from retrieval.eval.evaluate import Scorer, evaluate_paired
+
+    index = open_index(path)
+    images, captions = index.items("image"), index.items("caption")
+    position = {image_id: pos for pos, image_id in enumerate(images["id"])}
+    keep = [row for row, image_id in enumerate(captions["image_id"]) if image_id in position]
+    if not keep:
+        raise InputError(f"{path}: no caption names an indexed image; evaluation needs captions from a pairs file")
+    owner = np.array([position[captions["image_id"][row]] for row in keep], np.int64)
+    store, files, spaces = index._store, index.manifest["files"], index.manifest["spaces"]
+    image_vectors = store.read_vectors(files["vectors"][f"{spaces['image']}/image"])
+    caption_vectors = store.read_vectors(files["vectors"][f"{spaces['caption']}/caption"])[keep]
+    rows = []
+    for route in index.routes:
+        if route == "clip":
+            scorer = Scorer(image_vectors, caption_vectors, image_vectors, caption_vectors)
+        elif route == "asif":
+            image_rel, caption_rel = index._relative("image").rows, index._relative("caption").rows[keep]
+            scorer = Scorer(image_rel, caption_rel, image_rel, caption_rel)
+        else:
+            projected_images = _projected(index, "image")
+            projected_captions = _projected(index, "caption")[keep]
+            scorer = Scorer(projected_images, caption_vectors, image_vectors, projected_captions)
+        data = PairedData(image_vectors, caption_vectors, owner)
+        rows.append({"route": route, **evaluate_paired(data, scorer)})
+    anchors = [{"name": a["name"], "count": a["count"]} for a in index.manifest.get("anchors", [])]
+    return {"task": "retrieval", "data": str(path), "encoders": {r: e["spec"] for r, e in index.manifest["encoders"].items()},
+            "anchors": anchors, "anchor_weights": None, "split": None, "rows": rows, "chosen": None}
+
+
+def run_eval(
+    data: str | Path,
+    encoders: EncoderChoice,
+    anchors: Sequence[str] = (),
+    routes: Sequence[str] | None = None,
+    params: AsifParams | None = None,
+    sweep_values: Sequence[str] = (),
+    anchor_weights: Sequence[float] | None = None,
+    split: bool = False,
+    center: str = "none",
+    refine: Sequence[int] = (0,),
+    caption_options: CaptionOptions = CaptionOptions(),
+    embed: EmbedOptions = EmbedOptions(),
+    cache_dir: str | Path | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a pairs file (recall) or a labelled folder (zero-shot) for the chosen routes and settings."""
+    data = Path(data)
+    if not data.exists():
+        raise InputError(f"{data}: no such file or directory")
+    opened = open_encoders(encoders, cache_dir)
+    cached_text = CachedTextEncoder(opened.text, opened.text_cache)
+    anchor_sets = [resolve_anchor_set(str(a), opened.image, cached_text) for a in anchors]
+    if routes is None:
+        routes = ["clip"] if encoders.is_contrastive else ["asif"]
+    if not encoders.is_contrastive and "clip" in routes:
+        raise InputError("route 'clip' needs a contrastive --encoder")
+    if data.is_dir():
+        dataset, evaluated = load_labelled(data, caption_options.template or DEFAULT_LABEL_TEMPLATE, opened, embed, limit)
+        task = "zero-shot"
+    else:
+        dataset, evaluated = load_paired(data, caption_options, opened, embed, limit)
+        task = "retrieval"
+    check_no_leak(anchor_sets, evaluated)
+    result: SweepResult = sweep(dataset, route_configs(routes, params, parse_sweep(sweep_values), anchor_weights, center, refine), anchor_sets, split)
+    return {
+        "task": task,
+        "data": str(data),
+        "encoders": {"image": opened.image.spec, "text": opened.text.spec},
+        "anchors": [{"name": a.name, "count": len(a)} for a in anchor_sets],
+        "anchor_weights": list(anchor_weights) if anchor_weights else None,
+        "split": "tune on even images, report on odd" if split else None,
+        "rows": result.rows,
+        "chosen": result.chosen,
+    }

@@ -1,0 +1,204 @@
+"""Measure an approximate index against exact search, and tune its search knobs to a target recall.
+
+Run after every build and update: the recall and latency in the manifest are
+measured on this collection, not assumed from the index type.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from retrieval.index.spec import IndexSpec, SearchKnobs
+from retrieval.index.vector_index import Exclusions, VectorSource, search
+
+RECALL_QUERIES = 500
+CONFIDENCE_Z = 1.645  # a knob is kept when the one-sided 95% lower bound of its recall@10 reaches the target
+LATENCY_QUERIES = 50
+NPROBE_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+EF_SEARCH_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+RERANK_STEPS = (2, 4, 10, 20, 40)  # shortlist = k x factor; tuning starts at the widest and shrinks it
+EXACT_BLOCK_BYTES = 256 << 20
+
+
+def exact_search(source: VectorSource, queries: np.ndarray, k: int, exclude: Exclusions | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-``k`` inner products over ``source``, streamed in blocks (works for shards on disk)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_rows = np.zeros((len(queries), 0), np.int64)
+    start = 0
+    # per row of a block: its float32 vector, and per query a float32 score and an int64 partition index
+    block_rows = max(1024, EXACT_BLOCK_BYTES // max(1, 4 * source.dim + 12 * len(queries)))
+    for chunk in source.chunks(block_rows):
+        scores = queries @ chunk.T
+        rows = np.arange(start, start + len(chunk), dtype=np.int64)
+        if exclude is not None and len(exclude):
+            scores[:, exclude.mask[start : start + len(chunk)]] = -np.inf
+        kk = min(k, scores.shape[1])
+        top = np.argpartition(scores, scores.shape[1] - kk, axis=1)[:, -kk:]  # no negated copy of the block
+        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+        best_rows = np.concatenate([best_rows, rows[top]], axis=1)
+        if best_scores.shape[1] > k:
+            keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
+            best_scores = np.take_along_axis(best_scores, keep, axis=1)
+            best_rows = np.take_along_axis(best_rows, keep, axis=1)
+        start += len(chunk)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best_scores, order, axis=1), np.take_along_axis(best_rows, order, axis=1)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean fraction of the true top-``k`` found in the returned top-``k`` (recall@k, as FAISS reports it)."""
+    per_query = per_query_recall(found, truth, k)
+    return float(per_query.mean()) if len(per_query) else 1.0
+
+
+def per_query_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """Recall@k of each query."""
+    k = min(k, truth.shape[1], found.shape[1])
+    if k == 0:
+        return np.ones(len(truth))
+    return np.array([len(np.intersect1d(found[i, :k], truth[i, :k])) / k for i in range(len(truth))])
+
+
+def lower_bound(per_query: np.ndarray) -> float:
+    """One-sided 95% lower confidence bound of the mean recall (what tuning compares with the target)."""
+    if len(per_query) < 2:
+        return float(per_query.mean()) if len(per_query) else 1.0
+    return float(per_query.mean() - CONFIDENCE_Z * per_query.std(ddof=1) / np.sqrt(len(per_query)))
+
+
+@dataclass
+class RecallReport:
+    """What a build measured: recall@1/10 and latency at the chosen knobs, and the tuning trail."""
+
+    knobs: SearchKnobs
+    recall_at_1: float
+    recall_at_10: float
+    latency_ms_median: float
+    batch_qps: float
+    queries: int
+    query_source: str
+    target_recall: float | None = None
+    target_reached: bool = True
+    tuning: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "knobs": self.knobs.to_json(),
+            "recall@1": round(self.recall_at_1, 4),
+            "recall@10": round(self.recall_at_10, 4),
+            "latency_ms_median": round(self.latency_ms_median, 4),
+            "batch_qps": round(self.batch_qps, 1),
+            "queries": self.queries,
+            "query_source": self.query_source,
+            "target_recall": self.target_recall,
+            "target_reached": self.target_reached,
+            "tuning": self.tuning,
+        }
+
+
+def _measure(index: Any, queries: np.ndarray, truth: np.ndarray, knobs: SearchKnobs, exclude: Exclusions | None,
+             rerank_with: VectorSource | None) -> tuple[float, float, float, float]:
+    """(recall@1, recall@10, its lower confidence bound, batch seconds) of one knob setting."""
+    started = time.perf_counter()
+    _, found = search(index, queries, 10, knobs, exclude, rerank_with)
+    seconds = time.perf_counter() - started
+    at10 = per_query_recall(found, truth, 10)
+    return recall_at(found, truth, 1), float(at10.mean()) if len(at10) else 1.0, lower_bound(at10), seconds
+
+
+def _latency_ms(index: Any, queries: np.ndarray, knobs: SearchKnobs, exclude: Exclusions | None,
+                rerank_with: VectorSource | None) -> float:
+    times = []
+    for query in queries[:LATENCY_QUERIES]:
+        started = time.perf_counter()
+        search(index, query[None, :], 10, knobs, exclude, rerank_with)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000) if times else 0.0
+
+
+def _candidates(spec: IndexSpec, index: Any) -> list[SearchKnobs]:
+    """Knob settings to try, cheapest first (re-ranked indexes: with the widest shortlist, shrunk afterwards)."""
+    if spec.nlist:
+        steps = [n for n in NPROBE_STEPS if n <= spec.nlist] or [spec.nlist]
+        factor = RERANK_STEPS[-1] if spec.rerank else None
+        return [SearchKnobs(nprobe=n, rerank_factor=factor) for n in steps]
+    if spec.hnsw_m:
+        return [SearchKnobs(ef_search=ef) for ef in EF_SEARCH_STEPS]
+    return [SearchKnobs()]
+
+
+def fastest_shortlist(widest: SearchKnobs, widest_seconds: float, nprobes: list[int | None],
+                       attempt: Callable[[SearchKnobs], tuple[bool, float]]) -> SearchKnobs:
+    """The fastest (nprobe, shortlist factor) reaching the target, starting from the widest shortlist's.
+
+    A shorter shortlist re-ranks less but may need more lists probed to keep the
+    recall; each factor gets the fewest probes that reach the target, and a factor
+    stops being probed further once it is slower than the best so far.
+    """
+    best, best_seconds = widest, widest_seconds
+    start = nprobes.index(widest.nprobe)
+    for factor in reversed(RERANK_STEPS[:-1]):
+        ok = False
+        for position in range(start, len(nprobes)):
+            knobs = SearchKnobs(nprobe=nprobes[position], rerank_factor=factor)
+            ok, seconds = attempt(knobs)
+            if ok or seconds > best_seconds:
+                break
+        if not ok:
+            break  # this factor cannot beat the best; shorter ones need still more probes
+        start = position
+        if seconds < best_seconds:
+            best, best_seconds = knobs, seconds
+    return best
+
+
+def measure_and_tune(
+    index: Any,
+    spec: IndexSpec,
+    source: VectorSource,
+    queries: np.ndarray,
+    query_source: str,
+    target_recall: float | None,
+    exclude: Exclusions | None = None,
+    fixed: SearchKnobs | None = None,
+) -> RecallReport:
+    """Recall@1/10 of ``index`` against exact search over ``source`` for ``queries``, and its latency.
+
+    With a ``target_recall``, tries the knob settings from cheapest up and keeps the
+    first whose recall@10 reaches it with 95% confidence (the last one when none
+    does): the knobs then hold on new queries too, not only on these. ``fixed``
+    skips tuning.
+    """
+    queries = np.ascontiguousarray(queries[:RECALL_QUERIES], dtype=np.float32)
+    _, truth = exact_search(source, queries, 10, exclude)
+    rerank_with = source if spec.rerank else None
+    trail: list[dict[str, Any]] = []
+
+    def attempt(knobs: SearchKnobs) -> tuple[bool, float]:
+        r1, r10, bound, seconds = _measure(index, queries, truth, knobs, exclude, rerank_with)
+        trail.append({**knobs.to_json(), "recall@1": round(r1, 4), "recall@10": round(r10, 4),
+                      "recall@10_lower_bound": round(bound, 4), "batch_seconds": round(seconds, 5)})
+        return target_recall is not None and bound >= target_recall, seconds
+
+    candidates = [fixed] if fixed is not None else _candidates(spec, index)
+    chosen = candidates[-1]
+    reached = target_recall is None
+    for knobs in candidates:
+        ok, seconds = attempt(knobs)
+        if ok:
+            chosen, reached = knobs, True
+            break
+    if spec.rerank and reached and fixed is None:
+        chosen = fastest_shortlist(chosen, seconds, [c.nprobe for c in candidates], attempt)
+    r1, r10, _, seconds = _measure(index, queries, truth, chosen, exclude, rerank_with)
+    latency = _latency_ms(index, queries, chosen, exclude, rerank_with)
+    return RecallReport(
+        knobs=chosen, recall_at_1=r1, recall_at_10=r10, latency_ms_median=latency,
+        batch_qps=len(queries) / seconds if seconds > 0 else 0.0, queries=len(queries), query_source=query_source,
+        target_recall=target_recall, target_reached=reached or target_recall is None, tuning=trail,
+    )

@@ -1,0 +1,184 @@
+"""One searchable vector set of an index: float16 vectors on disk + a FAISS index + what was measured.
+
+Shared by builds and updates (``add``, ``remove``): choose the index type
+(``auto`` under a memory budget), build it, measure recall and latency against
+exact search, tune the search knobs, and describe all of it for the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from retrieval.core.config import IndexOptions
+from retrieval.index.spec import IVF_MIN_POINTS_PER_LIST, IndexChoice, IndexSpec, SearchKnobs, choose_index, estimate_bytes, spec_for
+from retrieval.index.recall import RECALL_QUERIES, RecallReport, measure_and_tune
+from retrieval.index.vector_index import Exclusions, VectorSource, as_source, build_vector_index, without_refinement
+
+log = logging.getLogger(__name__)
+
+MIN_TRAINABLE = 2 * IVF_MIN_POINTS_PER_LIST  # fewer vectors than this are searched exactly whatever the type asked
+DRIFT_RATIO = 1.25  # new vectors this much farther from their list centroids than the training sample: retrain
+GROWTH_RATIO = 4.0  # or the collection this many times larger than when the lists were trained
+
+
+@dataclass
+class VectorSet:
+    """The vectors of one FAISS index of a build and the queries its recall is measured with."""
+
+    key: str  # "<space>/<kind>", e.g. "clip/image" or "projected/caption"
+    vectors: VectorSource | np.ndarray
+    queries: np.ndarray
+    query_source: str
+
+    @property
+    def space(self) -> str:
+        return self.key.split("/")[0]
+
+    @property
+    def kind(self) -> str:
+        return self.key.split("/")[1]
+
+
+def query_key(key: str, spaces: dict[str, str], counts: dict[str, int]) -> tuple[str, str]:
+    """(vector set whose rows query ``key``, its name): the other kind in the same space when it has rows."""
+    space, kind = key.split("/")
+    other = "caption" if kind == "image" else "image"
+    if space == "projected":  # projected items are searched with the other kind's own encoder vectors
+        candidate = f"{spaces[other]}/{other}"
+    else:
+        candidate = f"{space}/{other}" if spaces[other] == space else None
+    if candidate and counts.get(other):
+        return candidate, f"{other}s"
+    return key, "self"
+
+
+def split_budget(sets: Sequence[tuple[str, int, int]], max_memory: int | None) -> dict[str, int | None]:
+    """Share a memory budget among vector sets in proportion to their uncompressed sizes (n x d)."""
+    if max_memory is None:
+        return {key: None for key, _, _ in sets}
+    total = sum(n * d for _, n, d in sets) or 1
+    return {key: max(1, int(max_memory * n * d / total)) for key, n, d in sets}
+
+
+def choose(options: IndexOptions, n: int, d: int, budget: int | None) -> IndexChoice:
+    """The index for ``n`` vectors: ``auto`` picks within ``budget``; a named type is taken as asked,
+    except that a set too small to train lists or codebooks gets exact search."""
+    if options.index_type.lower() == "auto":
+        return choose_index(n, d, budget, options.target_recall)
+    spec = spec_for(options.index_type, max(n, 1), d) if n >= MIN_TRAINABLE else spec_for("flat", n, d)
+    if spec.type == "flat" and options.index_type.lower() != "flat":
+        reason = f"asked for {options.index_type}, but {n} vectors are too few to train it (at least {MIN_TRAINABLE}): exact search"
+    else:
+        reason = f"asked for {options.index_type}"
+    return IndexChoice(spec, reason, estimate_bytes(spec, n, d), budget, options.target_recall)
+
+
+def sample_queries(vectors: VectorSource | np.ndarray, seed: int = 1) -> np.ndarray:
+    """Up to ``RECALL_QUERIES`` rows chosen at random, to measure recall with."""
+    return as_source(vectors).sample(RECALL_QUERIES, seed=seed)
+
+
+def mean_residual(index: Any, vectors: np.ndarray) -> float | None:
+    """Mean (1 - inner product) of vectors to their nearest IVF list centroid (None without lists)."""
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if len(x) == 0:
+        return None
+    index = without_refinement(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        for number in range(index.chain.size()):
+            x = faiss.downcast_VectorTransform(index.chain.at(number)).apply(x)
+    similarity, _ = ivf.quantizer.search(x, 1)
+    return float(np.mean(1.0 - similarity[:, 0]))
+
+
+def measure(index: Any, spec: IndexSpec, vector_set: VectorSet, target: float | None,
+            exclude: Exclusions | None = None, fixed: SearchKnobs | None = None) -> RecallReport | None:
+    """Recall and latency of ``index`` on its vector set, knobs tuned to ``target`` (None when empty)."""
+    source = as_source(vector_set.vectors)
+    if len(source) == 0 or len(vector_set.queries) == 0:
+        return None
+    report = measure_and_tune(index, spec, source, vector_set.queries, vector_set.query_source, target, exclude, fixed)
+    if not report.target_reached:
+        log.warning("%s: recall@10 %.3f at the widest search setting tried, below the target %.2f",
+                    vector_set.key, report.recall_at_10, target)
+    return report
+
+
+def describe(choice: IndexChoice, report: RecallReport | None, n: int, d: int, trained_on: int,
+             residual: float | None) -> dict[str, Any]:
+    """The manifest record of one vector index."""
+    return {
+        "count": n,
+        "dim": d,
+        "choice": choice.to_json(),
+        "measured": report.to_json() if report else None,
+        "trained": {"count": trained_on, "mean_residual": residual},
+    }
+
+
+def build_searchable(vector_set: VectorSet, options: IndexOptions, budget: int | None,
+                     progress: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Build, measure and tune the FAISS index of one vector set; returns (index, manifest record)."""
+    source = as_source(vector_set.vectors)
+    n, d = len(source), source.dim
+    choice = choose(options, n, d, budget)
+    index = build_vector_index(source, choice.spec, progress=progress)
+    residual = mean_residual(index, source.sample(min(n, 10_000), seed=2)) if choice.spec.needs_training else None
+    report = measure(index, choice.spec, vector_set, options.target_recall)
+    return index, describe(choice, report, n, d, n, residual)
+
+
+def knobs_of(record: dict[str, Any] | None) -> SearchKnobs:
+    """The tuned search knobs stored in a manifest record."""
+    measured = (record or {}).get("measured") or {}
+    return SearchKnobs.from_json(measured.get("knobs"))
+
+
+def spec_of(record: dict[str, Any] | None) -> IndexSpec:
+    """The index spec stored in a manifest record (flat for indexes written before records existed)."""
+    if not record:
+        return IndexSpec("flat", "Flat")
+    return IndexSpec.from_json(record["choice"]["spec"])
+
+
+def needs_retraining(record: dict[str, Any], index: Any, new_vectors: np.ndarray, total_after: int) -> str | None:
+    """Why an index should be retrained before new vectors go in, or None.
+
+    Trained indexes (IVF lists, PQ codebooks) are kept while new data looks like
+    the training data: retrain when the new vectors sit on average more than
+    ``DRIFT_RATIO`` x farther from their nearest list centroid than the training
+    sample did, or when the collection has grown ``GROWTH_RATIO`` x since training
+    (the number of lists chosen for it is then too small).
+    """
+    trained = record.get("trained") or {}
+    if not spec_of(record).needs_training:
+        return None
+    if trained.get("count") and total_after > GROWTH_RATIO * trained["count"]:
+        return f"the collection grew from {trained['count']} to {total_after} vectors since training"
+    before = trained.get("mean_residual")
+    now = mean_residual(index, new_vectors)
+    if before and now is not None and now > DRIFT_RATIO * before:
+        return f"new vectors are {now / before:.2f}x farther from their list centroids than the training data"
+    return None
+
+
+def write_vector_sets(writer: Any, files: dict[str, Any], manifest: dict[str, Any], sets: Sequence[VectorSet],
+                      options: IndexOptions, progress: bool = False) -> None:
+    """Write each set's float16 vectors and FAISS index, and its measured record, into a build."""
+    budgets = split_budget([(s.key, len(as_source(s.vectors)), as_source(s.vectors).dim) for s in sets], options.max_memory)
+    records = manifest.setdefault("vector_indexes", {})
+    for vector_set in sets:
+        files["vectors"][vector_set.key] = writer.write_vectors(vector_set.space, vector_set.kind, vector_set.vectors)
+        index, record = build_searchable(vector_set, options, budgets[vector_set.key], progress)
+        files["faiss"][vector_set.key] = writer.write_faiss(f"{vector_set.space}-{vector_set.kind}", index)
+        records[vector_set.key] = record

@@ -1,0 +1,527 @@
+"""Readers that turn user sources (folders, globs, caption files) into items.
+
+Image decoding lives in :mod:`retrieval.sources.images` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import string
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from retrieval.core.errors import InputError
+from retrieval.sources.images import LoadedImage, load_image, normalize_image  # noqa: F401  (re-exported)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
+_GLOB_CHARS = frozenset("*?[")
+
+
+# --------------------------------------------------------------------------- ids
+
+
+def stable_id(prefix: str, *parts: object) -> str:
+    """Return ``prefix-<16 hex>`` where the hex is sha1 over the parts joined by NUL."""
+    joined = "\0".join(str(part) for part in parts)
+    return f"{prefix}-{hashlib.sha1(joined.encode('utf-8')).hexdigest()[:16]}"
+
+
+# --------------------------------------------------------------------------- items
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image file found through a user argument."""
+
+    path: Path
+    source: str
+    label: str | None = None
+
+    @property
+    def id(self) -> str:
+        """Stable id derived from the resolved path."""
+        return stable_id("img", str(self.path))
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One caption (optionally paired with an image) read from a source."""
+
+    text: str
+    source: str
+    row: int
+    image: Path | None = None
+    label: str | None = None
+
+    @property
+    def id(self) -> str:
+        """Stable id derived from source, row and text."""
+        return stable_id("cap", self.source, self.row, self.text)
+
+    @property
+    def image_id(self) -> str | None:
+        """Id of the paired image (equal to ``ImageRef.id`` for that path)."""
+        return None if self.image is None else stable_id("img", str(self.image))
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """An item that was skipped, with the reason."""
+
+    path: str
+    reason: str
+    kind: str = "image"
+    row: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """Return a JSON-serialisable dict."""
+        return {"path": self.path, "reason": self.reason, "kind": self.kind, "row": self.row}
+
+
+@dataclass
+class CaptionFile:
+    """The records read from one caption file and the rows that were skipped."""
+
+    path: Path
+    records: list[CaptionRecord]
+    errors: list[ItemError]
+
+    @property
+    def is_pairs(self) -> bool:
+        """True when the records carry image paths."""
+        return any(record.image is not None for record in self.records)
+
+
+# --------------------------------------------------------------------------- finding images
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _has_glob(text: str) -> bool:
+    return any(ch in _GLOB_CHARS for ch in text)
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, hidden entries skipped, links to dirs not followed)."""
+
+    def on_error(err: OSError) -> None:
+        logger.warning("cannot list %s: %s", err.filename, err.strerror)
+
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=on_error, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and _is_image_name(name):
+                found.append(Path(dirpath, name))
+    return sorted(found, key=lambda p: p.parts)
+
+
+def _expand_glob(pattern: str) -> list[Path]:
+    """Image files matched by a glob; matched folders are searched recursively."""
+    found: list[Path] = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        path = Path(match)
+        if path.is_dir():
+            found.extend(_walk_images(path))
+        elif _is_image_name(match) and path.is_file():
+            found.append(path)
+    return found
+
+
+def _images_for_arg(arg: str | Path) -> list[Path]:
+    """Image paths for one user argument (file, folder or glob)."""
+    text = str(arg)
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        images = _walk_images(path)
+        if not images:
+            raise InputError(f"{text}: folder contains no images ({_ext_list()})")
+        return images
+    if path.exists():
+        if not _is_image_name(path.name):
+            raise InputError(f"{text}: not an image file extension ({_ext_list()})")
+        return [path]
+    if _has_glob(text):
+        images = _expand_glob(os.path.expanduser(text))
+        if not images:
+            raise InputError(f"{text}: pattern matches no images ({_ext_list()})")
+        return sorted(images, key=lambda p: p.parts)
+    raise InputError(f"{text}: no such file or directory")
+
+
+def _ext_list() -> str:
+    return "expected " + ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+def _dedupe(refs: Iterable[ImageRef]) -> list[ImageRef]:
+    """Keep the first ref for each resolved path."""
+    seen: set[Path] = set()
+    out: list[ImageRef] = []
+    for ref in refs:
+        if ref.path not in seen:
+            seen.add(ref.path)
+            out.append(ref)
+    return out
+
+
+def _resolve_existing(paths: Iterable[Path], skipped: list[ItemError] | None = None) -> Iterator[Path]:
+    """Resolve paths, dropping broken links and other non-files (recorded in ``skipped`` when given)."""
+    for path in paths:
+        try:
+            resolved = path.resolve()
+            is_file = resolved.is_file()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            reason = f"cannot resolve the path ({exc})"
+        else:
+            if is_file:
+                yield resolved
+                continue
+            reason = "not a regular file (broken or looping link?)"
+        logger.warning("skipping %s: %s", path, reason)
+        if skipped is not None:
+            skipped.append(ItemError(path=str(path), reason=reason, kind="image"))
+
+
+def discover_images(paths: Sequence[str | Path]) -> tuple[list[ImageRef], list[ItemError]]:
+    """Like :func:`find_images`, also returning the entries skipped during discovery (broken or looping links)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    refs: list[ImageRef] = []
+    skipped: list[ItemError] = []
+    for arg in paths:
+        found = list(_resolve_existing(_images_for_arg(arg), skipped))
+        refs.extend(ImageRef(path=p, source=str(arg)) for p in found)
+    return _dedupe(refs), skipped
+
+
+def find_images(paths: Sequence[str | Path]) -> list[ImageRef]:
+    """Image files from files, folders (recursive) and glob patterns, de-duplicated."""
+    return discover_images(paths)[0]
+
+
+def _label_dirs(root: Path) -> list[Path]:
+    """Non-hidden first-level sub-folders of ``root``, sorted by name."""
+    if not root.exists():
+        raise InputError(f"{root}: no such directory")
+    if not root.is_dir():
+        raise InputError(f"{root}: not a directory (expected ROOT/<label>/<images>)")
+    return sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+
+
+def labelled_folder_images(root: str | Path) -> list[ImageRef]:
+    """Images under ``root/<label>/**`` with ``label`` set to the first-level folder name."""
+    root_path = Path(root).expanduser()
+    refs: list[ImageRef] = []
+    for label_dir in _label_dirs(root_path):
+        try:
+            _check_unicode(label_dir.name, "label folder name")
+        except ValueError as exc:
+            logger.warning("skipping %s: %s; rename the folder", label_dir, exc)
+            continue
+        found = _resolve_existing(_walk_images(label_dir))
+        refs.extend(ImageRef(path=p, source=str(root), label=label_dir.name) for p in found)
+    if not refs:
+        raise InputError(
+            f"{root}: no label sub-folders with images (expected ROOT/<label>/<image>, {_ext_list()})"
+        )
+    return _dedupe(refs)
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def _template_fields(template: str) -> list[str]:
+    """Top-level field names a ``str.format`` template uses ("" for positional fields)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InputError(f"invalid template {template!r}: {exc}") from None
+    fields: list[str] = []
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        name = field.split(".", 1)[0].split("[", 1)[0]
+        if name.isdigit():
+            name = ""
+        if name not in fields:
+            fields.append(name)
+    return fields
+
+
+def _render(template: str, values: Mapping[str, str], where: str) -> str:
+    """Format ``template`` with ``values``; a bad format spec is an InputError."""
+    try:
+        return template.format_map(values)
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise InputError(f"{where}: cannot apply template {template!r}: {exc}") from None
+
+
+def labelled_folder_pairs(
+    root: str | Path, template: str = "a photo of a {label}"
+) -> list[CaptionRecord]:
+    """One caption per image of a labelled folder, built from its label."""
+    bad = [f for f in _template_fields(template) if f != "label"]
+    if bad:
+        shown = ", ".join("{" + f + "}" for f in bad)
+        raise InputError(f"template {template!r} uses {shown}; only {{label}} is available")
+    source = str(Path(root).expanduser().absolute())
+    records = []
+    for row, ref in enumerate(labelled_folder_images(root), start=1):
+        assert ref.label is not None
+        text = _render(template, {"label": ref.label.replace("_", " ")}, source).strip()
+        records.append(CaptionRecord(text=text, source=source, row=row, image=ref.path, label=ref.label))
+    return records
+
+
+# --------------------------------------------------------------------------- caption files
+
+# A reader yields (columns, rows, errors); rows are (row number, {column: value}).
+_Rows = list[tuple[int, dict[str, object]]]
+
+
+def _decode_text(path: Path, encoding: str) -> str:
+    """Read and decode a text file, stripping a UTF-8 BOM; errors become InputError."""
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise InputError(f"{path}: unknown encoding {encoding!r} (see --encoding)") from None
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig" if codec == "utf-8" else encoding)
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: cannot decode as {encoding} at byte {exc.start} ({exc.reason}); "
+            "pass the right --encoding (e.g. --encoding latin-1)"
+        ) from None
+
+
+def _read_txt(path: Path, encoding: str, caption_column: str) -> tuple[list[str], _Rows, list[ItemError]]:
+    """One caption per line; blank lines skipped."""
+    rows: _Rows = []
+    for number, line in enumerate(io.StringIO(_decode_text(path, encoding), newline=None), start=1):
+        if line.strip():
+            rows.append((number, {caption_column: line}))
+    return [caption_column], rows, []
+
+
+def _read_delimited(path: Path, encoding: str, delimiter: str) -> tuple[list[str], _Rows, list[ItemError]]:
+    """CSV/TSV with a header row; rows numbered from 1 after the header."""
+    reader = csv.reader(io.StringIO(_decode_text(path, encoding), newline=""), delimiter=delimiter)
+    try:
+        header: list[str] | None = None
+        rows: _Rows = []
+        for fields in reader:
+            if not fields or not any(f.strip() for f in fields):
+                continue
+            if header is None:
+                header = [f.strip() for f in fields]
+                continue
+            rows.append((len(rows) + 1, dict(zip(header, fields))))
+    except csv.Error as exc:
+        kind = "CSV" if delimiter == "," else "TSV"
+        raise InputError(f"{path}: malformed {kind} near line {reader.line_num}: {exc}") from None
+    return header or [], rows, []
+
+
+def _read_jsonl(path: Path, encoding: str) -> tuple[list[str], _Rows, list[ItemError]]:
+    """One JSON object per line; bad lines become ItemErrors."""
+    columns: dict[str, None] = {}
+    rows: _Rows = []
+    errors: list[ItemError] = []
+    for number, line in enumerate(io.StringIO(_decode_text(path, encoding), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
+        else:
+            if isinstance(obj, dict):
+                columns.update(dict.fromkeys(str(k) for k in obj))
+                rows.append((number, {str(k): v for k, v in obj.items()}))
+                continue
+            reason = f"expected a JSON object, got {type(obj).__name__}"
+        logger.warning("%s line %d: %s", path, number, reason)
+        errors.append(ItemError(path=str(path), reason=reason, kind="caption", row=number))
+    return list(columns), rows, errors
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(path).names)
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for non-parquet data
+        raise InputError(f"{path}: not a readable parquet file: {exc}") from None
+
+
+def _read_parquet(path: Path, wanted: list[str]) -> _Rows:
+    """Rows of the wanted columns, numbered from 1."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=wanted)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable parquet file: {exc}") from None
+    return [(i, row) for i, row in enumerate(table.to_pylist(), start=1)]
+
+
+def _as_text(value: object) -> str | None:
+    """Scalar cell value as text (None -> ""); None for non-scalars."""
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float, bool)):
+        return str(value)
+    return None
+
+
+def _check_columns(path: Path, columns: list[str], caption_column: str, template: str | None) -> None:
+    """Raise InputError when the caption column / template fields are missing."""
+    available = ", ".join(columns) if columns else "(none)"
+    if template is not None:
+        for field in _template_fields(template):
+            if field not in columns:
+                shown = "{" + field + "}" if field else "a positional {}"
+                raise InputError(
+                    f"{path}: template field {shown} is not a column; available columns: {available}"
+                )
+    elif caption_column not in columns:
+        raise InputError(
+            f"{path}: no caption column {caption_column!r}; available columns: {available} "
+            "(choose one with --caption-column)"
+        )
+
+
+def _row_text(row: Mapping[str, object], caption_column: str, template: str | None, where: str) -> str:
+    """Caption text for one row, or raise ValueError with the reason it has none."""
+    if template is None:
+        text = _as_text(row.get(caption_column))
+        if text is None:
+            raise ValueError(f"caption is not text ({type(row.get(caption_column)).__name__})")
+    else:
+        values = {k: ("" if v is None else str(v)) for k, v in row.items()}
+        missing = [f for f in _template_fields(template) if f not in values]
+        if missing:
+            raise ValueError(f"missing field {missing[0]!r}")
+        text = _render(template, values, where)
+    text = text.strip()
+    if not text:
+        raise ValueError("empty caption")
+    _check_unicode(text, "caption")
+    return text
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Raise ValueError for text that cannot be stored as UTF-8 (a lone surrogate, e.g. from a JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not valid Unicode (lone surrogate {text[exc.start]!r} at character {exc.start})"
+        ) from None
+
+
+def _row_image(row: Mapping[str, object], image_column: str, base: Path) -> Path:
+    """Resolved image path of a pairs row, or raise ValueError."""
+    value = _as_text(row.get(image_column))
+    if value is None or not value.strip():
+        raise ValueError("empty image path")
+    _check_unicode(value, "image path")
+    image = Path(value.strip()).expanduser()
+    return (image if image.is_absolute() else base / image).resolve()
+
+
+def _build_records(
+    path: Path, rows: _Rows, errors: list[ItemError], caption_column: str,
+    image_column: str | None, template: str | None,
+) -> CaptionFile:
+    """Turn raw rows into CaptionRecords, collecting per-row errors."""
+    source = str(path)
+    base = path.parent
+    records: list[CaptionRecord] = []
+    for number, row in rows:
+        try:
+            text = _row_text(row, caption_column, template, source)
+            image = _row_image(row, image_column, base) if image_column else None
+        except ValueError as exc:
+            errors.append(ItemError(path=source, reason=str(exc), kind="caption", row=number))
+            continue
+        records.append(CaptionRecord(text=text, source=source, row=number, image=image))
+    errors.sort(key=lambda e: e.row or 0)
+    if not records:
+        detail = ""
+        if errors:
+            first = errors[0]
+            detail = f" ({len(errors)} rows skipped; first: row {first.row}: {first.reason})"
+        raise InputError(f"no captions in {path}{detail}")
+    if errors:
+        logger.warning("%s: skipped %d of %d rows (first: row %s: %s)",
+                       path, len(errors), len(errors) + len(records), errors[0].row, errors[0].reason)
+    return CaptionFile(path=path, records=records, errors=errors)
+
+
+def read_caption_file(
+    path: str | Path,
+    caption_column: str = "caption",
+    image_column: str = "image",
+    template: str | None = None,
+    encoding: str = "utf-8",
+) -> CaptionFile:
+    """Read captions (and optional image paths) from a .txt/.csv/.tsv/.jsonl/.parquet file."""
+    file = Path(path).expanduser().absolute()
+    try:
+        _check_unicode(str(file), "file name")
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}; rename the file") from None
+    suffix = file.suffix.lower()
+    if suffix not in CAPTION_EXTENSIONS:
+        raise InputError(
+            f"{path}: unsupported caption file type {suffix or '(none)'!r}; "
+            f"supported: {', '.join(CAPTION_EXTENSIONS)}"
+        )
+    if not file.exists():
+        raise InputError(f"{path}: no such file")
+    if not file.is_file():
+        raise InputError(f"{path}: not a file")
+    errors: list[ItemError] = []
+    try:
+        if suffix == ".parquet":
+            columns = _parquet_columns(file)
+        elif suffix == ".txt":
+            columns, rows, errors = _read_txt(file, encoding, caption_column)
+        elif suffix == ".jsonl":
+            columns, rows, errors = _read_jsonl(file, encoding)
+        else:
+            columns, rows, errors = _read_delimited(file, encoding, "," if suffix == ".csv" else "\t")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not columns and not errors:
+        raise InputError(f"no captions in {file} (file is empty)")
+    if columns or not errors:
+        _check_columns(file, columns, caption_column, template)
+    image_col = image_column if image_column in columns else None
+    if suffix == ".parquet":
+        wanted = _template_fields(template) if template is not None else [caption_column]
+        wanted = list(dict.fromkeys(wanted + ([image_col] if image_col else [])))
+        rows = _read_parquet(file, wanted)
+    return _build_records(file, rows, errors, caption_column, image_col, template)
+

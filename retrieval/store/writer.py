@@ -1,0 +1,149 @@
+"""Writes the files of one build; nothing becomes visible until the manifest is committed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+import numpy as np
+from retrieval.core.atomic import atomic_open, atomic_path, write_json_atomic
+from retrieval.core.errors import IndexFormatError
+from retrieval.core.digests import new_build_id, sha256_file
+from retrieval.store.layout import ERRORS_NAME, FORMAT_VERSION, MANIFEST_NAME, VECTOR_CHUNK_ROWS, BUILD_ID_PATTERN, DATA_DIRS, ROOT_TEMP_PATTERN
+from retrieval.store.manifest import manifest_digest
+
+
+class StoreWriter:
+    """Writes the files of one build; nothing becomes visible until :meth:`commit`.
+
+    Hold :func:`retrieval.store.locking.writer_lock` on the directory around the whole build.
+    """
+
+    def __init__(self, root: str | Path, kind: str) -> None:
+        self.root = Path(root)
+        self.kind = kind
+        self.build_id = new_build_id()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def _finish(self, rel: str) -> str:
+        path = self.root / rel
+        self.files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        return rel
+
+    def carry(self, rel: str, meta: Mapping[str, Any]) -> str:
+        """Keep a file of the previous build in this one, unchanged (its checksum entry is reused)."""
+        if not (self.root / rel).is_file():
+            raise IndexFormatError(f"{self.root / rel}: missing; cannot carry it into the new build")
+        self.files[rel] = dict(meta)
+        return rel
+
+    def write_array(self, folder: str, stem: str, array: np.ndarray) -> str:
+        """Write one ``.npy`` file (never pickled) and return its relative path."""
+        rel = f"{folder}/{stem}-{self.build_id}.npy"
+        with atomic_path(self.root / rel) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        return self._finish(rel)
+
+    def write_vectors(self, space: str, kind: str, vectors: Any, first_shard: int = 0) -> list[str]:
+        """Write L2-normalised vectors (a matrix or a ``VectorSource``) as one float16 shard, streamed in chunks.
+
+        One contiguous file per build (``add`` appends further shards): FAISS can then
+        re-rank from it in place (see ``faiss_views``), and a memory-mapped read is one map.
+        """
+        from retrieval.index.vector_index import as_source
+
+        source = as_source(vectors)  # checks for one 2-D matrix (or parts of one dimension)
+        rows, dim = len(source), source.dim
+        rel = f"vectors/{space}/{kind}-{first_shard:05d}-{self.build_id}.npy"
+        with atomic_path(self.root / rel) as tmp:
+            if rows == 0:  # numpy cannot map an empty file region
+                with open(tmp, "wb") as handle:
+                    np.save(handle, np.zeros((0, dim), np.float16), allow_pickle=False)
+            else:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
+                start = 0
+                for chunk in source.chunks(VECTOR_CHUNK_ROWS):
+                    out[start : start + len(chunk)] = chunk
+                    start += len(chunk)
+                out.flush()
+                del out
+        return [self._finish(rel)]
+
+    def write_table(self, stem: str, table: "pa.Table") -> str:  # noqa: F821
+        """Write a parquet table under ``items/``."""
+        import pyarrow.parquet as pq
+
+        rel = f"items/{self.build_id}-{stem}.parquet"
+        with atomic_path(self.root / rel) as tmp:
+            pq.write_table(table, tmp)
+        return self._finish(rel)
+
+    def write_faiss(self, stem: str, index: Any) -> str:
+        """Write a FAISS index under ``faiss/``."""
+        import faiss
+
+        rel = f"faiss/{stem}-{self.build_id}.index"
+        with atomic_path(self.root / rel) as tmp:
+            faiss.write_index(index, str(tmp))
+        return self._finish(rel)
+
+    def write_sparse(self, stem: str, relative_index: Any) -> str:
+        """Write a sparse relative index (``SparseRelativeIndex``) under ``relative/``."""
+        rel = f"relative/{stem}-{self.build_id}.npz"
+        (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        relative_index.save(self.root / rel)
+        return self._finish(rel)
+
+    def commit(self, manifest: Mapping[str, Any], errors: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+        """Write the errors, then the manifest (the commit point); remove stale files.
+
+        The skipped items go to ``items/<build>-errors.jsonl`` (checksummed and pinned like any data
+        file, so readers always see the errors of the build they opened) and to a plain
+        ``errors.jsonl`` copy at the top, for people.
+        """
+        errors = list(errors)
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in errors)
+        data = text.encode("utf-8", "backslashreplace")  # lone surrogates (undecodable file names) stay readable
+        rel = f"items/{self.build_id}-errors.jsonl"
+        with atomic_path(self.root / rel) as tmp:
+            tmp.write_bytes(data)
+        self._finish(rel)
+        with atomic_open(self.root / ERRORS_NAME, "wb") as handle:
+            handle.write(data)
+        full = {
+            "format": FORMAT_VERSION,
+            "kind": self.kind,
+            "build_id": self.build_id,
+            **manifest,
+            "checksums": self.files,
+            "errors": len(errors),
+            "errors_file": rel,
+        }
+        full["manifest_sha256"] = manifest_digest(full)
+        write_json_atomic(self.root / MANIFEST_NAME, full)
+        remove_stale_files(self.root, keep=set(self.files))
+        return full
+
+
+def remove_stale_files(root: Path, keep: set[str]) -> list[str]:
+    """Delete data files of other builds (leftovers of killed builds or replaced ones) and temporary files.
+
+    Only safe under the writer lock: another build's files in progress would go too.
+    """
+    removed = []
+    for folder in DATA_DIRS:
+        base = root / folder
+        if not base.is_dir():
+            continue
+        for path in sorted(base.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if path.is_file() and rel not in keep and (BUILD_ID_PATTERN.search(path.name) or path.name.endswith(".tmp")):
+                path.unlink(missing_ok=True)
+                removed.append(rel)
+    for path in sorted(root.iterdir()):
+        if ROOT_TEMP_PATTERN.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
