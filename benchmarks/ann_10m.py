@@ -38,17 +38,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import ann_common as C
 import ann_data
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retrieval.index.spec import IndexSpec, SearchKnobs, choose_index, parse_memory  # noqa: E402
 from retrieval.index.recall import RECALL_QUERIES, measure_and_tune, recall_at  # noqa: E402
-from retrieval.index.vector_index import VectorSource, build_vector_index, read_vector_index, search  # noqa: E402
+from retrieval.index.source import VectorSource
+from retrieval.index.spec import IndexSpec, SearchKnobs, choose_index, parse_memory  # noqa: E402
+from retrieval.index.vector_index import build_vector_index, read_vector_index, search  # noqa: E402
 
 K = 10
 SEARCH_PROCESS_PHASE_SECONDS = 120  # each phase of a memory-limited search process stops after this long

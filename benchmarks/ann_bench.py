@@ -47,19 +47,31 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 import ann_common as C
 import ann_data
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retrieval.index.spec import (  # noqa: E402
-    DEFAULT_RERANK_FACTOR, IndexSpec, SearchKnobs, choose_index, estimate_bytes, parse_memory, spec_for,
+from retrieval.index.recall import (  # noqa: E402
+    EF_SEARCH_STEPS,
+    NPROBE_STEPS,
+    RECALL_QUERIES,
+    measure_and_tune,
+    recall_at,
 )
-from retrieval.index.recall import EF_SEARCH_STEPS, NPROBE_STEPS, RECALL_QUERIES, measure_and_tune, recall_at  # noqa: E402
-from retrieval.index.vector_index import VectorSource, apply_build_params, build_vector_index, search  # noqa: E402
+from retrieval.index.source import VectorSource
+from retrieval.index.spec import (  # noqa: E402
+    DEFAULT_RERANK_FACTOR,
+    IndexSpec,
+    SearchKnobs,
+    choose_index,
+    estimate_bytes,
+    parse_memory,
+    spec_for,
+)
+from retrieval.index.vector_index import apply_build_params, build_vector_index, search  # noqa: E402
 
 K = 10
 TARGET = 0.95

@@ -211,7 +211,7 @@ def truth(parts: list[np.ndarray], q: np.ndarray, name: str, seed: int = 0, k: i
 
     sys.path.insert(0, str(ROOT))
     from retrieval.index.recall import exact_search
-    from retrieval.index.vector_index import VectorSource
+    from retrieval.index.source import VectorSource
 
     n, d = sum(len(p) for p in parts), q.shape[1]
     path = data_dir(d, seed) / f"truth_{name}_n{n}_q{len(q)}_k{k}.npy"
@@ -243,7 +243,7 @@ def main() -> None:
 
         sys.path.insert(0, str(ROOT))
         from retrieval.index.recall import exact_search
-        from retrieval.index.vector_index import VectorSource
+        from retrieval.index.source import VectorSource
 
         q = queries(500, args.d, args.seed)
         source = VectorSource(parts)

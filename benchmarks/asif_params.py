@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.asif.anchors import builtin_imagenet, embed_pairs, read_pairs
+from retrieval.asif.relative import AnchorSpace, AsifParams, SparseRelativeIndex
 from retrieval.core.config import CaptionOptions
 from retrieval.embed.pipeline import EmbedOptions
 from retrieval.encoders.registry import load_image_encoder, load_text_encoder
 from retrieval.eval.metrics import first_relevant_rank, recall_at_k
-from retrieval.asif.relative import AnchorSpace, AsifParams, SparseRelativeIndex
 
 CACHE = Path("index_data/cache")
 KS = (1, 3, 5, 10, 20, 30, 50, 100, 200, 800)

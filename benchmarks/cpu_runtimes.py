@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import median_times  # noqa: E402  (same folder)
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -85,8 +86,8 @@ def pooled_features(model):
 
 def image_rows(repeats: int, folder: Path) -> None:
     import torch
-
     from gpu_check import save_random_vit_b32
+
     from retrieval.encoders.registry import load_clip_encoder, load_image_encoder
 
     pixels = torch.randn(32, 3, 224, 224)
@@ -119,8 +120,8 @@ def image_rows(repeats: int, folder: Path) -> None:
 def text_rows(repeats: int, count: int, folder: Path) -> None:
     import torch
 
-    from retrieval.sources.collection import read_caption_file
     from retrieval.encoders.registry import load_text_encoder
+    from retrieval.sources.captions import read_caption_file
 
     texts = [r.text for r in read_caption_file(DATA / "coco-train-mini" / "captions.jsonl").records]
     texts = (texts * (count // len(texts) + 1))[:count]

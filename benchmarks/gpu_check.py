@@ -57,9 +57,14 @@ def end_to_end(encoder, coco: Path, work: Path, copies: int) -> dict:
 
     from torch.utils.data import DataLoader
 
-    from retrieval.sources.collection import find_images
-    from retrieval.embed.pipeline import EmbedOptions, _collate, _ImageDataset, embed_images
+    from retrieval.embed.pipeline import (
+        EmbedOptions,
+        _collate,
+        _ImageDataset,
+        embed_images,
+    )
     from retrieval.embed.workers import resolve_workers
+    from retrieval.sources.discovery import find_images
 
     folder = work / "photos"
     folder.mkdir()

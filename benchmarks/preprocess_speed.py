@@ -102,7 +102,10 @@ def _encoders() -> list[tuple[str, Callable, object]]:
     import open_clip
 
     from retrieval.encoders.efficientnet import build_transform
-    from retrieval.encoders.preprocess import efficientnet_transform, open_clip_transform
+    from retrieval.encoders.preprocess import (
+        efficientnet_transform,
+        open_clip_transform,
+    )
 
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     fast_clip = open_clip_transform(open_clip.get_model_preprocess_cfg(model))

@@ -88,8 +88,8 @@ def random_vit_b32(folder: Path):
 
 
 def image_rows(n: int, repeats: int, batch_size: int) -> list[dict]:
-    from retrieval.sources.collection import find_images
     from retrieval.encoders.registry import load_image_encoder
+    from retrieval.sources.discovery import find_images
 
     refs = (find_images([DATA / "coco-train-mini" / "images"]) + find_images([DATA / "imagenet-sample"]))[: n]
     paths = [ref.path for ref in refs]
@@ -117,9 +117,9 @@ def image_rows(n: int, repeats: int, batch_size: int) -> list[dict]:
 def text_row(repeats: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from retrieval.sources.collection import read_caption_file
     from retrieval.encoders.registry import load_text_encoder
     from retrieval.encoders.sentence_transformers import minilm_path
+    from retrieval.sources.captions import read_caption_file
 
     texts = [r.text for r in read_caption_file(DATA / "coco-train-mini" / "captions.jsonl").records] * 5
     ours = load_text_encoder("minilm", device="cpu")

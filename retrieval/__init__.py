@@ -7,13 +7,12 @@ set of anchor (image, caption) pairs.
 
 from __future__ import annotations
 
-from retrieval.core.version import __version__
-
-from retrieval.asif.anchors import AnchorSet, load_anchor_set  # noqa: E402
 from retrieval.api.build import build_anchors, build_index  # noqa: E402
-from retrieval.core.config import CaptionOptions, EncoderChoice, IndexOptions  # noqa: E402
-from retrieval.embed.pipeline import EmbedOptions  # noqa: E402
 from retrieval.api.engine import Index, open_index  # noqa: E402
+from retrieval.api.update import UpdateReport, add_to_index, remove_from_index  # noqa: E402
+from retrieval.asif.anchors import AnchorSet, load_anchor_set  # noqa: E402
+from retrieval.asif.relative import AsifParams  # noqa: E402
+from retrieval.core.config import CaptionOptions, EncoderChoice, IndexOptions  # noqa: E402
 from retrieval.core.errors import (  # noqa: E402
     EncoderError,
     EncoderMismatchError,
@@ -24,9 +23,9 @@ from retrieval.core.errors import (  # noqa: E402
     RetrievalError,
 )
 from retrieval.core.hits import CaptionHit, ImageHit  # noqa: E402
+from retrieval.core.version import __version__
+from retrieval.embed.pipeline import EmbedOptions  # noqa: E402
 from retrieval.index.spec import SearchKnobs  # noqa: E402
-from retrieval.asif.relative import AsifParams  # noqa: E402
-from retrieval.api.update import UpdateReport, add_to_index, remove_from_index  # noqa: E402
 
 __all__ = [
     "AnchorSet",

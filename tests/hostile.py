@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
-
 from conftest import COCO, coco_pairs
+from PIL import Image
 
 PHOTO_SIZE = (96, 64)  # small, and not square: a missed 90 degree turn changes the size
 LONG_CAPTION = ("a dog runs on the beach near the sea " * 3000)[:100_000]

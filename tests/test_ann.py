@@ -7,6 +7,13 @@ import numpy as np
 import pytest
 
 from retrieval.core.errors import InputError
+from retrieval.index.recall import (
+    exact_search,
+    fastest_shortlist,
+    measure_and_tune,
+    recall_at,
+)
+from retrieval.index.source import RowSubset, VectorSource
 from retrieval.index.spec import (
     IndexSpec,
     SearchKnobs,
@@ -16,13 +23,9 @@ from retrieval.index.spec import (
     parse_memory,
     spec_for,
 )
-from retrieval.index.recall import fastest_shortlist, exact_search, measure_and_tune, recall_at
-from retrieval.index.vector_sets import mean_residual, needs_retraining, split_budget
 from retrieval.index.torch_search import TorchFlatIndex, torch_cuda_available
 from retrieval.index.vector_index import (
     Exclusions,
-    RowSubset,
-    VectorSource,
     build_vector_index,
     empty_copy,
     gpu_count,
@@ -32,6 +35,7 @@ from retrieval.index.vector_index import (
     search,
     to_available_gpus,
 )
+from retrieval.index.vector_sets import mean_residual, needs_retraining, split_budget
 
 
 def clustered(n: int, d: int, seed: int = 0, clusters: int = 50, spread: float = 0.6) -> np.ndarray:

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import COCO, coco_pairs, require_shared_data
 from PIL import Image
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
-
-from conftest import COCO, coco_pairs, require_shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = EmbedOptions(batch_size=4, workers=0, progress=False)
@@ -59,7 +58,7 @@ def test_odd_images_are_indexed_and_broken_ones_reported(tmp_path, odd_folder, t
     assert errors["captions.jsonl"]["row"] == 2 and errors["captions.jsonl"]["kind"] == "caption"
     assert index.manifest["counts"] == {"image": 6, "caption": 2}
     # the EXIF-rotated copy embeds like the upright photo
-    vectors = index._store.read_vectors(index.manifest["files"]["vectors"]["clip/image"])
+    vectors = index.store.read_vectors(index.manifest["files"]["vectors"]["clip/image"])
     names = [Path(uri).name for uri in index.items("image")["uri"]]
     plain, rotated = vectors[names.index("plain.jpg")], vectors[names.index("rotated.jpg")]
     assert float(plain @ rotated) > 0.99

@@ -1,4 +1,4 @@
-"""Tests for retrieval.sources.collection: finding images, reading caption files, decoding images."""
+"""Tests for retrieval.sources:  finding images, reading caption files, decoding images."""
 
 from __future__ import annotations
 
@@ -19,22 +19,24 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from retrieval.sources.collection import (
+from retrieval.core.errors import ImageDecodeError, InputError
+from retrieval.sources.captions import read_caption_file
+from retrieval.sources.discovery import (
+    find_images,
+    labelled_folder_images,
+    labelled_folder_pairs,
+)
+from retrieval.sources.items import (
     IMAGE_EXTENSIONS,
     CaptionFile,
     CaptionRecord,
     ImageRef,
     ItemError,
     LoadedImage,
-    find_images,
-    labelled_folder_images,
-    labelled_folder_pairs,
     load_image,
     normalize_image,
-    read_caption_file,
     stable_id,
 )
-from retrieval.core.errors import ImageDecodeError, InputError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if not DATA.is_dir():
@@ -371,7 +373,7 @@ def test_jsonl_bad_line_in_middle(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         json.dumps({"caption": "   ", "image": "d.jpg"}),
     ]
     path = _write(tmp_path / "c.jsonl", "\n".join(lines) + "\n")
-    with caplog.at_level(logging.WARNING, logger="retrieval.sources.collection"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.sources.captions"):
         cf = read_caption_file(path)
     assert [(r.text, r.row) for r in cf.records] == [("one", 1), ("two", 2), ("five", 6)]
     assert [(e.row, e.kind) for e in cf.errors] == [(3, "caption"), (5, "caption"), (7, "caption")]

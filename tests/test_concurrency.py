@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import hostile
 import numpy as np
 import pytest
 
@@ -18,8 +19,6 @@ import retrieval
 from retrieval import EmbedOptions, EncoderChoice
 from retrieval.core.errors import IndexLockedError
 from retrieval.store.locking import LOCK_NAME, WriterLock, writer_lock
-
-import hostile
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = EmbedOptions(batch_size=4, workers=0, progress=False)
@@ -247,9 +246,9 @@ def test_a_reader_keeps_its_snapshot_after_the_files_are_deleted(tmp_path):
     import scipy.sparse as sp
 
     from retrieval.asif.relative import SparseRelativeIndex
+    from retrieval.index.vector_index import build_vector_index
     from retrieval.store.reader import StoreReader
     from retrieval.store.writer import StoreWriter
-    from retrieval.index.vector_index import build_vector_index
 
     def commit(value: float) -> None:
         writer = StoreWriter(tmp_path, kind="index")
@@ -270,7 +269,7 @@ def test_a_reader_keeps_its_snapshot_after_the_files_are_deleted(tmp_path):
     assert (reader.read_vectors(files["vectors"]) == 0.5).all()
     assert reader.read_table(files["items"]).column("v").to_pylist() == [0.5] * 3
     assert reader.read_faiss(files["faiss"]).ntotal == 3
-    assert (reader.read_sparse(files["relative"]).rows.toarray() == 0.5).all()
+    assert (reader.read_sparse(files["relative"], SparseRelativeIndex.load).rows.toarray() == 0.5).all()
     assert reader.read_errors() == [{"value": 0.5}]
     assert StoreReader(tmp_path, kind="index").read_errors() == [{"value": 0.125}]
     reader.close()

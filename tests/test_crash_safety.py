@@ -24,15 +24,15 @@ import sys
 import time
 from pathlib import Path
 
+import hostile
 import numpy as np
 import pytest
+from conftest import COCO, coco_pairs, require_shared_data
 
 import retrieval
+import retrieval.sources.images
 from retrieval import EmbedOptions, EncoderChoice
 from retrieval.store.layout import MANIFEST_NAME
-
-import hostile
-from conftest import COCO, coco_pairs, require_shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ["a plate of food", "a man riding a horse", "people at a table"]
@@ -97,7 +97,7 @@ class Snapshots:
 
         encoder = load_clip_encoder("open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
         self.text_queries = encoder.encode_texts(QUERIES)
-        self.image_query = encoder.encode_images([retrieval.sources.collection.load_image(photo).image])
+        self.image_query = encoder.encode_images([retrieval.sources.images.load_image(photo).image])
 
     def take(self, path: Path) -> dict:
         index = retrieval.open_index(path, device="cpu")

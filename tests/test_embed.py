@@ -10,13 +10,18 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import COCO, IMAGENET, require_shared_data
 
 from retrieval import EmbedOptions, InputError
-from retrieval.sources.collection import discover_images
 from retrieval.embed.pipeline import embed_images
-from retrieval.embed.workers import MAX_AUTO_REPLICAS, MAX_AUTO_WORKERS, SMALL_COLLECTION, resolve_workers, use_replicas
-
-from conftest import COCO, IMAGENET, require_shared_data
+from retrieval.embed.workers import (
+    MAX_AUTO_REPLICAS,
+    MAX_AUTO_WORKERS,
+    SMALL_COLLECTION,
+    resolve_workers,
+    use_replicas,
+)
+from retrieval.sources.discovery import discover_images
 
 LINUX = sys.platform.startswith("linux")
 

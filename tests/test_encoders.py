@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval.core.errors import EncoderError
 from retrieval.encoders import (
     EncoderInfo,
     ImageEncoder,
@@ -25,7 +26,6 @@ from retrieval.encoders import (
     load_text_encoder,
     resolve_device,
 )
-from retrieval.core.errors import EncoderError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_clip import TINY_EMBED_DIM, make_tiny_clip

@@ -11,12 +11,11 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import COCO, IMAGENET, require_shared_data
 
 import retrieval
 from retrieval.cli.main import main
 from retrieval.eval.metrics import paired_recall
-
-from conftest import COCO, IMAGENET, require_shared_data
 
 pytestmark = pytest.mark.slow
 UNIMODAL = ["--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm", "--quiet"]

@@ -9,14 +9,13 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import IMAGENET, require_shared_data
 
 import retrieval
 from retrieval import AsifParams, CaptionOptions, EmbedOptions, EncoderChoice
 from retrieval.asif.anchors import AnchorSet
 from retrieval.cli.main import main
 from retrieval.core.errors import EncoderMismatchError
-
-from conftest import IMAGENET, require_shared_data
 
 QUIET = EmbedOptions(batch_size=8, workers=0, progress=False)
 UNIMODAL = EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu")
@@ -82,11 +81,11 @@ def test_anchor_directory(anchor_dir):
 
 def test_asif_index_scores_match_a_numpy_reference(asif_index):
     assert asif_index.mode == "asif" and asif_index.asif_params == AsifParams(k=5, p=2.0)
-    store, files = asif_index._store, asif_index.manifest["files"]
+    store, files = asif_index.store, asif_index.manifest["files"]
     anchor_images, anchor_texts = store.read_array(files["anchors"][0]["image"]), store.read_array(files["anchors"][0]["text"])
     image_vectors = store.read_vectors(files["vectors"]["image/image"])
     # stored relative rows = numpy ASIF of the stored (float16) vectors
-    stored_rows = asif_index._relative("image").rows.toarray()
+    stored_rows = asif_index.relative_index("image").rows.toarray()
     np.testing.assert_allclose(stored_rows, reference_relative(image_vectors, anchor_images, 5, 2.0), atol=5e-3)
     # a query scores by the inner product of its relative vector with the stored rows
     query = asif_index.text_encoder.encode_texts(["people eating cake at a table"])
@@ -100,7 +99,7 @@ def test_asif_index_scores_match_a_numpy_reference(asif_index):
 def test_projected_route_matches_a_numpy_reference(asif_index):
     """Images projected into text space (ASIF weights x text anchors) answer a raw text query."""
     assert asif_index.routes == ["asif", "projected"]
-    store, files = asif_index._store, asif_index.manifest["files"]
+    store, files = asif_index.store, asif_index.manifest["files"]
     anchor_images, anchor_texts = store.read_array(files["anchors"][0]["image"]), store.read_array(files["anchors"][0]["text"])
     image_vectors = store.read_vectors(files["vectors"]["image/image"])
     projected = reference_relative(image_vectors, anchor_images, 5, 2.0) @ anchor_texts
@@ -122,13 +121,13 @@ def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
     )
     info = index.info()
     assert [(a["count"], a["weight"]) for a in info["anchors"]] == [(12, 1.0), (1000, 0.5)]
-    assert index._relative("image").n_anchors == 1012
+    assert index.relative_index("image").n_anchors == 1012
     sets = [retrieval.load_anchor_set(anchor_dir), None]
     from retrieval.asif.anchors import builtin_imagenet
 
     sets[1] = builtin_imagenet(index.image_encoder, index.text_encoder)
     spaces = AnchorSpaces(sets, [1.0, 0.5])
-    image_vectors = index._store.read_vectors(index.manifest["files"]["vectors"]["image/image"])
+    image_vectors = index.store.read_vectors(index.manifest["files"]["vectors"]["image/image"])
     query = index.text_encoder.encode_texts(["a cake on a table"])
     expected = (spaces.relative(image_vectors, "image", index.asif_params) @ spaces.relative(query, "text", index.asif_params).T).toarray()[:, 0]
     hits = index.text_to_image("a cake on a table", k=6)

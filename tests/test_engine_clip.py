@@ -53,7 +53,7 @@ def test_text_to_image_matches_brute_force_over_stored_vectors(clip_index):
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     query = clip_index.text_encoder.encode_texts(["a plate of food"])[0]
     uris = clip_index.items("image")["uri"]
-    stored = clip_index._store.read_vectors(clip_index.manifest["files"]["vectors"]["clip/image"])
+    stored = clip_index.store.read_vectors(clip_index.manifest["files"]["vectors"]["clip/image"])
     expected = np.argsort(-(stored @ query), kind="stable")[:4]
     assert [hit.uri for hit in hits] == [uris[i] for i in expected]
     np.testing.assert_allclose([h.score for h in hits], (stored @ query)[expected], atol=2e-3)  # float16 storage

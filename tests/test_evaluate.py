@@ -8,18 +8,24 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import IMAGENET, require_shared_data
 
 from retrieval import EmbedOptions, EncoderChoice
 from retrieval.asif.anchors import AnchorSet
-from retrieval.cli.main import main
-from retrieval.sources.collection import find_images
-from retrieval.embed.cache import EmbeddingCache
-from retrieval.core.errors import InputError
-from retrieval.eval.data import check_no_leak, parse_sweep, route_configs
-from retrieval.eval.evaluate import LabelledData, PairedData, RouteConfig, evaluate, make_scorer, sweep
 from retrieval.asif.relative import AsifParams
-
-from conftest import IMAGENET, require_shared_data
+from retrieval.cli.main import main
+from retrieval.core.errors import InputError
+from retrieval.embed.cache import EmbeddingCache
+from retrieval.eval.data import check_no_leak, parse_sweep, route_configs
+from retrieval.eval.evaluate import (
+    LabelledData,
+    PairedData,
+    RouteConfig,
+    evaluate,
+    make_scorer,
+    sweep,
+)
+from retrieval.sources.discovery import find_images
 
 
 def unit(rng, n, d):

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
-from retrieval.sources.collection import CaptionFile, read_caption_file
 from retrieval.core.errors import ImageDecodeError, InputError
+from retrieval.sources.captions import read_caption_file
+from retrieval.sources.items import CaptionFile
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
                 derandomize=True)

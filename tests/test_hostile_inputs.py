@@ -12,18 +12,17 @@ import os
 import re
 from pathlib import Path
 
+import hostile
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import require_shared_data
 from PIL import Image
 
 import retrieval
 from retrieval import CaptionOptions, EmbedOptions, EncoderChoice
-from retrieval.sources.collection import load_image
 from retrieval.core.errors import ImageDecodeError, InputError
-
-import hostile
-from conftest import require_shared_data
+from retrieval.sources.items import load_image
 
 QUIET = EmbedOptions(batch_size=4, workers=0, progress=False)
 
@@ -65,7 +64,7 @@ def _by_name(corpus) -> dict[str, int]:
 
 
 def _image_vectors(index) -> np.ndarray:
-    return index._store.read_vectors(index.manifest["files"]["vectors"]["clip/image"])
+    return index.store.read_vectors(index.manifest["files"]["vectors"]["clip/image"])
 
 
 def test_the_build_survives_and_is_self_consistent(corpus):
@@ -178,7 +177,7 @@ def test_a_100000_character_caption_is_truncated_by_the_tokenizers(corpus, tiny_
     assert hostile.LONG_CAPTION in texts and len(hostile.LONG_CAPTION) == 100_000
     encoder = index.text_encoder
     assert tuple(encoder._tokenizer([hostile.LONG_CAPTION]).shape) == (1, 77)
-    stored = index._store.read_vectors(index.manifest["files"]["vectors"]["clip/caption"])[texts.index(hostile.LONG_CAPTION)]
+    stored = index.store.read_vectors(index.manifest["files"]["vectors"]["clip/caption"])[texts.index(hostile.LONG_CAPTION)]
     prefix = encoder.encode_texts([hostile.LONG_CAPTION[:1000]])[0]  # same first 77 tokens
     np.testing.assert_allclose(stored, prefix, atol=2e-3)
     assert index.text_to_image(hostile.LONG_CAPTION, k=2)

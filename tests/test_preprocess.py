@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from retrieval.encoders import load_clip_encoder, load_image_encoder
-from retrieval.sources.images import load_image
 from retrieval.encoders.preprocess import (
     RESAMPLERS,
     FastImageTransform,
@@ -25,6 +24,7 @@ from retrieval.encoders.preprocess import (
     efficientnet_transform,
     open_clip_transform,
 )
+from retrieval.sources.images import load_image
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -6,14 +6,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from retrieval.core.errors import IndexFormatError, InputError
-from retrieval.asif.projection import (
-    LinearAlignment,
-    fuse_relative,
-    project_to_modality,
-    reciprocal_rank_fusion,
-)
+from retrieval.asif.fusion import fuse_relative, reciprocal_rank_fusion
+from retrieval.asif.linear import LinearAlignment
+from retrieval.asif.projection import project_to_modality
 from retrieval.asif.relative import AnchorSpace, AsifParams
+from retrieval.core.errors import IndexFormatError, InputError
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from retrieval.core.errors import IndexFormatError, InputError, RetrievalError
 from retrieval.asif.relative import (
     AnchorSpace,
     AsifParams,
@@ -17,6 +16,7 @@ from retrieval.asif.relative import (
     relative_representation,
     top_k_similarities,
 )
+from retrieval.core.errors import IndexFormatError, InputError, RetrievalError
 
 N_VEC, N_ANCH, DIM = 37, 53, 19
 

@@ -20,16 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import COCO, require_shared_data
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
-from retrieval.sources.collection import discover_images
 from retrieval.embed.pipeline import _batches, embed_images
-from retrieval.embed.resume import PROGRESS_SHARD_ENV, ProgressWriteError, WorkFolder, job_key
+from retrieval.embed.resume import (
+    PROGRESS_SHARD_ENV,
+    ProgressWriteError,
+    WorkFolder,
+    job_key,
+)
+from retrieval.sources.discovery import discover_images
 from retrieval.store.layout import MANIFEST_NAME, is_leftover_name
 from retrieval.store.writer import StoreWriter, remove_stale_files
-
-from conftest import COCO, require_shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 8
@@ -112,7 +116,7 @@ def _kill_after_shards(cmd: list[str], index: Path, tmp_path: Path, minimum: int
 
 def _state(index: Path) -> dict:
     opened = retrieval.open_index(index, device="cpu")
-    store, files = opened._store, opened.manifest["files"]["vectors"]
+    store, files = opened.store, opened.manifest["files"]["vectors"]
     return {
         "ids": list(opened.items("image")["id"]),
         "uris": list(opened.items("image")["uri"]),

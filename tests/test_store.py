@@ -10,10 +10,11 @@ import pytest
 
 from retrieval.core.atomic import atomic_open, write_json_atomic
 from retrieval.core.errors import IndexFormatError
+from retrieval.index.source import VectorSource
+from retrieval.index.vector_index import build_vector_index
 from retrieval.store.layout import MANIFEST_NAME, VECTOR_CHUNK_ROWS, directory_exists
 from retrieval.store.reader import StoreReader
 from retrieval.store.writer import StoreWriter
-from retrieval.index.vector_index import VectorSource, build_vector_index
 
 
 def test_atomic_open_leaves_target_untouched_when_the_write_fails(tmp_path):

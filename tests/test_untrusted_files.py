@@ -23,9 +23,9 @@ import retrieval
 from retrieval import EmbedOptions, EncoderChoice
 from retrieval.core.errors import IndexFormatError
 from retrieval.store.layout import MANIFEST_NAME
+from retrieval.store.manifest import manifest_digest
 from retrieval.store.reader import StoreReader
 from retrieval.store.writer import StoreWriter
-from retrieval.store.manifest import manifest_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -72,6 +72,8 @@ def _store_dir(root: Path) -> dict[str, str]:
 
 
 def _read_store(root: str, verify: bool) -> None:
+    from retrieval.asif.relative import SparseRelativeIndex
+
     reader = StoreReader(root, kind="index", verify=verify)
     files = reader.manifest["files"]
     vectors = reader.read_vectors(files["vectors"])
@@ -80,14 +82,14 @@ def _read_store(root: str, verify: bool) -> None:
     index = reader.read_faiss(files["faiss"])
     if index.ntotal:
         index.search(np.ascontiguousarray(vectors[:2], np.float32), 3)
-    relative = reader.read_sparse(files["relative"])
+    relative = reader.read_sparse(files["relative"], SparseRelativeIndex.load)
     relative.search(relative.rows[:2], 3)
     reader.read_errors()
 
 
 def _read_index(root: str, verify: bool) -> None:
     index = retrieval.open_index(root, device="cpu")
-    index._store.verify = verify
+    index.store.verify = verify
     for kind in ("image", "caption"):
         ids = index.items(kind)["id"]
         if ids:

@@ -8,17 +8,16 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import coco_pairs, require_shared_data
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
+from retrieval.api.update import add_to_index, remove_from_index
 from retrieval.cli.main import main
 from retrieval.core.config import IndexOptions
 from retrieval.core.errors import InputError
 from retrieval.index.spec import SearchKnobs
 from retrieval.store.writer import StoreWriter
-from retrieval.api.update import add_to_index, remove_from_index
-
-from conftest import coco_pairs, require_shared_data
 
 QUIET = EmbedOptions(batch_size=8, workers=0, progress=False)
 
@@ -48,7 +47,7 @@ def ivf_index(tmp_path_factory, tiny_clip_dir, small_collection, caption_files):
 
 
 def _exact_caption_ids(index, query_vectors, k, deleted=()):
-    store, files = index._store, index.manifest["files"]
+    store, files = index.store, index.manifest["files"]
     vectors = store.read_vectors(files["vectors"]["clip/caption"])
     scores = query_vectors @ vectors.T
     scores[:, list(deleted)] = -np.inf
@@ -78,9 +77,9 @@ def test_nprobe_per_query_reaches_exact_results(ivf_index, small_collection):
     import faiss
 
     index = retrieval.open_index(ivf_index, device="cpu")
-    lists = faiss.extract_index_ivf(index._vector_index("clip/caption")).invlists
+    lists = faiss.extract_index_ivf(index.vector_index("clip/caption")).invlists
     assert "OnDisk" in type(faiss.downcast_InvertedLists(lists)).__name__  # memory-mapped, not loaded
-    loaded = retrieval.open_index(ivf_index, device="cpu", mmap=False)._vector_index("clip/caption")
+    loaded = retrieval.open_index(ivf_index, device="cpu", mmap=False).vector_index("clip/caption")
     assert "Array" in type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded).invlists)).__name__
     nlist = index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
     photo = sorted((small_collection / "images").glob("*.jpg"))[0]
@@ -97,7 +96,7 @@ def test_ivfpq_index_reranks_in_faiss_from_the_stored_vectors(tmp_path, tiny_cli
                           encoders=clip(tiny_clip_dir), embed=QUIET, index_options=IndexOptions("ivfpq", target_recall=0.9))
     index = retrieval.open_index(path, device="cpu")
     assert index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["type"] == "ivfpq"
-    compressed, stored = index._vector_index("clip/caption"), index._vector_source("clip/caption")
+    compressed, stored = index.vector_index("clip/caption"), index.vector_source("clip/caption")
     assert stored.advise_random_access() == 1  # the engine already did: one memory-mapped file, re-ranked row by row
     native = stored.native_reranker(compressed)
     assert native is not None and not faiss.downcast_index(native.refine_index).codes.is_owned  # the stored file, viewed

@@ -10,19 +10,28 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval.core.version import __version__
-from retrieval.asif.anchors import AnchorSet, AnchorSpaces, build_anchor_set, resolve_anchor_set, save_anchor_set
-from retrieval.sources.collection import CaptionRecord, ImageRef, ItemError, discover_images, read_caption_file
-from retrieval.core.config import CaptionOptions, EncoderChoice, IndexOptions
-from retrieval.embed.pipeline import EmbeddedImages, EmbedOptions, embed_images
-from retrieval.core.errors import InputError
-from retrieval.store.provenance import encoder_record
+from retrieval.asif.anchors import (
+    AnchorSet,
+    AnchorSpaces,
+    build_anchor_set,
+    resolve_anchor_set,
+    save_anchor_set,
+)
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
+from retrieval.core.config import CaptionOptions, EncoderChoice, IndexOptions
+from retrieval.core.errors import InputError
+from retrieval.core.version import __version__
+from retrieval.embed.pipeline import EmbeddedImages, EmbedOptions, embed_images
 from retrieval.embed.resume import remove_work
-from retrieval.store.locking import writer_lock
-from retrieval.store.layout import MANIFEST_NAME, is_leftover_name
-from retrieval.store.writer import StoreWriter
+from retrieval.encoders.registry import load_encoders
 from retrieval.index.vector_sets import VectorSet, sample_queries, write_vector_sets
+from retrieval.sources.captions import read_caption_file
+from retrieval.sources.discovery import discover_images
+from retrieval.sources.items import CaptionRecord, ImageRef, ItemError
+from retrieval.store.layout import MANIFEST_NAME, is_leftover_name
+from retrieval.store.locking import writer_lock
+from retrieval.store.provenance import encoder_record
+from retrieval.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +67,6 @@ def gather_collection(
     return collection
 
 
-def load_encoders(choice: EncoderChoice) -> tuple[Any, Any]:
-    """(image encoder, text encoder); the same object for a contrastive model."""
-    from retrieval.encoders.registry import load_clip_encoder, load_image_encoder, load_text_encoder
-
-    if choice.clip:
-        model = load_clip_encoder(choice.clip, checkpoint=choice.checkpoint, device=choice.device)
-        return model, model
-    image = load_image_encoder(choice.image, checkpoint=choice.checkpoint, device=choice.device)
-    text = load_text_encoder(choice.text, device=choice.device)
-    return image, text
-
-
 def _prepare_target(index: Path) -> None:
     """Refuse to write into a folder that holds something other than an index."""
     if index.exists() and not index.is_dir():
@@ -80,7 +77,7 @@ def _prepare_target(index: Path) -> None:
             raise InputError(f"{index}: exists, is not empty and is not an index; choose another --index path")
 
 
-def _image_table(embedded: EmbeddedImages) -> "pa.Table":  # noqa: F821
+def image_table(embedded: EmbeddedImages) -> "pa.Table":  # noqa: F821
     import pyarrow as pa
 
     rows = embedded.rows
@@ -98,7 +95,7 @@ def _image_table(embedded: EmbeddedImages) -> "pa.Table":  # noqa: F821
     )
 
 
-def _caption_table(captions: Sequence[CaptionRecord]) -> "pa.Table":  # noqa: F821
+def caption_table(captions: Sequence[CaptionRecord]) -> "pa.Table":  # noqa: F821
     import pyarrow as pa
 
     return pa.table(
@@ -168,8 +165,8 @@ def build_index(
         image_space, text_space = ("clip", "clip") if encoders.is_contrastive else ("image", "text")
         files: dict[str, Any] = {
             "items": {
-                "image": writer.write_table("images", _image_table(embedded)),
-                "caption": writer.write_table("captions", _caption_table(collection.captions)),
+                "image": writer.write_table("images", image_table(embedded)),
+                "caption": writer.write_table("captions", caption_table(collection.captions)),
             },
             "vectors": {},
             "faiss": {},

@@ -9,17 +9,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from retrieval.asif.anchors import AnchorSet, AnchorSpaces
-from retrieval.sources.collection import load_image, normalize_image
+from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.errors import IndexFormatError, InputError
 from retrieval.core.hits import CaptionHit, ImageHit
-from retrieval.store.provenance import check_same_encoder
-from retrieval.asif.relative import AsifParams, SparseRelativeIndex
-from retrieval.store.reader import StoreReader
-from retrieval.index.spec import SearchKnobs
 from retrieval.index.placement import place_index
-from retrieval.index.vector_sets import knobs_of, spec_of
-from retrieval.index.vector_index import Exclusions, VectorSource, drop_excluded
+from retrieval.index.source import VectorSource
+from retrieval.index.spec import SearchKnobs
+from retrieval.index.vector_index import Exclusions, drop_excluded
 from retrieval.index.vector_index import search as vector_search
+from retrieval.index.vector_sets import knobs_of, spec_of
+from retrieval.sources.items import load_image, normalize_image
+from retrieval.store.provenance import check_same_encoder
+from retrieval.store.reader import StoreReader
 
 ImageQuery = Any  # a path (str or Path) or a PIL image
 
@@ -34,8 +35,8 @@ class Index:
         self._loaded: dict[str, Any] = {}
         self._sources: dict[str, VectorSource] = {}
         self._excluded: dict[str, Exclusions | None] = {}
-        self._store = StoreReader(self.path, kind="index")
-        self.manifest: dict[str, Any] = self._store.manifest
+        self.store = StoreReader(self.path, kind="index")
+        self.manifest: dict[str, Any] = self.store.manifest
         self._files: dict[str, Any] = self.manifest["files"]
 
     def __repr__(self) -> str:
@@ -129,18 +130,18 @@ class Index:
             return self._search_key(f"{self.manifest['spaces'][kind]}/{kind}", kind, queries, k, knobs)
         if route == "projected":  # items were projected into the query's encoder space at build time
             return self._search_key(f"projected/{kind}", kind, queries, k, knobs)
-        relative_queries = self._anchor_spaces.relative(queries, query_modality, self.asif_params)
+        relative_queries = self.anchor_spaces.relative(queries, query_modality, self.asif_params)
         return self._search_relative(kind, relative_queries, k)
 
     def _search_key(self, key: str, kind: str, queries: np.ndarray, k: int, knobs: SearchKnobs | None) -> tuple[np.ndarray, np.ndarray]:
         record = self._records.get(key)
         tuned = knobs_of(record).override(knobs or SearchKnobs())
-        rerank_with = self._vector_source(key) if spec_of(record).rerank else None
-        return vector_search(self._vector_index(key), queries, k, tuned, self._exclusions(kind), rerank_with)
+        rerank_with = self.vector_source(key) if spec_of(record).rerank else None
+        return vector_search(self.vector_index(key), queries, k, tuned, self._exclusions(kind), rerank_with)
 
     def _search_relative(self, kind: str, relative_queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         exclude = self._exclusions(kind)
-        index = self._relative(kind)
+        index = self.relative_index(kind)
         if exclude is None:
             return index.search(relative_queries, k)
         fetch = min(len(index), k + len(exclude))
@@ -155,9 +156,9 @@ class Index:
         target = "caption" if source_kind == "image" else "image"
         if self.mode == "clip":
             space = self.manifest["spaces"][source_kind]
-            queries = self._store.read_vectors(self._files["vectors"][f"{space}/{source_kind}"])
+            queries = self.store.read_vectors(self._files["vectors"][f"{space}/{source_kind}"])
             return self._search_key(f"{space}/{target}", target, queries, k, None)
-        return self._search_relative(target, self._relative(source_kind).rows, k)
+        return self._search_relative(target, self.relative_index(source_kind).rows, k)
 
     def items(self, kind: str) -> dict[str, list]:
         """The stored item columns of ``kind`` (``image`` or ``caption``), row-aligned with positions."""
@@ -171,7 +172,7 @@ class Index:
 
     @cached_property
     def _items(self) -> dict[str, dict[str, list]]:
-        return {kind: self._store.read_table(rel).to_pydict() for kind, rel in self._files["items"].items()}
+        return {kind: self.store.read_table(rel).to_pydict() for kind, rel in self._files["items"].items()}
 
     @property
     def _records(self) -> dict[str, Any]:
@@ -179,9 +180,9 @@ class Index:
 
     def _faiss(self, kind: str) -> Any:
         """The FAISS index of ``kind`` in its own encoder's space."""
-        return self._vector_index(f"{self.manifest['spaces'][kind]}/{kind}")
+        return self.vector_index(f"{self.manifest['spaces'][kind]}/{kind}")
 
-    def _vector_index(self, key: str) -> Any:
+    def vector_index(self, key: str) -> Any:
         """The FAISS index of ``key`` (e.g. ``clip/image``), loaded on first use and placed on the device.
 
         IVF indexes are memory-mapped (their lists stay on disk) unless ``mmap=False``.
@@ -191,14 +192,14 @@ class Index:
             if rel is None:
                 raise IndexFormatError(f"{self.path}: no vector index {key!r}; rebuild the index")
             spec = spec_of(self._records.get(key))
-            index = self._store.read_faiss(rel, mmap=self.mmap and spec.nlist is not None)
-            self._loaded[key] = place_index(index, spec, self.device, lambda: self._vector_source(key))
+            index = self.store.read_faiss(rel, mmap=self.mmap and spec.nlist is not None)
+            self._loaded[key] = place_index(index, spec, self.device, lambda: self.vector_source(key))
         return self._loaded[key]
 
-    def _vector_source(self, key: str) -> VectorSource:
+    def vector_source(self, key: str) -> VectorSource:
         """The stored float16 vectors of ``key``, memory-mapped (for re-ranking and the torch path)."""
         if key not in self._sources:
-            source = self._store.vector_source(self._files["vectors"][key])
+            source = self.store.vector_source(self._files["vectors"][key])
             if spec_of(self._records.get(key)).rerank:  # read a few rows per query: no readahead around them
                 source.advise_random_access()
             self._sources[key] = source
@@ -208,7 +209,7 @@ class Index:
         """The deleted positions of ``kind`` (None when nothing was deleted)."""
         if kind not in self._excluded:
             rel = (self._files.get("deleted") or {}).get(kind)
-            positions = self._store.read_array(rel) if rel else np.zeros(0, np.int64)
+            positions = self.store.read_array(rel) if rel else np.zeros(0, np.int64)
             self._excluded[kind] = Exclusions(positions, self.rows(kind)) if len(positions) else None
         return self._excluded[kind]
 
@@ -221,20 +222,20 @@ class Index:
         exclude = self._exclusions(kind)
         return exclude.positions if exclude is not None else np.zeros(0, np.int64)
 
-    def _relative(self, kind: str) -> SparseRelativeIndex:
+    def relative_index(self, kind: str) -> SparseRelativeIndex:
         return self._relative_indexes[kind]
 
     @cached_property
     def _relative_indexes(self) -> dict[str, SparseRelativeIndex]:
-        return {kind: SparseRelativeIndex.load(self._store.path(rel)) for kind, rel in self._files["relative"].items()}
+        return {kind: SparseRelativeIndex.load(self.store.path(rel)) for kind, rel in self._files["relative"].items()}
 
     @cached_property
-    def _anchor_spaces(self) -> AnchorSpaces:
+    def anchor_spaces(self) -> AnchorSpaces:
         stored = self._files.get("anchors")
         if not stored:
             raise IndexFormatError(f"{self.path}: an ASIF index without anchors; rebuild it")
         sets = [
-            AnchorSet(meta["name"], self._store.read_array(files["image"]), self._store.read_array(files["text"]), [],
+            AnchorSet(meta["name"], self.store.read_array(files["image"]), self.store.read_array(files["text"]), [],
                       meta["image_encoder"], meta["text_encoder"])
             for meta, files in zip(self.manifest["anchors"], stored)
         ]
@@ -247,8 +248,8 @@ class Index:
 
     @cached_property
     def _encoders(self) -> tuple[Any, Any]:
-        from retrieval.api.build import load_encoders
         from retrieval.core.config import EncoderChoice
+        from retrieval.encoders.registry import load_encoders
 
         records = self.manifest["encoders"]
         checkpoint = self.manifest.get("checkpoint")
@@ -290,7 +291,7 @@ class Index:
             "vector_indexes": _describe_vector_indexes(m),
             "spaces": m["spaces"],
             "build": m["build"],
-            "disk_bytes": self._store.disk_bytes(),
+            "disk_bytes": self.store.disk_bytes(),
         }
         summary["routes"] = self.routes
         if "anchors" in m:
@@ -300,7 +301,7 @@ class Index:
 
     def errors(self) -> list[dict[str, Any]]:
         """The items skipped at build time, with reasons (rows of ``errors.jsonl``)."""
-        return self._store.read_errors()
+        return self.store.read_errors()
 
 
 def _describe_vector_indexes(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -28,18 +28,32 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval.api.build import _caption_table, _image_table, gather_collection
-from retrieval.core.config import CaptionOptions, IndexOptions
-from retrieval.embed.pipeline import EmbedOptions, embed_images
+from retrieval.api.build import caption_table, gather_collection, image_table
 from retrieval.api.engine import Index, open_index
-from retrieval.core.errors import InputError
-from retrieval.store.locking import writer_lock
 from retrieval.asif.relative import SparseRelativeIndex
+from retrieval.core.config import CaptionOptions, IndexOptions
+from retrieval.core.errors import InputError
+from retrieval.embed.pipeline import EmbedOptions, embed_images
 from retrieval.embed.resume import remove_work
 from retrieval.index.recall import RECALL_QUERIES
-from retrieval.index.vector_sets import VectorSet, choose, mean_residual, measure, needs_retraining, query_key, spec_of
+from retrieval.index.source import RowSubset, VectorSource
+from retrieval.index.vector_index import (
+    Exclusions,
+    add_vectors,
+    build_vector_index,
+    empty_copy,
+)
+from retrieval.index.vector_sets import (
+    VectorSet,
+    choose,
+    mean_residual,
+    measure,
+    needs_retraining,
+    query_key,
+    spec_of,
+)
+from retrieval.store.locking import writer_lock
 from retrieval.store.writer import StoreWriter
-from retrieval.index.vector_index import Exclusions, RowSubset, VectorSource, add_vectors, build_vector_index, empty_copy
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +85,7 @@ class _Update:
 
     def __init__(self, index: Index) -> None:
         self.old = index
-        self.store = index._store
+        self.store = index.store
         self.manifest = {key: value for key, value in index.manifest.items()
                          if key not in ("format", "kind", "build_id", "checksums", "errors", "errors_file", "manifest_sha256")}
         self.files: dict[str, Any] = index.manifest["files"]
@@ -194,7 +208,7 @@ def _new_vectors(old: Index, image_vectors: np.ndarray, caption_vectors: np.ndar
     vectors = {f"{spaces['image']}/image": image_vectors, f"{spaces['caption']}/caption": caption_vectors}
     relative_rows: dict[str, Any] = {}
     if old.mode == "asif":
-        anchor_spaces = old._anchor_spaces
+        anchor_spaces = old.anchor_spaces
         relative_rows = {
             "image": anchor_spaces.relative(image_vectors, "image", old.asif_params),
             "caption": anchor_spaces.relative(caption_vectors, "text", old.asif_params),
@@ -207,7 +221,7 @@ def _new_vectors(old: Index, image_vectors: np.ndarray, caption_vectors: np.ndar
 def _append_items(update: _Update, old: Index, embedded: Any, captions: Sequence[Any], relative_rows: dict[str, Any]) -> None:
     import pyarrow as pa
 
-    tables = {"image": _image_table(embedded), "caption": _caption_table(captions)}
+    tables = {"image": image_table(embedded), "caption": caption_table(captions)}
     for kind, table in tables.items():
         previous = update.store.read_table(update.files["items"][kind])
         merged = pa.concat_tables([previous, table.cast(previous.schema)]) if previous.num_rows else table
@@ -217,7 +231,7 @@ def _append_items(update: _Update, old: Index, embedded: Any, captions: Sequence
 
         update.new_files["relative"] = {}
         for kind in KINDS:
-            rows = sp.vstack([old._relative(kind).rows, relative_rows[kind]]).tocsr()
+            rows = sp.vstack([old.relative_index(kind).rows, relative_rows[kind]]).tocsr()
             update.new_files["relative"][kind] = update.writer.write_sparse(kind, SparseRelativeIndex(rows))
 
 
@@ -347,7 +361,7 @@ def _compact(update: _Update, old: Index, kind: str) -> None:
     table = update.store.read_table(update.files["items"][kind]).take(live)
     update.new_files["items"][kind] = update.writer.write_table(f"{kind}s", table)
     if "relative" in update.files:
-        rows = old._relative(kind).rows[live]
+        rows = old.relative_index(kind).rows[live]
         update.new_files.setdefault("relative", {})[kind] = update.writer.write_sparse(kind, SparseRelativeIndex(rows))
     for key in update.manifest["vector_indexes"]:
         space, key_kind = key.split("/")

@@ -14,12 +14,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval.sources.collection import CaptionRecord, ImageRef, ItemError, labelled_folder_pairs, read_caption_file
-from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions
-from retrieval.embed.pipeline import EmbedOptions, embed_images
-from retrieval.core.errors import InputError
-from retrieval.store.provenance import check_same_encoder, encoder_record
 from retrieval.asif.relative import AnchorSpace, AsifParams
+from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions
+from retrieval.core.errors import InputError
+from retrieval.embed.pipeline import EmbedOptions, embed_images
+from retrieval.sources.captions import read_caption_file
+from retrieval.sources.discovery import labelled_folder_pairs
+from retrieval.sources.items import CaptionRecord, ImageRef, ItemError
+from retrieval.store.provenance import check_same_encoder, encoder_record
 from retrieval.store.reader import StoreReader
 from retrieval.store.writer import StoreWriter
 
@@ -84,7 +86,7 @@ class AnchorSpaces:
         self._spaces = [s.space() for s in self.sets]
 
     def relative(self, vectors: np.ndarray, modality: str, params: AsifParams) -> Any:
-        from retrieval.asif.projection import fuse_relative
+        from retrieval.asif.fusion import fuse_relative
 
         parts = [space.relative(vectors, modality, params) for space in self._spaces]
         return parts[0] if len(parts) == 1 else fuse_relative(parts, self.weights)

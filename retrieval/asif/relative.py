@@ -73,7 +73,7 @@ class AsifParams:
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_matrix(a: np.ndarray, name: str) -> np.ndarray:
+def as_matrix(a: np.ndarray, name: str) -> np.ndarray:
     """Validate a 2-D finite array and return it as C-contiguous float32."""
     arr = np.asarray(a)
     if arr.ndim != 2:
@@ -162,8 +162,8 @@ def top_k_similarities(
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise InputError(f"k must be an integer >= 1, got {k!r}")
     batch_size = _check_batch_size(batch_size)
-    v = _as_matrix(vectors, "vectors")
-    a = _as_matrix(anchors, "anchors")
+    v = as_matrix(vectors, "vectors")
+    a = as_matrix(anchors, "anchors")
     _check_dims(v, a)
     return _search_flat(_flat_ip_index(a), v, int(k), batch_size)
 
@@ -187,8 +187,8 @@ class AnchorSpace:
     """Anchor matrices of one anchor set, ready to turn vectors of either modality into relative rows."""
 
     def __init__(self, image_anchors: np.ndarray, text_anchors: np.ndarray) -> None:
-        img = _as_matrix(image_anchors, "image anchors")
-        txt = _as_matrix(text_anchors, "text anchors")
+        img = as_matrix(image_anchors, "image anchors")
+        txt = as_matrix(text_anchors, "text anchors")
         if img.shape[0] != txt.shape[0]:
             raise InputError(
                 f"anchor sets differ in size: {img.shape[0]} image anchors vs"
@@ -232,7 +232,7 @@ class AnchorSpace:
         """Relative rows (n, N) of ``vectors`` embedded by the ``modality`` encoder."""
         modality = self._check_modality(modality)
         batch_size = _check_batch_size(batch_size)
-        v = _as_matrix(vectors, f"{modality} vectors")
+        v = as_matrix(vectors, f"{modality} vectors")
         _check_dims(v, self._anchors[modality])
         scores, ids = _search_flat(self._index(modality), v, params.k, batch_size)
         return _relative_from_topk(scores, ids, self.n_anchors, params.p)
@@ -241,7 +241,7 @@ class AnchorSpace:
 # --------------------------------------------------------------------------- sparse index
 
 
-def _as_csr(rows: Any, name: str) -> sp.csr_matrix:
+def as_csr(rows: Any, name: str) -> sp.csr_matrix:
     """Validate a 2-D sparse matrix and return it as canonical float32 CSR."""
     if not sp.issparse(rows):
         raise InputError(f"{name} must be a scipy sparse matrix, got {type(rows).__name__}")
@@ -274,7 +274,7 @@ class SparseRelativeIndex:
     """Relative rows of a collection, stored CSR, searched through an inverted (CSC) layout."""
 
     def __init__(self, rows: sp.csr_matrix) -> None:
-        self._rows = _as_csr(rows, "relative rows")
+        self._rows = as_csr(rows, "relative rows")
         # Inverted lists: column j of the CSC form = the collection rows that use anchor j.
         self._inverted = self._rows.tocsc()
         self._inverted.sort_indices()
@@ -300,7 +300,7 @@ class SparseRelativeIndex:
         """
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise InputError(f"k must be an integer >= 1, got {k!r}")
-        q = _as_csr(queries, "queries")
+        q = as_csr(queries, "queries")
         if q.shape[1] != self.n_anchors:
             raise InputError(
                 f"queries have {q.shape[1]} anchor columns but the index has {self.n_anchors}"

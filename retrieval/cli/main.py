@@ -7,10 +7,7 @@ from typing import Any, Sequence
 
 import click
 
-from retrieval.core.version import __version__
 from retrieval.api.build import DEFAULT_INDEX
-from retrieval.cli.query import image_to_caption_command, text_to_image_command
-from retrieval.cli.update import add_command, remove_command
 from retrieval.cli.common import (
     IMAGE_ENCODER_HELP,
     TEXT_ENCODER_HELP,
@@ -24,6 +21,10 @@ from retrieval.cli.common import (
     run_api,
     setup_logging,
 )
+from retrieval.cli.query import image_to_caption_command, text_to_image_command
+from retrieval.cli.update import add_command, remove_command
+from retrieval.core.version import __version__
+
 
 def _weights(value: str | None) -> list[float] | None:
     if not value:
@@ -85,8 +86,8 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
                           cache_dir: str | None, caption_column: str, image_column: str, caption_template: str | None, encoding: str,
                           checkpoint: str | None, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool, as_json: bool) -> None:
     """Embed (image, caption) anchor pairs with two unimodal encoders, for ASIF cross-modal search."""
-    from retrieval.asif.anchors import DEFAULT_PARAMS
     from retrieval.api.build import build_anchors
+    from retrieval.asif.anchors import DEFAULT_PARAMS
     from retrieval.core.config import CaptionOptions
 
     setup_logging(quiet)

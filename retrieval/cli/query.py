@@ -63,7 +63,7 @@ def _chunks(items: Sequence[Any], size: int = QUERY_BATCH) -> Any:
 def text_to_image_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
                           route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
     """Find the images that best match QUERY (or each query of --queries-file)."""
-    from retrieval.sources.collection import read_caption_file
+    from retrieval.sources.captions import read_caption_file
 
     if (query is None) == (queries_file is None):
         raise click.UsageError("give a QUERY or --queries-file FILE (one of them)")
@@ -107,8 +107,9 @@ def image_to_caption_command(images: Sequence[str], queries_file: str | None, in
                              route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
     """Find the captions that best describe IMAGE. Several images, folders or globs (or --queries-file) are
     answered in one pass; unreadable ones are reported and skipped."""
-    from retrieval.sources.collection import discover_images, load_image
     from retrieval.core.errors import ImageDecodeError
+    from retrieval.sources.discovery import discover_images
+    from retrieval.sources.items import load_image
 
     paths = list(images) + (_image_list(queries_file) if queries_file else [])
     if not paths:

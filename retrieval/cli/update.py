@@ -6,7 +6,18 @@ from typing import Any, Sequence
 
 import click
 
-from retrieval.cli.common import batch_size_flag, caption_options, compile_flag, echo_json, embed_settings, index_option, replicas_flag, run_api, setup_logging, workers_flag
+from retrieval.cli.common import (
+    batch_size_flag,
+    caption_options,
+    compile_flag,
+    echo_json,
+    embed_settings,
+    index_option,
+    replicas_flag,
+    run_api,
+    setup_logging,
+    workers_flag,
+)
 
 
 def _report(report: Any, as_json: bool, index_path: str) -> None:
@@ -54,8 +65,8 @@ def add_command(images: Sequence[str], captions: Sequence[str], index_path: str,
     new data drifted from the training data or the collection grew past 4x; recall is measured again.
     Readers keep seeing the previous state until the update is committed.
     """
-    from retrieval.core.config import CaptionOptions
     from retrieval.api.update import add_to_index
+    from retrieval.core.config import CaptionOptions
 
     setup_logging(quiet)
     report = run_api(lambda: add_to_index(

@@ -17,9 +17,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from retrieval.core.atomic import atomic_path
-from retrieval.sources.collection import ImageRef, ItemError
-from retrieval.embed.pipeline import EmbeddedImages, EmbedOptions, ImageRow, embed_images
-from retrieval.store.writer import new_build_id, sha256_file
+from retrieval.core.digests import new_build_id, sha256_file
+from retrieval.embed.pipeline import (
+    EmbeddedImages,
+    EmbedOptions,
+    ImageRow,
+    embed_images,
+)
+from retrieval.sources.items import ImageRef, ItemError
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from retrieval.sources.collection import ImageRef, ItemError, load_image
 from retrieval.core.errors import ImageDecodeError, InputError
 from retrieval.embed.workers import fork_context, resolve_workers, use_replicas
+from retrieval.sources.items import ImageRef, ItemError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,10 @@ class EmbedOptions:
 
     def resolved_progress_shard_size(self) -> int:
         """Images per progress shard: the option, else the environment variable, else the default."""
-        from retrieval.embed.resume import DEFAULT_PROGRESS_SHARD_SIZE, PROGRESS_SHARD_ENV
+        from retrieval.embed.resume import (
+            DEFAULT_PROGRESS_SHARD_SIZE,
+            PROGRESS_SHARD_ENV,
+        )
 
         if self.progress_shard_size is not None:
             return self.progress_shard_size

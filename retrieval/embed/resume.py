@@ -118,7 +118,7 @@ def job_key(paths: Sequence[Path | str], encoder: Any, batch_size: int, transfor
     import torch
 
     from retrieval.core.version import __version__
-    from retrieval.sources.collection import load_image
+    from retrieval.sources.items import load_image
 
     digest = hashlib.sha256()
     head = {

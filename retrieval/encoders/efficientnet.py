@@ -16,6 +16,7 @@ import numpy as np
 
 from retrieval.core.errors import EncoderError
 from retrieval.encoders.preprocess import efficientnet_transform
+
 from .base import (
     ImageEncoder,
     check_pixels,

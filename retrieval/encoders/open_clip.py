@@ -25,6 +25,7 @@ import numpy as np
 
 from retrieval.core.errors import EncoderError
 from retrieval.encoders.preprocess import FastImageTransform, open_clip_transform
+
 from ._hub import cached_hub_file, hub_unreachable_reason
 from .base import (
     ImageEncoder,

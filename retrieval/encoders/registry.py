@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from retrieval.core.config import EncoderChoice
 from retrieval.core.errors import EncoderError
+
 from .base import ImageEncoder, TextEncoder
 
 if TYPE_CHECKING:
@@ -307,3 +309,13 @@ def _default_clip_cached() -> bool:
         )
     except (ImportError, ValueError, OSError):
         return False
+
+
+def load_encoders(choice: EncoderChoice) -> tuple[ImageEncoder, TextEncoder]:
+    """(image encoder, text encoder); the same object for a contrastive model."""
+    if choice.clip:
+        model = load_clip_encoder(choice.clip, checkpoint=choice.checkpoint, device=choice.device)
+        return model, model
+    image = load_image_encoder(choice.image, checkpoint=choice.checkpoint, device=choice.device)
+    text = load_text_encoder(choice.text, device=choice.device)
+    return image, text

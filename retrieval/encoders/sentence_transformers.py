@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.core.errors import EncoderError
+
 from ._hub import hub_unreachable_reason
 from .base import (
     TextEncoder,

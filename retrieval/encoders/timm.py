@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.core.errors import EncoderError
+
 from ._hub import cached_hub_file, hub_unreachable_reason
 from .base import (
     ImageEncoder,

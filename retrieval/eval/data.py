@@ -10,13 +10,21 @@ from typing import Any, Sequence
 import numpy as np
 
 from retrieval.asif.anchors import AnchorSet, resolve_anchor_set
-from retrieval.sources.collection import ImageRef, labelled_folder_images, read_caption_file
-from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions, EncoderChoice
-from retrieval.embed.pipeline import EmbedOptions
-from retrieval.embed.cache import DEFAULT_CACHE, EmbeddingCache
-from retrieval.core.errors import InputError
-from retrieval.eval.evaluate import LabelledData, PairedData, RouteConfig, SweepResult, sweep
 from retrieval.asif.relative import AsifParams
+from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions, EncoderChoice
+from retrieval.core.errors import InputError
+from retrieval.embed.cache import DEFAULT_CACHE, EmbeddingCache
+from retrieval.embed.pipeline import EmbedOptions
+from retrieval.eval.evaluate import (
+    LabelledData,
+    PairedData,
+    RouteConfig,
+    SweepResult,
+    sweep,
+)
+from retrieval.sources.captions import read_caption_file
+from retrieval.sources.discovery import labelled_folder_images
+from retrieval.sources.items import ImageRef
 
 
 def evenly_spaced(n: int, limit: int | None) -> np.ndarray:
@@ -35,7 +43,7 @@ class Encoders:
 
 
 def open_encoders(choice: EncoderChoice, cache_dir: str | Path | None) -> Encoders:
-    from retrieval.api.build import load_encoders
+    from retrieval.encoders.registry import load_encoders
 
     image, text = load_encoders(choice)
     root = Path(cache_dir) if cache_dir else DEFAULT_CACHE
@@ -126,8 +134,8 @@ def route_configs(
 def _projected(index: Any, kind: str) -> np.ndarray:
     """The items of ``kind`` projected into the other encoder's space, as stored at build time."""
     if f"projected/{kind}" in index.manifest["files"]["vectors"]:
-        return index._vector_source(f"projected/{kind}").all()
-    faiss_index = index._vector_index(f"projected/{kind}")  # built before projected vectors were stored: flat
+        return index.vector_source(f"projected/{kind}").all()
+    faiss_index = index.vector_index(f"projected/{kind}")  # built before projected vectors were stored: flat
     return faiss_index.reconstruct_n(0, faiss_index.ntotal)
 
 
@@ -146,7 +154,7 @@ def evaluate_index(path: str | Path) -> dict[str, Any]:
     if not keep:
         raise InputError(f"{path}: no caption names an indexed image; evaluation needs captions from a pairs file")
     owner = np.array([position[captions["image_id"][row]] for row in keep], np.int64)
-    store, files, spaces = index._store, index.manifest["files"], index.manifest["spaces"]
+    store, files, spaces = index.store, index.manifest["files"], index.manifest["spaces"]
     image_vectors = store.read_vectors(files["vectors"][f"{spaces['image']}/image"])
     caption_vectors = store.read_vectors(files["vectors"][f"{spaces['caption']}/caption"])[keep]
     rows = []
@@ -154,7 +162,7 @@ def evaluate_index(path: str | Path) -> dict[str, Any]:
         if route == "clip":
             scorer = Scorer(image_vectors, caption_vectors, image_vectors, caption_vectors)
         elif route == "asif":
-            image_rel, caption_rel = index._relative("image").rows, index._relative("caption").rows[keep]
+            image_rel, caption_rel = index.relative_index("image").rows, index.relative_index("caption").rows[keep]
             scorer = Scorer(image_rel, caption_rel, image_rel, caption_rel)
         else:
             projected_images = _projected(index, "image")

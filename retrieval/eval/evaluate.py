@@ -22,9 +22,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from retrieval.asif.anchors import AnchorSet, AnchorSpaces
-from retrieval.core.errors import InputError
-from retrieval.asif.projection import LinearAlignment
+from retrieval.asif.linear import LinearAlignment
 from retrieval.asif.relative import AsifParams
+from retrieval.core.errors import InputError
 
 ROUTES = ("clip", "asif", "projected", "linear")
 Matrix = Any  # np.ndarray or scipy sparse matrix

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from retrieval.index.source import VectorSource
 from retrieval.index.spec import IndexSpec
 from retrieval.index.torch_search import TorchFlatIndex, torch_cuda_available
-from retrieval.index.vector_index import VectorSource, gpu_count, to_available_gpus
+from retrieval.index.vector_index import gpu_count, to_available_gpus
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from retrieval.index.source import VectorSource
 from retrieval.index.spec import IndexSpec, SearchKnobs
-from retrieval.index.vector_index import Exclusions, VectorSource, search
+from retrieval.index.vector_index import Exclusions, search
 
 RECALL_QUERIES = 500
 CONFIDENCE_Z = 1.645  # a knob is kept when the one-sided 95% lower bound of its recall@10 reaches the target

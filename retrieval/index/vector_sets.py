@@ -14,9 +14,22 @@ from typing import Any, Sequence
 import numpy as np
 
 from retrieval.core.config import IndexOptions
-from retrieval.index.spec import IVF_MIN_POINTS_PER_LIST, IndexChoice, IndexSpec, SearchKnobs, choose_index, estimate_bytes, spec_for
 from retrieval.index.recall import RECALL_QUERIES, RecallReport, measure_and_tune
-from retrieval.index.vector_index import Exclusions, VectorSource, as_source, build_vector_index, without_refinement
+from retrieval.index.source import VectorSource, as_source
+from retrieval.index.spec import (
+    IVF_MIN_POINTS_PER_LIST,
+    IndexChoice,
+    IndexSpec,
+    SearchKnobs,
+    choose_index,
+    estimate_bytes,
+    spec_for,
+)
+from retrieval.index.vector_index import (
+    Exclusions,
+    build_vector_index,
+    without_refinement,
+)
 
 log = logging.getLogger(__name__)
 

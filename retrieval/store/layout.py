@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from retrieval.embed.resume import WORK_NAME  # progress shards of a build in progress; never in a manifest
 import os
 import re
 from pathlib import Path
 
+from retrieval.embed.resume import (
+    WORK_NAME,  # progress shards of a build in progress; never in a manifest
+)
 
 FORMAT_VERSION = 1
 

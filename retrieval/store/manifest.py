@@ -7,9 +7,14 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
-from retrieval.core.errors import IndexFormatError
-from retrieval.store.layout import FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, SAFE_PART_PATTERN
 
+from retrieval.core.errors import IndexFormatError
+from retrieval.store.layout import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    SAFE_PART_PATTERN,
+)
 
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 

@@ -10,13 +10,21 @@ import stat
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
+
 import numpy as np
+
 from retrieval.core.errors import IndexFormatError
-from retrieval.store.layout import ERRORS_NAME, MANIFEST_NAME, READ_CHUNK, NUMPY_SUFFIXES, OPEN_PATIENCE_S
+from retrieval.store.layout import (
+    ERRORS_NAME,
+    MANIFEST_NAME,
+    NUMPY_SUFFIXES,
+    OPEN_PATIENCE_S,
+    READ_CHUNK,
+)
 from retrieval.store.manifest import current_build_id, read_manifest
 
-
+T = TypeVar("T")
 
 
 class _Unpinned(Exception):
@@ -185,7 +193,7 @@ class StoreReader:
 
     def vector_source(self, shards: list[str]) -> "VectorSource":  # noqa: F821
         """The float16 shards as one memory-mapped :class:`~retrieval.index.vector_index.VectorSource` (nothing loaded)."""
-        from retrieval.index.vector_index import VectorSource
+        from retrieval.index.source import VectorSource
 
         parts = [self.read_array(rel, mmap=True) for rel in shards]
         for rel, part in zip(shards, parts):
@@ -238,11 +246,12 @@ class StoreReader:
         except RuntimeError as e:
             raise IndexFormatError(f"{where}: cannot read FAISS index ({str(e).splitlines()[0]})") from e
 
-    def read_sparse(self, rel: str) -> Any:
-        """Load a sparse relative index (``SparseRelativeIndex``) from the pinned file."""
-        from retrieval.asif.relative import SparseRelativeIndex
+    def read_sparse(self, rel: str, load: Callable[[Path], T]) -> T:
+        """Load a sparse file (e.g. ``SparseRelativeIndex.load``) from the pinned, verified path.
 
-        return SparseRelativeIndex.load(self.path(rel))
+        The loader comes from the caller: the store knows files, not what the ASIF stage keeps in them.
+        """
+        return load(self.path(rel))
 
     def read_errors(self) -> list[dict[str, Any]]:
         """The rows of the errors file of this snapshot (empty when there is none)."""

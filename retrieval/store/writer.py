@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
 import numpy as np
+
 from retrieval.core.atomic import atomic_open, atomic_path, write_json_atomic
-from retrieval.core.errors import IndexFormatError
 from retrieval.core.digests import new_build_id, sha256_file
-from retrieval.store.layout import ERRORS_NAME, FORMAT_VERSION, MANIFEST_NAME, VECTOR_CHUNK_ROWS, BUILD_ID_PATTERN, DATA_DIRS, ROOT_TEMP_PATTERN
+from retrieval.core.errors import IndexFormatError
+from retrieval.store.layout import (
+    BUILD_ID_PATTERN,
+    DATA_DIRS,
+    ERRORS_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ROOT_TEMP_PATTERN,
+    VECTOR_CHUNK_ROWS,
+)
 from retrieval.store.manifest import manifest_digest
 
 
@@ -52,7 +62,7 @@ class StoreWriter:
         One contiguous file per build (``add`` appends further shards): FAISS can then
         re-rank from it in place (see ``faiss_views``), and a memory-mapped read is one map.
         """
-        from retrieval.index.vector_index import as_source
+        from retrieval.index.source import as_source
 
         source = as_source(vectors)  # checks for one 2-D matrix (or parts of one dimension)
         rows, dim = len(source), source.dim

@@ -1,255 +1,29 @@
-"""Readers that turn user sources (folders, globs, caption files) into items.
-
-Image decoding lives in :mod:`retrieval.sources.images` and is re-exported here.
-"""
+"""Caption-file readers (txt, csv, tsv, jsonl, parquet): rows to caption records, with the rows that could not be read reported."""
 
 from __future__ import annotations
 
 import codecs
 import csv
-import glob
-import hashlib
 import io
 import json
 import logging
-import os
 import string
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-
 
 from retrieval.core.errors import InputError
 from retrieval.sources.images import LoadedImage, load_image, normalize_image  # noqa: F401  (re-exported)
+from retrieval.sources.items import (
+    CAPTION_EXTENSIONS,
+    CaptionFile,
+    CaptionRecord,
+    ItemError,
+)
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-)
-CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
-_GLOB_CHARS = frozenset("*?[")
 
-
-# --------------------------------------------------------------------------- ids
-
-
-def stable_id(prefix: str, *parts: object) -> str:
-    """Return ``prefix-<16 hex>`` where the hex is sha1 over the parts joined by NUL."""
-    joined = "\0".join(str(part) for part in parts)
-    return f"{prefix}-{hashlib.sha1(joined.encode('utf-8')).hexdigest()[:16]}"
-
-
-# --------------------------------------------------------------------------- items
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """An image file found through a user argument."""
-
-    path: Path
-    source: str
-    label: str | None = None
-
-    @property
-    def id(self) -> str:
-        """Stable id derived from the resolved path."""
-        return stable_id("img", str(self.path))
-
-
-@dataclass(frozen=True)
-class CaptionRecord:
-    """One caption (optionally paired with an image) read from a source."""
-
-    text: str
-    source: str
-    row: int
-    image: Path | None = None
-    label: str | None = None
-
-    @property
-    def id(self) -> str:
-        """Stable id derived from source, row and text."""
-        return stable_id("cap", self.source, self.row, self.text)
-
-    @property
-    def image_id(self) -> str | None:
-        """Id of the paired image (equal to ``ImageRef.id`` for that path)."""
-        return None if self.image is None else stable_id("img", str(self.image))
-
-
-@dataclass(frozen=True)
-class ItemError:
-    """An item that was skipped, with the reason."""
-
-    path: str
-    reason: str
-    kind: str = "image"
-    row: int | None = None
-
-    def to_json(self) -> dict[str, object]:
-        """Return a JSON-serialisable dict."""
-        return {"path": self.path, "reason": self.reason, "kind": self.kind, "row": self.row}
-
-
-@dataclass
-class CaptionFile:
-    """The records read from one caption file and the rows that were skipped."""
-
-    path: Path
-    records: list[CaptionRecord]
-    errors: list[ItemError]
-
-    @property
-    def is_pairs(self) -> bool:
-        """True when the records carry image paths."""
-        return any(record.image is not None for record in self.records)
-
-
-# --------------------------------------------------------------------------- finding images
-
-
-def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _has_glob(text: str) -> bool:
-    return any(ch in _GLOB_CHARS for ch in text)
-
-
-def _walk_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, hidden entries skipped, links to dirs not followed)."""
-
-    def on_error(err: OSError) -> None:
-        logger.warning("cannot list %s: %s", err.filename, err.strerror)
-
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=on_error, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and _is_image_name(name):
-                found.append(Path(dirpath, name))
-    return sorted(found, key=lambda p: p.parts)
-
-
-def _expand_glob(pattern: str) -> list[Path]:
-    """Image files matched by a glob; matched folders are searched recursively."""
-    found: list[Path] = []
-    for match in sorted(glob.glob(pattern, recursive=True)):
-        path = Path(match)
-        if path.is_dir():
-            found.extend(_walk_images(path))
-        elif _is_image_name(match) and path.is_file():
-            found.append(path)
-    return found
-
-
-def _images_for_arg(arg: str | Path) -> list[Path]:
-    """Image paths for one user argument (file, folder or glob)."""
-    text = str(arg)
-    path = Path(arg).expanduser()
-    if path.is_dir():
-        images = _walk_images(path)
-        if not images:
-            raise InputError(f"{text}: folder contains no images ({_ext_list()})")
-        return images
-    if path.exists():
-        if not _is_image_name(path.name):
-            raise InputError(f"{text}: not an image file extension ({_ext_list()})")
-        return [path]
-    if _has_glob(text):
-        images = _expand_glob(os.path.expanduser(text))
-        if not images:
-            raise InputError(f"{text}: pattern matches no images ({_ext_list()})")
-        return sorted(images, key=lambda p: p.parts)
-    raise InputError(f"{text}: no such file or directory")
-
-
-def _ext_list() -> str:
-    return "expected " + ", ".join(sorted(IMAGE_EXTENSIONS))
-
-
-def _dedupe(refs: Iterable[ImageRef]) -> list[ImageRef]:
-    """Keep the first ref for each resolved path."""
-    seen: set[Path] = set()
-    out: list[ImageRef] = []
-    for ref in refs:
-        if ref.path not in seen:
-            seen.add(ref.path)
-            out.append(ref)
-    return out
-
-
-def _resolve_existing(paths: Iterable[Path], skipped: list[ItemError] | None = None) -> Iterator[Path]:
-    """Resolve paths, dropping broken links and other non-files (recorded in ``skipped`` when given)."""
-    for path in paths:
-        try:
-            resolved = path.resolve()
-            is_file = resolved.is_file()
-        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
-            reason = f"cannot resolve the path ({exc})"
-        else:
-            if is_file:
-                yield resolved
-                continue
-            reason = "not a regular file (broken or looping link?)"
-        logger.warning("skipping %s: %s", path, reason)
-        if skipped is not None:
-            skipped.append(ItemError(path=str(path), reason=reason, kind="image"))
-
-
-def discover_images(paths: Sequence[str | Path]) -> tuple[list[ImageRef], list[ItemError]]:
-    """Like :func:`find_images`, also returning the entries skipped during discovery (broken or looping links)."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    refs: list[ImageRef] = []
-    skipped: list[ItemError] = []
-    for arg in paths:
-        found = list(_resolve_existing(_images_for_arg(arg), skipped))
-        refs.extend(ImageRef(path=p, source=str(arg)) for p in found)
-    return _dedupe(refs), skipped
-
-
-def find_images(paths: Sequence[str | Path]) -> list[ImageRef]:
-    """Image files from files, folders (recursive) and glob patterns, de-duplicated."""
-    return discover_images(paths)[0]
-
-
-def _label_dirs(root: Path) -> list[Path]:
-    """Non-hidden first-level sub-folders of ``root``, sorted by name."""
-    if not root.exists():
-        raise InputError(f"{root}: no such directory")
-    if not root.is_dir():
-        raise InputError(f"{root}: not a directory (expected ROOT/<label>/<images>)")
-    return sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        key=lambda p: p.name,
-    )
-
-
-def labelled_folder_images(root: str | Path) -> list[ImageRef]:
-    """Images under ``root/<label>/**`` with ``label`` set to the first-level folder name."""
-    root_path = Path(root).expanduser()
-    refs: list[ImageRef] = []
-    for label_dir in _label_dirs(root_path):
-        try:
-            _check_unicode(label_dir.name, "label folder name")
-        except ValueError as exc:
-            logger.warning("skipping %s: %s; rename the folder", label_dir, exc)
-            continue
-        found = _resolve_existing(_walk_images(label_dir))
-        refs.extend(ImageRef(path=p, source=str(root), label=label_dir.name) for p in found)
-    if not refs:
-        raise InputError(
-            f"{root}: no label sub-folders with images (expected ROOT/<label>/<image>, {_ext_list()})"
-        )
-    return _dedupe(refs)
-
-
-# --------------------------------------------------------------------------- templates
-
-
-def _template_fields(template: str) -> list[str]:
+def template_fields(template: str) -> list[str]:
     """Top-level field names a ``str.format`` template uses ("" for positional fields)."""
     try:
         parsed = list(string.Formatter().parse(template))
@@ -267,32 +41,13 @@ def _template_fields(template: str) -> list[str]:
     return fields
 
 
-def _render(template: str, values: Mapping[str, str], where: str) -> str:
+def render_template(template: str, values: Mapping[str, str], where: str) -> str:
     """Format ``template`` with ``values``; a bad format spec is an InputError."""
     try:
         return template.format_map(values)
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise InputError(f"{where}: cannot apply template {template!r}: {exc}") from None
 
-
-def labelled_folder_pairs(
-    root: str | Path, template: str = "a photo of a {label}"
-) -> list[CaptionRecord]:
-    """One caption per image of a labelled folder, built from its label."""
-    bad = [f for f in _template_fields(template) if f != "label"]
-    if bad:
-        shown = ", ".join("{" + f + "}" for f in bad)
-        raise InputError(f"template {template!r} uses {shown}; only {{label}} is available")
-    source = str(Path(root).expanduser().absolute())
-    records = []
-    for row, ref in enumerate(labelled_folder_images(root), start=1):
-        assert ref.label is not None
-        text = _render(template, {"label": ref.label.replace("_", " ")}, source).strip()
-        records.append(CaptionRecord(text=text, source=source, row=row, image=ref.path, label=ref.label))
-    return records
-
-
-# --------------------------------------------------------------------------- caption files
 
 # A reader yields (columns, rows, errors); rows are (row number, {column: value}).
 _Rows = list[tuple[int, dict[str, object]]]
@@ -398,7 +153,7 @@ def _check_columns(path: Path, columns: list[str], caption_column: str, template
     """Raise InputError when the caption column / template fields are missing."""
     available = ", ".join(columns) if columns else "(none)"
     if template is not None:
-        for field in _template_fields(template):
+        for field in template_fields(template):
             if field not in columns:
                 shown = "{" + field + "}" if field else "a positional {}"
                 raise InputError(
@@ -419,18 +174,18 @@ def _row_text(row: Mapping[str, object], caption_column: str, template: str | No
             raise ValueError(f"caption is not text ({type(row.get(caption_column)).__name__})")
     else:
         values = {k: ("" if v is None else str(v)) for k, v in row.items()}
-        missing = [f for f in _template_fields(template) if f not in values]
+        missing = [f for f in template_fields(template) if f not in values]
         if missing:
             raise ValueError(f"missing field {missing[0]!r}")
-        text = _render(template, values, where)
+        text = render_template(template, values, where)
     text = text.strip()
     if not text:
         raise ValueError("empty caption")
-    _check_unicode(text, "caption")
+    check_unicode(text, "caption")
     return text
 
 
-def _check_unicode(text: str, what: str) -> None:
+def check_unicode(text: str, what: str) -> None:
     """Raise ValueError for text that cannot be stored as UTF-8 (a lone surrogate, e.g. from a JSON escape)."""
     try:
         text.encode("utf-8")
@@ -445,7 +200,7 @@ def _row_image(row: Mapping[str, object], image_column: str, base: Path) -> Path
     value = _as_text(row.get(image_column))
     if value is None or not value.strip():
         raise ValueError("empty image path")
-    _check_unicode(value, "image path")
+    check_unicode(value, "image path")
     image = Path(value.strip()).expanduser()
     return (image if image.is_absolute() else base / image).resolve()
 
@@ -489,7 +244,7 @@ def read_caption_file(
     """Read captions (and optional image paths) from a .txt/.csv/.tsv/.jsonl/.parquet file."""
     file = Path(path).expanduser().absolute()
     try:
-        _check_unicode(str(file), "file name")
+        check_unicode(str(file), "file name")
     except ValueError as exc:
         raise InputError(f"{path}: {exc}; rename the file") from None
     suffix = file.suffix.lower()
@@ -520,8 +275,7 @@ def read_caption_file(
         _check_columns(file, columns, caption_column, template)
     image_col = image_column if image_column in columns else None
     if suffix == ".parquet":
-        wanted = _template_fields(template) if template is not None else [caption_column]
+        wanted = template_fields(template) if template is not None else [caption_column]
         wanted = list(dict.fromkeys(wanted + ([image_col] if image_col else [])))
         rows = _read_parquet(file, wanted)
     return _build_records(file, rows, errors, caption_column, image_col, template)
-
