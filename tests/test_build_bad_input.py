@@ -66,6 +66,24 @@ def test_odd_images_are_indexed_and_broken_ones_reported(tmp_path, odd_folder, t
     assert sizes["rotated.jpg"] == sizes["plain.jpg"]
 
 
+def test_a_caption_row_in_another_encoding_is_skipped_not_fatal(tmp_path, odd_folder, tiny_clip_dir):
+    """A UTF-8 CSV (BOM, CRLF) with one Latin-1 row builds; the row is in errors.jsonl with line and byte."""
+    captions = tmp_path / "captions.csv"
+    good = "caption\r\na person at a table\r\na plate of food\r\n".encode("utf-8")
+    captions.write_bytes(b"\xef\xbb\xbf" + good + "un caf\xe9 noir\r\n".encode("latin-1") + "a cup of tea\r\n".encode())
+    index = retrieval.build_index(
+        images=[odd_folder / "plain.jpg"], captions=[captions], index=tmp_path / "i",
+        encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"), embed=QUIET,
+    )
+    assert index.items("caption")["caption"] == ["a person at a table", "a plate of food", "a cup of tea"]
+    [error] = [row for row in index.errors() if row["kind"] == "caption"]
+    offset = captions.read_bytes().index(b"\xe9")
+    assert (error["row"], error["line"], error["byte"]) == (3, 4, offset)
+    assert f"cannot decode as utf-8 at byte {offset}" in error["reason"]
+    on_disk = [json.loads(line) for line in (tmp_path / "i" / "errors.jsonl").read_text().splitlines()]
+    assert error in on_disk
+
+
 def test_empty_folder_and_missing_path_are_one_line_errors(tmp_path, tiny_clip_dir):
     (tmp_path / "empty").mkdir()
     choice = EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir))

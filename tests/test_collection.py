@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -785,3 +786,68 @@ def test_mutated_files_only_raise_image_decode_error(tmp_path: Path, fmt: str) -
             assert exc.reason
         else:
             assert loaded.image.mode == "RGB"
+
+
+# --------------------------------------------------------------------------- undecodable rows
+
+
+def _bom_crlf_csv(tmp_path: Path, bad_at: int, rows: int = 4) -> tuple[Path, int]:
+    """A UTF-8 CSV (BOM, CRLF) whose data row number ``bad_at`` is Latin-1; returns the bad byte's offset."""
+    data = codecs.BOM_UTF8 + b"caption\r\n"
+    offset = -1
+    for number in range(1, rows + 1):
+        if number == bad_at:
+            offset = len(data) + len("caf")
+            data += "café au lait\r\n".encode("latin-1")
+        else:
+            data += f"row {number} ünïcode\r\n".encode("utf-8")
+    path = tmp_path / "captions.csv"
+    path.write_bytes(data)
+    return path, offset
+
+
+def test_one_undecodable_csv_row_is_skipped_and_reported(tmp_path: Path) -> None:
+    path, offset = _bom_crlf_csv(tmp_path, bad_at=3)
+    cf = read_caption_file(path)
+    assert [(r.row, r.text) for r in cf.records] == [(1, "row 1 ünïcode"), (2, "row 2 ünïcode"), (4, "row 4 ünïcode")]
+    [error] = cf.errors
+    assert (error.row, error.line, error.byte, error.kind) == (3, 4, offset, "caption")
+    assert f"cannot decode as utf-8 at byte {offset}" in error.reason
+    assert error.to_json()["byte"] == offset and error.to_json()["line"] == 4
+
+
+def test_undecodable_txt_and_jsonl_lines_are_skipped(tmp_path: Path) -> None:
+    lines = [f"caption {i}".encode() for i in range(300)]
+    lines[150] = "caf\xe9".encode("latin-1")
+    txt = tmp_path / "c.txt"
+    txt.write_bytes(b"\n".join(lines) + b"\n")
+    cf = read_caption_file(txt)
+    assert len(cf.records) == 299 and [(e.row, e.line, e.byte) for e in cf.errors] == [(151, 151, txt.read_bytes().index(b"\xe9"))]
+    rows = [json.dumps({"caption": f"c {i}"}).encode() for i in range(300)]
+    rows[7] = b'{"caption": "caf\xe9"}'
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_bytes(b"\n".join(rows))
+    cf = read_caption_file(jsonl)
+    assert len(cf.records) == 299 and [(e.row, e.byte) for e in cf.errors] == [(8, jsonl.read_bytes().index(b"\xe9"))]
+
+
+def test_file_evidently_in_another_encoding_is_refused(tmp_path: Path) -> None:
+    path, offset = _bom_crlf_csv(tmp_path, bad_at=1)  # the first row fails
+    with pytest.raises(InputError, match=f"cannot decode as utf-8 at byte {offset}.*--encoding"):
+        read_caption_file(path)
+    many = tmp_path / "many.txt"  # 2 of 100 lines (> 1%) fail
+    lines = [f"caption {i}".encode() for i in range(100)]
+    lines[40] = lines[60] = "caf\xe9".encode("latin-1")
+    many.write_bytes(b"\n".join(lines))
+    with pytest.raises(InputError, match="2 of 100 lines fail"):
+        read_caption_file(many)
+    lines[60] = b"fine"  # 1 of 100: skipped
+    many.write_bytes(b"\n".join(lines))
+    assert len(read_caption_file(many).errors) == 1
+
+
+def test_utf16_caption_file_still_fails_whole(tmp_path: Path) -> None:
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"\xff\xfea\x00\x00\xd8")  # UTF-16-LE with a lone high surrogate
+    with pytest.raises(InputError, match="cannot decode as utf-16"):
+        read_caption_file(path, encoding="utf-16")

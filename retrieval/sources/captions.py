@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import json
@@ -12,13 +11,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from retrieval.core.errors import InputError
-from retrieval.sources.images import LoadedImage, load_image, normalize_image  # noqa: F401  (re-exported)
 from retrieval.sources.items import (
     CAPTION_EXTENSIONS,
     CaptionFile,
     CaptionRecord,
     ItemError,
 )
+from retrieval.sources.text_decoding import BadLine, decode_text
 
 logger = logging.getLogger(__name__)
 
@@ -53,56 +52,62 @@ def render_template(template: str, values: Mapping[str, str], where: str) -> str
 _Rows = list[tuple[int, dict[str, object]]]
 
 
-def _decode_text(path: Path, encoding: str) -> str:
-    """Read and decode a text file, stripping a UTF-8 BOM; errors become InputError."""
-    try:
-        codec = codecs.lookup(encoding).name
-    except LookupError:
-        raise InputError(f"{path}: unknown encoding {encoding!r} (see --encoding)") from None
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig" if codec == "utf-8" else encoding)
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{path}: cannot decode as {encoding} at byte {exc.start} ({exc.reason}); "
-            "pass the right --encoding (e.g. --encoding latin-1)"
-        ) from None
+def _decode_error(path: Path, bad: BadLine, encoding: str, row: int) -> ItemError:
+    logger.warning("%s line %d: %s", path, bad.line, bad.describe(encoding))
+    return ItemError(path=str(path), reason=bad.describe(encoding), kind="caption", row=row, line=bad.line, byte=bad.byte)
 
 
 def _read_txt(path: Path, encoding: str, caption_column: str) -> tuple[list[str], _Rows, list[ItemError]]:
-    """One caption per line; blank lines skipped."""
+    """One caption per line; blank lines skipped, undecodable lines reported."""
+    decoded = decode_text(path, encoding)
     rows: _Rows = []
-    for number, line in enumerate(io.StringIO(_decode_text(path, encoding), newline=None), start=1):
-        if line.strip():
+    errors: list[ItemError] = []
+    for number, line in enumerate(io.StringIO(decoded.text, newline=None), start=1):
+        if number in decoded.bad_lines:
+            errors.append(_decode_error(path, decoded.bad_lines[number], encoding, number))
+        elif line.strip():
             rows.append((number, {caption_column: line}))
-    return [caption_column], rows, []
+    return [caption_column], rows, errors
 
 
 def _read_delimited(path: Path, encoding: str, delimiter: str) -> tuple[list[str], _Rows, list[ItemError]]:
-    """CSV/TSV with a header row; rows numbered from 1 after the header."""
-    reader = csv.reader(io.StringIO(_decode_text(path, encoding), newline=""), delimiter=delimiter)
+    """CSV/TSV with a header row; records numbered from 1 after the header, undecodable ones reported."""
+    decoded = decode_text(path, encoding, header_lines=1)
+    reader = csv.reader(io.StringIO(decoded.text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    rows: _Rows = []
+    errors: list[ItemError] = []
+    last_line = 0
     try:
-        header: list[str] | None = None
-        rows: _Rows = []
         for fields in reader:
+            first_line, last_line = last_line + 1, reader.line_num
             if not fields or not any(f.strip() for f in fields):
                 continue
             if header is None:
                 header = [f.strip() for f in fields]
                 continue
-            rows.append((len(rows) + 1, dict(zip(header, fields))))
+            number = len(rows) + len(errors) + 1
+            bad = decoded.first_bad(first_line, last_line)
+            if bad is not None:
+                errors.append(_decode_error(path, bad, encoding, number))
+            else:
+                rows.append((number, dict(zip(header, fields))))
     except csv.Error as exc:
         kind = "CSV" if delimiter == "," else "TSV"
         raise InputError(f"{path}: malformed {kind} near line {reader.line_num}: {exc}") from None
-    return header or [], rows, []
+    return header or [], rows, errors
 
 
 def _read_jsonl(path: Path, encoding: str) -> tuple[list[str], _Rows, list[ItemError]]:
     """One JSON object per line; bad lines become ItemErrors."""
+    decoded = decode_text(path, encoding)
     columns: dict[str, None] = {}
     rows: _Rows = []
     errors: list[ItemError] = []
-    for number, line in enumerate(io.StringIO(_decode_text(path, encoding), newline=None), start=1):
+    for number, line in enumerate(io.StringIO(decoded.text, newline=None), start=1):
+        if number in decoded.bad_lines:
+            errors.append(_decode_error(path, decoded.bad_lines[number], encoding, number))
+            continue
         if not line.strip():
             continue
         try:

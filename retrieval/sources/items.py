@@ -65,10 +65,14 @@ class ItemError:
     reason: str
     kind: str = "image"
     row: int | None = None
+    line: int | None = None  # physical line of a text file (1-based), where it differs from ``row`` or matters
+    byte: int | None = None  # byte offset in the file of the problem (e.g. an undecodable byte)
 
     def to_json(self) -> dict[str, object]:
-        """Return a JSON-serialisable dict."""
-        return {"path": self.path, "reason": self.reason, "kind": self.kind, "row": self.row}
+        """Return a JSON-serialisable dict (``line``/``byte`` only when known)."""
+        out: dict[str, object] = {"path": self.path, "reason": self.reason, "kind": self.kind, "row": self.row}
+        out.update({key: value for key, value in (("line", self.line), ("byte", self.byte)) if value is not None})
+        return out
 
 
 @dataclass
