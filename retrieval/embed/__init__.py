@@ -1,1 +1,2 @@
-"""embed"""
+"""The embedding stage: items -> vectors through DataLoader workers (optionally encoding in the workers), resumable progress shards, and the content-hash embedding cache.
+"""
