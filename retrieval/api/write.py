@@ -18,7 +18,7 @@ import numpy as np
 from retrieval.asif.anchors import AnchorSpaces
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.config import CaptionOptions, IndexOptions
-from retrieval.core.errors import InputError
+from retrieval.core.errors import EncoderMismatchError, InputError
 from retrieval.core.version import __version__
 from retrieval.embed.embedded import EmbeddedItems
 from retrieval.embed.pipeline import ImageRow
@@ -116,10 +116,14 @@ def _check(embedded: EmbeddedItems, options: WriteOptions) -> None:
             "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or builtin:imagenet"
         )
     for anchor_set in options.anchors.sets if options.anchors is not None else ():
-        dims = (anchor_set.image_vectors.shape[1], anchor_set.text_vectors.shape[1])
-        if dims != (embedded.encoders["image"]["dim"], embedded.encoders["text"]["dim"]):
-            raise InputError(f"anchor set {anchor_set.name} has dimensions {dims}, the vectors "
-                             f"({embedded.encoders['image']['dim']}, {embedded.encoders['text']['dim']})")
+        for role in ("image", "text"):
+            recorded, used = getattr(anchor_set, f"{role}_encoder"), embedded.encoders[role]
+            if (recorded.get("dim"), recorded.get("fingerprint")) != (used["dim"], used["fingerprint"]):
+                raise EncoderMismatchError(
+                    f"anchor set {anchor_set.name} ({role} side) was embedded with {recorded.get('spec')} (dim "
+                    f"{recorded.get('dim')}, weights {recorded.get('fingerprint')}), the vectors with {used['spec']} "
+                    f"(dim {used['dim']}, weights {used['fingerprint']})"
+                )
 
 
 def _manifest(embedded: EmbeddedItems, options: WriteOptions) -> dict[str, Any]:

@@ -89,13 +89,13 @@ class EmbedOptions:
 
 @dataclass
 class ImageRow:
-    """An image that was decoded and embedded, with what was learnt while decoding it (None where
-    the vector came from elsewhere, e.g. precomputed, and the image was never decoded here)."""
+    """An image that was decoded and embedded, with what was learnt while decoding it (0, 0 and ""
+    mean unknown: a vector that came from elsewhere, e.g. precomputed, for an image never decoded here)."""
 
     ref: ImageRef
-    width: int | None = None
-    height: int | None = None
-    sha256: str | None = None
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
 
 
 @dataclass
@@ -223,7 +223,8 @@ def make_loader(dataset: Any, batches: list[list[int]], encoder: Any, workers: i
         collate_fn=_EncodingCollate(encoder) if replicas else _collate,
         pin_memory=encoder.device == "cuda",
         prefetch_factor=(2 if replicas else 4) if workers else None,
-        multiprocessing_context=fork_context() if replicas else None,
+        # only with worker processes: a resumed run with nothing left to embed starts none
+        multiprocessing_context=fork_context() if replicas and workers else None,
     )
 
 
