@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import retrieval
 from retrieval.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +96,47 @@ def test_missing_caption_column_names_the_file(tmp_path, tiny_clip_dir):
     ok = run("build-index", "--captions", tmp_path / "c.csv", "--caption-column", "text", "--index", tmp_path / "i",
              "--encoder", "open_clip:tiny", "--checkpoint", tiny_clip_dir, "--quiet", "--json")
     assert json.loads(ok.stdout)["counts"]["caption"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [  # options parsed in groups (one dataclass per group) fail as usage errors naming the flag
+        (["build-index", "--captions", "x.txt", "--encoder", "open_clip:tiny", "--workers", "many"], "--workers"),
+        (["build-index", "--captions", "x.txt", "--encoder", "open_clip:tiny", "--max-memory", "lots"], "lots"),
+        (["build-index", "--captions", "x.txt", "--encoder", "open_clip:tiny", "--anchor-weights", "1,x"], "--anchor-weights"),
+        (["add", "--captions", "x.txt", "--workers", "-2"], "--workers"),
+        (["eval", "x.txt", "--encoder", "open_clip:tiny", "--refine", "a"], "--refine"),
+    ],
+)
+def test_bad_option_values_are_clean_errors(args, message):
+    result = run(*args, ok=False)
+    assert result.exit_code == 2, result.output
+    assert message in result.output.splitlines()[-1] and "Traceback" not in result.output
+
+
+def test_grouped_options_reach_the_api(monkeypatch, tmp_path):
+    """build-index's flags arrive in the API's option objects exactly as given."""
+    import retrieval.api.build as build_module
+
+    seen = {}
+
+    def fake_build(*args, **kwargs):
+        seen.update(kwargs, args=args)
+        raise retrieval.InputError("stop here")
+
+    monkeypatch.setattr(build_module, "build_index", fake_build)
+    run("build-index", "--images", "a", "--captions", "b.txt", "--index", tmp_path / "i", "--image-encoder", "ie", "--text-encoder", "te",
+        "--anchors", "builtin:imagenet", "--anchors", "x", "--anchor-weights", "1,0.5", "--k", "7", "--caption-column", "text",
+        "--encoding", "latin-1", "--device", "cpu", "--batch-size", "5", "--workers", "3", "--no-replicas", "--quiet",
+        "--progress-shard-size", "16", "--index-type", "hnsw", "--max-memory", "1GB", "--target-recall", "0.9", ok=False)
+    images, captions, index, choice = seen["args"]
+    assert (images, captions, index) == (("a",), ("b.txt",), str(tmp_path / "i"))
+    assert (choice.image, choice.text, choice.clip, choice.device) == ("ie", "te", None, "cpu")
+    assert seen["anchors"] == ["builtin:imagenet", "x"] and seen["anchor_weights"] == [1.0, 0.5] and seen["asif"].k == 7
+    assert (seen["caption_options"].caption_column, seen["caption_options"].encoding) == ("text", "latin-1")
+    embed = seen["embed"]
+    assert (embed.batch_size, embed.workers, embed.replicas, embed.progress, embed.progress_shard_size) == (5, 3, False, False, 16)
+    assert (seen["index_options"].index_type, seen["index_options"].max_memory, seen["index_options"].target_recall) == ("hnsw", 2**30, 0.9)
 
 
 def test_cli_py_from_a_checkout_and_help():

@@ -6,6 +6,7 @@ mode follows the device, the worker count and the platform.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -22,6 +23,7 @@ from retrieval.embed.workers import (
     use_replicas,
 )
 from retrieval.sources.discovery import discover_images
+from retrieval.sources.items import ImageRef
 
 LINUX = sys.platform.startswith("linux")
 
@@ -77,6 +79,27 @@ def test_every_mode_gives_the_same_embedding(request, name, refs):
         # process's two may round a few values differently in the last bit (measured <= 6e-8)
         assert got.vectors.dtype == np.float32
         np.testing.assert_allclose(got.vectors, expected.vectors, rtol=0, atol=1e-6, err_msg=mode)
+
+
+def test_items_read_through_an_opener_embed_like_files_in_every_mode(tiny, refs):
+    """Bytes from a dict instead of files (a tar member, a parquet cell...): the same vectors in
+    every mode; an opener that fails costs its item, reported under the item's uri."""
+    blobs = {f"tar://batch-0.tar#{ref.path.name}": ref.path.read_bytes() for ref in refs}
+    items = [ImageRef(uri=uri, opener=functools.partial(blobs.__getitem__, uri), source="batch-0.tar") for uri in blobs]
+    assert refs[3].path.name == "truncated.jpg"  # in its place (the same batches: int8 layers scale per batch)
+    items[3] = ImageRef(uri="tar://batch-0.tar#missing.jpg", opener=functools.partial(blobs.__getitem__, "nope"), source="batch-0.tar")
+    from_files = embed_images(refs, tiny, EmbedOptions(batch_size=3, workers=0, progress=False))
+    modes = [EmbedOptions(batch_size=3, workers=0, progress=False), EmbedOptions(batch_size=3, workers=2, replicas=False, progress=False)]
+    if LINUX:
+        modes.append(EmbedOptions(batch_size=3, workers=2, replicas=True, progress=False))
+    for options in modes:
+        got = embed_images(items, tiny, options)
+        assert [r.ref.location.rsplit("#", 1)[1] for r in got.rows] == [r.ref.path.name for r in from_files.rows]
+        assert [(r.width, r.height, r.sha256) for r in got.rows] == [(r.width, r.height, r.sha256) for r in from_files.rows]
+        np.testing.assert_allclose(got.vectors, from_files.vectors, rtol=0, atol=1e-6)
+        reasons = {e.path: e.reason for e in got.errors}
+        assert len(reasons) == 2 and reasons["tar://batch-0.tar#missing.jpg"].startswith("cannot read: KeyError")
+        assert [ImageRef(uri=r.ref.location, opener=bytes).id for r in got.rows] == [r.ref.id for r in got.rows]
 
 
 def test_worker_counts():

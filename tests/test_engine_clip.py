@@ -85,13 +85,13 @@ def test_failed_rebuild_keeps_the_previous_index(tmp_path, tiny_clip_dir, small_
     first = retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "i", encoders=choice, embed=QUIET)
     before = [h.id for h in first.text_to_image("people at a table", k=3)]
 
-    import retrieval.api.build as build_module
+    import retrieval.api.write as write_module
 
     def dies(*args, **kwargs):
         raise KeyboardInterrupt("killed half way")
 
-    monkeypatch.setattr(build_module, "_write_asif", dies)
-    monkeypatch.setattr(build_module, "write_vector_sets", dies)
+    monkeypatch.setattr(write_module, "_write_asif", dies)
+    monkeypatch.setattr(write_module, "write_vector_sets", dies)
     with pytest.raises(KeyboardInterrupt):
         retrieval.build_index(images=[small_collection / "images"], index=tmp_path / "i", encoders=choice, embed=QUIET)
     reopened = retrieval.open_index(tmp_path / "i")

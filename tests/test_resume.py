@@ -8,6 +8,8 @@ in the middle of the embedding on any machine; the reruns are the plain command.
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import os
 import re
@@ -32,6 +34,7 @@ from retrieval.embed.resume import (
     job_key,
 )
 from retrieval.sources.discovery import discover_images
+from retrieval.sources.items import ImageRef
 from retrieval.store.layout import MANIFEST_NAME, is_leftover_name
 from retrieval.store.writer import StoreWriter, remove_stale_files
 
@@ -208,11 +211,13 @@ def test_a_killed_build_with_encoder_replicas_resumes_exactly(tmp_path, photos, 
 class _Counting:
     """An image encoder that counts its batches and can be made to fail after a number of them."""
 
-    def __init__(self, encoder, fail_after: int | None = None) -> None:
+    def __init__(self, encoder, fail_after: int | None = None, numerics: str | None = None) -> None:
         self._encoder = encoder
         self.fail_after = fail_after
         self.batches = 0
         self.images = 0
+        if numerics is not None:  # as an encoder that computes otherwise (int8 layers, bfloat16) reports
+            self.numerics = numerics
 
     def __getattr__(self, name):
         return getattr(self._encoder, name)
@@ -308,11 +313,75 @@ def test_the_job_key_follows_the_inputs(tmp_path, refs, tiny_encoder):
     assert job_key(paths, tiny_encoder, 2, Resize(32)) == job_key(paths, tiny_encoder, 2, Resize(32))
     assert job_key(paths, tiny_encoder, 2, Resize(32)) != job_key(paths, tiny_encoder, 2, Resize(64))
     assert key != job_key(paths, tiny_encoder, 2, transform, draft_size=(32, 32))  # decoded otherwise
+    # settings that change the arithmetic, hence the last bits of the vectors
+    assert key != job_key(paths, tiny_encoder, 2, transform, replicas=True)
+    assert key != job_key(paths, tiny_encoder, 2, transform, compile=True)
+    assert key != job_key(paths, _Counting(tiny_encoder, numerics="bf16-autocast"), 2, transform)
+    assert job_key(paths, _Counting(tiny_encoder, numerics="fp32"), 2, transform) != job_key(
+        paths, _Counting(tiny_encoder, numerics="int8-linear"), 2, transform)
+    # file items: the same key whether given as paths or as ImageRefs
+    assert key == job_key(refs, tiny_encoder, 2, transform)
     copy = tmp_path / "copy.jpg"
     shutil.copy(paths[0], copy)
     before = job_key([copy] + paths[1:], tiny_encoder, 2, transform)
     os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert before != job_key([copy] + paths[1:], tiny_encoder, 2, transform)  # a file changed
+
+
+@pytest.mark.parametrize("setting", ["numerics", "replicas"])
+def test_a_resume_with_other_vector_settings_starts_over(tmp_path, refs, tiny_encoder, setting):
+    """Shards embedded with other arithmetic are not mixed in; the same settings reuse them."""
+    if setting == "replicas" and not sys.platform.startswith("linux"):
+        pytest.skip("encoder replicas are forked worker processes (Linux)")
+    base = {"batch_size": 2, "progress": False, "progress_shard_size": 4}
+    if setting == "numerics":
+        first = (lambda: _Counting(tiny_encoder, numerics="fp32"), EmbedOptions(workers=0, **base))
+        other = (lambda: _Counting(tiny_encoder, numerics="int8-linear"), EmbedOptions(workers=0, **base))
+    else:
+        first = (lambda: _Counting(tiny_encoder), EmbedOptions(workers=2, replicas=False, **base))
+        other = (lambda: _Counting(tiny_encoder), EmbedOptions(workers=2, replicas=True, **base))
+    done = embed_images(refs[:12], first[0](), first[1], work_dir=tmp_path)
+    assert done.resumed == 0 and len(_shards(next((tmp_path / ".work").iterdir()))) == 3
+    assert embed_images(refs[:12], other[0](), other[1], work_dir=tmp_path).resumed == 0  # started over
+    again = embed_images(refs[:12], first[0](), first[1], work_dir=tmp_path)
+    assert again.resumed == 12  # the same settings: every shard reused
+    _same_embedding(again, done)
+    # and the other job's shards serve the other settings (nothing left to embed: no workers start)
+    assert embed_images(refs[:12], other[0](), other[1], work_dir=tmp_path).resumed == 12
+
+
+def test_in_memory_items_resume_without_opening_or_stating_anything(tmp_path, photos, tiny_encoder):
+    """Items whose bytes come from a dict (no file paths), one undecodable; the resume key uses
+    each item's uri and declared version, so a complete rerun opens nothing."""
+    blobs = {f"mem://photos/{p.name}": p.read_bytes() for p in sorted(photos.glob("*.jpg"))[:11]}
+    blobs = dict(list(blobs.items())[:2] + [("mem://photos/garbage.jpg", b"GIF89a but no picture")] + list(blobs.items())[2:])
+    opened: list[str] = []
+
+    def opener(uri: str):
+        opened.append(uri)
+        return io.BytesIO(blobs[uri])  # a file object: read and closed by the pipeline
+
+    def items(version_of=lambda uri: len(blobs[uri])):
+        return [ImageRef(uri=uri, opener=functools.partial(opener, uri), source="memory", version=version_of(uri)) for uri in blobs]
+
+    expected = embed_images(items(), tiny_encoder, EmbedOptions(batch_size=2, workers=0, progress=False))
+    assert len(expected.rows) == 11 and [e.path for e in expected.errors] == ["mem://photos/garbage.jpg"]
+    assert "not an image" in expected.errors[0].reason and expected.rows[0].ref.location == "mem://photos/" + sorted(photos.glob("*.jpg"))[0].name
+
+    options = EmbedOptions(batch_size=2, workers=0, progress=False, progress_shard_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        embed_images(items(), _Counting(tiny_encoder, fail_after=4), options, work_dir=tmp_path)
+    rerun = _Counting(tiny_encoder)
+    resumed = embed_images(items(), rerun, options, work_dir=tmp_path)
+    assert resumed.resumed == 8 and rerun.images == 4
+    _same_embedding(resumed, expected)
+
+    opened.clear()
+    again = embed_images(items(), _Counting(tiny_encoder), options, work_dir=tmp_path)
+    assert again.resumed == 12 and opened == []  # nothing opened to compute the key or to resume
+    _same_embedding(again, expected)
+    changed = embed_images(items(lambda uri: "etag-2"), _Counting(tiny_encoder), options, work_dir=tmp_path)
+    assert changed.resumed == 0  # other versions of the items: other work
 
 
 def test_a_failing_shard_writer_stops_the_build(tmp_path, refs, tiny_encoder, monkeypatch):

@@ -28,8 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval.api.build import caption_table, gather_collection, image_table
+from retrieval.api.build import gather_items
 from retrieval.api.engine import Index, open_index
+from retrieval.api.write import caption_table, image_table
 from retrieval.asif.relative import SparseRelativeIndex
 from retrieval.core.config import CaptionOptions, IndexOptions
 from retrieval.core.errors import InputError
@@ -169,7 +170,7 @@ def add_to_index(
     with writer_lock(index_path):
         old = _prepare(index_path, device)
         update = _Update(old)
-        collection = gather_collection(images, captions, caption_options)
+        collection = gather_items(images, captions, caption_options)
         present = {kind: set(np.asarray(old.items(kind)["id"], dtype=object)[_live_mask(old, kind)]) for kind in KINDS}
         new_images = [ref for ref in collection.images if ref.id not in present["image"]]
         new_captions = [record for record in collection.captions if record.id not in present["caption"]]
@@ -221,7 +222,7 @@ def _new_vectors(old: Index, image_vectors: np.ndarray, caption_vectors: np.ndar
 def _append_items(update: _Update, old: Index, embedded: Any, captions: Sequence[Any], relative_rows: dict[str, Any]) -> None:
     import pyarrow as pa
 
-    tables = {"image": image_table(embedded), "caption": caption_table(captions)}
+    tables = {"image": image_table(embedded.rows), "caption": caption_table(captions)}
     for kind, table in tables.items():
         previous = update.store.read_table(update.files["items"][kind])
         merged = pa.concat_tables([previous, table.cast(previous.schema)]) if previous.num_rows else table

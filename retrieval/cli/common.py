@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import click
 
 from retrieval.api.build import DEFAULT_INDEX
+from retrieval.core.config import CaptionOptions, EncoderChoice, IndexOptions
 from retrieval.core.errors import RetrievalError
+from retrieval.embed.pipeline import EmbedOptions
 
 IMAGE_ENCODER_HELP = "Unimodal image encoder spec, e.g. efficientnet-lite0 (see list-encoders)."
 TEXT_ENCODER_HELP = "Unimodal text encoder spec, e.g. minilm or st:NAME_OR_PATH (see list-encoders)."
@@ -37,33 +41,37 @@ def echo_json(record: dict[str, Any]) -> None:
     click.echo(json.dumps(record, ensure_ascii=False))
 
 
-def caption_options(func: Callable) -> Callable:
-    """Options shared by commands that read caption or pairs files."""
-    options = [
-        click.option("--caption-column", default="caption", show_default=True, help="Column holding the caption text (csv, tsv, jsonl, parquet)."),
-        click.option("--image-column", default="image", show_default=True, help="Column holding the image path of a pairs file; relative paths resolve against the file's folder."),
-        click.option("--caption-template", default=None, help='Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use {label}.'),
-        click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+def option_group(target: str, options: Sequence[Callable[[Callable], Callable]], make: Callable[..., Any]) -> Callable[[Callable], Callable]:
+    """Decorator: add click ``options`` to a command, which receives one value for all of them:
+    ``make(**their values)`` as the keyword ``target`` (library errors become one-line CLI errors)."""
+
+    def probe() -> None: ...
+
+    for option in options:
+        probe = option(probe)
+    names = [param.name for param in probe.__click_params__]  # type: ignore[attr-defined]
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in names}
+            kwargs[target] = run_api(lambda: make(**values))
+            return func(*args, **kwargs)
+
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
-def embed_options(func: Callable) -> Callable:
-    """Options shared by commands that embed images."""
-    options = [
-        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=True), default=None, help="Local weights for the (image or CLIP) encoder: a file, or an open_clip model folder."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto uses CUDA (half precision) when present."),
-        batch_size_flag,
-        workers_flag,
-        replicas_flag,
-        compile_flag,
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+caption_options = option_group("caption_options", [
+    click.option("--caption-column", default="caption", show_default=True, help="Column holding the caption text (csv, tsv, jsonl, parquet)."),
+    click.option("--image-column", default="image", show_default=True, help="Column holding the image path of a pairs file; relative paths resolve against the file's folder."),
+    click.option("--caption-template", default=None, help='Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use {label}.'),
+    click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."),
+], lambda caption_column, image_column, caption_template, encoding: CaptionOptions(caption_column, image_column, caption_template, encoding))
+"""Options shared by commands that read caption or pairs files: one ``caption_options: CaptionOptions``."""
 
 
 batch_size_flag = click.option(
@@ -81,13 +89,49 @@ compile_flag = click.option(
     "--compile", "compile_model", is_flag=True,
     help="Run the image model through torch.compile (meant for GPUs and large collections: "
          "compiling takes tens of seconds; the main process encodes, so no replicas).")
+checkpoint_flag = click.option(
+    "--checkpoint", type=click.Path(exists=True, dir_okay=True), default=None,
+    help="Local weights for the (image or CLIP) encoder: a file, or an open_clip model folder.")
+device_flag = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    help="auto uses CUDA (half precision) when present.")
+quiet_flag = click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr.")
+progress_shard_flag = click.option(
+    "--progress-shard-size", type=click.IntRange(min=0), default=None,
+    help="Images per progress shard (default 4096; 0 = off). A killed build rerun with the same command resumes from the last shard.")
+
+
+@dataclass(frozen=True)
+class EmbedFlags:
+    """The embedding flags of a command: encoder weights and device, quiet, and how the embedding runs."""
+
+    device: str
+    quiet: bool
+    options: EmbedOptions
+    checkpoint: str | None = None
+
+    def encoders(self, clip: str | None = None, image: str | None = None, text: str | None = None) -> EncoderChoice:
+        """The encoder choice of ``--encoder`` or ``--image-encoder``/``--text-encoder`` with these weights and device."""
+        return run_api(lambda: EncoderChoice(clip=clip, image=image, text=text, checkpoint=self.checkpoint, device=self.device))
+
+
+def embed_options(checkpoint: bool = True, resumable: bool = False) -> Callable[[Callable], Callable]:
+    """Options shared by commands that embed images: one ``embedding: EmbedFlags``
+    (``--checkpoint`` unless ``checkpoint`` is False; ``--progress-shard-size`` with ``resumable``)."""
+    flags = ([checkpoint_flag] if checkpoint else []) + [device_flag, batch_size_flag, workers_flag, replicas_flag, compile_flag, quiet_flag]
+    flags += [progress_shard_flag] if resumable else []
+
+    def make(device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
+             checkpoint: str | None = None, progress_shard_size: int | None = None) -> EmbedFlags:
+        options = embed_settings(batch_size, workers, replicas, compile_model, quiet, progress_shard_size=progress_shard_size)
+        return EmbedFlags(device=device, quiet=quiet, options=options, checkpoint=checkpoint)
+
+    return option_group("embedding", flags, make)
 
 
 def embed_settings(batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
-                   **more: Any) -> Any:
+                   **more: Any) -> EmbedOptions:
     """EmbedOptions from the shared embedding flags."""
-    from retrieval.embed.pipeline import EmbedOptions
-
     return EmbedOptions(batch_size=batch_size, workers=workers_option(workers), replicas=replicas, compile=compile_model,
                         progress=not quiet, **more)
 
@@ -118,25 +162,20 @@ def index_option(func: Callable) -> Callable:
     return click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, help=INDEX_HELP)(func)
 
 
-def index_type_options(func: Callable) -> Callable:
-    """Options choosing the vector index of a build."""
-    options = [
-        click.option("--index-type", default="auto", show_default=True,
-                     help="flat (exact), hnsw, ivf (IVF-Flat), ivfsq (IVF over float16 vectors), ivfpq (OPQ+IVF+PQ, "
-                          "re-ranked from the stored vectors), a FAISS factory "
-                          "string, or auto: chosen from the collection size within --max-memory."),
-        click.option("--max-memory", default=None, help="Memory budget for the vector indexes together, e.g. 4GB (default: no limit)."),
-        click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
-                     help="recall@10 against exact search that auto and the nprobe/efSearch tuning aim for."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def index_options(index_type: str, max_memory: str | None, target_recall: float) -> Any:
+def index_options(index_type: str, max_memory: str | None, target_recall: float) -> IndexOptions:
     """``IndexOptions`` from the CLI's strings."""
-    from retrieval.core.config import IndexOptions
     from retrieval.index.spec import parse_memory
 
-    return run_api(lambda: IndexOptions(index_type=index_type, max_memory=parse_memory(max_memory), target_recall=target_recall))
+    return IndexOptions(index_type=index_type, max_memory=parse_memory(max_memory), target_recall=target_recall)
+
+
+index_type_options = option_group("index_options", [
+    click.option("--index-type", default="auto", show_default=True,
+                 help="flat (exact), hnsw, ivf (IVF-Flat), ivfsq (IVF over float16 vectors), ivfpq (OPQ+IVF+PQ, "
+                      "re-ranked from the stored vectors), a FAISS factory "
+                      "string, or auto: chosen from the collection size within --max-memory."),
+    click.option("--max-memory", default=None, help="Memory budget for the vector indexes together, e.g. 4GB (default: no limit)."),
+    click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+                 help="recall@10 against exact search that auto and the nprobe/efSearch tuning aim for."),
+], index_options)
+"""Options choosing the vector index of a build: one ``index_options: IndexOptions``."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import click
 
@@ -11,13 +12,13 @@ from retrieval.api.build import DEFAULT_INDEX
 from retrieval.cli.common import (
     IMAGE_ENCODER_HELP,
     TEXT_ENCODER_HELP,
+    EmbedFlags,
     caption_options,
     echo_json,
     embed_options,
-    embed_settings,
-    index_options,
     index_type_options,
     open_index_or_fail,
+    option_group,
     run_api,
     setup_logging,
 )
@@ -54,6 +55,40 @@ def _asif(k: int | None, p: float | None, default: Any = None) -> Any:
     return run_api(lambda: AsifParams(k=k if k is not None else base.k, p=p if p is not None else base.p))
 
 
+@dataclass(frozen=True)
+class EncoderNames:
+    """``--encoder`` (contrastive) or ``--image-encoder`` + ``--text-encoder`` (unimodal)."""
+
+    clip: str | None
+    image: str | None
+    text: str | None
+
+
+def encoder_options(clip_help: str) -> Callable[[Callable], Callable]:
+    """The encoder choice options: one ``encoders: EncoderNames``."""
+    return option_group("encoders", [
+        click.option("--encoder", default=None, help=clip_help),
+        click.option("--image-encoder", default=None, help=IMAGE_ENCODER_HELP),
+        click.option("--text-encoder", default=None, help=TEXT_ENCODER_HELP),
+    ], lambda encoder, image_encoder, text_encoder: EncoderNames(encoder, image_encoder, text_encoder))
+
+
+@dataclass(frozen=True)
+class AnchorFlags:
+    """``--anchors`` (repeatable) and ``--anchor-weights``, parsed."""
+
+    refs: tuple[str, ...]
+    weights: list[float] | None
+
+
+def anchor_options(anchors_help: str) -> Callable[[Callable], Callable]:
+    """The anchor options: one ``anchors: AnchorFlags``."""
+    return option_group("anchors", [
+        click.option("--anchors", multiple=True, help=anchors_help),
+        click.option("--anchor-weights", default=None, help="Comma-separated weight per anchor set when fusing, e.g. 1,0.5."),
+    ], lambda anchors, anchor_weights: AnchorFlags(tuple(anchors), _weights(anchor_weights)))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="retrieval")
 def main() -> None:
@@ -80,21 +115,18 @@ def main() -> None:
 @click.option("--p", type=float, default=None, help="Default ASIF exponent for indexes using these anchors.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Reuse and fill an embedding cache folder (e.g. index_data/cache/embeddings).")
 @caption_options
-@embed_options
+@embed_options()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, text_encoder: str, k: int | None, p: float | None,
-                          cache_dir: str | None, caption_column: str, image_column: str, caption_template: str | None, encoding: str,
-                          checkpoint: str | None, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool, as_json: bool) -> None:
+                          cache_dir: str | None, caption_options: Any, embedding: EmbedFlags, as_json: bool) -> None:
     """Embed (image, caption) anchor pairs with two unimodal encoders, for ASIF cross-modal search."""
     from retrieval.api.build import build_anchors
     from retrieval.asif.anchors import DEFAULT_PARAMS
-    from retrieval.core.config import CaptionOptions
 
-    setup_logging(quiet)
+    setup_logging(embedding.quiet)
     anchors = run_api(lambda: build_anchors(
-        pairs, out, image_encoder, text_encoder, checkpoint=checkpoint, device=device,
-        caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed=embed_settings(batch_size, workers, replicas, compile_model, quiet),
+        pairs, out, image_encoder, text_encoder, checkpoint=embedding.checkpoint, device=embedding.device,
+        caption_options=caption_options, embed=embedding.options,
         asif=_asif(k, p, DEFAULT_PARAMS), cache_dir=cache_dir,
     ))
     summary = {"out": out, "anchors": len(anchors), "asif": anchors.params.to_json()}
@@ -108,41 +140,29 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 @click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern. Repeatable.")
 @click.option("--captions", multiple=True, help="Caption file: .txt (one per line), .csv, .tsv, .jsonl, .parquet. A file with an image column also adds its images. Repeatable.")
 @click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, type=click.Path(file_okay=False), help="Index directory to write.")
-@click.option("--encoder", default=None, help="Contrastive encoder spec: open_clip:MODEL/PRETRAINED, or open_clip:MODEL with --checkpoint.")
-@click.option("--image-encoder", default=None, help=IMAGE_ENCODER_HELP)
-@click.option("--text-encoder", default=None, help=TEXT_ENCODER_HELP)
-@click.option("--anchors", multiple=True, help="With unimodal encoders: an anchor directory from build-anchors, or builtin:imagenet. Repeat to fuse several sets.")
-@click.option("--anchor-weights", default=None, help="Comma-separated weight per anchor set when fusing, e.g. 1,0.5.")
+@encoder_options("Contrastive encoder spec: open_clip:MODEL/PRETRAINED, or open_clip:MODEL with --checkpoint.")
+@anchor_options("With unimodal encoders: an anchor directory from build-anchors, or builtin:imagenet. Repeat to fuse several sets.")
 @click.option("--k", type=int, default=None, help="ASIF top-k (default: the anchor set's).")
 @click.option("--p", type=float, default=None, help="ASIF exponent (default: the anchor set's).")
 @caption_options
-@embed_options
-@click.option("--progress-shard-size", type=click.IntRange(min=0), default=None,
-              help="Images per progress shard (default 4096; 0 = off). A killed build rerun with the same command resumes from the last shard.")
+@embed_options(resumable=True)
 @index_type_options
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
-def build_index_command(images: Sequence[str], captions: Sequence[str], index_path: str, encoder: str | None,
-                        image_encoder: str | None, text_encoder: str | None, anchors: Sequence[str], anchor_weights: str | None,
-                        k: int | None, p: float | None,
-                        caption_column: str, image_column: str, caption_template: str | None, encoding: str,
-                        checkpoint: str | None, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
-                        progress_shard_size: int | None, index_type: str, max_memory: str | None, target_recall: float,
-                        as_json: bool) -> None:
+def build_index_command(images: Sequence[str], captions: Sequence[str], index_path: str, encoders: EncoderNames,
+                        anchors: AnchorFlags, k: int | None, p: float | None, caption_options: Any, embedding: EmbedFlags,
+                        index_options: Any, as_json: bool) -> None:
     """Embed images and captions and write a searchable index directory.
 
     A previous index at the same path stays readable until the new one is complete. A build that
     is killed resumes from its last progress shard when the same command is run again.
     """
     from retrieval.api.build import build_index
-    from retrieval.core.config import CaptionOptions, EncoderChoice
 
-    setup_logging(quiet)
-    choice = run_api(lambda: EncoderChoice(clip=encoder, image=image_encoder, text=text_encoder, checkpoint=checkpoint, device=device))
+    setup_logging(embedding.quiet)
+    choice = embedding.encoders(encoders.clip, encoders.image, encoders.text)
     index = run_api(lambda: build_index(
-        images, captions, index_path, choice, anchors=list(anchors) or None, anchor_weights=_weights(anchor_weights), asif=_asif(k, p),
-        caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed=embed_settings(batch_size, workers, replicas, compile_model, quiet, progress_shard_size=progress_shard_size),
-        index_options=index_options(index_type, max_memory, target_recall),
+        images, captions, index_path, choice, anchors=list(anchors.refs) or None, anchor_weights=anchors.weights, asif=_asif(k, p),
+        caption_options=caption_options, embed=embedding.options, index_options=index_options,
     ))
     info = index.info()
     if as_json:
@@ -230,60 +250,75 @@ def _print_eval(report: dict[str, Any]) -> None:
         click.echo("per-class top-1: " + ", ".join(f"{name} {acc:.2f}" for name, acc in final["per_class_top1"].items()))
 
 
+@dataclass(frozen=True)
+class EvalFlags:
+    """What ``eval`` measures, and on how much of the data."""
+
+    routes: tuple[str, ...]
+    align: str | None
+    sweep_values: tuple[str, ...]
+    center: str
+    refine: str
+    split: bool
+    limit: int | None
+    cache_dir: str | None
+
+    def chosen_routes(self, contrastive: bool) -> list[str] | None:
+        """The routes to report (None: the encoders' default)."""
+        chosen = list(self.routes) or None
+        if chosen and "all" in chosen:
+            chosen = ["clip"] if contrastive else ["asif", "projected", "linear"]
+        if self.align:
+            chosen = list(dict.fromkeys((chosen or (["clip"] if contrastive else ["asif"])) + [self.align]))
+        return chosen
+
+
+eval_options = option_group("evaluation", [
+    click.option("--route", "routes", multiple=True, type=click.Choice(["clip", "asif", "projected", "linear", "all"]),
+                 help="How images and texts are compared; repeatable. 'all' = every route the encoders allow. Default: clip or asif."),
+    click.option("--align", type=click.Choice(["linear"]), default=None, help="Also report the linear (ridge) alignment baseline."),
+    click.option("--sweep", "sweep_values", multiple=True, help="Grid over ASIF settings, e.g. --sweep k=5,10,30,100 --sweep p=1,3,8."),
+    click.option("--center", type=click.Choice(["none", "anchors", "collection"]), default="none", show_default=True,
+                 help="Subtract each modality's mean first: anchors = the anchors' means; collection = evaluated images by their own mean (transductive, label-free)."),
+    click.option("--refine", default="0", show_default=True, help="Zero-shot only: rounds of label-free prototype refinement on the evaluated images (transductive); comma list to sweep."),
+    click.option("--split", is_flag=True, help="Pick the best setting on even-numbered images, report it on the odd-numbered half."),
+    click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate an evenly spread subset of this many images."),
+    click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Embedding cache folder (default index_data/cache/embeddings)."),
+], lambda routes, sweep_values, **rest: EvalFlags(routes=tuple(routes), sweep_values=tuple(sweep_values), **rest))
+
+
 @main.command("eval")
 @click.argument("data", type=click.Path())
-@click.option("--encoder", default=None, help="Contrastive encoder spec (route clip).")
-@click.option("--image-encoder", default=None, help=IMAGE_ENCODER_HELP)
-@click.option("--text-encoder", default=None, help=TEXT_ENCODER_HELP)
-@click.option("--anchors", multiple=True, help="Anchor directory or builtin:imagenet; repeat to fuse several sets.")
-@click.option("--anchor-weights", default=None, help="Comma-separated weight per anchor set when fusing, e.g. 1,0.5.")
-@click.option("--route", "routes", multiple=True, type=click.Choice(["clip", "asif", "projected", "linear", "all"]),
-              help="How images and texts are compared; repeatable. 'all' = every route the encoders allow. Default: clip or asif.")
-@click.option("--align", type=click.Choice(["linear"]), default=None, help="Also report the linear (ridge) alignment baseline.")
+@encoder_options("Contrastive encoder spec (route clip).")
+@anchor_options("Anchor directory or builtin:imagenet; repeat to fuse several sets.")
 @click.option("--k", type=int, default=None, help="ASIF top-k (default 100).")
 @click.option("--p", type=float, default=None, help="ASIF exponent (default 2).")
-@click.option("--sweep", "sweep_values", multiple=True, help="Grid over ASIF settings, e.g. --sweep k=5,10,30,100 --sweep p=1,3,8.")
-@click.option("--center", type=click.Choice(["none", "anchors", "collection"]), default="none", show_default=True,
-              help="Subtract each modality's mean first: anchors = the anchors' means; collection = evaluated images by their own mean (transductive, label-free).")
-@click.option("--refine", default="0", show_default=True, help="Zero-shot only: rounds of label-free prototype refinement on the evaluated images (transductive); comma list to sweep.")
-@click.option("--split", is_flag=True, help="Pick the best setting on even-numbered images, report it on the odd-numbered half.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate an evenly spread subset of this many images.")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Embedding cache folder (default index_data/cache/embeddings).")
+@eval_options
 @caption_options
-@embed_options
+@embed_options()
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as one JSON object.")
-def eval_command(data: str, encoder: str | None, image_encoder: str | None, text_encoder: str | None, anchors: Sequence[str],
-                 anchor_weights: str | None, routes: Sequence[str], align: str | None, k: int | None, p: float | None,
-                 sweep_values: Sequence[str], center: str, refine: str, split: bool, limit: int | None, cache_dir: str | None,
-                 caption_column: str, image_column: str, caption_template: str | None, encoding: str,
-                 checkpoint: str | None, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool, as_json: bool) -> None:
+def eval_command(data: str, encoders: EncoderNames, anchors: AnchorFlags, k: int | None, p: float | None, evaluation: EvalFlags,
+                 caption_options: Any, embedding: EmbedFlags, as_json: bool) -> None:
     """Measure quality on DATA: a pairs file (text -> image and image -> caption recall@1/5/10, median rank),
     a labelled folder root/<label>/* with --caption-template (zero-shot top-1/top-5 and per-class accuracy),
     or an index directory built from a pairs file (its own pairs, every route it answers by).
 
     Embeddings are cached by (encoder fingerprint, content hash): reruns with other settings encode nothing.
     """
-    from retrieval.core.config import CaptionOptions, EncoderChoice
     from retrieval.eval.data import evaluate_index, run_eval
     from retrieval.store.layout import directory_exists
 
-    setup_logging(quiet)
+    setup_logging(embedding.quiet)
     if directory_exists(data) and (Path(data) / "items").is_dir():  # an existing index: its own pairs, every route
         report = run_api(lambda: evaluate_index(data))
         echo_json(report) if as_json else _print_eval(report)
         return
-    choice = run_api(lambda: EncoderChoice(clip=encoder, image=image_encoder, text=text_encoder, checkpoint=checkpoint, device=device))
-    chosen_routes = list(routes) or None
-    if chosen_routes and "all" in chosen_routes:
-        chosen_routes = ["clip"] if choice.is_contrastive else ["asif", "projected", "linear"]
-    if align:
-        chosen_routes = list(dict.fromkeys((chosen_routes or (["clip"] if choice.is_contrastive else ["asif"])) + [align]))
-    weights = _weights(anchor_weights)
+    choice = embedding.encoders(encoders.clip, encoders.image, encoders.text)
     report = run_api(lambda: run_eval(
-        data, choice, anchors=anchors, routes=chosen_routes, params=_asif(k, p), sweep_values=sweep_values,
-        anchor_weights=weights, split=split, center=center, refine=_int_list(refine, "--refine"), limit=limit, cache_dir=cache_dir,
-        caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed=embed_settings(batch_size, workers, replicas, compile_model, quiet),
+        data, choice, anchors=anchors.refs, routes=evaluation.chosen_routes(choice.is_contrastive), params=_asif(k, p),
+        sweep_values=evaluation.sweep_values, anchor_weights=anchors.weights, split=evaluation.split, center=evaluation.center,
+        refine=_int_list(evaluation.refine, "--refine"), limit=evaluation.limit, cache_dir=evaluation.cache_dir,
+        caption_options=caption_options, embed=embedding.options,
     ))
     if as_json:
         echo_json(report)

@@ -7,16 +7,13 @@ from typing import Any, Sequence
 import click
 
 from retrieval.cli.common import (
-    batch_size_flag,
+    EmbedFlags,
     caption_options,
-    compile_flag,
     echo_json,
-    embed_settings,
+    embed_options,
     index_option,
-    replicas_flag,
     run_api,
     setup_logging,
-    workers_flag,
 )
 
 
@@ -49,15 +46,9 @@ def _report(report: Any, as_json: bool, index_path: str) -> None:
 @click.option("--captions", multiple=True, help="Caption file to add (a pairs file also adds its images). Repeatable.")
 @index_option
 @caption_options
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@batch_size_flag
-@workers_flag
-@replicas_flag
-@compile_flag
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr.")
+@embed_options(checkpoint=False)
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
-def add_command(images: Sequence[str], captions: Sequence[str], index_path: str, caption_column: str, image_column: str,
-                caption_template: str | None, encoding: str, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
+def add_command(images: Sequence[str], captions: Sequence[str], index_path: str, caption_options: Any, embedding: EmbedFlags,
                 as_json: bool) -> None:
     """Add images and captions to a built index, encoding only the new ones.
 
@@ -66,13 +57,9 @@ def add_command(images: Sequence[str], captions: Sequence[str], index_path: str,
     Readers keep seeing the previous state until the update is committed.
     """
     from retrieval.api.update import add_to_index
-    from retrieval.core.config import CaptionOptions
 
-    setup_logging(quiet)
-    report = run_api(lambda: add_to_index(
-        index_path, images, captions, CaptionOptions(caption_column, image_column, caption_template, encoding),
-        embed_settings(batch_size, workers, replicas, compile_model, quiet), device=device,
-    ))
+    setup_logging(embedding.quiet)
+    report = run_api(lambda: add_to_index(index_path, images, captions, caption_options, embedding.options, device=embedding.device))
     _report(report, as_json, index_path)
 
 

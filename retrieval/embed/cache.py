@@ -1,7 +1,7 @@
 """A disk cache of embeddings keyed by (encoder fingerprint, content hash).
 
 Rerunning an evaluation with other ASIF parameters, routes or anchor sets then
-encodes nothing again. Images are keyed by the sha256 of their file bytes,
+encodes nothing again. Images are keyed by the sha256 of their bytes (a file's, or an opener item's),
 texts by the sha256 of their UTF-8 text. Each flush appends one ``.npz`` part
 (keys, vectors, and for images width/height); parts are written atomically and
 never unpickled.
@@ -18,6 +18,7 @@ import numpy as np
 
 from retrieval.core.atomic import atomic_path
 from retrieval.core.digests import new_build_id, sha256_file
+from retrieval.core.errors import ImageDecodeError
 from retrieval.embed.pipeline import (
     EmbeddedImages,
     EmbedOptions,
@@ -112,22 +113,25 @@ class EmbeddingCache:
         errors: list[ItemError] = []
         for ref in refs:
             try:
-                hashes.append(sha256_file(ref.path))
+                hashes.append(sha256_file(ref.path) if ref.opener is None else hashlib.sha256(ref.read_bytes()).hexdigest())
             except OSError as e:
                 hashes.append(None)
-                errors.append(ItemError(path=str(ref.path), reason=f"unreadable: {e.strerror or e}", kind="image"))
+                errors.append(ItemError(path=ref.location, reason=f"unreadable: {e.strerror or e}", kind="image"))
+            except ImageDecodeError as e:  # an opener that failed
+                hashes.append(None)
+                errors.append(ItemError(path=ref.location, reason=e.reason, kind="image"))
         todo = [(ref, key) for ref, key in zip(refs, hashes) if key is not None and key not in self._vectors and key not in self._failures]
         fresh = embed_images([ref for ref, _ in todo], encoder, options) if todo else EmbeddedImages(rows=[], vectors=np.zeros((0, self.dim), np.float32))
         for row, vector in zip(fresh.rows, fresh.vectors):
             self.put(row.sha256, vector, (row.width, row.height))
-        key_of = {str(ref.path): key for ref, key in todo}
+        key_of = {ref.location: key for ref, key in todo}
         for error in fresh.errors:
             self.put_failure(key_of[error.path], error.reason)
         self.flush()
         rows, vectors = [], []
         for ref, key in zip(refs, hashes):
             if key is not None and key in self._failures:
-                errors.append(ItemError(path=str(ref.path), reason=self._failures[key], kind="image"))
+                errors.append(ItemError(path=ref.location, reason=self._failures[key], kind="image"))
             if key is None or key not in self._vectors:
                 continue
             width, height = self._sizes.get(key, (0, 0))

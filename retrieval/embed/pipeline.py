@@ -89,12 +89,13 @@ class EmbedOptions:
 
 @dataclass
 class ImageRow:
-    """An image that was decoded and embedded, with what was learnt while decoding it."""
+    """An image that was decoded and embedded, with what was learnt while decoding it (0, 0 and ""
+    mean unknown: a vector that came from elsewhere, e.g. precomputed, for an image never decoded here)."""
 
     ref: ImageRef
-    width: int
-    height: int
-    sha256: str
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
 
 
 @dataclass
@@ -113,17 +114,17 @@ class _ImageDataset:
     """Map-style dataset: index -> (index, pixels or None, width, height, sha256, error reason)."""
 
     def __init__(self, refs: Sequence[ImageRef], transform: Callable[[Any], Any], draft_size: tuple[int, int] | None = None) -> None:
-        self.paths = [ref.path for ref in refs]
+        self.refs = list(refs)
         self.transform = transform
         self.draft_size = draft_size  # large JPEGs decode at reduced scale, never below this (part of a job's key)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.refs)
 
     def __getitem__(self, position: int) -> tuple[int, Any, int, int, str, str | None]:
-        path = self.paths[position]
-        try:
-            loaded = load_image(path, draft_size=self.draft_size)
+        ref = self.refs[position]
+        try:  # a file through load_image; other items through the way they open their bytes
+            loaded = load_image(ref.path, draft_size=self.draft_size) if ref.opener is None else ref.load(self.draft_size)
         except ImageDecodeError as e:
             return position, None, 0, 0, "", e.reason
         try:
@@ -178,7 +179,7 @@ def _batches(todo: np.ndarray, batch_size: int) -> list[list[int]]:
 def embed_images(
     refs: Sequence[ImageRef], encoder: Any, options: EmbedOptions = EmbedOptions(), work_dir: str | Path | None = None
 ) -> EmbeddedImages:
-    """Embed ``refs`` with ``encoder`` (an ``ImageEncoder``), skipping and reporting unreadable files.
+    """Embed ``refs`` with ``encoder`` (an ``ImageEncoder``), skipping and reporting unreadable items.
 
     With ``work_dir`` (an index directory, under its writer lock) the build is resumable:
     every ``options.progress_shard_size`` images go to a progress shard under
@@ -186,106 +187,147 @@ def embed_images(
     earlier, interrupted run of the same job are loaded instead of embedded again.
     See :mod:`retrieval.embed.resume`.
     """
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from retrieval.embed.resume import Shard, WorkFolder, job_key
-
     n = len(refs)
-    dim = int(encoder.dim)
     dataset = _ImageDataset(refs, encoder.image_transform(), getattr(encoder, "draft_size", None))
-    vectors = np.zeros((n, dim), np.float32)
-    done = np.zeros(n, bool)
-    ok_meta: dict[int, tuple[int, int, str]] = {}
-    failures: dict[int, str] = {}
-
     batch_size = options.resolved_batch_size(encoder.device)
-    shard_size = options.resolved_progress_shard_size() if work_dir is not None else 0
-    work: WorkFolder | None = None
-    if shard_size and n >= shard_size:
-        key = job_key(dataset.paths, encoder, batch_size, dataset.transform, dataset.draft_size)
-        work = WorkFolder(work_dir, key, n, dim)
-        for shard in work.load():
-            for row, (position, width, height, sha) in enumerate(shard.ok):
-                vectors[position] = shard.vectors[row]
-                ok_meta[position] = (width, height, sha)
-            failures.update(shard.failed)
-            done[shard.start : shard.stop] = True
-    resumed = int(done.sum())
-    if resumed and options.progress:
-        print(f"resuming: {resumed:,} of {n:,} images already embedded", file=sys.stderr, flush=True)
-
-    todo = np.flatnonzero(~done)
     # decided by the whole job, not by what is left: a resumed run encodes its batches exactly
     # as the uninterrupted run would have (a replica's one thread and the main process's
     # several can differ in the last bit)
     replicas = use_replicas(options.replicas, encoder.device, options.workers, n, options.compile)
+    state = _Embedding(refs, int(encoder.dim))
+    work = _work_folder(dataset, encoder, options, work_dir, batch_size, replicas)
+    if work is not None:
+        state.restore(work.load())
+    resumed = int(state.done.sum())
+    if resumed and options.progress:
+        print(f"resuming: {resumed:,} of {n:,} images already embedded", file=sys.stderr, flush=True)
+    todo = np.flatnonzero(~state.done)
     workers = resolve_workers(options.workers, n, replicas) if len(todo) else 0
     if replicas:
         encoder.prepare()  # anything built lazily is built once, here, and shared by the forks
-    loader = DataLoader(
+    loader = make_loader(dataset, _batches(todo, batch_size), encoder, workers, replicas)
+    compiling = encoder.compiled() if options.compile else contextlib.nullcontext()
+    with compiling:  # torch.compile inside it, if asked for
+        _run(loader if len(todo) else (), encoder, state, work, options, resumed)
+    return state.result(resumed=resumed, workers=workers, replicas=replicas and workers > 0)
+
+
+def make_loader(dataset: Any, batches: list[list[int]], encoder: Any, workers: int, replicas: bool) -> Any:
+    """The DataLoader that decodes (and with ``replicas`` also encodes) the ``batches`` of ``dataset``."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
         dataset,
-        batch_sampler=_batches(todo, batch_size),
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=_EncodingCollate(encoder) if replicas else _collate,
         pin_memory=encoder.device == "cuda",
         prefetch_factor=(2 if replicas else 4) if workers else None,
-        multiprocessing_context=fork_context() if replicas else None,
+        # only with worker processes: a resumed run with nothing left to embed starts none
+        multiprocessing_context=fork_context() if replicas and workers else None,
     )
-    pending: Shard | None = None
-    compiling = encoder.compiled() if options.compile else contextlib.nullcontext()
-    bar = tqdm(total=n, initial=resumed, desc="images", unit="img", file=sys.stderr, delay=1.0,
+
+
+def _work_folder(dataset: _ImageDataset, encoder: Any, options: EmbedOptions, work_dir: str | Path | None,
+                 batch_size: int, replicas: bool) -> Any:
+    """The progress shards of this job (None without a work dir, or for fewer images than a shard)."""
+    from retrieval.embed.resume import WorkFolder, job_key
+
+    shard_size = options.resolved_progress_shard_size() if work_dir is not None else 0
+    if not shard_size or len(dataset) < shard_size:
+        return None
+    key = job_key(dataset.refs, encoder, batch_size, dataset.transform, dataset.draft_size,
+                  replicas=replicas, compile=options.compile)
+    return WorkFolder(work_dir, key, len(dataset), int(encoder.dim), shard_size)  # type: ignore[arg-type]
+
+
+def _run(batches: Any, encoder: Any, state: "_Embedding", work: Any, options: EmbedOptions, resumed: int) -> None:
+    """Encode every batch into ``state``, handing complete progress shards to ``work``."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=state.count, initial=resumed, desc="images", unit="img", file=sys.stderr, delay=1.0,
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
-    with compiling:  # torch.compile inside it, if asked for
-        try:
-            batches = iter(loader) if len(todo) else iter(())
-            if work is not None and len(todo):
-                work.start()  # after the DataLoader forked its workers: no thread is copied into them
-            for batch in batches:
-                positions = batch["positions"]
-                if work is not None and pending is not None and positions[0] != pending.stop:
-                    _seal(pending, vectors)
-                    work.submit(pending)  # a gap left by a damaged shard is filled: close the run
-                    pending = None
-                encoded = batch.get("vectors")
-                if encoded is None and batch["pixels"] is not None:
-                    encoded = encoder.encode_image_tensors(batch["pixels"])
-                if encoded is not None:
-                    good = [position for position, _, _, _ in batch["ok"]]
-                    vectors[good] = encoded
-                    for position, width, height, sha in batch["ok"]:
-                        ok_meta[position] = (int(width), int(height), sha)
-                for position, reason in batch["failed"]:
-                    log.warning("skipped %s: %s", refs[position].path, reason)
-                    failures[position] = reason
-                done[positions] = True
-                bar.update(len(positions))
-                if work is not None:
-                    if pending is None:
-                        pending = Shard(start=positions[0], stop=positions[0])
-                    pending.stop = positions[-1] + 1
-                    pending.ok.extend((p, *ok_meta[p]) for p, _, _, _ in batch["ok"])
-                    pending.failed.extend(batch["failed"])
-                    if pending.stop - pending.start >= shard_size:
-                        _seal(pending, vectors)
-                        work.submit(pending)
-                        pending = None
+    try:
+        iterator = iter(batches)
+        if work is not None and not state.done.all():
+            work.start()  # after the DataLoader forked its workers: no thread is copied into them
+        for batch in iterator:
+            state.take(batch, encoder)
+            bar.update(len(batch["positions"]))
             if work is not None:
-                work.close()  # the last, partial run is not written: the commit follows at once
-        except BaseException:
-            if work is not None:
-                work.abort()
-            raise
-        finally:
-            bar.close()
-
-    rows = [ImageRow(refs[p], *ok_meta[p]) for p in sorted(ok_meta)]
-    errors = [ItemError(path=str(refs[p].path), reason=failures[p], kind="image") for p in sorted(failures)]
-    keep = np.fromiter(sorted(ok_meta), dtype=np.int64, count=len(ok_meta))
-    matrix = vectors[keep] if len(keep) != n else vectors
-    return EmbeddedImages(rows=rows, vectors=matrix, errors=errors, resumed=resumed, workers=workers, replicas=replicas and workers > 0)
+                state.track(batch, work)
+        if work is not None:
+            work.close()  # the last, partial run is not written: the commit follows at once
+    except BaseException:
+        if work is not None:
+            work.abort()
+        raise
+    finally:
+        bar.close()
 
 
-def _seal(shard: Any, vectors: np.ndarray) -> None:
-    """Give a shard its own copy of its vectors (the writer thread reads them later)."""
-    shard.vectors = vectors[[row[0] for row in shard.ok]].copy() if shard.ok else np.zeros((0, vectors.shape[1]), np.float32)
+class _Embedding:
+    """What one embedding run has learnt so far: vectors, sizes and hashes, failures, the open shard."""
+
+    def __init__(self, refs: Sequence[ImageRef], dim: int) -> None:
+        self.refs = refs
+        self.count = count = len(refs)
+        self.vectors = np.zeros((count, dim), np.float32)
+        self.done = np.zeros(count, bool)
+        self.ok_meta: dict[int, tuple[int, int, str]] = {}
+        self.failures: dict[int, str] = {}
+        self.pending: Any = None  # the progress shard being filled
+
+    def restore(self, shards: Sequence[Any]) -> None:
+        """Take the vectors and failures of an earlier run's complete shards."""
+        for shard in shards:
+            for row, (position, width, height, sha) in enumerate(shard.ok):
+                self.vectors[position] = shard.vectors[row]
+                self.ok_meta[position] = (width, height, sha)
+            self.failures.update(shard.failed)
+            self.done[shard.start : shard.stop] = True
+
+    def take(self, batch: dict[str, Any], encoder: Any) -> None:
+        """Record one batch: encode its pixels unless a worker already did."""
+        encoded = batch.get("vectors")
+        if encoded is None and batch["pixels"] is not None:
+            encoded = encoder.encode_image_tensors(batch["pixels"])
+        if encoded is not None:
+            self.vectors[[position for position, _, _, _ in batch["ok"]]] = encoded
+            for position, width, height, sha in batch["ok"]:
+                self.ok_meta[position] = (int(width), int(height), sha)
+        for position, reason in batch["failed"]:
+            log.warning("skipped %s: %s", self.refs[position].location, reason)
+            self.failures[position] = reason
+        self.done[batch["positions"]] = True
+
+    def track(self, batch: dict[str, Any], work: Any) -> None:
+        """Add a batch to the open progress shard; submit the shard once full, or when a gap closes it."""
+        from retrieval.embed.resume import Shard
+
+        positions = batch["positions"]
+        if self.pending is not None and positions[0] != self.pending.stop:
+            self._submit(work)  # a gap left by a damaged shard is filled: close the run
+        if self.pending is None:
+            self.pending = Shard(start=positions[0], stop=positions[0])
+        self.pending.stop = positions[-1] + 1
+        self.pending.ok.extend((p, *self.ok_meta[p]) for p, _, _, _ in batch["ok"])
+        self.pending.failed.extend(batch["failed"])
+        if self.pending.stop - self.pending.start >= work.shard_size:
+            self._submit(work)
+
+    def _submit(self, work: Any) -> None:
+        shard, self.pending = self.pending, None
+        # the shard gets its own copy of its vectors (the writer thread reads them later)
+        rows = [row[0] for row in shard.ok]
+        shard.vectors = self.vectors[rows].copy() if rows else np.zeros((0, self.vectors.shape[1]), np.float32)
+        work.submit(shard)
+
+    def result(self, **stats: Any) -> EmbeddedImages:
+        """Rows and vectors of the embedded images, in input order, and the skipped ones."""
+        refs = self.refs
+        rows = [ImageRow(refs[p], *self.ok_meta[p]) for p in sorted(self.ok_meta)]
+        errors = [ItemError(path=refs[p].location, reason=self.failures[p], kind="image") for p in sorted(self.failures)]
+        keep = np.fromiter(sorted(self.ok_meta), dtype=np.int64, count=len(self.ok_meta))
+        matrix = self.vectors[keep] if len(keep) != self.count else self.vectors
+        return EmbeddedImages(rows=rows, vectors=matrix, errors=errors, **stats)

@@ -6,13 +6,16 @@ command, it loads the complete shards and embeds only the rest. Layout::
 
     <index>/.work/<key>/shard-<start:010d>-<stop:010d>.npz
 
-``key`` identifies the job: the encoder (spec, weights fingerprint, dimension, device),
-its preprocessing (the transform's class and settings, the decode draft size), the
+``key`` identifies the job: the encoder (spec, weights fingerprint, dimension, device,
+numerics such as int8 Linear layers or bfloat16 autocast), how it runs (encoder replicas
+in the workers, ``torch.compile``: other arithmetic, last bits that differ), its
+preprocessing (the transform's class and settings, the decode draft size), the
 versions of this package, torch and Pillow, the sha256 of the source files that decode,
 preprocess and encode (an edit there gives a new key), the batch size (a resumed run
 forms the same batches, so its vectors are bit-identical to an uninterrupted run's),
-and the ordered list of image paths with their sizes and modification times. Any
-change gives another key, so stale work is never reused.
+and the ordered list of items: a file's path with its size and modification time, an
+item read through an opener its uri and the version it declares (nothing is opened or
+stat'ed). Any change gives another key, so stale work is never reused.
 
 A shard covers the positions ``[start, stop)`` of the image list: the float32
 vectors of the images that were embedded, their width, height and sha256, and the
@@ -112,8 +115,14 @@ def _code_digest(*objects: Any) -> dict[str, str | None]:
     return out
 
 
-def job_key(paths: Sequence[Path | str], encoder: Any, batch_size: int, transform: Any, draft_size: Any = None) -> str:
-    """A hex key naming one embedding job (see the module docstring for what it covers)."""
+def job_key(
+    items: Sequence[Any], encoder: Any, batch_size: int, transform: Any, draft_size: Any = None,
+    *, replicas: bool = False, compile: bool = False,
+) -> str:
+    """A hex key naming one embedding job (see the module docstring for what it covers).
+
+    ``items``: ``ImageRef`` objects (their ``resume_state``), or file paths.
+    """
     import PIL
     import torch
 
@@ -129,15 +138,19 @@ def job_key(paths: Sequence[Path | str], encoder: Any, batch_size: int, transfor
         "fingerprint": encoder.fingerprint(),
         "dim": int(encoder.dim),
         "device": str(encoder.device),
+        "numerics": str(getattr(encoder, "numerics", None)),
+        "replicas": bool(replicas),
+        "compile": bool(compile),
         "transform": describe_transform(transform),
         "draft_size": list(draft_size) if draft_size is not None else None,
         "batch_size": int(batch_size),
-        "count": len(paths),
+        "count": len(items),
     }
     digest.update(json.dumps(head, sort_keys=True).encode() + b"\n")
-    for path in paths:
+    for item in items:
+        state = item.resume_state() if hasattr(item, "resume_state") else [str(item), _file_state(Path(item))]
         # ensure_ascii keeps undecodable names (lone surrogates) hashable
-        digest.update(json.dumps([str(path), _file_state(Path(path))]).encode() + b"\n")
+        digest.update(json.dumps(state).encode() + b"\n")
     return digest.hexdigest()[:32]
 
 
@@ -165,11 +178,12 @@ def _digest(meta: bytes, vectors: np.ndarray) -> bytes:
 class WorkFolder:
     """The progress shards of one job: loading the complete ones, writing new ones in the background."""
 
-    def __init__(self, index: str | Path, key: str, count: int, dim: int) -> None:
+    def __init__(self, index: str | Path, key: str, count: int, dim: int, shard_size: int = DEFAULT_PROGRESS_SHARD_SIZE) -> None:
         self.folder = work_root(index) / key
         self.key = key
         self.count = count
         self.dim = dim
+        self.shard_size = shard_size  # positions per shard a writer fills before submitting it
         self._queue: queue.Queue[Shard | None] = queue.Queue(maxsize=_QUEUE_SHARDS)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

@@ -106,7 +106,7 @@ def _bomb_reason(width: int, height: int, max_pixels: int) -> str:
 
 
 def _open_image(
-    data: bytes, path: Path, max_pixels: int, draft_size: tuple[int, int] | None = None
+    data: bytes, path: str | Path, max_pixels: int, draft_size: tuple[int, int] | None = None
 ) -> tuple[Image.Image, tuple[int, int, int] | None]:
     """Open and fully decode ``data``; every Pillow failure becomes ImageDecodeError.
 
@@ -235,24 +235,36 @@ def load_image(
     except UnicodeEncodeError:
         # bytes that are not UTF-8 in the name: the path cannot be stored in the index or shown reliably
         raise ImageDecodeError(file, "file name is not valid UTF-8; rename the file to index it") from None
-    data = _read_bytes(file)
+    return decode_image(_read_bytes(file), file, max_pixels, draft_size)
+
+
+def decode_image(
+    data: bytes,
+    name: str | Path,
+    max_pixels: int = _DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> LoadedImage:
+    """Hash, decode and normalise an image's bytes, wherever they came from (a file, a tar
+    member, a parquet cell); ``name`` names the item in errors. See :func:`load_image`."""
+    if draft_size is not None:
+        draft_size = _check_draft_size(draft_size)
     if not data:
-        raise ImageDecodeError(file, "empty file (0 bytes)")
+        raise ImageDecodeError(name, "empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
     # Pillow reports oddities (corrupt EXIF, bomb-size hints) as warnings; keep them
     # local and log them instead of letting them reach the user's warning filters.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img, drafted = _open_image(data, file, max_pixels, draft_size)
+        img, drafted = _open_image(data, name, max_pixels, draft_size)
         try:
             orientation = img.getexif().get(0x0112, 1) if drafted is not None else 1
             rgb = normalize_image(img)
         except Exception as exc:
             reason = f"cannot convert {img.mode} image to RGB: {_describe(exc)}"
-            raise ImageDecodeError(file, reason) from None
+            raise ImageDecodeError(name, reason) from None
     for warning in caught:
-        logger.debug("%s: %s", file, warning.message)
+        logger.debug("%s: %s", name, warning.message)
     width, height = rgb.width, rgb.height
     if drafted is not None:  # report the full-resolution upright size, and record the geometry
         width, height = _draft_geometry(rgb, drafted, orientation)

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Callable
 
-from retrieval.sources.images import LoadedImage, load_image, normalize_image  # noqa: F401  (re-exported)
+from retrieval.core.errors import ImageDecodeError
+from retrieval.sources.images import (  # noqa: F401  (re-exported)
+    LoadedImage,
+    decode_image,
+    load_image,
+    normalize_image,
+)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -22,18 +30,73 @@ def stable_id(prefix: str, *parts: object) -> str:
     return f"{prefix}-{hashlib.sha1(joined.encode('utf-8')).hexdigest()[:16]}"
 
 
+Opener = Callable[[], "bytes | BinaryIO"]
+"""Returns an item's bytes, or a binary file object (read to the end, then closed)."""
+
+
 @dataclass(frozen=True)
 class ImageRef:
-    """An image file found through a user argument."""
+    """An image to embed: a file found through a user argument, or bytes from elsewhere.
 
-    path: Path
-    source: str
+    A file item has a ``path``. An item whose bytes live elsewhere (a tar member, a parquet
+    cell, memory) has a ``uri`` naming it and an ``opener`` returning its bytes; ``version``
+    (a content size, an etag) is what a resumed build compares to tell whether the bytes
+    changed (None: the uri alone names the content). Either way ``location`` is what the
+    index stores as the item's uri and the id derives from it, so file items keep their ids.
+    """
+
+    path: Path | None = None
+    source: str = ""
     label: str | None = None
+    uri: str | None = None
+    opener: Opener | None = field(default=None, compare=False, repr=False)
+    version: str | int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.opener is None):
+            raise ValueError("an ImageRef needs a path, or an opener (with a uri), not both")
+        if self.opener is not None and not self.uri:
+            raise ValueError("an ImageRef with an opener needs a uri naming it")
+
+    @property
+    def location(self) -> str:
+        """The file path, or the uri of an opener item."""
+        return str(self.path) if self.path is not None else str(self.uri)
 
     @property
     def id(self) -> str:
-        """Stable id derived from the resolved path."""
-        return stable_id("img", str(self.path))
+        """Stable id derived from the resolved path (or the uri)."""
+        return stable_id("img", self.location)
+
+    def read_bytes(self) -> bytes:
+        """The item's bytes; a failure of the opener becomes an ImageDecodeError naming the item."""
+        if self.opener is None:
+            return Path(self.path).read_bytes()  # type: ignore[arg-type]
+        try:
+            got = self.opener()
+            if isinstance(got, (bytes, bytearray, memoryview)):
+                return bytes(got)
+            with got:
+                return got.read()
+        except Exception as e:  # any opener (tar, parquet, network) may fail in its own way
+            raise ImageDecodeError(self.location, f"cannot read: {type(e).__name__}: {e}") from None
+
+    def load(self, draft_size: tuple[int, int] | None = None) -> LoadedImage:
+        """Read, hash, decode and normalise the image (see :func:`retrieval.sources.images.load_image`)."""
+        if self.opener is None:
+            return load_image(self.path, draft_size=draft_size)  # type: ignore[arg-type]
+        return decode_image(self.read_bytes(), self.location, draft_size=draft_size)
+
+    def resume_state(self) -> list[object]:
+        """What a resumed build compares: path, size and mtime of a file (None when it is gone),
+        the uri and version of an opener item (nothing is opened)."""
+        if self.opener is not None:
+            return [self.location, self.version]
+        try:
+            st = os.stat(self.path)  # type: ignore[arg-type]
+        except OSError:
+            return [self.location, None]
+        return [self.location, [st.st_size, st.st_mtime_ns]]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""The embed stage's output, the write stage's input: items and their vectors, row for row.
+
+A plain dataclass: precomputed embeddings, or the shards of a distributed builder, can be
+turned into one without running an encoder, and written as an index by
+:func:`retrieval.api.write.write_index`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from retrieval.core.errors import InputError
+from retrieval.embed.pipeline import ImageRow
+from retrieval.sources.items import CaptionRecord, ItemError
+
+VECTOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+@dataclass
+class EmbedStats:
+    """How the image vectors were made, for the manifest's ``build`` record (all optional)."""
+
+    images_per_second: float | None = None
+    resumed: int = 0  # images taken from the progress shards of an earlier run
+    device: str | None = None
+    workers: int = 0  # DataLoader worker processes
+    replicas: bool = False  # whether those workers encoded too
+
+
+@dataclass
+class EmbeddedItems:
+    """Images and captions with their vectors (float32 or float16, one row per item, unit length).
+
+    ``encoders`` maps "image" and "text" to the record of the encoder that made each kind
+    (``{"spec", "dim", "fingerprint"}``, as :func:`retrieval.store.provenance.encoder_record`
+    gives); ``shared_space`` is True when both kinds are in one space (a contrastive model).
+    ``errors`` lists the items that were skipped.
+    """
+
+    images: list[ImageRow]
+    image_vectors: np.ndarray
+    captions: list[CaptionRecord]
+    caption_vectors: np.ndarray
+    encoders: dict[str, dict[str, Any]]
+    shared_space: bool = False
+    errors: list[ItemError] = field(default_factory=list)
+    stats: EmbedStats = field(default_factory=EmbedStats)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [row.ref.id for row in self.images]
+
+    @property
+    def caption_ids(self) -> list[str]:
+        return [record.id for record in self.captions]
+
+    def check(self) -> None:
+        """Raise InputError unless the vectors fit the items and the encoder records."""
+        for role, kind, items, vectors in (("image", "image", self.images, self.image_vectors),
+                                           ("text", "caption", self.captions, self.caption_vectors)):
+            record = self.encoders.get(role)
+            if not isinstance(record, dict) or not {"spec", "dim", "fingerprint"} <= set(record):
+                raise InputError(f"{role} encoder record must have spec, dim and fingerprint, got {record!r}")
+            vectors = np.asarray(vectors)
+            if vectors.dtype not in VECTOR_DTYPES:
+                raise InputError(f"{kind} vectors must be float32 or float16, got {vectors.dtype}")
+            if vectors.ndim != 2 or vectors.shape != (len(items), int(record["dim"])):
+                raise InputError(f"{kind} vectors have shape {vectors.shape}; expected ({len(items)}, {record['dim']}): "
+                                 f"one row per {kind}, of the {role} encoder's dimension")
+            if not np.isfinite(vectors).all():
+                raise InputError(f"{kind} vectors hold NaN or infinite values")
+        if not self.images and not self.captions:
+            raise InputError("no image could be read and no caption was given; nothing to index (see the warnings above)")
