@@ -13,6 +13,7 @@ import numpy as np
 from retrieval.asif.anchors import (
     AnchorSet,
     AnchorSpaces,
+    asif_params_for,
     build_anchor_set,
     resolve_anchor_set,
     save_anchor_set,
@@ -151,7 +152,7 @@ def build_index(
         image_encoder, text_encoder = load_encoders(encoders)
         anchor_sets = [resolve_anchor_set(str(a), image_encoder, text_encoder) for a in anchors or ()]
         spaces = AnchorSpaces(anchor_sets, anchor_weights) if anchor_sets else None
-        params = asif or (anchor_sets[0].params if anchor_sets else None)
+        params = asif_params_for(anchor_sets, asif) if anchor_sets else None  # open fields: the anchor sets' own
 
         embed_started = time.perf_counter()
         embedded = embed_images(collection.images, image_encoder, embed, work_dir=index)  # resumable: see resume.py

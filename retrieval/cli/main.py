@@ -45,13 +45,13 @@ def _int_list(value: str, option: str) -> list[int]:
     return numbers
 
 
-def _asif(k: int | None, p: float | None, default: Any = None) -> Any:
+def _asif(k: int | None, p: float | None) -> Any:
+    """The ASIF settings given (None when neither): an option left out is the anchor set's own, resolved by the API."""
     from retrieval.asif.relative import AsifParams
 
     if k is None and p is None:
-        return default
-    base = default or AsifParams()
-    return run_api(lambda: AsifParams(k=k if k is not None else base.k, p=p if p is not None else base.p))
+        return None
+    return run_api(lambda: AsifParams(k=k, p=p))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -76,8 +76,8 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the anchor set to.")
 @click.option("--image-encoder", required=True, help=IMAGE_ENCODER_HELP)
 @click.option("--text-encoder", required=True, help=TEXT_ENCODER_HELP)
-@click.option("--k", type=int, default=None, help="Default ASIF top-k for indexes using these anchors.")
-@click.option("--p", type=float, default=None, help="Default ASIF exponent for indexes using these anchors.")
+@click.option("--k", type=int, default=None, help="Default ASIF top-k for indexes using these anchors (default: the library default).")
+@click.option("--p", type=float, default=None, help="Default ASIF exponent for indexes using these anchors (default: the library default).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Reuse and fill an embedding cache folder (e.g. index_data/cache/embeddings).")
 @caption_options
 @embed_options
@@ -87,7 +87,6 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
                           checkpoint: str | None, device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool, as_json: bool) -> None:
     """Embed (image, caption) anchor pairs with two unimodal encoders, for ASIF cross-modal search."""
     from retrieval.api.build import build_anchors
-    from retrieval.asif.anchors import DEFAULT_PARAMS
     from retrieval.core.config import CaptionOptions
 
     setup_logging(quiet)
@@ -95,7 +94,7 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
         pairs, out, image_encoder, text_encoder, checkpoint=checkpoint, device=device,
         caption_options=CaptionOptions(caption_column, image_column, caption_template, encoding),
         embed=embed_settings(batch_size, workers, replicas, compile_model, quiet),
-        asif=_asif(k, p, DEFAULT_PARAMS), cache_dir=cache_dir,
+        asif=_asif(k, p), cache_dir=cache_dir,
     ))
     summary = {"out": out, "anchors": len(anchors), "asif": anchors.params.to_json()}
     if as_json:
@@ -113,8 +112,8 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 @click.option("--text-encoder", default=None, help=TEXT_ENCODER_HELP)
 @click.option("--anchors", multiple=True, help="With unimodal encoders: an anchor directory from build-anchors, or builtin:imagenet. Repeat to fuse several sets.")
 @click.option("--anchor-weights", default=None, help="Comma-separated weight per anchor set when fusing, e.g. 1,0.5.")
-@click.option("--k", type=int, default=None, help="ASIF top-k (default: the anchor set's).")
-@click.option("--p", type=float, default=None, help="ASIF exponent (default: the anchor set's).")
+@click.option("--k", type=int, default=None, help="ASIF top-k (default: the anchor sets'; fused sets must agree unless given).")
+@click.option("--p", type=float, default=None, help="ASIF exponent (default: the anchor sets'; fused sets must agree unless given).")
 @caption_options
 @embed_options
 @click.option("--progress-shard-size", type=click.IntRange(min=0), default=None,
@@ -240,8 +239,8 @@ def _print_eval(report: dict[str, Any]) -> None:
 @click.option("--route", "routes", multiple=True, type=click.Choice(["clip", "asif", "projected", "linear", "all"]),
               help="How images and texts are compared; repeatable. 'all' = every route the encoders allow. Default: clip or asif.")
 @click.option("--align", type=click.Choice(["linear"]), default=None, help="Also report the linear (ridge) alignment baseline.")
-@click.option("--k", type=int, default=None, help="ASIF top-k (default 100).")
-@click.option("--p", type=float, default=None, help="ASIF exponent (default 2).")
+@click.option("--k", type=int, default=None, help="ASIF top-k (default: the anchor sets'; fused sets must agree unless given).")
+@click.option("--p", type=float, default=None, help="ASIF exponent (default: the anchor sets'; fused sets must agree unless given).")
 @click.option("--sweep", "sweep_values", multiple=True, help="Grid over ASIF settings, e.g. --sweep k=5,10,30,100 --sweep p=1,3,8.")
 @click.option("--center", type=click.Choice(["none", "anchors", "collection"]), default="none", show_default=True,
               help="Subtract each modality's mean first: anchors = the anchors' means; collection = evaluated images by their own mean (transductive, label-free).")
