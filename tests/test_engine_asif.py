@@ -118,7 +118,9 @@ def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
     index = retrieval.build_index(
         captions=[small_collection / "pairs.jsonl"], index=tmp_path / "fused", encoders=UNIMODAL,
         anchors=[anchor_dir, "builtin:imagenet"], anchor_weights=[1.0, 0.5], embed=QUIET,
+        asif=AsifParams(k=5),  # the sets' own k differ (5 and 100): fused sets need one chosen; p (2) they share
     )
+    assert index.asif_params == AsifParams(k=5, p=2.0)
     info = index.info()
     assert [(a["count"], a["weight"]) for a in info["anchors"]] == [(12, 1.0), (1000, 0.5)]
     assert index.relative_index("image").n_anchors == 1012

@@ -197,3 +197,56 @@ def test_eval_of_an_index_agrees_with_eval_of_its_pairs_file(tmp_path, small_col
             assert mine[task] == pytest.approx(theirs[task], abs=0.02), (mine["route"], task)  # float16 storage
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "i"), "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["rows"][0]["route"] == "asif"
+
+
+def test_eval_of_an_index_leaves_removed_items_out(tmp_path, small_collection, tiny_clip_dir):
+    import retrieval
+    from retrieval.api.update import remove_from_index
+    from retrieval.eval.data import evaluate_index
+    from retrieval.eval.metrics import paired_recall
+
+    choice = EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
+    path = tmp_path / "i"
+    retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=path, encoders=choice, embed=EmbedOptions(workers=0, progress=False))
+    index = retrieval.open_index(path, device="cpu")
+    images, captions = index.items("image"), index.items("caption")
+    gone_image = images["id"][2]  # two of its 5 captions go too; the other 3 are left without their image
+    gone_captions = [cid for cid, owner in zip(captions["id"], captions["image_id"]) if owner == gone_image][:2]
+    gone_captions += [next(cid for cid, owner in zip(captions["id"], captions["image_id"]) if owner == images["id"][0])]
+    report = remove_from_index(path, ids=[gone_image, *gone_captions])
+    assert report.removed == {"image": 1, "caption": 3} and report.compacted == []  # rows stay, marked deleted
+
+    result = evaluate_index(path)["rows"][0]
+    live = [row for row, owner in enumerate(captions["image_id"]) if owner != gone_image and captions["id"][row] not in gone_captions]
+    assert result["scored"] == {"text_queries": len(live), "image_queries": 5, "images": 5, "captions": len(live)}  # was 30, 6, 6, 30
+    # the same numbers as evaluating, from scratch, the stored vectors of the live items only
+    vectors = index.store.read_vectors(index.manifest["files"]["vectors"]["clip/image"])
+    keep = [row for row, image_id in enumerate(images["id"]) if image_id != gone_image]
+    caption_vectors = index.store.read_vectors(index.manifest["files"]["vectors"]["clip/caption"])[live]
+    owner = np.array([keep.index(images["id"].index(captions["image_id"][row])) for row in live])
+    expected = evaluate(PairedData(vectors[keep], caption_vectors, owner), RouteConfig("clip"), [])
+    for task in ("text_to_image", "image_to_caption"):
+        assert result[task] == pytest.approx(expected[task])
+    # the search-based recall (one recall definition, ties counted against the query) skips them too and agrees
+    # on text -> image (image -> caption also meets the 3 captions left without their image, live in the index)
+    searched = paired_recall(retrieval.open_index(path, device="cpu"))
+    assert searched["queries"] == {"text": len(live), "image": 5}
+    assert searched["text_to_image"] == pytest.approx({k: expected["text_to_image"][f"R@{k}"] for k in (1, 5, 10)}, abs=1e-6)
+
+
+def test_one_recall_definition_ties_count_against_in_search_results_too():
+    from retrieval.eval.evaluate import rank_of_relevant, recall_table
+    from retrieval.eval.metrics import first_relevant_rank, recall_at_k
+    from retrieval.index.recall import recall_from_ranks
+
+    # item 1 is relevant and ties with item 3 at the top: rank 1, as full scoring counts it, not 0 by list order
+    positions, scores = np.array([[1, 3, 2], [2, 0, -1]]), np.array([[0.5, 0.5, 0.1], [0.9, 0.2, 0.0]])
+    ranks = first_relevant_rank(positions, [{1}, {0}], scores)
+    full = rank_of_relevant(np.eye(2, dtype=np.float32), np.array([[0.5, 0.5, 0.1, 0.0], [0.2, 0.0, 0.9, 0.0]], np.float32).T,
+                            lambda q: np.array([1, 0][q]))
+    np.testing.assert_array_equal(ranks, [1, 1])
+    np.testing.assert_array_equal(full, [1, 1])
+    assert first_relevant_rank(np.array([[2, 3]]), [{1}], np.array([[0.9, 0.8]]))[0] == -1  # not returned: not found
+    assert recall_at_k(ranks, (1, 2)) == {1: 0.0, 2: 1.0}
+    assert recall_table(full, (1, 2)) == {"R@1": 0.0, "R@2": 1.0, "median_rank": 2.0}
+    np.testing.assert_array_equal(recall_from_ranks(np.array([0, 4, -1]), 5), [1.0, 1.0, 0.0])

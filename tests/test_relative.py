@@ -76,6 +76,48 @@ def test_params_validation_and_json():
     assert issubclass(InputError, RetrievalError)
 
 
+def test_open_params_are_resolved_in_one_place():
+    from retrieval.asif.relative import DEFAULT_PARAMS
+
+    assert AsifParams() == AsifParams(k=None, p=None) and not AsifParams(k=5).complete
+    assert AsifParams(k=50).resolved(AsifParams(k=7, p=1.5)) == AsifParams(k=50, p=1.5)  # p: the base's, not a placeholder
+    assert AsifParams(p=4).resolved(AsifParams(k=7, p=1.5)) == AsifParams(k=7, p=4.0)
+    assert AsifParams().resolved() == DEFAULT_PARAMS == AsifParams(k=100, p=2.0)
+    with pytest.raises(InputError, match="both k and p"):
+        AsifParams(k=5).to_json()  # only complete parameters are stored
+    with pytest.raises(InputError, match="missing"):
+        AsifParams.from_json({"k": 5, "p": None})
+    rng = np.random.default_rng(4)
+    v, a = _unit(rng, N_VEC, DIM), _unit(rng, N_ANCH, DIM)
+    np.testing.assert_allclose(relative_representation(v, a, AsifParams(k=3)).toarray(), reference_relative(v, a, 3, 2.0), atol=1e-6)
+
+
+def test_anchor_sets_give_their_own_params_and_fused_sets_must_agree():
+    from retrieval.asif.anchors import AnchorSet, AnchorSpaces, asif_params_for
+
+    rng = np.random.default_rng(5)
+
+    def anchors(name, params):
+        return AnchorSet(name, _unit(rng, 20, DIM), _unit(rng, 20, 8), ["x"] * 20, {}, {}, params)
+
+    first, also = anchors("first", AsifParams(k=7, p=1.5)), anchors("also", AsifParams(k=7, p=1.5))
+    other = anchors("other", AsifParams(k=9, p=3.0))
+    assert anchors("open", AsifParams(k=4)).params == AsifParams(k=4, p=2.0)  # stored params are always complete
+    assert asif_params_for([first], AsifParams(k=50)) == AsifParams(k=50, p=1.5)
+    assert asif_params_for([first, also]) == AsifParams(k=7, p=1.5)
+    assert asif_params_for([], AsifParams(p=3)) == AsifParams(k=100, p=3.0)
+    with pytest.raises(InputError, match=r"different ASIF k: first \(k=7\), other \(k=9\); choose one with --k"):
+        asif_params_for([first, other], AsifParams(p=2))
+    with pytest.raises(InputError, match="different ASIF p: .*--p"):
+        asif_params_for([first, other], AsifParams(k=5))
+    assert asif_params_for([first, other], AsifParams(k=5, p=2)) == AsifParams(k=5, p=2.0)
+    v = _unit(rng, 6, DIM)
+    np.testing.assert_allclose(AnchorSpaces([first]).relative(v, "image").toarray(),
+                               reference_relative(v, first.image_vectors, 7, 1.5), atol=1e-6)
+    with pytest.raises(InputError, match="different ASIF"):
+        AnchorSpaces([first, other]).relative(v, "image")
+
+
 # --------------------------------------------------------------------------- relative rows
 
 

@@ -39,3 +39,34 @@ def test_bad_input():
         build_vector_index(np.ones(4, np.float32))
     with pytest.raises(InputError, match="unknown index type"):
         build_vector_index(np.eye(4, dtype=np.float32), "hnsw-typo")
+
+
+def test_exact_index_over_duplicates_reports_full_recall():
+    """40 identical rows (a template caption, one photo twice): the exact index finds some of them, which is exact."""
+    from retrieval.index.recall import measure_and_tune
+    from retrieval.index.source import VectorSource
+    from retrieval.index.spec import spec_for
+
+    rng = np.random.default_rng(3)
+    data = np.concatenate([_unit_rows(rng, 2000, 32), np.repeat(_unit_rows(rng, 1, 32), 40, axis=0)])
+    queries = np.concatenate([data[-1:] + 0.01 * _unit_rows(rng, 200, 32), _unit_rows(rng, 200, 32)])
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    spec = spec_for("flat", len(data), 32)
+    report = measure_and_tune(build_vector_index(data, spec), spec, VectorSource(data), queries, "self", target_recall=0.95)
+    assert report.recall_at_10 == 1.0 and report.recall_at_1 == 1.0 and report.target_reached  # ids alone: 0.61
+    assert report.queries == 200 and report.tuning_queries == 200 and report.query_source == "self"
+
+
+def test_an_index_of_one_kind_records_that_its_recall_comes_from_self_queries(tmp_path, tiny_clip_dir, small_collection):
+    from click.testing import CliRunner
+
+    import retrieval
+    from retrieval.cli.main import main
+
+    choice = retrieval.EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
+    retrieval.build_index(captions=[small_collection / "captions.txt"], index=tmp_path / "c", encoders=choice,
+                          embed=retrieval.EmbedOptions(workers=0, progress=False))
+    measured = retrieval.open_index(tmp_path / "c").manifest["vector_indexes"]["clip/caption"]["measured"]
+    assert measured["query_source"] == "self" and measured["held_out"] and (measured["queries"], measured["tuning_queries"]) == (1, 1)
+    info = CliRunner().invoke(main, ["info", "--index", str(tmp_path / "c")])
+    assert info.exit_code == 0 and "(1 queries: self)" in info.output, info.output

@@ -24,6 +24,7 @@ from retrieval.api.write import WriteOptions, commit_index, prepare_target, writ
 from retrieval.asif.anchors import (
     AnchorSet,
     AnchorSpaces,
+    asif_params_for,
     build_anchor_set,
     resolve_anchor_set,
     save_anchor_set,
@@ -147,6 +148,7 @@ def build_index(
         collection = gather_items(images, captions, caption_options)
         image_encoder, text_encoder = load_encoders(encoders)
         spaces = resolve_anchors(anchors, anchor_weights, image_encoder, text_encoder)
+        asif = asif_params_for(spaces.sets, asif) if spaces else asif  # open fields: the anchor sets' own; fails early
         embedded = embed_items(collection, image_encoder, text_encoder, embed, work_dir=index)  # resumable: see resume.py
         commit_index(embedded, index, WriteOptions(
             anchors=spaces, asif=asif, index_options=index_options, caption_options=caption_options,
@@ -198,6 +200,6 @@ def build_anchors(
     prepare_target(out)
     with writer_lock(out):
         image_model, text_model = load_encoders(EncoderChoice(image=image_encoder, text=text_encoder, checkpoint=str(checkpoint) if checkpoint else None, device=device))
-        anchor_set, errors = build_anchor_set(pairs, image_model, text_model, caption_options, embed, asif or DEFAULT_PARAMS, cache_dir)
+        anchor_set, errors = build_anchor_set(pairs, image_model, text_model, caption_options, embed, (asif or AsifParams()).resolved(DEFAULT_PARAMS), cache_dir)
         save_anchor_set(anchor_set, out, errors)
     return load_anchor_set(out)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval.asif.anchors import AnchorSpaces
+from retrieval.asif.anchors import AnchorSpaces, asif_params_for
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.config import CaptionOptions, IndexOptions
 from retrieval.core.errors import EncoderMismatchError, InputError
@@ -92,7 +92,7 @@ def commit_index(embedded: EmbeddedItems, index: Path, options: WriteOptions) ->
     image_space, text_space = manifest["spaces"]["image"], manifest["spaces"]["caption"]
     sets = _vector_sets(image_space, text_space, image_vectors, caption_vectors)
     if options.anchors is not None:
-        params = options.asif or options.anchors.sets[0].params
+        params = asif_params_for(options.anchors.sets, options.asif)
         sets += _write_asif(writer, files, manifest, options.anchors, params, image_vectors, caption_vectors)
     write_vector_sets(writer, files, manifest, sets, options.index_options, options.progress)
     stats = embedded.stats

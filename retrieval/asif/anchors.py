@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval.asif.relative import AnchorSpace, AsifParams
+from retrieval.asif.relative import DEFAULT_PARAMS, AnchorSpace, AsifParams
 from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions
 from retrieval.core.errors import InputError
 from retrieval.embed.pipeline import EmbedOptions, embed_images
@@ -33,12 +33,15 @@ IMAGENET_IMAGE_ENCODERS = ("efficientnet-lite0",)
 # Prompts for class-name anchors; averaged when several. CLIP's 6-template ensemble
 # measured no better than this one on COCO (benchmarks/asif_params.py) at 6x the cost.
 CLASS_PROMPTS = ("a photo of a {}.",)
-DEFAULT_PARAMS = AsifParams(k=100, p=2.0)  # tuned on half of COCO: benchmarks/asif_params.py
 
 
 @dataclass
 class AnchorSet:
-    """N anchor pairs: row i of ``image_vectors`` and of ``text_vectors`` describe the same thing."""
+    """N anchor pairs: row i of ``image_vectors`` and of ``text_vectors`` describe the same thing.
+
+    ``params``: the ASIF k and p indexes use with these anchors unless told
+    otherwise; fields left open are filled from :data:`DEFAULT_PARAMS`.
+    """
 
     name: str
     image_vectors: np.ndarray
@@ -54,6 +57,7 @@ class AnchorSet:
             raise InputError(f"anchor set {self.name}: {len(self.image_vectors)} image and {len(self.text_vectors)} text vectors")
         if len(self.image_vectors) == 0:
             raise InputError(f"anchor set {self.name}: no anchor pairs")
+        self.params = self.params.resolved(DEFAULT_PARAMS)
 
     def __len__(self) -> int:
         return len(self.image_vectors)
@@ -68,12 +72,32 @@ class AnchorSet:
         check_same_encoder(self.text_encoder, text_encoder, f"anchor set {self.name} (text side)")
 
 
+def asif_params_for(sets: Sequence[AnchorSet], chosen: AsifParams | None = None) -> AsifParams:
+    """The ASIF k and p to use with ``sets``: each field the caller ``chosen`` sets, else the anchor sets' own.
+
+    Fused anchor sets share one k and one p (one relative space, one ``asif``
+    entry in an index manifest). A field the caller leaves open must therefore be
+    the same in every set; sets that disagree are refused with an error naming
+    them, rather than one set's value being used for all.
+    """
+    chosen = chosen or AsifParams()
+    if not sets:
+        return chosen.resolved(DEFAULT_PARAMS)
+    for field_name in ("k", "p"):
+        values = {getattr(s.params, field_name) for s in sets}
+        if getattr(chosen, field_name) is None and len(values) > 1:
+            detail = ", ".join(f"{s.name} ({field_name}={getattr(s.params, field_name):g})" for s in sets)
+            raise InputError(f"the anchor sets use different ASIF {field_name}: {detail}; choose one with --{field_name}")
+    return chosen.resolved(sets[0].params)
+
+
 class AnchorSpaces:
     """One or several anchor sets used together: their relative spaces are fused with per-set weights.
 
     ``relative`` gives the exact sparse ASIF rows (concatenated weighted spaces, see
-    :func:`retrieval.asif.projection.fuse_relative`); ``project`` gives the dense projected
-    route: relative weights times the other modality's (weighted, stacked) anchors.
+    :func:`retrieval.asif.projection.fuse_relative`), with the k and p of
+    :func:`asif_params_for`; ``project`` gives the dense projected route: relative
+    weights times the other modality's (weighted, stacked) anchors.
     """
 
     def __init__(self, sets: Sequence[AnchorSet], weights: Sequence[float] | None = None) -> None:
@@ -85,9 +109,10 @@ class AnchorSpaces:
             raise InputError(f"{len(self.weights)} anchor weights for {len(self.sets)} anchor sets")
         self._spaces = [s.space() for s in self.sets]
 
-    def relative(self, vectors: np.ndarray, modality: str, params: AsifParams) -> Any:
+    def relative(self, vectors: np.ndarray, modality: str, params: AsifParams | None = None) -> Any:
         from retrieval.asif.fusion import fuse_relative
 
+        params = asif_params_for(self.sets, params)
         parts = [space.relative(vectors, modality, params) for space in self._spaces]
         return parts[0] if len(parts) == 1 else fuse_relative(parts, self.weights)
 

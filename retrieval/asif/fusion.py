@@ -91,14 +91,27 @@ def reciprocal_rank_fusion(
     is padded with position -1 and score 0.0.
     """
     kk = _check_k(k)
+    c = _check_constant(constant)
+    arrays = _check_rankings(rankings)
+    w = _check_weights(weights, len(arrays), "route")
+    q_all, p_all, c_all = _contributions(arrays, w, c)
+    g_q, g_p, g_score = _sum_by_query_and_position(q_all, p_all, c_all)
+    return _best_per_query(g_q, g_p, g_score, arrays[0].shape[0], kk)
+
+
+def _check_constant(constant: Any) -> float:
     if isinstance(constant, bool) or not isinstance(constant, numbers.Real):
         raise InputError(f"RRF constant must be a number >= 0, got {constant!r}")
     c = float(constant)
     if not math.isfinite(c) or c < 0:
         raise InputError(f"RRF constant must be a finite number >= 0, got {constant}")
+    return c
+
+
+def _check_rankings(rankings: Any) -> list[np.ndarray]:
+    """The rankings as int64 arrays of one query count (positions >= 0, -1 padding)."""
     if isinstance(rankings, np.ndarray) or not isinstance(rankings, Sequence) or not rankings:
         raise InputError("reciprocal_rank_fusion needs a non-empty sequence of ranking arrays")
-    w = _check_weights(weights, len(rankings), "route")
     arrays = []
     for i, r in enumerate(rankings):
         a = np.asarray(r)
@@ -108,14 +121,15 @@ def reciprocal_rank_fusion(
         if (a < -1).any():
             raise InputError(f"ranking {i} has negative positions other than the -1 padding")
         arrays.append(a)
-    n_q = arrays[0].shape[0]
     for i, a in enumerate(arrays):
-        if a.shape[0] != n_q:
-            raise InputError(f"ranking 0 has {n_q} queries but ranking {i} has {a.shape[0]}")
+        if a.shape[0] != arrays[0].shape[0]:
+            raise InputError(f"ranking 0 has {arrays[0].shape[0]} queries but ranking {i} has {a.shape[0]}")
+    return arrays
 
-    # One (query, position, contribution) entry per hit, routes in order so that
-    # sums accumulate in route order (bincount adds in input order).
-    qs, ps, cs = [], [], []
+
+def _contributions(arrays: Sequence[np.ndarray], w: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (query, position, contribution) entry per hit, routes in order (sums then accumulate in route order)."""
+    qs, ps, cs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]
     for a, wi in zip(arrays, w):
         if wi == 0 or a.size == 0:
             continue
@@ -129,31 +143,29 @@ def reciprocal_rank_fusion(
         qs.append(q_idx[keep])
         ps.append(pos[keep])
         cs.append(wi / (c + col[keep].astype(np.float64) + 1.0))
-    if qs:
-        q_all, p_all, c_all = np.concatenate(qs), np.concatenate(ps), np.concatenate(cs)
-    else:
-        q_all = p_all = np.zeros(0, dtype=np.int64)
-        c_all = np.zeros(0, dtype=np.float64)
+    return np.concatenate(qs), np.concatenate(ps), np.concatenate(cs)
 
-    # group by (query, position)
+
+def _sum_by_query_and_position(q_all: np.ndarray, p_all: np.ndarray, c_all: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query, position, summed score) of each distinct (query, position); sums add in input order."""
     order = np.lexsort((p_all, q_all))
     qo, po = q_all[order], p_all[order]
     new = np.ones(order.size, dtype=bool)
     new[1:] = (qo[1:] != qo[:-1]) | (po[1:] != po[:-1])
-    group = np.cumsum(new) - 1
     g_inv = np.empty(order.size, dtype=np.int64)
-    g_inv[order] = group  # group of each entry in its original (route) order
-    n_groups = int(new.sum())
-    g_score = np.bincount(g_inv, weights=c_all, minlength=n_groups)
-    g_q, g_p = qo[new], po[new]
+    g_inv[order] = np.cumsum(new) - 1  # group of each entry in its original (route) order
+    g_score = np.bincount(g_inv, weights=c_all, minlength=int(new.sum()))
+    return qo[new], po[new], g_score
 
+
+def _best_per_query(g_q: np.ndarray, g_p: np.ndarray, g_score: np.ndarray, n_q: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``kk`` per query by descending score, then ascending position; -1 / 0.0 padding."""
     counts = np.bincount(g_q, minlength=n_q) if n_q else np.zeros(0, dtype=np.int64)
     width = min(kk, int(counts.max()) if counts.size else 0)
     scores = np.zeros((n_q, width), dtype=np.float32)
     positions = np.full((n_q, width), -1, dtype=np.int64)
     if width == 0:
         return scores, positions
-    # per query: descending score, then ascending position
     rank_order = np.lexsort((g_p, -g_score, g_q))
     rq = g_q[rank_order]
     starts = np.zeros(n_q + 1, dtype=np.int64)

@@ -34,33 +34,53 @@ _SCORE_BLOCK_ELEMENTS = 1 << 23  # 32 MiB of float32
 
 @dataclass(frozen=True)
 class AsifParams:
-    """ASIF sparsification parameters: keep the top-``k`` anchors, raise to ``p``."""
+    """ASIF sparsification parameters: keep the top-``k`` anchors, raise to ``p``.
 
-    k: int = 30  # placeholder defaults; the lead will measure and set them
-    p: float = 3.0
+    A field left ``None`` is not chosen: :meth:`resolved` takes it from the anchor
+    set's own stored parameters (see :func:`retrieval.asif.anchors.asif_params_for`)
+    or, where no anchor set is involved, from :data:`DEFAULT_PARAMS`. That is the
+    only place defaults are filled in; stored parameters are always complete.
+    """
+
+    k: int | None = None
+    p: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):
-            raise InputError(f"ASIF k must be an integer >= 1, got {self.k!r}")
-        if self.k < 1:
-            raise InputError(f"ASIF k must be an integer >= 1, got {self.k}")
-        if isinstance(self.p, bool) or not isinstance(self.p, numbers.Real):
-            raise InputError(f"ASIF p must be a number > 0, got {self.p!r}")
-        if not math.isfinite(float(self.p)) or float(self.p) <= 0:
-            raise InputError(f"ASIF p must be a finite number > 0, got {self.p}")
-        object.__setattr__(self, "k", int(self.k))
-        object.__setattr__(self, "p", float(self.p))
+        if self.k is not None:
+            if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k < 1:
+                raise InputError(f"ASIF k must be an integer >= 1, got {self.k!r}")
+            object.__setattr__(self, "k", int(self.k))
+        if self.p is not None:
+            if isinstance(self.p, bool) or not isinstance(self.p, numbers.Real):
+                raise InputError(f"ASIF p must be a number > 0, got {self.p!r}")
+            if not math.isfinite(float(self.p)) or float(self.p) <= 0:
+                raise InputError(f"ASIF p must be a finite number > 0, got {self.p}")
+            object.__setattr__(self, "p", float(self.p))
+
+    @property
+    def complete(self) -> bool:
+        """Whether both k and p are chosen."""
+        return self.k is not None and self.p is not None
+
+    def resolved(self, base: AsifParams | None = None) -> AsifParams:
+        """These parameters with each open field taken from ``base`` (default :data:`DEFAULT_PARAMS`)."""
+        base = base if base is not None else DEFAULT_PARAMS
+        if not base.complete:
+            raise InputError(f"ASIF defaults must set both k and p, got {base}")
+        return AsifParams(k=self.k if self.k is not None else base.k, p=self.p if self.p is not None else base.p)
 
     def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form, e.g. for an index manifest."""
+        """Plain-JSON form, e.g. for an index manifest (complete parameters only)."""
+        if not self.complete:
+            raise InputError(f"ASIF params to store need both k and p, got k={self.k}, p={self.p}")
         return {"k": self.k, "p": self.p}
 
     @classmethod
     def from_json(cls, d: Any) -> AsifParams:
-        """Inverse of :meth:`to_json`; both keys are required, no others allowed."""
+        """Inverse of :meth:`to_json`; both keys are required (not null), no others allowed."""
         if not isinstance(d, dict):
             raise InputError(f"ASIF params must be a JSON object, got {type(d).__name__}")
-        missing = {"k", "p"} - d.keys()
+        missing = {"k", "p"} - {key for key, value in d.items() if value is not None}
         extra = d.keys() - {"k", "p"}
         if missing or extra:
             raise InputError(
@@ -68,6 +88,9 @@ class AsifParams:
                 f" (missing: {sorted(missing)}, unknown: {sorted(map(str, extra))})"
             )
         return cls(k=d["k"], p=d["p"])
+
+
+DEFAULT_PARAMS = AsifParams(k=100, p=2.0)  # the one default, tuned on half of COCO: benchmarks/asif_params.py
 
 
 # --------------------------------------------------------------------------- helpers
@@ -176,6 +199,7 @@ def relative_representation(
     Returns an (n, N) float32 CSR matrix with at most ``params.k`` non-zeros per
     row (zeros after clipping dropped), sorted indices, rows L2-normalised.
     """
+    params = params.resolved()
     scores, ids = top_k_similarities(vectors, anchors, params.k, batch_size)
     return _relative_from_topk(scores, ids, np.shape(anchors)[0], params.p)
 
@@ -234,6 +258,7 @@ class AnchorSpace:
         batch_size = _check_batch_size(batch_size)
         v = as_matrix(vectors, f"{modality} vectors")
         _check_dims(v, self._anchors[modality])
+        params = params.resolved()
         scores, ids = _search_flat(self._index(modality), v, params.k, batch_size)
         return _relative_from_topk(scores, ids, self.n_anchors, params.p)
 

@@ -46,13 +46,13 @@ def _int_list(value: str, option: str) -> list[int]:
     return numbers
 
 
-def _asif(k: int | None, p: float | None, default: Any = None) -> Any:
+def _asif(k: int | None, p: float | None) -> Any:
+    """The ASIF settings given (None when neither): an option left out is the anchor set's own, resolved by the API."""
     from retrieval.asif.relative import AsifParams
 
     if k is None and p is None:
-        return default
-    base = default or AsifParams()
-    return run_api(lambda: AsifParams(k=k if k is not None else base.k, p=p if p is not None else base.p))
+        return None
+    return run_api(lambda: AsifParams(k=k, p=p))
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,8 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the anchor set to.")
 @click.option("--image-encoder", required=True, help=IMAGE_ENCODER_HELP)
 @click.option("--text-encoder", required=True, help=TEXT_ENCODER_HELP)
-@click.option("--k", type=int, default=None, help="Default ASIF top-k for indexes using these anchors.")
-@click.option("--p", type=float, default=None, help="Default ASIF exponent for indexes using these anchors.")
+@click.option("--k", type=int, default=None, help="Default ASIF top-k for indexes using these anchors (default: the library default).")
+@click.option("--p", type=float, default=None, help="Default ASIF exponent for indexes using these anchors (default: the library default).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None, help="Reuse and fill an embedding cache folder (e.g. index_data/cache/embeddings).")
 @caption_options
 @embed_options()
@@ -121,13 +121,12 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
                           cache_dir: str | None, caption_options: Any, embedding: EmbedFlags, as_json: bool) -> None:
     """Embed (image, caption) anchor pairs with two unimodal encoders, for ASIF cross-modal search."""
     from retrieval.api.build import build_anchors
-    from retrieval.asif.anchors import DEFAULT_PARAMS
 
     setup_logging(embedding.quiet)
     anchors = run_api(lambda: build_anchors(
         pairs, out, image_encoder, text_encoder, checkpoint=embedding.checkpoint, device=embedding.device,
         caption_options=caption_options, embed=embedding.options,
-        asif=_asif(k, p, DEFAULT_PARAMS), cache_dir=cache_dir,
+        asif=_asif(k, p), cache_dir=cache_dir,
     ))
     summary = {"out": out, "anchors": len(anchors), "asif": anchors.params.to_json()}
     if as_json:
@@ -142,8 +141,8 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 @click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @encoder_options("Contrastive encoder spec: open_clip:MODEL/PRETRAINED, or open_clip:MODEL with --checkpoint.")
 @anchor_options("With unimodal encoders: an anchor directory from build-anchors, or builtin:imagenet. Repeat to fuse several sets.")
-@click.option("--k", type=int, default=None, help="ASIF top-k (default: the anchor set's).")
-@click.option("--p", type=float, default=None, help="ASIF exponent (default: the anchor set's).")
+@click.option("--k", type=int, default=None, help="ASIF top-k (default: the anchor sets'; fused sets must agree unless given).")
+@click.option("--p", type=float, default=None, help="ASIF exponent (default: the anchor sets'; fused sets must agree unless given).")
 @caption_options
 @embed_options(resumable=True)
 @index_type_options
@@ -291,8 +290,8 @@ eval_options = option_group("evaluation", [
 @click.argument("data", type=click.Path())
 @encoder_options("Contrastive encoder spec (route clip).")
 @anchor_options("Anchor directory or builtin:imagenet; repeat to fuse several sets.")
-@click.option("--k", type=int, default=None, help="ASIF top-k (default 100).")
-@click.option("--p", type=float, default=None, help="ASIF exponent (default 2).")
+@click.option("--k", type=int, default=None, help="ASIF top-k (default: the anchor sets'; fused sets must agree unless given).")
+@click.option("--p", type=float, default=None, help="ASIF exponent (default: the anchor sets'; fused sets must agree unless given).")
 @eval_options
 @caption_options
 @embed_options()

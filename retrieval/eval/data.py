@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval.asif.anchors import AnchorSet, resolve_anchor_set
+from retrieval.asif.anchors import AnchorSet, asif_params_for, resolve_anchor_set
 from retrieval.asif.relative import AsifParams
 from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions, EncoderChoice
 from retrieval.core.errors import InputError
@@ -118,12 +118,12 @@ def route_configs(
     routes: Sequence[str], params: AsifParams | None, grid: dict[str, list[float]], weights: Sequence[float] | None,
     center: str = "none", refine: Sequence[int] = (0,),
 ) -> list[RouteConfig]:
-    """Every (route, k, p, refinement) combination to evaluate."""
+    """Every (route, k, p, refinement) combination to evaluate; ``params`` fields left open are the defaults."""
     configs = []
     w = tuple(weights) if weights else None
     for route, rounds in itertools.product(routes, refine):
         if route in ("asif", "projected"):
-            base = params or AsifParams(k=100, p=2.0)
+            base = (params or AsifParams()).resolved()
             for k, p in itertools.product(grid.get("k", [base.k]), grid.get("p", [base.p])):
                 configs.append(RouteConfig(route, AsifParams(int(k), float(p)), w, center, rounds))
         else:
@@ -146,27 +146,23 @@ def evaluate_index(path: str | Path) -> dict[str, Any]:
     """
     from retrieval.api.engine import open_index
     from retrieval.eval.evaluate import Scorer, evaluate_paired
+    from retrieval.eval.metrics import live_pairs
 
     index = open_index(path)
-    images, captions = index.items("image"), index.items("caption")
-    position = {image_id: pos for pos, image_id in enumerate(images["id"])}
-    keep = [row for row, image_id in enumerate(captions["image_id"]) if image_id in position]
-    if not keep:
-        raise InputError(f"{path}: no caption names an indexed image; evaluation needs captions from a pairs file")
-    owner = np.array([position[captions["image_id"][row]] for row in keep], np.int64)
+    images, captions, owner = live_pairs(index)  # deleted items are neither queries nor candidates
     store, files, spaces = index.store, index.manifest["files"], index.manifest["spaces"]
-    image_vectors = store.read_vectors(files["vectors"][f"{spaces['image']}/image"])
-    caption_vectors = store.read_vectors(files["vectors"][f"{spaces['caption']}/caption"])[keep]
+    image_vectors = store.read_vectors(files["vectors"][f"{spaces['image']}/image"])[images]
+    caption_vectors = store.read_vectors(files["vectors"][f"{spaces['caption']}/caption"])[captions]
     rows = []
     for route in index.routes:
         if route == "clip":
             scorer = Scorer(image_vectors, caption_vectors, image_vectors, caption_vectors)
         elif route == "asif":
-            image_rel, caption_rel = index.relative_index("image").rows, index.relative_index("caption").rows[keep]
+            image_rel, caption_rel = index.relative_index("image").rows[images], index.relative_index("caption").rows[captions]
             scorer = Scorer(image_rel, caption_rel, image_rel, caption_rel)
         else:
-            projected_images = _projected(index, "image")
-            projected_captions = _projected(index, "caption")[keep]
+            projected_images = _projected(index, "image")[images]
+            projected_captions = _projected(index, "caption")[captions]
             scorer = Scorer(projected_images, caption_vectors, image_vectors, projected_captions)
         data = PairedData(image_vectors, caption_vectors, owner)
         rows.append({"route": route, **evaluate_paired(data, scorer)})
@@ -209,7 +205,12 @@ def run_eval(
         dataset, evaluated = load_paired(data, caption_options, opened, embed, limit)
         task = "retrieval"
     check_no_leak(anchor_sets, evaluated)
-    result: SweepResult = sweep(dataset, route_configs(routes, params, parse_sweep(sweep_values), anchor_weights, center, refine), anchor_sets, split)
+    grid = parse_sweep(sweep_values)
+    if anchor_sets and {"asif", "projected"} & set(routes):  # k and p neither given nor swept: the anchor sets'
+        swept = {name: int(values[0]) if name == "k" else values[0] for name, values in grid.items() if values}
+        params = asif_params_for(anchor_sets, replace(params or AsifParams(), **swept))
+    configs = route_configs(routes, params, grid, anchor_weights, center, refine)
+    result: SweepResult = sweep(dataset, configs, anchor_sets, split)
     return {
         "task": task,
         "data": str(data),

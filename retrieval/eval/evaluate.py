@@ -21,10 +21,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from retrieval.asif.anchors import AnchorSet, AnchorSpaces
+from retrieval.asif.anchors import AnchorSet, AnchorSpaces, asif_params_for
 from retrieval.asif.linear import LinearAlignment
 from retrieval.asif.relative import AsifParams
 from retrieval.core.errors import InputError
+from retrieval.index.recall import recall_from_ranks
 
 ROUTES = ("clip", "asif", "projected", "linear")
 Matrix = Any  # np.ndarray or scipy sparse matrix
@@ -145,7 +146,7 @@ def make_scorer(config: RouteConfig, image_vectors: np.ndarray, text_vectors: np
         return Scorer(mapped, text_vectors, mapped, text_vectors)
     if config.route not in ROUTES:
         raise InputError(f"unknown route {config.route!r}; choose from {', '.join(ROUTES)}")
-    params = config.params or anchors[0].params
+    params = asif_params_for(anchors, config.params)
     spaces = AnchorSpaces(anchors, config.anchor_weights)
     image_rel = spaces.relative(image_vectors, "image", params)
     text_rel = spaces.relative(text_vectors, "text", params)
@@ -177,7 +178,8 @@ def rank_of_relevant(queries: Matrix, collection: Matrix, relevant: Callable[[in
 
 
 def recall_table(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    table = {f"R@{k}": float(np.mean(ranks < k)) for k in ks}
+    """R@k (see :func:`retrieval.index.recall.recall_from_ranks`) and the median 1-based rank."""
+    table = {f"R@{k}": float(recall_from_ranks(ranks, k).mean()) for k in ks}
     table["median_rank"] = float(np.median(ranks + 1))
     return table
 

@@ -40,7 +40,12 @@ GROWTH_RATIO = 4.0  # or the collection this many times larger than when the lis
 
 @dataclass
 class VectorSet:
-    """The vectors of one FAISS index of a build and the queries its recall is measured with."""
+    """The vectors of one FAISS index of a build and the queries its recall is measured with.
+
+    ``query_source`` is recorded with the recall: the other kind of item
+    (``images`` / ``captions``) when it shares the space and has rows, else
+    ``self`` (the set's own rows query it: an index with one kind of item).
+    """
 
     key: str  # "<space>/<kind>", e.g. "clip/image" or "projected/caption"
     vectors: VectorSource | np.ndarray
@@ -91,7 +96,7 @@ def choose(options: IndexOptions, n: int, d: int, budget: int | None) -> IndexCh
 
 
 def sample_queries(vectors: VectorSource | np.ndarray, seed: int = 1) -> np.ndarray:
-    """Up to ``RECALL_QUERIES`` rows chosen at random, to measure recall with."""
+    """Up to ``RECALL_QUERIES`` rows chosen at random, to tune the knobs with (half) and measure recall with (the other half)."""
     return as_source(vectors).sample(RECALL_QUERIES, seed=seed)
 
 
