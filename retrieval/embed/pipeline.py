@@ -22,7 +22,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from retrieval.core.errors import ImageDecodeError, InputError
-from retrieval.embed.workers import fork_context, resolve_workers, use_replicas
+from retrieval.embed.workers import (
+    WorkerInit,
+    fork_context,
+    pause_for_tests,
+    resolve_workers,
+    use_replicas,
+)
 from retrieval.sources.items import ImageRef, ItemError, load_image
 
 log = logging.getLogger(__name__)
@@ -231,6 +237,7 @@ def embed_images(
         pin_memory=encoder.device == "cuda",
         prefetch_factor=(2 if replicas else 4) if workers else None,
         multiprocessing_context=fork_context() if replicas else None,
+        worker_init_fn=WorkerInit() if workers else None,  # workers die with this process
     )
     pending: Shard | None = None
     compiling = encoder.compiled() if options.compile else contextlib.nullcontext()
@@ -238,7 +245,7 @@ def embed_images(
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     with compiling:  # torch.compile inside it, if asked for
         try:
-            batches = iter(loader) if len(todo) else iter(())
+            batches = pause_for_tests(iter(loader)) if len(todo) else iter(())  # test hook, off by default
             if work is not None and len(todo):
                 work.start()  # after the DataLoader forked its workers: no thread is copied into them
             for batch in batches:
