@@ -1,8 +1,13 @@
-"""Shared fixtures: real photos from ../shared/data and a tiny CLIP model on disk."""
+"""Shared fixtures: real photos from ../shared/data and a tiny CLIP model on disk.
+
+Without ../shared/data the tests of real photos skip, except under CI (the ``CI`` environment
+variable set, as ``.ci/run`` does): there they fail, so that a CI run cannot pass without them.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,9 +18,31 @@ COCO = SHARED_DATA / "coco-train-mini"
 IMAGENET = SHARED_DATA / "imagenet-sample"
 
 
+def under_ci() -> bool:
+    """Whether this is a CI run (``CI`` set to anything but empty, 0 or false)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def require_shared_data() -> None:
+    """Skip the calling test without the real photos; fail it under CI."""
     if not (COCO / "captions.jsonl").is_file():
-        pytest.skip(f"real photos not found at {SHARED_DATA}")
+        missing = f"real photos not found at {SHARED_DATA}"
+        if under_ci():
+            pytest.fail(f"{missing}: CI must run the tests of real photos (the CI environment variable is set)")
+        pytest.skip(missing)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI, a test that skips for want of test data (its own skip or skipif) fails instead."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and under_ci() and not hasattr(report, "wasxfail")):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if "data" in reason.lower() or "photos" in reason.lower():
+        report.outcome = "failed"
+        report.longrepr = f"{reason}: under CI the tests of real photos must run, not skip"
 
 
 def coco_pairs(n_images: int) -> list[dict]:

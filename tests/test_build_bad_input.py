@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
+from retrieval.embed.workers import PAUSE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = EmbedOptions(batch_size=4, workers=0, progress=False)
@@ -103,15 +103,16 @@ def test_sigkill_during_a_rebuild_leaves_the_previous_index_intact(tmp_path, tin
     subprocess.run(base + ["--captions", str(small_collection / "pairs.jsonl")], check=True, capture_output=True, timeout=300)
     before = [h.id for h in retrieval.open_index(index).text_to_image("a plate of food", k=5)]
     bigger = base + ["--images", str(COCO / "images"), "--captions", str(COCO / "captions.jsonl")]
-    for delay in (0.5, 2.0, 3.5):
-        process = subprocess.Popen(bigger, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(delay)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
+    for batches in (1, 40):  # of its 40 image batches (the first, the last): stopped there by the test hook, then killed
+        env = dict(os.environ) | {PAUSE_ENV: str(batches)}
+        process = subprocess.Popen(bigger, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+        _, status = os.waitpid(process.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"the build ended before its batch {batches}"
+        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGCONT)
+        os.waitpid(process.pid, 0)
+        process.returncode = -signal.SIGKILL
         reopened = retrieval.open_index(index)
-        if reopened.manifest["counts"]["image"] == 80:  # the build won the race: it completed, which is fine too
-            break
         assert reopened.manifest["counts"] == {"image": 6, "caption": 30}
         assert [h.id for h in reopened.text_to_image("a plate of food", k=5)] == before
     # and rerunning the command completes the build

@@ -7,7 +7,9 @@ Two kinds of kill points:
   while it is stopped is exactly what a SIGKILL at that instant leaves behind, so the test checks
   the index at every such point (each write, the errors.jsonl and manifest renames, each deletion of
   the old build's files, the lock release), then lets it go on; at one seeded point it really kills it.
-* random ones: a plain ``python cli.py build-index`` killed after seeded random delays.
+* mid-embedding ones: a plain ``python cli.py build-index`` that stops itself after a seeded number
+  of image batches (the ``RETRIEVAL_TEST_PAUSE_AFTER_BATCHES`` test hook), then is killed: never a
+  guessed delay, which a fast build can outrun.
 
 After every kill the index must be exactly the previous build (same build id, same answers) or
 exactly the new one; after a rerun completes, nothing else is left in the directory.
@@ -21,7 +23,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import hostile
@@ -32,7 +33,9 @@ from conftest import COCO, coco_pairs, require_shared_data
 import retrieval
 import retrieval.sources.images
 from retrieval import EmbedOptions, EncoderChoice
-from retrieval.store.layout import MANIFEST_NAME
+from retrieval.embed.workers import PAUSE_ENV
+from retrieval.store.layout import ERRORS_NAME, MANIFEST_NAME
+from retrieval.store.locking import writer_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ["a plate of food", "a man riding a horse", "people at a table"]
@@ -140,7 +143,7 @@ def big_collection(tmp_path_factory) -> Path:
     return root
 
 
-def test_sigkill_at_every_commit_step_and_at_random_times(tmp_path, tiny_clip_dir, small_collection, big_collection):
+def test_sigkill_at_every_commit_step_and_mid_embedding(tmp_path, tiny_clip_dir, small_collection, big_collection):
     index = tmp_path / "index"
     snapshots = Snapshots(tiny_clip_dir, small_collection / "images" / sorted(
         p.name for p in (small_collection / "images").glob("0*.jpg"))[0])
@@ -174,15 +177,12 @@ def test_sigkill_at_every_commit_step_and_at_random_times(tmp_path, tiny_clip_di
     points: list[tuple[str, str]] = []
     kill_at = None
     with hostile.time_limit(240, "the stopped build"):
-        started = time.monotonic()
         child = subprocess.Popen([sys.executable, str(boot)] + rebuild, env=env, stdout=subprocess.DEVNULL,
                                  stderr=open(tmp_path / "child.err", "wb"))
         while True:
             _, status = os.waitpid(child.pid, os.WUNTRACED)
             if not os.WIFSTOPPED(status):
                 break
-            if not points:
-                time_to_commit = time.monotonic() - started  # startup, reading, embedding: until the first write
             point = log.read_text().splitlines()[-1]
             points.append((point, check(snapshots.take(index), point)))
             if kill_at is None and point == "before-replace manifest.json":
@@ -204,18 +204,22 @@ def test_sigkill_at_every_commit_step_and_at_random_times(tmp_path, tiny_clip_di
     survived += 1
     assert check(snapshots.take(index), "after the kill in the cleanup") == "new"
 
-    # 2. a kill during the commit, before the manifest rename: the index is rolled back to the previous one
+    # 2. a kill during the commit, before the manifest rename: the index is rolled back to the previous one,
+    # the top-level errors.jsonl included (it is written after the manifest)
     _rebuild_small(index, tiny_clip_dir, small_collection)
     old = snapshots.take(index)
     log.write_text("")
     with hostile.time_limit(240, "the second stopped build"):
         child = subprocess.Popen([sys.executable, str(boot)] + rebuild, env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
-        stop_before = "before-replace " + rng.choice(["errors.jsonl", "manifest.json"])
+        old_errors = (index / ERRORS_NAME).read_bytes()
+        stop_before = rng.choice(["before-replace items/*-errors.jsonl", "before-replace manifest.json"])
         while True:
             _, status = os.waitpid(child.pid, os.WUNTRACED)
             assert os.WIFSTOPPED(status), "the build finished without reaching its commit"
-            if log.read_text().splitlines()[-1] == stop_before:
+            last = log.read_text().splitlines()[-1]
+            if last == stop_before or (stop_before.startswith("before-replace items/") and last.endswith("-errors.jsonl")
+                                       and last.startswith("before-replace items/")):
                 os.kill(child.pid, signal.SIGKILL)
                 os.kill(child.pid, signal.SIGCONT)
                 os.waitpid(child.pid, 0)
@@ -223,26 +227,25 @@ def test_sigkill_at_every_commit_step_and_at_random_times(tmp_path, tiny_clip_di
             os.kill(child.pid, signal.SIGCONT)
         child.returncode = 0
     assert check(snapshots.take(index), f"killed at {stop_before}") == "old"
-    assert list(index.glob(".*.tmp")), "the killed commit should have left its temporary file"
+    assert (index / ERRORS_NAME).read_bytes() == old_errors
+    assert list(index.rglob(".*.tmp")), "the killed commit should have left its temporary file"
     survived += 1
 
-    # 3. plain cli.py processes killed at seeded random times, up to about when the writes begin
+    # 3. plain cli.py processes killed mid-embedding, after a seeded number of its 10 image batches
     outcomes = []
-    for attempt in range(4):
-        delay = rng.uniform(0.3, time_to_commit + 0.3)
-        child = subprocess.Popen([sys.executable] + rebuild, env=_child_env(), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            child.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait(timeout=60)
-            survived += 1
-        phase = check(snapshots.take(index), f"random kill {attempt} after {delay:.1f} s")
-        outcomes.append(f"{delay:.1f}s:{'killed' if child.returncode else 'finished'}->{phase}")
-        if phase == "new":  # the build won the race; start again from the small index
-            _rebuild_small(index, tiny_clip_dir, small_collection)
-            old = snapshots.take(index)
+    for attempt, batches in enumerate(sorted(rng.sample(range(1, 11), 4))):
+        child = subprocess.Popen([sys.executable] + rebuild, env=_child_env() | {PAUSE_ENV: str(batches)},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _, status = os.waitpid(child.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"attempt {attempt}: the build ended before its batch {batches}"
+        os.killpg(child.pid, signal.SIGKILL)
+        os.killpg(child.pid, signal.SIGCONT)
+        os.waitpid(child.pid, 0)
+        child.returncode = -signal.SIGKILL
+        survived += 1
+        phase = check(snapshots.take(index), f"kill {attempt} after batch {batches}")
+        assert phase == "old", f"kill {attempt} after batch {batches}: the build was not committed, yet {phase}"
+        outcomes.append(f"batch {batches}:killed->{phase}")
 
     # 4. rerunning the command completes the build and leaves nothing else behind
     subprocess.run([sys.executable] + rebuild, env=_child_env(), check=True, capture_output=True, timeout=300)
@@ -251,7 +254,7 @@ def test_sigkill_at_every_commit_step_and_at_random_times(tmp_path, tiny_clip_di
     _check_only_the_committed_build_is_left(index)
     hits = retrieval.open_index(index, device="cpu").text_to_image(QUERIES[0], k=5)
     assert [hit.id for hit in hits] == final["text_to_image"][0]
-    print(f"\nSIGKILL runs survived: {survived}; stop points checked: {len(points)}; random: {outcomes}")
+    print(f"\nSIGKILL runs survived: {survived}; stop points checked: {len(points)}; mid-embedding: {outcomes}")
     print("\n".join(f"  {point}: {phase}" for point, phase in points))
 
 
@@ -362,3 +365,60 @@ def test_add_and_remove_are_atomic_at_every_commit_step(tmp_path, tiny_clip_dir,
         final = json.loads((index / MANIFEST_NAME).read_text())
         files = {p.relative_to(index).as_posix() for p in index.rglob("*") if p.is_file()}
         assert files == set(final["checksums"]) | {"manifest.json", "errors.jsonl"}, sorted(files)
+
+
+ERRORS_KILL = r'''
+import os, sys
+import retrieval.store.writer as writer
+
+root, where = sys.argv[1], sys.argv[2]
+commit_manifest = writer.write_json_atomic
+
+def killed(*args, **kwargs):
+    if where == "after-manifest":
+        commit_manifest(*args, **kwargs)
+    os._exit(137)  # as a SIGKILL: no cleanup
+
+writer.write_json_atomic = killed  # the manifest commit
+writer.StoreWriter(root, kind="index").commit({"files": {}}, errors=[{"path": "b.jpg", "reason": "second build"}])
+'''
+
+
+def _committed_errors(root: Path) -> bytes:
+    return (root / json.loads((root / MANIFEST_NAME).read_text())["errors_file"]).read_bytes()
+
+
+@pytest.mark.parametrize("where", ["before-manifest", "after-manifest"])
+def test_errors_jsonl_never_describes_an_uncommitted_build(tmp_path, where):
+    """The top-level errors.jsonl changes only with the manifest: a writer killed just before its commit
+    leaves the committed build's copy; one killed just after leaves the previous build's, which the next
+    writer puts right as soon as it takes the lock."""
+    from retrieval.store.writer import StoreWriter
+
+    root = tmp_path / "index"
+    first = StoreWriter(root, kind="index").commit({"files": {}}, errors=[{"path": "a.jpg", "reason": "first build"}])
+    first_errors = (root / ERRORS_NAME).read_bytes()
+    assert b"first build" in first_errors and first_errors == _committed_errors(root)
+
+    killed = subprocess.run([sys.executable, "-c", ERRORS_KILL, str(root), where], env=_child_env(), timeout=120)
+    assert killed.returncode == 137
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    if where == "before-manifest":
+        assert manifest["build_id"] == first["build_id"]
+        assert (root / ERRORS_NAME).read_bytes() == first_errors, "errors.jsonl describes a build never committed"
+        return
+    assert manifest["build_id"] != first["build_id"] and b"second build" in _committed_errors(root)
+    assert (root / ERRORS_NAME).read_bytes() in (first_errors, _committed_errors(root))  # both were committed
+    with writer_lock(root):  # the next writer
+        assert (root / ERRORS_NAME).read_bytes() == _committed_errors(root)
+
+
+def test_sync_errors_copy_puts_a_stale_copy_right(tmp_path):
+    from retrieval.store.writer import StoreWriter, sync_errors_copy
+
+    root = tmp_path / "index"
+    StoreWriter(root, kind="index").commit({"files": {}}, errors=[{"path": "a.jpg", "reason": "unreadable"}])
+    (root / ERRORS_NAME).write_text("stale\n")
+    assert sync_errors_copy(root) and (root / ERRORS_NAME).read_bytes() == _committed_errors(root)
+    assert not sync_errors_copy(root)  # already in step: nothing written
+    assert not sync_errors_copy(tmp_path / "nothing-committed")

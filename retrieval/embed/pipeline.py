@@ -22,7 +22,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from retrieval.core.errors import ImageDecodeError, InputError
-from retrieval.embed.workers import fork_context, resolve_workers, use_replicas
+from retrieval.embed.workers import (
+    WorkerInit,
+    fork_context,
+    pause_for_tests,
+    resolve_workers,
+    use_replicas,
+)
 from retrieval.sources.items import ImageRef, ItemError, load_image
 
 log = logging.getLogger(__name__)
@@ -225,6 +231,7 @@ def make_loader(dataset: Any, batches: list[list[int]], encoder: Any, workers: i
         prefetch_factor=(2 if replicas else 4) if workers else None,
         # only with worker processes: a resumed run with nothing left to embed starts none
         multiprocessing_context=fork_context() if replicas and workers else None,
+        worker_init_fn=WorkerInit() if workers else None,  # workers die with this process
     )
 
 
@@ -248,7 +255,7 @@ def _run(batches: Any, encoder: Any, state: "_Embedding", work: Any, options: Em
     bar = tqdm(total=state.count, initial=resumed, desc="images", unit="img", file=sys.stderr, delay=1.0,
                disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
     try:
-        iterator = iter(batches)
+        iterator = pause_for_tests(iter(batches))  # test hook, off by default
         if work is not None and not state.done.all():
             work.start()  # after the DataLoader forked its workers: no thread is copied into them
         for batch in iterator:

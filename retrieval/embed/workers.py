@@ -3,18 +3,26 @@
 On a GPU the main process encodes the batches the workers decode. On the CPU each worker can
 also encode its own batches with a single-threaded copy of the encoder (a *replica*, shared
 copy-on-write by fork): see :func:`use_replicas`.
+
+Workers die with the build that started them (:class:`WorkerInit`): a worker that outlived a
+build killed with SIGKILL would sleep forever (its exit waits on a queue nobody reads).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
-from typing import Any
+from typing import Any, Iterator, TypeVar
 
 from retrieval.core.errors import InputError
 
-__all__ = ["MAX_AUTO_REPLICAS", "MAX_AUTO_WORKERS", "SMALL_COLLECTION", "fork_context", "resolve_workers", "use_replicas"]
+__all__ = [
+    "MAX_AUTO_REPLICAS", "MAX_AUTO_WORKERS", "PAUSE_ENV", "SMALL_COLLECTION", "WorkerInit", "die_with_parent",
+    "fork_context", "pause_for_tests", "resolve_workers", "use_replicas",
+]
 
 SMALL_COLLECTION = 64  # below this many images, worker processes cost more than they save
 MAX_AUTO_WORKERS = 8  # decode-only workers: more rarely help one encoder keep up
@@ -75,3 +83,72 @@ def use_replicas(option: bool | None, device: str, workers: int | str, n_items: 
     if compile:
         raise InputError("--compile compiles the encoder in the main process: use it with --no-replicas")
     return True
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class WorkerInit:
+    """The DataLoader ``worker_init_fn`` of the embedding stage: the worker dies with the process that made it.
+
+    Made in the parent (it records the parent's pid); picklable, so it works with any start method.
+    """
+
+    def __init__(self) -> None:
+        self.parent = os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        die_with_parent(self.parent)
+
+
+def die_with_parent(parent: int) -> bool:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``).
+
+    Returns False where that is not available. If ``parent`` already died before the request
+    (this process was re-parented and no signal will come), the process kills itself now.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):  # no libc to load, or no prctl in it
+        return False
+    if os.getppid() != parent and not _alive(parent):  # under forkserver the parent differs but lives
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+# Test hook, off by default: with RETRIEVAL_TEST_PAUSE_AFTER_BATCHES=N the embedding stage stops its
+# own process (SIGSTOP) once, right after it has handled its N-th batch, so that a crash test can
+# SIGKILL a build at a known point instead of after a guessed delay.
+PAUSE_ENV = "RETRIEVAL_TEST_PAUSE_AFTER_BATCHES"
+T = TypeVar("T")
+
+
+def pause_for_tests(batches: Iterator[T]) -> Iterator[T]:
+    """``batches`` unchanged, or, with :data:`PAUSE_ENV` set, an iterator that stops the process after N of them."""
+    text = os.environ.get(PAUSE_ENV, "").strip()
+    if not text:
+        return batches
+    if not text.isdigit() or int(text) < 1 or not hasattr(signal, "SIGSTOP"):
+        raise InputError(f"{PAUSE_ENV} must be a whole number >= 1 (and needs SIGSTOP), got {text!r}")
+    return _pausing(batches, int(text))
+
+
+def _pausing(batches: Iterator[T], after: int) -> Iterator[T]:
+    for count, batch in enumerate(batches, 1):
+        yield batch
+        if count == after:
+            os.kill(os.getpid(), signal.SIGSTOP)

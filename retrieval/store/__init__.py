@@ -16,7 +16,7 @@ replaces right away, so a reader must not depend on finding them by name
 later. :class:`StoreReader` therefore *pins* its snapshot: when it opens a
 directory it opens every file its manifest names (the build's list of skipped
 items included: ``items/<build>-errors.jsonl``; the top-level ``errors.jsonl``
-is a copy for people) and keeps the descriptors; all later reads go through
+is a copy for people, replaced only after the manifest commit) and keeps the descriptors; all later reads go through
 them. On POSIX a deleted file stays readable through an open descriptor, so a
 reader keeps answering from the build it opened, consistently, however many
 commits happen after (it sees the new build when it is opened again). The only race left is at

@@ -7,11 +7,18 @@ the store's atomic manifest commit and on holding their files open (see
 :mod:`retrieval.store`).
 
 The lock is the kernel's, held by an open file description, so it disappears
-with the process that holds it: a build killed with SIGKILL leaves at most a
-stale ``.lock`` file (with a dead pid in it), never a stuck lock. On release
-the lock file is unlinked while still locked; a process that opened the old
-file just before sees, after it gets the lock, that the path no longer names
-the file it locked, and starts over on the new one.
+with the last process that holds that description: a build killed with SIGKILL
+leaves at most a stale ``.lock`` file (with a dead pid in it), never a stuck
+lock. A forked child (a DataLoader worker) would share the description and keep
+the lock after its parent died, so every child closes its copy right after the
+fork (:func:`_forget_in_child`, registered with :func:`os.register_at_fork`); the
+descriptor is close-on-exec for ``exec``'d children. Should a lock still be held
+only by processes that outlived the build that took it (children of an older
+version, or of code that forks its own way), the error names them.
+
+On release the lock file is unlinked while still locked; a process that opened
+the old file just before sees, after it gets the lock, that the path no longer
+names the file it locked, and starts over on the new one.
 """
 
 from __future__ import annotations
@@ -20,13 +27,18 @@ import errno
 import fcntl
 import os
 import stat
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from retrieval.core.errors import IndexLockedError, InputError
+from retrieval.store.writer import sync_errors_copy
 
 LOCK_NAME = ".lock"
+
+# the locks this process holds, so that a forked child can drop its copies (see _forget_in_child)
+_HELD: "weakref.WeakSet[WriterLock]" = weakref.WeakSet()
 
 
 class WriterLock:
@@ -59,15 +71,13 @@ class WriterLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = _read_pid(fd)
-                os.close(fd)
+                try:
+                    message = _locked_message(self.root, fd)
+                finally:
+                    os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                who = f"pid {holder}" if holder else "pid unknown"
-                raise IndexLockedError(
-                    f"{self.root}: index is locked by another build ({who}); "
-                    "wait for it to finish, or build into another --index directory"
-                ) from None
+                raise IndexLockedError(message) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
@@ -78,6 +88,7 @@ class WriterLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self._fd = fd
+            _HELD.add(self)
             return
         raise IndexLockedError(f"{self.root}: could not take the writer lock ({self.path} keeps changing)")
 
@@ -90,6 +101,7 @@ class WriterLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _HELD.discard(self)
         try:
             try:
                 os.unlink(self.path)
@@ -115,6 +127,73 @@ class WriterLock:
         except Exception:
             pass
 
+    def abandon(self) -> None:
+        """In a forked child: close this process's copy of the lock, leaving the parent's lock (and file) alone."""
+        fd, self._fd = self._fd, None
+        self._created_root = False
+        if fd is not None:
+            try:
+                os.close(fd)  # flock: the lock stays with the parent's descriptor of the same open file
+            except OSError:
+                pass
+
+
+def _forget_in_child() -> None:
+    """Registered with os.register_at_fork: a forked child must not hold (or release) its parent's locks."""
+    for lock in list(_HELD):
+        lock.abandon()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _locked_message(root: Path, fd: int) -> str:
+    """Why the lock on ``fd`` is busy: the build that holds it, or the leftover processes of one that died."""
+    build = _read_pid(fd)
+    holders = lock_holders(fd)
+    if holders and build is not None and build not in holders:
+        pids = ", ".join(str(pid) for pid in holders)
+        return (f"{root}: index is locked by leftover worker processes {pids} of a build (pid {build}) that died; "
+                "kill them or wait for them to exit")
+    who = f"pid {build}" if build else "pid unknown"
+    return (f"{root}: index is locked by another build ({who}); "
+            "wait for it to finish, or build into another --index directory")
+
+
+def lock_holders(fd: int) -> list[int]:
+    """Pids of the other processes holding a flock on the file open at ``fd`` (Linux ``/proc``; else empty).
+
+    A holder has a descriptor of that file whose ``/proc/PID/fdinfo`` lists a lock; processes
+    that only opened it (a writer about to fail, like this one) hold none.
+    """
+    target = os.fstat(fd)
+    proc = Path("/proc")
+    holders = set()
+    try:
+        pids = [entry.name for entry in os.scandir(proc) if entry.name.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if int(pid) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(proc / pid / "fd")
+        except OSError:  # gone, or another user's
+            continue
+        for name in fds:
+            try:
+                found = os.stat(proc / pid / "fd" / name)
+                if (found.st_dev, found.st_ino) != (target.st_dev, target.st_ino):
+                    continue
+                info = (proc / pid / "fdinfo" / name).read_text()
+            except OSError:
+                continue
+            if any(line.startswith("lock:") and "FLOCK" in line for line in info.splitlines()):
+                holders.add(int(pid))
+    return sorted(holders)
+
 
 def _read_pid(fd: int) -> int | None:
     try:
@@ -128,10 +207,12 @@ def _read_pid(fd: int) -> int | None:
 def writer_lock(root: str | Path) -> Iterator[WriterLock]:
     """Hold the writer lock of ``root`` (created if missing) for the ``with`` block.
 
-    Raises :class:`IndexLockedError` at once when another process holds it.
+    Raises :class:`IndexLockedError` at once when another process holds it. Once it is taken,
+    a top-level ``errors.jsonl`` left stale by a writer killed right after its commit is put right.
     """
     lock = WriterLock(root)
     try:
+        sync_errors_copy(root)
         yield lock
     finally:
         lock.release()

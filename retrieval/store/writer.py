@@ -107,11 +107,13 @@ class StoreWriter:
         return self._finish(rel)
 
     def commit(self, manifest: Mapping[str, Any], errors: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
-        """Write the errors, then the manifest (the commit point); remove stale files.
+        """Write the errors, then the manifest (the commit point), then the top-level errors copy; remove stale files.
 
         The skipped items go to ``items/<build>-errors.jsonl`` (checksummed and pinned like any data
-        file, so readers always see the errors of the build they opened) and to a plain
-        ``errors.jsonl`` copy at the top, for people.
+        file, so readers always see the errors of the build they opened) and, once the manifest is
+        committed, to a plain ``errors.jsonl`` copy at the top, for people: a kill before the commit
+        leaves the copy describing the committed build, and one right after it leaves the previous
+        build's copy, which the next writer puts right (:func:`sync_errors_copy`).
         """
         errors = list(errors)
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in errors)
@@ -120,8 +122,6 @@ class StoreWriter:
         with atomic_path(self.root / rel) as tmp:
             tmp.write_bytes(data)
         self._finish(rel)
-        with atomic_open(self.root / ERRORS_NAME, "wb") as handle:
-            handle.write(data)
         full = {
             "format": FORMAT_VERSION,
             "kind": self.kind,
@@ -133,8 +133,40 @@ class StoreWriter:
         }
         full["manifest_sha256"] = manifest_digest(full)
         write_json_atomic(self.root / MANIFEST_NAME, full)
+        _write_errors_copy(self.root, data)
         remove_stale_files(self.root, keep=set(self.files))
         return full
+
+
+def sync_errors_copy(root: str | Path) -> bool:
+    """Make the top-level ``errors.jsonl`` a copy of the committed build's errors file, if it is not.
+
+    A writer killed between its manifest commit and that copy leaves the previous build's copy;
+    the next writer calls this (under the writer lock). An index without a committed manifest,
+    or whose manifest names no errors file (format v1 before errors were pinned), is left alone.
+    Returns whether the copy was rewritten.
+    """
+    root = Path(root)
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+        rel = manifest["errors_file"]
+        if not (isinstance(rel, str) and rel.startswith("items/") and ".." not in Path(rel).parts):
+            return False
+        data = (root / rel).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):  # nothing committed, or a manifest the reader will report
+        return False
+    try:
+        if (root / ERRORS_NAME).read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    _write_errors_copy(root, data)
+    return True
+
+
+def _write_errors_copy(root: Path, data: bytes) -> None:
+    with atomic_open(root / ERRORS_NAME, "wb") as handle:
+        handle.write(data)
 
 
 def remove_stale_files(root: Path, keep: set[str]) -> list[str]:
