@@ -36,7 +36,7 @@ def _look(path: Path, query: np.ndarray) -> str:
         ids = index.items(kind)["id"]
         assert len(ids) == counts[kind], f"{kind}: {len(ids)} items, manifest says {counts[kind]}"
         if counts[kind]:
-            assert index._faiss(kind).ntotal == counts[kind]
+            assert index.vector_index(f"{index.manifest['spaces'][kind]}/{kind}").ntotal == counts[kind]
             scores, positions = index.search_vectors(kind, query, "text", 3)
             assert positions.shape == (1, min(3, counts[kind])) and (positions < counts[kind]).all()
             assert [ids[p] for p in positions[0]]
