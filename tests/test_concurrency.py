@@ -434,3 +434,33 @@ def test_decoding_and_gathering_leave_the_warnings_of_other_threads_alone(tmp_pa
         assert warnings.filters is filters and warnings.filters[0][0] == "always"
     assert not errors, errors[:3]
     assert len(probes) == 3000, f"{3000 - len(probes)} warnings of this thread were swallowed by the others"
+
+
+def test_once_cache_computes_a_key_once_for_many_threads_and_retries_after_a_failure():
+    from retrieval.api.lazy import OnceCache
+
+    cache, calls, results = OnceCache(), [], []
+    barrier = threading.Barrier(8)
+
+    def slow() -> object:
+        calls.append(1)
+        time.sleep(0.05)
+        return object()
+
+    def ask() -> None:
+        barrier.wait()
+        results.append(cache.get("key", slow))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(calls) == 1 and len(results) == 8 and all(value is results[0] for value in results)
+
+    def fails() -> object:
+        raise RuntimeError("not now")
+
+    with pytest.raises(RuntimeError, match="not now"):
+        cache.get("other", fails)
+    assert cache.get("other", lambda: 5) == 5 and cache.get("other", fails) == 5

@@ -33,9 +33,6 @@ class OnceCache:
                 self._values[key] = compute()
             return self._values[key]
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._values
-
 
 class Serialised:
     """A lock per object (by identity): calls into one object that is not thread-safe run one at a time."""
