@@ -36,7 +36,7 @@ def _look(path: Path, query: np.ndarray) -> str:
         ids = index.items(kind)["id"]
         assert len(ids) == counts[kind], f"{kind}: {len(ids)} items, manifest says {counts[kind]}"
         if counts[kind]:
-            assert index._faiss(kind).ntotal == counts[kind]
+            assert index.vector_index(f"{index.manifest['spaces'][kind]}/{kind}").ntotal == counts[kind]
             scores, positions = index.search_vectors(kind, query, "text", 3)
             assert positions.shape == (1, min(3, counts[kind])) and (positions < counts[kind]).all()
             assert [ids[p] for p in positions[0]]
@@ -275,3 +275,192 @@ def test_a_reader_keeps_its_snapshot_after_the_files_are_deleted(tmp_path):
     reader.close()
     with pytest.raises(retrieval.IndexFormatError, match="closed"):
         reader.read_table(files["items"])
+
+
+QUERY_THREADS = 16
+TEXTS = ["a plate of food", "a man riding a horse"]
+
+
+def _hits(rows: list) -> tuple[list[list[str]], np.ndarray]:
+    return [[hit.id for hit in row] for row in rows], np.array([[hit.score for hit in row] for row in rows])
+
+
+def _answers(index: retrieval.Index, photos: list[Path]) -> dict[str, tuple]:
+    """Every query of ``index`` on every route it has: (ids, scores) per query and route."""
+    calls = {
+        "text_to_image": lambda route: index.texts_to_images(TEXTS, k=3, route=route),
+        "image_to_caption": lambda route: index.images_to_captions(photos, k=3, route=route),
+        "image_to_image": lambda route: index.images_to_images(photos, k=3, exclude_self=True, route=route),
+        "text_to_caption": lambda route: index.texts_to_captions(TEXTS, k=3, route=route),
+    }
+    return {f"{query}/{route}": _hits(call(route)) for query, call in calls.items() for route in index.routes_for(query)}
+
+
+def _same(got: dict[str, tuple], want: dict[str, tuple]) -> bool:
+    return got.keys() == want.keys() and all(
+        got[key][0] == want[key][0] and np.allclose(got[key][1], want[key][1], atol=1e-5) for key in want)
+
+
+def _count_loads(monkeypatch, counts: dict[tuple, int], guard: threading.Lock) -> None:
+    """Count, per part, the loads made by threads named ``query-*`` (each slowed down, to widen any race)."""
+    import retrieval.encoders.registry as registry
+    from retrieval.asif.relative import SparseRelativeIndex
+    from retrieval.store.reader import StoreReader
+
+    def counted(name: str, load, first: int = 1):
+        def wrapper(*args, **kwargs):
+            if threading.current_thread().name.startswith("query-"):
+                key = (name, *(str(a) for a in args[first : first + 1]))  # the file read (a method's args[0] is the reader)
+                with guard:
+                    counts[key] = counts.get(key, 0) + 1
+                time.sleep(0.02)
+            return load(*args, **kwargs)
+        return wrapper
+
+    for method in ("read_faiss", "vector_source", "read_table", "read_array"):
+        monkeypatch.setattr(StoreReader, method, counted(method, getattr(StoreReader, method)))
+    monkeypatch.setattr(SparseRelativeIndex, "load", staticmethod(counted("relative", SparseRelativeIndex.load, 0)))
+    monkeypatch.setattr(registry, "load_encoders", counted("encoders", registry.load_encoders, 2))
+
+
+@pytest.mark.parametrize("mode", ["clip", "asif"])
+def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_grown(
+        mode, tmp_path, request, small_collection, monkeypatch):
+    """16 threads query one cold Index on every route while another thread reopens the path and an add commits."""
+    from retrieval.api.update import add_to_index
+
+    path = tmp_path / "index"
+    if mode == "clip":
+        encoders, anchors = _clip(request.getfixturevalue("tiny_clip_dir")), None
+    else:
+        encoders, anchors = EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu"), "builtin:imagenet"
+    retrieval.build_index(images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"], index=path,
+                          encoders=encoders, anchors=anchors, embed=QUIET)
+    photos = sorted((small_collection / "images").glob("0*.jpg"))[: 2 if mode == "clip" else 1]
+    reference = _answers(retrieval.open_index(path, device="cpu"), photos)
+    first_build = retrieval.open_index(path).manifest["build_id"]
+    shared = retrieval.open_index(path, device="cpu")  # cold: every part loads under the threads below
+    counts: dict[tuple, int] = {}
+    guard = threading.Lock()
+    _count_loads(monkeypatch, counts, guard)
+    failures: list[str] = []
+    seen: list[tuple[str, dict]] = []
+    barrier = threading.Barrier(QUERY_THREADS + 1)
+    queries_done, grown = threading.Event(), threading.Event()
+
+    def query(rounds: int) -> None:
+        barrier.wait()
+        for _ in range(rounds):
+            try:
+                if not _same(_answers(shared, photos), reference):
+                    failures.append("an answer differs from the single-threaded one")
+            except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
+                failures.append(f"{type(e).__name__}: {e}")
+
+    def reopen() -> None:
+        barrier.wait()
+        while not (queries_done.is_set() and grown.is_set()) or not any(build != first_build for build, _ in seen):
+            try:
+                opened = retrieval.open_index(path, device="cpu")
+                seen.append((opened.manifest["build_id"], _answers(opened, photos)))
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"reopen: {type(e).__name__}: {e}")
+                return
+
+    def grow() -> None:
+        try:
+            add_to_index(path, captions=[small_collection / "captions.txt"], embed=QUIET, device="cpu")
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"add: {type(e).__name__}: {e}")
+        grown.set()
+
+    threads = [threading.Thread(target=query, args=(3 if mode == "clip" else 1,), name=f"query-{n}") for n in range(QUERY_THREADS)]
+    threads.append(threading.Thread(target=reopen, name="reopen"))
+    for thread in threads:
+        thread.start()
+    grow()
+    with hostile.time_limit(300, "the queries"):
+        for thread in threads[:-1]:
+            thread.join()
+        queries_done.set()
+        threads[-1].join()
+    assert not failures, failures[:5]
+    assert counts and set(counts.values()) == {1}, {key: n for key, n in counts.items() if n != 1}  # every part loaded once
+    assert {key[0] for key in counts} >= {"encoders", "read_faiss", "read_table"} | ({"relative"} if mode == "asif" else set())
+    final = retrieval.open_index(path, device="cpu")
+    assert final.manifest["build_id"] != first_build and final.manifest["counts"]["caption"] == 32
+    expected = {first_build: reference, final.manifest["build_id"]: _answers(final, photos)}
+    assert {build for build, _ in seen} <= set(expected) and len(seen) >= 2
+    assert all(_same(answers, expected[build]) for build, answers in seen)
+    assert _same(_answers(shared, photos), reference)  # the shared index still answers from its own build
+
+
+def test_decoding_and_gathering_leave_the_warnings_of_other_threads_alone(tmp_path, small_collection):
+    """Query-path work on other threads neither swallows this thread's warnings nor changes the filters."""
+    import warnings
+
+    from retrieval.index.source import VectorSource
+    from retrieval.sources.items import load_image
+
+    photo = sorted((small_collection / "images").glob("0*.jpg"))[0]
+    np.save(tmp_path / "v.npy", np.ones((64, 8), np.float16))
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def decode_and_gather() -> None:
+        while not stop.is_set():
+            try:
+                load_image(photo)
+                VectorSource([np.load(tmp_path / "v.npy", mmap_mode="r")]).take(np.arange(4))  # fresh: read-only map
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{type(e).__name__}: {e}")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = warnings.filters
+        workers = [threading.Thread(target=decode_and_gather) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        try:
+            for n in range(3000):
+                warnings.warn(f"probe {n}", UserWarning)
+                if n % 100 == 0:
+                    time.sleep(0.001)
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join(timeout=60)
+        probes = [w for w in caught if str(w.message).startswith("probe")]
+        assert warnings.filters is filters and warnings.filters[0][0] == "always"
+    assert not errors, errors[:3]
+    assert len(probes) == 3000, f"{3000 - len(probes)} warnings of this thread were swallowed by the others"
+
+
+def test_once_cache_computes_a_key_once_for_many_threads_and_retries_after_a_failure():
+    from retrieval.api.lazy import OnceCache
+
+    cache, calls, results = OnceCache(), [], []
+    barrier = threading.Barrier(8)
+
+    def slow() -> object:
+        calls.append(1)
+        time.sleep(0.05)
+        return object()
+
+    def ask() -> None:
+        barrier.wait()
+        results.append(cache.get("key", slow))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(calls) == 1 and len(results) == 8 and all(value is results[0] for value in results)
+
+    def fails() -> object:
+        raise RuntimeError("not now")
+
+    with pytest.raises(RuntimeError, match="not now"):
+        cache.get("other", fails)
+    assert cache.get("other", lambda: 5) == 5 and cache.get("other", fails) == 5

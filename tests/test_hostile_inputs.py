@@ -70,8 +70,8 @@ def _image_vectors(index) -> np.ndarray:
 def test_the_build_survives_and_is_self_consistent(corpus):
     index = corpus["index"]
     counts = index.manifest["counts"]
-    assert counts["image"] == len(index.items("image")["uri"]) == index._faiss("image").ntotal
-    assert counts["caption"] == len(index.items("caption")["caption"]) == index._faiss("caption").ntotal
+    assert counts["image"] == len(index.items("image")["uri"]) == index.vector_index(f"{index.manifest['spaces']['image']}/image").ntotal
+    assert counts["caption"] == len(index.items("caption")["caption"]) == index.vector_index(f"{index.manifest['spaces']['caption']}/caption").ntotal
     assert index.manifest["errors"] == len(index.errors())
     # errors.jsonl stays one JSON object per line, whatever the file names hold (newlines, bad bytes)
     lines = (index.path / "errors.jsonl").read_bytes().decode("utf-8").splitlines()

@@ -1,13 +1,31 @@
-"""The query side: open an index directory and answer text -> image and image -> caption."""
+"""The query side: open an index directory and answer text -> image, image -> caption, image -> image and text -> caption.
+
+One :class:`Index` may be queried from many threads at once: its parts load once, on first use (see :mod:`retrieval.api.lazy`).
+"""
 
 from __future__ import annotations
 
-from functools import cached_property
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from retrieval.api.describe import summarise
+from retrieval.api.lazy import OnceCache, Serialised
+from retrieval.api.routes import (
+    QUERIES,
+    UNIMODAL,
+    caption_hits,
+    check_k,
+    check_texts,
+    choose_route,
+    cross_modal_routes,
+    image_hits,
+    image_id,
+    query_name,
+    routes_for,
+)
 from retrieval.asif.anchors import AnchorSet, AnchorSpaces
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.errors import IndexFormatError, InputError
@@ -26,15 +44,22 @@ ImageQuery = Any  # a path (str or Path) or a PIL image
 
 
 class Index:
-    """A built index, opened for queries. Encoders load on first use and are checked against the manifest."""
+    """A built index, opened for queries. Encoders load on first use and are checked against the manifest.
+
+    Thread-safe: many threads may query one ``Index`` at once, on every route. Each part (vector
+    indexes, stored vectors, relative rows, anchors, items, encoders) loads once, however many
+    threads ask for it first; calls into one encoder model run one at a time (its tokenizer and
+    lazily built parts are not thread-safe; on a CPU one forward already uses every core), and so
+    do searches of an index placed on a GPU. FAISS CPU searches and ASIF searches run in parallel.
+    """
 
     def __init__(self, path: str | Path, device: str = "auto", mmap: bool = True) -> None:
         self.path = Path(path)
         self.device = device
         self.mmap = mmap
-        self._loaded: dict[str, Any] = {}
-        self._sources: dict[str, VectorSource] = {}
-        self._excluded: dict[str, Exclusions | None] = {}
+        self._parts = OnceCache()  # everything loaded lazily, by key
+        self._serial = Serialised()  # encoders and device indexes: one call at a time each
+        self._on_device: set[str] = set()  # vector index keys placed off the CPU
         self.store = StoreReader(self.path, kind="index")
         self.manifest: dict[str, Any] = self.store.manifest
         self._files: dict[str, Any] = self.manifest["files"]
@@ -52,15 +77,19 @@ class Index:
 
     @property
     def routes(self) -> list[str]:
-        """Cross-modal routes this index answers by: ``clip``, or ``asif`` (default) and ``projected``."""
-        return self.manifest.get("routes") or (["clip"] if self.mode == "clip" else ["asif"])
+        """Cross-modal routes this index answers by: ``clip``, or ``asif`` (default) and ``projected``.
 
-    def _route(self, route: str | None) -> str:
-        if route is None:
-            return self.routes[0]
-        if route not in self.routes:
-            raise InputError(f"{self.path}: route {route!r} not available; this index answers by {', '.join(self.routes)}")
-        return route
+        Same-modality queries (image -> image, text -> caption) have their own: see :meth:`routes_for`.
+        """
+        return cross_modal_routes(self.manifest)
+
+    def routes_for(self, query: str) -> list[str]:
+        """The routes of ``query`` (``text_to_image``, ``image_to_caption``, ``image_to_image`` or
+        ``text_to_caption``), default first: :attr:`routes` for the cross-modal two; ``clip`` (the shared
+        space) or, in an ASIF index, ``unimodal`` (the encoder's own space) for the other two."""
+        if query not in QUERIES:
+            raise InputError(f"unknown query {query!r}; one of {', '.join(QUERIES)}")
+        return routes_for(self.manifest, query)
 
     def text_to_image(self, text: str, k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None) -> list[ImageHit]:
         """The ``k`` images that best match ``text`` (``route``: see :attr:`routes`; ``knobs``: nprobe / ef_search)."""
@@ -69,23 +98,13 @@ class Index:
     def texts_to_images(self, texts: Sequence[str], k: int = 10, route: str | None = None,
                         knobs: SearchKnobs | None = None) -> list[list[ImageHit]]:
         """Batch text -> image: all ``texts`` encoded and searched in one pass; one hit list per text."""
-        for text in texts:
-            _check_query(text, k)
+        check_texts(texts, k)
         self._require("image")
-        route = self._route(route)
+        route = choose_route(self.path, self.manifest, "text_to_image", route)
         if not texts:
             return []
-        queries = self.text_encoder.encode_texts(list(texts))
-        scores, positions = self.search_vectors("image", queries, "text", k, route, knobs)
-        table = self._items["image"]
-        return [
-            [
-                ImageHit(rank=rank + 1, score=float(score), id=table["id"][pos], uri=table["uri"][pos],
-                         width=int(table["width"][pos]), height=int(table["height"][pos]))
-                for rank, (score, pos) in enumerate(_live(row_scores, row_positions))
-            ]
-            for row_scores, row_positions in zip(scores, positions)
-        ]
+        scores, positions = self.search_vectors("image", self._encode_texts(texts), "text", k, route, knobs)
+        return image_hits(self.items("image"), scores, positions)
 
     def image_to_caption(self, image: ImageQuery, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None) -> list[CaptionHit]:
         """The ``k`` captions that best describe ``image`` (a path or a PIL image)."""
@@ -98,24 +117,63 @@ class Index:
         An unreadable image raises :class:`~retrieval.core.errors.ImageDecodeError` naming it; to skip such
         images instead, load them first (see the CLI, which reports and skips them).
         """
-        if k < 1:
-            raise InputError(f"k must be at least 1, got {k}")
+        check_k(k)
         self._require("caption")
-        route = self._route(route)
+        route = choose_route(self.path, self.manifest, "image_to_caption", route)
         if not images:
             return []
-        pictures = [normalize_image(image) if hasattr(image, "convert") else load_image(image).image for image in images]
-        queries = self.image_encoder.encode_images(pictures)
-        scores, positions = self.search_vectors("caption", queries, "image", k, route, knobs)
-        table = self._items["caption"]
-        return [
-            [
-                CaptionHit(rank=rank + 1, score=float(score), id=table["id"][pos], caption=table["caption"][pos],
-                           source=table["source"][pos], image_uri=table["image_uri"][pos])
-                for rank, (score, pos) in enumerate(_live(row_scores, row_positions))
-            ]
-            for row_scores, row_positions in zip(scores, positions)
-        ]
+        scores, positions = self.search_vectors("caption", self._encode_images(images), "image", k, route, knobs)
+        return caption_hits(self.items("caption"), scores, positions)
+
+    def image_to_image(self, image: ImageQuery, k: int = 10, exclude_self: bool = False, route: str | None = None,
+                       knobs: SearchKnobs | None = None) -> list[ImageHit]:
+        """The ``k`` indexed images most like ``image`` (a path or a PIL image): "more like this photo".
+
+        CLIP indexes compare in the shared space, ASIF indexes in the image encoder's own space
+        (route ``unimodal``; see :meth:`routes_for`). With ``exclude_self`` an image query that is
+        itself in the index (the same resolved path, hence the same id) is left out of its results.
+        """
+        return self.images_to_images([image], k, exclude_self, route, knobs)[0]
+
+    def images_to_images(self, images: Sequence[ImageQuery], k: int = 10, exclude_self: bool = False,
+                         route: str | None = None, knobs: SearchKnobs | None = None,
+                         query_ids: Sequence[str | None] | None = None) -> list[list[ImageHit]]:
+        """Batch image -> image: all ``images`` encoded and searched in one pass; one hit list per image.
+
+        ``exclude_self`` drops each query's own entry (k + 1 are fetched, so k remain when there are
+        enough): found by its path, or given in ``query_ids`` (one id or None per image), which is how
+        images already decoded (PIL images, which carry no path) name themselves.
+        """
+        check_k(k)
+        self._require("image")
+        route = choose_route(self.path, self.manifest, "image_to_image", route)
+        if query_ids is not None and len(query_ids) != len(images):
+            raise InputError(f"{len(query_ids)} query ids for {len(images)} images")
+        if not images:
+            return []
+        drop = (list(query_ids) if query_ids is not None else [image_id(image) for image in images]) if exclude_self else None
+        queries = self._encode_images(images)
+        scores, positions = self.search_vectors("image", queries, "image", k + 1 if exclude_self else k, route, knobs)
+        return image_hits(self.items("image"), scores, positions, drop, k)
+
+    def text_to_caption(self, text: str, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None) -> list[CaptionHit]:
+        """The ``k`` indexed captions closest to ``text`` (caption search).
+
+        CLIP indexes compare in the shared space, ASIF indexes in the text encoder's own space
+        (route ``unimodal``; see :meth:`routes_for`).
+        """
+        return self.texts_to_captions([text], k, route, knobs)[0]
+
+    def texts_to_captions(self, texts: Sequence[str], k: int = 5, route: str | None = None,
+                          knobs: SearchKnobs | None = None) -> list[list[CaptionHit]]:
+        """Batch text -> caption: all ``texts`` encoded and searched in one pass; one hit list per text."""
+        check_texts(texts, k)
+        self._require("caption")
+        route = choose_route(self.path, self.manifest, "text_to_caption", route)
+        if not texts:
+            return []
+        scores, positions = self.search_vectors("caption", self._encode_texts(texts), "text", k, route, knobs)
+        return caption_hits(self.items("caption"), scores, positions)
 
     def search_vectors(
         self, kind: str, queries: np.ndarray, query_modality: str, k: int, route: str | None = None,
@@ -123,10 +181,12 @@ class Index:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search the ``kind`` items with encoded queries (rows) of ``query_modality``; returns (scores, positions).
 
-        Deleted items are never returned; a position of -1 pads a row when fewer than ``k`` items are live.
+        ``route``: one of :meth:`routes_for` the query (e.g. image vectors searching ``image`` items
+        is ``image_to_image``). Deleted items are never returned; a position of -1 pads a row when
+        fewer than ``k`` items are live.
         """
-        route = self._route(route)
-        if route == "clip":
+        route = choose_route(self.path, self.manifest, query_name(query_modality, kind), route)
+        if route in ("clip", UNIMODAL):  # the items' own encoder space, shared with the queries
             return self._search_key(f"{self.manifest['spaces'][kind]}/{kind}", kind, queries, k, knobs)
         if route == "projected":  # items were projected into the query's encoder space at build time
             return self._search_key(f"projected/{kind}", kind, queries, k, knobs)
@@ -137,7 +197,9 @@ class Index:
         record = self._records.get(key)
         tuned = knobs_of(record).override(knobs or SearchKnobs())
         rerank_with = self.vector_source(key) if spec_of(record).rerank else None
-        return vector_search(self.vector_index(key), queries, k, tuned, self._exclusions(kind), rerank_with)
+        index = self.vector_index(key)
+        with self._serial.using(index) if key in self._on_device else nullcontext():  # FAISS GPU: one search at a time
+            return vector_search(index, queries, k, tuned, self._exclusions(kind), rerank_with)
 
     def _search_relative(self, kind: str, relative_queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         exclude = self._exclusions(kind)
@@ -160,58 +222,70 @@ class Index:
             return self._search_key(f"{space}/{target}", target, queries, k, None)
         return self._search_relative(target, self.relative_index(source_kind).rows, k)
 
+    def _encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        encoder = self.text_encoder
+        with self._serial.using(encoder):
+            return encoder.encode_texts(list(texts))
+
+    def _encode_images(self, images: Sequence[ImageQuery]) -> np.ndarray:
+        """Decode (in parallel with other threads) and encode (one call at a time per encoder)."""
+        pictures = [normalize_image(image) if hasattr(image, "convert") else load_image(image).image for image in images]
+        encoder = self.image_encoder
+        with self._serial.using(encoder):
+            return encoder.encode_images(pictures)
+
     def items(self, kind: str) -> dict[str, list]:
         """The stored item columns of ``kind`` (``image`` or ``caption``), row-aligned with positions."""
-        return self._items[kind]
+        return self._parts.get(("items", kind), lambda: self.store.read_table(self._files["items"][kind]).to_pydict())
 
     def _require(self, kind: str) -> None:
         if self.manifest["counts"][kind] == 0:
             raise InputError(f"{self.path}: the index holds no {kind}s; rebuild it with some")
 
-    # -- lazily loaded parts ---------------------------------------------------------------
-
-    @cached_property
-    def _items(self) -> dict[str, dict[str, list]]:
-        return {kind: self.store.read_table(rel).to_pydict() for kind, rel in self._files["items"].items()}
+    # -- lazily loaded parts (each once, whichever thread asks first) ------------------------
 
     @property
     def _records(self) -> dict[str, Any]:
         return self.manifest.get("vector_indexes") or {}
-
-    def _faiss(self, kind: str) -> Any:
-        """The FAISS index of ``kind`` in its own encoder's space."""
-        return self.vector_index(f"{self.manifest['spaces'][kind]}/{kind}")
 
     def vector_index(self, key: str) -> Any:
         """The FAISS index of ``key`` (e.g. ``clip/image``), loaded on first use and placed on the device.
 
         IVF indexes are memory-mapped (their lists stay on disk) unless ``mmap=False``.
         """
-        if key not in self._loaded:
-            rel = self._files["faiss"].get(key)
-            if rel is None:
-                raise IndexFormatError(f"{self.path}: no vector index {key!r}; rebuild the index")
-            spec = spec_of(self._records.get(key))
-            index = self.store.read_faiss(rel, mmap=self.mmap and spec.nlist is not None)
-            self._loaded[key] = place_index(index, spec, self.device, lambda: self.vector_source(key))
-        return self._loaded[key]
+        return self._parts.get(("faiss", key), lambda: self._load_vector_index(key))
+
+    def _load_vector_index(self, key: str) -> Any:
+        rel = self._files["faiss"].get(key)
+        if rel is None:
+            raise IndexFormatError(f"{self.path}: no vector index {key!r}; rebuild the index")
+        spec = spec_of(self._records.get(key))
+        index = self.store.read_faiss(rel, mmap=self.mmap and spec.nlist is not None)
+        placed = place_index(index, spec, self.device, lambda: self.vector_source(key))
+        if placed is not index:
+            self._on_device.add(key)
+        elif spec.rerank:  # build FAISS's re-ranking view of the stored rows now, once, not in a racing search
+            self.vector_source(key).native_reranker(placed)
+        return placed
 
     def vector_source(self, key: str) -> VectorSource:
         """The stored float16 vectors of ``key``, memory-mapped (for re-ranking and the torch path)."""
-        if key not in self._sources:
-            source = self.store.vector_source(self._files["vectors"][key])
-            if spec_of(self._records.get(key)).rerank:  # read a few rows per query: no readahead around them
-                source.advise_random_access()
-            self._sources[key] = source
-        return self._sources[key]
+        return self._parts.get(("vectors", key), lambda: self._load_vector_source(key))
+
+    def _load_vector_source(self, key: str) -> VectorSource:
+        source = self.store.vector_source(self._files["vectors"][key])
+        if spec_of(self._records.get(key)).rerank:  # read a few rows per query: no readahead around them
+            source.advise_random_access()
+        return source
 
     def _exclusions(self, kind: str) -> Exclusions | None:
         """The deleted positions of ``kind`` (None when nothing was deleted)."""
-        if kind not in self._excluded:
-            rel = (self._files.get("deleted") or {}).get(kind)
-            positions = self.store.read_array(rel) if rel else np.zeros(0, np.int64)
-            self._excluded[kind] = Exclusions(positions, self.rows(kind)) if len(positions) else None
-        return self._excluded[kind]
+        return self._parts.get(("deleted", kind), lambda: self._load_exclusions(kind))
+
+    def _load_exclusions(self, kind: str) -> Exclusions | None:
+        rel = (self._files.get("deleted") or {}).get(kind)
+        positions = self.store.read_array(rel) if rel else np.zeros(0, np.int64)
+        return Exclusions(positions, self.rows(kind)) if len(positions) else None
 
     def rows(self, kind: str) -> int:
         """Stored rows of ``kind``, deleted ones included (positions run from 0 to rows - 1)."""
@@ -223,14 +297,15 @@ class Index:
         return exclude.positions if exclude is not None else np.zeros(0, np.int64)
 
     def relative_index(self, kind: str) -> SparseRelativeIndex:
-        return self._relative_indexes[kind]
+        """The ASIF relative rows of the ``kind`` items, loaded on first use."""
+        return self._parts.get(("relative", kind), lambda: SparseRelativeIndex.load(self.store.path(self._files["relative"][kind])))
 
-    @cached_property
-    def _relative_indexes(self) -> dict[str, SparseRelativeIndex]:
-        return {kind: SparseRelativeIndex.load(self.store.path(rel)) for kind, rel in self._files["relative"].items()}
-
-    @cached_property
+    @property
     def anchor_spaces(self) -> AnchorSpaces:
+        """The anchor sets of an ASIF index (with their weights), loaded on first use."""
+        return self._parts.get("anchors", self._load_anchor_spaces)
+
+    def _load_anchor_spaces(self) -> AnchorSpaces:
         stored = self._files.get("anchors")
         if not stored:
             raise IndexFormatError(f"{self.path}: an ASIF index without anchors; rebuild it")
@@ -246,8 +321,10 @@ class Index:
         """The ASIF k and p the collection's relative rows were computed with."""
         return AsifParams.from_json(self.manifest["asif"])
 
-    @cached_property
     def _encoders(self) -> tuple[Any, Any]:
+        return self._parts.get("encoders", self._load_encoders)
+
+    def _load_encoders(self) -> tuple[Any, Any]:
         from retrieval.core.config import EncoderChoice
         from retrieval.encoders.registry import load_encoders
 
@@ -264,78 +341,23 @@ class Index:
 
     @property
     def image_encoder(self) -> Any:
-        return self._encoders[0]
+        """The image encoder the index was built with (loaded and checked on first use)."""
+        return self._encoders()[0]
 
     @property
     def text_encoder(self) -> Any:
-        return self._encoders[1]
+        """The text encoder the index was built with (the same object as the image encoder for CLIP)."""
+        return self._encoders()[1]
 
     # -- description -------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        """A summary of the index for people and scripts."""
-        m = self.manifest
-        summary = {
-            "path": str(self.path),
-            "format": m["format"],
-            "tool_version": m["tool"]["version"],
-            "created": m["created"],
-            "build_id": m["build_id"],
-            "mode": m["mode"],
-            "encoders": m["encoders"],
-            "checkpoint": m.get("checkpoint"),
-            "counts": m["counts"],
-            "deleted": {kind: int(len(self.deleted(kind))) for kind in ("image", "caption")},
-            "errors": m["errors"],
-            "index": m["index"],
-            "vector_indexes": _describe_vector_indexes(m),
-            "spaces": m["spaces"],
-            "build": m["build"],
-            "disk_bytes": self.store.disk_bytes(),
-        }
-        summary["routes"] = self.routes
-        if "anchors" in m:
-            summary["anchors"] = [{"name": a["name"], "count": a["count"], "weight": a["weight"]} for a in m["anchors"]]
-            summary["asif"] = m["asif"]
-        return summary
+        """A summary of the index for people and scripts (``routes``: cross-modal; ``query_routes``: per query)."""
+        return summarise(self)
 
     def errors(self) -> list[dict[str, Any]]:
         """The items skipped at build time, with reasons (rows of ``errors.jsonl``)."""
         return self.store.read_errors()
-
-
-def _describe_vector_indexes(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Per vector index: what was built and why, and the recall and latency measured on this collection."""
-    described = {}
-    for key, record in (manifest.get("vector_indexes") or {}).items():
-        choice, measured = record["choice"], record.get("measured") or {}
-        described[key] = {
-            "type": choice["spec"]["type"],
-            "factory": choice["spec"]["factory"],
-            "count": record["count"],
-            "why": choice["reason"],
-            "estimated_bytes": choice["estimated_bytes"],
-            "knobs": measured.get("knobs", {}),
-            "recall@1": measured.get("recall@1"),
-            "recall@10": measured.get("recall@10"),
-            "latency_ms_median": measured.get("latency_ms_median"),
-            "recall_queries": measured.get("queries"),
-            "query_source": measured.get("query_source"),
-            "target_reached": measured.get("target_reached"),
-        }
-    return described
-
-
-def _live(scores: np.ndarray, positions: np.ndarray) -> list[tuple[float, int]]:
-    """(score, position) pairs of one result row, padding (-1) dropped."""
-    return [(float(score), int(pos)) for score, pos in zip(scores, positions) if pos >= 0]
-
-
-def _check_query(text: str, k: int) -> None:
-    if not isinstance(text, str) or not text.strip():
-        raise InputError("the query text is empty")
-    if k < 1:
-        raise InputError(f"k must be at least 1, got {k}")
 
 
 def open_index(path: str | Path, device: str = "auto", mmap: bool = True) -> Index:

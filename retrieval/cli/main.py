@@ -22,7 +22,12 @@ from retrieval.cli.common import (
     run_api,
     setup_logging,
 )
-from retrieval.cli.query import image_to_caption_command, text_to_image_command
+from retrieval.cli.query import (
+    image_to_caption_command,
+    image_to_image_command,
+    text_to_caption_command,
+    text_to_image_command,
+)
 from retrieval.cli.update import add_command, remove_command
 from retrieval.core.version import __version__
 
@@ -175,6 +180,8 @@ def build_index_command(images: Sequence[str], captions: Sequence[str], index_pa
 
 main.add_command(text_to_image_command)
 main.add_command(image_to_caption_command)
+main.add_command(image_to_image_command)
+main.add_command(text_to_caption_command)
 main.add_command(add_command)
 main.add_command(remove_command)
 

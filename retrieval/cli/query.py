@@ -1,4 +1,5 @@
-"""Query commands: ``text-to-image`` and ``image-to-caption``, one query or a whole file of them in one pass."""
+"""Query commands: ``text-to-image``, ``image-to-caption``, ``image-to-image`` and ``text-to-caption``,
+one query or a whole file of them in one pass."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ QUERY_BATCH = 256  # queries encoded and searched together
 def _search_options(func: Callable) -> Callable:
     options = [
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--route", type=click.Choice(["clip", "asif", "projected"]), default=None, help="Cross-modal route (default: the index's first; see info)."),
+        click.option("--route", type=click.Choice(["clip", "asif", "projected", "unimodal"]), default=None,
+                     help="Route (default: the query's first in this index; see info: query_routes)."),
         click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit per query (default: tuned at build time; see info). Higher: better recall, slower."),
         click.option("--ef-search", type=click.IntRange(min=1), default=None, help="HNSW search breadth (default: tuned at build time; see info)."),
     ]
@@ -50,12 +52,42 @@ def _chunks(items: Sequence[Any], size: int = QUERY_BATCH) -> Any:
         yield items[start : start + size]
 
 
+def _text_query_options(func: Callable) -> Callable:
+    options = [
+        click.argument("query", required=False),
+        click.option("--queries-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Answer every query in a file in one pass: .txt (one per line), .csv, .tsv, .jsonl or .parquet (see --column)."),
+        click.option("--column", default="caption", show_default=True, help="Column holding the query text in a csv/tsv/jsonl/parquet --queries-file."),
+        index_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _answer_texts(query: str | None, queries_file: str | None, column: str, index_path: str, device: str,
+                  ask: Callable[[Any, list[str]], list[list[Any]]], as_json: bool, describe: Callable[[Any], str]) -> None:
+    """Open the index, ask ``ask(index, texts)`` for QUERY or each query of --queries-file (in batches) and print."""
+    from retrieval.sources.captions import read_caption_file
+
+    if (query is None) == (queries_file is None):
+        raise click.UsageError("give a QUERY or --queries-file FILE (one of them)")
+    index = open_index_or_fail(index_path, device)
+    if query is not None:
+        _print_hits(run_api(lambda: ask(index, [query]))[0], as_json, describe)
+        return
+    parsed = run_api(lambda: read_caption_file(queries_file, caption_column=column))
+    for problem in parsed.errors:
+        click.echo(f"warning: skipped {problem.path} row {problem.row}: {problem.reason}", err=True)
+    texts = [record.text for record in parsed.records]
+    for batch in _chunks(texts):
+        results = run_api(lambda: ask(index, batch))
+        for text, hits in zip(batch, results):
+            _print_batch(text, hits, as_json, describe)
+
+
 @click.command("text-to-image")
-@click.argument("query", required=False)
-@click.option("--queries-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Answer every query in a file in one pass: .txt (one per line), .csv, .tsv, .jsonl or .parquet (see --column).")
-@click.option("--column", default="caption", show_default=True, help="Column holding the query text in a csv/tsv/jsonl/parquet --queries-file.")
-@index_option
+@_text_query_options
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per query.")
 @_search_options
 @click.option("--json", "as_json", is_flag=True,
@@ -63,24 +95,23 @@ def _chunks(items: Sequence[Any], size: int = QUERY_BATCH) -> Any:
 def text_to_image_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
                           route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
     """Find the images that best match QUERY (or each query of --queries-file)."""
-    from retrieval.sources.captions import read_caption_file
-
-    if (query is None) == (queries_file is None):
-        raise click.UsageError("give a QUERY or --queries-file FILE (one of them)")
-    index = open_index_or_fail(index_path, device)
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
-    if query is not None:
-        hits = run_api(lambda: index.text_to_image(query, k=k, route=route, knobs=knobs))
-        _print_hits(hits, as_json, lambda hit: hit.uri)
-        return
-    parsed = run_api(lambda: read_caption_file(queries_file, caption_column=column))
-    for problem in parsed.errors:
-        click.echo(f"warning: skipped {problem.path} row {problem.row}: {problem.reason}", err=True)
-    texts = [record.text for record in parsed.records]
-    for batch in _chunks(texts):
-        results = run_api(lambda: index.texts_to_images(batch, k=k, route=route, knobs=knobs))
-        for text, hits in zip(batch, results):
-            _print_batch(text, hits, as_json, lambda hit: hit.uri)
+    _answer_texts(query, queries_file, column, index_path, device,
+                  lambda index, texts: index.texts_to_images(texts, k=k, route=route, knobs=knobs), as_json, lambda hit: hit.uri)
+
+
+@click.command("text-to-caption")
+@_text_query_options
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per query.")
+@_search_options
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri); with --queries-file one {query, hits} object per query.")
+def text_to_caption_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
+                            route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
+    """Find the indexed captions closest to QUERY (or each query of --queries-file): caption search."""
+    knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
+    _answer_texts(query, queries_file, column, index_path, device,
+                  lambda index, texts: index.texts_to_captions(texts, k=k, route=route, knobs=knobs), as_json, lambda hit: hit.caption)
 
 
 def _image_list(path: str) -> list[str]:
@@ -94,19 +125,21 @@ def _image_list(path: str) -> list[str]:
     return [str(Path(entry) if Path(entry).is_absolute() else base / entry) for entry in entries]
 
 
-@click.command("image-to-caption")
-@click.argument("images", nargs=-1, type=click.Path())
-@click.option("--queries-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A text file listing query images, one path per line; all are answered in one pass.")
-@index_option
-@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per image.")
-@_search_options
-@click.option("--json", "as_json", is_flag=True,
-              help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri); for several images one {query, hits} object per image.")
-def image_to_caption_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, device: str,
-                             route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
-    """Find the captions that best describe IMAGE. Several images, folders or globs (or --queries-file) are
-    answered in one pass; unreadable ones are reported and skipped."""
+def _image_query_options(func: Callable) -> Callable:
+    options = [
+        click.argument("images", nargs=-1, type=click.Path()),
+        click.option("--queries-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="A text file listing query images, one path per line; all are answered in one pass."),
+        index_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _answer_images(images: Sequence[str], queries_file: str | None, index_path: str, device: str,
+                   ask: Callable[[Any, list[Any], list[str]], list[list[Any]]], as_json: bool, describe: Callable[[Any], str]) -> None:
+    """Open the index and ask ``ask(index, pictures_or_paths, ids)`` for the query images; unreadable ones are reported and skipped."""
     from retrieval.core.errors import ImageDecodeError
     from retrieval.sources.discovery import discover_images
     from retrieval.sources.items import load_image
@@ -115,26 +148,60 @@ def image_to_caption_command(images: Sequence[str], queries_file: str | None, in
     if not paths:
         raise click.UsageError("give an IMAGE (or several, folders, globs) or --queries-file FILE")
     index = open_index_or_fail(index_path, device)
-    knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
     if len(paths) == 1 and not queries_file and not Path(paths[0]).is_dir():
-        hits = run_api(lambda: index.image_to_caption(paths[0], k=k, route=route, knobs=knobs))
-        _print_hits(hits, as_json, lambda hit: hit.caption)
+        _print_hits(run_api(lambda: ask(index, [paths[0]], None))[0], as_json, describe)
         return
     refs, skipped = run_api(lambda: discover_images(paths))
     for problem in skipped:
         click.echo(f"warning: skipped {problem.path}: {problem.reason}", err=True)
     for batch in _chunks(refs):
-        pictures, names = [], []
+        pictures, names, ids = [], [], []
         for ref in batch:
             try:
                 pictures.append(load_image(ref.path).image)
-                names.append(str(ref.path))
             except ImageDecodeError as e:
                 click.echo(f"warning: skipped {e}", err=True)
                 if as_json:
                     echo_json({"query": str(ref.path), "error": e.reason})
+                continue
+            names.append(str(ref.path))
+            ids.append(ref.id)
         if not pictures:
             continue
-        results = run_api(lambda: index.images_to_captions(pictures, k=k, route=route, knobs=knobs))
+        results = run_api(lambda: ask(index, pictures, ids))
         for name, hits in zip(names, results):
-            _print_batch(name, hits, as_json, lambda hit: hit.caption)
+            _print_batch(name, hits, as_json, describe)
+
+
+@click.command("image-to-caption")
+@_image_query_options
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per image.")
+@_search_options
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri); for several images one {query, hits} object per image.")
+def image_to_caption_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, device: str,
+                             route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
+    """Find the captions that best describe IMAGE. Several images, folders or globs (or --queries-file) are
+    answered in one pass; unreadable ones are reported and skipped."""
+    knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
+    _answer_images(images, queries_file, index_path, device,
+                   lambda index, pictures, ids: index.images_to_captions(pictures, k=k, route=route, knobs=knobs),
+                   as_json, lambda hit: hit.caption)
+
+
+@click.command("image-to-image")
+@_image_query_options
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per image.")
+@click.option("--exclude-self", is_flag=True, help="Leave a query image that is itself in the index (same path) out of its own results.")
+@_search_options
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines: one object per hit (rank, score, id, uri, width, height); for several images one {query, hits} object per image.")
+def image_to_image_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, exclude_self: bool,
+                           device: str, route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
+    """Find the indexed images most like IMAGE ("more like this photo"). Several images, folders or globs
+    (or --queries-file) are answered in one pass; unreadable ones are reported and skipped."""
+    knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
+    _answer_images(images, queries_file, index_path, device,
+                   lambda index, pictures, ids: index.images_to_images(pictures, k=k, exclude_self=exclude_self, route=route,
+                                                                       knobs=knobs, query_ids=ids),
+                   as_json, lambda hit: hit.uri)

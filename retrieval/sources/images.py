@@ -1,15 +1,17 @@
 """Robust image decoding: any mode Pillow reads becomes an upright RGB image, or an ImageDecodeError.
 
-Nothing here touches global state: Pillow's limits are passed explicitly and
-warnings are only filtered inside ``warnings.catch_warnings`` blocks.
+Nothing here touches global state: Pillow's limits are passed explicitly and the
+warnings filters are left alone (``warnings.catch_warnings`` is process-wide and not
+thread-safe, and images are decoded on many threads at once). Pillow's own warnings
+about odd files (corrupt EXIF, a malformed MPO) therefore reach the caller's filters
+like any library's; under an ``error`` filter they become the ImageDecodeError of
+that file (a decompression-bomb warning one that says so).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +19,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrieval.core.errors import ImageDecodeError
-
-logger = logging.getLogger(__name__)
 
 _DEFAULT_MAX_PIXELS = 178_956_970
 
@@ -117,7 +117,7 @@ def _open_image(
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not an image (cannot identify image file)") from None
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # a warning under an "error" filter
         raise ImageDecodeError(path, f"decompression bomb: {exc}") from None
     except Exception as exc:  # Pillow raises SyntaxError/ValueError/struct.error on bad headers
         raise ImageDecodeError(path, f"corrupt image header: {_describe(exc)}") from None
@@ -132,7 +132,7 @@ def _open_image(
             drafted = None
     try:
         img.load()
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(path, f"decompression bomb: {exc}") from None
     except Exception as exc:
         raise ImageDecodeError(path, _load_failure(exc)) from None
@@ -251,20 +251,13 @@ def decode_image(
     if not data:
         raise ImageDecodeError(name, "empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
-    # Pillow reports oddities (corrupt EXIF, bomb-size hints) as warnings; keep them
-    # local and log them instead of letting them reach the user's warning filters.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img, drafted = _open_image(data, name, max_pixels, draft_size)
-        try:
-            orientation = img.getexif().get(0x0112, 1) if drafted is not None else 1
-            rgb = normalize_image(img)
-        except Exception as exc:
-            reason = f"cannot convert {img.mode} image to RGB: {_describe(exc)}"
-            raise ImageDecodeError(name, reason) from None
-    for warning in caught:
-        logger.debug("%s: %s", name, warning.message)
+    img, drafted = _open_image(data, name, max_pixels, draft_size)
+    try:
+        orientation = img.getexif().get(0x0112, 1) if drafted is not None else 1
+        rgb = normalize_image(img)
+    except Exception as exc:
+        reason = f"cannot convert {img.mode} image to RGB: {_describe(exc)}"
+        raise ImageDecodeError(name, reason) from None
     width, height = rgb.width, rgb.height
     if drafted is not None:  # report the full-resolution upright size, and record the geometry
         width, height = _draft_geometry(rgb, drafted, orientation)
