@@ -17,6 +17,10 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COCO = SHARED_DATA / "coco-train-mini"
 IMAGENET = SHARED_DATA / "imagenet-sample"
 
+# Where the query-side tests run their encoders and searches: "cpu" here and in CI; a GPU machine
+# sets RETRIEVAL_TEST_DEVICE=cuda to run the same tests (routes, 16 threads) on CUDA.
+TEST_DEVICE = os.environ.get("RETRIEVAL_TEST_DEVICE", "cpu")
+
 
 def under_ci() -> bool:
     """Whether this is a CI run (``CI`` set to anything but empty, 0 or false)."""

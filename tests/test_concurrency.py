@@ -14,6 +14,7 @@ from pathlib import Path
 import hostile
 import numpy as np
 import pytest
+from conftest import TEST_DEVICE
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
@@ -25,12 +26,12 @@ QUIET = EmbedOptions(batch_size=4, workers=0, progress=False)
 
 
 def _clip(tiny_clip_dir: Path) -> EncoderChoice:
-    return EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
+    return EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device=TEST_DEVICE)
 
 
 def _look(path: Path, query: np.ndarray) -> str:
     """Open the index and check it is one consistent build; returns its build id."""
-    index = retrieval.open_index(path, device="cpu")
+    index = retrieval.open_index(path, device=TEST_DEVICE)
     counts = index.manifest["counts"]
     for kind in ("image", "caption"):
         ids = index.items(kind)["id"]
@@ -73,7 +74,7 @@ def test_readers_see_one_consistent_build_while_a_writer_rebuilds(tmp_path, tiny
     first = retrieval.build_index(images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"],
                                   index=index, encoders=_clip(tiny_clip_dir), embed=QUIET)
     query = first.text_encoder.encode_texts(["a plate of food"])
-    early = retrieval.open_index(index, device="cpu")  # opened now, read only after every rebuild below
+    early = retrieval.open_index(index, device=TEST_DEVICE)  # opened now, read only after every rebuild below
     stop = tmp_path / "stop"
     reader = subprocess.Popen([sys.executable, "-c", READER_PROCESS, str(index), str(stop), str(ROOT / "tests")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -333,13 +334,13 @@ def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_
     if mode == "clip":
         encoders, anchors = _clip(request.getfixturevalue("tiny_clip_dir")), None
     else:
-        encoders, anchors = EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu"), "builtin:imagenet"
+        encoders, anchors = EncoderChoice(image="efficientnet-lite0", text="minilm", device=TEST_DEVICE), "builtin:imagenet"
     retrieval.build_index(images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"], index=path,
                           encoders=encoders, anchors=anchors, embed=QUIET)
     photos = sorted((small_collection / "images").glob("0*.jpg"))[: 2 if mode == "clip" else 1]
-    reference = _answers(retrieval.open_index(path, device="cpu"), photos)
+    reference = _answers(retrieval.open_index(path, device=TEST_DEVICE), photos)
     first_build = retrieval.open_index(path).manifest["build_id"]
-    shared = retrieval.open_index(path, device="cpu")  # cold: every part loads under the threads below
+    shared = retrieval.open_index(path, device=TEST_DEVICE)  # cold: every part loads under the threads below
     counts: dict[tuple, int] = {}
     guard = threading.Lock()
     _count_loads(monkeypatch, counts, guard)
@@ -361,7 +362,7 @@ def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_
         barrier.wait()
         while not (queries_done.is_set() and grown.is_set()) or not any(build != first_build for build, _ in seen):
             try:
-                opened = retrieval.open_index(path, device="cpu")
+                opened = retrieval.open_index(path, device=TEST_DEVICE)
                 seen.append((opened.manifest["build_id"], _answers(opened, photos)))
             except Exception as e:  # noqa: BLE001
                 failures.append(f"reopen: {type(e).__name__}: {e}")
@@ -369,7 +370,7 @@ def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_
 
     def grow() -> None:
         try:
-            add_to_index(path, captions=[small_collection / "captions.txt"], embed=QUIET, device="cpu")
+            add_to_index(path, captions=[small_collection / "captions.txt"], embed=QUIET, device=TEST_DEVICE)
         except Exception as e:  # noqa: BLE001
             failures.append(f"add: {type(e).__name__}: {e}")
         grown.set()
@@ -387,7 +388,7 @@ def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_
     assert not failures, failures[:5]
     assert counts and set(counts.values()) == {1}, {key: n for key, n in counts.items() if n != 1}  # every part loaded once
     assert {key[0] for key in counts} >= {"encoders", "read_faiss", "read_table"} | ({"relative"} if mode == "asif" else set())
-    final = retrieval.open_index(path, device="cpu")
+    final = retrieval.open_index(path, device=TEST_DEVICE)
     assert final.manifest["build_id"] != first_build and final.manifest["counts"]["caption"] == 32
     expected = {first_build: reference, final.manifest["build_id"]: _answers(final, photos)}
     assert {build for build, _ in seen} <= set(expected) and len(seen) >= 2

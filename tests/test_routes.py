@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TEST_DEVICE
 from PIL import Image
 
 import retrieval
@@ -21,7 +22,7 @@ TEXT = "a plate of food on a table"
 
 
 def _clip(tiny_clip_dir) -> EncoderChoice:
-    return EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
+    return EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="module", params=["clip", "asif"])
@@ -31,7 +32,7 @@ def built(request, tmp_path_factory, small_collection):
     if request.param == "clip":
         encoders, anchors = _clip(request.getfixturevalue("tiny_clip_dir")), None
     else:
-        encoders, anchors = EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu"), "builtin:imagenet"
+        encoders, anchors = EncoderChoice(image="efficientnet-lite0", text="minilm", device=TEST_DEVICE), "builtin:imagenet"
     retrieval.build_index(images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"], index=path,
                           encoders=encoders, anchors=anchors, embed=QUIET)
     return path
@@ -40,7 +41,7 @@ def built(request, tmp_path_factory, small_collection):
 @pytest.fixture(scope="module")
 def opened(built):
     """The index opened once for the tests that only read it (its encoders load once)."""
-    return retrieval.open_index(built, device="cpu")
+    return retrieval.open_index(built, device=TEST_DEVICE)
 
 
 def _stored(index, kind: str) -> np.ndarray:
@@ -126,12 +127,12 @@ def test_deleted_rows_are_never_returned(built, small_collection, tmp_path):
 
     path = tmp_path / "index"
     shutil.copytree(built, path)
-    before = retrieval.open_index(path, device="cpu")
+    before = retrieval.open_index(path, device=TEST_DEVICE)
     photo = _photos(small_collection)[0]
     own, neighbour = [h.id for h in before.image_to_image(photo, k=2)]  # itself, then its nearest neighbour
     gone_caption = before.text_to_caption(TEXT, k=1)[0].id
     remove_from_index(path, ids=[neighbour, gone_caption])  # few enough to be kept as deleted rows, not compacted
-    index = retrieval.open_index(path, device="cpu")
+    index = retrieval.open_index(path, device=TEST_DEVICE)
     assert len(index.deleted("image")) == 1 and len(index.deleted("caption")) == 1
     image_query = index.image_encoder.encode_images([load_image(photo).image])[0]
     hits = index.image_to_image(photo, k=10)
