@@ -500,10 +500,10 @@ def test_offline_uses_weights_left_in_the_hub_cache(offline, tmp_path):
     import huggingface_hub.constants as hf_constants
     import open_clip
 
-    from retrieval.encoders.open_clip import _cached_tag_weights
+    from retrieval.encoders.open_clip_loading import cached_tag_weights
 
     cfg = open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")
-    assert _cached_tag_weights(cfg) is None
+    assert cached_tag_weights(cfg) is None
     repo = (
         Path(hf_constants.HF_HUB_CACHE)
         / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
@@ -513,7 +513,7 @@ def test_offline_uses_weights_left_in_the_hub_cache(offline, tmp_path):
     weights = repo / "snapshots" / ("0" * 40) / "open_clip_model.safetensors"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"not really weights")
-    assert Path(_cached_tag_weights(cfg)) == weights
+    assert Path(cached_tag_weights(cfg)) == weights
     with pytest.raises(
         EncoderError, match="pretrained tag 'laion2b_s34b_b79k'"
     ):  # found, but unloadable
