@@ -657,3 +657,12 @@ def test_cuda_matches_cpu(effnet, tiny, tiny_dir, photos):
     a, b = tiny.encode_texts(TEXTS), gpu_clip.encode_texts(TEXTS)
     _assert_unit_rows(b, 3, TINY_EMBED_DIM)
     assert ((a * b).sum(axis=1) > 0.99).all()
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()")
+def test_cuda_minilm_direct_matches_cpu(minilm):
+    gpu = load_text_encoder("minilm", device="cuda")
+    assert gpu.direct and gpu.fingerprint() == minilm.fingerprint()
+    a, b = minilm.encode_texts(CAPTIONS), gpu.encode_texts(CAPTIONS)
+    _assert_unit_rows(b, len(CAPTIONS), 384)
+    assert ((a * b).sum(axis=1) > 0.999).all()
