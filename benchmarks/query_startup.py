@@ -14,6 +14,23 @@ query within 2x the torch import. ``--importtime`` also lists, per query, the he
 imported and their cumulative import time (``python -X importtime``).
 
     python benchmarks/query_startup.py [--images 32] [--repeats 5] [--importtime]
+
+Measured 2026-11-29 on the shared 2-core CPU (load average about 1.5), 32 photos, median of 5,
+before (f685fda) and after the direct MiniLM path (:mod:`retrieval.encoders.bert`):
+
+    query                  before          after
+    import torch           1.41 s          1.43 s
+    asif text-to-image     6.06 s  4.29x   2.02 s  1.41x
+    asif image-to-caption  5.99 s  4.24x   1.92 s  1.34x
+    clip text-to-image     4.65 s  3.29x   4.75 s  3.32x
+    clip image-to-caption  4.50 s  3.19x   4.72 s  3.30x
+
+``--importtime`` shows why: before, both ASIF queries imported sentence_transformers (with
+transformers, sklearn, timm and torchvision; about 3 s on an idle machine), since an index opens
+its text encoder for image queries too; after, they import torch, faiss, tokenizers and
+safetensors only. CLIP queries import open_clip, which itself imports torchvision,
+transformers and timm (about 3 s with torch): they stay over the target until CLIP models
+get a direct path like MiniLM's.
 """
 
 from __future__ import annotations
