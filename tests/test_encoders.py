@@ -249,6 +249,13 @@ def test_unsupported_folder_loads_through_sentence_transformers(tmp_path, capsys
     assert "Batches" not in err and "captions" in err and "16/16" in err
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+def test_damaged_folder_names_the_folder(damaged, tmp_path):
+    folder = _folder_copy(tmp_path, {damaged: "not what it should be"})
+    with pytest.raises(EncoderError, match="cannot load sentence-transformers model from .*" + tmp_path.name):
+        load_text_encoder(f"st:{folder}", device="cpu")
+
+
 def test_caption_progress_is_one_bar_in_our_words(minilm, capsys):
     minilm.encode_texts(CAPTIONS, batch_size=4, progress=True)
     captured = capsys.readouterr()

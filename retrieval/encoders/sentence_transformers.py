@@ -174,6 +174,8 @@ def _direct_model(folder: Path, device: str) -> BertTextModel | None:
     except Unsupported as e:
         log.info("%s loads through sentence-transformers: %s", folder, e)
         return None
+    except Exception as e:  # a damaged tokenizer.json or weights file
+        raise EncoderError(f"cannot load sentence-transformers model from {folder}: {short_error(e)}") from e
 
 
 def _library_model(source: _Source, device: str) -> Any:
