@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import socket
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_clip import TINY_EMBED_DIM, make_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("RETRIEVAL_DATA", "/work/shared/data"))
+DATA = Path(os.environ.get("RETRIEVAL_DATA", REPO.parent / "shared" / "data"))
 IMAGENET = DATA / "imagenet-sample"
 COCO = DATA / "coco-train-mini" / "images"
 TEXTS = [
@@ -150,6 +151,131 @@ def test_minilm_matches_sentence_transformers(minilm):
     )
     cos = (minilm.encode_texts(TEXTS) * ref).sum(axis=1)
     assert (cos > 0.9999).all(), cos
+
+
+# --- MiniLM computed directly (no sentence-transformers import) -----------------------------------
+
+CAPTIONS = [
+    "A man riding a horse on a dirt road.",
+    "  a plate of food with broccoli and rice  ",
+    "Two dogs play in the snow",
+    "A kitchen with a stove, a sink and a refrigerator.",
+    "Ünïcödé café: crème brûlée on a tray",
+    "a red double decker bus " * 60,  # longer than max_seq_length: truncated
+    "",
+    "A cat sleeping on a laptop keyboard",
+] * 2  # 16 captions
+HEAVY = ("torch", "faiss", "open_clip", "sentence_transformers", "transformers")
+
+
+def _library_encoder(folder: Path, spec: str = "minilm"):
+    """The same folder loaded through sentence-transformers (the reference)."""
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval.encoders.sentence_transformers import SentenceTransformerEncoder
+
+    return SentenceTransformerEncoder(SentenceTransformer(str(folder), device="cpu"), spec, "cpu")
+
+
+def _folder_copy(tmp_path: Path, replace: dict[str, str]) -> Path:
+    """The bundled MiniLM folder, files linked, with some files' text replaced."""
+    from retrieval.encoders.sentence_transformers import minilm_path
+
+    source = minilm_path()
+    for path in source.rglob("*"):
+        if path.is_file():
+            target = tmp_path / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            rel = str(path.relative_to(source))
+            if rel in replace:
+                target.write_text(replace[rel], encoding="utf-8")
+            else:
+                target.symlink_to(path)
+    return tmp_path
+
+
+def test_minilm_loads_without_sentence_transformers():
+    code = (
+        "import sys; from retrieval.encoders import load_text_encoder; "
+        "load_text_encoder('minilm', device='cpu').encode_texts(['a dog']); "
+        "print(sorted(m for m in ('sentence_transformers', 'transformers', 'sklearn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_importing_retrieval_and_its_cli_imports_no_heavy_library():
+    code = f"import sys, retrieval, retrieval.cli; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_minilm_direct_path_equals_sentence_transformers(minilm, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval.encoders.sentence_transformers import minilm_path
+
+    library = _library_encoder(minilm_path())
+    assert minilm.direct and not library.direct
+    # same fingerprint: indexes built through sentence-transformers still open
+    assert (minilm.fingerprint(), minilm.dim, minilm.numerics) == (library.fingerprint(), library.dim, library.numerics)
+    cos = (minilm.encode_texts(CAPTIONS, batch_size=3) * library.encode_texts(CAPTIONS, batch_size=3)).sum(axis=1)
+    assert cos.min() >= 0.99999, cos
+    # float32 against sentence-transformers' own encode
+    monkeypatch.setattr(minilm, "_cpu_bfloat16", False)
+    ref = SentenceTransformer(str(minilm_path()), device="cpu").encode(CAPTIONS, normalize_embeddings=True)
+    cos = (minilm.encode_texts(CAPTIONS) * ref).sum(axis=1)
+    assert cos.min() >= 0.99999, cos
+
+
+@pytest.mark.parametrize("pooling", ["cls", "max"])
+def test_direct_pooling_modes_equal_sentence_transformers(pooling, tmp_path):
+    config = {"word_embedding_dimension": 384, f"pooling_mode_{pooling}_token{'s' if pooling == 'max' else ''}": True}
+    folder = _folder_copy(tmp_path, {"1_Pooling/config.json": json.dumps(config)})
+    direct = load_text_encoder(f"st:{folder}", device="cpu")
+    library = _library_encoder(folder, direct.spec)
+    assert direct.direct and direct.fingerprint() == library.fingerprint()
+    cos = (direct.encode_texts(CAPTIONS[:8]) * library.encode_texts(CAPTIONS[:8])).sum(axis=1)
+    assert cos.min() >= 0.99999, cos
+
+
+def test_unsupported_folder_loads_through_sentence_transformers(tmp_path, capsys):
+    settings = {"prompts": {"query": "query: "}, "default_prompt_name": "query"}
+    folder = _folder_copy(tmp_path, {"config_sentence_transformers.json": json.dumps(settings)})
+    encoder = load_text_encoder(f"st:{folder}", device="cpu")
+    assert not encoder.direct
+    _assert_unit_rows(encoder.encode_texts(CAPTIONS, batch_size=4, progress=True), 16, 384)
+    err = capsys.readouterr().err
+    assert "Batches" not in err and "captions" in err and "16/16" in err
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+def test_damaged_folder_names_the_folder(damaged, tmp_path):
+    folder = _folder_copy(tmp_path, {damaged: "not what it should be"})
+    with pytest.raises(EncoderError, match="cannot load sentence-transformers model from .*" + tmp_path.name):
+        load_text_encoder(f"st:{folder}", device="cpu")
+
+
+def test_caption_progress_is_one_bar_in_our_words(minilm, capsys):
+    minilm.encode_texts(CAPTIONS, batch_size=4, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "captions" in captured.err and "16/16" in captured.err and "Batches" not in captured.err
+
+
+def test_build_shows_our_caption_bar_only(tmp_path):
+    from click.testing import CliRunner
+
+    from retrieval.cli import main
+
+    photos = sorted(_need(COCO).glob("*.jpg"))[:2]
+    (tmp_path / "captions.txt").write_text("\n".join(c.strip() or "x" for c in CAPTIONS) + "\n", encoding="utf-8")
+    args = ["build-index", "--images", str(photos[0]), "--images", str(photos[1]), "--captions", str(tmp_path / "captions.txt"),
+            "--index", str(tmp_path / "index"), "--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm",
+            "--anchors", "builtin:imagenet", "--device", "cpu"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Batches" not in result.output and "captions" in result.stderr and "16/16" in result.stderr
 
 
 def test_tiny_clip_dims_norms_determinism(tiny, photos):
@@ -382,10 +508,10 @@ def test_offline_uses_weights_left_in_the_hub_cache(offline, tmp_path):
     import huggingface_hub.constants as hf_constants
     import open_clip
 
-    from retrieval.encoders.open_clip import _cached_tag_weights
+    from retrieval.encoders.open_clip_loading import cached_tag_weights
 
     cfg = open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")
-    assert _cached_tag_weights(cfg) is None
+    assert cached_tag_weights(cfg) is None
     repo = (
         Path(hf_constants.HF_HUB_CACHE)
         / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
@@ -395,7 +521,7 @@ def test_offline_uses_weights_left_in_the_hub_cache(offline, tmp_path):
     weights = repo / "snapshots" / ("0" * 40) / "open_clip_model.safetensors"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"not really weights")
-    assert Path(_cached_tag_weights(cfg)) == weights
+    assert Path(cached_tag_weights(cfg)) == weights
     with pytest.raises(
         EncoderError, match="pretrained tag 'laion2b_s34b_b79k'"
     ):  # found, but unloadable
@@ -539,3 +665,12 @@ def test_cuda_matches_cpu(effnet, tiny, tiny_dir, photos):
     a, b = tiny.encode_texts(TEXTS), gpu_clip.encode_texts(TEXTS)
     _assert_unit_rows(b, 3, TINY_EMBED_DIM)
     assert ((a * b).sum(axis=1) > 0.99).all()
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()")
+def test_cuda_minilm_direct_matches_cpu(minilm):
+    gpu = load_text_encoder("minilm", device="cuda")
+    assert gpu.direct and gpu.fingerprint() == minilm.fingerprint()
+    a, b = minilm.encode_texts(CAPTIONS), gpu.encode_texts(CAPTIONS)
+    _assert_unit_rows(b, len(CAPTIONS), 384)
+    assert ((a * b).sum(axis=1) > 0.999).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "short_error",
     "to_rgb",
     "to_unit_numpy",
+    "weights_fingerprint",
 ]
 
 
@@ -148,10 +149,15 @@ def module_fingerprint(module: Any) -> str:
     Call it while the weights are still in their loaded dtype: the value depends on the bytes,
     so a half-precision copy of the same weights would hash differently.
     """
+    return weights_fingerprint(module.state_dict().items())
+
+
+def weights_fingerprint(named_tensors: Iterable[tuple[str, Any]]) -> str:
+    """16 hex chars of sha256 over (name, dtype, shape, raw bytes) of each tensor, in the given order."""
     import torch
 
     digest = hashlib.sha256()
-    for key, tensor in module.state_dict().items():
+    for key, tensor in named_tensors:
         if not isinstance(tensor, torch.Tensor):
             continue
         t = tensor.detach().to("cpu").contiguous().reshape(-1)

