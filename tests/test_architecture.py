@@ -147,3 +147,11 @@ def test_module_and_functions_are_small(module: str) -> None:
     long = [f"{n.name}: {n.end_lineno - n.lineno + 1} lines" for n in ast.walk(tree)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
     assert long == [], module
+
+
+def test_only_the_cli_changes_warning_filters() -> None:
+    """Warning filters are process-wide and ``catch_warnings`` is not thread-safe: the library leaves them alone."""
+    changing = {"catch_warnings", "simplefilter", "filterwarnings", "resetwarnings"}
+    found = [f"{module}:{node.lineno}" for module, tree in MODULES.items() if not module.startswith("retrieval.cli")
+             for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr in changing]
+    assert found == []

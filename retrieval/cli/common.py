@@ -179,3 +179,17 @@ index_type_options = option_group("index_options", [
                  help="recall@10 against exact search that auto and the nprobe/efSearch tuning aim for."),
 ], index_options)
 """Options choosing the vector index of a build: one ``index_options: IndexOptions``."""
+
+
+def quiet_library_warnings() -> None:
+    """The command line's warning filters: torch's int8 quantisation announces its deprecation, and
+    Pillow warns about odd files that the build reports in errors.jsonl anyway.
+
+    Set here, by the application, once per command: the library never changes warning filters
+    (they are process-wide and ``warnings.catch_warnings`` is not thread-safe).
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"torch\.ao(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*quantiz.*deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")

@@ -19,6 +19,7 @@ from retrieval.cli.common import (
     index_type_options,
     open_index_or_fail,
     option_group,
+    quiet_library_warnings,
     run_api,
     setup_logging,
 )
@@ -108,7 +109,10 @@ def main() -> None:
     Then:
       retrieval text-to-image "a dog running on the beach"
       retrieval image-to-caption photos/dog.jpg
+      retrieval image-to-image photos/dog.jpg --exclude-self
+      retrieval text-to-caption "a dog on a beach"
     """
+    quiet_library_warnings()
 
 
 @main.command("build-anchors")

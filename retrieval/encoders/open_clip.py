@@ -181,8 +181,6 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
 
 def _quantized_visual(model: Any) -> Any:
     """A copy of ``model.visual`` with int8 dynamically quantised ``nn.Linear`` layers (None where unsuitable)."""
-    import warnings
-
     import open_clip
     import torch
 
@@ -191,9 +189,9 @@ def _quantized_visual(model: Any) -> Any:
         return None
     if not {"x86", "fbgemm", "qnnpack"} & set(torch.backends.quantized.supported_engines):
         return None
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; it still works
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=False).eval()
+    # torch.ao.quantization announces its move to torchao (it still works); the warning is left to the
+    # caller's filters (the CLI hides it): catch_warnings here would race with other threads' warnings.
+    return torch.ao.quantization.quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=False).eval()
 
 
 def _fast_preprocess(model: Any) -> FastImageTransform | None:
