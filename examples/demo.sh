@@ -18,5 +18,11 @@ retrieval text-to-image "a cup of espresso" --index "$DEMO/index" -k 3
 echo; echo "== retrieval image-to-caption $DEMO/photos/rocket.png -k 3"
 retrieval image-to-caption "$DEMO/photos/rocket.png" --index "$DEMO/index" -k 3
 
+echo; echo "== retrieval image-to-image $DEMO/photos/chelsea.png -k 3 --exclude-self  (more like this photo)"
+retrieval image-to-image "$DEMO/photos/chelsea.png" --index "$DEMO/index" -k 3 --exclude-self
+
+echo; echo "== retrieval text-to-caption \"a cat\" -k 3  (caption search)"
+retrieval text-to-caption "a cat" --index "$DEMO/index" -k 3
+
 echo; echo "== retrieval info"
 retrieval info --index "$DEMO/index"

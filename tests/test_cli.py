@@ -58,6 +58,7 @@ def test_info_text_and_json(cli_index):
     assert info["counts"] == {"image": 6, "caption": 30} and info["errors"] == 1
     text = run("info", "--index", cli_index).output
     assert "open_clip:tiny" in text and "6 images, 30 captions, 1 skipped" in text
+    assert "queries    text-to-image clip; image-to-caption clip; image-to-image clip; text-to-caption clip" in text
     build = info["build"]  # the embedding throughput of the build, and how it ran
     assert build["images_per_second"] > 0 and build["images_resumed"] == 0
     assert (build["device"], build["workers"], build["encoder_replicas"]) == ("cpu", 0, False)
@@ -142,5 +143,6 @@ def test_grouped_options_reach_the_api(monkeypatch, tmp_path):
 def test_cli_py_from_a_checkout_and_help():
     result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0
-    for command in ("build-anchors", "build-index", "text-to-image", "image-to-caption", "info", "list-encoders"):
+    for command in ("build-anchors", "build-index", "text-to-image", "image-to-caption", "image-to-image", "text-to-caption",
+                    "info", "list-encoders"):
         assert command in result.stdout

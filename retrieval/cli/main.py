@@ -221,6 +221,8 @@ def info_command(index_path: str, as_json: bool) -> None:
         sets = ", ".join(f"{a['name']} ({a['count']} pairs, weight {a['weight']:g})" for a in info["anchors"])
         click.echo(f"anchors    {sets}; ASIF k={info['asif']['k']} p={info['asif']['p']:g}")
     click.echo(f"routes     {', '.join(info['routes'])}")
+    queries = "; ".join(f"{query.replace('_', '-')} {'/'.join(routes)}" for query, routes in info["query_routes"].items())
+    click.echo(f"queries    {queries}")
     build = info["build"]
     speed = f", {build['images_per_second']} images/s" if build.get("images_per_second") else ""
     if build.get("workers"):
