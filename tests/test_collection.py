@@ -41,8 +41,6 @@ from retrieval.sources.items import (
 )
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
 IMAGENET = DATA / "imagenet-sample"
 CIFAR = DATA / "cifar10-test" / "test"
 COCO = DATA / "coco-train-mini"

@@ -28,7 +28,7 @@ from retrieval.sources.images import load_image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-DATA = Path(os.environ.get("RETRIEVAL_DATA", "/work/shared/data"))
+DATA = Path(os.environ.get("RETRIEVAL_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 COCO = DATA / "coco-train-mini" / "images"
 IMAGENET = DATA / "imagenet-sample"
 CIFAR = DATA / "cifar10-test" / "test"
