@@ -57,7 +57,12 @@ CLI = [sys.executable, "-c", "from retrieval.cli import main; main()"]
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if SNAPSHOTS:  # CLIP query snapshots go to the run's temporary folder, not the user's cache
+        env["RETRIEVAL_CACHE_DIR"] = SNAPSHOTS[0]
     return env
+
+
+SNAPSHOTS: list[str] = []  # set once by main()
 
 
 def _run(args: list[str], importtime: bool = False) -> subprocess.CompletedProcess:
@@ -109,6 +114,16 @@ def query_commands(indexes: dict[str, Path], photo: Path) -> dict[str, list[str]
     return commands
 
 
+def first_walls(commands: dict[str, list[str]]) -> dict[str, float]:
+    """Wall seconds of each command's first run (a CLIP query's first run writes its snapshot)."""
+    walls = {}
+    for name, command in commands.items():
+        start = time.perf_counter()
+        _run(command)
+        walls[name] = time.perf_counter() - start
+    return walls
+
+
 def median_walls(commands: dict[str, list[str]], repeats: int) -> dict[str, float]:
     """Median wall seconds of each command; the commands alternate within each round."""
     times: dict[str, list[float]] = {name: [] for name in commands}
@@ -142,17 +157,20 @@ def main() -> None:
     if not (COCO / "captions.jsonl").is_file():
         raise SystemExit(f"real photos not found at {COCO}")
     with tempfile.TemporaryDirectory(prefix="query-startup-") as tmp:
+        SNAPSHOTS.append(str(Path(tmp) / "cache"))
         indexes, photo = build_indexes(Path(tmp), args.images)
         commands = query_commands(indexes, photo)
+        first = first_walls(commands)
         walls = median_walls(commands, args.repeats)
         baseline = walls["import torch"]
-        print(f"{args.images} photos, median of {args.repeats}; target: a query <= {TARGET:g}x `import torch`")
+        print(f"{args.images} photos, median of {args.repeats} after a first run (shown apart: a CLIP query's "
+              f"first run writes its snapshot); target: a query <= {TARGET:g}x `import torch`")
         failed = []
         for name, wall in walls.items():
             ratio = wall / baseline
             verdict = "" if name == "import torch" else ("  ok" if ratio <= TARGET else "  OVER")
             failed += [name] if verdict == "  OVER" else []
-            print(f"  {name:<24} {wall:6.2f} s  {ratio:5.2f}x{verdict}")
+            print(f"  {name:<24} {wall:6.2f} s  {ratio:5.2f}x{verdict}   (first run {first[name]:.2f} s)")
         if args.importtime:
             for name, command in commands.items():
                 heavy = heavy_imports(command)

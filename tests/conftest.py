@@ -59,6 +59,16 @@ def coco_pairs(n_images: int) -> list[dict]:
     return [row for row in rows if row["image"] in keep]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """CLI runs of the suite (and the subprocesses they start) keep CLIP query snapshots in a temporary
+    folder, not in the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("retrieval-cache")
+        patch.setenv("RETRIEVAL_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     from tiny_clip import make_tiny_clip

@@ -154,8 +154,9 @@ def setup_logging(quiet: bool) -> None:
 def open_index_or_fail(index_path: str, device: str = "auto") -> Any:
     """Open an index for the CLI (errors as one line)."""
     from retrieval.api.engine import open_index
+    from retrieval.encoders.clip_snapshot import default_snapshot_root
 
-    return run_api(lambda: open_index(index_path, device=device))
+    return run_api(lambda: open_index(index_path, device=device, encoder_snapshots=default_snapshot_root()))
 
 
 def index_option(func: Callable) -> Callable:
@@ -182,8 +183,9 @@ index_type_options = option_group("index_options", [
 
 
 def quiet_library_warnings() -> None:
-    """The command line's warning filters: torch's int8 quantisation announces its deprecation, and
-    Pillow warns about odd files that the build reports in errors.jsonl anyway.
+    """The command line's warning filters: torch's int8 quantisation and TorchScript (CLIP query
+    snapshots) announce their deprecation, and Pillow warns about odd files that the build reports
+    in errors.jsonl anyway.
 
     Set here, by the application, once per command: the library never changes warning filters
     (they are process-wide and ``warnings.catch_warnings`` is not thread-safe).
@@ -193,3 +195,5 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", module=r"torch\.ao(\.|$)")
     warnings.filterwarnings("ignore", message=r".*quantiz.*deprecated", category=UserWarning)
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*\bthe trace\b")  # TorchScript's TracerWarnings: the trace is checked

@@ -97,6 +97,30 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
         log.info("loaded %s on %s", plan.spec, device)
         return cls(model, preprocess, tokenizer, plan.spec, device)
 
+    @property
+    def model(self) -> Any:
+        """The open_clip model (eval mode, on :attr:`device`)."""
+        return self._model
+
+    @property
+    def tokenizer(self) -> Callable:
+        """open_clip's tokenizer for the model: list of strings -> (N, context_length) token ids."""
+        return self._tokenizer
+
+    def image_tower(self) -> Callable:
+        """What :meth:`encode_image_tensors` runs: the int8 tower where one is built, else ``encode_image``."""
+        tower = self._int8_tower()
+        return tower if tower is not None else self._model.encode_image
+
+    def float_towers(self) -> tuple[Any, Any] | None:
+        """(text, image) float32 modules holding only their own tower's weights, for query snapshots;
+        None for models whose ``encode_image`` is not just the visual tower."""
+        import torch
+
+        if not _plain_visual(self._model):
+            return None
+        return _TextTower(self._model, torch.nn.Module), self._model.visual
+
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = module_fingerprint(self._model)
@@ -135,10 +159,9 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
 
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         check_pixels(pixels)
-        tower = self._int8_tower()
         with inference_context(self.device):
             pixels = pixels.to(self.device, non_blocking=True)
-            features = self._forward("image", tower if tower is not None else self._model.encode_image)(pixels)
+            features = self._forward("image", self.image_tower())(pixels)
         return to_unit_numpy(features)
 
     def _int8_tower(self) -> Any:
@@ -179,13 +202,41 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
         return np.concatenate(parts, axis=0)
 
 
-def _quantized_visual(model: Any) -> Any:
-    """A copy of ``model.visual`` with int8 dynamically quantised ``nn.Linear`` layers (None where unsuitable)."""
+def _plain_visual(model: Any) -> bool:
+    """Whether ``model.encode_image`` is ``model.visual`` itself (CLIP, CustomTextCLIP)."""
     import open_clip
-    import torch
 
     plain = (open_clip.CLIP.encode_image, open_clip.CustomTextCLIP.encode_image)
-    if getattr(type(model), "encode_image", None) not in plain or not hasattr(model, "visual"):
+    return getattr(type(model), "encode_image", None) in plain and hasattr(model, "visual")
+
+
+# What open_clip's encode_text reads from the model (CLIP: its own text parts; CustomTextCLIP: ``text``).
+_TEXT_PARTS = ("text", "token_embedding", "positional_embedding", "transformer", "attn_mask", "ln_final",
+               "text_pool_type", "text_eos_id", "text_projection")
+
+
+def _TextTower(model: Any, module_type: type) -> Any:  # noqa: N802 - builds a module
+    """A module that runs ``type(model).encode_text`` over only the model's text parts (no image weights)."""
+
+    class TextTower(module_type):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            for name in _TEXT_PARTS:
+                if hasattr(model, name):
+                    setattr(self, name, getattr(model, name))
+            self.encode = type(model).encode_text
+
+        def forward(self, tokens: Any) -> Any:
+            return self.encode(self, tokens)
+
+    return TextTower().eval()
+
+
+def _quantized_visual(model: Any) -> Any:
+    """A copy of ``model.visual`` with int8 dynamically quantised ``nn.Linear`` layers (None where unsuitable)."""
+    import torch
+
+    if not _plain_visual(model):
         return None
     if not {"x86", "fbgemm", "qnnpack"} & set(torch.backends.quantized.supported_engines):
         return None

@@ -146,6 +146,19 @@ class FastImageTransform:
         self._scale = np.array([1.0 / (255.0 * s) for s in self.std], np.float32).reshape(3, 1, 1)
         self._bias = np.array([-m / s for m, s in zip(self.mean, self.std)], np.float32).reshape(3, 1, 1)
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments as plain JSON values (the resampler is left to each process)."""
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "reducing_gap": self.reducing_gap}
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> FastImageTransform:
+        """The transform :meth:`settings` describes (lists where tuples were)."""
+        resize = settings["resize"]
+        return cls(resize if isinstance(resize, int) else tuple(resize),
+                   None if settings["crop"] is None else tuple(settings["crop"]),
+                   settings["mean"], settings["std"], settings["interpolation"], settings["reducing_gap"])
+
     @property
     def draft_size(self) -> tuple[int, int]:
         """(width, height) a reduced-scale JPEG decode must keep: DRAFT_MARGIN times the resize

@@ -19,6 +19,7 @@ from retrieval.core.errors import EncoderError
 from .base import ImageEncoder, TextEncoder
 
 if TYPE_CHECKING:
+    from .clip_snapshot_encoder import ClipSnapshotEncoder
     from .open_clip import OpenClipEncoder
 
 __all__ = [
@@ -177,19 +178,30 @@ def load_text_encoder(
 
 
 def load_clip_encoder(
-    spec: str, checkpoint: str | Path | None = None, device: str = "auto"
-) -> OpenClipEncoder:
-    """A contrastive image+text encoder (``open_clip:...`` specs only)."""
+    spec: str, checkpoint: str | Path | None = None, device: str = "auto", snapshots: str | Path | None = None
+) -> OpenClipEncoder | ClipSnapshotEncoder:
+    """A contrastive image+text encoder (``open_clip:...`` specs only).
+
+    With ``snapshots`` (a folder), a CPU load reads the model's query snapshot from there, or writes
+    one for next time (see :mod:`retrieval.encoders.clip_snapshot`): same vectors, no open_clip import.
+    """
     family = _family(spec)
     if family != OPEN_CLIP:
         raise EncoderError(
             f"{spec!r} is not a contrastive image+text model; CLIP specs look like {DEFAULT_CLIP}"
         )
-    from .open_clip import OpenClipEncoder
+    resolved = resolve_device(device)
 
-    return OpenClipEncoder.load(
-        spec.strip(), checkpoint=checkpoint, device=resolve_device(device)
-    )
+    def load_full() -> OpenClipEncoder:
+        from .open_clip import OpenClipEncoder
+
+        return OpenClipEncoder.load(spec.strip(), checkpoint=checkpoint, device=resolved)
+
+    if snapshots is None:
+        return load_full()
+    from .clip_snapshot import load_with_snapshot
+
+    return load_with_snapshot(spec, checkpoint, resolved, Path(snapshots), load_full)
 
 
 def is_contrastive(spec: str) -> bool:
@@ -286,10 +298,10 @@ def _default_clip_cached() -> bool:
         return False
 
 
-def load_encoders(choice: EncoderChoice) -> tuple[ImageEncoder, TextEncoder]:
-    """(image encoder, text encoder); the same object for a contrastive model."""
+def load_encoders(choice: EncoderChoice, snapshots: str | Path | None = None) -> tuple[ImageEncoder, TextEncoder]:
+    """(image encoder, text encoder); the same object for a contrastive model (``snapshots``: see load_clip_encoder)."""
     if choice.clip:
-        model = load_clip_encoder(choice.clip, checkpoint=choice.checkpoint, device=choice.device)
+        model = load_clip_encoder(choice.clip, checkpoint=choice.checkpoint, device=choice.device, snapshots=snapshots)
         return model, model
     image = load_image_encoder(choice.image, checkpoint=choice.checkpoint, device=choice.device)
     text = load_text_encoder(choice.text, device=choice.device)
