@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test]'
+	# clip-retrieval's ClipClient and clip-front are acceptance tests of `retrieval serve`; its own
+	# dependencies (torch pins, flask, wandb, ...) are not needed for that, hence --no-deps
+	$(PY) -m pip install --quiet --no-deps clip-retrieval==2.45.0
 	touch $@
 
 demo: setup

@@ -29,6 +29,7 @@ from retrieval.cli.query import (
     text_to_caption_command,
     text_to_image_command,
 )
+from retrieval.cli.serve import serve_command
 from retrieval.cli.update import add_command, remove_command
 from retrieval.core.version import __version__
 
@@ -188,6 +189,7 @@ main.add_command(image_to_image_command)
 main.add_command(text_to_caption_command)
 main.add_command(add_command)
 main.add_command(remove_command)
+main.add_command(serve_command)
 
 
 @main.command("info")

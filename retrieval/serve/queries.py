@@ -1,0 +1,129 @@
+"""One query against one snapshot: text, an image, a raw vector or a stored item, searching images or captions.
+
+Shared by ``/api/v1/search`` and the clip-back ``/knn-service``. Results are (row position, score)
+pairs of the target kind; library errors about the input become 422s.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from retrieval.api.routes import MODALITY, query_name
+from retrieval.core.errors import ImageDecodeError, InputError
+from retrieval.index.spec import SearchKnobs
+from retrieval.serve.errors import ApiError
+from retrieval.serve.served import Snapshot
+from retrieval.sources.images import decode_image
+
+QUERY_MAX_PIXELS = 50_000_000  # a query image larger than this is refused as a likely decompression bomb
+
+
+@dataclass(frozen=True)
+class Query:
+    """Exactly one of: ``text``; ``image`` (decoded PIL image); ``vector`` with its ``modality``; an ``item`` (kind, position)."""
+
+    text: str | None = None
+    image: Any = None
+    vector: np.ndarray | None = None
+    modality: str | None = None
+    item: tuple[str, int] | None = None
+
+    @property
+    def query_modality(self) -> str:
+        if self.text is not None:
+            return "text"
+        if self.image is not None:
+            return "image"
+        if self.item is not None:
+            return MODALITY[self.item[0]]
+        return self.modality or "image"
+
+
+@dataclass(frozen=True)
+class Found:
+    position: int
+    score: float
+
+
+def decode_base64_image(text: str, what: str = "image") -> Any:
+    """A PIL image from base64 (a ``data:...;base64,`` prefix is accepted); not base64 or not an image -> 422."""
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{what} is not valid base64") from None
+    return decode_image_bytes(data, what)
+
+
+def decode_image_bytes(data: bytes, what: str) -> Any:
+    try:
+        return decode_image(data, what, max_pixels=QUERY_MAX_PIXELS).image
+    except ImageDecodeError as e:
+        raise ApiError(422, str(e)) from None
+
+
+def vector_query(snapshot: Snapshot, values: list[float], modality: str) -> Query:
+    """A raw vector in ``modality``'s encoder space, checked for its dimension and L2-normalised."""
+    dim = int(snapshot.index.manifest["encoders"][modality]["dim"])
+    if len(values) != dim:
+        raise ApiError(422, f"the vector has {len(values)} numbers; {modality} vectors of index {snapshot.name} have {dim}")
+    vector = np.asarray(values, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ApiError(422, "the vector must have a non-zero, finite length")
+    return Query(vector=vector / norm, modality=modality)
+
+
+def route_of(snapshot: Snapshot, query: Query, target: str, route: str | None) -> str:
+    """The route the query takes (``route`` checked), as named by :meth:`Index.routes_for`."""
+    available = snapshot.index.routes_for(query_name(query.query_modality, target))
+    if route is not None and route not in available:
+        raise ApiError(422, f"route {route!r} not available for this query; one of {', '.join(available)}")
+    return route or available[0]
+
+
+def run_query(snapshot: Snapshot, query: Query, target: str, k: int, route: str | None = None,
+              knobs: SearchKnobs | None = None, exclude_self: bool = True) -> list[Found]:
+    """The ``k`` best ``target`` items (``image`` or ``caption``) for ``query``, best first."""
+    if snapshot.count(target) == 0:
+        return []
+    try:
+        return _run(snapshot, query, target, k, route, knobs, exclude_self)
+    except ImageDecodeError as e:
+        raise ApiError(422, str(e)) from None
+    except InputError as e:
+        raise ApiError(422, str(e).replace(str(snapshot.index.path), f"index {snapshot.name}")) from None
+
+
+def _run(snapshot: Snapshot, query: Query, target: str, k: int, route: str | None, knobs: SearchKnobs | None,
+         exclude_self: bool) -> list[Found]:
+    index = snapshot.index
+    if query.text is not None:
+        search = index.text_to_image if target == "image" else index.text_to_caption
+        return _from_hits(snapshot, target, search(query.text, k, route, knobs))
+    if query.image is not None:
+        if target == "image":
+            return _from_hits(snapshot, target, index.image_to_image(query.image, k, False, route, knobs))
+        return _from_hits(snapshot, target, index.image_to_caption(query.image, k, route, knobs))
+    drop = None
+    vector = query.vector
+    if query.item is not None:
+        kind, position = query.item
+        if not snapshot.is_live(kind, position):
+            raise ApiError(404, f"no {kind} {position} in index {snapshot.name}")
+        vector = snapshot.vectors(kind, np.array([position]))[0]
+        drop = position if exclude_self and kind == target else None
+    fetch = k + 1 if drop is not None else k
+    scores, positions = index.search_vectors(target, vector[None, :].astype(np.float32), query.query_modality, fetch, route, knobs)
+    found = [Found(int(p), float(s)) for s, p in zip(scores[0], positions[0]) if p >= 0 and p != drop]
+    return found[:k]
+
+
+def _from_hits(snapshot: Snapshot, kind: str, hits: list[Any]) -> list[Found]:
+    return [Found(snapshot.position_of(kind, hit.id), float(hit.score)) for hit in hits]
