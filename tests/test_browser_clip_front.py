@@ -55,7 +55,7 @@ def test_clip_front_shows_results_and_loads_more_while_scrolling(browser, front,
 
     page.goto(f"{front}/?back={server}")
     page.wait_for_function("() => document.querySelector('clip-front')?.shadowRoot?.querySelector('select option')")
-    assert page.locator("clip-front select").first.locator("option").all_inner_texts() == ["coco"]
+    assert page.locator("clip-front select").first.locator("option").evaluate_all("os => os.map(o => o.value)") == ["coco"]
     page.fill("#searchBar", "a man riding a horse")  # Playwright's CSS reaches into the shadow root
     with page.expect_response(lambda r: r.url.endswith("/knn-service")) as answered:
         page.press("#searchBar", "Enter")
@@ -71,6 +71,9 @@ def test_clip_front_shows_results_and_loads_more_while_scrolling(browser, front,
     page.wait_for_function(ALL_DECODED)
     assert pictures.first.get_attribute("title") == results[0]["caption"]
 
+    # the first 40 fill more than the window, so nothing more is loaded until the page is scrolled
+    assert page.evaluate("document.documentElement.scrollHeight") > 500
+    assert pictures.count() == FIRST and not any(metadata), metadata
     for _ in range(20):  # scroll to the bottom until every result is shown
         if pictures.count() == len(results):
             break

@@ -102,6 +102,25 @@ def test_an_uploaded_photo_finds_itself_first_and_its_captions(page, server, ind
     assert captions.locator(".text").all_inner_texts() == [hit["caption"] for hit in answer["results"][0]["hits"]]
 
 
+DROP_OR_PASTE = """([how, data, name]) => {
+    const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+    const files = new DataTransfer();
+    files.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+    if (how === 'paste') document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: files, bubbles: true}));
+    else for (const type of ['dragover', 'drop']) window.dispatchEvent(new DragEvent(type, {dataTransfer: files, cancelable: true}));
+}"""
+
+
+@pytest.mark.parametrize("how", ["drop", "paste"])
+def test_a_dropped_or_pasted_photo_is_searched(page, server, index_path, how):
+    photo = sorted((index_path.parent / "images").glob("*.jpg"))[9]
+    page.goto(server + "/")
+    page.evaluate(DROP_OR_PASTE, [how, base64.b64encode(photo.read_bytes()).decode(), photo.name])
+    wait_for_results(page)
+    assert page.locator("#images .hit").first.get_attribute("title").endswith(photo.name)
+    assert page.locator("#drop").is_hidden() and page.locator("#query-image").is_visible()
+
+
 def test_a_click_searches_more_like_it_and_the_url_reproduces_it(page, server):
     page.goto(server + "/?q=two+people+riding+horses")
     wait_for_results(page)
@@ -129,7 +148,8 @@ def test_the_keyboard_alone_searches_moves_and_opens(page, server):
     page.keyboard.press("Escape")  # clears everything
     assert page.locator("#images .hit").count() == 0 and page.input_value("#q") == ""
     assert urlparse(page.url).query == ""
-    page.locator("body").click(position={"x": 5, "y": 400})
+    page.evaluate("document.activeElement.blur()")
+    assert page.evaluate("document.activeElement === document.body")
     page.keyboard.press("/")
     assert page.evaluate("document.activeElement.id") == "q"
     page.keyboard.type("a cat sitting on a couch")

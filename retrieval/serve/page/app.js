@@ -154,7 +154,7 @@
         el.queryImage.hidden = false;
       }
       api(withIndex(`api/v1/items/${state.kind}/${state.id}`, state.index), undefined, signal)
-        .then((item) => { el.queryText.textContent = `More like ${item.uri || item.caption || `${state.kind} ${state.id}`}`; })
+        .then((item) => { el.queryText.textContent = `More like ${item.caption || basename(item.uri || `${state.kind} ${state.id}`)}`; })
         .catch(() => { /* the search itself reports a bad id */ });
     }
   }
