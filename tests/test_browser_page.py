@@ -100,6 +100,13 @@ def test_an_uploaded_photo_finds_itself_first_and_its_captions(page, server, ind
     data = base64.b64encode(photo.read_bytes()).decode()
     answer = post_json(f"{server}/api/v1/search", {"target": "caption", "k": 24, "queries": [{"image": data}]})
     assert captions.locator(".text").all_inner_texts() == [hit["caption"] for hit in answer["results"][0]["hits"]]
+    # a caption searches images with its words
+    first_caption = answer["results"][0]["hits"][0]["caption"]
+    captions.first.click()
+    page.wait_for_url(re.compile(r"[?&]q="))
+    wait_for_results(page)
+    assert page.input_value("#q") == first_caption and page.locator("#captions-panel").is_hidden()
+    assert image_ids(page) == api_image_ids(server, {"text": first_caption})
 
 
 DROP_OR_PASTE = """([how, data, name]) => {
