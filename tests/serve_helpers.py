@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,14 +65,17 @@ def serve_process(*args: str, wait_s: float = 120.0) -> Iterator[tuple[str, subp
     """``retrieval serve ARGS --port P`` as a subprocess; yields (base URL, process) once /healthz answers."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
-    command = [sys.executable, "-m", "retrieval.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", *args,
+               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    log = tempfile.TemporaryFile("w+", encoding="utf-8")  # a file, not a pipe: a long log never blocks the server
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    process.read_log = lambda: (log.seek(0), log.read())[1]  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + wait_s
         while True:
             if process.poll() is not None:
-                raise AssertionError(f"serve exited with {process.returncode}: {process.stderr.read()}")
+                raise AssertionError(f"serve exited with {process.returncode}: {process.read_log()}")
             try:
                 if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
@@ -89,3 +93,4 @@ def serve_process(*args: str, wait_s: float = 120.0) -> Iterator[tuple[str, subp
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        log.close()

@@ -25,10 +25,12 @@ def is_loopback(host: str) -> bool:
 
 def setup_serve_logging() -> None:
     """One line per request on stderr (``METHOD PATH STATUS MS``), and the server's warnings."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("retrieval.serve")
-    logger.addHandler(handler)
+    if not any(getattr(h, "retrieval_serve", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.retrieval_serve = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
@@ -50,8 +52,6 @@ def serve_command(indexes: Sequence[str], host: str, port: int, api_key: str | N
 
     A new build of a served index (build-index, add, remove) is picked up without a restart.
     """
-    import uvicorn
-
     from retrieval.serve.app import create_app
     from retrieval.serve.config import ServeConfig, parse_index_arg
 
@@ -68,5 +68,25 @@ def serve_command(indexes: Sequence[str], host: str, port: int, api_key: str | N
     for name, build in app.state.served.builds().items():
         click.echo(f"serving index {name} (build {build})", err=True)
     click.echo(f"listening on http://{host}:{port} (stop with Ctrl-C)", err=True)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=5)
-    click.echo("stopped", err=True)
+    stopped_by = run_until_signal(app, host, port)
+    click.echo(f"stopped ({stopped_by})", err=True)
+
+
+def run_until_signal(app: object, host: str, port: int) -> str:
+    """Run uvicorn until SIGINT or SIGTERM, shut down gracefully, and return the signal's name.
+
+    uvicorn re-raises the signal it stopped for once it has shut down; the handlers set here take
+    it, so the command ends normally (exit 0) instead of dying of it or printing a KeyboardInterrupt.
+    """
+    import signal
+
+    import uvicorn
+
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return signal.Signals(caught[-1]).name if caught else "server exited"
