@@ -53,6 +53,10 @@ def test_text_search_matches_the_python_api(client, index):
         assert [h["uri"] for h in hits] == [h.uri for h in expected]
         assert [index.items("image")["id"][h["id"]] for h in hits] == [h.id for h in expected]  # id = row position
         assert all(h["thumbnail"] == f"/api/v1/thumbnails/{h['id']}?index=tiny" for h in hits)
+        captions_by_uri: dict[str, str] = {}
+        for uri, text_ in zip(index.items("caption")["image_uri"], index.items("caption")["caption"]):
+            captions_by_uri.setdefault(uri, text_)
+        assert [h["caption"] for h in hits] == [captions_by_uri.get(h["uri"]) for h in hits]  # an image's first caption
     captions = client.post("/api/v1/search", json={"queries": [{"text": "a plate of food"}], "target": "caption", "k": 3}).json()
     assert [h["caption"] for h in captions["results"][0]["hits"]] == [h.caption for h in index.text_to_caption("a plate of food", k=3)]
 

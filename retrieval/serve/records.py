@@ -60,7 +60,7 @@ def hit(snapshot: Snapshot, kind: str, position: int, score: float, rank: int) -
     out: dict[str, Any] = {"rank": rank, "id": position, "kind": kind, "score": score}
     if kind == "image":
         out.update(uri=table["uri"][position], width=int(table["width"][position]), height=int(table["height"][position]),
-                   thumbnail=thumbnail_url(snapshot, position))
+                   caption=first_caption(snapshot, position), thumbnail=thumbnail_url(snapshot, position))
     else:
         image = paired_image(snapshot, position)
         out.update(caption=table["caption"][position], source=table["source"][position], image_id=image,
