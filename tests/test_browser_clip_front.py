@@ -54,8 +54,11 @@ def test_clip_front_shows_results_and_loads_more_while_scrolling(browser, front,
     page.on("request", lambda r: metadata.append(json.loads(r.post_data)["ids"]) if r.url.endswith("/metadata") else None)
 
     page.goto(f"{front}/?back={server}")
-    page.wait_for_function("() => document.querySelector('clip-front')?.shadowRoot?.querySelector('select option')")
-    assert page.locator("clip-front select").first.locator("option").evaluate_all("os => os.map(o => o.value)") == ["coco"]
+    from playwright.sync_api import expect  # installed whenever the browser fixture did not skip
+
+    indices = page.locator("clip-front select").first.locator("option")
+    expect(indices).to_have_count(1)  # filled from /indices-list, which may answer after the page has drawn
+    assert indices.evaluate_all("os => os.map(o => o.value)") == ["coco"]
     page.fill("#searchBar", "a man riding a horse")  # Playwright's CSS reaches into the shadow root
     with page.expect_response(lambda r: r.url.endswith("/knn-service")) as answered:
         page.press("#searchBar", "Enter")
