@@ -6,7 +6,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Mapping
 
 from retrieval.core.errors import ImageDecodeError
 from retrieval.sources.images import (  # noqa: F401  (re-exported)
@@ -51,6 +51,7 @@ class ImageRef:
     uri: str | None = None
     opener: Opener | None = field(default=None, compare=False, repr=False)
     version: str | int | None = None
+    metadata: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # source fields (e.g. img2dataset's json)
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.opener is None):
@@ -108,6 +109,7 @@ class CaptionRecord:
     row: int
     image: Path | None = None
     label: str | None = None
+    metadata: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # source fields (e.g. img2dataset's json)
 
     @property
     def id(self) -> str:
