@@ -65,7 +65,7 @@ def serve_command(indexes: Sequence[str], host: str, port: int, api_key: str | N
         raise click.UsageError("--allow-private-urls needs --allow-image-urls")
     config = run_api(lambda: ServeConfig([parse_index_arg(value) for value in indexes], api_key=api_key,
                                          allow_image_urls=allow_image_urls, allow_private_urls=allow_private_urls,
-                                         device=device, max_k=max_k, search_threads=search_threads))
+                                         device=device, max_k=max_k, search_threads=search_threads, freeze_gc=True))
     app = run_api(lambda: create_app(config))
     for name, build in app.state.served.builds().items():
         click.echo(f"serving index {name} (build {build})", err=True)
