@@ -352,6 +352,22 @@ def read_vector_index(path: str, mmap: bool = True) -> Any:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
     try:
-        return faiss.read_index(str(path), flags)
+        return without_prefetch_threads(faiss.read_index(str(path), flags))
     except RuntimeError:
         return faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | faiss.IO_FLAG_READ_ONLY)
+
+
+def without_prefetch_threads(index: Any) -> Any:
+    """``index`` with its memory-mapped IVF lists set to prefetch on no threads of their own.
+
+    FAISS's ``OnDiskInvertedLists`` start ``prefetch_nthread`` (32) threads on every search to touch
+    the probed lists; for one query that costs about 0.35 ms against a 0.02 ms search. The OS pages
+    the mapped lists in on first use anyway, so nothing is lost.
+    """
+    import faiss
+
+    ivf = _ivf_of(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if hasattr(lists, "prefetch_nthread"):
+        lists.prefetch_nthread = 0
+    return index

@@ -136,7 +136,7 @@ def search_body(request: Request, body: dict[str, Any]) -> dict[str, Any]:
     results = []
     for number, query in enumerate(parsed):
         used = route_of(snapshot, query, target, route)
-        found = run_query(snapshot, query, target, k, used, knobs, exclude_self)
+        found = run_query(snapshot, query, target, k, used, knobs, exclude_self, request.app.state.search_threads)
         hits = [hit(snapshot, target, f.position, f.score, rank) for rank, f in enumerate(found, start=1)]
         results.append({"query": number, "route": used, "hits": hits})
     took = (time.perf_counter() - started) * 1000

@@ -21,6 +21,7 @@ from retrieval.serve.errors import ApiError
 from retrieval.serve.fetch import FetchPolicy
 from retrieval.serve.metrics import Metrics
 from retrieval.serve.middleware import AccessLog, ApiKey, BodyLimit, Cors
+from retrieval.serve.queries import SearchThreads
 from retrieval.serve.responses import SafeJSON, error
 from retrieval.serve.served import ServedIndexes
 from retrieval.serve.thumbnails import ThumbnailCache
@@ -81,9 +82,10 @@ def create_app(config: ServeConfig, served: ServedIndexes | None = None) -> Fast
     app = FastAPI(title="retrieval", version=__version__, default_response_class=SafeJSON,
                   description="Vision-language search: /api/v1, clip-back compatible endpoints, thumbnails, metrics.")
     app.state.config = config
-    app.state.served = served or ServedIndexes(config.indexes, config.device, config.poll_s, config.warm)
+    app.state.served = served or ServedIndexes(config.indexes, config.device, config.poll_s, config.warm, config.freeze_gc)
     app.state.thumbnails = ThumbnailCache(config.thumbnail_cache_bytes)
     app.state.metrics = Metrics()
+    app.state.search_threads = SearchThreads(config.search_threads)
     app.state.fetch_policy = FetchPolicy(config.allow_image_urls, config.allow_private_urls,
                                          config.image_url_timeout_s, config.image_url_max_bytes)
     add_error_handlers(app)

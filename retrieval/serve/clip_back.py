@@ -118,7 +118,7 @@ def knn(request: Request, data: dict[str, Any]) -> list[dict[str, Any]]:
     query = compat_query(request, snapshot, data)
     if num_result_ids == 0:
         return []
-    found = run_query(snapshot, query, kind, num_result_ids)
+    found = run_query(snapshot, query, kind, num_result_ids, threads=request.app.state.search_threads)
     if deduplicate:
         found = deduplicated(snapshot, kind, found)
     results = []

@@ -19,7 +19,12 @@ class ServeConfig:
     ``k`` / ``num_images`` / ``num_result_ids``; ``image_url_*`` bound the fetches of ``image_url``
     (off unless ``allow_image_urls``; loopback, private and link-local addresses refused unless
     ``allow_private_urls``); ``poll_s`` is how often a request may look at an index's manifest for
-    a newer build; ``warm`` loads each build's encoders and vector indexes before it is served.
+    a newer build; ``warm`` loads each build's encoders and vector indexes before it is served;
+    ``search_threads`` is how many OpenMP threads the FAISS search of a vector or item query may use
+    (concurrent requests are the parallelism; more threads per search spin and compete for the cores);
+    ``freeze_gc``, for a server that owns its process (``retrieval serve``), moves everything loaded
+    with each build out of the cyclic garbage collector's reach (``gc.freeze``): a full collection
+    otherwise walks the ~0.5 M objects of models and item tables and stalls every request ~0.25 s.
     """
 
     indexes: list[tuple[str, Path]]
@@ -36,6 +41,8 @@ class ServeConfig:
     warm: bool = True
     thumbnail_cache_bytes: int = 64 << 20
     max_queries: int = 64
+    search_threads: int = 1
+    freeze_gc: bool = False
 
     def __post_init__(self) -> None:
         if not self.indexes:
@@ -48,6 +55,8 @@ class ServeConfig:
                 raise InputError(f"index name {name!r}: use letters, digits, '.', '_' or '-'")
         if self.max_body_bytes < 1024 or self.max_k < 1:
             raise InputError("max_body_bytes must be at least 1024 and max_k at least 1")
+        if self.search_threads < 1:
+            raise InputError(f"search_threads must be at least 1, got {self.search_threads}")
 
     @property
     def default_index(self) -> str:

@@ -8,6 +8,7 @@ while requests keep being answered from the old one, and becomes current by one 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -96,9 +97,9 @@ class ServedIndex:
     """One index directory served under a name: its current snapshot, replaced when a newer build is committed."""
 
     def __init__(self, name: str, path: Path, device: str = "auto", poll_s: float = 1.0, warm_up: bool = True,
-                 opener: Callable[[Path, str], Index] = open_index) -> None:
+                 opener: Callable[[Path, str], Index] = open_index, freeze_gc: bool = False) -> None:
         self.name, self.path, self.device, self.poll_s, self.warm_up = name, Path(path), device, poll_s, warm_up
-        self.opener = opener
+        self.opener, self.freeze_gc = opener, freeze_gc
         self.switches = 0
         self._lock = threading.Lock()  # guards the reload flag only; never held while a request searches
         self._loading = False
@@ -136,6 +137,8 @@ class ServedIndex:
             if fresh.build != self._current.build:
                 old, self._current = self._current, fresh  # one reference assignment: the switch
                 self.switches += 1
+                if self.freeze_gc:  # the old build is freed by reference counting; the new one is kept from full collections
+                    gc.freeze()
                 log.info("index %s: now serving build %s (was %s)", self.name, fresh.build, old.build)
         except Exception as e:  # a damaged directory: keep serving the build we have, retry on its next change
             log.error("index %s: cannot open the new build, still serving %s: %s", self.name, self._current.build, e)
@@ -153,9 +156,13 @@ class ServedIndex:
 class ServedIndexes:
     """The served indexes by name; the first is the default."""
 
-    def __init__(self, entries: list[tuple[str, Path]], device: str = "auto", poll_s: float = 1.0, warm_up: bool = True) -> None:
-        self.by_name = {name: ServedIndex(name, path, device, poll_s, warm_up) for name, path in entries}
+    def __init__(self, entries: list[tuple[str, Path]], device: str = "auto", poll_s: float = 1.0, warm_up: bool = True,
+                 freeze_gc: bool = False) -> None:
+        """Open (and warm) each index; with ``freeze_gc``, then keep all that from the cyclic GC (see ServeConfig)."""
+        self.by_name = {name: ServedIndex(name, path, device, poll_s, warm_up, freeze_gc=freeze_gc) for name, path in entries}
         self.default = entries[0][0]
+        if freeze_gc:
+            gc.freeze()
 
     def names(self) -> list[str]:
         return list(self.by_name)
