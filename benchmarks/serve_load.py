@@ -13,7 +13,10 @@ query vectors, k=10, for --seconds each:
 so the rest of an HTTP latency is the ASGI stack, the socket and the client. Then the issue's targets:
 HTTP overhead at 1 client (p50 http - p50 api) <= 2 ms, and QPS at 32 clients >= 80% of the api's.
 
-    python benchmarks/serve_load.py [--seconds 10] [--clients 1,8,32] [--index DIR] [--json OUT]
+    python benchmarks/serve_load.py [--seconds 10] [--clients 1,8,32] [--index DIR] [--json OUT] [--query text]
+
+``--query text`` sends captions instead (``{"text": ...}`` over HTTP, ``Index.text_to_image`` in-process):
+the request a search box makes, where encoding the text is part of the work on both sides.
 """
 
 from __future__ import annotations
@@ -128,18 +131,30 @@ def one_search_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def api_work(index, queries: np.ndarray):
+def query_texts(count: int = QUERIES) -> list[str]:
+    """Distinct short captions, as a search box sends them."""
+    things = ["dog", "cat", "horse", "car", "plate of food", "beach", "city street", "train", "bird", "boat", "kitchen", "bicycle"]
+    places = ["in the snow", "at night", "on a table", "near the water", "in a park", "under a bridge", "indoors", "on a road"]
+    return [f"a {things[i % len(things)]} {places[(i // len(things)) % len(places)]} ({i})" for i in range(count)]
+
+
+def api_work(index, queries: np.ndarray | list[str]):
     def work(thread: int, number: int):
-        q = queries[number % len(queries)][None, :]
+        q = queries[number % len(queries)]
         started = time.perf_counter()
-        _, positions = index.search_vectors("image", q, "image", K)
+        if isinstance(q, str):
+            found = len(index.text_to_image(q, k=K))
+        else:
+            _, positions = index.search_vectors("image", q[None, :], "image", K)
+            found = int((positions[0] >= 0).sum())
         latency = time.perf_counter() - started
-        return latency, None, None if (positions[0] >= 0).sum() == K else "fewer than k hits"
+        return latency, None, None if found == K else "fewer than k hits"
     return work
 
 
-def http_work(port: int, queries: np.ndarray, clients: int):
-    bodies = [json.dumps({"queries": [{"vector": q.tolist()}], "k": K}).encode() for q in queries]
+def http_work(port: int, queries: np.ndarray | list[str], clients: int):
+    bodies = [json.dumps({"queries": [{"text": q} if isinstance(q, str) else {"vector": q.tolist()}], "k": K}).encode()
+              for q in queries]
     connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(clients)]
     headers = {"content-type": "application/json"}
 
@@ -163,7 +178,7 @@ def http_work(port: int, queries: np.ndarray, clients: int):
     return work, connections
 
 
-def measure(index_path: Path, clients_list: list[int], seconds: float) -> list[dict]:
+def measure(index_path: Path, clients_list: list[int], seconds: float, query: str = "vector") -> list[dict]:
     from serve_helpers import serve_process
 
     from retrieval import open_index
@@ -171,7 +186,7 @@ def measure(index_path: Path, clients_list: list[int], seconds: float) -> list[d
 
     index = open_index(index_path, device="cpu")
     warm(index)
-    queries = query_vectors(index)
+    queries = query_vectors(index) if query == "vector" else query_texts()
     gc.freeze()  # as `retrieval serve` does: no full collection walks the loaded index (a ~0.25 s stall each)
     rows = []
     print(HEADER)
@@ -224,6 +239,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--index-type", default="ivf", help="of the made index: ivf (IVF-Flat, tuned nprobe), flat (exact), auto, ...")
     parser.add_argument("--json", type=Path, help="also write the rows and targets here")
+    parser.add_argument("--query", choices=["vector", "text"], default="vector",
+                        help="vector: raw vectors (the search alone); text: captions, encoded by the tiny CLIP model then searched")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
@@ -238,7 +255,7 @@ def main() -> None:
             path = make_large_index(Path(tmp) / "big", make_tiny_clip(Path(tmp) / "tiny-clip"), args.images,
                                     index_type=args.index_type)
             print(f"index: {args.images} images ({args.index_type}) written in {time.perf_counter() - started:.1f} s")
-        rows = measure(path, clients, args.seconds)
+        rows = measure(path, clients, args.seconds, args.query)
     result = targets(rows)
     print(json.dumps(result))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
