@@ -235,3 +235,19 @@ def test_a_corrupt_row_group_names_the_file(folder, tmp_path):
     opened = open_embedding_folder(broken)  # the footer still reads: counts agree
     with pytest.raises(InputError, match=r"metadata_0.parquet: cannot read its rows"):
         gather_embedded_rows(opened)
+
+
+@pytest.mark.parametrize("left_out", ["text_emb", "img_emb"])
+def test_an_image_only_or_text_only_run(folder, tiny_clip_dir, tmp_path, left_out):
+    """clip-retrieval inference with --enable_text False (or --enable_image False) leaves one npy folder out."""
+    root, photos = folder
+    copy = _copy(root, tmp_path)
+    shutil.rmtree(copy / left_out)
+    index = build_index_from_embeddings(copy, tmp_path / "index", _options(tiny_clip_dir))
+    if left_out == "text_emb":
+        assert index.manifest["counts"] == {"image": 6, "caption": 0}
+        assert index.image_to_image(str(photos[1][0]), k=1)[0].uri == str(photos[1][0])
+    else:
+        assert index.manifest["counts"] == {"image": 0, "caption": 6}
+        hit = index.text_to_caption(photos[3][1], k=1)[0]
+        assert hit.caption == photos[3][1] and hit.image_uri == str(photos[3][0])
