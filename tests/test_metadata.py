@@ -167,3 +167,15 @@ def test_metadata_encoding_edge_cases():
     new = pa.table({"id": ["b"], "uri": ["y"], "metadata": pa.array(['{"k": 1}'], pa.string())})
     merged = append_rows(old, new)
     assert merged.to_pydict() == {"id": ["a", "b"], "uri": ["x", "y"], "metadata": [None, '{"k": 1}']}
+
+
+def test_hit_types_stay_compatible():
+    """Positional construction as before, hashable as before; metadata defaults to an empty dict."""
+    from retrieval.core.hits import CaptionHit, ImageHit
+
+    plain = ImageHit(1, 0.5, "img-1", "a.jpg", 10, 20)
+    rich = ImageHit(1, 0.5, "img-1", "a.jpg", 10, 20, metadata={"url": "http://x/a.jpg"})
+    assert plain.metadata == {} and plain.kind == "image" and len({plain, rich}) == 2 and hash(plain) == hash(rich)
+    caption = CaptionHit(2, 0.25, "cap-1", "a dog", "caps.txt", "a.jpg")
+    assert caption.to_dict() == {"rank": 2, "score": 0.25, "id": "cap-1", "caption": "a dog", "source": "caps.txt",
+                                 "image_uri": "a.jpg", "kind": "caption", "metadata": {}}
