@@ -19,6 +19,7 @@ import numpy as np
 
 from retrieval.core.errors import InputError
 from retrieval.core.hits import CaptionHit, ImageHit
+from retrieval.store.item_metadata import metadata_at
 
 QUERIES: dict[str, tuple[str, str]] = {  # query name -> (query modality, kind of the items searched)
     "text_to_image": ("text", "image"),
@@ -101,7 +102,7 @@ def image_hits(table: Mapping[str, list], scores: np.ndarray, positions: np.ndar
     return [
         [
             ImageHit(rank=rank + 1, score=score, id=table["id"][pos], uri=table["uri"][pos],
-                     width=int(table["width"][pos]), height=int(table["height"][pos]))
+                     width=int(table["width"][pos]), height=int(table["height"][pos]), metadata=metadata_at(table, pos))
             for rank, (score, pos) in enumerate(_ranked(table, row_scores, row_positions, drop[row] if drop else None, k))
         ]
         for row, (row_scores, row_positions) in enumerate(zip(scores, positions))
@@ -113,7 +114,7 @@ def caption_hits(table: Mapping[str, list], scores: np.ndarray, positions: np.nd
     return [
         [
             CaptionHit(rank=rank + 1, score=score, id=table["id"][pos], caption=table["caption"][pos],
-                       source=table["source"][pos], image_uri=table["image_uri"][pos])
+                       source=table["source"][pos], image_uri=table["image_uri"][pos], metadata=metadata_at(table, pos))
             for rank, (score, pos) in enumerate(live(row_scores, row_positions))
         ]
         for row_scores, row_positions in zip(scores, positions)

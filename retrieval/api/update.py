@@ -53,6 +53,7 @@ from retrieval.index.vector_sets import (
     query_key,
     spec_of,
 )
+from retrieval.store.item_metadata import append_rows
 from retrieval.store.locking import writer_lock
 from retrieval.store.writer import StoreWriter
 
@@ -220,12 +221,10 @@ def _new_vectors(old: Index, image_vectors: np.ndarray, caption_vectors: np.ndar
 
 
 def _append_items(update: _Update, old: Index, embedded: Any, captions: Sequence[Any], relative_rows: dict[str, Any]) -> None:
-    import pyarrow as pa
-
     tables = {"image": image_table(embedded.rows), "caption": caption_table(captions)}
     for kind, table in tables.items():
         previous = update.store.read_table(update.files["items"][kind])
-        merged = pa.concat_tables([previous, table.cast(previous.schema)]) if previous.num_rows else table
+        merged = append_rows(previous, table)  # an index from before the metadata column gains it
         update.new_files["items"][kind] = update.writer.write_table(f"{kind}s", merged)
     if relative_rows:
         import scipy.sparse as sp

@@ -25,6 +25,7 @@ from retrieval.embed.pipeline import ImageRow
 from retrieval.embed.resume import remove_work
 from retrieval.index.vector_sets import VectorSet, sample_queries, write_vector_sets
 from retrieval.sources.items import CaptionRecord
+from retrieval.store.item_metadata import METADATA_COLUMN, metadata_array
 from retrieval.store.layout import MANIFEST_NAME, is_leftover_name
 from retrieval.store.locking import writer_lock
 from retrieval.store.writer import StoreWriter
@@ -141,14 +142,14 @@ def _manifest(embedded: EmbeddedItems, options: WriteOptions) -> dict[str, Any]:
         "counts": counts,
         "rows": dict(counts),
         "index": options.index_options.to_json(),
-        "sources": {"images": list(options.sources.get("images", [])), "captions": list(options.sources.get("captions", []))},
+        "sources": {"images": [], "captions": [], **{key: list(value) for key, value in options.sources.items()}},
         "caption_options": options.caption_options.to_json(),
         "routes": ["clip"],
     }
 
 
 def image_table(rows: Sequence[ImageRow]) -> "pa.Table":  # noqa: F821
-    """The items table of images."""
+    """The items table of images (``metadata``: each item's source fields as JSON, null when none)."""
     import pyarrow as pa
 
     return pa.table(
@@ -161,12 +162,13 @@ def image_table(rows: Sequence[ImageRow]) -> "pa.Table":  # noqa: F821
             "sha256": pa.array([row.sha256 for row in rows], pa.string()),
             "source": [row.ref.source for row in rows],
             "label": pa.array([row.ref.label for row in rows], pa.string()),
+            METADATA_COLUMN: metadata_array([row.ref.metadata for row in rows]),
         }
     )
 
 
 def caption_table(captions: Sequence[CaptionRecord]) -> "pa.Table":  # noqa: F821
-    """The items table of captions."""
+    """The items table of captions (``metadata`` as for images)."""
     import pyarrow as pa
 
     return pa.table(
@@ -176,11 +178,19 @@ def caption_table(captions: Sequence[CaptionRecord]) -> "pa.Table":  # noqa: F82
             "caption": [record.text for record in captions],
             "source": [record.source for record in captions],
             "row": pa.array([record.row for record in captions], pa.int64()),
-            "image_uri": pa.array([str(record.image) if record.image else None for record in captions], pa.string()),
+            "image_uri": pa.array([paired_uri(record) for record in captions], pa.string()),
             "image_id": pa.array([record.image_id for record in captions], pa.string()),
             "label": pa.array([record.label for record in captions], pa.string()),
+            METADATA_COLUMN: metadata_array([record.metadata for record in captions]),
         }
     )
+
+
+def paired_uri(record: CaptionRecord) -> str | None:
+    """The uri of a caption's paired image: its file path, or the uri of a record that names one otherwise
+    (``retrieval.sources.clip_embeddings.UriCaption``: a url, a key)."""
+    uri = getattr(record, "image_uri", None)
+    return uri if uri else (str(record.image) if record.image else None)
 
 
 def _vector_sets(image_space: str, text_space: str, image_vectors: np.ndarray, caption_vectors: np.ndarray) -> list[VectorSet]:

@@ -23,6 +23,7 @@ from retrieval.cli.common import (
     run_api,
     setup_logging,
 )
+from retrieval.cli.export import build_from_embeddings, export_command
 from retrieval.cli.query import (
     image_to_caption_command,
     image_to_image_command,
@@ -147,6 +148,9 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 
 @main.command("build-index")
 @click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern. Repeatable.")
+@click.option("--embeddings", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Build from vectors made already: clip-retrieval's inference output (img_emb/, text_emb/, metadata/), "
+                   "with the --encoder that made them. Nothing is encoded but a 32-item check.")
 @click.option("--captions", multiple=True, help="Caption file: .txt (one per line), .csv, .tsv, .jsonl, .parquet. A file with an image column also adds its images. Repeatable.")
 @click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @encoder_options("Contrastive encoder spec: open_clip:MODEL/PRETRAINED, or open_clip:MODEL with --checkpoint.")
@@ -157,9 +161,9 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 @embed_options(resumable=True)
 @index_type_options
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
-def build_index_command(images: Sequence[str], captions: Sequence[str], index_path: str, encoders: EncoderNames,
-                        anchors: AnchorFlags, k: int | None, p: float | None, caption_options: Any, embedding: EmbedFlags,
-                        index_options: Any, as_json: bool) -> None:
+def build_index_command(images: Sequence[str], embeddings: str | None, captions: Sequence[str], index_path: str,
+                        encoders: EncoderNames, anchors: AnchorFlags, k: int | None, p: float | None, caption_options: Any,
+                        embedding: EmbedFlags, index_options: Any, as_json: bool) -> None:
     """Embed images and captions and write a searchable index directory.
 
     A previous index at the same path stays readable until the new one is complete. A build that
@@ -167,6 +171,9 @@ def build_index_command(images: Sequence[str], captions: Sequence[str], index_pa
     """
     from retrieval.api.build import build_index
 
+    if embeddings is not None:
+        others = (images, captions, anchors.refs, encoders.image, encoders.text, k, p)
+        return build_from_embeddings(embeddings, others, index_path, encoders.clip, embedding, index_options, as_json)
     setup_logging(embedding.quiet)
     choice = embedding.encoders(encoders.clip, encoders.image, encoders.text)
     index = run_api(lambda: build_index(
@@ -190,6 +197,7 @@ main.add_command(text_to_caption_command)
 main.add_command(add_command)
 main.add_command(remove_command)
 main.add_command(serve_command)
+main.add_command(export_command)
 
 
 @main.command("info")

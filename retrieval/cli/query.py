@@ -91,7 +91,7 @@ def _answer_texts(query: str | None, queries_file: str | None, column: str, inde
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per query.")
 @_search_options
 @click.option("--json", "as_json", is_flag=True,
-              help="JSON lines: one object per hit (rank, score, id, uri, width, height); with --queries-file one {query, hits} object per query.")
+              help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); with --queries-file one {query, hits} object per query.")
 def text_to_image_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
                           route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
     """Find the images that best match QUERY (or each query of --queries-file)."""
@@ -105,7 +105,7 @@ def text_to_image_command(query: str | None, queries_file: str | None, column: s
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per query.")
 @_search_options
 @click.option("--json", "as_json", is_flag=True,
-              help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri); with --queries-file one {query, hits} object per query.")
+              help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); with --queries-file one {query, hits} object per query.")
 def text_to_caption_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
                             route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
     """Find the indexed captions closest to QUERY (or each query of --queries-file): caption search."""
@@ -178,7 +178,7 @@ def _answer_images(images: Sequence[str], queries_file: str | None, index_path: 
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per image.")
 @_search_options
 @click.option("--json", "as_json", is_flag=True,
-              help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri); for several images one {query, hits} object per image.")
+              help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); for several images one {query, hits} object per image.")
 def image_to_caption_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, device: str,
                              route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
     """Find the captions that best describe IMAGE. Several images, folders or globs (or --queries-file) are
@@ -195,7 +195,7 @@ def image_to_caption_command(images: Sequence[str], queries_file: str | None, in
 @click.option("--exclude-self", is_flag=True, help="Leave a query image that is itself in the index (same path) out of its own results.")
 @_search_options
 @click.option("--json", "as_json", is_flag=True,
-              help="JSON lines: one object per hit (rank, score, id, uri, width, height); for several images one {query, hits} object per image.")
+              help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); for several images one {query, hits} object per image.")
 def image_to_image_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, exclude_self: bool,
                            device: str, route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
     """Find the indexed images most like IMAGE ("more like this photo"). Several images, folders or globs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -17,6 +17,7 @@ class ImageHit:
     width: int
     height: int
     kind: str = "image"
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)  # the source's own fields (e.g. url), if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -33,6 +34,7 @@ class CaptionHit:
     source: str
     image_uri: str | None = None
     kind: str = "caption"
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)  # the source's own fields (e.g. url), if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

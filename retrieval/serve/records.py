@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 from retrieval.serve.errors import ApiError
 from retrieval.serve.served import Snapshot
+from retrieval.store.item_metadata import METADATA_COLUMN, decode_metadata, metadata_at
 
 CAPTION_BASE = 1 << 40  # compat id of caption row p: CAPTION_BASE + p; image row p: p
 MAX_ROWS = CAPTION_BASE  # a build holds fewer rows than this of each kind
@@ -65,7 +66,15 @@ def hit(snapshot: Snapshot, kind: str, position: int, score: float, rank: int) -
         image = paired_image(snapshot, position)
         out.update(caption=table["caption"][position], source=table["source"][position], image_id=image,
                    thumbnail=thumbnail_url(snapshot, image))
+    meta = metadata_at(table, position)
+    out.update(url=_url(meta), metadata=meta)
     return out
+
+
+def _url(meta: dict[str, Any]) -> str | None:
+    """The item's ``url`` from its source fields (img2dataset's json, a clip-retrieval column), if any."""
+    url = meta.get("url")
+    return url if isinstance(url, str) and url else None
 
 
 def item_record(snapshot: Snapshot, kind: str, position: int) -> dict[str, Any]:
@@ -77,7 +86,8 @@ def item_record(snapshot: Snapshot, kind: str, position: int) -> dict[str, Any]:
     table = snapshot.index.items(kind)
     record = {column: values[position] for column, values in table.items()}
     record["item_id"] = record.pop("id")
-    record.update(id=position, kind=kind)
+    record.update(id=position, kind=kind, metadata=decode_metadata(record.get(METADATA_COLUMN)))
+    record["url"] = _url(record["metadata"])
     if kind == "caption":
         record["image_item_id"] = record.get("image_id")
         record["image_id"] = paired_image(snapshot, position)
@@ -85,17 +95,22 @@ def item_record(snapshot: Snapshot, kind: str, position: int) -> dict[str, Any]:
 
 
 def compat_metadata(snapshot: Snapshot, kind: str, position: int) -> dict[str, Any]:
-    """clip back's metadata columns of one item: ``image_path``, ``caption`` and ``url`` where they exist."""
+    """clip back's metadata columns of one item: ``image_path``, ``caption`` and ``url`` where they exist.
+
+    The item's source fields (e.g. img2dataset's url, key, width, sha256) come along as further
+    columns, the way clip-retrieval's metadata parquet carries them; ``url`` comes from them when the
+    source had one, else from an ``http(s)`` uri.
+    """
+    table = snapshot.index.items(kind)
     if kind == "image":
-        uri = snapshot.index.items("image")["uri"][position]
+        uri = table["uri"][position]
         caption = first_caption(snapshot, position)
     else:
-        table = snapshot.index.items("caption")
         uri, caption = table["image_uri"][position], table["caption"][position]
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {key: value for key, value in metadata_at(table, position).items() if key not in ("image_path", "caption", "image")}
     if uri:
         meta["image_path"] = uri
-        if uri.startswith(("http://", "https://")):
+        if uri.startswith(("http://", "https://")) and not _url(meta):
             meta["url"] = uri
     if caption is not None:
         meta["caption"] = caption
