@@ -192,9 +192,10 @@ def measure(index_path: Path, clients_list: list[int], seconds: float, query: st
     print(HEADER)
     with serve_process("--index", f"big={index_path}") as (url, process):
         port = int(url.rsplit(":", 1)[1])
+        setup = one_search_thread if query == "vector" else None  # the server limits threads for vector queries only
         for clients in clients_list:
-            hammer(clients, min(1.0, seconds), api_work(index, queries), setup=one_search_thread)  # warm-up, not counted
-            rows.append(hammer(clients, seconds, api_work(index, queries), setup=one_search_thread).row("api", clients))
+            hammer(clients, min(1.0, seconds), api_work(index, queries), setup=setup)  # warm-up, not counted
+            rows.append(hammer(clients, seconds, api_work(index, queries), setup=setup).row("api", clients))
             work, connections = http_work(port, queries, clients)
             hammer(clients, min(1.0, seconds), work)
             rows.append(hammer(clients, seconds, work, process.pid).row("http", clients))
