@@ -1,0 +1,57 @@
+"""What an ``--images`` argument names, read into items: image files and folders (with
+img2dataset's ``files`` sidecars), webdataset tar shards, parquet files with image bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from retrieval.core.errors import InputError
+from retrieval.sources.discovery import discover_images
+from retrieval.sources.img2dataset_files import with_sidecars
+from retrieval.sources.parquet_images import read_parquet_images
+from retrieval.sources.shards import container_files
+from retrieval.sources.webdataset_tar import ShardItems, read_tar_shard
+
+
+def read_containers(arg: str | Path, files: Sequence[Path], caption_column: str = "caption",
+                    image_column: str = "image") -> ShardItems:
+    """The items of the tar/parquet ``files`` one argument named, shard by shard; InputError when none has an image."""
+    got = ShardItems()
+    for path in files:
+        if path.name.lower().endswith(".tar"):
+            got.extend(read_tar_shard(path, str(arg)))
+        else:
+            got.extend(read_parquet_images(path, caption_column, image_column, str(arg)))
+    if not got.images:
+        first = f"; first problem: {got.errors[0].path}: {got.errors[0].reason}" if got.errors else ""
+        raise InputError(f"{arg}: no images in {len(files)} shard file(s){first}")
+    return got
+
+
+def read_image_sources(args: Sequence[str | Path], caption_column: str = "caption", image_column: str = "image") -> ShardItems:
+    """Items of every ``--images`` argument in order, de-duplicated by location (first kept).
+
+    Shard and parquet items come shard by shard, in the order the argument names the files
+    (so the embedding stage's contiguous batches read each shard sequentially).
+    """
+    if isinstance(args, (str, Path)):
+        args = [args]
+    out = ShardItems()
+    for arg in args:
+        files = container_files(arg)
+        if files is not None:
+            out.extend(read_containers(arg, files, caption_column, image_column))
+            continue
+        refs, skipped = discover_images([arg])
+        out.extend(with_sidecars(refs))
+        out.errors.extend(skipped)
+    seen: set[str] = set()
+    images = []
+    for ref in out.images:
+        if ref.location not in seen:
+            seen.add(ref.location)
+            images.append(ref)
+    out.images = images
+    out.captions = list({record.id: record for record in reversed(out.captions)}.values())[::-1]  # first of each id
+    return out
