@@ -269,3 +269,28 @@ def test_a_killed_shard_build_resumes_shard_by_shard(tmp_path, tiny_clip_dir, co
     resumed = retrieval.open_index(index, device="cpu")
     for query in QUERIES:
         assert [(h.uri, h.score) for h in resumed.text_to_image(query, k=6)] == [(h.uri, h.score) for h in fresh.text_to_image(query, k=6)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_header_reader_agrees_with_tarfile(tmp_path, fmt):
+    from retrieval.sources.tar_headers import iter_members
+
+    path = tmp_path / "t.tar"
+    long_dir = "d" * 90 + "/" + "e" * 60  # ustar splits it into prefix + name; GNU and pax write long names
+    members = [_file("a.jpg", b"x" * 700), _file(f"{long_dir}/000000017.jpg", b"y" * 513), _file("b/c.txt", b""),
+               _link("s.jpg", "a.jpg", tarfile.SYMTYPE), _link("h.jpg", "a.jpg", tarfile.LNKTYPE)]
+    if fmt != tarfile.USTAR_FORMAT:
+        members.append(_file("é" * 120 + ".json", b"{}"))
+    folder = tarfile.TarInfo("folder")
+    folder.type = tarfile.DIRTYPE
+    members.append((folder, None))
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size, m.linkname) for m in tar.getmembers()]
+    with open(path, "rb") as handle:
+        got = [(m.name, m.offset, m.size, m.linkname) for m in iter_members(handle, path.stat().st_size)]
+    assert got == expected

@@ -146,7 +146,7 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 
 
 @main.command("build-index")
-@click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern. Repeatable.")
+@click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern; webdataset tar shards (shards/{00000..00127}.tar, a glob, or their folder) or parquet files with image bytes. Repeatable.")
 @click.option("--captions", multiple=True, help="Caption file: .txt (one per line), .csv, .tsv, .jsonl, .parquet. A file with an image column also adds its images. Repeatable.")
 @click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @encoder_options("Contrastive encoder spec: open_clip:MODEL/PRETRAINED, or open_clip:MODEL with --checkpoint.")

@@ -3,8 +3,9 @@ img2dataset's ``files`` sidecars), webdataset tar shards, parquet files with ima
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from retrieval.core.errors import InputError
 from retrieval.sources.discovery import discover_images
@@ -46,12 +47,19 @@ def read_image_sources(args: Sequence[str | Path], caption_column: str = "captio
         refs, skipped = discover_images([arg])
         out.extend(with_sidecars(refs))
         out.errors.extend(skipped)
-    seen: set[str] = set()
-    images = []
-    for ref in out.images:
-        if ref.location not in seen:
-            seen.add(ref.location)
-            images.append(ref)
-    out.images = images
-    out.captions = list({record.id: record for record in reversed(out.captions)}.values())[::-1]  # first of each id
+    out.images = _first_of_each(out.images, lambda ref: ref.location)
+    out.captions = _first_of_each(out.captions, lambda record: record.id)  # a folder named twice
     return out
+
+
+T = TypeVar("T")
+
+
+def _first_of_each(items: list[T], key: Callable[[T], str]) -> list[T]:
+    seen: set[str] = set()
+    kept = []
+    for item in items:
+        if key(item) not in seen:
+            seen.add(key(item))
+            kept.append(item)
+    return kept

@@ -1,6 +1,7 @@
 """webdataset tar shards (img2dataset's ``webdataset`` output) as items, never extracted.
 
-A shard is scanned once, header by header (``tarfile`` seeks past member data): each sample
+A shard is scanned once, header by header (:mod:`retrieval.sources.tar_headers` seeks past
+member data): each sample
 ``{key}.jpg|png|webp`` with ``{key}.txt`` (its caption) and ``{key}.json`` (img2dataset's url,
 key, caption, width, height, sha256, ...) becomes an image item with uri ``<shard>#<key>`` whose
 opener reads the member's bytes by offset and size (:class:`TarMember`: cheap, picklable, no tar
@@ -14,15 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from retrieval.sources.items import IMAGE_EXTENSIONS, CaptionRecord, ImageRef, ItemError
+from retrieval.sources.tar_headers import Member, TarDamage, iter_members
 
 MAX_SIDECAR_BYTES = 1 << 20  # a .txt/.json member larger than this is not a caption or metadata
-_TAIL_CHECK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,18 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
 
 
-def _unsafe(info: tarfile.TarInfo) -> str | None:
-    """Why a member must not be read (None: a plain, safely named file)."""
-    if info.issym() or info.islnk():
-        return f"a link (to {info.linkname!r}); links are never followed"
-    if not info.isfile():
-        return None if info.isdir() else "not a regular file"
-    parts = PurePosixPath(info.name).parts
-    if info.name.startswith("/") or ".." in parts:
+def _unsafe(member: Member) -> str | None:
+    """Why a member must not be read (None: a plain, safely named file, or a folder)."""
+    if member.kind in ("symlink", "hardlink"):
+        return f"a link (to {member.linkname!r}); links are never followed"
+    if member.kind == "other":
+        return "not a regular file"
+    if member.kind == "dir":
+        return None
+    if member.name.startswith("/") or ".." in member.name.split("/"):
         return "an absolute name or one with '..'; never extracted or read"
     try:
-        info.name.encode("utf-8")
+        member.name.encode("utf-8")
     except UnicodeEncodeError:
         return "a name that is not valid UTF-8"
     return None
@@ -84,7 +85,7 @@ class _Scan:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        self.samples: dict[str, dict[str, Member]] = {}
         self.sidecars: dict[tuple[str, str], bytes] = {}
         self.errors: list[ItemError] = []
 
@@ -92,59 +93,47 @@ class _Scan:
         self.errors.append(ItemError(path=str(self.path), reason=reason, kind=kind, row=row))
 
     def run(self) -> None:
-        size = self.path.stat().st_size
         try:
-            tar = tarfile.open(self.path, "r:")
-        except (tarfile.TarError, OSError) as e:
-            self.error(f"not a readable tar file ({type(e).__name__}: {e}); shard skipped")
+            handle = open(self.path, "rb")
+        except OSError as e:
+            self.error(f"cannot open ({e.strerror or e}); shard skipped")
             return
-        with tar:
-            while True:
-                try:
-                    info = tar.next()
-                except (tarfile.TarError, OSError) as e:
-                    self.error(f"damaged after byte {tar.offset} ({e}); the members after it are not read")
-                    return
-                if info is None:
-                    break
-                self.member(tar, info, size)
-            self.check_tail(tar.offset, size)
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            try:
+                for member in iter_members(handle, size):
+                    self.member(handle, member, size)
+            except TarDamage as e:
+                if e.offset == 0:
+                    self.error(f"not a readable tar file ({e}); shard skipped")
+                else:
+                    self.error(f"damaged or truncated: {e}; the members after it are not read")
 
-    def member(self, tar: tarfile.TarFile, info: tarfile.TarInfo, size: int) -> None:
-        unsafe = _unsafe(info)
+    def member(self, handle: BinaryIO, member: Member, size: int) -> None:
+        unsafe = _unsafe(member)
         if unsafe:
-            self.error(f"member {info.name!r} is {unsafe}; skipped")
+            self.error(f"member {member.name!r} is {unsafe}; skipped")
             return
-        if not info.isfile():
+        if member.kind != "file":
             return
-        if info.offset_data + info.size > size:
-            self.error(f"member {info.name!r}: data ends past the end of the file (truncated shard); skipped")
+        if member.offset + member.size > size:
+            self.error(f"member {member.name!r}: data ends past the end of the file (truncated shard); skipped")
             return
-        key, ext = split_key(info.name)
+        key, ext = split_key(member.name)
         sample = self.samples.setdefault(key, {})
         if ext in sample:
-            self.error(f"member {info.name!r}: duplicate key {key!r} (a second .{ext}); skipped")
+            self.error(f"member {member.name!r}: duplicate key {key!r} (a second .{ext}); skipped")
             return
-        sample[ext] = info
+        sample[ext] = member
         if ext in ("txt", "json"):
-            if info.size > MAX_SIDECAR_BYTES:
-                self.error(f"member {info.name!r}: {info.size} bytes, too large for a caption or metadata; skipped", "caption")
+            if member.size > MAX_SIDECAR_BYTES:
+                self.error(f"member {member.name!r}: {member.size} bytes, too large for a caption or metadata; skipped", "caption")
                 return
-            reader = tar.extractfile(info)
-            self.sidecars[(key, ext)] = reader.read() if reader is not None else b""
-
-    def check_tail(self, offset: int, size: int) -> None:
-        """Report bytes after the last member that are not the end-of-archive zeros."""
-        if offset >= size:
-            return
-        with open(self.path, "rb") as handle:
-            handle.seek(offset)
-            tail = handle.read(_TAIL_CHECK_BYTES)
-        if tail.strip(b"\0"):
-            self.error(f"damaged or truncated after byte {offset}: the members after it are not read")
+            handle.seek(member.offset)
+            self.sidecars[(key, ext)] = handle.read(member.size)
 
 
-def _image_ext(scan: _Scan, key: str, sample: dict[str, tarfile.TarInfo], row: int) -> str | None:
+def _image_ext(scan: _Scan, key: str, sample: dict[str, Member], row: int) -> str | None:
     """The sample's image extension (the first one; any other image member is reported)."""
     found = [ext for ext in sample if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
     for extra in found[1:]:
@@ -199,9 +188,9 @@ def read_tar_shard(path: str | Path, source: str = "") -> ShardItems:
         info = sample[ext]
         metadata = _metadata(scan, key, info.name, row)
         uri = f"{shard}#{key}"
-        version = f"{stat.st_size}:{stat.st_mtime_ns}:{info.offset_data}:{info.size}"
+        version = f"{stat.st_size}:{stat.st_mtime_ns}:{info.offset}:{info.size}"
         out.images.append(ImageRef(source=source or str(shard), uri=uri, version=version, metadata=metadata,
-                                   opener=TarMember(str(shard), info.offset_data, info.size)))
+                                   opener=TarMember(str(shard), info.offset, info.size)))
         text = _caption(scan, key, metadata, row)
         if text is not None:
             out.captions.append(CaptionRecord(text=text, source=str(shard), row=row, image=uri, metadata=metadata))
