@@ -100,8 +100,9 @@ def rss_child(shards: str, index: str, encoder: str, tmp: str) -> None:
     import retrieval
     from retrieval import EmbedOptions
 
-    retrieval.build_index(images=[shards], index=index, encoders=encoder_choice(encoder, Path(tmp)),
-                          embed=EmbedOptions(workers=0, progress=False))
+    choice = encoder_choice(encoder, Path(tmp))
+    retrieval.build_index(images=[shards], index=index, encoders=choice, embed=EmbedOptions(workers=0, progress=False),
+                          anchors=None if choice.is_contrastive else "builtin:imagenet")
     print(json.dumps({"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 

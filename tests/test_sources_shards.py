@@ -294,3 +294,14 @@ def test_the_header_reader_agrees_with_tarfile(tmp_path, fmt):
     with open(path, "rb") as handle:
         got = [(m.name, m.offset, m.size, m.linkname) for m in iter_members(handle, path.stat().st_size)]
     assert got == expected
+
+
+def test_an_item_reads_back_by_its_uri(coco_shards, tmp_path):
+    from retrieval.sources.inputs import read_item_bytes
+
+    shards, loose, samples = coco_shards
+    uri = f"{(shards / '00001.tar').resolve()}#{samples[12]['key']}"
+    assert read_item_bytes(uri) == samples[12]["file"].read_bytes()
+    assert read_item_bytes(str(loose / samples[0]["file"].name)) == samples[0]["file"].read_bytes()
+    with pytest.raises(FileNotFoundError, match="no sample 'nope'"):
+        read_item_bytes(f"{(shards / '00001.tar').resolve()}#nope")

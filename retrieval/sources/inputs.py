@@ -11,7 +11,7 @@ from retrieval.core.errors import InputError
 from retrieval.sources.discovery import discover_images
 from retrieval.sources.img2dataset_files import with_sidecars
 from retrieval.sources.parquet_images import read_parquet_images
-from retrieval.sources.shards import container_files
+from retrieval.sources.shards import container_files, is_container
 from retrieval.sources.webdataset_tar import ShardItems, read_tar_shard
 
 
@@ -63,3 +63,25 @@ def _first_of_each(items: list[T], key: Callable[[T], str]) -> list[T]:
             seen.add(key(item))
             kept.append(item)
     return kept
+
+
+def read_item_bytes(uri: str, caption_column: str = "caption", image_column: str = "image") -> bytes:
+    """The bytes of an indexed image by its uri: a file path, ``<shard>.tar#<key>`` or
+    ``<file>.parquet#<key>`` (the container is scanned for the key: one shard's headers or
+    small columns, never its other images). FileNotFoundError when there is no such item."""
+    path, _, key = uri.rpartition("#")
+    if not path or not container_files_named(path):
+        return Path(uri).read_bytes()
+    if path.lower().endswith(".tar"):
+        found = read_tar_shard(path)
+    else:
+        found = read_parquet_images(path, caption_column, image_column)
+    for ref in found.images:
+        if ref.uri == uri:
+            return ref.read_bytes()
+    raise FileNotFoundError(f"{uri}: no sample {key!r} in {path}")
+
+
+def container_files_named(path: str) -> bool:
+    """Whether ``path`` is an existing tar shard or parquet file."""
+    return is_container(path) and Path(path).is_file()

@@ -1,14 +1,19 @@
 """webdataset tar shards (img2dataset's ``webdataset`` output) as items, never extracted.
 
 A shard is scanned once, header by header (:mod:`retrieval.sources.tar_headers` seeks past
-member data): each sample
-``{key}.jpg|png|webp`` with ``{key}.txt`` (its caption) and ``{key}.json`` (img2dataset's url,
+member data): each sample ``{key}.jpg|png|webp`` with ``{key}.txt`` (its caption) and ``{key}.json`` (img2dataset's url,
 key, caption, width, height, sha256, ...) becomes an image item with uri ``<shard>#<key>`` whose
 opener reads the member's bytes by offset and size (:class:`TarMember`: cheap, picklable, no tar
 held open or in memory), plus a caption item paired with it. Only the small ``.txt``/``.json``
 members are read during the scan. Unsafe members (``..`` or absolute names, links, devices),
 duplicate keys, samples without an image or a caption, damaged or truncated shards are reported
 as :class:`ItemError` rows naming the shard and member; the rest of the shard is kept.
+
+Items come shard by shard, in member order. The embedding stage cuts runs of consecutive items
+into batches and hands them to its DataLoader workers in turn, so each batch reads one stretch
+of one shard (two at a shard boundary) front to back, and a resumed build's progress shards
+(keyed by each item's uri and version: shard size, mtime, member offset and size) cover whole
+stretches of tar shards.
 """
 
 from __future__ import annotations
