@@ -1,6 +1,6 @@
 """img2dataset itself, run as users run it, offline: ``python -m http.server --bind 127.0.0.1`` serves
-the COCO photos, img2dataset downloads them from a ``url,caption`` csv into ``webdataset`` shards and
-``parquet``, and both outputs index to the same photos as the loose files (mapped through the json url).
+the COCO photos, img2dataset downloads them from a ``url,caption`` csv into ``webdataset`` shards, ``parquet``
+and its ``files`` layout, and each output indexes to the same photos as the loose files (mapped through the json url).
 
 img2dataset (wandb, opencv, albumentations, pandas, its own webdataset pin) lives in its own venv,
 ``.venv-tools``, made by ``make setup``: a producer run as a command, kept out of the project's
@@ -78,7 +78,7 @@ def run_img2dataset(tmp: Path, base_url: str, output_format: str) -> Path:
 
 
 @pytest.mark.slow
-def test_img2dataset_shards_and_parquet_index_to_the_same_photos_as_loose_files(tmp_path, tiny_clip_dir, photo_server):
+def test_img2dataset_shards_parquet_and_files_index_to_the_same_photos_as_loose_files(tmp_path, tiny_clip_dir, photo_server):
     img2dataset_command()
     loose = tmp_path / "loose"
     loose.mkdir()
@@ -86,7 +86,7 @@ def test_img2dataset_shards_and_parquet_index_to_the_same_photos_as_loose_files(
         shutil.copy(sample["file"], loose / sample["file"].name)
     reference = retrieval.build_index(images=[loose], index=tmp_path / "files", encoders=_choice(tiny_clip_dir), embed=QUIET)
     expected = [[(Path(h.uri).name, round(h.score, 5)) for h in reference.text_to_image(q, k=6)] for q in QUERIES]
-    for output_format in ("webdataset", "parquet"):
+    for output_format in ("webdataset", "parquet", "files"):
         out = run_img2dataset(tmp_path, photo_server, output_format)
         index = retrieval.build_index(images=[out], index=tmp_path / output_format, encoders=_choice(tiny_clip_dir), embed=QUIET)
         assert index.info()["counts"] == {"image": N_PHOTOS, "caption": N_PHOTOS}, output_format
@@ -100,4 +100,4 @@ def read_urls(index, out: Path) -> dict[str, str]:
     """uri -> the url img2dataset recorded for it (its json / metadata columns), read from the outputs themselves."""
     from retrieval.sources.inputs import read_image_sources
 
-    return {ref.uri: ref.metadata["url"] for ref in read_image_sources([out]).images}
+    return {ref.location: ref.metadata["url"] for ref in read_image_sources([out]).images}
