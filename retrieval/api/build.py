@@ -36,8 +36,9 @@ from retrieval.embed.embedded import EmbeddedItems, EmbedStats
 from retrieval.embed.pipeline import EmbeddedImages, EmbedOptions, embed_images
 from retrieval.encoders.registry import load_encoders
 from retrieval.sources.captions import read_caption_file
-from retrieval.sources.discovery import discover_images
+from retrieval.sources.inputs import read_image_sources
 from retrieval.sources.items import CaptionRecord, ImageRef, ItemError
+from retrieval.sources.webdataset_tar import ShardItems
 from retrieval.store.locking import writer_lock
 from retrieval.store.provenance import encoder_record
 
@@ -64,12 +65,18 @@ class Collection:
 def gather_items(
     images: Sequence[str | Path], captions: Sequence[str | Path], options: CaptionOptions = CaptionOptions()
 ) -> Collection:
-    """Stage 1: find images and read caption files; images named by pairs files join the image collection."""
+    """Stage 1: find images and read caption files; images named by pairs files join the image collection.
+
+    ``images`` may name image files, folders and globs (an img2dataset ``files`` folder brings
+    its captions and json metadata), webdataset tar shards and parquet files with image bytes
+    (a path, glob or brace range ``shards/{00000..00127}.tar``: their captions come along,
+    paired with their images by uri); see :func:`retrieval.sources.inputs.read_image_sources`.
+    """
     if not images and not captions:
         raise InputError("nothing to index: give --images PATH and/or --captions FILE")
-    found, skipped = discover_images(images) if images else ([], [])
-    collection = Collection(images=found, errors=list(skipped))
-    seen = {ref.path for ref in collection.images}
+    found = read_image_sources(images, options.caption_column, options.image_column) if images else ShardItems()
+    collection = Collection(images=found.images, captions=found.captions, errors=found.errors)
+    seen = {ref.path for ref in collection.images if ref.path is not None}
     for path in captions:
         parsed = read_caption_file(path, options.caption_column, options.image_column, options.template, options.encoding)
         collection.captions.extend(parsed.records)

@@ -66,8 +66,8 @@ def option_group(target: str, options: Sequence[Callable[[Callable], Callable]],
 
 
 caption_options = option_group("caption_options", [
-    click.option("--caption-column", default="caption", show_default=True, help="Column holding the caption text (csv, tsv, jsonl, parquet)."),
-    click.option("--image-column", default="image", show_default=True, help="Column holding the image path of a pairs file; relative paths resolve against the file's folder."),
+    click.option("--caption-column", default="caption", show_default=True, help="Column holding the caption text (csv, tsv, jsonl, parquet; also a parquet given to --images)."),
+    click.option("--image-column", default="image", show_default=True, help="Column holding the image path of a pairs file (relative paths resolve against the file's folder); for a parquet given to --images, the column of image bytes, if not found by itself."),
     click.option("--caption-template", default=None, help='Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use {label}.'),
     click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."),
 ], lambda caption_column, image_column, caption_template, encoding: CaptionOptions(caption_column, image_column, caption_template, encoding))

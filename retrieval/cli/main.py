@@ -147,7 +147,7 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 
 
 @main.command("build-index")
-@click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern. Repeatable.")
+@click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern; webdataset tar shards (shards/{00000..00127}.tar, a glob, or their folder) or parquet files with image bytes. Repeatable.")
 @click.option("--embeddings", type=click.Path(exists=True, file_okay=False), default=None,
               help="Build from vectors made already: clip-retrieval's inference output (img_emb/, text_emb/, metadata/), "
                    "with the --encoder that made them. Nothing is encoded but a 32-item check.")

@@ -42,7 +42,7 @@ def _report(report: Any, as_json: bool, index_path: str) -> None:
 
 
 @click.command("add")
-@click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern to add. Repeatable.")
+@click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern to add; also tar shards or parquet files with image bytes (samples already indexed are skipped). Repeatable.")
 @click.option("--captions", multiple=True, help="Caption file to add (a pairs file also adds its images). Repeatable.")
 @index_option
 @caption_options

@@ -107,7 +107,7 @@ class CaptionRecord:
     text: str
     source: str
     row: int
-    image: Path | None = None
+    image: Path | str | None = None  # the paired image: a file path, or the uri of an item that is not a file
     label: str | None = None
     metadata: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # source fields (e.g. img2dataset's json)
 
@@ -118,7 +118,7 @@ class CaptionRecord:
 
     @property
     def image_id(self) -> str | None:
-        """Id of the paired image (equal to ``ImageRef.id`` for that path)."""
+        """Id of the paired image (equal to ``ImageRef.id`` for that path or uri)."""
         return None if self.image is None else stable_id("img", str(self.image))
 
 
