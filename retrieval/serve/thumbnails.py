@@ -14,7 +14,8 @@ from collections import OrderedDict
 from retrieval.core.errors import ImageDecodeError
 from retrieval.serve.errors import ApiError
 from retrieval.serve.served import Snapshot
-from retrieval.sources.images import load_image
+from retrieval.sources.images import decode_image
+from retrieval.sources.inputs import read_item_bytes
 
 MIN_SIZE, MAX_SIZE, DEFAULT_SIZE = 16, 1024, 256
 
@@ -58,12 +59,13 @@ class ThumbnailCache:
 
 
 def make_thumbnail(uri: str, size: int) -> bytes | None:
-    """JPEG bytes of the image file ``uri`` scaled to fit ``size`` x ``size`` (None when it cannot be read)."""
-    if not uri or not os.path.isabs(uri):  # a tar member or a remote uri: nothing to read here
+    """JPEG bytes of the indexed image ``uri`` (a file, or a tar shard's or parquet file's member)
+    scaled to fit ``size`` x ``size``; None when it cannot be read."""
+    if not uri or not os.path.isabs(uri):  # a url or a relative name from elsewhere: nothing to read here
         return None
     try:
-        picture = load_image(uri, draft_size=(size, size)).image
-    except ImageDecodeError:
+        picture = decode_image(read_item_bytes(uri), uri, draft_size=(size, size)).image
+    except (ImageDecodeError, OSError, ValueError):
         return None
     picture = picture.copy()
     picture.thumbnail((size, size))
