@@ -8,13 +8,21 @@ IMG2DATASET := img2dataset==1.47.0
 # torch from this pin installs from the local wheel cache on the project machines; elsewhere pip downloads it.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup setup-test demo test clean-demo
 
+# What the demo needs: the package and its dependencies (+ scikit-image's sample photos).
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[demo]'
+	touch $@
+
+# What the tests need on top: test extras, clip-retrieval's clients, img2dataset in its own venv.
+setup-test: $(VENV)/.test-installed
+
+$(VENV)/.test-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	# clip-retrieval's ClipClient and clip-front are acceptance tests of `retrieval serve`; its own
 	# dependencies (torch pins, flask, wandb, ...) are not needed for that, hence --no-deps
@@ -26,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q
 
 clean-demo:
