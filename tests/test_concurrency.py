@@ -241,6 +241,31 @@ def test_a_failed_build_releases_the_lock(tmp_path, tiny_clip_dir, small_collect
                           encoders=_clip(tiny_clip_dir), embed=QUIET)
 
 
+def test_a_sparse_file_deleted_while_it_loads_is_read_from_its_pinned_descriptor(tmp_path):
+    """A newer build's cleanup can land between the reader's check of a file and the load by its name
+    (it made a 16-thread test fail once): the load then runs again on the pinned descriptor."""
+    import scipy.sparse as sp
+
+    from retrieval.asif.relative import SparseRelativeIndex
+    from retrieval.store.reader import StoreReader
+    from retrieval.store.writer import StoreWriter
+
+    writer = StoreWriter(tmp_path, kind="index")
+    rel = writer.write_sparse("image", SparseRelativeIndex(sp.csr_matrix(np.full((3, 2), 0.5, np.float32))))
+    writer.commit({"files": {"relative": rel}}, [])
+    reader = StoreReader(tmp_path, kind="index")
+    paths: list[Path] = []
+
+    def load_racing_a_cleanup(path: Path) -> SparseRelativeIndex:
+        paths.append(path)
+        if len(paths) == 1:
+            path.unlink()  # the newer build's cleanup, right after the check
+        return SparseRelativeIndex.load(path)
+
+    assert (reader.read_sparse(rel, load_racing_a_cleanup).rows.toarray() == 0.5).all()
+    assert paths[0] == tmp_path / rel and paths[1] != paths[0]
+
+
 def test_a_reader_keeps_its_snapshot_after_the_files_are_deleted(tmp_path):
     """Store level, every file type: two commits later the first reader still reads its own build."""
     import pyarrow as pa

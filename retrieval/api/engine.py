@@ -300,7 +300,7 @@ class Index:
 
     def relative_index(self, kind: str) -> SparseRelativeIndex:
         """The ASIF relative rows of the ``kind`` items, loaded on first use."""
-        return self._parts.get(("relative", kind), lambda: SparseRelativeIndex.load(self.store.path(self._files["relative"][kind])))
+        return self._parts.get(("relative", kind), lambda: self.store.read_sparse(self._files["relative"][kind], SparseRelativeIndex.load))
 
     @property
     def anchor_spaces(self) -> AnchorSpaces:

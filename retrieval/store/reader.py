@@ -183,9 +183,8 @@ class StoreReader:
         """Load one ``.npy`` file without unpickling (object arrays are refused)."""
         where = self.root / rel
         if mmap:
-            path = self.path(rel)
             try:
-                array = np.load(path, allow_pickle=False, mmap_mode="r")
+                array = self._load_by_path(rel, lambda path: np.load(path, allow_pickle=False, mmap_mode="r"))
             except (OSError, ValueError, EOFError) as e:
                 raise IndexFormatError(f"{where}: cannot read array ({e})") from e
             return array
@@ -234,9 +233,8 @@ class StoreReader:
 
         where = self.root / rel
         if mmap:
-            path = self.path(rel)
             try:
-                return read_vector_index(str(path), mmap=True)
+                return self._load_by_path(rel, lambda path: read_vector_index(str(path), mmap=True))
             except RuntimeError as e:
                 raise IndexFormatError(f"{where}: cannot read FAISS index ({str(e).splitlines()[0]})") from e
         data = self._data(rel, force_verify=True)
@@ -250,7 +248,20 @@ class StoreReader:
         """Load a sparse file (e.g. ``SparseRelativeIndex.load``) from the pinned, verified path.
 
         The loader comes from the caller: the store knows files, not what the ASIF stage keeps in them.
+        A newer build may delete the file while this snapshot loads it by name; the load then runs
+        again on the pinned descriptor.
         """
+        return self._load_by_path(rel, load)
+
+    def _load_by_path(self, rel: str, load: Callable[[Path], T]) -> T:
+        """``load(path)`` of the pinned file ``rel``, again by its descriptor if a newer build deletes it meanwhile."""
+        path = self.path(rel)
+        try:
+            return load(path)
+        except Exception:
+            if path != self.root / rel or path.exists():
+                raise
+        # a newer build deleted the file between the check in path() and the load: read it by its pinned descriptor
         return load(self.path(rel))
 
     def read_errors(self) -> list[dict[str, Any]]:
