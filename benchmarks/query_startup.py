@@ -25,12 +25,18 @@ before (f685fda) and after the direct MiniLM path (:mod:`retrieval.encoders.bert
     clip text-to-image     4.65 s  3.29x   4.75 s  3.32x
     clip image-to-caption  4.50 s  3.19x   4.72 s  3.30x
 
-``--importtime`` shows why: before, both ASIF queries imported sentence_transformers (with
-transformers, sklearn, timm and torchvision; about 3 s on an idle machine), since an index opens
-its text encoder for image queries too; after, they import torch, faiss, tokenizers and
-safetensors only. CLIP queries import open_clip, which itself imports torchvision,
-transformers and timm (about 3 s with torch): they stay over the target until CLIP models
-get a direct path like MiniLM's.
+Before, ASIF queries imported sentence_transformers (with transformers, sklearn, timm and
+torchvision). CLIP queries imported open_clip, which itself imports torchvision (and with it
+torch._dynamo) and transformers: about 2 s on top of torch. Since the CLIP query snapshots
+(:mod:`retrieval.encoders.clip_snapshot`: the towers traced to TorchScript, loaded with torch
+alone), measured 2026-11-30 (load average 0.8 to 1.0), median of 5 after a first run:
+
+    query                  median          first run
+    import torch           1.31 s  1.00x   1.25 s
+    asif text-to-image     1.84 s  1.40x   1.84 s
+    asif image-to-caption  1.90 s  1.45x   1.87 s
+    clip text-to-image     1.99 s  1.52x   4.60 s  (the model's first query writes its snapshot)
+    clip image-to-caption  2.01 s  1.53x   1.95 s
 """
 
 from __future__ import annotations
