@@ -31,8 +31,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
 from .clip_snapshot_encoder import (
     META_NAME,
     SNAPSHOT_VERSION,
@@ -44,6 +42,8 @@ from .open_clip_loading import LOCAL_DIR, PREFIX
 from .preprocess import FastImageTransform
 
 if TYPE_CHECKING:
+    import torch
+
     from .open_clip import OpenClipEncoder
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def default_snapshot_root() -> Path:
 
 def snapshot_key(spec: str, checkpoint: str | Path | None, device: str) -> str:
     """24 hex chars naming the snapshot of ``spec`` + ``checkpoint`` on ``device`` (cheap: stats files only)."""
+    import torch
+
     spec = spec.strip()
     body = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
     local = Path(body[len(LOCAL_DIR):]) if body.startswith(LOCAL_DIR) else None
@@ -121,6 +123,8 @@ def write_snapshot(encoder: OpenClipEncoder, folder: Path) -> bool:
     if tokenizer is None or not isinstance(transform, FastImageTransform):
         log.info("no query snapshot for %s: tokenizer or preprocessing not supported", encoder.spec)
         return False
+    import torch
+
     text, visual = _trace_towers(encoder, transform)
     if text is None or visual is None:
         log.info("no query snapshot for %s: the traced towers disagree with the model", encoder.spec)
@@ -174,6 +178,8 @@ def _tokenizer_settings(tokenizer: Any) -> dict[str, Any] | None:
 
 def _trace_towers(encoder: OpenClipEncoder, transform: FastImageTransform) -> tuple[Any, Any]:
     """(text, image) towers traced to TorchScript, each None where it disagrees with the eager model."""
+    import torch
+
     towers = encoder.float_towers()
     if towers is None:
         return None, None
@@ -190,6 +196,8 @@ def _trace_towers(encoder: OpenClipEncoder, transform: FastImageTransform) -> tu
 
 def _traced(module: torch.nn.Module, sample: torch.Tensor, check: torch.Tensor) -> Any:
     """``module`` traced on ``sample``; None unless it matches eager on ``check`` (another batch size)."""
+    import torch
+
     traced = torch.jit.trace(module.eval(), sample, check_trace=False)
     if not torch.allclose(traced(check), module(check), atol=_TRACE_ATOL):
         return None
