@@ -1,0 +1,175 @@
+"""Distributed builds on a local Ray cluster (``build-index --ray``): one Ray session for the module.
+
+The session listens on 127.0.0.1 only (checked below), has 4 logical CPUs for 1-2 actors
+(a spare CPU for Ray Data's read task: ray#44687), and every test runs under an alarm.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib.util
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import COCO, require_shared_data
+
+from retrieval.embed.ray_pipeline import LOOPBACK, LOOPBACK_ENV
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install 'retrieval[ray]'")
+ROOT = Path(__file__).resolve().parents[1]
+TEST_SECONDS = 60
+
+
+@pytest.fixture(autouse=True)
+def alarm():
+    """Fail a hung Ray test (a deadlocked actor pool) instead of hanging the suite."""
+    def expired(signum, frame):
+        faulthandler.dump_traceback(all_threads=True)
+        raise TimeoutError(f"Ray test ran over {TEST_SECONDS} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TEST_SECONDS)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray session on loopback for the module (ray.init takes 4-6 s); the environment
+    that keeps Ray on loopback is read when ray is imported, so ray is imported only here."""
+    assert "ray" not in sys.modules, "ray was imported before the loopback setting could apply"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in LOOPBACK_ENV.items():
+            patch.setenv(name, value)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(num_cpus=4, _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """24 COCO photos and one truncated JPEG, as loose files."""
+    require_shared_data()
+    root = tmp_path_factory.mktemp("ray-photos")
+    names = sorted(p.name for p in (COCO / "images").glob("*.jpg"))[:24]
+    for name in names:
+        shutil.copy(COCO / "images" / name, root / name)
+    good = (root / names[0]).read_bytes()
+    (root / "zz-broken.jpg").write_bytes(good[: len(good) // 3])
+    return root
+
+
+def _build(photos: Path, index: Path, tiny_clip_dir: Path, *extra: str) -> None:
+    from retrieval.cli.main import main
+
+    args = ["build-index", "--images", str(photos), "--index", str(index), "--encoder", "open_clip:tiny",
+            "--checkpoint", str(tiny_clip_dir), "--device", "cpu", "--index-type", "flat", "--quiet", *extra]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def _vectors(index) -> np.ndarray:
+    return np.concatenate(list(index.vector_source("clip/image").chunks())).astype(np.float32)
+
+
+def test_ray_build_is_the_single_machine_build(ray_cluster, photos, tiny_clip_dir, tmp_path, monkeypatch):
+    from retrieval.api.engine import open_index
+    from retrieval.embed import ray_units
+
+    monkeypatch.setattr(ray_units, "DEFAULT_UNIT_SIZE", 8)  # 25 photos -> 4 units, one task each
+    _build(photos, tmp_path / "single", tiny_clip_dir, "--workers", "0")
+    _build(photos, tmp_path / "ray", tiny_clip_dir, "--ray", "local")
+    single, distributed = open_index(tmp_path / "single", device="cpu"), open_index(tmp_path / "ray", device="cpu")
+    assert distributed.items("image")["id"] == single.items("image")["id"]
+    assert len(single.items("image")["id"]) == 24
+    a, b = _vectors(single), _vectors(distributed)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.9999, cosine.min()
+    for query in ("a dog", "food on a plate", "a street with cars"):
+        assert [h.id for h in distributed.text_to_image(query, k=10)] == [h.id for h in single.text_to_image(query, k=10)]
+    errors = [json.loads(line) for line in (tmp_path / "ray" / "errors.jsonl").read_text().splitlines()]
+    assert [Path(e["path"]).name for e in errors] == ["zz-broken.jpg"], errors
+    assert errors == [json.loads(line) for line in (tmp_path / "single" / "errors.jsonl").read_text().splitlines()]
+    assert not (tmp_path / "ray" / ".work").exists()  # the units are removed after the commit
+
+
+def test_rerun_submits_only_the_missing_units(ray_cluster, photos, tiny_clip_dir, tmp_path):
+    from retrieval.api.build import gather_items
+    from retrieval.embed.pipeline import EmbedOptions
+    from retrieval.embed.ray_pipeline import RayOptions, embed_images_on_ray
+    from retrieval.encoders.registry import load_clip_encoder
+
+    refs = gather_items([photos], []).images
+    encoder = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
+    options = EmbedOptions(progress=False)
+    ray_options = RayOptions(address="local", unit_size=8, actors=2,
+                             encoders=_choice(tiny_clip_dir))
+    first = embed_images_on_ray(refs, encoder, options, tmp_path, ray_options)
+    assert first.resumed == 0 and len(first.rows) == 24 and len(first.errors) == 1
+    units = sorted((tmp_path / ".work").glob("*/shard-*.npz"))
+    assert [u.name for u in units] == [f"shard-{a:010d}-{b:010d}.npz" for a, b in ((0, 8), (8, 16), (16, 24), (24, 25))]
+    units[1].unlink()  # lost
+    units[3].write_bytes(units[3].read_bytes()[:100])  # cut short: not a valid output
+    kept = {u: (os.stat(u).st_ino, os.stat(u).st_mtime_ns) for u in (units[0], units[2])}
+    again = embed_images_on_ray(refs, encoder, options, tmp_path, ray_options)
+    assert again.resumed == 16  # units 0 and 2 were not submitted again
+    assert {u: (os.stat(u).st_ino, os.stat(u).st_mtime_ns) for u in kept} == kept
+    assert units[1].is_file() and units[3].is_file()
+    assert [r.ref.id for r in again.rows] == [r.ref.id for r in first.rows]
+    np.testing.assert_array_equal(again.vectors, first.vectors)
+    assert [(e.path, e.reason) for e in again.errors] == [(e.path, e.reason) for e in first.errors]
+
+
+def _choice(tiny_clip_dir: Path):
+    from retrieval.core.config import EncoderChoice
+
+    return EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
+
+
+def _listeners(pids: set[int]) -> list[tuple[str, int, int]]:
+    import psutil
+
+    return [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def test_every_ray_process_listens_on_loopback_only(ray_cluster):
+    import psutil
+
+    me = psutil.Process()
+    pids = {me.pid} | {child.pid for child in me.children(recursive=True)}
+    assert len(pids) >= 3  # the driver, the GCS server, the raylet (and workers)
+    listening = _listeners(pids)
+    assert listening, "no Ray listener found: the check would pass vacuously"
+    outside = [entry for entry in listening if not _is_loopback(entry[0])]
+    assert not outside, f"Ray listens beyond loopback: {outside}"
+
+
+def test_the_cli_imports_ray_only_for_a_ray_build():
+    code = "import sys, retrieval.cli.main, retrieval.api.build; assert 'ray' not in sys.modules, 'ray imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
