@@ -91,11 +91,20 @@ def _vectors(index) -> np.ndarray:
 
 def test_ray_build_is_the_single_machine_build(ray_cluster, photos, tiny_clip_dir, tmp_path, monkeypatch):
     from retrieval.api.engine import open_index
-    from retrieval.embed import ray_units
+    from retrieval.embed import ray_pipeline
 
-    monkeypatch.setattr(ray_units, "DEFAULT_UNIT_SIZE", 8)  # 25 photos -> 4 units, one task each
-    _build(photos, tmp_path / "single", tiny_clip_dir, "--workers", "0")
-    _build(photos, tmp_path / "ray", tiny_clip_dir, "--ray", "local")
+    submitted = []
+    run_units = ray_pipeline.embed_images_on_ray
+
+    def spy(refs, encoder, options, work_dir, ray_options):
+        submitted.append(ray_options)
+        return run_units(refs, encoder, options, work_dir, ray_options)
+
+    monkeypatch.setattr(ray_pipeline, "embed_images_on_ray", spy)
+    _build(photos, tmp_path / "single", tiny_clip_dir, "--workers", "0", "--batch-size", "4")
+    _build(photos, tmp_path / "ray", tiny_clip_dir, "--ray", "local", "--batch-size", "4",
+           "--progress-shard-size", "8")  # 25 photos -> 4 units, one task each
+    assert [o.address for o in submitted] == ["local"]  # the CLI went through Ray
     single, distributed = open_index(tmp_path / "single", device="cpu"), open_index(tmp_path / "ray", device="cpu")
     assert distributed.items("image")["id"] == single.items("image")["id"]
     assert len(single.items("image")["id"]) == 24
@@ -118,7 +127,7 @@ def test_rerun_submits_only_the_missing_units(ray_cluster, photos, tiny_clip_dir
 
     refs = gather_items([photos], []).images
     encoder = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
-    options = EmbedOptions(progress=False)
+    options = EmbedOptions(batch_size=4, progress=False)
     ray_options = RayOptions(address="local", unit_size=8, actors=2,
                              encoders=_choice(tiny_clip_dir))
     first = embed_images_on_ray(refs, encoder, options, tmp_path, ray_options)
@@ -173,3 +182,17 @@ def test_the_cli_imports_ray_only_for_a_ray_build():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
+
+
+def test_units_are_one_per_source_shard_and_whole_batches_of_loose_files(tmp_path):
+    from retrieval.embed.ray_units import Unit, cut_units
+    from retrieval.sources.items import ImageRef
+
+    def member(shard: str, key: int) -> ImageRef:
+        return ImageRef(uri=f"{shard}#{key}", opener=lambda: b"", source=shard)
+
+    loose = [ImageRef(path=tmp_path / f"{i}.jpg") for i in range(5)]
+    refs = loose[:3] + [member("a.tar", i) for i in range(7)] + [member("b.tar", i) for i in range(2)] + loose[3:]
+    assert cut_units(refs, 2) == [Unit(0, 2), Unit(2, 3), Unit(3, 10), Unit(10, 12), Unit(12, 14)]
+    with pytest.raises(ValueError):
+        cut_units(refs, 0)

@@ -48,11 +48,13 @@ LOOPBACK = "127.0.0.1"
 class RayOptions:
     """How a build runs on Ray: ``address`` is ``local`` (start a one-machine cluster on
     127.0.0.1), ``auto`` (the running cluster, else a local one) or a cluster address;
-    ``encoders`` are loaded once per actor; ``actors`` None: one per GPU, else CPUs - 1."""
+    ``encoders`` are loaded once per actor; ``actors`` None: one per GPU, else CPUs - 1;
+    ``unit_size``: loose files per unit (None: the build's progress shard size, else
+    ``DEFAULT_UNIT_SIZE``; rounded up to whole batches)."""
 
     address: str = "auto"
     encoders: EncoderChoice | None = None
-    unit_size: int = DEFAULT_UNIT_SIZE
+    unit_size: int | None = None
     actors: int | None = None
     local_cpus: int | None = None  # logical CPUs of a local cluster (None: actors + 2, at least 4)
 
@@ -129,7 +131,9 @@ def embed_images_on_ray(
     if ray_options.encoders is None:
         raise InputError("a Ray build needs the encoder choice (RayOptions.encoders) to load on its actors")
     batch_size = options.resolved_batch_size(encoder.device)
-    units = cut_units(refs, ray_options.unit_size)
+    unit_size = ray_options.unit_size or options.resolved_progress_shard_size() or DEFAULT_UNIT_SIZE
+    # loose-file units hold whole batches, so their batches are the single-machine build's
+    units = cut_units(refs, -(-unit_size // batch_size) * batch_size)
     key = units_key(refs, encoder, batch_size, units)
     dim = int(encoder.dim)
     work = WorkFolder(work_dir, key, len(refs), dim)
