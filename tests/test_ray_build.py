@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import COCO, require_shared_data
 
-from retrieval.embed.ray_pipeline import LOOPBACK, LOOPBACK_ENV
+from retrieval.embed.ray_pipeline import LOOPBACK_ENV
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install 'retrieval[ray]'")
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,22 +45,17 @@ def alarm():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray session on loopback for the module (ray.init takes 4-6 s); the environment
-    that keeps Ray on loopback is read when ray is imported, so ray is imported only here."""
+    """One local Ray session for the module (ray.init takes 4-6 s), started the way ``--ray local``
+    starts one (so the loopback check below checks the build's own way); the builds join it."""
+    from retrieval.embed.ray_pipeline import RayOptions, ray_session
+
     assert "ray" not in sys.modules, "ray was imported before the loopback setting could apply"
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in LOOPBACK_ENV.items():
-            patch.setenv(name, value)
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(num_cpus=4, _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-        try:
+        for name in LOOPBACK_ENV:
+            patch.delenv(name, raising=False)  # set by ray_session, restored (removed) after the module
+        with ray_session(RayOptions(address="local", local_cpus=4)) as ray:
             yield ray
-        finally:
-            ray.shutdown()
+        assert not ray.is_initialized()
 
 
 @pytest.fixture(scope="module")
