@@ -182,12 +182,37 @@ def test_the_cli_imports_ray_only_for_a_ray_build():
 def test_units_are_one_per_source_shard_and_whole_batches_of_loose_files(tmp_path):
     from retrieval.embed.ray_units import Unit, cut_units
     from retrieval.sources.items import ImageRef
+    from retrieval.sources.webdataset_tar import TarMember
 
-    def member(shard: str, key: int) -> ImageRef:
-        return ImageRef(uri=f"{shard}#{key}", opener=lambda: b"", source=shard)
+    def member(shard: str, key: int) -> ImageRef:  # one source argument (a brace range) names both shards
+        return ImageRef(uri=f"{shard}#{key}", opener=TarMember(shard, key, 1), source="{a,b}.tar")
 
     loose = [ImageRef(path=tmp_path / f"{i}.jpg") for i in range(5)]
-    refs = loose[:3] + [member("a.tar", i) for i in range(7)] + [member("b.tar", i) for i in range(2)] + loose[3:]
-    assert cut_units(refs, 2) == [Unit(0, 2), Unit(2, 3), Unit(3, 10), Unit(10, 12), Unit(12, 14)]
+    memory = [ImageRef(uri=f"mem:{i}", opener=lambda: b"") for i in range(3)]  # an opener without a file: as loose items
+    refs = loose[:3] + [member("a.tar", i) for i in range(7)] + [member("b.tar", i) for i in range(2)] + loose[3:] + memory
+    assert cut_units(refs, 2) == [Unit(0, 2), Unit(2, 3), Unit(3, 10), Unit(10, 12), Unit(12, 14), Unit(14, 16), Unit(16, 17)]
     with pytest.raises(ValueError):
         cut_units(refs, 0)
+
+
+def test_tar_shards_are_one_unit_each_and_index_as_without_ray(ray_cluster, tiny_clip_dir, tmp_path, monkeypatch):
+    from test_sources_shards import QUIET, coco_samples, write_shards
+
+    import retrieval
+    from retrieval.embed import ray_pipeline
+    from retrieval.embed.ray_pipeline import RayOptions
+
+    require_shared_data()
+    shards = write_shards(tmp_path / "shards", coco_samples(12), per_shard=5)
+    cuts = []
+    cut = ray_pipeline.cut_units
+    monkeypatch.setattr(ray_pipeline, "cut_units", lambda refs, size: cuts.append(cut(refs, size)) or cuts[-1])
+    built = {}
+    for name, ray_options in (("single", None), ("ray", RayOptions(address="local", actors=2))):
+        built[name] = retrieval.build_index(images=[str(shards / "{00000..00002}.tar")], index=tmp_path / name, embed=QUIET,
+                                            encoders=_choice(tiny_clip_dir), ray=ray_options)
+    assert [[(u.start, u.stop) for u in units] for units in cuts] == [[(0, 5), (5, 10), (10, 12)]]
+    assert built["ray"].items("image")["id"] == built["single"].items("image")["id"]
+    a, b = _vectors(built["single"]), _vectors(built["ray"])
+    assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.9999
+    assert built["ray"].items("caption")["id"] == built["single"].items("caption")["id"]

@@ -38,19 +38,20 @@ class Unit:
 
 
 def cut_units(refs: Sequence[ImageRef], unit_size: int = DEFAULT_UNIT_SIZE) -> list[Unit]:
-    """One unit per source shard (consecutive items read through an opener from one source),
-    and one per ``unit_size`` consecutive loose files."""
+    """One unit per source shard (consecutive items whose opener reads one container file: a
+    tar member, a parquet cell), and one per ``unit_size`` consecutive other items (files)."""
     if unit_size < 1:
         raise ValueError(f"unit_size must be >= 1, got {unit_size}")
     units: list[Unit] = []
     start = 0
 
-    def group(ref: ImageRef) -> tuple[bool, str]:
-        return (ref.opener is not None, ref.source if ref.opener is not None else "")
+    def container(ref: ImageRef) -> str | None:
+        path = getattr(ref.opener, "path", None) if ref.opener is not None else None
+        return str(path) if path is not None else None
 
-    for (container, _), run in itertools.groupby(refs, key=group):
+    for shard, run in itertools.groupby(refs, key=container):
         count = len(list(run))
-        step = count if container else unit_size
+        step = count if shard is not None else unit_size
         for offset in range(0, count, step):
             units.append(Unit(start + offset, start + min(offset + step, count)))
         start += count
