@@ -141,6 +141,24 @@ def test_rerun_submits_only_the_missing_units(ray_cluster, photos, tiny_clip_dir
     assert [(e.path, e.reason) for e in again.errors] == [(e.path, e.reason) for e in first.errors]
 
 
+def test_a_unit_that_raises_fails_the_build_with_a_clear_error(ray_cluster, photos, tiny_clip_dir, tmp_path):
+    from retrieval.api.build import gather_items
+    from retrieval.embed.pipeline import EmbedOptions
+    from retrieval.embed.ray_pipeline import (
+        RayBuildError,
+        RayOptions,
+        embed_images_on_ray,
+    )
+    from retrieval.encoders.registry import load_clip_encoder
+
+    (tmp_path / ".work").write_text("a file where the work folder goes")  # every unit's write fails
+    refs = gather_items([photos], []).images[:8]
+    encoder = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
+    with pytest.raises(RayBuildError, match=r"a work unit failed on Ray \((FileExistsError|NotADirectoryError)"):
+        embed_images_on_ray(refs, encoder, EmbedOptions(batch_size=4, progress=False), tmp_path,
+                            RayOptions(address="local", unit_size=4, actors=1, encoders=_choice(tiny_clip_dir)))
+
+
 def _choice(tiny_clip_dir: Path):
     from retrieval.core.config import EncoderChoice
 

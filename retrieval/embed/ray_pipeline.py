@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from retrieval.core.config import EncoderChoice
-from retrieval.core.errors import InputError
+from retrieval.core.errors import InputError, RetrievalError
 from retrieval.embed.pipeline import EmbeddedImages, EmbedOptions
 from retrieval.embed.ray_units import (
     DEFAULT_UNIT_SIZE,
@@ -42,6 +42,10 @@ from retrieval.sources.items import ImageRef
 # cluster listens on 127.0.0.1 only.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 LOOPBACK = "127.0.0.1"
+
+
+class RayBuildError(RetrievalError):
+    """A work unit failed on Ray with an error (not a lost worker, which Ray retries)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ def _run_units(ray: Any, refs: Sequence[ImageRef], todo: Sequence[Unit], ray_opt
     """Map the units through the actor pool; returns the number of actors."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
+    context.raise_original_map_exception = True  # a unit's own error, not Ray Data's wrapper
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
@@ -164,11 +169,29 @@ def _run_units(ray: Any, refs: Sequence[ImageRef], todo: Sequence[Unit], ray_opt
     index, key, count, dim, batch_size = job
     data = ray.data.from_items(items, override_num_blocks=len(items))  # one unit per block, so per task
     out = data.map_batches(
-        UnitEncoder, batch_size=1, concurrency=actors, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        UnitEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         fn_constructor_kwargs={"encoders": ray_options.encoders, "index": index, "key": key, "count": count,
                                "dim": dim, "batch_size": batch_size},
     )
-    written = out.take_all()
+    try:
+        written = out.take_all()
+    except Exception as e:  # a Python error in a unit fails the job at once (Ray Data does not retry it)
+        raise RayBuildError(f"{index}: a work unit failed on Ray ({_root_cause(e)}); the units done are kept: "
+                            "run the same command again to embed only the others") from e
     if len(written) != len(todo):
         raise RuntimeError(f"Ray returned {len(written)} of {len(todo)} units")
     return actors
+
+
+def _root_cause(error: BaseException) -> str:
+    """The original error inside Ray's wrappers, as ``Type: message``."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
