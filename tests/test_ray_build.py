@@ -7,9 +7,11 @@ The session listens on 127.0.0.1 only (checked below), has 4 logical CPUs for 1-
 from __future__ import annotations
 
 import faulthandler
+import functools
 import importlib.util
 import ipaddress
 import json
+import operator
 import os
 import shutil
 import signal
@@ -123,7 +125,7 @@ def test_rerun_submits_only_the_missing_units(ray_cluster, photos, tiny_clip_dir
     refs = gather_items([photos], []).images
     encoder = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
     options = EmbedOptions(batch_size=4, progress=False)
-    ray_options = RayOptions(address="local", unit_size=8, actors=2,
+    ray_options = RayOptions(address="local", unit_size=8, actors=1,
                              encoders=_choice(tiny_clip_dir))
     first = embed_images_on_ray(refs, encoder, options, tmp_path, ray_options)
     assert first.resumed == 0 and len(first.rows) == 24 and len(first.errors) == 1
@@ -234,3 +236,41 @@ def test_tar_shards_are_one_unit_each_and_index_as_without_ray(ray_cluster, tiny
     a, b = _vectors(built["single"]), _vectors(built["ray"])
     assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.9999
     assert built["ray"].items("caption")["id"] == built["single"].items("caption")["id"]
+
+
+class _Poison:
+    """An opener that cannot be unpickled: the unit holding it fails with ZeroDivisionError on its actor."""
+
+    def __reduce__(self):
+        return (operator.truediv, (1, 0))
+
+    def __call__(self) -> bytes:
+        raise AssertionError("never called")
+
+
+def test_a_rerun_after_a_failed_unit_embeds_only_the_units_not_done(ray_cluster, photos, tiny_clip_dir, tmp_path):
+    from retrieval.api.build import gather_items
+    from retrieval.embed.pipeline import EmbedOptions
+    from retrieval.embed.ray_pipeline import (
+        RayBuildError,
+        RayOptions,
+        embed_images_on_ray,
+    )
+    from retrieval.encoders.registry import load_clip_encoder
+    from retrieval.sources.items import ImageRef
+
+    good = gather_items([photos], []).images[:12]
+    fixed = ImageRef(uri="mem:last", version=1, opener=functools.partial(Path.read_bytes, good[0].path))
+    poisoned = ImageRef(uri="mem:last", version=1, opener=_Poison())  # the same item to the job key
+    encoder = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
+    options = EmbedOptions(batch_size=4, progress=False)
+    ray_options = RayOptions(address="local", unit_size=4, actors=1, encoders=_choice(tiny_clip_dir))
+    with pytest.raises(RayBuildError, match="ZeroDivisionError"):
+        embed_images_on_ray(good + [poisoned], encoder, options, tmp_path / "index", ray_options)
+    done = sorted(p.name for p in (tmp_path / "index" / ".work").glob("*/shard-*.npz"))
+    assert done and "shard-0000000012-0000000013.npz" not in done, done
+    again = embed_images_on_ray(good + [fixed], encoder, options, tmp_path / "index", ray_options)
+    assert again.resumed == 4 * len(done)
+    fresh = embed_images_on_ray(good + [fixed], encoder, options, tmp_path / "fresh", ray_options)
+    assert fresh.resumed == 0 and [r.ref.id for r in again.rows] == [r.ref.id for r in fresh.rows]
+    np.testing.assert_array_equal(again.vectors, fresh.vectors)
