@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from retrieval.sources.items import CaptionRecord, ImageRef, ItemError
 from retrieval.sources.webdataset_tar import ShardItems
 from retrieval.store.locking import writer_lock
 from retrieval.store.provenance import encoder_record
+
+if TYPE_CHECKING:
+    from retrieval.embed.ray_pipeline import RayOptions
 
 __all__ = [
     "DEFAULT_INDEX", "Collection", "WriteOptions", "build_anchors", "build_index", "commit_index",
@@ -93,15 +96,24 @@ gather_collection = gather_items  # the name before the stages were split out
 
 def embed_items(
     collection: Collection, image_encoder: Any, text_encoder: Any, options: EmbedOptions = EmbedOptions(),
-    work_dir: str | Path | None = None,
+    work_dir: str | Path | None = None, ray: RayOptions | None = None,
 ) -> EmbeddedItems:
     """Stage 2: images and captions through their encoders (the same object for a contrastive model).
 
     With ``work_dir`` (an index directory whose writer lock the caller holds) the image
-    embedding is resumable: see :func:`retrieval.embed.pipeline.embed_images`.
+    embedding is resumable: see :func:`retrieval.embed.pipeline.embed_images`. With ``ray``
+    (and ``work_dir``) the images are embedded on a Ray cluster in resumable units: see
+    :func:`retrieval.embed.ray_pipeline.embed_images_on_ray`.
     """
     started = time.perf_counter()
-    images = embed_images(collection.images, image_encoder, options, work_dir=work_dir)
+    if ray is not None:
+        from retrieval.embed.ray_pipeline import embed_images_on_ray
+
+        if work_dir is None:
+            raise InputError("a Ray build needs the index directory for its work units")
+        images = embed_images_on_ray(collection.images, image_encoder, options, work_dir, ray)
+    else:
+        images = embed_images(collection.images, image_encoder, options, work_dir=work_dir)
     seconds = time.perf_counter() - started
     texts = [record.text for record in collection.captions]
     caption_vectors = text_encoder.encode_texts(texts, progress=options.progress) if texts else np.zeros((0, text_encoder.dim), np.float32)
@@ -135,6 +147,7 @@ def build_index(
     embed: EmbedOptions = EmbedOptions(),
     anchor_weights: Sequence[float] | None = None,
     index_options: IndexOptions = IndexOptions(),
+    ray: str | RayOptions | None = None,
 ) -> "Index":  # noqa: F821
     """Embed images and captions and write an index directory; returns the opened index.
 
@@ -144,11 +157,15 @@ def build_index(
     ``anchor_weights``) is required and cross-modal search goes through ASIF
     relative representations (exact sparse route ``asif``) or their dense
     projections (route ``projected``).
+
+    With ``ray`` (``local``, ``auto``, a cluster address, or ``RayOptions``) the images
+    are embedded on Ray (``retrieval[ray]``); the index is the same as without it.
     """
     from retrieval.api.engine import open_index
 
     started = time.perf_counter()
     anchors = _check_choice(encoders, anchors)
+    ray_options = _ray_options(ray, encoders)
     index = Path(index)
     prepare_target(index)
     with writer_lock(index):  # one build at a time: a second writer fails here, at once
@@ -156,13 +173,25 @@ def build_index(
         image_encoder, text_encoder = load_encoders(encoders)
         spaces = resolve_anchors(anchors, anchor_weights, image_encoder, text_encoder)
         asif = asif_params_for(spaces.sets, asif) if spaces else asif  # open fields: the anchor sets' own; fails early
-        embedded = embed_items(collection, image_encoder, text_encoder, embed, work_dir=index)  # resumable: see resume.py
+        embedded = embed_items(collection, image_encoder, text_encoder, embed, work_dir=index, ray=ray_options)  # resumable: see resume.py
         commit_index(embedded, index, WriteOptions(
             anchors=spaces, asif=asif, index_options=index_options, caption_options=caption_options,
             sources={"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
             checkpoint=encoders.checkpoint, progress=embed.progress, started=started,
         ))
     return open_index(index, device=encoders.device)
+
+
+def _ray_options(ray: str | RayOptions | None, encoders: EncoderChoice | None) -> RayOptions | None:
+    """``ray`` as RayOptions carrying the build's encoder choice (None: no Ray)."""
+    if ray is None:
+        return None
+    from dataclasses import replace
+
+    from retrieval.embed.ray_pipeline import RayOptions
+
+    options = ray if isinstance(ray, RayOptions) else RayOptions(address=str(ray))
+    return replace(options, encoders=encoders)
 
 
 def _check_choice(encoders: EncoderChoice | None, anchors: str | Path | Sequence[str | Path] | None) -> list[str | Path]:

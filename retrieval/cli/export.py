@@ -43,7 +43,7 @@ def build_from_embeddings(embeddings: str, others: Sequence[Any], index_path: st
 
     if any(others):
         raise click.UsageError("--embeddings builds from the embedding folder alone: leave out --images, --captions, --anchors "
-                               "and the unimodal encoders")
+                               "and the unimodal encoders, and --ray")
     if not encoder:
         raise click.UsageError("--embeddings needs --encoder: the CLIP model that made the vectors (it encodes the queries)")
     setup_logging(embedding.quiet)

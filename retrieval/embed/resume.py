@@ -303,6 +303,11 @@ class WorkFolder:
             except BaseException as e:  # surfaced in the encoding thread at its next submit/close
                 self._error = e
 
+    def write(self, shard: Shard) -> None:
+        """Write one shard now, atomically, in the calling thread (a unit of a distributed build)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._write(shard)
+
     def _write(self, shard: Shard) -> None:
         vectors = np.ascontiguousarray(
             shard.vectors if shard.vectors is not None else np.zeros((0, self.dim), np.float32), dtype="<f4"
