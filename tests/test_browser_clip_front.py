@@ -54,7 +54,9 @@ def test_clip_front_shows_results_and_loads_more_while_scrolling(browser, front,
     page.on("request", lambda r: metadata.append(json.loads(r.post_data)["ids"]) if r.url.endswith("/metadata") else None)
 
     page.goto(f"{front}/?back={server}")
-    from playwright.sync_api import expect  # installed whenever the browser fixture did not skip
+    from playwright.sync_api import (
+        expect,  # installed whenever the browser fixture did not skip
+    )
 
     indices = page.locator("clip-front select").first.locator("option")
     expect(indices).to_have_count(1)  # filled from /indices-list, which may answer after the page has drawn

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,9 +117,9 @@ class UnitEncoder:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         written = []
-        for start, stop, blob in zip(batch["start"], batch["stop"], batch["refs"]):
+        for start, stop, refs in zip(batch["start"], batch["stop"], batch["refs"]):
             unit = Unit(int(start), int(stop))
-            shard = embed_unit(pickle.loads(blob), unit, self.encoder, self.batch_size)
+            shard = embed_unit(list(refs), unit, self.encoder, self.batch_size)
             self.work.write(shard)
             written.append(len(shard.ok))
         return {"start": list(batch["start"]), "embedded": written}
@@ -165,7 +164,7 @@ def _run_units(ray: Any, refs: Sequence[ImageRef], todo: Sequence[Unit], ray_opt
     cpus = int(resources.get("CPU", 1))
     actors = ray_options.actors or (gpus if gpus else max(1, cpus - 1))
     actors = min(actors, len(todo))
-    items = [{"start": u.start, "stop": u.stop, "refs": pickle.dumps(list(refs[u.start : u.stop]))} for u in todo]
+    items = [{"start": u.start, "stop": u.stop, "refs": list(refs[u.start : u.stop])} for u in todo]  # Ray serialises them
     index, key, count, dim, batch_size = job
     data = ray.data.from_items(items, override_num_blocks=len(items))  # one unit per block, so per task
     out = data.map_batches(
