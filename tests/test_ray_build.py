@@ -274,3 +274,44 @@ def test_a_rerun_after_a_failed_unit_embeds_only_the_units_not_done(ray_cluster,
     fresh = embed_images_on_ray(good + [fixed], encoder, options, tmp_path / "fresh", ray_options)
     assert fresh.resumed == 0 and [r.ref.id for r in again.rows] == [r.ref.id for r in fresh.rows]
     np.testing.assert_array_equal(again.vectors, fresh.vectors)
+
+
+def test_add_on_ray_is_the_single_machine_add(ray_cluster, photos, tiny_clip_dir, tmp_path, monkeypatch):
+    """``add --ray`` embeds only the new photos on Ray; the grown index equals one grown without Ray."""
+    from retrieval.api.engine import open_index
+    from retrieval.cli.main import main
+    from retrieval.embed import ray_pipeline
+
+    submitted = []
+    run_units = ray_pipeline.embed_images_on_ray
+
+    def spy(refs, encoder, options, work_dir, ray_options):
+        submitted.append((len(refs), ray_options.address, ray_options.encoders.clip))
+        return run_units(refs, encoder, options, work_dir, ray_options)
+
+    monkeypatch.setattr(ray_pipeline, "embed_images_on_ray", spy)
+
+    first, later = tmp_path / "first", tmp_path / "later"
+    first.mkdir()
+    later.mkdir()
+    names = sorted(p.name for p in photos.glob("*.jpg") if not p.name.startswith("zz"))
+    for name in names[:16]:
+        shutil.copy(photos / name, first / name)
+    for name in names[16:]:
+        shutil.copy(photos / name, later / name)
+    for label in ("single", "ray"):
+        _build(first, tmp_path / label, tiny_clip_dir, "--workers", "0", "--batch-size", "4")
+    for label, extra in (("single", ["--workers", "0"]), ("ray", ["--ray", "local"])):
+        result = CliRunner().invoke(main, ["add", "--images", str(later), "--images", str(first), "--index", str(tmp_path / label),
+                                           "--device", "cpu", "--batch-size", "4", "--quiet", "--json", *extra],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output.strip().splitlines()[-1])
+        assert report["added"]["image"] == len(names) - 16 and report["already_present"]["image"] == 16, report
+    assert submitted == [(len(names) - 16, "local", "open_clip:tiny")]  # only the new photos went to Ray
+    single, distributed = open_index(tmp_path / "single", device="cpu"), open_index(tmp_path / "ray", device="cpu")
+    assert distributed.items("image")["id"] == single.items("image")["id"]
+    a, b = _vectors(single), _vectors(distributed)
+    assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.9999
+    assert [h.id for h in distributed.text_to_image("a dog", k=10)] == [h.id for h in single.text_to_image("a dog", k=10)]
+    assert not (tmp_path / "ray" / ".work").exists()

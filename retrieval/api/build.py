@@ -165,7 +165,7 @@ def build_index(
 
     started = time.perf_counter()
     anchors = _check_choice(encoders, anchors)
-    ray_options = _ray_options(ray, encoders)
+    ray_options = ray_options_for(ray, encoders)
     index = Path(index)
     prepare_target(index)
     with writer_lock(index):  # one build at a time: a second writer fails here, at once
@@ -182,8 +182,8 @@ def build_index(
     return open_index(index, device=encoders.device)
 
 
-def _ray_options(ray: str | RayOptions | None, encoders: EncoderChoice | None) -> RayOptions | None:
-    """``ray`` as RayOptions carrying the build's encoder choice (None: no Ray)."""
+def ray_options_for(ray: str | RayOptions | None, encoders: EncoderChoice | None) -> RayOptions | None:
+    """``ray`` (``local``, ``auto``, an address or RayOptions) as RayOptions carrying ``encoders`` (None: no Ray)."""
     if ray is None:
         return None
     from dataclasses import replace

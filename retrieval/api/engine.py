@@ -326,17 +326,21 @@ class Index:
     def _encoders(self) -> tuple[Any, Any]:
         return self._parts.get("encoders", self._load_encoders)
 
-    def _load_encoders(self) -> tuple[Any, Any]:
+    def encoder_choice(self) -> Any:
+        """The :class:`~retrieval.core.config.EncoderChoice` that loads the encoders this index was built with."""
         from retrieval.core.config import EncoderChoice
-        from retrieval.encoders.registry import load_encoders
 
         records = self.manifest["encoders"]
         checkpoint = self.manifest.get("checkpoint")
         if self.mode == "clip":
-            choice = EncoderChoice(clip=records["image"]["spec"], checkpoint=checkpoint, device=self.device)
-        else:
-            choice = EncoderChoice(image=records["image"]["spec"], text=records["text"]["spec"], checkpoint=checkpoint, device=self.device)
-        image_encoder, text_encoder = load_encoders(choice, snapshots=self.encoder_snapshots)
+            return EncoderChoice(clip=records["image"]["spec"], checkpoint=checkpoint, device=self.device)
+        return EncoderChoice(image=records["image"]["spec"], text=records["text"]["spec"], checkpoint=checkpoint, device=self.device)
+
+    def _load_encoders(self) -> tuple[Any, Any]:
+        from retrieval.encoders.registry import load_encoders
+
+        records = self.manifest["encoders"]
+        image_encoder, text_encoder = load_encoders(self.encoder_choice(), snapshots=self.encoder_snapshots)
         check_same_encoder(records["image"], image_encoder, f"index {self.path}")
         check_same_encoder(records["text"], text_encoder, f"index {self.path}")
         return image_encoder, text_encoder

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retrieval.api.build import gather_items
+from retrieval.api.build import gather_items, ray_options_for
 from retrieval.api.engine import Index, open_index
 from retrieval.api.write import caption_table, image_table
 from retrieval.asif.relative import SparseRelativeIndex
@@ -157,6 +157,15 @@ def _prepare(index_path: str | Path, device: str) -> Index:
     return index
 
 
+def _embed_new_images(old: Index, images: list, embed: EmbedOptions, ray: Any) -> Any:
+    """The new images' vectors, here or on Ray; resumable either way (the index's work folder)."""
+    if ray is None:
+        return embed_images(images, old.image_encoder, embed, work_dir=old.path)
+    from retrieval.embed.ray_pipeline import embed_images_on_ray
+
+    return embed_images_on_ray(images, old.image_encoder, embed, old.path, ray_options_for(ray, old.encoder_choice()))
+
+
 def add_to_index(
     index_path: str | Path,
     images: Sequence[str | Path] = (),
@@ -164,8 +173,13 @@ def add_to_index(
     caption_options: CaptionOptions = CaptionOptions(),
     embed: EmbedOptions = EmbedOptions(),
     device: str = "auto",
+    ray: Any = None,
 ) -> UpdateReport:
-    """Add images and captions to a built index, encoding only the new ones (items already present are skipped)."""
+    """Add images and captions to a built index, encoding only the new ones (items already present are skipped).
+
+    With ``ray`` (``local``, ``auto``, a cluster address or ``RayOptions``) the new images are embedded
+    on Ray (``retrieval[ray]``), as ``build_index(ray=...)`` does; the result is the same.
+    """
     started = time.perf_counter()
     report = UpdateReport("add")
     with writer_lock(index_path):
@@ -176,7 +190,7 @@ def add_to_index(
         new_images = [ref for ref in collection.images if ref.id not in present["image"]]
         new_captions = [record for record in collection.captions if record.id not in present["caption"]]
         report.already_present = {"image": len(collection.images) - len(new_images), "caption": len(collection.captions) - len(new_captions)}
-        embedded = embed_images(new_images, old.image_encoder, embed, work_dir=old.path)
+        embedded = _embed_new_images(old, new_images, embed, ray)
         texts = [record.text for record in new_captions]
         caption_vectors = old.text_encoder.encode_texts(texts, progress=embed.progress) if texts else np.zeros((0, old.text_encoder.dim), np.float32)
         report.skipped = len(collection.errors) + len(embedded.errors)
