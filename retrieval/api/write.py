@@ -178,19 +178,12 @@ def caption_table(captions: Sequence[CaptionRecord]) -> "pa.Table":  # noqa: F82
             "caption": [record.text for record in captions],
             "source": [record.source for record in captions],
             "row": pa.array([record.row for record in captions], pa.int64()),
-            "image_uri": pa.array([paired_uri(record) for record in captions], pa.string()),
+            "image_uri": pa.array([str(record.image) if record.image else None for record in captions], pa.string()),
             "image_id": pa.array([record.image_id for record in captions], pa.string()),
             "label": pa.array([record.label for record in captions], pa.string()),
             METADATA_COLUMN: metadata_array([record.metadata for record in captions]),
         }
     )
-
-
-def paired_uri(record: CaptionRecord) -> str | None:
-    """The uri of a caption's paired image: its file path, or the uri of a record that names one otherwise
-    (``retrieval.sources.clip_embeddings.UriCaption``: a url, a key)."""
-    uri = getattr(record, "image_uri", None)
-    return uri if uri else (str(record.image) if record.image else None)
 
 
 def _vector_sets(image_space: str, text_space: str, image_vectors: np.ndarray, caption_vectors: np.ndarray) -> list[VectorSet]:

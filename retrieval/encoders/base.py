@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ImageEncoder",
     "TextEncoder",
+    "encode_text_batches",
     "inference_context",
     "module_fingerprint",
     "short_error",
@@ -187,6 +189,24 @@ def to_unit_numpy(features: torch.Tensor) -> np.ndarray:
     features = features.float()
     features = torch.nn.functional.normalize(features, dim=-1)
     return np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32)
+
+
+def encode_text_batches(
+    texts: Sequence[str] | str, dim: int, batch_size: int, progress: bool, encode: Callable[[list[str]], Any]
+) -> np.ndarray:
+    """Unit rows of ``encode(chunk)`` over ``texts`` in chunks of ``batch_size``, with a "captions" bar when ``progress``."""
+    from tqdm import tqdm
+
+    items = as_text_list(texts)
+    if not items:
+        return np.zeros((0, dim), dtype=np.float32)
+    parts = []
+    with tqdm(total=len(items), unit="text", disable=not progress, file=sys.stderr, desc="captions") as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            parts.append(to_unit_numpy(encode(chunk)))
+            bar.update(len(chunk))
+    return np.concatenate(parts, axis=0)
 
 
 def check_pixels(pixels: Any) -> None:

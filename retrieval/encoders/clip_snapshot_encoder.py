@@ -22,8 +22,8 @@ import numpy as np
 from .base import (
     ImageEncoder,
     TextEncoder,
-    as_text_list,
     check_pixels,
+    encode_text_batches,
     inference_context,
     to_unit_numpy,
 )
@@ -113,19 +113,11 @@ class ClipSnapshotEncoder(ImageEncoder, TextEncoder):
             return to_unit_numpy(self.tower(VISUAL_NAME)(pixels))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        from tqdm import tqdm
+        def encode(chunk: list[str]) -> Any:
+            with inference_context(self.device):
+                return self.tower(TEXT_NAME)(self._tokenizer(chunk))
 
-        items = as_text_list(texts)
-        if not items:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        parts = []
-        with tqdm(total=len(items), unit="text", disable=not progress, file=sys.stderr, desc="captions") as bar:
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                with inference_context(self.device):
-                    parts.append(to_unit_numpy(self.tower(TEXT_NAME)(self._tokenizer(chunk))))
-                bar.update(len(chunk))
-        return np.concatenate(parts, axis=0)
+        return encode_text_batches(texts, self.dim, batch_size, progress, encode)
 
 
 def _simple_tokenizer(settings: dict[str, Any]) -> Callable | None:

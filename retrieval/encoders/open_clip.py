@@ -14,7 +14,6 @@ Specs (``checkpoint`` is the CLI's ``--checkpoint PATH``):
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +26,8 @@ from retrieval.encoders.preprocess import FastImageTransform, open_clip_transfor
 from .base import (
     ImageEncoder,
     TextEncoder,
-    as_text_list,
     check_pixels,
+    encode_text_batches,
     inference_context,
     module_fingerprint,
     short_error,
@@ -179,27 +178,11 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
     def encode_texts(
         self, texts: Sequence[str], batch_size: int = 64, progress: bool = False
     ) -> np.ndarray:
-        from tqdm import tqdm
+        def encode(chunk: list[str]) -> Any:
+            with inference_context(self.device):
+                return self._model.encode_text(self._tokenizer(chunk).to(self.device))
 
-        items = as_text_list(texts)
-        if not items:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        parts = []
-        with tqdm(
-            total=len(items),
-            unit="text",
-            disable=not progress,
-            file=sys.stderr,
-            desc="captions",
-        ) as bar:
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                tokens = self._tokenizer(chunk).to(self.device)
-                with inference_context(self.device):
-                    features = self._model.encode_text(tokens)
-                parts.append(to_unit_numpy(features))
-                bar.update(len(chunk))
-        return np.concatenate(parts, axis=0)
+        return encode_text_batches(texts, self.dim, batch_size, progress, encode)
 
 
 def _plain_visual(model: Any) -> bool:

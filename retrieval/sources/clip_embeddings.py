@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from retrieval.core.errors import InputError
-from retrieval.sources.items import CaptionRecord, ImageRef, ItemError, stable_id
+from retrieval.sources.items import CaptionRecord, ImageRef, ItemError
 
 KINDS = {"image": ("img_emb", "img_emb_"), "text": ("text_emb", "text_emb_")}  # kind -> (folder, file prefix)
 METADATA = ("metadata", "metadata_")
@@ -71,17 +71,6 @@ class EmbeddingFolder:
             where.extend((path, int(r)) for r in local)
             done += len(local)
         return out, where
-
-
-@dataclass(frozen=True)
-class UriCaption(CaptionRecord):
-    """A caption paired with an image named by a uri (a url, a relative path, a key) rather than a file path."""
-
-    image_uri: str | None = None
-
-    @property
-    def image_id(self) -> str | None:
-        return stable_id("img", self.image_uri) if self.image_uri else super().image_id
 
 
 @dataclass
@@ -231,5 +220,5 @@ def _add_row(out: EmbeddedRows, folder: EmbeddingFolder, part: EmbeddingPart, lo
     if not isinstance(caption, str):
         out.errors.append(ItemError(source, f"caption is a {type(caption).__name__}, not text", kind="caption", row=local))
         return
-    out.captions.append(UriCaption(text=caption, source=source, row=local, metadata=extra, image_uri=uri))
+    out.captions.append(CaptionRecord(text=caption, source=source, row=local, image=uri, metadata=extra))  # uri kept as a string
     out.caption_rows.append(part.start + local)
