@@ -296,6 +296,43 @@ def test_the_header_reader_agrees_with_tarfile(tmp_path, fmt):
     assert got == expected
 
 
+def _tar_of(path: Path, files: dict[str, bytes]) -> bytes:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files.items():
+            info, _ = _file(name, data)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("where", [0, 100, 147, 156, 300, 511])
+def test_any_changed_header_byte_is_damage(tmp_path, where):
+    from retrieval.sources.tar_headers import TarDamage, iter_members
+
+    path = tmp_path / "t.tar"
+    data = bytearray(_tar_of(path, {"a.jpg": b"x" * 700, "a.txt": b"a caption"}))
+    second = 512 + 1024  # the second member's header (after the first's header and two data blocks)
+    data[second + where] = (data[second + where] + 1) % 256 or 1
+    path.write_bytes(bytes(data))
+    with open(path, "rb") as handle, pytest.raises(TarDamage) as caught:
+        names = [m.name for m in iter_members(handle, len(data))]
+        assert names[:1] == ["a.jpg"]
+    assert caught.value.offset == second
+
+
+def test_a_negative_size_is_damage_not_a_loop(tmp_path):
+    from retrieval.sources.tar_headers import BLOCK, TarDamage, iter_members
+
+    path = tmp_path / "t.tar"
+    data = bytearray(_tar_of(path, {"a.jpg": b"x" * 700}))
+    data[124:136] = b" -1000\0\0\0\0\0\0"
+    data[148:156] = b"        "
+    data[148:156] = f"{sum(data[:BLOCK]):06o}\0 ".encode()  # a valid checksum over the negative size
+    path.write_bytes(bytes(data))
+    with open(path, "rb") as handle, pytest.raises(TarDamage, match="negative number"):
+        list(iter_members(handle, len(data)))
+
+
 def test_an_item_reads_back_by_its_uri(coco_shards, tmp_path):
     from retrieval.sources.inputs import read_item_bytes
 

@@ -17,11 +17,12 @@ from retrieval.sources.webdataset_tar import ShardItems, read_tar_shard
 
 def read_containers(arg: str | Path, files: Sequence[Path], caption_column: str = "caption",
                     image_column: str = "image") -> ShardItems:
-    """The items of the tar/parquet ``files`` one argument named, shard by shard; InputError when none has an image."""
+    """The items of the tar/parquet ``files`` one argument named (resolved paths, as
+    :func:`container_files` gives them), shard by shard; InputError when none has an image."""
     got = ShardItems()
     for path in files:
         if path.name.lower().endswith(".tar"):
-            got.extend(read_tar_shard(path, str(arg)))
+            got.extend(read_tar_shard(path, str(arg), resolved=True))
         else:
             got.extend(read_parquet_images(path, caption_column, image_column, str(arg)))
     if not got.images:
@@ -47,8 +48,9 @@ def read_image_sources(args: Sequence[str | Path], caption_column: str = "captio
         refs, skipped = discover_images([arg])
         out.extend(with_sidecars(refs))
         out.errors.extend(skipped)
-    out.images = _first_of_each(out.images, lambda ref: ref.location)
-    out.captions = _first_of_each(out.captions, lambda record: record.id)  # a folder named twice
+    if len(args) > 1:  # one argument never names an item twice (discovery and shard lists are de-duplicated)
+        out.images = _first_of_each(out.images, lambda ref: ref.location)
+        out.captions = _first_of_each(out.captions, lambda record: record.id)  # a folder named twice
     return out
 
 
@@ -59,8 +61,9 @@ def _first_of_each(items: list[T], key: Callable[[T], str]) -> list[T]:
     seen: set[str] = set()
     kept = []
     for item in items:
-        if key(item) not in seen:
-            seen.add(key(item))
+        name = key(item)
+        if name not in seen:
+            seen.add(name)
             kept.append(item)
     return kept
 

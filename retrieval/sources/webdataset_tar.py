@@ -22,10 +22,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from retrieval.sources.items import IMAGE_EXTENSIONS, CaptionRecord, ImageRef, ItemError
-from retrieval.sources.tar_headers import Member, TarDamage, iter_members
+from retrieval.sources.tar_headers import FileWindow, Member, TarDamage, iter_members
 
 MAX_SIDECAR_BYTES = 1 << 20  # a .txt/.json member larger than this is not a caption or metadata
 
@@ -93,6 +93,7 @@ class _Scan:
         self.samples: dict[str, dict[str, Member]] = {}
         self.sidecars: dict[tuple[str, str], bytes] = {}
         self.errors: list[ItemError] = []
+        self.stat: os.stat_result | None = None  # of the open shard
 
     def error(self, reason: str, kind: str = "image", row: int | None = None) -> None:
         self.errors.append(ItemError(path=str(self.path), reason=reason, kind=kind, row=row))
@@ -104,17 +105,18 @@ class _Scan:
             self.error(f"cannot open ({e.strerror or e}); shard skipped")
             return
         with handle:
-            size = os.fstat(handle.fileno()).st_size
+            self.stat = os.fstat(handle.fileno())
+            window = FileWindow(handle)
             try:
-                for member in iter_members(handle, size):
-                    self.member(handle, member, size)
+                for member in iter_members(handle, self.stat.st_size, window):
+                    self.member(window, member, self.stat.st_size)
             except TarDamage as e:
                 if e.offset == 0:
                     self.error(f"not a readable tar file ({e}); shard skipped")
                 else:
                     self.error(f"damaged or truncated: {e}; the members after it are not read")
 
-    def member(self, handle: BinaryIO, member: Member, size: int) -> None:
+    def member(self, window: FileWindow, member: Member, size: int) -> None:
         unsafe = _unsafe(member)
         if unsafe:
             self.error(f"member {member.name!r} is {unsafe}; skipped")
@@ -134,8 +136,7 @@ class _Scan:
             if member.size > MAX_SIDECAR_BYTES:
                 self.error(f"member {member.name!r}: {member.size} bytes, too large for a caption or metadata; skipped", "caption")
                 return
-            handle.seek(member.offset)
-            self.sidecars[(key, ext)] = handle.read(member.size)
+            self.sidecars[(key, ext)] = window.read(member.offset, member.size)
 
 
 def _image_ext(scan: _Scan, key: str, sample: dict[str, Member], row: int) -> str | None:
@@ -176,12 +177,13 @@ def _caption(scan: _Scan, key: str, metadata: dict[str, Any], row: int) -> str |
     return text.strip()
 
 
-def read_tar_shard(path: str | Path, source: str = "") -> ShardItems:
-    """The items of one webdataset tar shard (see the module docstring); problems are in ``errors``."""
-    shard = Path(path).resolve()
+def read_tar_shard(path: str | Path, source: str = "", resolved: bool = False) -> ShardItems:
+    """The items of one webdataset tar shard (see the module docstring); problems are in ``errors``.
+    ``resolved``: ``path`` is already absolute with no links (as :func:`container_files` gives them)."""
+    shard = Path(path) if resolved else Path(path).resolve()
     scan = _Scan(shard)
     scan.run()
-    stat = os.stat(shard)
+    stat = scan.stat or os.stat(shard)
     out = ShardItems(errors=scan.errors)
     for row, (key, sample) in enumerate(scan.samples.items(), start=1):
         ext = _image_ext(scan, key, sample, row)
