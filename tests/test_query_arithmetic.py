@@ -8,7 +8,13 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_engine_asif import QUIET, UNIMODAL, anchor_dir, imagenet_subset, reference_relative  # noqa: F401
+from test_engine_asif import (  # noqa: F401
+    QUIET,
+    UNIMODAL,
+    anchor_dir,
+    imagenet_subset,
+    reference_relative,
+)
 
 import retrieval
 from retrieval import EncoderChoice, InputError, Query

@@ -64,7 +64,7 @@ def near_duplicate_pairs(take: Callable[[int, int], np.ndarray], n: int, thresho
             index.add(rows)
             # range_search keeps scores > radius: step just below the threshold so ties count
             lims, _, labels = index.range_search(queries, float(np.nextafter(np.float32(threshold), np.float32(-1))))
-            counts = np.diff(lims)
+            counts = np.diff(lims).astype(np.int64)
             left = np.repeat(np.arange(start, start + len(queries), dtype=np.int64), counts)
             right = labels.astype(np.int64) + base
             keep = left < right
