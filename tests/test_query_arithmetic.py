@@ -196,3 +196,21 @@ def test_cli_plus_and_minus(clip_index, small_collection):
     assert own in [h.id for h in clip_index.search(Query.image(photo) + Query.text("at night"), k=3)]
     result = runner.invoke(main, ["text-to-image", "a dog", "--plus-image", "missing.jpg", *base])
     assert result.exit_code != 0 and "missing.jpg" in result.output
+
+
+def test_cli_parts_and_weights(tmp_path, small_collection):
+    from retrieval.cli.compose import parse_part
+
+    photo = photos(small_collection)[0]
+    assert parse_part("in the snow", 1.0) == retrieval.QueryPart(1.0, "text", "in the snow")
+    assert parse_part("grass::0.5", -1.0) == retrieval.QueryPart(-0.5, "text", "grass")
+    assert parse_part("at 10:30", 1.0).value == "at 10:30"  # one colon is text, not a weight
+    assert parse_part(str(photo), 1.0) == retrieval.QueryPart(1.0, "image", str(photo))
+    assert parse_part(f"{photo}::2", -1.0) == retrieval.QueryPart(-2.0, "image", str(photo))
+    (tmp_path / "notes.txt").write_text("x")
+    assert parse_part(str(tmp_path / "notes.txt"), 1.0).modality == "text"  # not an image name: text
+    for value, message in [("grass::lots", "must be a number"), ("grass::-1", "must be > 0")]:
+        with pytest.raises(InputError, match=message):
+            parse_part(value, 1.0)
+    with pytest.raises(InputError, match="no such image file"):
+        parse_part("dog", 1.0, force_image=True)

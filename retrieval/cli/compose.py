@@ -1,5 +1,5 @@
 """Query arithmetic and near-duplicate collapsing on the query commands: ``--plus``, ``--minus``,
-``--plus-image``, ``--minus-image`` and ``--dedup``.
+``--plus-image``, ``--minus-image``, ``--dedup`` and ``--dedup-threshold``.
 
 ``--plus VALUE`` adds a part of weight 1 and ``--minus VALUE`` one of weight -1; a VALUE that names an
 existing image file is an image part, anything else a text (``--plus-image`` / ``--minus-image`` force an
@@ -64,10 +64,11 @@ def parse_part(value: str, sign: float, force_image: bool = False) -> QueryPart:
 
 
 def _composition(plus: Sequence[str], minus: Sequence[str], plus_image: Sequence[str], minus_image: Sequence[str],
-                 dedup: float | None) -> Composition:
+                 dedup: bool, dedup_threshold: float | None) -> Composition:
     parts = [parse_part(v, 1.0) for v in plus] + [parse_part(v, 1.0, True) for v in plus_image]
     parts += [parse_part(v, -1.0) for v in minus] + [parse_part(v, -1.0, True) for v in minus_image]
-    return Composition(tuple(parts), dedup)
+    threshold = dedup_threshold if dedup_threshold is not None else (DEFAULT_THRESHOLD if dedup else None)
+    return Composition(tuple(parts), threshold)
 
 
 composition_options = option_group("composition", [
@@ -75,8 +76,9 @@ composition_options = option_group("composition", [
     click.option("--minus", multiple=True, metavar="VALUE[::W]", help="Subtract a text, or an image file, from the query (weight 1 or W; repeatable)."),
     click.option("--plus-image", multiple=True, metavar="PATH[::W]", help="Add an image (never read as text)."),
     click.option("--minus-image", multiple=True, metavar="PATH[::W]", help="Subtract an image (never read as text)."),
-    click.option("--dedup", type=click.FloatRange(0, 1, min_open=True), default=None, is_flag=False, flag_value=DEFAULT_THRESHOLD,
-                 help="Collapse near-duplicate results: drop a hit whose cosine to a better one is >= this (alone: %g)." % DEFAULT_THRESHOLD),
+    click.option("--dedup", is_flag=True, help="Collapse near-duplicate results: drop a hit whose stored vector's cosine to a better hit is >= the threshold."),
+    click.option("--dedup-threshold", type=click.FloatRange(0, 1, min_open=True), default=None,
+                 help=f"The cosine of --dedup (implies it; default {DEFAULT_THRESHOLD:g})."),
 ], _composition)
 """Options of the query commands: one ``composition: Composition``."""
 
