@@ -8,6 +8,7 @@ set of anchor (image, caption) pairs.
 from __future__ import annotations
 
 from retrieval.api.build import build_anchors, build_index  # noqa: E402
+from retrieval.api.dedup import DuplicateGroup, DuplicateItem  # noqa: E402
 from retrieval.api.engine import Index, open_index  # noqa: E402
 from retrieval.api.update import UpdateReport, add_to_index, remove_from_index  # noqa: E402
 from retrieval.asif.anchors import AnchorSet, load_anchor_set  # noqa: E402
@@ -23,6 +24,7 @@ from retrieval.core.errors import (  # noqa: E402
     RetrievalError,
 )
 from retrieval.core.hits import CaptionHit, ImageHit  # noqa: E402
+from retrieval.core.query import Query, QueryPart  # noqa: E402
 from retrieval.core.version import __version__
 from retrieval.embed.pipeline import EmbedOptions  # noqa: E402
 from retrieval.index.spec import SearchKnobs  # noqa: E402
@@ -32,6 +34,8 @@ __all__ = [
     "AsifParams",
     "CaptionHit",
     "CaptionOptions",
+    "DuplicateGroup",
+    "DuplicateItem",
     "EmbedOptions",
     "EncoderChoice",
     "EncoderError",
@@ -43,6 +47,8 @@ __all__ = [
     "IndexFormatError",
     "IndexLockedError",
     "InputError",
+    "Query",
+    "QueryPart",
     "RetrievalError",
     "SearchKnobs",
     "UpdateReport",

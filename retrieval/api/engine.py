@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from retrieval.api.dedup import DEFAULT_THRESHOLD, DuplicateGroup
+from retrieval.api.dedup import duplicates as duplicate_groups
 from retrieval.api.describe import summarise
 from retrieval.api.lazy import OnceCache, Serialised
 from retrieval.api.routes import (
@@ -30,6 +32,7 @@ from retrieval.asif.anchors import AnchorSet, AnchorSpaces
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.errors import IndexFormatError, InputError
 from retrieval.core.hits import CaptionHit, ImageHit
+from retrieval.core.query import Query
 from retrieval.index.placement import place_index
 from retrieval.index.source import VectorSource
 from retrieval.index.spec import SearchKnobs
@@ -195,6 +198,25 @@ class Index:
         relative_queries = self.anchor_spaces.relative(queries, query_modality, self.asif_params)
         return self._search_relative(kind, relative_queries, k)
 
+    def search(self, query: Query, target: str = "image", k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None,
+               dedup: float | None = None, exclude: Sequence[str] = (), **options: Any) -> list[ImageHit] | list[CaptionHit]:
+        """The ``k`` ``target`` items (``image``/``caption``) best matching a composed :class:`~retrieval.core.query.Query`:
+        see :func:`retrieval.api.compose.search_query` (``dedup``: a cosine; ``exclude``: ids) and its module docstring."""
+        from retrieval.api.compose import search_query
+
+        return search_query(self, query, target, k, route, knobs, dedup, exclude, **options)
+
+    def search_rows(self, kind: str, route: str, rows: Any, k: int, knobs: SearchKnobs | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Search the ``kind`` items with query rows already in ``route``'s space (CSR relative rows for ``asif``)."""
+        if route == "asif":
+            return self._search_relative(kind, rows, k)
+        key = f"projected/{kind}" if route == "projected" else f"{self.manifest['spaces'][kind]}/{kind}"
+        return self._search_key(key, kind, rows, k, knobs)
+
+    def duplicates(self, threshold: float | None = None) -> list[DuplicateGroup]:
+        """Groups of near-identical live images, each with a suggested keeper: see :mod:`retrieval.api.dedup`."""
+        return duplicate_groups(self, DEFAULT_THRESHOLD if threshold is None else threshold)
+
     def _search_key(self, key: str, kind: str, queries: np.ndarray, k: int, knobs: SearchKnobs | None) -> tuple[np.ndarray, np.ndarray]:
         record = self._records.get(key)
         tuned = knobs_of(record).override(knobs or SearchKnobs())
@@ -235,6 +257,10 @@ class Index:
         encoder = self.image_encoder
         with self._serial.using(encoder):
             return encoder.encode_images(pictures)
+
+    def encode(self, modality: str, values: Sequence[Any]) -> np.ndarray:
+        """``values`` (texts, or image paths / PIL images) encoded by the index's ``modality`` encoder, one row each."""
+        return self._encode_texts(values) if modality == "text" else self._encode_images(values)
 
     def items(self, kind: str) -> dict[str, list]:
         """The stored item columns of ``kind`` (``image`` or ``caption``), row-aligned with positions."""

@@ -23,6 +23,7 @@ from retrieval.cli.common import (
     run_api,
     setup_logging,
 )
+from retrieval.cli.dedup import dedup_command
 from retrieval.cli.export import build_from_embeddings, export_command
 from retrieval.cli.query import (
     image_to_caption_command,
@@ -202,6 +203,7 @@ main.add_command(add_command)
 main.add_command(remove_command)
 main.add_command(serve_command)
 main.add_command(export_command)
+main.add_command(dedup_command)
 
 
 @main.command("info")

@@ -9,6 +9,12 @@ from typing import Any, Callable, Sequence
 import click
 
 from retrieval.cli.common import echo_json, index_option, open_index_or_fail, run_api
+from retrieval.cli.compose import (
+    Composition,
+    composition_options,
+    image_asker,
+    text_asker,
+)
 from retrieval.index.spec import SearchKnobs
 
 QUERY_BATCH = 256  # queries encoded and searched together
@@ -90,28 +96,32 @@ def _answer_texts(query: str | None, queries_file: str | None, column: str, inde
 @_text_query_options
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per query.")
 @_search_options
+@composition_options
 @click.option("--json", "as_json", is_flag=True,
               help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); with --queries-file one {query, hits} object per query.")
 def text_to_image_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
-                          route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
+                          route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool) -> None:
     """Find the images that best match QUERY (or each query of --queries-file)."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
     _answer_texts(query, queries_file, column, index_path, device,
-                  lambda index, texts: index.texts_to_images(texts, k=k, route=route, knobs=knobs), as_json, lambda hit: hit.uri)
+                  text_asker(composition, "image", k, route, knobs, lambda index, texts: index.texts_to_images(texts, k=k, route=route, knobs=knobs)),
+                  as_json, lambda hit: hit.uri)
 
 
 @click.command("text-to-caption")
 @_text_query_options
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per query.")
 @_search_options
+@composition_options
 @click.option("--json", "as_json", is_flag=True,
               help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); with --queries-file one {query, hits} object per query.")
 def text_to_caption_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
-                            route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
+                            route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool) -> None:
     """Find the indexed captions closest to QUERY (or each query of --queries-file): caption search."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
     _answer_texts(query, queries_file, column, index_path, device,
-                  lambda index, texts: index.texts_to_captions(texts, k=k, route=route, knobs=knobs), as_json, lambda hit: hit.caption)
+                  text_asker(composition, "caption", k, route, knobs, lambda index, texts: index.texts_to_captions(texts, k=k, route=route, knobs=knobs)),
+                  as_json, lambda hit: hit.caption)
 
 
 def _image_list(path: str) -> list[str]:
@@ -177,15 +187,17 @@ def _answer_images(images: Sequence[str], queries_file: str | None, index_path: 
 @_image_query_options
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per image.")
 @_search_options
+@composition_options
 @click.option("--json", "as_json", is_flag=True,
               help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); for several images one {query, hits} object per image.")
 def image_to_caption_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, device: str,
-                             route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
+                             route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool) -> None:
     """Find the captions that best describe IMAGE. Several images, folders or globs (or --queries-file) are
     answered in one pass; unreadable ones are reported and skipped."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
     _answer_images(images, queries_file, index_path, device,
-                   lambda index, pictures, ids: index.images_to_captions(pictures, k=k, route=route, knobs=knobs),
+                   image_asker(composition, "caption", k, route, knobs, False,
+                               lambda index, pictures, ids: index.images_to_captions(pictures, k=k, route=route, knobs=knobs)),
                    as_json, lambda hit: hit.caption)
 
 
@@ -194,14 +206,16 @@ def image_to_caption_command(images: Sequence[str], queries_file: str | None, in
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per image.")
 @click.option("--exclude-self", is_flag=True, help="Leave a query image that is itself in the index (same path) out of its own results.")
 @_search_options
+@composition_options
 @click.option("--json", "as_json", is_flag=True,
               help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); for several images one {query, hits} object per image.")
 def image_to_image_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, exclude_self: bool,
-                           device: str, route: str | None, nprobe: int | None, ef_search: int | None, as_json: bool) -> None:
+                           device: str, route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool) -> None:
     """Find the indexed images most like IMAGE ("more like this photo"). Several images, folders or globs
     (or --queries-file) are answered in one pass; unreadable ones are reported and skipped."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
     _answer_images(images, queries_file, index_path, device,
-                   lambda index, pictures, ids: index.images_to_images(pictures, k=k, exclude_self=exclude_self, route=route,
-                                                                       knobs=knobs, query_ids=ids),
+                   image_asker(composition, "image", k, route, knobs, exclude_self,
+                               lambda index, pictures, ids: index.images_to_images(pictures, k=k, exclude_self=exclude_self, route=route,
+                                                                                   knobs=knobs, query_ids=ids)),
                    as_json, lambda hit: hit.uri)

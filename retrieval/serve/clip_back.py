@@ -15,11 +15,11 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from retrieval.api.dedup import distinct
 from retrieval.serve.api_v1 import MAX_TEXT, snapshot_of
 from retrieval.serve.errors import ApiError
 from retrieval.serve.fetch import fetch_image_url
@@ -79,16 +79,9 @@ def compat_query(request: Request, snapshot: Snapshot, data: dict[str, Any]) -> 
 
 
 def deduplicated(snapshot: Snapshot, kind: str, found: list[Found]) -> list[Found]:
-    """``found`` without the results whose stored vector is a near-duplicate (IP >= 0.94) of a better kept one."""
-    if len(found) < 2:
-        return found
-    vectors = snapshot.vectors(kind, np.array([f.position for f in found]))
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    kept: list[int] = []
-    for row in range(len(found)):
-        if not kept or float(np.max(vectors[kept] @ vectors[row])) < DUPLICATE_SIMILARITY:
-            kept.append(row)
-    return [found[row] for row in kept]
+    """``found`` without the results whose stored vector is a near-duplicate (IP >= 0.94) of a better kept one:
+    the rule of ``--dedup`` (:func:`retrieval.api.dedup.distinct`) at clip back's threshold."""
+    return [found[row] for row in distinct(snapshot.index, kind, [f.position for f in found], DUPLICATE_SIMILARITY)]
 
 
 def with_metadata(request: Request, snapshot: Snapshot, kind: str, position: int) -> dict[str, Any]:
