@@ -61,7 +61,7 @@ class RayIndexBuild:
     options: RayOptions
     scratch: Path
     parts: int | None = None
-    ondisk_from_bytes: int = ONDISK_MERGE_BYTES
+    ondisk_from_bytes: int | None = None  # None: ONDISK_MERGE_BYTES
     part_counts: dict[str, int] = field(default_factory=dict)  # parts used per index, for the manifest
 
     def fill_parts(self, name: str, trained: Any, source: VectorSource) -> list[Path]:
@@ -81,6 +81,11 @@ class RayIndexBuild:
             paths = [Path(p) for p in ray.get(futures)]
         self.part_counts[name] = len(paths)
         return paths
+
+    def merges_on_disk(self, nbytes: int) -> bool:
+        """Whether lists of about ``nbytes`` are merged into an ``.ivfdata`` file rather than in memory."""
+        limit = self.ondisk_from_bytes if self.ondisk_from_bytes is not None else ONDISK_MERGE_BYTES
+        return nbytes > limit
 
     def merge_in_ram(self, trained: Any, paths: Sequence[Path]) -> Any:
         import faiss

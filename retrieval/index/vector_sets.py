@@ -242,7 +242,7 @@ def build_from_parts(writer: Any, stem: str, distributed: Any, lists: list[str],
         return build_vector_index(source, spec)  # flat needs no merge; HNSW graphs cannot be merged
     trained = train_vector_index(source, spec)
     paths = distributed.fill_parts(stem, trained, source)
-    if not in_memory and estimate_bytes(spec, len(source), source.dim) > distributed.ondisk_from_bytes:
+    if not in_memory and distributed.merges_on_disk(estimate_bytes(spec, len(source), source.dim)):
         rel, path = writer.new_file("faiss", stem, ".ivfdata")
         index = distributed.merge_on_disk(trained, paths, path)
         lists.append(rel)
