@@ -61,6 +61,7 @@ def test_parts_merged_in_memory_are_the_single_machine_index(vectors, index_type
 def test_lists_merged_on_disk_search_after_the_folder_moves(vectors, tmp_path):
     import faiss
 
+    from retrieval.core.errors import IndexFormatError
     from retrieval.index.ivf_lists import (
         fill_range,
         merge_on_disk,
@@ -92,6 +93,11 @@ def test_lists_merged_on_disk_search_after_the_folder_moves(vectors, tmp_path):
         moved = read_ondisk_index(tmp_path / "b" / "index.faiss", tmp_path / "b" / "lists.ivfdata", in_memory=in_memory)
         found = search(moved, vectors[:40], 10, knobs)
         assert np.array_equal(found[1], expected[1]) and np.array_equal(found[0], expected[0])
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    with open(tmp_path / "c" / "lists.ivfdata", "r+b") as handle:  # lists cut short: FAISS would map past the end
+        handle.truncate(1000)
+    with pytest.raises(IndexFormatError, match="1000 bytes, its index says"):
+        read_ondisk_index(tmp_path / "c" / "index.faiss", tmp_path / "c" / "lists.ivfdata")
 
 
 def test_sharded_search_merges_ties_by_id_and_leaves_out_deleted_rows():
@@ -110,6 +116,26 @@ def test_sharded_search_merges_ties_by_id_and_leaves_out_deleted_rows():
     assert positions[0].tolist()[:1] == [8] and 0 not in positions and 4 not in positions
     _, positions = sharded.search(base[:1], 20, exclude=Exclusions(np.array([4, 0]), 12))
     assert positions.shape == (1, 10)  # k is cut to the live rows
+
+
+def test_sharded_ivfpq_reranks_the_union_of_the_shards_shortlists(vectors):
+    """ivfpq: each shard's shortlist of k x rerank_factor, together a superset of the whole index's: as good or better."""
+    from retrieval.index.ivf_lists import shard_bounds, split_index
+    from retrieval.index.sharded import ShardedIndex, ShardRange
+    from retrieval.index.source import VectorSource
+    from retrieval.index.spec import spec_for
+    from retrieval.index.vector_index import build_vector_index, search
+
+    stored = VectorSource(vectors.astype(np.float16))
+    whole = build_vector_index(vectors, spec_for("ivfpq", len(vectors), vectors.shape[1]))
+    bounds = shard_bounds(len(vectors), 3)
+    sharded = ShardedIndex(split_index(whole, bounds), [ShardRange(*b) for b in bounds])
+    queries = vectors[::61] + 0.01
+    for knobs in (SearchKnobs(nprobe=2, rerank_factor=2), SearchKnobs(nprobe=8, rerank_factor=4)):
+        a_scores, a = search(whole, queries, 10, knobs, rerank_with=stored)
+        b_scores, b = sharded.search(queries, 10, knobs, rerank_with=stored)
+        assert (b_scores >= a_scores - 1e-5).all()
+        assert np.array_equal(b_scores, np.sort(b_scores, axis=1)[:, ::-1])  # exact scores, best first
 
 
 def test_auto_never_picks_a_graph_and_hnsw_cannot_be_sharded():
@@ -226,3 +252,30 @@ def test_a_build_with_lists_merged_on_disk_checksums_them_and_moves(collection, 
     (tmp_path / "moved" / lists).write_bytes(b"\0" * manifest["checksums"][lists]["bytes"])  # damaged lists: refused
     with pytest.raises(Exception, match="sha256"):
         open_index(tmp_path / "moved", device="cpu").vector_index("clip/image")
+
+
+def test_build_index_cli_writes_index_shards(small_collection, tiny_clip_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from retrieval.api.engine import open_index
+    from retrieval.cli.main import main
+    from retrieval.index.sharded import ShardedIndex
+
+    def build(index: Path, *extra: str) -> None:
+        args = ["build-index", "--images", str(small_collection / "images"), "--captions", str(small_collection / "captions.txt"),
+                "--index", str(index), "--encoder", "open_clip:tiny", "--checkpoint", str(tiny_clip_dir), "--device", "cpu",
+                "--index-type", "flat", "--workers", "0", "--quiet", *extra]
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+
+    build(tmp_path / "whole")
+    build(tmp_path / "sharded", "--index-shards", "2")
+    whole, sharded = open_index(tmp_path / "whole", device="cpu"), open_index(tmp_path / "sharded", device="cpu")
+    assert isinstance(sharded.vector_index("clip/image"), ShardedIndex)
+    assert sharded.manifest["index"]["shards"] == 2 and "shards" not in whole.manifest["index"]
+    for text in ("a plate of food", "a man riding a horse"):
+        assert [h.id for h in sharded.text_to_image(text, k=4)] == [h.id for h in whole.text_to_image(text, k=4)]
+    image = sorted((small_collection / "images").glob("*.jpg"))[1]
+    assert [h.id for h in sharded.image_to_caption(image, k=2)] == [h.id for h in whole.image_to_caption(image, k=2)]
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    assert "--ray" in result.output

@@ -137,9 +137,21 @@ def read_ondisk_index(path: str | Path, lists_path: str | Path, in_memory: bool 
     lists = faiss.downcast_InvertedLists(_ivf(index).invlists) if is_ivf(index) else None
     if not isinstance(lists, faiss.OnDiskInvertedLists) or Path(lists.filename).name != lists_path.name:
         raise IndexFormatError(f"{path}: does not keep its IVF lists in {lists_path.name}; rebuild the index")
+    _check_list_bounds(lists, os.path.getsize(lists_path), lists_path)
     if in_memory:
         return _lists_into_ram(index)
     return without_prefetch_threads(index)
+
+
+def _check_list_bounds(lists: Any, size: int, where: Path) -> None:
+    """Every list lies inside the ``.ivfdata`` file (FAISS reads list offsets unchecked: a bad one would crash a search)."""
+    entry = int(lists.code_size) + 8  # codes, then 8-byte ids, per slot
+    if int(lists.totsize) != size:
+        raise IndexFormatError(f"{where}: {size} bytes, its index says {int(lists.totsize)}; the lists are damaged, rebuild the index")
+    for number in range(lists.nlist):
+        item = lists.lists.at(number)
+        if item.size > item.capacity or (item.capacity and item.offset + item.capacity * entry > size):
+            raise IndexFormatError(f"{where}: inverted list {number} lies outside the file; the lists are damaged, rebuild the index")
 
 
 def _lists_into_ram(index: Any) -> Any:

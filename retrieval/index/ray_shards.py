@@ -123,7 +123,6 @@ class RayShardedIndex:
         ray = self.ray = self._session.enter_context(ray_session(options))
         actor = ray.remote(num_cpus=actor_cpus, max_restarts=SHARD_ACTOR_RESTARTS, max_task_retries=SHARD_ACTOR_RESTARTS)(ShardActor)
         self.actors = [actor.remote(str(path)) for path in paths]
-        self.d = None
 
     def fan_out(self, queries: np.ndarray, k: int, knobs: SearchKnobs, deleted: list[np.ndarray]) -> list[Hits]:
         shared = self.ray.put(queries)
