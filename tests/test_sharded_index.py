@@ -35,19 +35,30 @@ def _lists(index) -> list[tuple[list[int], bytes]]:
     return [(get_invlist(lists, n)[0].tolist(), get_invlist(lists, n)[1].tobytes()) for n in range(lists.nlist)]
 
 
+@pytest.fixture(scope="module")
+def ivfpq(vectors):
+    from retrieval.index.spec import spec_for
+    from retrieval.index.vector_index import build_vector_index
+
+    return build_vector_index(vectors, spec_for("ivfpq", len(vectors), vectors.shape[1]))
+
+
 @pytest.mark.parametrize("index_type", ["ivf", "ivfsq", "ivfpq"])
-def test_parts_merged_in_memory_are_the_single_machine_index(vectors, index_type):
+def test_parts_merged_in_memory_are_the_single_machine_index(vectors, ivfpq, index_type):
     from retrieval.index.ivf_lists import fill_range, merge_in_ram, shard_bounds
     from retrieval.index.spec import spec_for
     from retrieval.index.vector_index import (
         build_vector_index,
+        empty_copy,
         search,
         train_vector_index,
     )
 
     spec = spec_for(index_type, len(vectors), vectors.shape[1])
-    single = build_vector_index(vectors, spec)
-    trained = train_vector_index(vectors, spec)  # the same sample, so the same quantizer
+    single = ivfpq if index_type == "ivfpq" else build_vector_index(vectors, spec)
+    # the Ray build trains with train_vector_index on the same sample, so the same quantizer (checked for the
+    # cheap types; OPQ+PQ training takes a minute here, so ivfpq reuses the trained index)
+    trained = empty_copy(single) if index_type == "ivfpq" else train_vector_index(vectors, spec)
     parts = [fill_range(trained, vectors[low:high], low) for low, high in shard_bounds(len(vectors), 3)]
     merged = merge_in_ram(trained, parts)
     assert merged.ntotal == single.ntotal == len(vectors)
@@ -118,16 +129,15 @@ def test_sharded_search_merges_ties_by_id_and_leaves_out_deleted_rows():
     assert positions.shape == (1, 10)  # k is cut to the live rows
 
 
-def test_sharded_ivfpq_reranks_the_union_of_the_shards_shortlists(vectors):
+def test_sharded_ivfpq_reranks_the_union_of_the_shards_shortlists(vectors, ivfpq):
     """ivfpq: each shard's shortlist of k x rerank_factor, together a superset of the whole index's: as good or better."""
     from retrieval.index.ivf_lists import shard_bounds, split_index
     from retrieval.index.sharded import ShardedIndex, ShardRange
     from retrieval.index.source import VectorSource
-    from retrieval.index.spec import spec_for
-    from retrieval.index.vector_index import build_vector_index, search
+    from retrieval.index.vector_index import search
 
     stored = VectorSource(vectors.astype(np.float16))
-    whole = build_vector_index(vectors, spec_for("ivfpq", len(vectors), vectors.shape[1]))
+    whole = ivfpq
     bounds = shard_bounds(len(vectors), 3)
     sharded = ShardedIndex(split_index(whole, bounds), [ShardRange(*b) for b in bounds])
     queries = vectors[::61] + 0.01
