@@ -177,7 +177,7 @@ def build_index(
         commit_index(embedded, index, WriteOptions(
             anchors=spaces, asif=asif, index_options=index_options, caption_options=caption_options,
             sources={"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
-            checkpoint=encoders.checkpoint, progress=embed.progress, started=started,
+            checkpoint=encoders.checkpoint, progress=embed.progress, started=started, ray=ray_options,
         ))
     return open_index(index, device=encoders.device)
 

@@ -28,6 +28,7 @@ from retrieval.api.routes import (
     query_name,
     routes_for,
 )
+from retrieval.api.shards import open_shards
 from retrieval.asif.anchors import AnchorSet, AnchorSpaces
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.errors import IndexFormatError, InputError
@@ -57,10 +58,11 @@ class Index:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", mmap: bool = True,
-                 encoder_snapshots: str | Path | None = None) -> None:
+                 encoder_snapshots: str | Path | None = None, ray: Any = None) -> None:
         self.path = Path(path)
         self.device = device
         self.mmap = mmap
+        self.ray = _ray_options(ray)  # index shards searched by Ray actors (None: in this process)
         self.encoder_snapshots = encoder_snapshots  # folder of CLIP query snapshots (faster start), or None
         self._parts = OnceCache()  # everything loaded lazily, by key
         self._serial = Serialised()  # encoders and device indexes: one call at a time each
@@ -222,6 +224,8 @@ class Index:
         tuned = knobs_of(record).override(knobs or SearchKnobs())
         rerank_with = self.vector_source(key) if spec_of(record).rerank else None
         index = self.vector_index(key)
+        if key in self._files.get("faiss_shards", {}):  # fan out to every shard, merge the top k
+            return index.search(queries, k, tuned, self._exclusions(kind), rerank_with)
         with self._serial.using(index) if key in self._on_device else nullcontext():  # FAISS GPU: one search at a time
             return vector_search(index, queries, k, tuned, self._exclusions(kind), rerank_with)
 
@@ -285,10 +289,14 @@ class Index:
 
     def _load_vector_index(self, key: str) -> Any:
         rel = self._files["faiss"].get(key)
+        spec = spec_of(self._records.get(key))
+        shards = self._files.get("faiss_shards", {}).get(key)
+        if shards:
+            return open_shards(self.store, shards, self._records.get(key), self.mmap and spec.nlist is not None, self.ray)
         if rel is None:
             raise IndexFormatError(f"{self.path}: no vector index {key!r}; rebuild the index")
-        spec = spec_of(self._records.get(key))
-        index = self.store.read_faiss(rel, mmap=self.mmap and spec.nlist is not None)
+        lists = self._files.get("faiss_lists", {}).get(key)
+        index = self.store.read_faiss(rel, mmap=self.mmap and spec.nlist is not None, lists=lists)
         placed = place_index(index, spec, self.device, lambda: self.vector_source(key))
         if placed is not index:
             self._on_device.add(key)
@@ -391,12 +399,30 @@ class Index:
         """The items skipped at build time, with reasons (rows of ``errors.jsonl``)."""
         return self.store.read_errors()
 
+    def close(self) -> None:
+        """Stop the Ray actors of sharded vector indexes opened with ``ray`` (in-process parts need nothing)."""
+        for key in self._files.get("faiss_shards", {}):
+            searcher = self._parts.pop(("faiss", key))
+            if searcher is not None:
+                searcher.close()
+
+
+def _ray_options(ray: Any) -> Any:
+    """``ray`` (``local``, ``auto``, an address, or RayOptions) as RayOptions; None stays None."""
+    if ray is None:
+        return None
+    from retrieval.embed.ray_pipeline import RayOptions
+
+    return ray if isinstance(ray, RayOptions) else RayOptions(address=str(ray))
+
 
 def open_index(path: str | Path, device: str = "auto", mmap: bool = True,
-               encoder_snapshots: str | Path | None = None) -> Index:
+               encoder_snapshots: str | Path | None = None, ray: Any = None) -> Index:
     """Open an index directory written by :func:`build_index` (IVF lists memory-mapped unless ``mmap=False``).
 
     ``encoder_snapshots``: a folder for query snapshots of CLIP encoders; a CPU process then loads a
     CLIP model without importing open_clip (about 2 s sooner), after the first load wrote its snapshot.
+    ``ray`` (``local``, ``auto``, a cluster address or RayOptions): the index shards of a sharded index
+    (``--index-shards``) are searched by one Ray actor each; without it, shard by shard in this process.
     """
-    return Index(path, device=device, mmap=mmap, encoder_snapshots=encoder_snapshots)
+    return Index(path, device=device, mmap=mmap, encoder_snapshots=encoder_snapshots, ray=ray)

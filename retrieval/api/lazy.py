@@ -20,6 +20,11 @@ class OnceCache:
         self._locks: dict[Hashable, threading.Lock] = {}
         self._guard = threading.Lock()
 
+    def pop(self, key: Hashable) -> Any:
+        """Forget ``key`` and return its value (None when it was never computed)."""
+        with self._guard:
+            return self._values.pop(key, None)
+
     def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """The value of ``key``, from ``compute()`` the first time it is asked for."""
         try:

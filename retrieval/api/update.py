@@ -154,6 +154,9 @@ def _prepare(index_path: str | Path, device: str) -> Index:
     index = open_index(index_path, device=device, mmap=False)
     if "vector_indexes" not in index.manifest:
         raise InputError(f"{index_path}: built by an older version without vector index records; rebuild it to update it")
+    for group, what in (("faiss_shards", "index shards (--index-shards)"), ("faiss_lists", "IVF lists merged on disk (a large Ray build)")):
+        if index.manifest["files"].get(group):
+            raise InputError(f"{index_path}: its vector indexes are {what}; add and remove do not update those yet: rebuild the index")
     return index
 
 

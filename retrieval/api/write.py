@@ -22,7 +22,7 @@ from retrieval.core.errors import EncoderMismatchError, InputError
 from retrieval.core.version import __version__
 from retrieval.embed.embedded import EmbeddedItems
 from retrieval.embed.pipeline import ImageRow
-from retrieval.embed.resume import remove_work
+from retrieval.embed.resume import remove_work, work_root
 from retrieval.index.vector_sets import VectorSet, sample_queries, write_vector_sets
 from retrieval.sources.items import CaptionRecord
 from retrieval.store.item_metadata import METADATA_COLUMN, metadata_array
@@ -39,6 +39,8 @@ class WriteOptions:
     cross-modal search then goes through ASIF with ``asif`` (default: the first anchor set's).
     ``sources``, ``caption_options`` and ``checkpoint`` are recorded in the manifest;
     ``started`` (a ``time.perf_counter()`` value) dates the build's ``seconds``.
+    ``ray`` (:class:`~retrieval.embed.ray_pipeline.RayOptions`): IVF indexes are filled in parallel Ray
+    tasks and their lists merged (:mod:`retrieval.index.ray_shards`); the index is the same.
     """
 
     anchors: AnchorSpaces | None = None
@@ -49,6 +51,7 @@ class WriteOptions:
     checkpoint: str | None = None
     progress: bool = True
     started: float | None = None
+    ray: Any = None
 
 
 def prepare_target(index: Path) -> None:
@@ -95,7 +98,7 @@ def commit_index(embedded: EmbeddedItems, index: Path, options: WriteOptions) ->
     if options.anchors is not None:
         params = asif_params_for(options.anchors.sets, options.asif)
         sets += _write_asif(writer, files, manifest, options.anchors, params, image_vectors, caption_vectors)
-    write_vector_sets(writer, files, manifest, sets, options.index_options, options.progress)
+    write_vector_sets(writer, files, manifest, sets, options.index_options, options.progress, _distributed(index, options))
     stats = embedded.stats
     manifest["build"] = {
         "seconds": round(time.perf_counter() - started, 3),
@@ -108,6 +111,15 @@ def commit_index(embedded: EmbeddedItems, index: Path, options: WriteOptions) ->
     manifest["files"] = files
     writer.commit(manifest, (error.to_json() for error in embedded.errors))
     remove_work(index)  # the progress shards served their purpose: the index is committed
+
+
+def _distributed(index: Path, options: WriteOptions) -> Any:
+    """How a Ray build fills its IVF indexes (part files in the index's work folder), or None."""
+    if options.ray is None:
+        return None
+    from retrieval.index.ray_shards import RayIndexBuild
+
+    return RayIndexBuild(options.ray, work_root(index) / "index-parts")
 
 
 def _check(embedded: EmbeddedItems, options: WriteOptions) -> None:

@@ -163,11 +163,12 @@ def index_option(func: Callable) -> Callable:
     return click.option("--index", "index_path", default=str(DEFAULT_INDEX), show_default=True, help=INDEX_HELP)(func)
 
 
-def index_options(index_type: str, max_memory: str | None, target_recall: float) -> IndexOptions:
+def index_options(index_type: str, max_memory: str | None, target_recall: float, index_shards: int = 1) -> IndexOptions:
     """``IndexOptions`` from the CLI's strings."""
     from retrieval.index.spec import parse_memory
 
-    return IndexOptions(index_type=index_type, max_memory=parse_memory(max_memory), target_recall=target_recall)
+    return IndexOptions(index_type=index_type, max_memory=parse_memory(max_memory), target_recall=target_recall,
+                        shards=index_shards)
 
 
 index_type_options = option_group("index_options", [
@@ -178,6 +179,9 @@ index_type_options = option_group("index_options", [
     click.option("--max-memory", default=None, help="Memory budget for the vector indexes together, e.g. 4GB (default: no limit)."),
     click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
                  help="recall@10 against exact search that auto and the nprobe/efSearch tuning aim for."),
+    click.option("--index-shards", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Split each vector index into N index shards over contiguous id ranges (flat or IVF types): "
+                      "searched shard by shard, or by one Ray actor each (open_index(..., ray=...), serve --ray)."),
 ], index_options)
 """Options choosing the vector index of a build: one ``index_options: IndexOptions``."""
 

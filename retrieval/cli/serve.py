@@ -48,8 +48,11 @@ def setup_serve_logging() -> None:
 @click.option("--max-k", type=click.IntRange(min=1), default=1000, show_default=True, help="Largest k / num_images a request may ask for.")
 @click.option("--search-threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="OpenMP threads per FAISS search of a vector query (concurrent requests already use the cores).")
+@click.option("--ray", "ray_address", default=None, metavar="auto|local|ADDRESS",
+              help="Search the shards of sharded indexes (build-index --index-shards) with one Ray actor each "
+                   "(pip install 'retrieval[ray]'); without it they are searched in this process.")
 def serve_command(indexes: Sequence[str], host: str, port: int, api_key: str | None, allow_image_urls: bool,
-                  allow_private_urls: bool, device: str, max_k: int, search_threads: int) -> None:
+                  allow_private_urls: bool, device: str, max_k: int, search_threads: int, ray_address: str | None) -> None:
     """Serve indexes over HTTP until SIGINT or SIGTERM: /api/v1, clip back's /knn-service and /metadata, the page at /.
 
     A new build of a served index (build-index, add, remove) is picked up without a restart.
@@ -65,7 +68,8 @@ def serve_command(indexes: Sequence[str], host: str, port: int, api_key: str | N
         raise click.UsageError("--allow-private-urls needs --allow-image-urls")
     config = run_api(lambda: ServeConfig([parse_index_arg(value) for value in indexes], api_key=api_key,
                                          allow_image_urls=allow_image_urls, allow_private_urls=allow_private_urls,
-                                         device=device, max_k=max_k, search_threads=search_threads, freeze_gc=True))
+                                         device=device, max_k=max_k, search_threads=search_threads, freeze_gc=True,
+                                         ray=ray_address))
     app = run_api(lambda: create_app(config))
     for name, build in app.state.served.builds().items():
         click.echo(f"serving index {name} (build {build})", err=True)

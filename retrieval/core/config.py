@@ -50,20 +50,27 @@ class EncoderChoice:
 class IndexOptions:
     """Which vector indexes a build makes: a type (``auto``, ``flat``, ``hnsw``, ``ivf``, ``ivfsq``, ``ivfpq``
     or a FAISS factory string), a memory budget in bytes for all of them together, and the recall@10 that
-    ``auto`` and the knob tuning aim for."""
+    ``auto`` and the knob tuning aim for. ``shards`` > 1: each vector index is written as that many
+    index shards over contiguous row ranges (searched in turn, or by one Ray actor each)."""
 
     index_type: str = "auto"
     max_memory: int | None = None
     target_recall: float = 0.95
+    shards: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.target_recall <= 1:
             raise InputError(f"--target-recall must be in (0, 1], got {self.target_recall}")
         if self.max_memory is not None and self.max_memory <= 0:
             raise InputError(f"--max-memory must be positive, got {self.max_memory}")
+        if not isinstance(self.shards, int) or self.shards < 1:
+            raise InputError(f"--index-shards must be a whole number >= 1, got {self.shards!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.shards == 1:
+            del data["shards"]  # unsharded manifests stay as they were
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> "IndexOptions":

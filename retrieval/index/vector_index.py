@@ -36,6 +36,17 @@ def build_vector_index(
     vectors: VectorSource | np.ndarray, spec: IndexSpec | str = "flat", progress: bool = False, seed: int = 0
 ) -> Any:
     """Build an inner-product FAISS index over L2-normalised rows: train on a sample, add in chunks."""
+    source = as_source(vectors)
+    index = train_vector_index(source, spec, seed)
+    add_vectors(index, source, progress=progress)
+    return index
+
+
+def train_vector_index(vectors: VectorSource | np.ndarray, spec: IndexSpec | str = "flat", seed: int = 0) -> Any:
+    """The empty FAISS index of ``spec``, trained (lists, codebooks) on a sample of ``vectors`` when it needs training.
+
+    The sample depends only on the vectors, the spec and ``seed``: a distributed build trains the same index.
+    """
     import faiss
 
     source = as_source(vectors)
@@ -50,7 +61,6 @@ def build_vector_index(
         sample = source.sample(spec.train_size or len(source), seed=seed)
         log.info("training %s on %d of %d vectors", spec.factory, len(sample), len(source))
         index.train(sample)
-    add_vectors(index, source, progress=progress)
     return index
 
 

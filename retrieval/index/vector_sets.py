@@ -7,13 +7,16 @@ exact search, tune the search knobs, and describe all of it for the manifest.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from retrieval.core.config import IndexOptions
+from retrieval.core.errors import InputError
+from retrieval.index.ivf_lists import shard_bounds, split_index
 from retrieval.index.recall import RECALL_QUERIES, RecallReport, measure_and_tune
 from retrieval.index.source import VectorSource, as_source
 from retrieval.index.spec import (
@@ -28,8 +31,11 @@ from retrieval.index.spec import (
 from retrieval.index.vector_index import (
     Exclusions,
     build_vector_index,
+    train_vector_index,
     without_refinement,
 )
+
+IndexBuilder = Callable[[VectorSource, IndexSpec], Any]
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +151,17 @@ def describe(choice: IndexChoice, report: RecallReport | None, n: int, d: int, t
 
 
 def build_searchable(vector_set: VectorSet, options: IndexOptions, budget: int | None,
-                     progress: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Build, measure and tune the FAISS index of one vector set; returns (index, manifest record)."""
+                     progress: bool = False, build: IndexBuilder | None = None) -> tuple[Any, dict[str, Any]]:
+    """Build, measure and tune the FAISS index of one vector set; returns (index, manifest record).
+
+    ``build(vectors, spec)`` builds the index instead of :func:`build_vector_index` (a distributed build).
+    """
     source = as_source(vector_set.vectors)
     n, d = len(source), source.dim
     choice = choose(options, n, d, budget)
-    index = build_vector_index(source, choice.spec, progress=progress)
+    if options.shards > 1 and n > 1 and choice.spec.type in ("hnsw",):
+        raise InputError(f"{vector_set.key}: an HNSW graph cannot be split into index shards; use flat or an IVF type")
+    index = build(source, choice.spec) if build is not None else build_vector_index(source, choice.spec, progress=progress)
     residual = mean_residual(index, source.sample(min(n, 10_000), seed=2)) if choice.spec.needs_training else None
     report = measure(index, choice.spec, vector_set, options.target_recall)
     return index, describe(choice, report, n, d, n, residual)
@@ -191,12 +202,51 @@ def needs_retraining(record: dict[str, Any], index: Any, new_vectors: np.ndarray
 
 
 def write_vector_sets(writer: Any, files: dict[str, Any], manifest: dict[str, Any], sets: Sequence[VectorSet],
-                      options: IndexOptions, progress: bool = False) -> None:
-    """Write each set's float16 vectors and FAISS index, and its measured record, into a build."""
+                      options: IndexOptions, progress: bool = False, distributed: Any = None) -> None:
+    """Write each set's float16 vectors and FAISS index, and its measured record, into a build.
+
+    ``distributed`` (a :class:`~retrieval.index.ray_shards.RayIndexBuild`): IVF indexes are filled in
+    parallel parts and merged. ``options.shards`` > 1: each index is written as that many index shards.
+    """
     budgets = split_budget([(s.key, len(as_source(s.vectors)), as_source(s.vectors).dim) for s in sets], options.max_memory)
     records = manifest.setdefault("vector_indexes", {})
     for vector_set in sets:
+        stem = f"{vector_set.space}-{vector_set.kind}"
         files["vectors"][vector_set.key] = writer.write_vectors(vector_set.space, vector_set.kind, vector_set.vectors)
-        index, record = build_searchable(vector_set, options, budgets[vector_set.key], progress)
-        files["faiss"][vector_set.key] = writer.write_faiss(f"{vector_set.space}-{vector_set.kind}", index)
+        lists: list[str] = []
+        build = None
+        if distributed is not None:
+            build = functools.partial(build_from_parts, writer, stem, distributed, lists, options.shards > 1)
+        index, record = build_searchable(vector_set, options, budgets[vector_set.key], progress, build)
+        if distributed is not None and stem in distributed.part_counts:
+            record["parts"] = {"count": distributed.part_counts[stem], "merged": "on disk" if lists else "in memory"}
+        shards = min(options.shards, int(index.ntotal))
+        if shards > 1:
+            bounds = shard_bounds(int(index.ntotal), shards)
+            files.setdefault("faiss_shards", {})[vector_set.key] = [
+                writer.write_faiss(f"{stem}-shard{number:03d}", shard) for number, shard in enumerate(split_index(index, bounds))
+            ]
+            record["shards"] = [list(bound) for bound in bounds]
+        else:
+            files["faiss"][vector_set.key] = writer.write_faiss(stem, index)
+        if lists:
+            files.setdefault("faiss_lists", {})[vector_set.key] = writer.record(lists[0])
         records[vector_set.key] = record
+
+
+def build_from_parts(writer: Any, stem: str, distributed: Any, lists: list[str], in_memory: bool,
+                     source: VectorSource, spec: IndexSpec) -> Any:
+    """An IVF index trained here and filled in parallel parts, merged in memory or, when large, into one
+    ``.ivfdata`` file of the build (its relative path appended to ``lists``). Other types: built here."""
+    if spec.nlist is None:
+        return build_vector_index(source, spec)  # flat needs no merge; HNSW graphs cannot be merged
+    trained = train_vector_index(source, spec)
+    paths = distributed.fill_parts(stem, trained, source)
+    if not in_memory and distributed.merges_on_disk(estimate_bytes(spec, len(source), source.dim)):
+        rel, path = writer.new_file("faiss", stem, ".ivfdata")
+        index = distributed.merge_on_disk(trained, paths, path)
+        lists.append(rel)
+    else:
+        index = distributed.merge_in_ram(trained, paths)
+    distributed.finish(stem)
+    return index

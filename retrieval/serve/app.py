@@ -82,7 +82,8 @@ def create_app(config: ServeConfig, served: ServedIndexes | None = None) -> Fast
     app = FastAPI(title="retrieval", version=__version__, default_response_class=SafeJSON,
                   description="Vision-language search: /api/v1, clip-back compatible endpoints, thumbnails, metrics.")
     app.state.config = config
-    app.state.served = served or ServedIndexes(config.indexes, config.device, config.poll_s, config.warm, config.freeze_gc)
+    app.state.served = served or ServedIndexes(config.indexes, config.device, config.poll_s, config.warm, config.freeze_gc,
+                                                   ray=config.ray)
     app.state.thumbnails = ThumbnailCache(config.thumbnail_cache_bytes)
     app.state.metrics = Metrics()
     app.state.search_threads = SearchThreads(config.search_threads)

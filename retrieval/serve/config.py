@@ -43,6 +43,7 @@ class ServeConfig:
     max_queries: int = 64
     search_threads: int = 1
     freeze_gc: bool = False
+    ray: str | None = None  # sharded indexes: their shards searched by Ray actors (local, auto or an address)
 
     def __post_init__(self) -> None:
         if not self.indexes:

@@ -8,6 +8,7 @@ while requests keep being answered from the old one, and becomes current by one 
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -76,7 +77,7 @@ def warm(index: Index) -> None:
         index.items(kind)
     index.text_encoder
     index.image_encoder
-    for key in index.manifest["files"].get("faiss", {}):
+    for key in [*index.manifest["files"].get("faiss", {}), *index.manifest["files"].get("faiss_shards", {})]:
         index.vector_index(key)
     if index.mode == "asif":
         index.anchor_spaces
@@ -157,9 +158,11 @@ class ServedIndexes:
     """The served indexes by name; the first is the default."""
 
     def __init__(self, entries: list[tuple[str, Path]], device: str = "auto", poll_s: float = 1.0, warm_up: bool = True,
-                 freeze_gc: bool = False) -> None:
-        """Open (and warm) each index; with ``freeze_gc``, then keep all that from the cyclic GC (see ServeConfig)."""
-        self.by_name = {name: ServedIndex(name, path, device, poll_s, warm_up, freeze_gc=freeze_gc) for name, path in entries}
+                 freeze_gc: bool = False, ray: str | None = None) -> None:
+        """Open (and warm) each index; with ``freeze_gc``, then keep all that from the cyclic GC (see ServeConfig);
+        with ``ray``, sharded indexes are searched by one Ray actor per shard."""
+        opener = functools.partial(open_index, ray=ray) if ray else open_index
+        self.by_name = {name: ServedIndex(name, path, device, poll_s, warm_up, opener, freeze_gc) for name, path in entries}
         self.default = entries[0][0]
         if freeze_gc:
             gc.freeze()

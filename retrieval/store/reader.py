@@ -221,17 +221,21 @@ class StoreReader:
         except (OSError, ValueError, pa.ArrowException) as e:
             raise IndexFormatError(f"{self.root / rel}: cannot read parquet ({e})") from e
 
-    def read_faiss(self, rel: str, mmap: bool = False) -> Any:
+    def read_faiss(self, rel: str, mmap: bool = False, lists: str | None = None) -> Any:
         """Load a FAISS index file; its bytes are always verified (and a flat index's header checked) first.
 
         With ``mmap``, the file is hashed in a streaming pass and then memory-mapped
         (IVF lists stay on disk: an index larger than RAM remains searchable).
+        ``lists``: the ``.ivfdata`` file that holds the index's IVF lists (a distributed build's
+        merge), verified too; mapped read-only, or copied into memory without ``mmap``.
         """
         import faiss
 
         from retrieval.index.vector_index import read_vector_index
 
         where = self.root / rel
+        if lists is not None:
+            return self._read_with_lists(rel, lists, in_memory=not mmap)
         if mmap:
             try:
                 return self._load_by_path(rel, lambda path: read_vector_index(str(path), mmap=True))
@@ -243,6 +247,17 @@ class StoreReader:
             return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as e:
             raise IndexFormatError(f"{where}: cannot read FAISS index ({str(e).splitlines()[0]})") from e
+
+    def _read_with_lists(self, rel: str, lists: str, in_memory: bool) -> Any:
+        from retrieval.index.ivf_lists import read_ondisk_index
+
+        index_path, lists_path = self.path(rel), self.path(lists)  # both verified
+        if index_path != self.root / rel or lists_path != self.root / lists:
+            raise IndexFormatError(f"{self.root / rel}: replaced by a newer build while this index was open; open it again")
+        try:
+            return read_ondisk_index(index_path, lists_path, in_memory=in_memory)
+        except RuntimeError as e:
+            raise IndexFormatError(f"{index_path}: cannot read FAISS index ({str(e).splitlines()[0]})") from e
 
     def read_sparse(self, rel: str, load: Callable[[Path], T]) -> T:
         """Load a sparse file (e.g. ``SparseRelativeIndex.load``) from the pinned, verified path.

@@ -99,6 +99,16 @@ class StoreWriter:
             faiss.write_index(index, str(tmp))
         return self._finish(rel)
 
+    def new_file(self, folder: str, stem: str, suffix: str) -> tuple[str, Path]:
+        """(relative path, path) of a data file of this build that the caller writes itself, then :meth:`record` s."""
+        rel = f"{folder}/{stem}-{self.build_id}{suffix}"
+        (self.root / folder).mkdir(parents=True, exist_ok=True)
+        return rel, self.root / rel
+
+    def record(self, rel: str) -> str:
+        """List a file written under :meth:`new_file`'s name in this build's checksums."""
+        return self._finish(rel)
+
     def write_sparse(self, stem: str, relative_index: Any) -> str:
         """Write a sparse relative index (``SparseRelativeIndex``) under ``relative/``."""
         rel = f"relative/{stem}-{self.build_id}.npz"
