@@ -14,6 +14,7 @@ import numpy as np
 from retrieval.api.dedup import DEFAULT_THRESHOLD, DuplicateGroup
 from retrieval.api.dedup import duplicates as duplicate_groups
 from retrieval.api.describe import summarise
+from retrieval.api.index_encoders import encoder_choice_of, load_index_encoders
 from retrieval.api.lazy import OnceCache, Serialised
 from retrieval.api.routes import (
     QUERIES,
@@ -28,7 +29,7 @@ from retrieval.api.routes import (
     query_name,
     routes_for,
 )
-from retrieval.api.shards import open_shards
+from retrieval.api.shards import open_shards, ray_options_of
 from retrieval.asif.anchors import AnchorSet, AnchorSpaces
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.errors import IndexFormatError, InputError
@@ -41,7 +42,6 @@ from retrieval.index.vector_index import Exclusions, drop_excluded
 from retrieval.index.vector_index import search as vector_search
 from retrieval.index.vector_sets import knobs_of, spec_of
 from retrieval.sources.items import load_image, normalize_image
-from retrieval.store.provenance import check_same_encoder
 from retrieval.store.reader import StoreReader
 
 ImageQuery = Any  # a path (str or Path) or a PIL image
@@ -62,7 +62,7 @@ class Index:
         self.path = Path(path)
         self.device = device
         self.mmap = mmap
-        self.ray = _ray_options(ray)  # index shards searched by Ray actors (None: in this process)
+        self.ray = ray_options_of(ray)  # index shards searched by Ray actors (None: in this process)
         self.encoder_snapshots = encoder_snapshots  # folder of CLIP query snapshots (faster start), or None
         self._parts = OnceCache()  # everything loaded lazily, by key
         self._serial = Serialised()  # encoders and device indexes: one call at a time each
@@ -362,22 +362,10 @@ class Index:
 
     def encoder_choice(self) -> Any:
         """The :class:`~retrieval.core.config.EncoderChoice` that loads the encoders this index was built with."""
-        from retrieval.core.config import EncoderChoice
-
-        records = self.manifest["encoders"]
-        checkpoint = self.manifest.get("checkpoint")
-        if self.mode == "clip":
-            return EncoderChoice(clip=records["image"]["spec"], checkpoint=checkpoint, device=self.device)
-        return EncoderChoice(image=records["image"]["spec"], text=records["text"]["spec"], checkpoint=checkpoint, device=self.device)
+        return encoder_choice_of(self.manifest, self.device)
 
     def _load_encoders(self) -> tuple[Any, Any]:
-        from retrieval.encoders.registry import load_encoders
-
-        records = self.manifest["encoders"]
-        image_encoder, text_encoder = load_encoders(self.encoder_choice(), snapshots=self.encoder_snapshots)
-        check_same_encoder(records["image"], image_encoder, f"index {self.path}")
-        check_same_encoder(records["text"], text_encoder, f"index {self.path}")
-        return image_encoder, text_encoder
+        return load_index_encoders(self.manifest, self.path, self.device, self.encoder_snapshots)
 
     @property
     def image_encoder(self) -> Any:
@@ -405,15 +393,6 @@ class Index:
             searcher = self._parts.pop(("faiss", key))
             if searcher is not None:
                 searcher.close()
-
-
-def _ray_options(ray: Any) -> Any:
-    """``ray`` (``local``, ``auto``, an address, or RayOptions) as RayOptions; None stays None."""
-    if ray is None:
-        return None
-    from retrieval.embed.ray_pipeline import RayOptions
-
-    return ray if isinstance(ray, RayOptions) else RayOptions(address=str(ray))
 
 
 def open_index(path: str | Path, device: str = "auto", mmap: bool = True,

@@ -9,6 +9,15 @@ from retrieval.index.sharded import ShardedIndex, ShardRange
 from retrieval.store.reader import StoreReader
 
 
+def ray_options_of(ray: Any) -> Any:
+    """``ray`` (``local``, ``auto``, an address, or RayOptions) as RayOptions; None stays None."""
+    if ray is None:
+        return None
+    from retrieval.embed.ray_pipeline import RayOptions
+
+    return ray if isinstance(ray, RayOptions) else RayOptions(address=str(ray))
+
+
 def shard_ranges(record: dict[str, Any] | None, count: int, where: str) -> list[ShardRange]:
     """The row ranges of ``count`` index shards recorded in a vector index's manifest record, checked."""
     bounds = (record or {}).get("shards")
