@@ -69,7 +69,7 @@ def test_parts_merged_in_memory_are_the_single_machine_index(vectors, ivfpq, ind
         assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
 
 
-def test_lists_merged_on_disk_search_after_the_folder_moves(vectors, tmp_path):
+def test_lists_merged_on_disk_search_after_the_folder_moves(vectors, tmp_path, capfd):
     import faiss
 
     from retrieval.core.errors import IndexFormatError
@@ -98,12 +98,15 @@ def test_lists_merged_on_disk_search_after_the_folder_moves(vectors, tmp_path):
     faiss.write_index(merged, str(tmp_path / "a" / "index.faiss"))
     del merged
     shutil.move(tmp_path / "a", tmp_path / "b")  # the .index file recorded a/lists.ivfdata
+    capfd.readouterr()
     knobs = SearchKnobs(nprobe=8)
     expected = search(single, vectors[:40], 10, knobs)
     for in_memory in (False, True):
         moved = read_ondisk_index(tmp_path / "b" / "index.faiss", tmp_path / "b" / "lists.ivfdata", in_memory=in_memory)
         found = search(moved, vectors[:40], 10, knobs)
         assert np.array_equal(found[1], expected[1]) and np.array_equal(found[0], expected[0])
+    printed = capfd.readouterr()  # FAISS's printf notice goes to stderr, never into a --json stdout
+    assert "updating ondisk filename" not in printed.out and "updating ondisk filename" in printed.err
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     with open(tmp_path / "c" / "lists.ivfdata", "r+b") as handle:  # lists cut short: FAISS would map past the end
         handle.truncate(1000)

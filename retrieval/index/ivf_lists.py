@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from retrieval.core.errors import IndexFormatError, InputError
+from retrieval.index.native_stdout import native_stdout_to_stderr
 from retrieval.index.source import ADD_CHUNK, VectorSource, as_source
 from retrieval.index.vector_index import empty_copy, is_ivf, without_prefetch_threads
 
@@ -108,7 +109,8 @@ def merge_on_disk(trained: Any, part_paths: Sequence[str | Path], lists_path: st
     scratch = lists_path.with_name(f".{lists_path.name}.tmp")
     scratch.unlink(missing_ok=True)
     merged = empty_copy(trained)
-    merge_ondisk(merged, [str(p) for p in part_paths], str(scratch))
+    with native_stdout_to_stderr():  # FAISS prints "resizing ..."
+        merge_ondisk(merged, [str(p) for p in part_paths], str(scratch))
     os.replace(scratch, lists_path)
     lists = faiss.downcast_InvertedLists(_ivf(merged).invlists)
     lists.filename = str(lists_path)  # the name the .index file records (its folder is replaced on read)
@@ -133,7 +135,8 @@ def read_ondisk_index(path: str | Path, lists_path: str | Path, in_memory: bool 
     path, lists_path = Path(path), Path(lists_path)
     if path.parent != lists_path.parent:
         raise IndexFormatError(f"{lists_path}: the IVF lists must sit next to {path}")
-    index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    with native_stdout_to_stderr():  # FAISS prints "updating ondisk filename ..." when the folder moved
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     lists = faiss.downcast_InvertedLists(_ivf(index).invlists) if is_ivf(index) else None
     if not isinstance(lists, faiss.OnDiskInvertedLists) or Path(lists.filename).name != lists_path.name:
         raise IndexFormatError(f"{path}: does not keep its IVF lists in {lists_path.name}; rebuild the index")
