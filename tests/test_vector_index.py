@@ -102,3 +102,20 @@ def test_a_memory_mapped_ivf_index_answers_one_query_about_as_fast_as_one_in_mem
     assert np.array_equal(search(mapped, queries, 10)[1], search(loaded, queries, 10)[1])
     mapped_us, loaded_us = median_us(mapped), median_us(loaded)
     assert mapped_us <= 4 * loaded_us + 100, f"one query: {mapped_us:.0f} us memory-mapped, {loaded_us:.0f} us in memory"
+
+
+@pytest.mark.parametrize("n, expected", [(100, "flat"), (255, "flat"), (256, "ivfpq")])
+def test_ivfpq_on_too_few_vectors_for_its_codebooks_is_exact_search(n, expected):
+    from retrieval.core.config import IndexOptions
+    from retrieval.index.spec import spec_for
+    from retrieval.index.vector_sets import choose
+
+    vectors = np.random.default_rng(3).standard_normal((n, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    choice = choose(IndexOptions(index_type="ivfpq"), n, 32, None)
+    assert choice.spec.type == expected
+    index = build_vector_index(vectors, choice.spec)  # FAISS refused PQ training on fewer than 256 points
+    assert search(index, vectors[:3], 1, SearchKnobs(nprobe=choice.spec.nlist or 1))[1][:, 0].tolist() == [0, 1, 2]
+    if n < 256:
+        with pytest.raises(InputError, match="at least 256 vectors"):
+            spec_for("ivfpq", n, 32)

@@ -32,6 +32,7 @@ AUTO_FLAT_BELOW = 50_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS's own warning threshold for k-means
+PQ_MIN_TRAINING = 256  # a PQ codebook has 256 centroids per sub-quantizer: FAISS needs at least that many points
 TRAIN_POINTS_PER_LIST = 32  # k-means sample per centroid: training cost grows with it, quality barely does
 MAX_TRAIN_SAMPLE = 262_144
 MAX_NLIST = 8_192  # k-means cost on a CPU grows with nlist x sample; more lists are rarely worth it here
@@ -171,6 +172,8 @@ def spec_for(index_type: str, n: int, d: int, pq_m: int | None = None) -> IndexS
             lists = "Flat" if lowered == "ivf" else "SQfp16"
             return IndexSpec(lowered, f"{_quantizer(nlist)},{lists}", nlist=nlist, train_size=train_size_for(nlist, n, False))
         m = pq_m or _largest_pq(d)
+        if n < PQ_MIN_TRAINING:
+            raise InputError(f"index type 'ivfpq' needs at least {PQ_MIN_TRAINING} vectors to train its codebooks, got {n}; use ivfsq or flat")
         if d % m:
             raise InputError(f"PQ with {m} sub-quantizers needs a dimension divisible by {m}; the vectors have {d}")
         return IndexSpec("ivfpq", f"OPQ{m},{_quantizer(nlist)},PQ{m}", nlist=nlist, pq_m=m, rerank=True,

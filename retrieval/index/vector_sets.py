@@ -21,6 +21,7 @@ from retrieval.index.recall import RECALL_QUERIES, RecallReport, measure_and_tun
 from retrieval.index.source import VectorSource, as_source
 from retrieval.index.spec import (
     IVF_MIN_POINTS_PER_LIST,
+    PQ_MIN_TRAINING,
     IndexChoice,
     IndexSpec,
     SearchKnobs,
@@ -93,9 +94,10 @@ def choose(options: IndexOptions, n: int, d: int, budget: int | None) -> IndexCh
     except that a set too small to train lists or codebooks gets exact search."""
     if options.index_type.lower() == "auto":
         return choose_index(n, d, budget, options.target_recall)
-    spec = spec_for(options.index_type, max(n, 1), d) if n >= MIN_TRAINABLE else spec_for("flat", n, d)
+    needed = PQ_MIN_TRAINING if options.index_type.lower() == "ivfpq" else MIN_TRAINABLE
+    spec = spec_for(options.index_type, max(n, 1), d) if n >= needed else spec_for("flat", n, d)
     if spec.type == "flat" and options.index_type.lower() != "flat":
-        reason = f"asked for {options.index_type}, but {n} vectors are too few to train it (at least {MIN_TRAINABLE}): exact search"
+        reason = f"asked for {options.index_type}, but {n} vectors are too few to train it (at least {needed}): exact search"
     else:
         reason = f"asked for {options.index_type}"
     return IndexChoice(spec, reason, estimate_bytes(spec, n, d), budget, options.target_recall)
