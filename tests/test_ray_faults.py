@@ -14,8 +14,10 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -86,11 +88,11 @@ def _choice(tiny_clip_dir: Path):
     return EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
 
 
-def _embedded(hooks: Path) -> list[tuple[int, int]]:
-    """(unit start, actor pid) of each unit written since the log was last cleared."""
+def _embedded(hooks: Path, package: bool = False) -> list[tuple]:
+    """(unit start, actor pid[, package folder]) of each unit written since the log was last cleared."""
     log = hooks / "embedded.log"
-    lines = log.read_text().split() if log.exists() else []
-    return [(int(a), int(b)) for a, b in zip(lines[::2], lines[1::2])]
+    rows = [line.split(" ", 2) for line in log.read_text().splitlines()] if log.exists() else []
+    return [(int(a), int(b), c) if package else (int(a), int(b)) for a, b, c in rows]
 
 
 def _clear(hooks: Path) -> None:
@@ -166,14 +168,16 @@ def _session_processes(sid: int) -> set[int]:
 
 
 def _kill_driver(child: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process it started (Ray's GCS, raylet, agents, workers)."""
+    """SIGKILL ``child`` (started in its own session: a driver, a Ray head) and every process it
+    started (Ray's GCS, raylet, agents, workers), by their ids."""
     import psutil
 
     try:
         tree = {p.pid for p in psutil.Process(child.pid).children(recursive=True)}
     except psutil.Error:
         tree = set()
-    os.killpg(child.pid, signal.SIGKILL)
+    if child.poll() is None:
+        os.killpg(child.pid, signal.SIGKILL)
     child.wait(timeout=60)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -236,6 +240,63 @@ def test_a_killed_driver_reruns_only_the_missing_units(ray_cluster, hooks, photo
     a, b = (np.concatenate(list(i.vector_source("clip/image").chunks())) for i in (single, distributed))
     assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.9999
     assert [h.id for h in distributed.text_to_image("a dog", k=10)] == [h.id for h in single.text_to_image("a dog", k=10)]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray cluster started the way a user starts one (``ray start --head``), as its own process
+    group on 127.0.0.1, with a clean environment (no PYTHONPATH to this checkout); killed after."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.is_file():
+        pytest.skip("no `ray` command beside this Python")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    temp = Path(tempfile.mkdtemp(prefix="rh"))  # short: Ray's socket paths live under it
+    hooks = tmp_path / "head-hooks"
+    hooks.mkdir()
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    env.update({**LOOPBACK_ENV, "RAY_AUTH_MODE": "disabled", HOOKS_ENV: str(hooks)})
+    log = tmp_path / "head.log"
+    with open(log, "wb") as handle:
+        head = subprocess.Popen([str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                                 "--num-cpus", "3", "--include-dashboard", "false", "--temp-dir", str(temp),
+                                 "--disable-usage-stats", "--block"], env=env, cwd=temp, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        while head.poll() is None and b"Ray runtime started" not in log.read_bytes():
+            time.sleep(0.2)
+        assert head.poll() is None, log.read_text()[-2000:]
+        yield f"127.0.0.1:{port}", head, hooks, temp
+    finally:
+        _kill_driver(head)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@needs_ray
+def test_a_joined_cluster_runs_the_drivers_code(ray_head, photos, tiny_clip_dir, tmp_path):
+    """``--ray ADDRESS``: the cluster's workers import the driver's ``retrieval`` as shipped by
+    runtime_env py_modules (without it they import whatever the cluster has installed)."""
+    import psutil
+
+    address, head, hooks, temp = ray_head
+    args = _build_args(photos, tmp_path / "index", tiny_clip_dir) + ["--progress-shard-size", "8", "--ray", address]
+    # the driver runs outside this checkout: on one machine Ray puts the driver's folder (a script's,
+    # or the working directory) before the shipped code on the workers' path; other nodes lack it
+    done = subprocess.run([sys.executable, "-c", "from retrieval.cli.main import main; main()", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=200, start_new_session=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _embedded(hooks, package=True)
+    assert sorted(start for start, _, _ in rows) == [0, 8, 16, 24]
+    for folder in {Path(package) for _, _, package in rows}:
+        assert folder.is_relative_to(temp.resolve()) and "runtime_resources" in folder.parts, folder
+        for name in ("embed/ray_pipeline.py", "embed/unit_store.py", "sources/items.py"):
+            assert (folder / name).read_bytes() == (ROOT / "retrieval" / name).read_bytes(), name
+    pids = _session_processes(head.pid)
+    listening = [(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), listening
 
 
 # -- storage: unit outputs through fsspec (no Ray) -----------------------------------------------

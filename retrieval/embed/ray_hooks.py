@@ -6,7 +6,8 @@ variable from the process that started the cluster. In that folder:
 - ``kill-<start>``, holding a number N (empty: 1): the actor that picks up the unit starting at
   ``<start>`` counts N down (removing the file at 0) and SIGKILLs itself before embedding it,
   so the unit's first N tries die and the next one runs;
-- ``embedded.log``: one line ``<start> <pid>`` is appended per unit written;
+- ``embedded.log``: one line ``<start> <pid> <folder of the retrieval package>`` is appended per
+  unit written (the folder shows where a cluster's worker took this code from);
 - ``hold``: holding a number N, an actor that has written N units waits while the file exists
   (so a test can kill the driver in the middle of a job).
 """
@@ -49,7 +50,7 @@ def after_unit(start: int, written: int) -> None:
     if folder is None:
         return
     with open(folder / "embedded.log", "a", encoding="utf-8") as log:
-        log.write(f"{start} {os.getpid()}\n")
+        log.write(f"{start} {os.getpid()} {Path(__file__).resolve().parents[1]}\n")
     hold = folder / "hold"
     try:
         limit = int(hold.read_text().strip() or 0)

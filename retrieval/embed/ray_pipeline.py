@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -157,9 +156,7 @@ def _run_units(ray: Any, refs: Sequence[ImageRef], todo: Sequence[Unit], ray_opt
     index, location = job[0], job[1]
     with _data_context(ray, progress):
         data = ray.data.from_items(items, override_num_blocks=len(items))  # one unit per block, so per task
-        with warnings.catch_warnings():  # Ray 2.60 has no named parameter for the actors' retries yet
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            out = _map_units(ray, data, actors, gpus, ray_options, job)
+        out = _map_units(ray, data, actors, gpus, ray_options, job)
         try:
             written = out.take_all()
         except Exception as e:  # a Python error in a unit fails the job at once (not retried: DATA_CONTEXT)
@@ -177,7 +174,9 @@ def _map_units(ray: Any, data: Any, actors: int, gpus: int, ray_options: RayOpti
     return data.map_batches(
         UnitEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-        max_restarts=-1, max_task_retries=ray_options.unit_retries,  # a dead actor: restarted, its units run again
+        # a dead actor: restarted, its units run again. Ray 2.60 takes these only as ray_remote_args
+        # (a RayDeprecationWarning, hidden by Python's default filters outside __main__)
+        max_restarts=-1, max_task_retries=ray_options.unit_retries,
         fn_constructor_kwargs={"encoders": ray_options.encoders, "index": index, "location": location, "key": key,
                                "count": count, "dim": dim, "batch_size": batch_size},
     )
