@@ -46,7 +46,7 @@ from retrieval.embed.ray_units import (
     units_key,
 )
 from retrieval.embed.resume import Shard, WorkFolder
-from retrieval.embed.unit_store import open_units
+from retrieval.embed.unit_store import is_url, open_units
 from retrieval.sources.items import ImageRef
 
 # Ray Data settings of a build, set for its run and restored after: a Python error in a unit is
@@ -109,11 +109,18 @@ def embed_images_on_ray(
     actors = 0
     if todo:
         with ray_session(ray_options) as ray:
-            job = (str(work_dir), ray_options.work_dir, key, len(refs), dim, batch_size)
+            job = (_absolute(work_dir), _absolute(ray_options.work_dir), key, len(refs), dim, batch_size)
             actors = _run_units(ray, refs, todo, ray_options, job, options.progress)
     shards = {(s.start, s.stop): s for s in _done(work, shared)}
     kept = [shards[(u.start, u.stop)] for u in units if (u.start, u.stop) in shards]
     return assemble(refs, kept, dim, resumed=resumed, workers=actors)
+
+
+def _absolute(location: str | Path | None) -> str | None:
+    """A path as the actors must see it (absolute: their working folder is not ours); URLs as given."""
+    if location is None or is_url(location):
+        return None if location is None else str(location)
+    return str(Path(location).resolve())
 
 
 def _done(work: WorkFolder, shared: Any) -> list[Shard]:
