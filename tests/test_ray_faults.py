@@ -440,3 +440,23 @@ def test_hooks_are_off_without_the_variable(monkeypatch, tmp_path):
     ray_hooks.before_unit(0)  # would SIGKILL this process if the hooks were on
     ray_hooks.after_unit(0, 1)
     assert (tmp_path / "kill-0").exists() and not (tmp_path / "embedded.log").exists()
+
+
+def test_the_error_of_a_failed_unit_is_the_innermost_that_says_something():
+    from retrieval.embed.ray_pipeline import root_cause
+
+    class SystemException(Exception):
+        pass
+
+    class ActorDiedError(Exception):
+        def __init__(self, message: str, cause: BaseException) -> None:
+            super().__init__(message)
+            self.cause = cause
+
+    died = ActorDiedError("The actor died because of an error raised in its creation task\n"
+                          "TypeError: UnitEncoder.__init__() got an unexpected keyword argument 'location'", SystemException())
+    try:
+        raise RuntimeError("Ray Data failed") from died
+    except RuntimeError as wrapped:
+        assert root_cause(wrapped) == "ActorDiedError: TypeError: UnitEncoder.__init__() got an unexpected keyword argument 'location'"
+    assert root_cause(ZeroDivisionError("division by zero")) == "ZeroDivisionError: division by zero"

@@ -167,7 +167,7 @@ def _run_units(ray: Any, refs: Sequence[ImageRef], todo: Sequence[Unit], ray_opt
         try:
             written = out.take_all()
         except Exception as e:  # a Python error in a unit fails the job at once (not retried: DATA_CONTEXT)
-            raise RayBuildError(f"{location or index}: a work unit failed on Ray ({_root_cause(e)}); the units done "
+            raise RayBuildError(f"{location or index}: a work unit failed on Ray ({root_cause(e)}); the units done "
                                 "are kept: run the same command again to embed only the others") from e
     if len(written) != len(todo):
         raise RuntimeError(f"Ray returned {len(written)} of {len(todo)} units")
@@ -189,14 +189,18 @@ def _map_units(ray: Any, data: Any, actors: int, gpus: int, ray_options: RayOpti
     )
 
 
-def _root_cause(error: BaseException) -> str:
-    """The original error inside Ray's wrappers, as ``Type: message``."""
-    seen = set()
+def root_cause(error: BaseException) -> str:
+    """The original error inside Ray's wrappers, as ``Type: last line of its message``: the
+    innermost error that says something (an actor that died in its constructor ends in an
+    empty SystemException; the ActorDiedError above it names the constructor's error)."""
+    seen, telling = set(), error
     while id(error) not in seen:
         seen.add(id(error))
+        if str(error).strip():
+            telling = error
         inner = getattr(error, "cause", None) or error.__cause__
         if not isinstance(inner, BaseException):
             break
         error = inner
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+    lines = str(telling).strip().splitlines()
+    return f"{type(telling).__name__}: {lines[-1] if lines else ''}"
