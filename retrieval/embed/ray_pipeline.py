@@ -181,8 +181,8 @@ def _map_units(ray: Any, data: Any, actors: int, gpus: int, ray_options: RayOpti
     return data.map_batches(
         UnitEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-        # a dead actor: restarted, its units run again. Ray 2.60 takes these only as ray_remote_args
-        # (a RayDeprecationWarning, hidden by Python's default filters outside __main__)
+        # a dead actor: restarted, its units run again. Ray 2.60 takes these only as ray_remote_args: it
+        # prints a RayDeprecationWarning once (removed in 2.64, with no named parameter for them yet)
         max_restarts=-1, max_task_retries=ray_options.unit_retries,
         fn_constructor_kwargs={"encoders": ray_options.encoders, "index": index, "location": location, "key": key,
                                "count": count, "dim": dim, "batch_size": batch_size},
