@@ -61,6 +61,8 @@ def ray_cluster(hooks):
     """One local Ray session for the module whose workers see the test hooks' folder."""
     from retrieval.embed.ray_cluster import ray_session
 
+    if "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized(), "another module's Ray session is open: its workers lack the hooks"
     with pytest.MonkeyPatch.context() as patch:
         for name in LOOPBACK_ENV:
             patch.delenv(name, raising=False)
