@@ -15,6 +15,7 @@ from retrieval.cli.common import (
     run_api,
     setup_logging,
 )
+from retrieval.cli.ray_flags import ray_flags
 
 
 def _report(report: Any, as_json: bool, index_path: str) -> None:
@@ -47,11 +48,10 @@ def _report(report: Any, as_json: bool, index_path: str) -> None:
 @index_option
 @caption_options
 @embed_options(checkpoint=False)
-@click.option("--ray", "ray_address", default=None, metavar="auto|local|ADDRESS",
-              help="Embed the new images on Ray (pip install 'retrieval[ray]'), as build-index --ray does.")
+@ray_flags("Embed the new images on Ray (pip install 'retrieval[ray]'), as build-index --ray does.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
 def add_command(images: Sequence[str], captions: Sequence[str], index_path: str, caption_options: Any, embedding: EmbedFlags,
-                ray_address: str | None, as_json: bool) -> None:
+                ray: Any, as_json: bool) -> None:
     """Add images and captions to a built index, encoding only the new ones.
 
     Items already in the index (same id) are skipped. The vector indexes are not retrained unless the
@@ -62,7 +62,7 @@ def add_command(images: Sequence[str], captions: Sequence[str], index_path: str,
 
     setup_logging(embedding.quiet)
     report = run_api(lambda: add_to_index(index_path, images, captions, caption_options, embedding.options, device=embedding.device,
-                                          ray=ray_address))
+                                          ray=ray))
     _report(report, as_json, index_path)
 
 

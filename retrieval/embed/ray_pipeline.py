@@ -1,30 +1,42 @@
 """The embedding stage on Ray: work units mapped through an actor pool of encoders.
 
 The driver cuts the image list into units (:mod:`retrieval.embed.ray_units`), drops the
-units whose output is already in the index's work folder (a rerun), and hands the others
-to Ray Data, one unit per block and per task: ``map_batches(UnitEncoder, batch_size=1)``
-over an actor pool (``num_gpus=1`` per actor when the cluster has GPUs, one CPU each
-otherwise). Each actor loads the encoder once, decodes through our own decoder (a bad
-image is a failed row, never a failed job) and writes its unit's shard atomically; the
-driver then reads the shards back in the collection's order.
+units whose output is already kept (a rerun), and hands the others to Ray Data, one unit
+per block and per task: ``map_batches(UnitEncoder, batch_size=1)`` over an actor pool
+(``num_gpus=1`` per actor when the cluster has GPUs, one CPU each otherwise). Each actor
+loads the encoder once, decodes through our own decoder (a bad image is a failed row, never
+a failed job) and writes its unit's output atomically; the driver then reads the units back
+in the collection's order.
 
-Storage: the work folder must be a path every node sees (one machine: any path).
+Storage (:mod:`retrieval.embed.unit_store`): the index's work folder (a path every node
+sees), or ``RayOptions.work_dir``, a shared path or an fsspec URL; units read back from
+there are kept in the index's work folder until the index is committed, then the job's
+folder at the work location is removed.
 
-Ray is imported only here, and only when a build asks for it (``retrieval[ray]``).
+Faults: an actor that dies (SIGKILL, out of memory, a lost node) is restarted by Ray
+(``max_restarts=-1``) and its units are run again, up to ``RayOptions.unit_retries`` times
+each (``max_task_retries``); a unit that raises a Python error is not retried: the build
+stops at once with :class:`RayBuildError`, the units done are kept. A killed driver loses
+nothing written: the same command again submits only the units with no valid output.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from retrieval.core.config import EncoderChoice
-from retrieval.core.errors import InputError, RetrievalError
+from retrieval.core.errors import InputError
+from retrieval.embed import ray_hooks
 from retrieval.embed.pipeline import EmbeddedImages, EmbedOptions
+from retrieval.embed.ray_cluster import (  # noqa: F401  (re-exported: the stage's public names)
+    LOOPBACK,
+    LOOPBACK_ENV,
+    RayBuildError,
+    RayOptions,
+    ray_session,
+)
 from retrieval.embed.ray_units import (
     DEFAULT_UNIT_SIZE,
     Unit,
@@ -33,94 +45,42 @@ from retrieval.embed.ray_units import (
     embed_unit,
     units_key,
 )
-from retrieval.embed.resume import WorkFolder
+from retrieval.embed.resume import Shard, WorkFolder
+from retrieval.embed.unit_store import is_url, open_units
 from retrieval.sources.items import ImageRef
 
-# Ray picks the node's external address unless told it runs on one machine; read at import
-# (see ray._private.services.get_node_ip_address): with it, every Ray process of a local
-# cluster listens on 127.0.0.1 only.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-LOOPBACK = "127.0.0.1"
-
-
-class RayBuildError(RetrievalError):
-    """A work unit failed on Ray with an error (not a lost worker, which Ray retries)."""
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """How a build runs on Ray: ``address`` is ``local`` (start a one-machine cluster on
-    127.0.0.1), ``auto`` (the running cluster, else a local one) or a cluster address;
-    ``encoders`` are loaded once per actor; ``actors`` None: one per GPU, else CPUs - 1;
-    ``unit_size``: loose files per unit (None: the build's progress shard size, else
-    ``DEFAULT_UNIT_SIZE``; rounded up to whole batches)."""
-
-    address: str = "auto"
-    encoders: EncoderChoice | None = None
-    unit_size: int | None = None
-    actors: int | None = None
-    local_cpus: int | None = None  # logical CPUs of a local cluster (None: actors + 2, at least 4)
-
-    def __post_init__(self) -> None:
-        if not self.address:
-            raise InputError("--ray needs 'auto', 'local' or a cluster address")
-        if self.actors is not None and self.actors < 1:
-            raise InputError(f"Ray actors must be >= 1, got {self.actors}")
-
-
-def _import_ray() -> Any:
-    if "ray" not in sys.modules:
-        for name, value in LOOPBACK_ENV.items():
-            os.environ.setdefault(name, value)  # must precede `import ray`; see LOOPBACK_ENV
-    try:
-        import ray
-    except ImportError:
-        raise InputError("--ray needs Ray: pip install 'retrieval[ray]' (ray[data]==2.60.0)") from None
-    return ray
-
-
-@contextlib.contextmanager
-def ray_session(options: RayOptions) -> Iterator[Any]:
-    """A connected Ray (the ``ray`` module): the caller's session if one is open (left open),
-    else one started or joined here and shut down on exit."""
-    ray = _import_ray()
-    if ray.is_initialized():
-        yield ray
-        return
-    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if options.address in ("local", "auto"):
-        joined = False
-        if options.address == "auto":
-            with contextlib.suppress(ConnectionError):
-                ray.init(address="auto", **quiet)
-                joined = True
-        if not joined:
-            cpus = options.local_cpus or max(4, (options.actors or 1) + 2)  # a spare CPU for the read task: ray#44687
-            ray.init(num_cpus=cpus, _node_ip_address=LOOPBACK, **quiet)
-    else:
-        ray.init(address=options.address, **quiet)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+# Ray Data settings of a build, set for its run and restored after: a Python error in a unit is
+# not retried (neither as an actor task nor as a map task) and fails the job with its own error.
+DATA_CONTEXT = {
+    "actor_task_retry_on_errors": False,
+    "retried_map_errors": False,
+    "max_map_retries": 0,
+    "max_errored_blocks": 0,
+    "raise_original_map_exception": True,
+}
 
 
 class UnitEncoder:
-    """A Ray Data callable class: embeds one unit per call and writes its shard."""
+    """A Ray Data callable class: embeds one unit per call and writes its output."""
 
-    def __init__(self, encoders: EncoderChoice, index: str, key: str, count: int, dim: int, batch_size: int) -> None:
+    def __init__(self, encoders: Any, index: str, location: str | None, key: str, count: int, dim: int,
+                 batch_size: int) -> None:
         from retrieval.encoders.registry import load_encoders
 
-        self.encoder = load_encoders(encoders)[0]  # once per actor
-        self.work = WorkFolder(index, key, count, dim)
+        self.encoder = load_encoders(encoders)[0]  # once per actor (again after a restart)
+        self.units = open_units(location, index, key, count, dim)
         self.batch_size = batch_size
+        self.written = 0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         written = []
         for start, stop, refs in zip(batch["start"], batch["stop"], batch["refs"]):
             unit = Unit(int(start), int(stop))
+            ray_hooks.before_unit(unit.start)
             shard = embed_unit(list(refs), unit, self.encoder, self.batch_size)
-            self.work.write(shard)
+            self.units.write(shard)
+            self.written += 1
+            ray_hooks.after_unit(unit.start, self.written)
             written.append(len(shard.ok))
         return {"start": list(batch["start"]), "embedded": written}
 
@@ -129,8 +89,8 @@ def embed_images_on_ray(
     refs: Sequence[ImageRef], encoder: Any, options: EmbedOptions, work_dir: str | Path, ray_options: RayOptions,
 ) -> EmbeddedImages:
     """Embed ``refs`` on Ray into the work folder of the index ``work_dir`` (whose writer lock
-    the caller holds); ``encoder`` is the driver's copy (the job's key, its dimension).
-    ``resumed`` of the result counts the images of units done by an earlier run."""
+    the caller holds) or ``ray_options.work_dir``; ``encoder`` is the driver's copy (the job's
+    key, its dimension). ``resumed`` of the result counts the images of units done before."""
     if ray_options.encoders is None:
         raise InputError("a Ray build needs the encoder choice (RayOptions.encoders) to load on its actors")
     batch_size = options.resolved_batch_size(encoder.device)
@@ -140,7 +100,8 @@ def embed_images_on_ray(
     key = units_key(refs, encoder, batch_size, units)
     dim = int(encoder.dim)
     work = WorkFolder(work_dir, key, len(refs), dim)
-    done = {(s.start, s.stop) for s in work.load()}
+    shared = open_units(ray_options.work_dir, work_dir, key, len(refs), dim) if ray_options.work_dir else None
+    done = {(s.start, s.stop) for s in _done(work, shared)}
     todo = [u for u in units if (u.start, u.stop) not in done]
     resumed = sum(u.stop - u.start for u in units if (u.start, u.stop) in done)
     if resumed and options.progress:
@@ -148,49 +109,98 @@ def embed_images_on_ray(
     actors = 0
     if todo:
         with ray_session(ray_options) as ray:
-            actors = _run_units(ray, refs, todo, ray_options, (str(work_dir), key, len(refs), dim, batch_size), options.progress)
-    shards = [s for s in work.load() if any((s.start, s.stop) == (u.start, u.stop) for u in units)]
-    return assemble(refs, shards, dim, resumed=resumed, workers=actors)
+            job = (_absolute(work_dir), _absolute(ray_options.work_dir), key, len(refs), dim, batch_size)
+            actors = _run_units(ray, refs, todo, ray_options, job, options.progress)
+    shards = {(s.start, s.stop): s for s in _done(work, shared)}
+    kept = [shards[(u.start, u.stop)] for u in units if (u.start, u.stop) in shards]
+    return assemble(refs, kept, dim, resumed=resumed, workers=actors)
+
+
+def _absolute(location: str | Path | None) -> str | None:
+    """A path as the actors must see it (absolute: their working folder is not ours); URLs as given."""
+    if location is None or is_url(location):
+        return None if location is None else str(location)
+    return str(Path(location).resolve())
+
+
+def _done(work: WorkFolder, shared: Any) -> list[Shard]:
+    """The valid units of the job: the index's work folder's, and the shared location's, which
+    are moved into the work folder (removed with it once the index is committed)."""
+    if shared is None:
+        return work.load()
+    local = work.load()
+    have = {(s.start, s.stop) for s in local}
+    fetched = [s for s in shared.load() if (s.start, s.stop) not in have]
+    for shard in fetched:
+        work.write(shard)
+    shared.remove()
+    return sorted(local + fetched, key=lambda s: s.start)
+
+
+@contextlib.contextmanager
+def _data_context(ray: Any, progress: bool) -> Iterator[None]:
+    """Ray Data's settings for one build (DATA_CONTEXT), the caller's restored after it."""
+    context = ray.data.DataContext.get_current()
+    settings = {**DATA_CONTEXT, "enable_progress_bars": progress}
+    saved = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
 
 
 def _run_units(ray: Any, refs: Sequence[ImageRef], todo: Sequence[Unit], ray_options: RayOptions,
-               job: tuple[str, str, int, int, int], progress: bool) -> int:
+               job: tuple[str, str | None, str, int, int, int], progress: bool) -> int:
     """Map the units through the actor pool; returns the number of actors."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = progress
-    context.raise_original_map_exception = True  # a unit's own error, not Ray Data's wrapper
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
-    actors = ray_options.actors or (gpus if gpus else max(1, cpus - 1))
-    actors = min(actors, len(todo))
+    actors = min(ray_options.actors or (gpus if gpus else max(1, cpus - 1)), len(todo))
     items = [{"start": u.start, "stop": u.stop, "refs": list(refs[u.start : u.stop])} for u in todo]  # Ray serialises them
-    index, key, count, dim, batch_size = job
-    data = ray.data.from_items(items, override_num_blocks=len(items))  # one unit per block, so per task
-    out = data.map_batches(
-        UnitEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-        fn_constructor_kwargs={"encoders": ray_options.encoders, "index": index, "key": key, "count": count,
-                               "dim": dim, "batch_size": batch_size},
-    )
-    try:
-        written = out.take_all()
-    except Exception as e:  # a Python error in a unit fails the job at once (Ray Data does not retry it)
-        raise RayBuildError(f"{index}: a work unit failed on Ray ({_root_cause(e)}); the units done are kept: "
-                            "run the same command again to embed only the others") from e
+    index, location = job[0], job[1]
+    with _data_context(ray, progress):
+        data = ray.data.from_items(items, override_num_blocks=len(items))  # one unit per block, so per task
+        out = _map_units(ray, data, actors, gpus, ray_options, job)
+        try:
+            written = out.take_all()
+        except Exception as e:  # a Python error in a unit fails the job at once (not retried: DATA_CONTEXT)
+            raise RayBuildError(f"{location or index}: a work unit failed on Ray ({root_cause(e)}); the units done "
+                                "are kept: run the same command again to embed only the others") from e
     if len(written) != len(todo):
         raise RuntimeError(f"Ray returned {len(written)} of {len(todo)} units")
     return actors
 
 
-def _root_cause(error: BaseException) -> str:
-    """The original error inside Ray's wrappers, as ``Type: message``."""
-    seen = set()
+def _map_units(ray: Any, data: Any, actors: int, gpus: int, ray_options: RayOptions,
+               job: tuple[str, str | None, str, int, int, int]) -> Any:
+    """The units through a pool of ``actors`` UnitEncoders (one GPU each, or one CPU)."""
+    index, location, key, count, dim, batch_size = job
+    return data.map_batches(
+        UnitEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        # a dead actor: restarted, its units run again. Ray 2.60 takes these only as ray_remote_args: it
+        # prints a RayDeprecationWarning once (removed in 2.64, with no named parameter for them yet)
+        max_restarts=-1, max_task_retries=ray_options.unit_retries,
+        fn_constructor_kwargs={"encoders": ray_options.encoders, "index": index, "location": location, "key": key,
+                               "count": count, "dim": dim, "batch_size": batch_size},
+    )
+
+
+def root_cause(error: BaseException) -> str:
+    """The original error inside Ray's wrappers, as ``Type: last line of its message``: the
+    innermost error that says something (an actor that died in its constructor ends in an
+    empty SystemException; the ActorDiedError above it names the constructor's error)."""
+    seen, telling = set(), error
     while id(error) not in seen:
         seen.add(id(error))
+        if str(error).strip():
+            telling = error
         inner = getattr(error, "cause", None) or error.__cause__
         if not isinstance(inner, BaseException):
             break
         error = inner
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+    lines = str(telling).strip().splitlines()
+    return f"{type(telling).__name__}: {lines[-1] if lines else ''}"

@@ -33,6 +33,7 @@ stale-file cleanup leaves it alone; the build removes it after its commit.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -213,33 +214,7 @@ class WorkFolder:
         return shards
 
     def _read(self, path: Path) -> Shard:
-        match = _SHARD_NAME.match(path.name)
-        if not match:
-            raise ValueError("unexpected name")
-        start, stop = int(match.group(1)), int(match.group(2))
-        if not 0 <= start < stop <= self.count:
-            raise ValueError(f"positions {start}..{stop} outside 0..{self.count}")
-        with np.load(path, allow_pickle=False) as data:
-            meta_bytes = data["meta"].tobytes()
-            vectors = np.array(data["vectors"])
-            digest = data["digest"].tobytes()
-        if vectors.dtype != np.dtype("<f4"):
-            raise ValueError(f"vectors are {vectors.dtype}, expected float32")
-        if _digest(meta_bytes, vectors) != digest:
-            raise ValueError("checksum mismatch")
-        meta = json.loads(meta_bytes.decode("utf-8"))
-        if meta.get("format") != WORK_FORMAT or meta.get("key") != self.key:
-            raise ValueError("written for another job")
-        if meta.get("start") != start or meta.get("stop") != stop:
-            raise ValueError("positions do not match the file name")
-        ok = [(int(p), int(w), int(h), str(s)) for p, w, h, s in meta["ok"]]
-        failed = [(int(p), str(r)) for p, r in meta["failed"]]
-        covered = sorted([row[0] for row in ok] + [row[0] for row in failed])
-        if covered != list(range(start, stop)):
-            raise ValueError("does not cover its positions exactly once")
-        if vectors.shape != (len(ok), self.dim) or not np.isfinite(vectors).all():
-            raise ValueError(f"vectors of shape {vectors.shape}, expected ({len(ok)}, {self.dim})")
-        return Shard(start, stop, ok, failed, vectors)
+        return read_shard(path.name, path, self.key, self.count, self.dim)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -309,15 +284,54 @@ class WorkFolder:
         self._write(shard)
 
     def _write(self, shard: Shard) -> None:
-        vectors = np.ascontiguousarray(
-            shard.vectors if shard.vectors is not None else np.zeros((0, self.dim), np.float32), dtype="<f4"
-        )
-        meta = json.dumps(
-            {"format": WORK_FORMAT, "key": self.key, "start": shard.start, "stop": shard.stop,
-             "ok": [list(row) for row in shard.ok], "failed": [list(row) for row in shard.failed]},
-            ensure_ascii=True,
-        ).encode("ascii")
+        data = shard_bytes(shard, self.key, self.dim)
         with atomic_path(self.folder / shard.name) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, meta=np.frombuffer(meta, np.uint8), vectors=vectors,
-                         digest=np.frombuffer(_digest(meta, vectors), np.uint8))
+            tmp.write_bytes(data)
+
+
+def shard_bytes(shard: Shard, key: str, dim: int) -> bytes:
+    """The file contents of ``shard`` of job ``key`` (an ``.npz`` carrying its own sha256)."""
+    vectors = np.ascontiguousarray(
+        shard.vectors if shard.vectors is not None else np.zeros((0, dim), np.float32), dtype="<f4"
+    )
+    meta = json.dumps(
+        {"format": WORK_FORMAT, "key": key, "start": shard.start, "stop": shard.stop,
+         "ok": [list(row) for row in shard.ok], "failed": [list(row) for row in shard.failed]},
+        ensure_ascii=True,
+    ).encode("ascii")
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.frombuffer(meta, np.uint8), vectors=vectors,
+             digest=np.frombuffer(_digest(meta, vectors), np.uint8))
+    return buffer.getvalue()
+
+
+def read_shard(name: str, source: Any, key: str, count: int, dim: int) -> Shard:
+    """The shard in ``source`` (a path or a binary file object) named ``name``, checked against
+    the job (``key``, ``count`` images, ``dim``); ValueError (or an I/O error) when it is not valid."""
+    match = _SHARD_NAME.match(name)
+    if not match:
+        raise ValueError("unexpected name")
+    start, stop = int(match.group(1)), int(match.group(2))
+    if not 0 <= start < stop <= count:
+        raise ValueError(f"positions {start}..{stop} outside 0..{count}")
+    with np.load(source, allow_pickle=False) as data:
+        meta_bytes = data["meta"].tobytes()
+        vectors = np.array(data["vectors"])
+        digest = data["digest"].tobytes()
+    if vectors.dtype != np.dtype("<f4"):
+        raise ValueError(f"vectors are {vectors.dtype}, expected float32")
+    if _digest(meta_bytes, vectors) != digest:
+        raise ValueError("checksum mismatch")
+    meta = json.loads(meta_bytes.decode("utf-8"))
+    if meta.get("format") != WORK_FORMAT or meta.get("key") != key:
+        raise ValueError("written for another job")
+    if meta.get("start") != start or meta.get("stop") != stop:
+        raise ValueError("positions do not match the file name")
+    ok = [(int(p), int(w), int(h), str(s)) for p, w, h, s in meta["ok"]]
+    failed = [(int(p), str(r)) for p, r in meta["failed"]]
+    covered = sorted([row[0] for row in ok] + [row[0] for row in failed])
+    if covered != list(range(start, stop)):
+        raise ValueError("does not cover its positions exactly once")
+    if vectors.shape != (len(ok), dim) or not np.isfinite(vectors).all():
+        raise ValueError(f"vectors of shape {vectors.shape}, expected ({len(ok)}, {dim})")
+    return Shard(start, stop, ok, failed, vectors)
