@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -91,8 +92,10 @@ def embed_run(refs: list[Any], encoder: Any, workers: int, replicas: bool) -> di
             "overall_images_per_second": len(refs) / seconds}
 
 
-def medians(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {key: round(statistics.median(run[key] for run in runs), 3) for key in runs[0]}
+def medians(runs: list[dict[str, float]]) -> dict[str, float | None]:
+    """Median of each number over the runs (None where a run was too short for a steady state)."""
+    found = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return {key: round(value, 3) if math.isfinite(value) else None for key, value in found.items()}
 
 
 def measure(fns: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
@@ -106,7 +109,8 @@ def measure(fns: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
 
 def scaling(results: dict[str, dict[str, float]], prefix: str, counts: list[int]) -> dict[str, float]:
     one = results[f"{prefix}{counts[0]}"]["steady_images_per_second"]
-    return {f"{n}_vs_{counts[0]}": round(results[f"{prefix}{n}"]["steady_images_per_second"] / one, 3) for n in counts[1:]}
+    return {f"{n}_vs_{counts[0]}": round(results[f"{prefix}{n}"]["steady_images_per_second"] / one, 3)
+            if one and results[f"{prefix}{n}"]["steady_images_per_second"] else None for n in counts[1:]}
 
 
 def tiny_clip_encoder(folder: Path) -> Any:
