@@ -13,7 +13,7 @@ keep it flat as they are added; workers that fight over cores (issue 17) make it
 ``startup_seconds`` and ``steady_images_per_second``. Worker counts alternate within each
 repeat; each number is the median of --repeats.
 
-    python benchmarks/workers.py [--images 640] [--repeats 3] [--max-workers N] [--tiny-clip]
+    python benchmarks/workers.py [--images 640] [--repeats 3] [--max-workers N] [--tiny-clip] [--in-process] [--no-single-threaded]
 
 Target (issue 17): on the 2-core machine, 2 workers >= 1.7x one, steady state.
 """
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--no-single-threaded", action="store_true", help="also run workers that keep inherited thread pools")
     parser.add_argument("--tiny-clip", action="store_true", help="also embed with tiny CLIP")
     parser.add_argument("--no-embed", action="store_true", help="decode + preprocess only")
+    parser.add_argument("--in-process", action="store_true", help="also embed with no workers (slow under load)")
     args = parser.parse_args()
     from retrieval.encoders import load_image_encoder
 
@@ -153,7 +154,8 @@ def main() -> None:
             encoders["tiny-clip"] = tiny_clip_encoder(Path(tempfile.mkdtemp()))
         for name, encoder in encoders.items():
             fns = {f"workers_{n}": (lambda n=n, e=encoder: embed_run(refs, e, n, True)) for n in counts}
-            fns["workers_0"] = lambda e=encoder: embed_run(refs, e, 0, False)  # encode in the main process, no workers
+            if args.in_process:
+                fns["workers_0"] = lambda e=encoder: embed_run(refs, e, 0, False)  # no workers: this process decodes and encodes
             found = measure(fns, args.repeats)
             report[f"embed_{name}"] = found
             report[f"embed_{name}_scaling"] = scaling(found, "workers_", counts)
