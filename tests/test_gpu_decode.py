@@ -37,9 +37,15 @@ def _batched_on(monkeypatch, device: str) -> None:
 
 @pytest.fixture(scope="module")
 def photos():
-    """Real photos of both collections: COCO (640 px) and ImageNet (various sizes, some large)."""
+    """Real photos of both collections: COCO (640 px) and ImageNet (various sizes), and the three
+    largest ImageNet photos (1,200-1,600 px: the PIL path decodes them at reduced JPEG scale, the
+    batched path in full)."""
+    from PIL import Image
+
     require_shared_data()
-    picked = sorted((COCO / "images").glob("*.jpg"))[::8][:10] + sorted(IMAGENET.glob("*.JPEG"))[::100][:10]
+    imagenet = sorted(IMAGENET.glob("*.JPEG"))
+    largest = sorted(imagenet, key=lambda path: min(Image.open(path).size))[-3:]
+    picked = sorted((COCO / "images").glob("*.jpg"))[::8][:10] + imagenet[::100][:10] + largest
     return discover_images(picked)[0]
 
 
@@ -70,7 +76,9 @@ def test_batched_decode_matches_the_pil_path_on_real_photos(monkeypatch, photos,
     assert pil.decode_device is None and pil.decoded_on_device == 0
     _batched_on(monkeypatch, "cpu")
     batched = embed_images(photos, effnet, EmbedOptions(batch_size=8, workers=2, replicas=False, progress=False))
-    assert batched.decode_device == "cpu" and batched.decoded_on_device == len(photos)  # plain JPEGs, all
+    plain = [ref for ref in photos if gpu_jpeg_size(Path(ref.location).read_bytes()) is not None]
+    assert len(plain) >= len(photos) - 2  # ImageNet has a few greyscale / CMYK JPEGs: the CPU path's
+    assert batched.decode_device == "cpu" and batched.decoded_on_device == len(plain)
     _compare(pil, batched, 0.999)
 
 
@@ -84,10 +92,11 @@ def test_every_image_the_batched_decode_cannot_take_goes_the_cpu_path(monkeypatc
     refs = discover_images([images])[0]
     batched_names = {os.path.relpath(ref.location, images) for ref in refs
                      if gpu_jpeg_size(Path(ref.location).read_bytes()) is not None}
-    plain = {"plain.jpg", "café 写真 ünïcode.jpg", "with  spaces .jpg", "new\nline.jpg", "dup-a.jpg", "dup-b.jpg"}
+    plain = {"plain.jpg", "café 写真 ünïcode.jpg", "with  spaces .jpg", "new\nline.jpg", "dup-a.jpg", "dup-b.jpg",
+             "exif-invalid.jpg"}  # orientation 9: no rotation, on either path
     refused = {os.fsdecode(b"latin1-\xe9t\xe9.jpg"), "locked.jpg"}  # plain JPEG bytes the CPU path refuses
     assert batched_names <= plain | refused
-    assert {"plain.jpg", "dup-a.jpg"} <= batched_names
+    assert {"plain.jpg", "dup-a.jpg", "exif-invalid.jpg"} <= batched_names
     assert {case.name for case in cases} >= {"cmyk.jpg", "ycck.jpg", "grey.jpg", "exif-6.jpg", "truncated.jpg", "bomb.jpg"}
     real_read_bytes = Path.read_bytes
 
@@ -188,5 +197,5 @@ def test_gpu_decode_matches_the_cpu_path_on_real_photos(photos):
     encoder = load_image_encoder("efficientnet-lite0", device="cuda")
     pil = embed_images(photos, encoder, EmbedOptions(batch_size=8, workers=2, decode="cpu", progress=False))
     gpu = embed_images(photos, encoder, EmbedOptions(batch_size=8, workers=2, decode="gpu", progress=False))
-    assert gpu.decode_device == "cuda" and gpu.decoded_on_device == len(photos)
+    assert gpu.decode_device == "cuda" and gpu.decoded_on_device >= len(photos) - 2
     _compare(pil, gpu, 0.999)

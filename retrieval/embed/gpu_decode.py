@@ -6,7 +6,7 @@ as its bytes. The main process decodes a batch's JPEGs at once with
 ``torchvision.io.decode_jpeg(list, device=...)`` and resizes, crops and normalises them there
 (:meth:`retrieval.encoders.preprocess.FastImageTransform.transform_tensor`). Everything else
 takes the CPU path of today, for that image alone: another format, a CMYK / YCCK / greyscale
-JPEG, an EXIF orientation other than 1, a file that does not end in the JPEG end marker
+JPEG, an EXIF orientation that rotates or mirrors (2-8), a file that does not end in the JPEG end marker
 (truncated), an image over :data:`GPU_MAX_PIXELS`, any file the header probe cannot read, and
 any JPEG the batched decode refuses. The worker runs the CPU path itself for the images it
 turns away, the main process for those the device refuses, so the result and the error
@@ -82,7 +82,7 @@ def gpu_jpeg_size(data: bytes, max_pixels: int = GPU_MAX_PIXELS) -> tuple[int, i
     """(width, height) of a JPEG the batched decode can take as it is, else None.
 
     From the header alone (nothing is decoded): a JPEG (not MPO) in YCbCr (Pillow's mode 'RGB'),
-    EXIF orientation 1 or none, at most ``max_pixels``, ending in the end-of-image marker.
+    no EXIF rotation or mirror (orientation 2-8), at most ``max_pixels``, ending in the end-of-image marker.
     """
     from PIL import Image
 
@@ -92,7 +92,7 @@ def gpu_jpeg_size(data: bytes, max_pixels: int = GPU_MAX_PIXELS) -> tuple[int, i
         with Image.open(io.BytesIO(data)) as img:
             if img.format != "JPEG" or img.mode != "RGB":
                 return None
-            if img.getexif().get(0x0112, 1) != 1:
+            if img.getexif().get(0x0112, 1) in range(2, 9):  # a rotation or mirror (others mean none, as on the CPU path)
                 return None
             width, height = img.size
     except Exception:  # anything odd: the CPU path decodes it and reports what is wrong
