@@ -63,6 +63,15 @@ def test_info_text_and_json(cli_index):
     assert build["images_per_second"] > 0 and build["images_resumed"] == 0
     assert (build["device"], build["workers"], build["encoder_replicas"]) == ("cpu", 0, False)
     assert f"on cpu, {build['images_per_second']} images/s" in text
+    assert build["decode"] == "cpu" and build["startup_seconds"] > 0  # --decode auto on the CPU: the PIL path
+
+
+def test_decode_gpu_on_a_cpu_encoder_is_a_clear_error(tmp_path, tiny_clip_dir, small_collection):
+    result = run("build-index", "--images", small_collection / "images", "--index", tmp_path / "index",
+                 "--encoder", "open_clip:tiny", "--checkpoint", tiny_clip_dir, "--device", "cpu", "--decode", "gpu",
+                 "--quiet", ok=False)
+    assert result.exit_code != 0 and "--decode gpu" in result.output and "runs on cpu" in result.output
+    assert not (tmp_path / "index").exists()
 
 
 def test_list_encoders():

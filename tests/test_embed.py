@@ -157,3 +157,49 @@ def test_compiled_encoder_gives_the_same_vectors(tiny, refs):
     if LINUX:
         with pytest.raises(InputError, match="--compile"):
             embed_images(refs, tiny, EmbedOptions(workers=2, replicas=True, compile=True, progress=False))
+
+
+class _ThreadProbe:
+    """A dataset whose items report the thread settings of the process that loads them."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, position: int) -> dict:
+        import os
+
+        import torch
+
+        limits = {}
+        try:
+            from threadpoolctl import threadpool_info
+
+            limits = {info["internal_api"]: info["num_threads"] for info in threadpool_info()}
+        except ImportError:
+            pass
+        return {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
+                "env": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+                "pools": limits}
+
+
+@pytest.mark.parametrize("context", [None, "spawn"])
+def test_every_worker_runs_single_threaded_and_the_parent_is_left_alone(context):
+    """Issue 17: decode workers each with a pool of threads per core fought over the cores. The
+    embedding stage's worker_init_fn sets every pool of the worker to one thread, not the parent's."""
+    import os
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from retrieval.embed.workers import THREAD_ENV, WorkerInit
+
+    env_before = {name: os.environ.get(name) for name in THREAD_ENV}
+    threads_before, interop_before = torch.get_num_threads(), torch.get_num_interop_threads()
+    loader = DataLoader(_ThreadProbe(), batch_size=None, num_workers=2, worker_init_fn=WorkerInit(),
+                        multiprocessing_context=context)
+    for seen in loader:
+        assert seen["torch"] == 1 and seen["interop"] == 1, seen
+        assert set(seen["env"].values()) == {"1"}, seen
+        assert all(count == 1 for count in seen["pools"].values()), seen
+    assert {name: os.environ.get(name) for name in THREAD_ENV} == env_before
+    assert (torch.get_num_threads(), torch.get_num_interop_threads()) == (threads_before, interop_before)

@@ -120,6 +120,8 @@ def embed_items(
     stats = EmbedStats(
         images_per_second=_images_per_second(images, len(collection.images), seconds),
         resumed=images.resumed, device=image_encoder.device, workers=images.workers, replicas=images.replicas,
+        decode=images.decode_device or "cpu", startup_seconds=images.startup_seconds,
+        steady_images_per_second=images.steady_images_per_second,
     )
     return EmbeddedItems(
         images=images.rows, image_vectors=images.vectors, captions=list(collection.captions), caption_vectors=caption_vectors,

@@ -107,6 +107,9 @@ def commit_index(embedded: EmbeddedItems, index: Path, options: WriteOptions) ->
         "device": stats.device,
         "workers": stats.workers,
         "encoder_replicas": stats.replicas,
+        "decode": stats.decode,
+        "startup_seconds": stats.startup_seconds,
+        "steady_images_per_second": stats.steady_images_per_second,
     }
     manifest["files"] = files
     writer.commit(manifest, (error.to_json() for error in embedded.errors))

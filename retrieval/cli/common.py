@@ -89,6 +89,10 @@ compile_flag = click.option(
     "--compile", "compile_model", is_flag=True,
     help="Run the image model through torch.compile (meant for GPUs and large collections: "
          "compiling takes tens of seconds; the main process encodes, so no replicas).")
+decode_flag = click.option(
+    "--decode", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
+    help="Where JPEGs are decoded: gpu decodes them in batches on the encoder's GPU (nvJPEG; any other "
+         "image goes the CPU path), cpu in the worker processes; auto is gpu for a CUDA encoder.")
 checkpoint_flag = click.option(
     "--checkpoint", type=click.Path(exists=True, dir_okay=True), default=None,
     help="Local weights for the (image or CLIP) encoder: a file, or an open_clip model folder.")
@@ -118,12 +122,13 @@ class EmbedFlags:
 def embed_options(checkpoint: bool = True, resumable: bool = False) -> Callable[[Callable], Callable]:
     """Options shared by commands that embed images: one ``embedding: EmbedFlags``
     (``--checkpoint`` unless ``checkpoint`` is False; ``--progress-shard-size`` with ``resumable``)."""
-    flags = ([checkpoint_flag] if checkpoint else []) + [device_flag, batch_size_flag, workers_flag, replicas_flag, compile_flag, quiet_flag]
+    flags = ([checkpoint_flag] if checkpoint else []) + [device_flag, batch_size_flag, workers_flag, replicas_flag, compile_flag, decode_flag, quiet_flag]
     flags += [progress_shard_flag] if resumable else []
 
-    def make(device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
-             checkpoint: str | None = None, progress_shard_size: int | None = None) -> EmbedFlags:
-        options = embed_settings(batch_size, workers, replicas, compile_model, quiet, progress_shard_size=progress_shard_size)
+    def make(device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, decode: str,
+             quiet: bool, checkpoint: str | None = None, progress_shard_size: int | None = None) -> EmbedFlags:
+        options = embed_settings(batch_size, workers, replicas, compile_model, quiet, progress_shard_size=progress_shard_size,
+                                 decode=decode)
         return EmbedFlags(device=device, quiet=quiet, options=options, checkpoint=checkpoint)
 
     return option_group("embedding", flags, make)

@@ -28,6 +28,9 @@ class EmbedStats:
     device: str | None = None
     workers: int = 0  # DataLoader worker processes
     replicas: bool = False  # whether those workers encoded too
+    decode: str | None = None  # where JPEGs were decoded: "cpu" (PIL in the workers), the batched decode's device, None: not here
+    startup_seconds: float | None = None  # to the first batch encoded (worker spawn, first CUDA call, warm-up)
+    steady_images_per_second: float | None = None  # after the first batch
 
 
 @dataclass

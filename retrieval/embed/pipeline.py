@@ -5,6 +5,9 @@ also encodes its own batches with a single-threaded copy of the encoder (*replic
 copy-on-write by fork): the model's intra-op threads scale poorly and, sharing the cores
 with decode workers, stall each other (see :func:`retrieval.embed.workers.use_replicas`).
 
+With ``decode='gpu'`` (``auto`` on a CUDA encoder) the workers only read JPEGs and the main
+process decodes them in batches on the GPU (:mod:`retrieval.embed.gpu_decode`).
+
 Unreadable images are skipped and reported as :class:`ItemError` rows; they
 never stop a build.
 """
@@ -15,6 +18,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,6 +26,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from retrieval.core.errors import ImageDecodeError, InputError
+from retrieval.embed.gpu_decode import (
+    DECODE_CHOICES,
+    DeviceDecoder,
+    JpegBytesDataset,
+    collate_jpegs,
+    decode_device,
+)
 from retrieval.embed.workers import (
     WorkerInit,
     fork_context,
@@ -55,8 +66,13 @@ class EmbedOptions:
     # images per progress shard of a resumable build (see retrieval.embed.resume); None: the
     # RETRIEVAL_PROGRESS_SHARD_SIZE environment variable, else 4096; 0 turns progress shards off
     progress_shard_size: int | None = None
+    # where JPEGs are decoded: 'cpu' (PIL in the workers), 'gpu' (in batches on the encoder's CUDA
+    # device, other images on the CPU), 'auto' (gpu for a CUDA encoder where nvJPEG works)
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.decode not in DECODE_CHOICES:
+            raise InputError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {self.decode!r}")
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise InputError(f"--batch-size must be a whole number >= 1, got {self.batch_size!r}")
         if self.workers != "auto" and (not isinstance(self.workers, int) or self.workers < 0):
@@ -114,6 +130,10 @@ class EmbeddedImages:
     resumed: int = 0  # images (embedded or skipped) taken from the progress shards of an earlier run
     workers: int = 0  # DataLoader worker processes this run started
     replicas: bool = False  # whether those workers encoded too (single-threaded encoder copies)
+    decode_device: str | None = None  # device of the batched JPEG decode (None: PIL in the workers)
+    decoded_on_device: int = 0  # images that batched decode took (the rest went the CPU path)
+    startup_seconds: float = 0.0  # from the start to the first batch encoded: worker spawn, first CUDA call, warm-up
+    steady_images_per_second: float = 0.0  # images after the first batch over the time after it (0: one batch or none)
 
 
 class _ImageDataset:
@@ -200,8 +220,11 @@ def embed_images(
     # as the uninterrupted run would have (a replica's one thread and the main process's
     # several can differ in the last bit)
     replicas = use_replicas(options.replicas, encoder.device, options.workers, n, options.compile)
+    # replicas encode in the workers, on the CPU: nothing decodes in the main process then
+    on = None if replicas else decode_device(options.decode, encoder.device, dataset.transform)
+    decoder = None if on is None else DeviceDecoder(dataset.transform, on, dataset.__getitem__)
     state = _Embedding(refs, int(encoder.dim))
-    work = _work_folder(dataset, encoder, options, work_dir, batch_size, replicas)
+    work = _work_folder(dataset, encoder, options, work_dir, batch_size, replicas, on)
     if work is not None:
         state.restore(work.load())
     resumed = int(state.done.sum())
@@ -211,22 +234,26 @@ def embed_images(
     workers = resolve_workers(options.workers, n, replicas) if len(todo) else 0
     if replicas:
         encoder.prepare()  # anything built lazily is built once, here, and shared by the forks
-    loader = make_loader(dataset, _batches(todo, batch_size), encoder, workers, replicas)
+    source = dataset if decoder is None else JpegBytesDataset(dataset)
+    loader = make_loader(source, _batches(todo, batch_size), encoder, workers, replicas)
     compiling = encoder.compiled() if options.compile else contextlib.nullcontext()
     with compiling:  # torch.compile inside it, if asked for
-        _run(loader if len(todo) else (), encoder, state, work, options, resumed)
-    return state.result(resumed=resumed, workers=workers, replicas=replicas and workers > 0)
+        _run(loader if len(todo) else (), encoder, state, work, options, resumed, decoder)
+    return state.result(resumed=resumed, workers=workers, replicas=replicas and workers > 0, decode_device=on,
+                        decoded_on_device=0 if decoder is None else decoder.on_device,
+                        **state.timing())
 
 
 def make_loader(dataset: Any, batches: list[list[int]], encoder: Any, workers: int, replicas: bool) -> Any:
-    """The DataLoader that decodes (and with ``replicas`` also encodes) the ``batches`` of ``dataset``."""
+    """The DataLoader that decodes (and with ``replicas`` also encodes) the ``batches`` of ``dataset``
+    (a :class:`~retrieval.embed.gpu_decode.JpegBytesDataset`: reads JPEGs for the batched decode)."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=_EncodingCollate(encoder) if replicas else _collate,
+        collate_fn=_EncodingCollate(encoder) if replicas else collate_jpegs if isinstance(dataset, JpegBytesDataset) else _collate,
         pin_memory=encoder.device == "cuda",
         prefetch_factor=(2 if replicas else 4) if workers else None,
         # only with worker processes: a resumed run with nothing left to embed starts none
@@ -236,7 +263,7 @@ def make_loader(dataset: Any, batches: list[list[int]], encoder: Any, workers: i
 
 
 def _work_folder(dataset: _ImageDataset, encoder: Any, options: EmbedOptions, work_dir: str | Path | None,
-                 batch_size: int, replicas: bool) -> Any:
+                 batch_size: int, replicas: bool, decode: str | None) -> Any:
     """The progress shards of this job (None without a work dir, or for fewer images than a shard)."""
     from retrieval.embed.resume import WorkFolder, job_key
 
@@ -244,12 +271,14 @@ def _work_folder(dataset: _ImageDataset, encoder: Any, options: EmbedOptions, wo
     if not shard_size or len(dataset) < shard_size:
         return None
     key = job_key(dataset.refs, encoder, batch_size, dataset.transform, dataset.draft_size,
-                  replicas=replicas, compile=options.compile)
+                  replicas=replicas, compile=options.compile, decode=decode)
     return WorkFolder(work_dir, key, len(dataset), int(encoder.dim), shard_size)  # type: ignore[arg-type]
 
 
-def _run(batches: Any, encoder: Any, state: "_Embedding", work: Any, options: EmbedOptions, resumed: int) -> None:
-    """Encode every batch into ``state``, handing complete progress shards to ``work``."""
+def _run(batches: Any, encoder: Any, state: "_Embedding", work: Any, options: EmbedOptions, resumed: int,
+         decoder: DeviceDecoder | None = None) -> None:
+    """Encode every batch into ``state`` (its JPEGs decoded by ``decoder`` first), handing complete
+    progress shards to ``work``."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=state.count, initial=resumed, desc="images", unit="img", file=sys.stderr, delay=1.0,
@@ -259,7 +288,7 @@ def _run(batches: Any, encoder: Any, state: "_Embedding", work: Any, options: Em
         if work is not None and not state.done.all():
             work.start()  # after the DataLoader forked its workers: no thread is copied into them
         for batch in iterator:
-            state.take(batch, encoder)
+            state.take(batch if decoder is None else decoder.finish(batch), encoder)
             bar.update(len(batch["positions"]))
             if work is not None:
                 state.track(batch, work)
@@ -284,6 +313,9 @@ class _Embedding:
         self.ok_meta: dict[int, tuple[int, int, str]] = {}
         self.failures: dict[int, str] = {}
         self.pending: Any = None  # the progress shard being filled
+        self.started = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (time, images done) after the first batch
+        self.last: tuple[float, int] = (self.started, 0)
 
     def restore(self, shards: Sequence[Any]) -> None:
         """Take the vectors and failures of an earlier run's complete shards."""
@@ -307,6 +339,17 @@ class _Embedding:
             log.warning("skipped %s: %s", self.refs[position].location, reason)
             self.failures[position] = reason
         self.done[batch["positions"]] = True
+        self.last = (time.perf_counter(), self.last[1] + len(batch["positions"]))
+        if self.first is None:
+            self.first = self.last
+
+    def timing(self) -> dict[str, float]:
+        """Start-up (to the first batch) apart from the steady state (every batch after it)."""
+        if self.first is None:
+            return {"startup_seconds": 0.0, "steady_images_per_second": 0.0}
+        seconds, images = self.last[0] - self.first[0], self.last[1] - self.first[1]
+        return {"startup_seconds": round(self.first[0] - self.started, 4),
+                "steady_images_per_second": round(images / seconds, 2) if images and seconds > 0 else 0.0}
 
     def track(self, batch: dict[str, Any], work: Any) -> None:
         """Add a batch to the open progress shard; submit the shard once full, or when a gap closes it."""

@@ -118,7 +118,7 @@ def _code_digest(*objects: Any) -> dict[str, str | None]:
 
 def job_key(
     items: Sequence[Any], encoder: Any, batch_size: int, transform: Any, draft_size: Any = None,
-    *, replicas: bool = False, compile: bool = False,
+    *, replicas: bool = False, compile: bool = False, decode: str | None = None,
 ) -> str:
     """A hex key naming one embedding job (see the module docstring for what it covers).
 
@@ -147,6 +147,8 @@ def job_key(
         "batch_size": int(batch_size),
         "count": len(items),
     }
+    if decode is not None:  # the batched JPEG decode's device (absent for the CPU path: older keys stay valid)
+        head["decode"] = decode
     digest.update(json.dumps(head, sort_keys=True).encode() + b"\n")
     for item in items:
         state = item.resume_state() if hasattr(item, "resume_state") else [str(item), _file_state(Path(item))]

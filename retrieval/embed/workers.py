@@ -6,6 +6,10 @@ copy-on-write by fork): see :func:`use_replicas`.
 
 Workers die with the build that started them (:class:`WorkerInit`): a worker that outlived a
 build killed with SIGKILL would sleep forever (its exit waits on a queue nobody reads).
+
+Every worker runs single-threaded (:func:`single_threaded`): N workers on N cores each with a
+pool of N torch / OpenMP / BLAS threads fight over the cores instead of adding up (issue 17:
+8 workers on 16 cores spent six times the CPU per image that one core needs alone).
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ import multiprocessing
 import os
 import signal
 import sys
-from typing import Any, Iterator, TypeVar
+from typing import Any, Iterator, Mapping, TypeVar
 
 from retrieval.core.errors import InputError
 
 __all__ = [
     "MAX_AUTO_REPLICAS", "MAX_AUTO_WORKERS", "PAUSE_ENV", "SMALL_COLLECTION", "WorkerInit", "die_with_parent",
-    "fork_context", "pause_for_tests", "resolve_workers", "use_replicas",
+    "THREAD_ENV", "fork_context", "pause_for_tests", "resolve_workers", "single_threaded", "use_replicas",
 ]
 
 SMALL_COLLECTION = 64  # below this many images, worker processes cost more than they save
@@ -89,9 +93,11 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class WorkerInit:
-    """The DataLoader ``worker_init_fn`` of the embedding stage: the worker dies with the process that made it.
+    """The DataLoader ``worker_init_fn`` of the embedding stage: the worker dies with the process that
+    made it, and runs every thread pool it has with one thread (:func:`single_threaded`).
 
     Made in the parent (it records the parent's pid); picklable, so it works with any start method.
+    Nothing is changed in the parent: only the worker process, which is ours, is set up.
     """
 
     def __init__(self) -> None:
@@ -99,6 +105,52 @@ class WorkerInit:
 
     def __call__(self, worker_id: int) -> None:
         die_with_parent(self.parent)
+        single_threaded()
+
+
+# Thread-pool sizes read by libraries when they start their pools: OpenMP (torch, numpy's BLAS
+# builds), MKL, OpenBLAS, Apple Accelerate, numexpr. Set in the worker before anything there
+# starts one; pools already running are resized by the calls in single_threaded.
+THREAD_ENV: Mapping[str, str] = {
+    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1",
+}
+
+
+def single_threaded() -> dict[str, Any]:
+    """Run this process's thread pools with one thread each; call only in a worker process.
+
+    torch intra-op (``set_num_threads(1)``) and inter-op (``set_num_interop_threads(1)``, which
+    torch allows only before the process's first inter-op work: refused otherwise, and then
+    left as it is), the OpenMP / MKL / OpenBLAS environment for pools started later, the BLAS and
+    OpenMP pools already loaded (threadpoolctl, where installed), and OpenCV's pool when cv2 is
+    already imported (it is never imported here). Pillow needs nothing: its decoders and resize
+    run on the calling thread. Returns what was set, for tests and benchmarks.
+    """
+    import torch
+
+    os.environ.update(THREAD_ENV)
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # the inter-op pool already started (torch allows the call once, early)
+        pass
+    limited = _limit_native_pools()
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None and hasattr(cv2, "setNumThreads"):
+        cv2.setNumThreads(1)
+    return {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
+            "native_pools": limited, "cv2": cv2 is not None}
+
+
+def _limit_native_pools() -> int:
+    """Limit the BLAS / OpenMP pools loaded in this process to one thread (threadpoolctl); how many."""
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:  # optional: the environment variables still cover pools started later
+        return 0
+    threadpool_limits(limits=1)  # the limit stays for the rest of this worker's life
+    return len(threadpool_info())
 
 
 def die_with_parent(parent: int) -> bool:

@@ -282,6 +282,32 @@ class FastImageTransform:
         left = round((new_w - out_w) / 2.0)
         return pixels[0, :, top : top + out_h, left : left + out_w].numpy()
 
+    def transform_tensor(self, chw: torch.Tensor) -> torch.Tensor:
+        """The transform of a decoded uint8 (3, H, W) RGB tensor on any device (the batched JPEG
+        decode of :mod:`retrieval.embed.gpu_decode`): resize with antialiasing, the reference's
+        centre crop, rounded to 8 bits like the PIL path, and normalised, all with torch ops on
+        the tensor's device. On the CPU the uint8 kernel of :meth:`resized_pixels` runs; CUDA has
+        no uint8 antialiased kernel, so it resamples in float32 and rounds."""
+        import torch
+        import torch.nn.functional as F
+
+        height, width = int(chw.shape[1]), int(chw.shape[2])
+        new_w, new_h = self.resized_size(width, height)
+        pixels = chw.unsqueeze(0)
+        if (new_w, new_h) != (width, height):
+            if pixels.device.type == "cpu":
+                pixels = F.interpolate(pixels.contiguous(memory_format=torch.channels_last), size=(new_h, new_w),
+                                       mode=self.interpolation, antialias=True)
+            else:
+                pixels = F.interpolate(pixels.float(), size=(new_h, new_w), mode=self.interpolation, antialias=True)
+                pixels = pixels.round_().clamp_(0, 255)
+        out_h, out_w = self.output_size
+        top = round((new_h - out_h) / 2.0)  # torchvision center_crop's rounding
+        left = round((new_w - out_w) / 2.0)
+        pixels = pixels[0, :, top : top + out_h, left : left + out_w].float().contiguous()  # our own copy
+        scale = torch.from_numpy(self._scale).to(pixels.device)
+        return pixels.mul_(scale).add_(torch.from_numpy(self._bias).to(pixels.device))
+
     def normalise(self, chw: np.ndarray) -> torch.Tensor:
         """Normalised float32 tensor of a uint8 (3, h, w) array: ToTensor + Normalize in one pass."""
         import torch
