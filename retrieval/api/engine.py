@@ -12,7 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from retrieval.api.describe import summarise
+from retrieval.api.filters import FilterCache
 from retrieval.api.lazy import OnceCache, Serialised
+from retrieval.api.paging import check_paging, page
 from retrieval.api.routes import (
     QUERIES,
     UNIMODAL,
@@ -31,6 +33,7 @@ from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.errors import IndexFormatError, InputError
 from retrieval.core.hits import CaptionHit, ImageHit
 from retrieval.index.placement import place_index
+from retrieval.index.selection import Selection, restrict, search_selected
 from retrieval.index.source import VectorSource
 from retrieval.index.spec import SearchKnobs
 from retrieval.index.vector_index import Exclusions, drop_excluded
@@ -65,6 +68,8 @@ class Index:
         self.store = StoreReader(self.path, kind="index")
         self.manifest: dict[str, Any] = self.store.manifest
         self._files: dict[str, Any] = self.manifest["files"]
+        self.filters = FilterCache(lambda kind: self.store.read_table(self._files["items"][kind]),
+                                   lambda kind, allowed: restrict(allowed, self.rows(kind), self._exclusions(kind)))
 
     def __repr__(self) -> str:
         counts = self.manifest["counts"]
@@ -93,53 +98,63 @@ class Index:
             raise InputError(f"unknown query {query!r}; one of {', '.join(QUERIES)}")
         return routes_for(self.manifest, query)
 
-    def text_to_image(self, text: str, k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None) -> list[ImageHit]:
-        """The ``k`` images that best match ``text`` (``route``: see :attr:`routes`; ``knobs``: nprobe / ef_search)."""
-        return self.texts_to_images([text], k, route, knobs)[0]
+    def text_to_image(self, text: str, k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None,
+                      where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[ImageHit]:
+        """The ``k`` images that best match ``text`` (``route``: see :attr:`routes`; ``knobs``: nprobe / ef_search).
 
-    def texts_to_images(self, texts: Sequence[str], k: int = 10, route: str | None = None,
-                        knobs: SearchKnobs | None = None) -> list[list[ImageHit]]:
+        Every query method takes ``where`` (a SQL predicate over the item columns, see
+        :meth:`matching`), ``min_score`` (weaker hits dropped) and ``offset`` (hits skipped: paging).
+        """
+        return self.texts_to_images([text], k, route, knobs, where, min_score, offset)[0]
+
+    def texts_to_images(self, texts: Sequence[str], k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None,
+                        where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[list[ImageHit]]:
         """Batch text -> image: all ``texts`` encoded and searched in one pass; one hit list per text."""
         check_texts(texts, k)
+        check_paging(offset, min_score)
         self._require("image")
         route = choose_route(self.path, self.manifest, "text_to_image", route)
         if not texts:
             return []
-        scores, positions = self.search_vectors("image", self._encode_texts(texts), "text", k, route, knobs)
-        return image_hits(self.items("image"), scores, positions)
+        scores, positions = self.search_vectors("image", self._encode_texts(texts), "text", k + offset, route, knobs, where)
+        return page(image_hits(self.items("image"), scores, positions), offset, min_score)
 
-    def image_to_caption(self, image: ImageQuery, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None) -> list[CaptionHit]:
+    def image_to_caption(self, image: ImageQuery, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
+                         where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[CaptionHit]:
         """The ``k`` captions that best describe ``image`` (a path or a PIL image)."""
-        return self.images_to_captions([image], k, route, knobs)[0]
+        return self.images_to_captions([image], k, route, knobs, where, min_score, offset)[0]
 
-    def images_to_captions(self, images: Sequence[ImageQuery], k: int = 5, route: str | None = None,
-                           knobs: SearchKnobs | None = None) -> list[list[CaptionHit]]:
+    def images_to_captions(self, images: Sequence[ImageQuery], k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
+                           where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[list[CaptionHit]]:
         """Batch image -> caption: all ``images`` (paths or PIL images) encoded and searched in one pass.
 
         An unreadable image raises :class:`~retrieval.core.errors.ImageDecodeError` naming it; to skip such
         images instead, load them first (see the CLI, which reports and skips them).
         """
         check_k(k)
+        check_paging(offset, min_score)
         self._require("caption")
         route = choose_route(self.path, self.manifest, "image_to_caption", route)
         if not images:
             return []
-        scores, positions = self.search_vectors("caption", self._encode_images(images), "image", k, route, knobs)
-        return caption_hits(self.items("caption"), scores, positions)
+        scores, positions = self.search_vectors("caption", self._encode_images(images), "image", k + offset, route, knobs, where)
+        return page(caption_hits(self.items("caption"), scores, positions), offset, min_score)
 
     def image_to_image(self, image: ImageQuery, k: int = 10, exclude_self: bool = False, route: str | None = None,
-                       knobs: SearchKnobs | None = None) -> list[ImageHit]:
+                       knobs: SearchKnobs | None = None, where: str | None = None, min_score: float | None = None,
+                       offset: int = 0) -> list[ImageHit]:
         """The ``k`` indexed images most like ``image`` (a path or a PIL image): "more like this photo".
 
         CLIP indexes compare in the shared space, ASIF indexes in the image encoder's own space
         (route ``unimodal``; see :meth:`routes_for`). With ``exclude_self`` an image query that is
         itself in the index (the same resolved path, hence the same id) is left out of its results.
         """
-        return self.images_to_images([image], k, exclude_self, route, knobs)[0]
+        return self.images_to_images([image], k, exclude_self, route, knobs, where=where, min_score=min_score, offset=offset)[0]
 
     def images_to_images(self, images: Sequence[ImageQuery], k: int = 10, exclude_self: bool = False,
                          route: str | None = None, knobs: SearchKnobs | None = None,
-                         query_ids: Sequence[str | None] | None = None) -> list[list[ImageHit]]:
+                         query_ids: Sequence[str | None] | None = None, where: str | None = None,
+                         min_score: float | None = None, offset: int = 0) -> list[list[ImageHit]]:
         """Batch image -> image: all ``images`` encoded and searched in one pass; one hit list per image.
 
         ``exclude_self`` drops each query's own entry (k + 1 are fetched, so k remain when there are
@@ -147,6 +162,7 @@ class Index:
         images already decoded (PIL images, which carry no path) name themselves.
         """
         check_k(k)
+        check_paging(offset, min_score)
         self._require("image")
         route = choose_route(self.path, self.manifest, "image_to_image", route)
         if query_ids is not None and len(query_ids) != len(images):
@@ -155,52 +171,74 @@ class Index:
             return []
         drop = (list(query_ids) if query_ids is not None else [image_id(image) for image in images]) if exclude_self else None
         queries = self._encode_images(images)
-        scores, positions = self.search_vectors("image", queries, "image", k + 1 if exclude_self else k, route, knobs)
-        return image_hits(self.items("image"), scores, positions, drop, k)
+        fetch = k + offset + (1 if exclude_self else 0)
+        scores, positions = self.search_vectors("image", queries, "image", fetch, route, knobs, where)
+        return page(image_hits(self.items("image"), scores, positions, drop, k + offset), offset, min_score)
 
-    def text_to_caption(self, text: str, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None) -> list[CaptionHit]:
+    def text_to_caption(self, text: str, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
+                        where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[CaptionHit]:
         """The ``k`` indexed captions closest to ``text`` (caption search).
 
         CLIP indexes compare in the shared space, ASIF indexes in the text encoder's own space
         (route ``unimodal``; see :meth:`routes_for`).
         """
-        return self.texts_to_captions([text], k, route, knobs)[0]
+        return self.texts_to_captions([text], k, route, knobs, where, min_score, offset)[0]
 
-    def texts_to_captions(self, texts: Sequence[str], k: int = 5, route: str | None = None,
-                          knobs: SearchKnobs | None = None) -> list[list[CaptionHit]]:
+    def texts_to_captions(self, texts: Sequence[str], k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
+                          where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[list[CaptionHit]]:
         """Batch text -> caption: all ``texts`` encoded and searched in one pass; one hit list per text."""
         check_texts(texts, k)
+        check_paging(offset, min_score)
         self._require("caption")
         route = choose_route(self.path, self.manifest, "text_to_caption", route)
         if not texts:
             return []
-        scores, positions = self.search_vectors("caption", self._encode_texts(texts), "text", k, route, knobs)
-        return caption_hits(self.items("caption"), scores, positions)
+        scores, positions = self.search_vectors("caption", self._encode_texts(texts), "text", k + offset, route, knobs, where)
+        return page(caption_hits(self.items("caption"), scores, positions), offset, min_score)
 
     def search_vectors(
         self, kind: str, queries: np.ndarray, query_modality: str, k: int, route: str | None = None,
-        knobs: SearchKnobs | None = None,
+        knobs: SearchKnobs | None = None, where: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search the ``kind`` items with encoded queries (rows) of ``query_modality``; returns (scores, positions).
 
         ``route``: one of :meth:`routes_for` the query (e.g. image vectors searching ``image`` items
         is ``image_to_image``). Deleted items are never returned; a position of -1 pads a row when
-        fewer than ``k`` items are live.
+        fewer than ``k`` items are live. ``where``: only items it holds for compete (see :meth:`matching`).
         """
         route = choose_route(self.path, self.manifest, query_name(query_modality, kind), route)
+        selection = self.selection(kind, where) if where is not None else None
         if route in ("clip", UNIMODAL):  # the items' own encoder space, shared with the queries
-            return self._search_key(f"{self.manifest['spaces'][kind]}/{kind}", kind, queries, k, knobs)
+            return self._search_key(f"{self.manifest['spaces'][kind]}/{kind}", kind, queries, k, knobs, selection)
         if route == "projected":  # items were projected into the query's encoder space at build time
-            return self._search_key(f"projected/{kind}", kind, queries, k, knobs)
+            return self._search_key(f"projected/{kind}", kind, queries, k, knobs, selection)
         relative_queries = self.anchor_spaces.relative(queries, query_modality, self.asif_params)
+        if selection is not None:
+            return self.relative_index(kind).search(relative_queries, k, allowed=selection.positions)
         return self._search_relative(kind, relative_queries, k)
 
-    def _search_key(self, key: str, kind: str, queries: np.ndarray, k: int, knobs: SearchKnobs | None) -> tuple[np.ndarray, np.ndarray]:
+    def selection(self, kind: str, where: str) -> Selection:
+        """The live ``kind`` items for which the SQL predicate ``where`` holds (cached per predicate).
+
+        ``where`` sees the item columns (``uri``, ``source``, ``label``, ``width``, ``height``, ``added``;
+        captions ``caption``, ``image_uri``, ...), ``metadata`` (a struct of the source's fields) and each
+        metadata field by its own name; a bad predicate raises InputError naming the column or token.
+        """
+        return self.filters.get(kind, where)
+
+    def matching(self, kind: str, where: str) -> np.ndarray:
+        """Positions of the live ``kind`` items for which ``where`` holds, sorted."""
+        return self.selection(kind, where).positions
+
+    def _search_key(self, key: str, kind: str, queries: np.ndarray, k: int, knobs: SearchKnobs | None,
+                    selection: Selection | None = None) -> tuple[np.ndarray, np.ndarray]:
         record = self._records.get(key)
         tuned = knobs_of(record).override(knobs or SearchKnobs())
         rerank_with = self.vector_source(key) if spec_of(record).rerank else None
         index = self.vector_index(key)
         with self._serial.using(index) if key in self._on_device else nullcontext():  # FAISS GPU: one search at a time
+            if selection is not None:
+                return search_selected(index, queries, k, tuned, selection, self.vector_source(key), rerank_with)
             return vector_search(index, queries, k, tuned, self._exclusions(kind), rerank_with)
 
     def _search_relative(self, kind: str, relative_queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -226,6 +226,13 @@ class Exclusions:
     def __len__(self) -> int:
         return len(self.positions)
 
+    @classmethod
+    def outside(cls, allowed: np.ndarray, selector: Any) -> Exclusions:
+        """Every row where the bool mask ``allowed`` is False; ``selector`` admits exactly the allowed rows."""
+        excluded = cls(np.zeros(0, np.int64), 0)
+        excluded.positions, excluded.mask, excluded.selector = np.flatnonzero(~allowed), ~allowed, selector
+        return excluded
+
 
 def search(
     index: Any,
