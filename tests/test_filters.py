@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -28,11 +29,12 @@ from retrieval.index.selection import (
     exact_scan,
     restrict,
     search_selected,
+    widened,
 )
 from retrieval.index.source import VectorSource
 from retrieval.index.spec import SearchKnobs, spec_for
-from retrieval.index.torch_search import TorchFlatIndex
-from retrieval.index.vector_index import Exclusions, build_vector_index
+from retrieval.index.torch_search import TorchFlatIndex, torch_cuda_available
+from retrieval.index.vector_index import Exclusions, build_vector_index, own_knobs
 from retrieval.sources.items import CaptionRecord, ImageRef
 
 K = 10
@@ -149,6 +151,26 @@ def test_the_torch_index_masks_before_its_top_k(monkeypatch):
         _, positions = search_selected(index, QUERIES, K, SearchKnobs(), selection, SOURCE)
         _, truth = brute_force(STORED, QUERIES, allowed, min(K, len(allowed)))
         assert positions.shape == truth.shape and recall(positions, truth) == 1.0
+
+
+@pytest.mark.skipif(not torch_cuda_available(), reason="needs a CUDA device")
+def test_the_torch_index_masks_on_cuda(monkeypatch):
+    monkeypatch.setattr(selection_module, "EXACT_ROWS", 0)
+    monkeypatch.setattr(selection_module, "EXACT_SHARE", 0.0)
+    index = TorchFlatIndex(STORED, device="cuda")  # float16 on the device
+    for share in SHARES:
+        allowed = allowed_at(share, len(DATA))
+        _, positions = search_selected(index, QUERIES, K, SearchKnobs(), Selection(allowed, len(DATA)), SOURCE)
+        _, truth = brute_force(STORED, QUERIES, allowed, min(K, len(allowed)))
+        assert positions.shape == truth.shape and np.isin(positions, allowed).all() and recall(positions, truth) >= 0.95
+
+
+def test_widening_raises_probes_and_breadth_with_the_share(built):
+    ivf, hnsw = built("ivf")[0], built("hnsw")[0]
+    assert widened(ivf, SearchKnobs(nprobe=4), 0.5).nprobe == 6 and widened(ivf, SearchKnobs(nprobe=4), 0.01).nprobe == 40
+    assert widened(hnsw, SearchKnobs(ef_search=16), 0.04).ef_search == 80
+    assert widened(built("ivfpq")[0], SearchKnobs(), 0.25).nprobe == 2 * own_knobs(built("ivfpq")[0]).nprobe
+    assert widened(ivf, SearchKnobs(nprobe=4), 1.0) == SearchKnobs(nprobe=4)
 
 
 def test_exact_scan_breaks_ties_by_lower_position():
@@ -305,6 +327,8 @@ def test_where_on_captions_and_unknown_columns(asif_index):
     with pytest.raises(InputError, match='"width" not found'):
         asif_index.matching("caption", "width > 3")
     assert len(asif_index.matching("image", "added = current_date")) == N_ITEMS  # written today
+    assert len(asif_index.matching("image", "added < DATE '2024-01-01' OR added > current_date")) == 0
+    assert asif_index.items("image")["added"][0] == datetime.now(timezone.utc).date().isoformat()  # ISO text: plain JSON
 
 
 # -- min_score, offset and ties, through a CLIP index (text queries) --------------------------------

@@ -13,6 +13,11 @@ import numpy as np
 
 from retrieval.api.describe import summarise
 from retrieval.api.filters import FilterCache
+from retrieval.api.index_parts import (
+    encoder_choice_for,
+    load_anchor_spaces,
+    load_checked_encoders,
+)
 from retrieval.api.lazy import OnceCache, Serialised
 from retrieval.api.paging import check_paging, page
 from retrieval.api.routes import (
@@ -28,7 +33,7 @@ from retrieval.api.routes import (
     query_name,
     routes_for,
 )
-from retrieval.asif.anchors import AnchorSet, AnchorSpaces
+from retrieval.asif.anchors import AnchorSpaces
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.errors import IndexFormatError, InputError
 from retrieval.core.hits import CaptionHit, ImageHit
@@ -40,7 +45,6 @@ from retrieval.index.vector_index import Exclusions, drop_excluded
 from retrieval.index.vector_index import search as vector_search
 from retrieval.index.vector_sets import knobs_of, spec_of
 from retrieval.sources.items import load_image, normalize_image
-from retrieval.store.provenance import check_same_encoder
 from retrieval.store.reader import StoreReader
 
 ImageQuery = Any  # a path (str or Path) or a PIL image
@@ -102,8 +106,7 @@ class Index:
                       where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[ImageHit]:
         """The ``k`` images that best match ``text`` (``route``: see :attr:`routes`; ``knobs``: nprobe / ef_search).
 
-        Every query method takes ``where`` (a SQL predicate over the item columns, see
-        :meth:`matching`), ``min_score`` (weaker hits dropped) and ``offset`` (hits skipped: paging).
+        Every query takes ``where`` (see :meth:`selection`), ``min_score`` and ``offset`` (paging; see api/paging.py).
         """
         return self.texts_to_images([text], k, route, knobs, where, min_score, offset)[0]
 
@@ -218,12 +221,8 @@ class Index:
         return self._search_relative(kind, relative_queries, k)
 
     def selection(self, kind: str, where: str) -> Selection:
-        """The live ``kind`` items for which the SQL predicate ``where`` holds (cached per predicate).
-
-        ``where`` sees the item columns (``uri``, ``source``, ``label``, ``width``, ``height``, ``added``;
-        captions ``caption``, ``image_uri``, ...), ``metadata`` (a struct of the source's fields) and each
-        metadata field by its own name; a bad predicate raises InputError naming the column or token.
-        """
+        """The live ``kind`` items for which the SQL predicate ``where`` holds, cached per predicate: over the
+        item columns and the source's metadata fields (see :mod:`retrieval.api.filters`); bad ones raise InputError."""
         return self.filters.get(kind, where)
 
     def matching(self, kind: str, where: str) -> np.ndarray:
@@ -346,15 +345,7 @@ class Index:
         return self._parts.get("anchors", self._load_anchor_spaces)
 
     def _load_anchor_spaces(self) -> AnchorSpaces:
-        stored = self._files.get("anchors")
-        if not stored:
-            raise IndexFormatError(f"{self.path}: an ASIF index without anchors; rebuild it")
-        sets = [
-            AnchorSet(meta["name"], self.store.read_array(files["image"]), self.store.read_array(files["text"]), [],
-                      meta["image_encoder"], meta["text_encoder"])
-            for meta, files in zip(self.manifest["anchors"], stored)
-        ]
-        return AnchorSpaces(sets, [meta["weight"] for meta in self.manifest["anchors"]])
+        return load_anchor_spaces(self.store, self.manifest, self.path)
 
     @property
     def asif_params(self) -> AsifParams:
@@ -366,22 +357,10 @@ class Index:
 
     def encoder_choice(self) -> Any:
         """The :class:`~retrieval.core.config.EncoderChoice` that loads the encoders this index was built with."""
-        from retrieval.core.config import EncoderChoice
-
-        records = self.manifest["encoders"]
-        checkpoint = self.manifest.get("checkpoint")
-        if self.mode == "clip":
-            return EncoderChoice(clip=records["image"]["spec"], checkpoint=checkpoint, device=self.device)
-        return EncoderChoice(image=records["image"]["spec"], text=records["text"]["spec"], checkpoint=checkpoint, device=self.device)
+        return encoder_choice_for(self.manifest, self.device)
 
     def _load_encoders(self) -> tuple[Any, Any]:
-        from retrieval.encoders.registry import load_encoders
-
-        records = self.manifest["encoders"]
-        image_encoder, text_encoder = load_encoders(self.encoder_choice(), snapshots=self.encoder_snapshots)
-        check_same_encoder(records["image"], image_encoder, f"index {self.path}")
-        check_same_encoder(records["text"], text_encoder, f"index {self.path}")
-        return image_encoder, text_encoder
+        return load_checked_encoders(self.manifest, self.device, self.encoder_snapshots, self.path)
 
     @property
     def image_encoder(self) -> Any:

@@ -22,6 +22,7 @@ import numpy as np
 from retrieval.core.errors import InputError
 from retrieval.store.item_metadata import METADATA_COLUMN, decode_metadata
 
+ADDED_COLUMN = "added"
 FILTER_CACHE_SIZE = 32  # predicates whose allowed positions are kept, per index
 LATER_COLUMNS = {  # item columns that indexes written by older versions lack
     "added": "the date items were added (indexes written before filters existed lack it)",
@@ -50,6 +51,9 @@ def filter_table(items: Any) -> Any:
     import pyarrow as pa
 
     table = items.drop_columns([METADATA_COLUMN]) if METADATA_COLUMN in items.column_names else items
+    if ADDED_COLUMN in table.column_names and pa.types.is_string(table.schema.field(ADDED_COLUMN).type):
+        at = table.column_names.index(ADDED_COLUMN)  # stored as ISO text: compared as a DATE
+        table = table.set_column(at, ADDED_COLUMN, table.column(ADDED_COLUMN).cast(pa.date32()))
     table = table.append_column("position", pa.array(np.arange(items.num_rows, dtype=np.int64)))
     if METADATA_COLUMN not in items.column_names:
         return table

@@ -149,12 +149,13 @@ def _manifest(embedded: EmbeddedItems, options: WriteOptions) -> dict[str, Any]:
 
 
 def added_column(count: int) -> "pa.Array":  # noqa: F821
-    """The ``added`` column of ``count`` items written now: today's date (UTC), for ``where`` filters."""
+    """The ``added`` column of ``count`` items written now: today's date (UTC) as ISO text (``2024-05-31``:
+    plain JSON wherever rows are shown); ``where`` filters see it as a DATE."""
     import datetime
 
     import pyarrow as pa
 
-    return pa.array([datetime.datetime.now(datetime.timezone.utc).date()] * count, pa.date32())
+    return pa.array([datetime.datetime.now(datetime.timezone.utc).date().isoformat()] * count, pa.string())
 
 
 def image_table(rows: Sequence[ImageRow]) -> "pa.Table":  # noqa: F821

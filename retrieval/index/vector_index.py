@@ -186,6 +186,13 @@ def search_params(index: Any, knobs: SearchKnobs, selector: Any = None) -> Any:
     return params
 
 
+def own_knobs(index: Any) -> SearchKnobs:
+    """The IVF probes / HNSW breadth ``index`` searches with when no knob overrides them (None where it has none)."""
+    ivf, base = _ivf_of(index), _core(index)
+    return SearchKnobs(nprobe=int(ivf.nprobe) if ivf is not None else None,
+                       ef_search=int(base.hnsw.efSearch) if hasattr(base, "hnsw") else None)
+
+
 PARAMS_CACHE_SIZE = 64
 
 
