@@ -5,7 +5,7 @@ gets k whenever k items are allowed. Two ways, chosen by how many pass (see benc
 
 - few pass (at most :data:`EXACT_ROWS`, or under :data:`EXACT_SHARE` of the rows): an exact scan
   of the allowed rows' stored vectors (gathered once per filter and vector set while small enough,
-  then a matrix product per query batch), ties broken by lower position;
+  then FAISS's exact k-NN over them), ties broken by lower position;
 - otherwise the index's own search with a FAISS ID selector (a bitmap) in its search parameters,
   IVF probing and HNSW breadth raised by :func:`widened` so the allowed share of the visited
   vectors still holds k good candidates; a query for which the index still finds fewer than k
