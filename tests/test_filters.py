@@ -243,6 +243,14 @@ def test_injection_is_refused(attack):
         evaluate(filter_table(_items()), attack)
 
 
+def test_a_runaway_predicate_is_interrupted(monkeypatch):
+    import retrieval.api.filters as filters
+
+    monkeypatch.setattr(filters, "FILTER_SECONDS", 0.5)
+    with pytest.raises(InputError, match="still running after 0.5 s"):
+        evaluate(filter_table(_items()), "(SELECT count(*) FROM range(10000000000000) t(x) WHERE x % 7 = 3) > 0")
+
+
 def test_each_predicate_is_evaluated_once(monkeypatch):
     import retrieval.api.filters as filters
 

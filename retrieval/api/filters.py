@@ -23,6 +23,7 @@ from retrieval.core.errors import InputError
 from retrieval.store.item_metadata import METADATA_COLUMN, decode_metadata
 
 ADDED_COLUMN = "added"
+FILTER_SECONDS = 10.0  # a predicate still running after this is interrupted (e.g. a subquery over a huge range())
 FILTER_CACHE_SIZE = 32  # predicates whose allowed positions are kept, per index
 LATER_COLUMNS = {  # item columns that indexes written by older versions lack
     "added": "the date items were added (indexes written before filters existed lack it)",
@@ -92,16 +93,21 @@ def evaluate(table: Any, predicate: str, what: str = "where") -> np.ndarray:
     if not isinstance(predicate, str) or not predicate.strip():
         raise InputError(f"{what}: the predicate is empty")
     connection = duckdb.connect(":memory:", config=dict(DUCKDB_CONFIG))
+    timer = threading.Timer(FILTER_SECONDS, connection.interrupt)
     try:
         connection.register("items", table)
         connection.execute("SET lock_configuration = true")
+        timer.start()
         try:
             expression = duckdb.SQLExpression(predicate)
             relation = connection.table("items").filter(expression).project("position")
             positions = np.asarray(relation.fetchnumpy()["position"], dtype=np.int64)
         except duckdb.Error as e:
+            if not timer.is_alive():
+                raise InputError(f"{what}: still running after {FILTER_SECONDS:g} s; interrupted") from None
             raise InputError(_message(e, [name for name in table.column_names if name != "position"], what)) from None
     finally:
+        timer.cancel()
         connection.close()
     return np.unique(positions)  # sorted, and never a row twice whatever the predicate does
 
