@@ -219,6 +219,18 @@ def test_predicates_over_item_columns_and_metadata(predicate, expected):
     assert evaluate(filter_table(_items()), predicate).tolist() == expected
 
 
+def test_metadata_names_that_clash_in_sql_are_kept_apart():
+    """SQL names ignore case: a field named like an item column stays under metadata, case twins keep one."""
+    table = pa.table({"id": ["a", "b"], "label": ["x", None],
+                      "metadata": ['{"Label": "L", "URL": "U", "url": "u", "": 1}', None]})
+    view = filter_table(table)
+    assert view.column_names == ["id", "label", "position", "metadata", "URL"]
+    assert evaluate(view, "label = 'x'").tolist() == [0] and evaluate(view, "metadata.label = 'L'").tolist() == [0]
+    assert evaluate(view, "url = 'U'").tolist() == [0]
+    no_metadata = pa.table({"id": ["a"], "label": ["x"], "metadata": pa.array([None], pa.string())})
+    assert evaluate(filter_table(no_metadata), "label = 'x' AND metadata IS NULL").tolist() == [0]
+
+
 @pytest.mark.parametrize("predicate, message", [
     ("colour = 'red'", 'column "colour" not found'),
     ("width >", "syntax error"),

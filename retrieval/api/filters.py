@@ -59,16 +59,19 @@ def filter_table(items: Any) -> Any:
     if METADATA_COLUMN not in items.column_names:
         return table
     rows = [decode_metadata(value) for value in items.column(METADATA_COLUMN).to_pylist()]
-    names = sorted({name for row in rows for name in row})
-    fields = {name: _column([row.get(name) for row in rows]) for name in names}
+    names: dict[str, str] = {}  # SQL names are case-insensitive: of keys differing only in case, the first (sorted) one
+    for name in sorted({name for row in rows for name in row if name}):
+        names.setdefault(name.lower(), name)
+    fields = {name: _column([row.get(name) for row in rows]) for name in names.values()}
     if fields:
-        struct = pa.StructArray.from_arrays(list(fields.values()), names=names,
+        struct = pa.StructArray.from_arrays(list(fields.values()), names=list(fields),
                                             mask=pa.array([not row for row in rows]))
         table = table.append_column(METADATA_COLUMN, struct)
     else:
         table = table.append_column(METADATA_COLUMN, pa.nulls(items.num_rows, pa.struct([])))
+    taken = {name.lower() for name in table.column_names}
     for name, column in fields.items():
-        if name not in table.column_names:
+        if name.lower() not in taken:  # an item column of the same name wins: metadata.<name> still reaches the field
             table = table.append_column(name, column)
     return table
 
