@@ -14,8 +14,14 @@ import numpy as np
 from retrieval.api.dedup import DEFAULT_THRESHOLD, DuplicateGroup
 from retrieval.api.dedup import duplicates as duplicate_groups
 from retrieval.api.describe import summarise
-from retrieval.api.index_encoders import encoder_choice_of, load_index_encoders
+from retrieval.api.filters import FilterCache
+from retrieval.api.index_parts import (
+    encoder_choice_for,
+    load_anchor_spaces,
+    load_checked_encoders,
+)
 from retrieval.api.lazy import OnceCache, Serialised
+from retrieval.api.paging import check_paging, page
 from retrieval.api.routes import (
     QUERIES,
     UNIMODAL,
@@ -29,16 +35,16 @@ from retrieval.api.routes import (
     query_name,
     routes_for,
 )
-from retrieval.api.shards import open_shards, ray_options_of
-from retrieval.asif.anchors import AnchorSet, AnchorSpaces
+from retrieval.api.shards import ray_options_of
+from retrieval.api.vector_parts import VectorParts
+from retrieval.asif.anchors import AnchorSpaces
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
-from retrieval.core.errors import IndexFormatError, InputError
+from retrieval.core.errors import InputError
 from retrieval.core.hits import CaptionHit, ImageHit
 from retrieval.core.query import Query
-from retrieval.index.placement import place_index
-from retrieval.index.source import VectorSource
+from retrieval.index.selection import Selection, exact_scan, restrict, search_selected
 from retrieval.index.spec import SearchKnobs
-from retrieval.index.vector_index import Exclusions, drop_excluded
+from retrieval.index.vector_index import drop_excluded
 from retrieval.index.vector_index import search as vector_search
 from retrieval.index.vector_sets import knobs_of, spec_of
 from retrieval.sources.items import load_image, normalize_image
@@ -47,7 +53,7 @@ from retrieval.store.reader import StoreReader
 ImageQuery = Any  # a path (str or Path) or a PIL image
 
 
-class Index:
+class Index(VectorParts):
     """A built index, opened for queries. Encoders load on first use and are checked against the manifest.
 
     Thread-safe: many threads may query one ``Index`` at once, on every route. Each part (vector
@@ -70,6 +76,8 @@ class Index:
         self.store = StoreReader(self.path, kind="index")
         self.manifest: dict[str, Any] = self.store.manifest
         self._files: dict[str, Any] = self.manifest["files"]
+        self.filters = FilterCache(lambda kind: self.store.read_table(self._files["items"][kind]),
+                                   lambda kind, allowed: restrict(allowed, self.rows(kind), self._exclusions(kind)))
 
     def __repr__(self) -> str:
         counts = self.manifest["counts"]
@@ -98,53 +106,62 @@ class Index:
             raise InputError(f"unknown query {query!r}; one of {', '.join(QUERIES)}")
         return routes_for(self.manifest, query)
 
-    def text_to_image(self, text: str, k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None) -> list[ImageHit]:
-        """The ``k`` images that best match ``text`` (``route``: see :attr:`routes`; ``knobs``: nprobe / ef_search)."""
-        return self.texts_to_images([text], k, route, knobs)[0]
+    def text_to_image(self, text: str, k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None,
+                      where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[ImageHit]:
+        """The ``k`` images that best match ``text`` (``route``: see :attr:`routes`; ``knobs``: nprobe / ef_search).
 
-    def texts_to_images(self, texts: Sequence[str], k: int = 10, route: str | None = None,
-                        knobs: SearchKnobs | None = None) -> list[list[ImageHit]]:
+        Every query takes ``where`` (see :meth:`selection`), ``min_score`` and ``offset`` (paging; see api/paging.py).
+        """
+        return self.texts_to_images([text], k, route, knobs, where, min_score, offset)[0]
+
+    def texts_to_images(self, texts: Sequence[str], k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None,
+                        where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[list[ImageHit]]:
         """Batch text -> image: all ``texts`` encoded and searched in one pass; one hit list per text."""
         check_texts(texts, k)
+        check_paging(offset, min_score)
         self._require("image")
         route = choose_route(self.path, self.manifest, "text_to_image", route)
         if not texts:
             return []
-        scores, positions = self.search_vectors("image", self._encode_texts(texts), "text", k, route, knobs)
-        return image_hits(self.items("image"), scores, positions)
+        scores, positions = self.search_vectors("image", self._encode_texts(texts), "text", k + offset, route, knobs, where)
+        return page(image_hits(self.items("image"), scores, positions), offset, min_score)
 
-    def image_to_caption(self, image: ImageQuery, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None) -> list[CaptionHit]:
+    def image_to_caption(self, image: ImageQuery, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
+                         where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[CaptionHit]:
         """The ``k`` captions that best describe ``image`` (a path or a PIL image)."""
-        return self.images_to_captions([image], k, route, knobs)[0]
+        return self.images_to_captions([image], k, route, knobs, where, min_score, offset)[0]
 
-    def images_to_captions(self, images: Sequence[ImageQuery], k: int = 5, route: str | None = None,
-                           knobs: SearchKnobs | None = None) -> list[list[CaptionHit]]:
+    def images_to_captions(self, images: Sequence[ImageQuery], k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
+                           where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[list[CaptionHit]]:
         """Batch image -> caption: all ``images`` (paths or PIL images) encoded and searched in one pass.
 
         An unreadable image raises :class:`~retrieval.core.errors.ImageDecodeError` naming it; to skip such
         images instead, load them first (see the CLI, which reports and skips them).
         """
         check_k(k)
+        check_paging(offset, min_score)
         self._require("caption")
         route = choose_route(self.path, self.manifest, "image_to_caption", route)
         if not images:
             return []
-        scores, positions = self.search_vectors("caption", self._encode_images(images), "image", k, route, knobs)
-        return caption_hits(self.items("caption"), scores, positions)
+        scores, positions = self.search_vectors("caption", self._encode_images(images), "image", k + offset, route, knobs, where)
+        return page(caption_hits(self.items("caption"), scores, positions), offset, min_score)
 
     def image_to_image(self, image: ImageQuery, k: int = 10, exclude_self: bool = False, route: str | None = None,
-                       knobs: SearchKnobs | None = None) -> list[ImageHit]:
+                       knobs: SearchKnobs | None = None, where: str | None = None, min_score: float | None = None,
+                       offset: int = 0) -> list[ImageHit]:
         """The ``k`` indexed images most like ``image`` (a path or a PIL image): "more like this photo".
 
         CLIP indexes compare in the shared space, ASIF indexes in the image encoder's own space
         (route ``unimodal``; see :meth:`routes_for`). With ``exclude_self`` an image query that is
         itself in the index (the same resolved path, hence the same id) is left out of its results.
         """
-        return self.images_to_images([image], k, exclude_self, route, knobs)[0]
+        return self.images_to_images([image], k, exclude_self, route, knobs, where=where, min_score=min_score, offset=offset)[0]
 
     def images_to_images(self, images: Sequence[ImageQuery], k: int = 10, exclude_self: bool = False,
                          route: str | None = None, knobs: SearchKnobs | None = None,
-                         query_ids: Sequence[str | None] | None = None) -> list[list[ImageHit]]:
+                         query_ids: Sequence[str | None] | None = None, where: str | None = None,
+                         min_score: float | None = None, offset: int = 0) -> list[list[ImageHit]]:
         """Batch image -> image: all ``images`` encoded and searched in one pass; one hit list per image.
 
         ``exclude_self`` drops each query's own entry (k + 1 are fetched, so k remain when there are
@@ -152,6 +169,7 @@ class Index:
         images already decoded (PIL images, which carry no path) name themselves.
         """
         check_k(k)
+        check_paging(offset, min_score)
         self._require("image")
         route = choose_route(self.path, self.manifest, "image_to_image", route)
         if query_ids is not None and len(query_ids) != len(images):
@@ -160,73 +178,101 @@ class Index:
             return []
         drop = (list(query_ids) if query_ids is not None else [image_id(image) for image in images]) if exclude_self else None
         queries = self._encode_images(images)
-        scores, positions = self.search_vectors("image", queries, "image", k + 1 if exclude_self else k, route, knobs)
-        return image_hits(self.items("image"), scores, positions, drop, k)
+        fetch = k + offset + (1 if exclude_self else 0)
+        scores, positions = self.search_vectors("image", queries, "image", fetch, route, knobs, where)
+        return page(image_hits(self.items("image"), scores, positions, drop, k + offset), offset, min_score)
 
-    def text_to_caption(self, text: str, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None) -> list[CaptionHit]:
+    def text_to_caption(self, text: str, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
+                        where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[CaptionHit]:
         """The ``k`` indexed captions closest to ``text`` (caption search).
 
         CLIP indexes compare in the shared space, ASIF indexes in the text encoder's own space
         (route ``unimodal``; see :meth:`routes_for`).
         """
-        return self.texts_to_captions([text], k, route, knobs)[0]
+        return self.texts_to_captions([text], k, route, knobs, where, min_score, offset)[0]
 
-    def texts_to_captions(self, texts: Sequence[str], k: int = 5, route: str | None = None,
-                          knobs: SearchKnobs | None = None) -> list[list[CaptionHit]]:
+    def texts_to_captions(self, texts: Sequence[str], k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
+                          where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[list[CaptionHit]]:
         """Batch text -> caption: all ``texts`` encoded and searched in one pass; one hit list per text."""
         check_texts(texts, k)
+        check_paging(offset, min_score)
         self._require("caption")
         route = choose_route(self.path, self.manifest, "text_to_caption", route)
         if not texts:
             return []
-        scores, positions = self.search_vectors("caption", self._encode_texts(texts), "text", k, route, knobs)
-        return caption_hits(self.items("caption"), scores, positions)
+        scores, positions = self.search_vectors("caption", self._encode_texts(texts), "text", k + offset, route, knobs, where)
+        return page(caption_hits(self.items("caption"), scores, positions), offset, min_score)
 
     def search_vectors(
         self, kind: str, queries: np.ndarray, query_modality: str, k: int, route: str | None = None,
-        knobs: SearchKnobs | None = None,
+        knobs: SearchKnobs | None = None, where: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search the ``kind`` items with encoded queries (rows) of ``query_modality``; returns (scores, positions).
 
         ``route``: one of :meth:`routes_for` the query (e.g. image vectors searching ``image`` items
         is ``image_to_image``). Deleted items are never returned; a position of -1 pads a row when
-        fewer than ``k`` items are live.
+        fewer than ``k`` items are live. ``where``: only items it holds for compete (see :meth:`matching`).
         """
         route = choose_route(self.path, self.manifest, query_name(query_modality, kind), route)
+        selection = self.selection(kind, where) if where is not None else None
         if route in ("clip", UNIMODAL):  # the items' own encoder space, shared with the queries
-            return self._search_key(f"{self.manifest['spaces'][kind]}/{kind}", kind, queries, k, knobs)
+            return self._search_key(f"{self.manifest['spaces'][kind]}/{kind}", kind, queries, k, knobs, selection)
         if route == "projected":  # items were projected into the query's encoder space at build time
-            return self._search_key(f"projected/{kind}", kind, queries, k, knobs)
+            return self._search_key(f"projected/{kind}", kind, queries, k, knobs, selection)
         relative_queries = self.anchor_spaces.relative(queries, query_modality, self.asif_params)
+        if selection is not None:
+            return self.relative_index(kind).search(relative_queries, k, allowed=selection.positions)
         return self._search_relative(kind, relative_queries, k)
 
     def search(self, query: Query, target: str = "image", k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None,
-               dedup: float | None = None, exclude: Sequence[str] = (), **options: Any) -> list[ImageHit] | list[CaptionHit]:
+               dedup: float | None = None, exclude: Sequence[str] = (), where: str | None = None,
+               min_score: float | None = None, offset: int = 0) -> list[ImageHit] | list[CaptionHit]:
         """The ``k`` ``target`` items (``image``/``caption``) best matching a composed :class:`~retrieval.core.query.Query`:
-        see :func:`retrieval.api.compose.search_query` (``dedup``: a cosine; ``exclude``: ids) and its module docstring."""
+        see :func:`retrieval.api.compose.search_query` (``dedup``: a cosine; ``exclude``: ids) and its module docstring;
+        ``where``, ``min_score`` and ``offset`` as in :meth:`text_to_image`."""
         from retrieval.api.compose import search_query
 
-        return search_query(self, query, target, k, route, knobs, dedup, exclude, **options)
+        check_paging(offset, min_score)
+        hits = search_query(self, query, target, k + offset, route, knobs, dedup, exclude, where=where)
+        return page([hits], offset, min_score)[0]
 
-    def search_rows(self, kind: str, route: str, rows: Any, k: int, knobs: SearchKnobs | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_rows(self, kind: str, route: str, rows: Any, k: int, knobs: SearchKnobs | None = None,
+                    where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Search the ``kind`` items with query rows already in ``route``'s space (CSR relative rows for ``asif``)."""
+        selection = self.selection(kind, where) if where is not None else None
         if route == "asif":
+            if selection is not None:
+                return self.relative_index(kind).search(rows, k, allowed=selection.positions)
             return self._search_relative(kind, rows, k)
         key = f"projected/{kind}" if route == "projected" else f"{self.manifest['spaces'][kind]}/{kind}"
-        return self._search_key(key, kind, rows, k, knobs)
+        return self._search_key(key, kind, rows, k, knobs, selection)
 
     def duplicates(self, threshold: float | None = None) -> list[DuplicateGroup]:
         """Groups of near-identical live images, each with a suggested keeper: see :mod:`retrieval.api.dedup`."""
         return duplicate_groups(self, DEFAULT_THRESHOLD if threshold is None else threshold)
 
-    def _search_key(self, key: str, kind: str, queries: np.ndarray, k: int, knobs: SearchKnobs | None) -> tuple[np.ndarray, np.ndarray]:
+    def selection(self, kind: str, where: str) -> Selection:
+        """The live ``kind`` items for which the SQL predicate ``where`` holds, cached per predicate: over the
+        item columns and the source's metadata fields (see :mod:`retrieval.api.filters`); bad ones raise InputError."""
+        return self.filters.get(kind, where)
+
+    def matching(self, kind: str, where: str) -> np.ndarray:
+        """Positions of the live ``kind`` items for which ``where`` holds, sorted."""
+        return self.selection(kind, where).positions
+
+    def _search_key(self, key: str, kind: str, queries: np.ndarray, k: int, knobs: SearchKnobs | None,
+                    selection: Selection | None = None) -> tuple[np.ndarray, np.ndarray]:
         record = self._records.get(key)
         tuned = knobs_of(record).override(knobs or SearchKnobs())
         rerank_with = self.vector_source(key) if spec_of(record).rerank else None
         index = self.vector_index(key)
         if key in self._files.get("faiss_shards", {}):  # fan out to every shard, merge the top k
+            if selection is not None:  # the allowed rows' stored vectors, scanned exactly
+                return exact_scan(queries, selection.rows(self.vector_source(key)), selection.positions, k)
             return index.search(queries, k, tuned, self._exclusions(kind), rerank_with)
         with self._serial.using(index) if key in self._on_device else nullcontext():  # FAISS GPU: one search at a time
+            if selection is not None:
+                return search_selected(index, queries, k, tuned, selection, self.vector_source(key), rerank_with)
             return vector_search(index, queries, k, tuned, self._exclusions(kind), rerank_with)
 
     def _search_relative(self, kind: str, relative_queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -276,62 +322,6 @@ class Index:
 
     # -- lazily loaded parts (each once, whichever thread asks first) ------------------------
 
-    @property
-    def _records(self) -> dict[str, Any]:
-        return self.manifest.get("vector_indexes") or {}
-
-    def vector_index(self, key: str) -> Any:
-        """The FAISS index of ``key`` (e.g. ``clip/image``), loaded on first use and placed on the device.
-
-        IVF indexes are memory-mapped (their lists stay on disk) unless ``mmap=False``.
-        """
-        return self._parts.get(("faiss", key), lambda: self._load_vector_index(key))
-
-    def _load_vector_index(self, key: str) -> Any:
-        rel = self._files["faiss"].get(key)
-        spec = spec_of(self._records.get(key))
-        shards = self._files.get("faiss_shards", {}).get(key)
-        if shards:
-            return open_shards(self.store, shards, self._records.get(key), self.mmap and spec.nlist is not None, self.ray)
-        if rel is None:
-            raise IndexFormatError(f"{self.path}: no vector index {key!r}; rebuild the index")
-        lists = self._files.get("faiss_lists", {}).get(key)
-        index = self.store.read_faiss(rel, mmap=self.mmap and spec.nlist is not None, lists=lists)
-        placed = place_index(index, spec, self.device, lambda: self.vector_source(key))
-        if placed is not index:
-            self._on_device.add(key)
-        elif spec.rerank:  # build FAISS's re-ranking view of the stored rows now, once, not in a racing search
-            self.vector_source(key).native_reranker(placed)
-        return placed
-
-    def vector_source(self, key: str) -> VectorSource:
-        """The stored float16 vectors of ``key``, memory-mapped (for re-ranking and the torch path)."""
-        return self._parts.get(("vectors", key), lambda: self._load_vector_source(key))
-
-    def _load_vector_source(self, key: str) -> VectorSource:
-        source = self.store.vector_source(self._files["vectors"][key])
-        if spec_of(self._records.get(key)).rerank:  # read a few rows per query: no readahead around them
-            source.advise_random_access()
-        return source
-
-    def _exclusions(self, kind: str) -> Exclusions | None:
-        """The deleted positions of ``kind`` (None when nothing was deleted)."""
-        return self._parts.get(("deleted", kind), lambda: self._load_exclusions(kind))
-
-    def _load_exclusions(self, kind: str) -> Exclusions | None:
-        rel = (self._files.get("deleted") or {}).get(kind)
-        positions = self.store.read_array(rel) if rel else np.zeros(0, np.int64)
-        return Exclusions(positions, self.rows(kind)) if len(positions) else None
-
-    def rows(self, kind: str) -> int:
-        """Stored rows of ``kind``, deleted ones included (positions run from 0 to rows - 1)."""
-        return int((self.manifest.get("rows") or self.manifest["counts"])[kind])
-
-    def deleted(self, kind: str) -> np.ndarray:
-        """Positions of the deleted ``kind`` items (their rows stay in :meth:`items` until compaction)."""
-        exclude = self._exclusions(kind)
-        return exclude.positions if exclude is not None else np.zeros(0, np.int64)
-
     def relative_index(self, kind: str) -> SparseRelativeIndex:
         """The ASIF relative rows of the ``kind`` items, loaded on first use."""
         return self._parts.get(("relative", kind), lambda: self.store.read_sparse(self._files["relative"][kind], SparseRelativeIndex.load))
@@ -342,15 +332,7 @@ class Index:
         return self._parts.get("anchors", self._load_anchor_spaces)
 
     def _load_anchor_spaces(self) -> AnchorSpaces:
-        stored = self._files.get("anchors")
-        if not stored:
-            raise IndexFormatError(f"{self.path}: an ASIF index without anchors; rebuild it")
-        sets = [
-            AnchorSet(meta["name"], self.store.read_array(files["image"]), self.store.read_array(files["text"]), [],
-                      meta["image_encoder"], meta["text_encoder"])
-            for meta, files in zip(self.manifest["anchors"], stored)
-        ]
-        return AnchorSpaces(sets, [meta["weight"] for meta in self.manifest["anchors"]])
+        return load_anchor_spaces(self.store, self.manifest, self.path)
 
     @property
     def asif_params(self) -> AsifParams:
@@ -362,10 +344,10 @@ class Index:
 
     def encoder_choice(self) -> Any:
         """The :class:`~retrieval.core.config.EncoderChoice` that loads the encoders this index was built with."""
-        return encoder_choice_of(self.manifest, self.device)
+        return encoder_choice_for(self.manifest, self.device)
 
     def _load_encoders(self) -> tuple[Any, Any]:
-        return load_index_encoders(self.manifest, self.path, self.device, self.encoder_snapshots)
+        return load_checked_encoders(self.manifest, self.device, self.encoder_snapshots, self.path)
 
     @property
     def image_encoder(self) -> Any:

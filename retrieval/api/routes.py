@@ -90,7 +90,7 @@ def live(scores: np.ndarray, positions: np.ndarray) -> list[tuple[float, int]]:
 
 
 def _ranked(table: Mapping[str, list], scores: np.ndarray, positions: np.ndarray, drop: str | None, k: int | None) -> list[tuple[float, int]]:
-    pairs = live(scores, positions)
+    pairs = sorted(live(scores, positions), key=lambda pair: (-pair[0], table["id"][pair[1]]))  # ties: by id, stably
     if drop is not None:
         pairs = [(score, pos) for score, pos in pairs if table["id"][pos] != drop]
     return pairs[:k] if k is not None else pairs
@@ -115,7 +115,7 @@ def caption_hits(table: Mapping[str, list], scores: np.ndarray, positions: np.nd
         [
             CaptionHit(rank=rank + 1, score=score, id=table["id"][pos], caption=table["caption"][pos],
                        source=table["source"][pos], image_uri=table["image_uri"][pos], metadata=metadata_at(table, pos))
-            for rank, (score, pos) in enumerate(live(row_scores, row_positions))
+            for rank, (score, pos) in enumerate(_ranked(table, row_scores, row_positions, None, None))
         ]
         for row_scores, row_positions in zip(scores, positions)
     ]

@@ -163,8 +163,18 @@ def _manifest(embedded: EmbeddedItems, options: WriteOptions) -> dict[str, Any]:
     }
 
 
+def added_column(count: int) -> "pa.Array":  # noqa: F821
+    """The ``added`` column of ``count`` items written now: today's date (UTC) as ISO text (``2024-05-31``:
+    plain JSON wherever rows are shown); ``where`` filters see it as a DATE."""
+    import datetime
+
+    import pyarrow as pa
+
+    return pa.array([datetime.datetime.now(datetime.timezone.utc).date().isoformat()] * count, pa.string())
+
+
 def image_table(rows: Sequence[ImageRow]) -> "pa.Table":  # noqa: F821
-    """The items table of images (``metadata``: each item's source fields as JSON, null when none)."""
+    """The items table of images (``metadata``: each item's source fields as JSON, null when none; ``added``: the date)."""
     import pyarrow as pa
 
     return pa.table(
@@ -177,6 +187,7 @@ def image_table(rows: Sequence[ImageRow]) -> "pa.Table":  # noqa: F821
             "sha256": pa.array([row.sha256 for row in rows], pa.string()),
             "source": [row.ref.source for row in rows],
             "label": pa.array([row.ref.label for row in rows], pa.string()),
+            "added": added_column(len(rows)),
             METADATA_COLUMN: metadata_array([row.ref.metadata for row in rows]),
         }
     )
@@ -196,6 +207,7 @@ def caption_table(captions: Sequence[CaptionRecord]) -> "pa.Table":  # noqa: F82
             "image_uri": pa.array([str(record.image) if record.image else None for record in captions], pa.string()),
             "image_id": pa.array([record.image_id for record in captions], pa.string()),
             "label": pa.array([record.label for record in captions], pa.string()),
+            "added": added_column(len(captions)),
             METADATA_COLUMN: metadata_array([record.metadata for record in captions]),
         }
     )

@@ -317,11 +317,12 @@ class SparseRelativeIndex:
         """The stored (n, N) CSR rows (do not modify)."""
         return self._rows
 
-    def search(self, queries: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: sp.csr_matrix, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by sparse inner product with each query row.
 
         Returns ``(scores (q, k') float32, positions (q, k') int64)``, sorted by
         descending score with ties broken by lower position; ``k' = min(k, len(self))``.
+        ``allowed`` (sorted positions) restricts the search to those rows (then ``k' = min(k, len(allowed))``).
         """
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise InputError(f"k must be an integer >= 1, got {k!r}")
@@ -330,7 +331,8 @@ class SparseRelativeIndex:
             raise InputError(
                 f"queries have {q.shape[1]} anchor columns but the index has {self.n_anchors}"
             )
-        n = len(self)
+        inverted_t = self._inverted.T if allowed is None else self._rows[np.asarray(allowed, np.int64)].T
+        n = inverted_t.shape[1]
         kk = min(int(k), n)
         n_q = q.shape[0]
         scores = np.zeros((n_q, kk), dtype=np.float32)
@@ -341,7 +343,6 @@ class SparseRelativeIndex:
         # (N, n) view whose row j is anchor j's inverted list, so the sparse product only
         # walks the lists of each query's non-zero anchors. Only the (batch, n) result
         # block is ever dense.
-        inverted_t = self._inverted.T
         batch = max(1, min(n_q, _SCORE_BLOCK_ELEMENTS // n))
         for start in range(0, n_q, batch):
             stop = min(start + batch, n_q)
@@ -350,7 +351,7 @@ class SparseRelativeIndex:
                 s, pos = _top_k_row(block[i], kk)
                 scores[start + i] = s
                 positions[start + i] = pos
-        return scores, positions
+        return scores, (positions if allowed is None else np.asarray(allowed, np.int64)[positions])
 
     def save(self, path: Path) -> None:
         """Write the rows to ``path`` (.npz, no pickle) atomically."""

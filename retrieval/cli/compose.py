@@ -83,17 +83,19 @@ composition_options = option_group("composition", [
 """Options of the query commands: one ``composition: Composition``."""
 
 
-def text_asker(composition: Composition, target: str, k: int, route: str | None, knobs: SearchKnobs,
+def text_asker(composition: Composition, target: str, k: int, route: str | None, knobs: SearchKnobs, narrowing: dict[str, Any],
                plain: Callable[[Any, list[str]], list[list[Any]]]) -> Callable[[Any, list[str]], list[list[Any]]]:
-    """``plain`` (the batch query), or with arithmetic / --dedup one :meth:`Index.search` per text."""
+    """``plain`` (the batch query), or with arithmetic / --dedup one :meth:`Index.search` per text
+    (``narrowing``: where / min_score / offset, as the query methods take them)."""
     if not composition.active:
         return plain
-    return lambda index, texts: [index.search(composition.query(Query.text(text)), target, k, route, knobs, composition.dedup)
+    return lambda index, texts: [index.search(composition.query(Query.text(text)), target, k, route, knobs, composition.dedup,
+                                              **narrowing)
                                  for text in texts]
 
 
 def image_asker(composition: Composition, target: str, k: int, route: str | None, knobs: SearchKnobs, exclude_self: bool,
-                plain: Callable[[Any, list[Any], Any], list[list[Any]]]) -> Callable[[Any, list[Any], Any], list[list[Any]]]:
+                narrowing: dict[str, Any], plain: Callable[[Any, list[Any], Any], list[list[Any]]]) -> Callable[[Any, list[Any], Any], list[list[Any]]]:
     """``plain`` (the batch query), or with arithmetic / --dedup one :meth:`Index.search` per image
     (``exclude_self``: each query image's own id left out)."""
     if not composition.active:
@@ -102,7 +104,7 @@ def image_asker(composition: Composition, target: str, k: int, route: str | None
     def ask(index: Any, pictures: list[Any], ids: Sequence[str | None] | None) -> list[list[Any]]:
         ids = list(ids) if ids is not None else [image_id(picture) for picture in pictures]
         return [index.search(composition.query(Query.image(picture)), target, k, route, knobs, composition.dedup,
-                             exclude=[own] if exclude_self and own else [])
+                             exclude=[own] if exclude_self and own else [], **narrowing)
                 for picture, own in zip(pictures, ids)]
 
     return ask

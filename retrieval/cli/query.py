@@ -15,6 +15,7 @@ from retrieval.cli.compose import (
     image_asker,
     text_asker,
 )
+from retrieval.cli.narrowing import Narrowing, narrowing_options
 from retrieval.index.spec import SearchKnobs
 
 QUERY_BATCH = 256  # queries encoded and searched together
@@ -33,7 +34,11 @@ def _search_options(func: Callable) -> Callable:
     return func
 
 
-def _print_hits(hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str]) -> None:
+def _print_hits(hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str], query: str = "",
+                narrowing: Narrowing = Narrowing()) -> None:
+    if narrowing.min_score is not None:  # the cutoff's count goes with the hits: one {query, passed, hits} object
+        _print_batch(query, hits, as_json, describe, narrowing)
+        return
     if as_json:
         for hit in hits:
             echo_json(hit.to_dict())
@@ -44,11 +49,13 @@ def _print_hits(hits: Sequence[Any], as_json: bool, describe: Callable[[Any], st
         click.echo(f"{hit.rank:>3}  {hit.score:7.4f}  {describe(hit)}")
 
 
-def _print_batch(query: str, hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str]) -> None:
+def _print_batch(query: str, hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str],
+                 narrowing: Narrowing = Narrowing()) -> None:
+    passed = {} if narrowing.min_score is None else {"min_score": narrowing.min_score, "passed": len(hits)}
     if as_json:
-        echo_json({"query": query, "hits": [hit.to_dict() for hit in hits]})
+        echo_json({"query": query, **passed, "hits": [hit.to_dict() for hit in hits]})
         return
-    click.echo(f"# {query}")
+    click.echo(f"# {query}" + (f"  ({len(hits)} passed --min-score {narrowing.min_score:g})" if passed else ""))
     _print_hits(hits, False, describe)
     click.echo("")
 
@@ -72,7 +79,8 @@ def _text_query_options(func: Callable) -> Callable:
 
 
 def _answer_texts(query: str | None, queries_file: str | None, column: str, index_path: str, device: str,
-                  ask: Callable[[Any, list[str]], list[list[Any]]], as_json: bool, describe: Callable[[Any], str]) -> None:
+                  ask: Callable[[Any, list[str]], list[list[Any]]], as_json: bool, describe: Callable[[Any], str],
+                  narrowing: Narrowing = Narrowing()) -> None:
     """Open the index, ask ``ask(index, texts)`` for QUERY or each query of --queries-file (in batches) and print."""
     from retrieval.sources.captions import read_caption_file
 
@@ -80,7 +88,7 @@ def _answer_texts(query: str | None, queries_file: str | None, column: str, inde
         raise click.UsageError("give a QUERY or --queries-file FILE (one of them)")
     index = open_index_or_fail(index_path, device)
     if query is not None:
-        _print_hits(run_api(lambda: ask(index, [query]))[0], as_json, describe)
+        _print_hits(run_api(lambda: ask(index, [query]))[0], as_json, describe, query, narrowing)
         return
     parsed = run_api(lambda: read_caption_file(queries_file, caption_column=column))
     for problem in parsed.errors:
@@ -89,7 +97,7 @@ def _answer_texts(query: str | None, queries_file: str | None, column: str, inde
     for batch in _chunks(texts):
         results = run_api(lambda: ask(index, batch))
         for text, hits in zip(batch, results):
-            _print_batch(text, hits, as_json, describe)
+            _print_batch(text, hits, as_json, describe, narrowing)
 
 
 @click.command("text-to-image")
@@ -97,15 +105,17 @@ def _answer_texts(query: str | None, queries_file: str | None, column: str, inde
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per query.")
 @_search_options
 @composition_options
+@narrowing_options
 @click.option("--json", "as_json", is_flag=True,
               help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); with --queries-file one {query, hits} object per query.")
 def text_to_image_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
-                          route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool) -> None:
+                          route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool, narrowing: Narrowing) -> None:
     """Find the images that best match QUERY (or each query of --queries-file)."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
     _answer_texts(query, queries_file, column, index_path, device,
-                  text_asker(composition, "image", k, route, knobs, lambda index, texts: index.texts_to_images(texts, k=k, route=route, knobs=knobs)),
-                  as_json, lambda hit: hit.uri)
+                  text_asker(composition, "image", k, route, knobs, narrowing.api(),
+                             lambda index, texts: index.texts_to_images(texts, k=k, route=route, knobs=knobs, **narrowing.api())), as_json,
+                  lambda hit: hit.uri, narrowing)
 
 
 @click.command("text-to-caption")
@@ -113,15 +123,17 @@ def text_to_image_command(query: str | None, queries_file: str | None, column: s
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per query.")
 @_search_options
 @composition_options
+@narrowing_options
 @click.option("--json", "as_json", is_flag=True,
               help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); with --queries-file one {query, hits} object per query.")
 def text_to_caption_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
-                            route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool) -> None:
+                            route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool, narrowing: Narrowing) -> None:
     """Find the indexed captions closest to QUERY (or each query of --queries-file): caption search."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
     _answer_texts(query, queries_file, column, index_path, device,
-                  text_asker(composition, "caption", k, route, knobs, lambda index, texts: index.texts_to_captions(texts, k=k, route=route, knobs=knobs)),
-                  as_json, lambda hit: hit.caption)
+                  text_asker(composition, "caption", k, route, knobs, narrowing.api(),
+                             lambda index, texts: index.texts_to_captions(texts, k=k, route=route, knobs=knobs, **narrowing.api())), as_json,
+                  lambda hit: hit.caption, narrowing)
 
 
 def _image_list(path: str) -> list[str]:
@@ -148,7 +160,8 @@ def _image_query_options(func: Callable) -> Callable:
 
 
 def _answer_images(images: Sequence[str], queries_file: str | None, index_path: str, device: str,
-                   ask: Callable[[Any, list[Any], list[str]], list[list[Any]]], as_json: bool, describe: Callable[[Any], str]) -> None:
+                   ask: Callable[[Any, list[Any], list[str]], list[list[Any]]], as_json: bool, describe: Callable[[Any], str],
+                   narrowing: Narrowing = Narrowing()) -> None:
     """Open the index and ask ``ask(index, pictures_or_paths, ids)`` for the query images; unreadable ones are reported and skipped."""
     from retrieval.core.errors import ImageDecodeError
     from retrieval.sources.discovery import discover_images
@@ -159,7 +172,7 @@ def _answer_images(images: Sequence[str], queries_file: str | None, index_path: 
         raise click.UsageError("give an IMAGE (or several, folders, globs) or --queries-file FILE")
     index = open_index_or_fail(index_path, device)
     if len(paths) == 1 and not queries_file and not Path(paths[0]).is_dir():
-        _print_hits(run_api(lambda: ask(index, [paths[0]], None))[0], as_json, describe)
+        _print_hits(run_api(lambda: ask(index, [paths[0]], None))[0], as_json, describe, paths[0], narrowing)
         return
     refs, skipped = run_api(lambda: discover_images(paths))
     for problem in skipped:
@@ -180,7 +193,7 @@ def _answer_images(images: Sequence[str], queries_file: str | None, index_path: 
             continue
         results = run_api(lambda: ask(index, pictures, ids))
         for name, hits in zip(names, results):
-            _print_batch(name, hits, as_json, describe)
+            _print_batch(name, hits, as_json, describe, narrowing)
 
 
 @click.command("image-to-caption")
@@ -188,17 +201,18 @@ def _answer_images(images: Sequence[str], queries_file: str | None, index_path: 
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per image.")
 @_search_options
 @composition_options
+@narrowing_options
 @click.option("--json", "as_json", is_flag=True,
               help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); for several images one {query, hits} object per image.")
 def image_to_caption_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, device: str,
-                             route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool) -> None:
+                             route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool, narrowing: Narrowing) -> None:
     """Find the captions that best describe IMAGE. Several images, folders or globs (or --queries-file) are
     answered in one pass; unreadable ones are reported and skipped."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
     _answer_images(images, queries_file, index_path, device,
-                   image_asker(composition, "caption", k, route, knobs, False,
-                               lambda index, pictures, ids: index.images_to_captions(pictures, k=k, route=route, knobs=knobs)),
-                   as_json, lambda hit: hit.caption)
+                   image_asker(composition, "caption", k, route, knobs, False, narrowing.api(),
+                               lambda index, pictures, ids: index.images_to_captions(pictures, k=k, route=route, knobs=knobs, **narrowing.api())),
+                   as_json, lambda hit: hit.caption, narrowing)
 
 
 @click.command("image-to-image")
@@ -207,15 +221,16 @@ def image_to_caption_command(images: Sequence[str], queries_file: str | None, in
 @click.option("--exclude-self", is_flag=True, help="Leave a query image that is itself in the index (same path) out of its own results.")
 @_search_options
 @composition_options
+@narrowing_options
 @click.option("--json", "as_json", is_flag=True,
               help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); for several images one {query, hits} object per image.")
 def image_to_image_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, exclude_self: bool,
-                           device: str, route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool) -> None:
+                           device: str, route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool, narrowing: Narrowing) -> None:
     """Find the indexed images most like IMAGE ("more like this photo"). Several images, folders or globs
     (or --queries-file) are answered in one pass; unreadable ones are reported and skipped."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
     _answer_images(images, queries_file, index_path, device,
-                   image_asker(composition, "image", k, route, knobs, exclude_self,
+                   image_asker(composition, "image", k, route, knobs, exclude_self, narrowing.api(),
                                lambda index, pictures, ids: index.images_to_images(pictures, k=k, exclude_self=exclude_self, route=route,
-                                                                                   knobs=knobs, query_ids=ids)),
-                   as_json, lambda hit: hit.uri)
+                                                                                   knobs=knobs, query_ids=ids, **narrowing.api())),
+                   as_json, lambda hit: hit.uri, narrowing)

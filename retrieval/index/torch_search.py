@@ -41,11 +41,16 @@ class TorchFlatIndex:
         self.vectors = torch.cat(blocks) if blocks else torch.zeros((0, self.d), dtype=self.dtype, device=self.device)
         self.ntotal = int(self.vectors.shape[0])
 
-    def search(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` rows by inner product; (scores float32 (q, k), positions int64 (q, k)), like FAISS."""
+    def search(self, queries: np.ndarray, k: int, params: Any = None, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows by inner product; (scores float32 (q, k), positions int64 (q, k)), like FAISS.
+
+        ``allowed``: a bool mask over the rows; the others score -inf before the top-k (ask for at most
+        as many rows as it allows).
+        """
         import torch
 
         k = min(int(k), self.ntotal)
+        mask = None if allowed is None else torch.as_tensor(np.asarray(allowed, bool)).to(self.device)
         out_scores, out_rows = [], []
         with torch.inference_mode():
             for start in range(0, len(queries), QUERY_BLOCK):
@@ -54,6 +59,8 @@ class TorchFlatIndex:
                 best_s = best_i = None
                 for row in range(0, self.ntotal, ROW_BLOCK):
                     scores = (q @ self.vectors[row : row + ROW_BLOCK].T).float()
+                    if mask is not None:
+                        scores.masked_fill_(~mask[row : row + ROW_BLOCK], float("-inf"))
                     s, i = torch.topk(scores, min(k, scores.shape[1]), dim=1)
                     i = i + row
                     if best_s is not None:

@@ -196,6 +196,13 @@ def search_params(index: Any, knobs: SearchKnobs, selector: Any = None) -> Any:
     return params
 
 
+def own_knobs(index: Any) -> SearchKnobs:
+    """The IVF probes / HNSW breadth ``index`` searches with when no knob overrides them (None where it has none)."""
+    ivf, base = _ivf_of(index), _core(index)
+    return SearchKnobs(nprobe=int(ivf.nprobe) if ivf is not None else None,
+                       ef_search=int(base.hnsw.efSearch) if hasattr(base, "hnsw") else None)
+
+
 PARAMS_CACHE_SIZE = 64
 
 
@@ -235,6 +242,13 @@ class Exclusions:
 
     def __len__(self) -> int:
         return len(self.positions)
+
+    @classmethod
+    def outside(cls, allowed: np.ndarray, selector: Any) -> Exclusions:
+        """Every row where the bool mask ``allowed`` is False; ``selector`` admits exactly the allowed rows."""
+        excluded = cls(np.zeros(0, np.int64), 0)
+        excluded.positions, excluded.mask, excluded.selector = np.flatnonzero(~allowed), ~allowed, selector
+        return excluded
 
 
 def search(
