@@ -214,3 +214,25 @@ def test_cli_parts_and_weights(tmp_path, small_collection):
             parse_part(value, 1.0)
     with pytest.raises(InputError, match="no such image file"):
         parse_part("dog", 1.0, force_image=True)
+
+
+def test_a_composed_query_takes_where_min_score_and_offset(clip_index, asif_index, small_collection):
+    """Arithmetic and filters together: the brute-force top k among the items the predicate lets through."""
+    photo = photos(small_collection)[0]
+    query = Query.text("a plate of food") + 0.7 * Query.image(photo)
+    texts = unit(clip_index.text_encoder.encode_texts(["a plate of food"]))
+    image = unit(clip_index.image_encoder.encode_images([load_image(photo).image]))[0]
+    reference = unit(texts[0] + 0.7 * image)
+    table = clip_index.items("caption")
+    where = f"image_uri <> '{table['image_uri'][0]}'"  # leave out the captions of one photo
+    allowed = np.array([uri != table["image_uri"][0] for uri in table["image_uri"]])
+    expected = np.where(allowed, stored(clip_index, "clip/caption") @ reference, -np.inf)
+    hits = clip_index.search(query, target="caption", k=4, where=where)
+    assert all(table["image_uri"][table["id"].index(h.id)] != table["image_uri"][0] for h in hits)
+    check_hits(hits, expected, table, 4, 3e-3)
+    more = clip_index.search(query, target="caption", k=8, where=where)
+    assert [h.id for h in clip_index.search(query, target="caption", k=4, where=where, offset=4)] == [h.id for h in more[4:8]]
+    cut = more[2].score
+    assert [h.id for h in clip_index.search(query, target="caption", k=8, where=where, min_score=cut)] == [h.id for h in more[:3]]
+    asif_hits = asif_index.search(Query.text("people eating cake") - 0.5 * Query.text("a horse"), k=3, where="width > 0")
+    assert len(asif_hits) == 3

@@ -214,6 +214,14 @@ def test_a_sharded_index_answers_as_the_whole_one(collection, tmp_path, index_ty
         (a_scores, a), (b_scores, b) = _search(whole, queries, nprobe), _search(sharded, queries, nprobe)
         assert np.array_equal(a, b)
         np.testing.assert_allclose(a_scores, b_scores, rtol=0, atol=1e-6)
+    where = "uri LIKE '%1.jpg' OR uri LIKE '%7.jpg'"  # a filter: the allowed rows, scanned exactly in each
+    allowed = np.array(sharded.matching("image", where))
+    assert 0 < len(allowed) < len(vectors) // 4
+    scores, positions = sharded.search_vectors("image", queries, "image", 10, where=where)
+    reference = queries @ vectors[allowed].T
+    order = np.argsort(-reference, axis=1, kind="stable")[:, :10]
+    np.testing.assert_allclose(scores, np.take_along_axis(reference, order, axis=1), atol=2e-3)  # stored rows are float16
+    assert set(positions.ravel()) <= set(allowed.tolist())
     with pytest.raises(InputError, match="index shards"):
         remove_from_index(tmp_path / "moved", ids=[whole.items("image")["id"][0]])
 
