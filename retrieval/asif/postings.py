@@ -100,9 +100,9 @@ class PostingLists:
         n, n_anchors = m.shape
         if n >= 2**31:
             raise InputError(f"relative rows: at most 2**31 - 1 rows, got {n}")
-        vals = m.data.astype(dtype)
-        if not np.isfinite(vals).all():
+        if m.data.size and np.abs(m.data).max() > np.finfo(dtype).max:
             raise InputError(f"relative rows have values outside the {values} range; store them as float32")
+        vals = m.data.astype(dtype)
         rounded = sp.csr_matrix((vals.astype(np.float32), m.indices, m.indptr), shape=m.shape)
         rounded.eliminate_zeros()  # also what float16 rounds to zero
         csc = rounded.tocsc()  # a counting sort: row ids ascend within each column
