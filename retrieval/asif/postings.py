@@ -60,6 +60,30 @@ def top_k_row(s: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     return s[pos], pos
 
 
+def top_k_scores(acc: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-kk of a dense score row; when kk rows score > 0 only those are ranked (the others cannot win)."""
+    cand = np.flatnonzero(acc > 0)
+    if cand.size < kk:
+        return top_k_row(acc, kk)
+    s, pos = top_k_row(acc[cand], kk)  # cand ascends, so ties still go to the lower position
+    return s, cand[pos]
+
+
+def load_csr_npz(path: Path) -> sp.csr_matrix:
+    """The CSR matrix of a format-v1 relative-row file (scipy .npz, no pickle)."""
+    try:
+        m = sp.load_npz(path)  # np.load(..., allow_pickle=False) inside
+        if m.format not in ("csr", "csc") or m.ndim != 2:
+            raise ValueError(f"expected a 2-D CSR matrix, found format {m.format!r}")
+        m = sp.csr_matrix(m)
+        m.check_format(full_check=True)
+    except Exception as exc:  # zip, npy header, key and structure errors alike
+        raise IndexFormatError(
+            f"{path}: not a readable relative-row file ({type(exc).__name__}: {exc})"
+        ) from exc
+    return m
+
+
 def _value_type(values: str) -> np.dtype:
     if values not in VALUE_TYPES:
         raise InputError(f"values must be one of {sorted(VALUE_TYPES)}, got {values!r}")

@@ -26,7 +26,9 @@ import scipy.sparse as sp
 from retrieval.asif.postings import (
     PostingLists,
     as_csr,
-        top_k_row,
+        load_csr_npz,
+    top_k_row,
+    top_k_scores,
 )
 from retrieval.asif.sketch import RelativeSketch
 from retrieval.core.errors import IndexFormatError, InputError
@@ -345,7 +347,7 @@ class SparseRelativeIndex:
             weights = q.data[q.indptr[i] : q.indptr[i + 1]]
             if sketch is None:
                 acc = self._lists.scores(cols, weights).astype(np.float32)
-                scores[i], positions[i] = _top_k_scores(acc, kk)
+                scores[i], positions[i] = top_k_scores(acc, kk)
             else:
                 scores[i], positions[i] = self._rescored(sketch, cols, weights, max(int(candidates), kk), kk)
         return scores, positions
@@ -376,28 +378,5 @@ class SparseRelativeIndex:
             magic = fh.read(6)
         if magic == b"\x93NUMPY":
             return cls(PostingLists.load(path))
-        return cls(_load_csr_npz(path), values="float32")  # format v1: as exact as it was
+        return cls(load_csr_npz(path), values="float32")  # format v1: as exact as it was
 
-
-def _top_k_scores(acc: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-kk of a dense score row; when kk rows score > 0 only those are ranked (the others cannot win)."""
-    cand = np.flatnonzero(acc > 0)
-    if cand.size < kk:
-        return top_k_row(acc, kk)
-    s, pos = top_k_row(acc[cand], kk)  # cand ascends, so ties still go to the lower position
-    return s, cand[pos]
-
-
-def _load_csr_npz(path: Path) -> sp.csr_matrix:
-    """The CSR matrix of a format-v1 relative-row file (scipy .npz, no pickle)."""
-    try:
-        m = sp.load_npz(path)  # np.load(..., allow_pickle=False) inside
-        if m.format not in ("csr", "csc") or m.ndim != 2:
-            raise ValueError(f"expected a 2-D CSR matrix, found format {m.format!r}")
-        m = sp.csr_matrix(m)
-        m.check_format(full_check=True)
-    except Exception as exc:  # zip, npy header, key and structure errors alike
-        raise IndexFormatError(
-            f"{path}: not a readable relative-row file ({type(exc).__name__}: {exc})"
-        ) from exc
-    return m
