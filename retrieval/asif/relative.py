@@ -6,16 +6,15 @@ L2-normalised. A vector x of either modality becomes an N-dim "relative" row:
 its inner products with the anchors of its own modality, of which only the
 top-k are kept, clipped at 0, raised to the power p and L2-normalised. Rows of
 both modalities then live in the same anchor space, and cross-modal similarity
-is their inner product. Rows are sparse (at most k non-zeros), so they are held
-as CSR matrices and searched through an inverted (anchor -> rows) layout.
+is their inner product. Rows are sparse (at most k non-zeros): a collection's
+rows are held as per-anchor posting lists (retrieval/asif/postings.py), so a
+query reads only the lists of its k anchors.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,20 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from retrieval.asif.postings import (
+    PostingLists,
+    as_csr,
+        load_csr_npz,
+    top_k_row,
+    top_k_scores,
+)
+from retrieval.asif.sketch import RelativeSketch
 from retrieval.core.errors import IndexFormatError, InputError
 
+__all__ = ["AnchorSpace", "AsifParams", "DEFAULT_PARAMS", "SparseRelativeIndex", "as_csr", "as_matrix",
+           "relative_representation", "top_k_similarities"]
+
 Modality = Literal["image", "text"]
-
-# Upper bound on the elements of one dense (batch, n) score block in search().
-_SCORE_BLOCK_ELEMENTS = 1 << 23  # 32 MiB of float32
-
 
 @dataclass(frozen=True)
 class AsifParams:
@@ -266,135 +272,118 @@ class AnchorSpace:
 # --------------------------------------------------------------------------- sparse index
 
 
-def as_csr(rows: Any, name: str) -> sp.csr_matrix:
-    """Validate a 2-D sparse matrix and return it as canonical float32 CSR."""
-    if not sp.issparse(rows):
-        raise InputError(f"{name} must be a scipy sparse matrix, got {type(rows).__name__}")
-    if rows.ndim != 2:
-        raise InputError(f"{name} must be 2-D, got shape {rows.shape}")
-    m = sp.csr_matrix(rows, dtype=np.float32, copy=True)  # never touch the caller's arrays
-    m.sum_duplicates()  # also sorts indices
-    if not np.isfinite(m.data).all():
-        raise InputError(f"{name} contain NaN or infinite values")
-    return m
-
-
-def _top_k_row(s: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-kk of one dense score row: descending score, ties by lower position."""
-    n = s.shape[0]
-    if kk < n:
-        cut = np.argpartition(s, n - kk)[n - kk :]
-        t = s[cut].min()
-        above = np.flatnonzero(s > t)
-        tied = np.flatnonzero(s == t)[: kk - above.size]
-        cand = np.concatenate([above, tied])
-    else:
-        cand = np.arange(n)
-    order = np.lexsort((cand, -s[cand]))
-    pos = cand[order]
-    return s[pos], pos
-
-
 class SparseRelativeIndex:
-    """Relative rows of a collection, stored CSR, searched through an inverted (CSC) layout."""
+    """Relative rows of a collection, stored as per-anchor posting lists (:mod:`retrieval.asif.postings`).
 
-    def __init__(self, rows: sp.csr_matrix) -> None:
-        self._rows = as_csr(rows, "relative rows")
-        # Inverted lists: column j of the CSC form = the collection rows that use anchor j.
-        self._inverted = self._rows.tocsc()
-        self._inverted.sort_indices()
+    ``values`` is the stored precision: ``"float16"`` (the default; each value rounded with relative
+    error <= 2**-12, so a score of unit-norm rows is within 2.5e-4 of the float32 one) or ``"float32"``.
+    """
+
+    file_suffix = ".postings.npy"  # the writer names the file of :meth:`save` with this
+
+    def __init__(self, rows: sp.csr_matrix | PostingLists, values: str = "float16") -> None:
+        """Index ``rows`` (any scipy sparse matrix, stored at ``values`` precision) or wrap posting lists as they are."""
+        if isinstance(rows, PostingLists):
+            self._lists = rows  # e.g. memory-mapped: no copy
+        else:
+            self._lists = PostingLists.from_csr(as_csr(rows, "relative rows"), values)
+        self._sketch: RelativeSketch | None = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return self._rows.shape[0]
+        return self._lists.n_rows
 
     @property
     def n_anchors(self) -> int:
         """Number N of anchors (columns) of the stored rows."""
-        return self._rows.shape[1]
+        return self._lists.n_anchors
+
+    @property
+    def postings(self) -> PostingLists:
+        """The stored posting lists (read-only views)."""
+        return self._lists
 
     @property
     def rows(self) -> sp.csr_matrix:
-        """The stored (n, N) CSR rows (do not modify)."""
-        return self._rows
+        """The stored rows as a float32 (n, N) CSR matrix, built from the posting lists on each access."""
+        return self._lists.to_csr()
 
-    def search(self, queries: sp.csr_matrix, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def sketch(self) -> RelativeSketch:
+        """The approximate route's dense first stage, built on first use (seconds per million rows) and kept."""
+        with self._lock:
+            if self._sketch is None:
+                self._sketch = RelativeSketch.build(self._lists)
+            return self._sketch
+
+    def search(
+        self, queries: sp.csr_matrix, k: int, allowed: np.ndarray | None = None, *, candidates: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by sparse inner product with each query row.
 
         Returns ``(scores (q, k') float32, positions (q, k') int64)``, sorted by
         descending score with ties broken by lower position; ``k' = min(k, len(self))``.
-        ``allowed`` (sorted positions) restricts the search to those rows (then ``k' = min(k, len(allowed))``).
+        Each query reads only the posting lists of its non-zero anchors (exact).
+        ``candidates`` (opt-in, approximate): rank only the best ``max(candidates, k)`` rows of
+        a dense sketch (:mod:`retrieval.asif.sketch`), rescored exactly; for few anchors and many
+        rows (recall against the exact route: benchmarks/ASIF_SCALE.md).
+        ``allowed`` (sorted positions) restricts the search to those rows (then ``k' = min(k, len(allowed))``),
+        always by the exact route.
         """
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise InputError(f"k must be an integer >= 1, got {k!r}")
+        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral) or candidates < 1):
+            raise InputError(f"candidates must be an integer >= 1 or None, got {candidates!r}")
         q = as_csr(queries, "queries")
         if q.shape[1] != self.n_anchors:
             raise InputError(
                 f"queries have {q.shape[1]} anchor columns but the index has {self.n_anchors}"
             )
-        inverted_t = self._inverted.T if allowed is None else self._rows[np.asarray(allowed, np.int64)].T
-        n = inverted_t.shape[1]
-        kk = min(int(k), n)
-        n_q = q.shape[0]
-        scores = np.zeros((n_q, kk), dtype=np.float32)
-        positions = np.zeros((n_q, kk), dtype=np.int64)
-        if kk == 0 or n_q == 0:
+        allowed = None if allowed is None else np.asarray(allowed, np.int64)
+        kk = min(int(k), len(self) if allowed is None else len(allowed))
+        scores = np.zeros((q.shape[0], kk), dtype=np.float32)
+        positions = np.zeros((q.shape[0], kk), dtype=np.int64)
+        if kk == 0:
             return scores, positions
-        # C_csc @ Q^T, computed as Q @ C_csc.T: the transpose of the CSC layout is a CSR
-        # (N, n) view whose row j is anchor j's inverted list, so the sparse product only
-        # walks the lists of each query's non-zero anchors. Only the (batch, n) result
-        # block is ever dense.
-        batch = max(1, min(n_q, _SCORE_BLOCK_ELEMENTS // n))
-        for start in range(0, n_q, batch):
-            stop = min(start + batch, n_q)
-            block = (q[start:stop] @ inverted_t).toarray()
-            for i in range(stop - start):
-                s, pos = _top_k_row(block[i], kk)
-                scores[start + i] = s
-                positions[start + i] = pos
-        return scores, (positions if allowed is None else np.asarray(allowed, np.int64)[positions])
+        sketch = None if candidates is None or allowed is not None else self.sketch()
+        for i in range(q.shape[0]):
+            cols = q.indices[q.indptr[i] : q.indptr[i + 1]].astype(np.int64)
+            weights = q.data[q.indptr[i] : q.indptr[i + 1]]
+            if sketch is not None:
+                scores[i], positions[i] = self._rescored(sketch, cols, weights, max(int(candidates), kk), kk)
+                continue
+            acc = self._lists.scores(cols, weights).astype(np.float32)
+            if allowed is None:
+                scores[i], positions[i] = top_k_scores(acc, kk)
+            else:  # sorted positions: the lower position still wins a tie
+                scores[i], at = top_k_scores(acc[allowed], kk)
+                positions[i] = allowed[at]
+        return scores, positions
+
+    def _rescored(self, sketch: RelativeSketch, cols: np.ndarray, weights: np.ndarray, count: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-kk of the sketch's ``count`` candidates by exact score (ties: lower position)."""
+        cand = sketch.candidates(cols, weights, count)
+        exact = self._lists.scores_at(cols, weights, cand).astype(np.float32)
+        s, pos = top_k_row(exact, min(kk, cand.shape[0]))
+        out_s, out_p = np.zeros(kk, np.float32), np.zeros(kk, np.int64)
+        out_s[: s.shape[0]], out_p[: s.shape[0]] = s, cand[pos]
+        return out_s, out_p
 
     def save(self, path: Path) -> None:
-        """Write the rows to ``path`` (.npz, no pickle) atomically."""
-        path = Path(path)
-        folder = path.parent
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                sp.save_npz(fh, self._rows, compressed=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            try:
-                os.unlink(tmp_name)
-            except FileNotFoundError:
-                pass
-            raise
-        try:  # make the rename itself durable; not every platform can open a folder
-            dir_fd = os.open(folder, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
+        """Write the posting lists to ``path`` (one uint8 .npy file, no pickle) atomically."""
+        self._lists.save(Path(path))
 
     @classmethod
     def load(cls, path: Path) -> SparseRelativeIndex:
-        """Read rows written by :meth:`save`; a missing or corrupt file raises IndexFormatError."""
+        """Read rows written by :meth:`save` (memory-mapped) or by format v1 (a CSR .npz, read into memory).
+
+        A missing or corrupt file raises IndexFormatError naming it.
+        """
         path = Path(path)
         if not path.is_file():
             raise IndexFormatError(f"{path}: relative-row file not found")
-        try:
-            m = sp.load_npz(path)  # np.load(..., allow_pickle=False) inside
-            if m.format not in ("csr", "csc") or m.ndim != 2:
-                raise ValueError(f"expected a 2-D CSR matrix, found format {m.format!r}")
-            m = sp.csr_matrix(m)
-            m.check_format(full_check=True)
-        except Exception as exc:  # zip, npy header, key and structure errors alike
-            raise IndexFormatError(
-                f"{path}: not a readable relative-row file ({type(exc).__name__}: {exc})"
-            ) from exc
-        return cls(m)
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if magic == b"\x93NUMPY":
+            return cls(PostingLists.load(path))
+        return cls(load_csr_npz(path), values="float32")  # format v1: as exact as it was
+

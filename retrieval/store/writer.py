@@ -110,8 +110,9 @@ class StoreWriter:
         return self._finish(rel)
 
     def write_sparse(self, stem: str, relative_index: Any) -> str:
-        """Write a sparse relative index (``SparseRelativeIndex``) under ``relative/``."""
-        rel = f"relative/{stem}-{self.build_id}.npz"
+        """Write a sparse relative index (``SparseRelativeIndex``) under ``relative/``, named with its ``file_suffix``."""
+        suffix = getattr(relative_index, "file_suffix", ".npz")
+        rel = f"relative/{stem}-{self.build_id}{suffix}"
         (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
         relative_index.save(self.root / rel)
         return self._finish(rel)
