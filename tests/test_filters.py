@@ -188,7 +188,7 @@ def test_sparse_asif_search_is_restricted_to_the_allowed_rows(share):
     rows = sp.random(5000, 64, density=0.1, random_state=5, format="csr", dtype=np.float32)
     queries = sp.random(20, 64, density=0.2, random_state=6, format="csr", dtype=np.float32)
     allowed = np.sort(rng.choice(5000, size=max(1, int(share * 5000)), replace=False))
-    scores, positions = SparseRelativeIndex(rows).search(queries, K, allowed=allowed)
+    scores, positions = SparseRelativeIndex(rows, values="float32").search(queries, K, allowed=allowed)
     dense = (queries @ rows.T).toarray()
     truth_scores, truth = brute_force(np.eye(5000, dtype=np.float32), dense.astype(np.float32), allowed, min(K, len(allowed)))
     assert positions.shape == truth.shape and np.isin(positions, allowed).all()
