@@ -26,10 +26,12 @@ from retrieval.api.routes import (
     query_name,
     routes_for,
 )
-from retrieval.asif.anchors import AnchorSet, AnchorSpaces
+from retrieval.asif.anchors import AnchorSet, AnchorSpaces, anchor_texts_of
+from retrieval.asif.pooling import relative_of_views
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.errors import IndexFormatError, InputError
 from retrieval.core.hits import CaptionHit, ImageHit
+from retrieval.embed.views import encode_views
 from retrieval.index.placement import place_index
 from retrieval.index.source import VectorSource
 from retrieval.index.spec import SearchKnobs
@@ -124,7 +126,10 @@ class Index:
         route = choose_route(self.path, self.manifest, "image_to_caption", route)
         if not images:
             return []
-        scores, positions = self.search_vectors("caption", self._encode_images(images), "image", k, route, knobs)
+        if route == "asif" and self.image_views != "none":  # queries pooled over crops, as the indexed images were
+            scores, positions = self._search_relative("caption", self._image_view_rows(images), k)
+        else:
+            scores, positions = self.search_vectors("caption", self._encode_images(images), "image", k, route, knobs)
         return caption_hits(self.items("caption"), scores, positions)
 
     def image_to_image(self, image: ImageQuery, k: int = 10, exclude_self: bool = False, route: str | None = None,
@@ -236,6 +241,19 @@ class Index:
         with self._serial.using(encoder):
             return encoder.encode_images(pictures)
 
+    @property
+    def image_views(self) -> str:
+        """The views each image's ASIF relative row pools (``none``: the whole photo; indexes from before it)."""
+        return str(self.manifest.get("image_views", "none"))
+
+    def _image_view_rows(self, images: Sequence[ImageQuery]) -> Any:
+        """Relative rows of query images pooled over the index's :attr:`image_views`."""
+        pictures = [normalize_image(image) if hasattr(image, "convert") else load_image(image).image for image in images]
+        encoder = self.image_encoder
+        with self._serial.using(encoder):
+            views = encode_views(pictures, encoder, self.image_views)
+        return relative_of_views(self.anchor_spaces, views, self.asif_params)
+
     def items(self, kind: str) -> dict[str, list]:
         """The stored item columns of ``kind`` (``image`` or ``caption``), row-aligned with positions."""
         return self._parts.get(("items", kind), lambda: self.store.read_table(self._files["items"][kind]).to_pydict())
@@ -313,7 +331,7 @@ class Index:
             raise IndexFormatError(f"{self.path}: an ASIF index without anchors; rebuild it")
         sets = [
             AnchorSet(meta["name"], self.store.read_array(files["image"]), self.store.read_array(files["text"]), [],
-                      meta["image_encoder"], meta["text_encoder"])
+                      meta["image_encoder"], meta["text_encoder"], texts=anchor_texts_of(meta))
             for meta, files in zip(self.manifest["anchors"], stored)
         ]
         return AnchorSpaces(sets, [meta["weight"] for meta in self.manifest["anchors"]])
