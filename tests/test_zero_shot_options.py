@@ -146,3 +146,49 @@ def test_image_views_are_refused_for_contrastive_models(tmp_path, small_collecti
     with pytest.raises(InputError, match="unknown image views"):
         retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "c", encoders=UNIMODAL,
                               anchors="builtin:imagenet", image_views="ten")
+
+
+@pytest.mark.slow
+def test_images_added_to_a_crop_view_index_are_pooled_too(tmp_path, small_collection):
+    import shutil
+
+    photos = sorted((small_collection / "images").glob("0*.jpg"))[:3]
+    first, later = tmp_path / "first", tmp_path / "later"
+    first.mkdir(), later.mkdir()
+    for photo in photos[:2]:
+        shutil.copy(photo, first / photo.name)
+    shutil.copy(photos[2], later / photos[2].name)
+    retrieval.build_index(images=[first], index=tmp_path / "i", encoders=UNIMODAL, anchors="builtin:imagenet",
+                          embed=QUIET, image_views="five")
+    retrieval.add_to_index(tmp_path / "i", images=[later], embed=QUIET)
+    index = retrieval.open_index(tmp_path / "i")
+    from retrieval.embed.views import embed_views
+    from retrieval.sources.items import ImageRef
+
+    uris = index.items("image")["uri"]
+    assert len(uris) == 3 and uris[2].endswith(photos[2].name)
+    views = embed_views([ImageRef(path=uri) for uri in uris], index.image_encoder, "five")
+    expected = relative_of_views(index.anchor_spaces, views, index.asif_params).toarray()
+    np.testing.assert_allclose(index.relative_index("image").rows.toarray(), expected, atol=2e-3)
+
+
+def test_cli_passes_image_views_to_the_build(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import retrieval.api.build as build_module
+    from retrieval.cli.main import main
+
+    seen = {}
+
+    def fake_build(*args, **kwargs):
+        seen.update(kwargs)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(build_module, "build_index", fake_build)
+    common = ["build-index", "--images", "a", "--index", str(tmp_path / "i"), "--image-encoder", "ie", "--text-encoder", "te",
+              "--anchors", "builtin:imagenet", "--quiet"]
+    CliRunner().invoke(main, common + ["--image-views", "five"])
+    assert seen["image_views"] == "five"
+    CliRunner().invoke(main, common)
+    assert seen["image_views"] == "none"
+    assert CliRunner().invoke(main, common + ["--image-views", "ten"]).exit_code == 2
