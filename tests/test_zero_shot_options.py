@@ -128,6 +128,7 @@ def test_index_with_crop_views_and_glosses_end_to_end(tmp_path, small_collection
     plain = retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "p", encoders=UNIMODAL,
                                   anchors="builtin:imagenet-names", embed=QUIET)
     assert plain.manifest["image_views"] == "none" and plain.manifest["anchors"][0]["texts"] == "names"
+    assert index.info()["image_views"] == "five" and index.info()["anchors"][0]["texts"] == "glosses"
     old = json.loads((tmp_path / "p" / MANIFEST_NAME).read_text())
     old.pop("image_views")
     old.pop("manifest_sha256", None)
