@@ -2,7 +2,7 @@
 
 An ImageNet classifier sees one centred 224-pixel view of a photo; a COCO photo often
 shows several things. Relative rows of several views, mean-pooled, describe all of them
-(see :func:`retrieval.asif.pooling.pool_relative`).
+(see :func:`retrieval.asif.pooling.pool_views`).
 """
 
 from __future__ import annotations
