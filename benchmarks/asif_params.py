@@ -92,7 +92,7 @@ def main() -> None:
     text_encoder = load_text_encoder("minilm", device="cpu")
     coco = coco_embeddings(args.data, image_encoder, text_encoder)
     photos = imagenet_photo_anchors(args.data, image_encoder, text_encoder)
-    builtin = builtin_imagenet(image_encoder, text_encoder)
+    builtin = builtin_imagenet(image_encoder, text_encoder, texts="names")  # the texts the default k, p were tuned with
     anchor_sets = {
         "imagenet photos (1000)": AnchorSpace(photos["image"], photos["text"]),
         "builtin:imagenet (1000)": builtin.space(),

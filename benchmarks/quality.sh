@@ -24,8 +24,8 @@ SWEEP="--sweep k=5,10,20,30,50,100,200,400,800 --sweep p=1,2,3,4,6,8"
 echo "== COCO 80 photos / 400 captions: text -> image and image -> caption"
 run $R eval "$COCO" $ENC $CACHE --anchors $PHOTOS --k 800 --p 8                       # plain paper recipe
 run $R eval "$COCO" $ENC $CACHE --anchors $PHOTOS --route asif --route projected --route linear
-run $R eval "$COCO" $ENC $CACHE --anchors builtin:imagenet --route asif --route projected --route linear
-run $R eval "$COCO" $ENC $CACHE --anchors $PHOTOS --anchors builtin:imagenet --route asif --route projected
+run $R eval "$COCO" $ENC $CACHE --anchors builtin:imagenet-names --route asif --route projected --route linear
+run $R eval "$COCO" $ENC $CACHE --anchors $PHOTOS --anchors builtin:imagenet-names --route asif --route projected
 run $R eval "$COCO" $ENC $CACHE --anchors $PHOTOS --route asif $SWEEP --split | tail -3
 
 echo "== CIFAR-10 zero-shot (10,000 test images), prompts 'a photo of a {label}', anchors: ImageNet sample photos + the 80 COCO photos"

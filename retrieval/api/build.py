@@ -34,6 +34,7 @@ from retrieval.core.config import CaptionOptions, EncoderChoice, IndexOptions
 from retrieval.core.errors import InputError
 from retrieval.embed.embedded import EmbeddedItems, EmbedStats
 from retrieval.embed.pipeline import EmbeddedImages, EmbedOptions, embed_images
+from retrieval.embed.views import check_views, embed_views
 from retrieval.encoders.registry import load_encoders
 from retrieval.sources.captions import read_caption_file
 from retrieval.sources.inputs import read_image_sources
@@ -150,6 +151,7 @@ def build_index(
     anchor_weights: Sequence[float] | None = None,
     index_options: IndexOptions = IndexOptions(),
     ray: str | RayOptions | None = None,
+    image_views: str = "none",
 ) -> "Index":  # noqa: F821
     """Embed images and captions and write an index directory; returns the opened index.
 
@@ -162,11 +164,14 @@ def build_index(
 
     With ``ray`` (``local``, ``auto``, a cluster address, or ``RayOptions``) the images
     are embedded on Ray (``retrieval[ray]``); the index is the same as without it.
+    ``image_views="five"`` (ASIF only) describes each image by the mean of the relative rows of the
+    whole photo, its four quadrants and a centre crop (six encoder passes per image; image
+    queries are pooled the same way); recorded in the manifest as ``image_views``.
     """
     from retrieval.api.engine import open_index
 
     started = time.perf_counter()
-    anchors = _check_choice(encoders, anchors)
+    anchors = _check_choice(encoders, anchors, check_views(image_views))
     ray_options = ray_options_for(ray, encoders)
     index = Path(index)
     prepare_target(index)
@@ -176,10 +181,12 @@ def build_index(
         spaces = resolve_anchors(anchors, anchor_weights, image_encoder, text_encoder)
         asif = asif_params_for(spaces.sets, asif) if spaces else asif  # open fields: the anchor sets' own; fails early
         embedded = embed_items(collection, image_encoder, text_encoder, embed, work_dir=index, ray=ray_options)  # resumable: see resume.py
+        if check_views(image_views) != "none":
+            embedded.view_vectors = embed_views([row.ref for row in embedded.images], image_encoder, image_views)
         commit_index(embedded, index, WriteOptions(
             anchors=spaces, asif=asif, index_options=index_options, caption_options=caption_options,
             sources={"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
-            checkpoint=encoders.checkpoint, progress=embed.progress, started=started, ray=ray_options,
+            checkpoint=encoders.checkpoint, progress=embed.progress, started=started, ray=ray_options, image_views=image_views,
         ))
     return open_index(index, device=encoders.device)
 
@@ -196,11 +203,15 @@ def ray_options_for(ray: str | RayOptions | None, encoders: EncoderChoice | None
     return replace(options, encoders=encoders)
 
 
-def _check_choice(encoders: EncoderChoice | None, anchors: str | Path | Sequence[str | Path] | None) -> list[str | Path]:
+def _check_choice(
+    encoders: EncoderChoice | None, anchors: str | Path | Sequence[str | Path] | None, image_views: str = "none"
+) -> list[str | Path]:
     """The anchor references as a list; errors for a missing encoder choice or missing anchors."""
     if encoders is None:
         raise InputError("choose encoders: EncoderChoice(clip=...) or EncoderChoice(image=..., text=...)")
     anchors = [anchors] if isinstance(anchors, (str, Path)) else list(anchors or ())
+    if encoders.is_contrastive and image_views != "none":
+        raise InputError(f"image views {image_views!r} pool ASIF relative rows: they need unimodal encoders and anchors")
     if not encoders.is_contrastive and not anchors:
         raise InputError(
             "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or builtin:imagenet"

@@ -38,10 +38,12 @@ from retrieval.api.routes import (
 from retrieval.api.shards import ray_options_of
 from retrieval.api.vector_parts import VectorParts
 from retrieval.asif.anchors import AnchorSpaces
+from retrieval.asif.pooling import relative_of_views
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.errors import InputError
 from retrieval.core.hits import CaptionHit, ImageHit
 from retrieval.core.query import Query
+from retrieval.embed.views import encode_views
 from retrieval.index.selection import Selection, exact_scan, restrict, search_selected
 from retrieval.index.spec import SearchKnobs
 from retrieval.index.vector_index import drop_excluded
@@ -144,7 +146,11 @@ class Index(VectorParts):
         route = choose_route(self.path, self.manifest, "image_to_caption", route)
         if not images:
             return []
-        scores, positions = self.search_vectors("caption", self._encode_images(images), "image", k + offset, route, knobs, where)
+        if route == "asif" and self.image_views != "none":  # queries pooled over crops, as the indexed images were
+            rows = self._image_view_rows(images)
+            scores, positions = self.search_rows("caption", "asif", rows, k + offset, where=where)
+        else:
+            scores, positions = self.search_vectors("caption", self._encode_images(images), "image", k + offset, route, knobs, where)
         return page(caption_hits(self.items("caption"), scores, positions), offset, min_score)
 
     def image_to_image(self, image: ImageQuery, k: int = 10, exclude_self: bool = False, route: str | None = None,
@@ -311,6 +317,19 @@ class Index(VectorParts):
     def encode(self, modality: str, values: Sequence[Any]) -> np.ndarray:
         """``values`` (texts, or image paths / PIL images) encoded by the index's ``modality`` encoder, one row each."""
         return self._encode_texts(values) if modality == "text" else self._encode_images(values)
+
+    @property
+    def image_views(self) -> str:
+        """The views each image's ASIF relative row pools (``none``: the whole photo; indexes from before it)."""
+        return str(self.manifest.get("image_views", "none"))
+
+    def _image_view_rows(self, images: Sequence[ImageQuery]) -> Any:
+        """Relative rows of query images pooled over the index's :attr:`image_views`."""
+        pictures = [normalize_image(image) if hasattr(image, "convert") else load_image(image).image for image in images]
+        encoder = self.image_encoder
+        with self._serial.using(encoder):
+            views = encode_views(pictures, encoder, self.image_views)
+        return relative_of_views(self.anchor_spaces, views, self.asif_params)
 
     def items(self, kind: str) -> dict[str, list]:
         """The stored item columns of ``kind`` (``image`` or ``caption``), row-aligned with positions."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from retrieval.asif.anchors import AnchorSet, AnchorSpaces
+from retrieval.asif.anchors import AnchorSet, AnchorSpaces, anchor_texts_of
 from retrieval.core.errors import IndexFormatError
 from retrieval.store.provenance import check_same_encoder
 from retrieval.store.reader import StoreReader
@@ -18,7 +18,7 @@ def load_anchor_spaces(store: StoreReader, manifest: Mapping[str, Any], path: Pa
         raise IndexFormatError(f"{path}: an ASIF index without anchors; rebuild it")
     sets = [
         AnchorSet(meta["name"], store.read_array(files["image"]), store.read_array(files["text"]), [],
-                  meta["image_encoder"], meta["text_encoder"])
+                  meta["image_encoder"], meta["text_encoder"], texts=anchor_texts_of(meta))
         for meta, files in zip(manifest["anchors"], stored)
     ]
     return AnchorSpaces(sets, [meta["weight"] for meta in manifest["anchors"]])

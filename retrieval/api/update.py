@@ -31,11 +31,13 @@ import numpy as np
 from retrieval.api.build import gather_items, ray_options_for
 from retrieval.api.engine import Index, open_index
 from retrieval.api.write import caption_table, image_table
+from retrieval.asif.pooling import relative_of_views
 from retrieval.asif.relative import SparseRelativeIndex
 from retrieval.core.config import CaptionOptions, IndexOptions
 from retrieval.core.errors import InputError
 from retrieval.embed.pipeline import EmbedOptions, embed_images
 from retrieval.embed.resume import remove_work
+from retrieval.embed.views import embed_views
 from retrieval.index.recall import RECALL_QUERIES
 from retrieval.index.source import RowSubset, VectorSource
 from retrieval.index.vector_index import (
@@ -197,7 +199,8 @@ def add_to_index(
         texts = [record.text for record in new_captions]
         caption_vectors = old.text_encoder.encode_texts(texts, progress=embed.progress) if texts else np.zeros((0, old.text_encoder.dim), np.float32)
         report.skipped = len(collection.errors) + len(embedded.errors)
-        new_vectors, relative_rows = _new_vectors(old, embedded.vectors, caption_vectors)
+        views = embed_views([row.ref for row in embedded.rows], old.image_encoder, old.image_views) if old.image_views != "none" else None
+        new_vectors, relative_rows = _new_vectors(old, embedded.vectors, caption_vectors, views)
         if not len(embedded.rows) and not texts:
             raise InputError("nothing new to add: every item is already in the index or could not be read" if report.already_present else "nothing to add")
         _append_items(update, old, embedded, new_captions, relative_rows)
@@ -221,15 +224,20 @@ def _live_mask(index: Index, kind: str) -> np.ndarray:
     return mask
 
 
-def _new_vectors(old: Index, image_vectors: np.ndarray, caption_vectors: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The rows each vector set gains (projected through the anchors for an ASIF index) and the new relative rows."""
+def _new_vectors(
+    old: Index, image_vectors: np.ndarray, caption_vectors: np.ndarray, view_vectors: np.ndarray | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The rows each vector set gains (projected through the anchors for an ASIF index) and the new relative rows.
+
+    ``view_vectors``: the new images' crops, for an index whose image rows pool views (``image_views``)."""
     spaces = old.manifest["spaces"]
     vectors = {f"{spaces['image']}/image": image_vectors, f"{spaces['caption']}/caption": caption_vectors}
     relative_rows: dict[str, Any] = {}
     if old.mode == "asif":
         anchor_spaces = old.anchor_spaces
         relative_rows = {
-            "image": anchor_spaces.relative(image_vectors, "image", old.asif_params),
+            "image": anchor_spaces.relative(image_vectors, "image", old.asif_params) if view_vectors is None
+            else relative_of_views(anchor_spaces, view_vectors, old.asif_params),
             "caption": anchor_spaces.relative(caption_vectors, "text", old.asif_params),
         }
         vectors["projected/image"] = anchor_spaces.project(relative_rows["image"], "text")

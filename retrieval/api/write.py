@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from retrieval.asif.anchors import AnchorSpaces, asif_params_for
+from retrieval.asif.pooling import relative_of_views
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.config import CaptionOptions, IndexOptions
 from retrieval.core.errors import EncoderMismatchError, InputError
@@ -52,6 +53,7 @@ class WriteOptions:
     progress: bool = True
     started: float | None = None
     ray: Any = None
+    image_views: str = "none"  # "five": image relative rows pooled over crops (needs EmbeddedItems.view_vectors)
 
 
 def prepare_target(index: Path) -> None:
@@ -97,7 +99,9 @@ def commit_index(embedded: EmbeddedItems, index: Path, options: WriteOptions) ->
     sets = _vector_sets(image_space, text_space, image_vectors, caption_vectors)
     if options.anchors is not None:
         params = asif_params_for(options.anchors.sets, options.asif)
-        sets += _write_asif(writer, files, manifest, options.anchors, params, image_vectors, caption_vectors)
+        views = embedded.view_vectors if options.image_views != "none" else None
+        sets += _write_asif(writer, files, manifest, options.anchors, params, image_vectors, caption_vectors, views)
+        manifest["image_views"] = options.image_views
     write_vector_sets(writer, files, manifest, sets, options.index_options, options.progress, _distributed(index, options))
     stats = embedded.stats
     manifest["build"] = {
@@ -131,6 +135,9 @@ def _check(embedded: EmbeddedItems, options: WriteOptions) -> None:
         raise InputError(
             "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or builtin:imagenet"
         )
+    if options.image_views != "none" and (options.anchors is None or embedded.view_vectors is None
+                                          or len(embedded.view_vectors) != len(embedded.images)):
+        raise InputError(f"image views {options.image_views!r} need anchors and one set of view vectors per image")
     for anchor_set in options.anchors.sets if options.anchors is not None else ():
         for role in ("image", "text"):
             recorded, used = getattr(anchor_set, f"{role}_encoder"), embedded.encoders[role]
@@ -235,7 +242,7 @@ def projected_set(kind: str, projected: np.ndarray, queries_from: np.ndarray, qu
 
 def _write_asif(
     writer: StoreWriter, files: dict[str, Any], manifest: dict[str, Any], spaces: AnchorSpaces, params: AsifParams,
-    image_vectors: np.ndarray, caption_vectors: np.ndarray,
+    image_vectors: np.ndarray, caption_vectors: np.ndarray, view_vectors: np.ndarray | None = None,
 ) -> list[VectorSet]:
     """Anchors (copied in, so the index is self-contained), sparse relative rows; returns the projected vector sets."""
     files["anchors"] = [
@@ -245,14 +252,15 @@ def _write_asif(
         }
         for n, anchor_set in enumerate(spaces.sets)
     ]
-    image_rows = spaces.relative(image_vectors, "image", params)
+    image_rows = spaces.relative(image_vectors, "image", params) if view_vectors is None else relative_of_views(spaces, view_vectors, params)
     caption_rows = spaces.relative(caption_vectors, "text", params)
     files["relative"] = {
         "image": writer.write_sparse("image", SparseRelativeIndex(image_rows)),
         "caption": writer.write_sparse("caption", SparseRelativeIndex(caption_rows)),
     }
     manifest["anchors"] = [
-        {"name": a.name, "count": len(a), "weight": w, "image_encoder": a.image_encoder, "text_encoder": a.text_encoder}
+        {"name": a.name, "count": len(a), "weight": w, "texts": a.texts, "image_encoder": a.image_encoder,
+         "text_encoder": a.text_encoder}
         for a, w in zip(spaces.sets, spaces.weights)
     ]
     manifest["asif"] = params.to_json()

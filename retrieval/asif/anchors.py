@@ -29,10 +29,20 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_IMAGENET = "builtin:imagenet"
+BUILTIN_IMAGENET_NAMES = "builtin:imagenet-names"
+BUILTIN_IMAGENET_GLOSSES = "builtin:imagenet-glosses"
 IMAGENET_IMAGE_ENCODERS = ("efficientnet-lite0",)
 # Prompts for class-name anchors; averaged when several. CLIP's 6-template ensemble
 # measured no better than this one on COCO (benchmarks/asif_params.py) at 6x the cost.
 CLASS_PROMPTS = ("a photo of a {}.",)
+# What the text side of the built-in ImageNet anchors says about each class: ``names`` the
+# prompts above; ``glosses`` also WordNet's definition ("tabby: a cat with a grey or tawny coat
+# mottled with black"), see retrieval/asif/wordnet.py. Measured in benchmarks/RESULTS.md.
+# ``glosses`` won on both held-out halves of COCO, so plain ``builtin:imagenet`` uses it; index
+# manifests from before it record no ``texts`` and meant ``names`` (see anchor_texts_of).
+ANCHOR_TEXTS = ("names", "glosses")
+DEFAULT_ANCHOR_TEXTS = "glosses"
+BUILTIN_TEXTS = {BUILTIN_IMAGENET: DEFAULT_ANCHOR_TEXTS, BUILTIN_IMAGENET_NAMES: "names", BUILTIN_IMAGENET_GLOSSES: "glosses"}
 
 
 @dataclass
@@ -51,6 +61,7 @@ class AnchorSet:
     text_encoder: dict[str, Any]
     params: AsifParams = DEFAULT_PARAMS
     uris: list[str] = field(default_factory=list)
+    texts: str = "captions"  # what the text side is: "captions" (pairs), or a built-in's ANCHOR_TEXTS
 
     def __post_init__(self) -> None:
         if len(self.image_vectors) != len(self.text_vectors):
@@ -220,34 +231,63 @@ def build_anchor_set(
     return anchors, errors + image_errors
 
 
-def builtin_imagenet(image_encoder: Any, text_encoder: Any, params: AsifParams = DEFAULT_PARAMS) -> AnchorSet:
-    """Anchors from an ImageNet classifier: its final-layer rows paired with prompts of the 1,000 class names."""
+def class_prompts(class_names: Sequence[str], texts: str = "names") -> list[list[str]]:
+    """The prompts whose mean text vector stands for each ImageNet class (see :data:`ANCHOR_TEXTS`)."""
+    if texts not in ANCHOR_TEXTS:
+        raise InputError(f"unknown anchor texts {texts!r}; choose from {', '.join(ANCHOR_TEXTS)}")
+    named = [[template.format(name) for template in CLASS_PROMPTS] for name in class_names]
+    if texts == "names":
+        return named
+    from retrieval.asif.wordnet import imagenet_wordnet
+
+    wordnet = imagenet_wordnet()
+    if len(wordnet) != len(class_names):
+        raise InputError(f"{len(class_names)} classifier classes, but WordNet glosses for {len(wordnet)} ImageNet classes")
+    return [[f"{name}: {entry.gloss}"] for name, entry in zip(class_names, wordnet)]
+
+
+def builtin_imagenet(
+    image_encoder: Any, text_encoder: Any, params: AsifParams = DEFAULT_PARAMS, texts: str = DEFAULT_ANCHOR_TEXTS,
+    name: str = BUILTIN_IMAGENET,
+) -> AnchorSet:
+    """Anchors from an ImageNet classifier: its final-layer rows paired with texts of the 1,000 classes.
+
+    ``texts`` (:data:`ANCHOR_TEXTS`): ``names`` pairs each row with "a photo of a {class}.",
+    ``glosses`` with "{class}: {WordNet gloss}".
+    """
     if not hasattr(image_encoder, "classifier_anchors"):
         raise InputError(
             f"{BUILTIN_IMAGENET} needs an ImageNet classifier as image encoder ({', '.join(IMAGENET_IMAGE_ENCODERS)}), "
             f"not {image_encoder.spec}"
         )
     prototypes, class_names = image_encoder.classifier_anchors()
-    prompts = [template.format(name) for name in class_names for template in CLASS_PROMPTS]
-    prompt_vectors = text_encoder.encode_texts(prompts, progress=False)
-    per_class = len(CLASS_PROMPTS)
-    text_vectors = mean_caption_vectors(
-        [list(range(i * per_class, (i + 1) * per_class)) for i in range(len(class_names))], prompt_vectors
-    )
+    prompts = class_prompts(class_names, texts)
+    prompt_vectors = text_encoder.encode_texts([p for per_class in prompts for p in per_class], progress=False)
+    offsets = np.cumsum([0] + [len(per_class) for per_class in prompts])
+    text_vectors = mean_caption_vectors([list(range(offsets[i], offsets[i + 1])) for i in range(len(prompts))], prompt_vectors)
     return AnchorSet(
-        name=BUILTIN_IMAGENET,
+        name=name,
         image_vectors=np.asarray(prototypes, np.float32),
         text_vectors=text_vectors,
-        captions=[CLASS_PROMPTS[0].format(name) for name in class_names],
+        captions=[per_class[0] for per_class in prompts],
         image_encoder=encoder_record(image_encoder),
         text_encoder=encoder_record(text_encoder),
         params=params,
+        texts=texts,
     )
+
+
+def anchor_texts_of(meta: dict[str, Any]) -> str:
+    """What the text side of an index manifest's anchor entry says: its ``texts``, or what it meant before
+    that was recorded (``names`` for a built-in set, ``captions`` for a directory)."""
+    if meta.get("texts"):
+        return str(meta["texts"])
+    return "names" if str(meta.get("name", "")).startswith(BUILTIN_PREFIX) else "captions"
 
 
 def list_builtin_anchor_sets() -> list[str]:
     """Names accepted by ``--anchors`` besides a directory."""
-    return [BUILTIN_IMAGENET]
+    return list(BUILTIN_TEXTS)
 
 
 def save_anchor_set(anchors: AnchorSet, out: str | Path, errors: Sequence[ItemError] = ()) -> dict[str, Any]:
@@ -295,9 +335,9 @@ def load_anchor_set(path: str | Path) -> AnchorSet:
 def resolve_anchor_set(reference: str, image_encoder: Any, text_encoder: Any) -> AnchorSet:
     """An anchor set from ``builtin:NAME`` or an anchor directory, checked against the encoders."""
     if reference.startswith(BUILTIN_PREFIX):
-        if reference != BUILTIN_IMAGENET:
+        if reference not in BUILTIN_TEXTS:
             raise InputError(f"unknown built-in anchor set {reference!r}; known: {', '.join(list_builtin_anchor_sets())}")
-        return builtin_imagenet(image_encoder, text_encoder)
+        return builtin_imagenet(image_encoder, text_encoder, texts=BUILTIN_TEXTS[reference], name=reference)
     anchors = load_anchor_set(reference)
     anchors.check_encoders(image_encoder, text_encoder)
     return anchors

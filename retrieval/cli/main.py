@@ -165,10 +165,14 @@ def build_anchors_command(pairs: Sequence[str], out: str, image_encoder: str, te
 @ray_flags("Embed the images on Ray (pip install 'retrieval[ray]'): local starts a one-machine cluster on 127.0.0.1, "
            "auto joins the running cluster (else starts a local one), or give a cluster address. Same index; a rerun "
            "embeds only the units not done.")
+@click.option("--image-views", type=click.Choice(["none", "five"]), default="none", show_default=True,
+              help="ASIF: describe each image by the mean relative row of the whole photo, its four quadrants and a centre "
+                   "crop (six encoder passes per image; image queries too).")
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 def build_index_command(images: Sequence[str], embeddings: str | None, captions: Sequence[str], index_path: str,
                         encoders: EncoderNames, anchors: AnchorFlags, k: int | None, p: float | None, caption_options: Any,
-                        embedding: EmbedFlags, index_options: Any, ray: Any, as_json: bool) -> None:
+                        embedding: EmbedFlags, index_options: Any, ray: Any, image_views: str,
+                        as_json: bool) -> None:
     """Embed images and captions and write a searchable index directory.
 
     A previous index at the same path stays readable until the new one is complete. A build that
@@ -177,13 +181,14 @@ def build_index_command(images: Sequence[str], embeddings: str | None, captions:
     from retrieval.api.build import build_index
 
     if embeddings is not None:
-        others = (images, captions, anchors.refs, encoders.image, encoders.text, k, p, ray)
+        others = (images, captions, anchors.refs, encoders.image, encoders.text, k, p, ray, image_views != "none")
         return build_from_embeddings(embeddings, others, index_path, encoders.clip, embedding, index_options, as_json)
     setup_logging(embedding.quiet)
     choice = embedding.encoders(encoders.clip, encoders.image, encoders.text)
     index = run_api(lambda: build_index(
         images, captions, index_path, choice, anchors=list(anchors.refs) or None, anchor_weights=anchors.weights, asif=_asif(k, p),
         caption_options=caption_options, embed=embedding.options, index_options=index_options, ray=ray,
+        image_views=image_views,
     ))
     info = index.info()
     if as_json:

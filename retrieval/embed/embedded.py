@@ -51,6 +51,7 @@ class EmbeddedItems:
     shared_space: bool = False
     errors: list[ItemError] = field(default_factory=list)
     stats: EmbedStats = field(default_factory=EmbedStats)
+    view_vectors: np.ndarray | None = None  # (images, views, dim): crops of each image, for multi-view ASIF pooling
 
     @property
     def image_ids(self) -> list[str]:
