@@ -39,9 +39,16 @@ class TarMember:
     size: int
 
     def __call__(self) -> bytes:
-        with open(self.path, "rb") as handle:
-            handle.seek(self.offset)
-            data = handle.read(self.size)
+        fd = os.open(self.path, os.O_RDONLY)  # pread: no buffered file object, no seek
+        try:
+            data = os.pread(fd, self.size, self.offset)
+            while 0 < len(data) < self.size:  # a read may stop short (Linux caps one at ~2 GiB)
+                more = os.pread(fd, self.size - len(data), self.offset + len(data))
+                if not more:
+                    break
+                data += more
+        finally:
+            os.close(fd)
         if len(data) != self.size:
             raise OSError(f"member data cut short: {len(data)} of {self.size} bytes (truncated shard?)")
         return data
