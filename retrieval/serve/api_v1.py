@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from retrieval.api.routes import MODALITY
 from retrieval.index.spec import SearchKnobs
 from retrieval.serve.errors import ApiError
+from retrieval.serve.narrowing import parse_narrowing, parse_parts
 from retrieval.serve.parse import (
     get_bool,
     get_int,
@@ -45,8 +46,12 @@ SEARCH_SCHEMA = {"requestBody": {"required": True, "content": {"application/json
         "k": {"type": "integer", "minimum": 1, "default": 20}, "route": {"type": "string", "nullable": True},
         "nprobe": {"type": "integer", "minimum": 1}, "ef_search": {"type": "integer", "minimum": 1},
         "exclude_self": {"type": "boolean", "default": True},
+        "where": {"type": "string", "nullable": True, "description": "SQL predicate over the item columns and metadata fields"},
+        "min_score": {"type": "number", "nullable": True}, "offset": {"type": "integer", "minimum": 0, "default": 0},
+        "dedup": {"description": "true (default cosine) or a cosine: collapse near-duplicate results"},
         "queries": {"type": "array", "items": {"type": "object", "description":
-                    'one of {"text": str}, {"image": base64}, {"item": {"kind", "id"}}, {"vector": [float]}'}},
+                    'one of {"text": str}, {"image": base64}, {"item": {"kind", "id"}}, {"vector": [float]}; a text or image '
+                    'query may add "plus" / "minus": [{"text": str} or {"image": base64}, optional "weight"]'}},
     }}}}}}
 
 
@@ -94,16 +99,19 @@ def parse_query(snapshot: Snapshot, q: Any, target: str) -> Query:
     given = [key for key in ("text", "image", "item", "vector") if q.get(key) is not None]
     if len(given) != 1:
         raise ApiError(422, f"each query needs exactly one of text, image, item, vector; got {given or 'none'}")
+    parts = parse_parts(q, decode_base64_image, MAX_TEXT)
     if given == ["text"]:
         text = get_str(q, "text", MAX_TEXT)
         if text is None:
             raise ApiError(422, "the query text is empty")
-        return Query(text=text)
+        return Query(text=text, parts=parts)
     if given == ["image"]:
         image = get_str(q, "image")
         if image is None:
             raise ApiError(422, "the query image is empty")
-        return Query(image=decode_base64_image(image))
+        return Query(image=decode_base64_image(image), parts=parts)
+    if parts:
+        raise ApiError(422, "plus / minus parts go with a text or image query, not a vector or an item")
     if given == ["vector"]:
         return vector_query(snapshot, get_vector(q["vector"], "vector"), MODALITY[target])
     item = q["item"]
@@ -127,6 +135,7 @@ def search_body(request: Request, body: dict[str, Any]) -> dict[str, Any]:
     route = get_str(body, "route", 40)
     knobs = SearchKnobs(nprobe=get_int(body, "nprobe", None, 1, 1 << 20), ef_search=get_int(body, "ef_search", None, 1, 1 << 20))
     exclude_self = get_bool(body, "exclude_self", True)
+    narrowing = parse_narrowing(body, config.max_k)
     queries = body.get("queries")
     if not isinstance(queries, list) or not queries:
         raise ApiError(422, "queries must be a non-empty list")
@@ -136,7 +145,7 @@ def search_body(request: Request, body: dict[str, Any]) -> dict[str, Any]:
     results = []
     for number, query in enumerate(parsed):
         used = route_of(snapshot, query, target, route)
-        found = run_query(snapshot, query, target, k, used, knobs, exclude_self, request.app.state.search_threads)
+        found = run_query(snapshot, query, target, k, used, knobs, exclude_self, request.app.state.search_threads, narrowing)
         hits = [hit(snapshot, target, f.position, f.score, rank) for rank, f in enumerate(found, start=1)]
         results.append({"query": number, "route": used, "hits": hits})
     took = (time.perf_counter() - started) * 1000

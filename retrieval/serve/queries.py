@@ -15,8 +15,10 @@ import numpy as np
 
 from retrieval.api.routes import MODALITY, query_name
 from retrieval.core.errors import ImageDecodeError, InputError
+from retrieval.core.query import Query as ComposedQuery
 from retrieval.index.spec import SearchKnobs
 from retrieval.serve.errors import ApiError
+from retrieval.serve.narrowing import Narrowing
 from retrieval.serve.served import Snapshot
 from retrieval.sources.images import decode_image
 
@@ -32,6 +34,7 @@ class Query:
     vector: np.ndarray | None = None
     modality: str | None = None
     item: tuple[str, int] | None = None
+    parts: tuple[tuple[float, str, Any], ...] = ()  # weighted plus/minus parts added to a text or image query
 
     @property
     def query_modality(self) -> str:
@@ -114,14 +117,17 @@ def route_of(snapshot: Snapshot, query: Query, target: str, route: str | None) -
 
 
 def run_query(snapshot: Snapshot, query: Query, target: str, k: int, route: str | None = None,
-              knobs: SearchKnobs | None = None, exclude_self: bool = True, threads: SearchThreads | None = None) -> list[Found]:
-    """The ``k`` best ``target`` items (``image`` or ``caption``) for ``query``, best first (searching with ``threads``)."""
+              knobs: SearchKnobs | None = None, exclude_self: bool = True, threads: SearchThreads | None = None,
+              narrowing: Narrowing = Narrowing()) -> list[Found]:
+    """The ``k`` best ``target`` items (``image`` or ``caption``) for ``query``, best first (searching with
+    ``threads``), filtered by ``narrowing.where`` inside the search, then collapsed, paged and cut."""
     if snapshot.count(target) == 0:
         return []
     if threads is not None:
         threads.apply(query)
     try:
-        return _run(snapshot, query, target, k, route, knobs, exclude_self)
+        found = _run(snapshot, query, target, narrowing.fetch(k), route, knobs, exclude_self, narrowing.where)
+        return narrowing.apply(snapshot.index, target, found, k)
     except ImageDecodeError as e:
         raise ApiError(422, str(e)) from None
     except InputError as e:
@@ -129,15 +135,19 @@ def run_query(snapshot: Snapshot, query: Query, target: str, k: int, route: str 
 
 
 def _run(snapshot: Snapshot, query: Query, target: str, k: int, route: str | None, knobs: SearchKnobs | None,
-         exclude_self: bool) -> list[Found]:
+         exclude_self: bool, where: str | None) -> list[Found]:
     index = snapshot.index
+    if query.parts:
+        base = (1.0, "text", query.text) if query.text is not None else (1.0, "image", query.image)
+        hits = index.search(ComposedQuery((base, *query.parts)), target, k, route, knobs, where=where)
+        return _from_hits(snapshot, target, hits)
     if query.text is not None:
         search = index.text_to_image if target == "image" else index.text_to_caption
-        return _from_hits(snapshot, target, search(query.text, k, route, knobs))
+        return _from_hits(snapshot, target, search(query.text, k, route, knobs, where=where))
     if query.image is not None:
         if target == "image":
-            return _from_hits(snapshot, target, index.image_to_image(query.image, k, False, route, knobs))
-        return _from_hits(snapshot, target, index.image_to_caption(query.image, k, route, knobs))
+            return _from_hits(snapshot, target, index.image_to_image(query.image, k, False, route, knobs, where=where))
+        return _from_hits(snapshot, target, index.image_to_caption(query.image, k, route, knobs, where=where))
     drop = None
     vector = query.vector
     if query.item is not None:
@@ -147,7 +157,7 @@ def _run(snapshot: Snapshot, query: Query, target: str, k: int, route: str | Non
         vector = snapshot.vectors(kind, np.array([position]))[0]
         drop = position if exclude_self and kind == target else None
     fetch = k + 1 if drop is not None else k
-    scores, positions = index.search_vectors(target, vector[None, :].astype(np.float32), query.query_modality, fetch, route, knobs)
+    scores, positions = index.search_vectors(target, vector[None, :].astype(np.float32), query.query_modality, fetch, route, knobs, where)
     found = [Found(int(p), float(s)) for s, p in zip(scores[0], positions[0]) if p >= 0 and p != drop]
     return found[:k]
 
