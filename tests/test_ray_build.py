@@ -6,7 +6,6 @@ The session listens on 127.0.0.1 only (checked below), has 4 logical CPUs for 1-
 
 from __future__ import annotations
 
-import faulthandler
 import functools
 import importlib.util
 import ipaddress
@@ -14,7 +13,6 @@ import json
 import operator
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import COCO, require_shared_data
-
-from retrieval.embed.ray_pipeline import LOOPBACK_ENV
+from ray_helpers import alarm_after, local_ray
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install 'retrieval[ray]'")
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,31 +30,17 @@ TEST_SECONDS = 60
 
 @pytest.fixture(autouse=True)
 def alarm():
-    """Fail a hung Ray test (a deadlocked actor pool) instead of hanging the suite."""
-    def expired(signum, frame):
-        faulthandler.dump_traceback(all_threads=True)
-        raise TimeoutError(f"Ray test ran over {TEST_SECONDS} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_SECONDS)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with alarm_after(TEST_SECONDS):
+        yield
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray session for the module (ray.init takes 4-6 s), started the way ``--ray local``
-    starts one (so the loopback check below checks the build's own way); the builds join it."""
-    from retrieval.embed.ray_pipeline import RayOptions, ray_session
-
+    """One local Ray session for the module, started the way ``--ray local`` starts one (so the
+    loopback check below checks the build's own way); the builds join it."""
     assert "ray" not in sys.modules, "ray was imported before the loopback setting could apply"
-    with pytest.MonkeyPatch.context() as patch:
-        for name in LOOPBACK_ENV:
-            patch.delenv(name, raising=False)  # set by ray_session, restored (removed) after the module
-        with ray_session(RayOptions(address="local", local_cpus=4)) as ray:
-            yield ray
-        assert not ray.is_initialized()
+    with local_ray() as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ so the driver can be killed mid-job. Every test runs under an alarm.
 
 from __future__ import annotations
 
-import faulthandler
 import importlib.util
 import os
 import shutil
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import COCO, require_shared_data
+from ray_helpers import alarm_after, local_ray
 
 from retrieval.embed.ray_cluster import LOOPBACK_ENV, RayOptions
 from retrieval.embed.ray_hooks import HOOKS_ENV
@@ -39,16 +39,8 @@ TEST_SECONDS = 240
 
 @pytest.fixture(autouse=True)
 def alarm():
-    """Fail a hung test (a deadlocked actor pool, a driver that never got killed) instead of hanging."""
-    def expired(signum, frame):
-        faulthandler.dump_traceback(all_threads=True)
-        raise TimeoutError(f"test ran over {TEST_SECONDS} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_SECONDS)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with alarm_after(TEST_SECONDS):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +51,10 @@ def hooks(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_cluster(hooks):
     """One local Ray session for the module whose workers see the test hooks' folder."""
-    from retrieval.embed.ray_cluster import ray_session
-
     if "ray" in sys.modules:
         assert not sys.modules["ray"].is_initialized(), "another module's Ray session is open: its workers lack the hooks"
-    with pytest.MonkeyPatch.context() as patch:
-        for name in LOOPBACK_ENV:
-            patch.delenv(name, raising=False)
-        patch.setenv(HOOKS_ENV, str(hooks))  # inherited by the raylet, so by every actor
-        with ray_session(RayOptions(address="local", local_cpus=4)) as ray:
-            yield ray
+    with local_ray({HOOKS_ENV: str(hooks)}) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

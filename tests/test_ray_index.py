@@ -7,7 +7,6 @@ test_sharded_index.py.
 
 from __future__ import annotations
 
-import faulthandler
 import importlib.util
 import json
 import os
@@ -18,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from large_index import caption_items, clustered_vectors, image_rows, tiny_clip_record
+from ray_helpers import alarm_after, local_ray
 
-from retrieval.embed.ray_pipeline import LOOPBACK_ENV
 from retrieval.index.spec import SearchKnobs
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install 'retrieval[ray]'")
@@ -29,29 +28,15 @@ N = 2000
 
 @pytest.fixture(autouse=True)
 def alarm():
-    """Fail a hung Ray test instead of hanging the suite."""
-    def expired(signum, frame):
-        faulthandler.dump_traceback(all_threads=True)
-        raise TimeoutError(f"Ray test ran over {TEST_SECONDS} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_SECONDS)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with alarm_after(TEST_SECONDS):
+        yield
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local Ray session on 127.0.0.1 for the module (4 logical CPUs), started as ``--ray local`` starts one."""
-    from retrieval.embed.ray_pipeline import RayOptions, ray_session
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in LOOPBACK_ENV:
-            patch.delenv(name, raising=False)
-        with ray_session(RayOptions(address="local", local_cpus=4)) as ray:
-            yield ray
-        assert not ray.is_initialized()
+    with local_ray() as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")
