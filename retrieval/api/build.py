@@ -14,6 +14,7 @@ A build is three stages, each callable on its own:
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -180,15 +181,25 @@ def build_index(
         image_encoder, text_encoder = load_encoders(encoders)
         spaces = resolve_anchors(anchors, anchor_weights, image_encoder, text_encoder)
         asif = asif_params_for(spaces.sets, asif) if spaces else asif  # open fields: the anchor sets' own; fails early
-        embedded = embed_items(collection, image_encoder, text_encoder, embed, work_dir=index, ray=ray_options)  # resumable: see resume.py
-        if check_views(image_views) != "none":
-            embedded.view_vectors = embed_views([row.ref for row in embedded.images], image_encoder, image_views)
-        commit_index(embedded, index, WriteOptions(
-            anchors=spaces, asif=asif, index_options=index_options, caption_options=caption_options,
-            sources={"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
-            checkpoint=encoders.checkpoint, progress=embed.progress, started=started, ray=ray_options, image_views=image_views,
-        ))
+        with _one_ray_session(ray_options):  # the embed and index stages share it (each would start its own)
+            embedded = embed_items(collection, image_encoder, text_encoder, embed, work_dir=index, ray=ray_options)  # resumable: see resume.py
+            if check_views(image_views) != "none":
+                embedded.view_vectors = embed_views([row.ref for row in embedded.images], image_encoder, image_views)
+            commit_index(embedded, index, WriteOptions(
+                anchors=spaces, asif=asif, index_options=index_options, caption_options=caption_options,
+                sources={"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
+                checkpoint=encoders.checkpoint, progress=embed.progress, started=started, ray=ray_options, image_views=image_views,
+            ))
     return open_index(index, device=encoders.device)
+
+
+def _one_ray_session(ray: RayOptions | None) -> Any:
+    """A Ray session open for the whole build when it runs on Ray (started or joined once), else nothing."""
+    if ray is None:
+        return nullcontext()
+    from retrieval.embed.ray_pipeline import ray_session
+
+    return ray_session(ray)
 
 
 def ray_options_for(ray: str | RayOptions | None, encoders: EncoderChoice | None) -> RayOptions | None:
