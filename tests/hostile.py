@@ -10,6 +10,7 @@ over the whole corpus with the tiny CLIP model takes a few seconds.
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import json
 import os
@@ -320,10 +321,13 @@ WHOLE_FILE_CASES = [
 
 
 @contextmanager
-def time_limit(seconds: int, what: str = "this step") -> Iterator[None]:
-    """Fail with TimeoutError instead of hanging (main thread only)."""
+def time_limit(seconds: int, what: str = "this step", dump_threads: bool = False) -> Iterator[None]:
+    """Fail with TimeoutError instead of hanging (main thread only); ``dump_threads``: print every
+    thread's traceback first (a deadlock elsewhere, e.g. in a Ray actor pool)."""
 
     def expired(signum: int, frame: object) -> None:
+        if dump_threads:
+            faulthandler.dump_traceback(all_threads=True)
         raise TimeoutError(f"{what} did not finish within {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expired)

@@ -3,31 +3,33 @@ module on 127.0.0.1, started the way ``--ray local`` starts one (``ray.init`` ta
 
 from __future__ import annotations
 
-import faulthandler
-import signal
+import shutil
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from conftest import COCO, require_shared_data
+from hostile import time_limit
 
 from retrieval.embed.ray_cluster import LOOPBACK_ENV, RayOptions, ray_session
 
 
-@contextmanager
-def alarm_after(seconds: int) -> Iterator[None]:
+def alarm_after(seconds: int) -> Any:
     """Fail the test (with every thread's traceback) when it runs over ``seconds``: a deadlocked actor
     pool or a driver that never got killed, instead of a hung suite."""
-    def expired(signum: int, frame: Any) -> None:
-        faulthandler.dump_traceback(all_threads=True)
-        raise TimeoutError(f"Ray test ran over {seconds} s")
+    return time_limit(seconds, "this Ray test", dump_threads=True)
 
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+
+def photos_with_a_broken_one(root: Path, count: int = 24) -> Path:
+    """``count`` COCO photos copied into ``root`` as loose files, and one truncated JPEG."""
+    require_shared_data()
+    names = sorted(p.name for p in (COCO / "images").glob("*.jpg"))[:count]
+    for name in names:
+        shutil.copy(COCO / "images" / name, root / name)
+    good = (root / names[0]).read_bytes()
+    (root / "zz-broken.jpg").write_bytes(good[: len(good) // 3])
+    return root
 
 
 @contextmanager

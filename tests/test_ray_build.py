@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import COCO, require_shared_data
-from ray_helpers import alarm_after, local_ray
+from conftest import require_shared_data
+from ray_helpers import alarm_after, local_ray, photos_with_a_broken_one
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install 'retrieval[ray]'")
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,14 +46,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """24 COCO photos and one truncated JPEG, as loose files."""
-    require_shared_data()
-    root = tmp_path_factory.mktemp("ray-photos")
-    names = sorted(p.name for p in (COCO / "images").glob("*.jpg"))[:24]
-    for name in names:
-        shutil.copy(COCO / "images" / name, root / name)
-    good = (root / names[0]).read_bytes()
-    (root / "zz-broken.jpg").write_bytes(good[: len(good) // 3])
-    return root
+    return photos_with_a_broken_one(tmp_path_factory.mktemp("ray-photos"))
 
 
 def _build(photos: Path, index: Path, tiny_clip_dir: Path, *extra: str) -> None:

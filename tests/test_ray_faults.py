@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import COCO, require_shared_data
-from ray_helpers import alarm_after, local_ray
+from ray_helpers import alarm_after, local_ray, photos_with_a_broken_one
 
 from retrieval.embed.ray_cluster import LOOPBACK_ENV, RayOptions
 from retrieval.embed.ray_hooks import HOOKS_ENV
@@ -60,14 +59,7 @@ def ray_cluster(hooks):
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """24 COCO photos and one truncated JPEG, as loose files."""
-    require_shared_data()
-    root = tmp_path_factory.mktemp("ray-fault-photos")
-    names = sorted(p.name for p in (COCO / "images").glob("*.jpg"))[:24]
-    for name in names:
-        shutil.copy(COCO / "images" / name, root / name)
-    good = (root / names[0]).read_bytes()
-    (root / "zz-broken.jpg").write_bytes(good[: len(good) // 3])
-    return root
+    return photos_with_a_broken_one(tmp_path_factory.mktemp("ray-fault-photos"))
 
 
 def _choice(tiny_clip_dir: Path):
