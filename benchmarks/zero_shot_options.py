@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from asif_params import cached  # the same .npz cache under index_data/cache
 
 from retrieval.asif.anchors import class_prompts
 from retrieval.asif.pooling import pool_views
@@ -30,20 +31,8 @@ from retrieval.encoders.registry import load_image_encoder, load_text_encoder
 from retrieval.eval.evaluate import PairedData, Scorer, evaluate_paired
 from retrieval.sources.images import load_image
 
-CACHE = Path("index_data/cache")
 GRID = [(k, p) for k in (50, 100, 200) for p in (1.0, 2.0, 3.0, 4.0)]
 METRICS = ("t2i R@1", "t2i R@5", "t2i R@10", "i2c R@1", "i2c R@5")
-
-
-def cached(name: str, compute) -> dict[str, np.ndarray]:
-    path = CACHE / f"{name}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    arrays = compute()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
-    return arrays
 
 
 def coco_views(data: Path, image_encoder, text_encoder) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import IMAGENET, require_shared_data
 from PIL import Image
+from test_engine_asif import reference_relative
 
 import retrieval
 from retrieval import EmbedOptions, EncoderChoice
@@ -31,16 +32,6 @@ UNIMODAL = EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu"
 
 def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def reference_relative(vectors: np.ndarray, anchors: np.ndarray, k: int, p: float) -> np.ndarray:
-    """ASIF by hand: top-k similarities, clipped at 0, to the power p, L2-normalised."""
-    sims = vectors @ anchors.T
-    out = np.zeros_like(sims)
-    for row, values in enumerate(sims):
-        top = np.argsort(-values, kind="stable")[:k]
-        out[row, top] = np.maximum(values[top], 0) ** p
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 def test_crop_pooling_equals_a_numpy_reference():
