@@ -3,9 +3,11 @@
 1. Images per second of the embedding stage (read + decode + preprocess + encode, DataLoader
    workers as ``build-index`` runs them) over N photos from ../shared/data/coco-train-mini
    (cycled, each copy its own file / sample), once as loose JPEG files and once as webdataset
-   tar shards (written by webdataset's ShardWriter, 10 samples a shard, the way img2dataset
-   writes them). The two alternate within each repeat; each figure is the median of --repeats.
-   Target: shards at least as fast as loose files.
+   tar shards (written by webdataset's ShardWriter, --per-shard samples a shard, 10 by default:
+   the most shard overhead per sample; img2dataset writes 10,000). The two alternate within each
+   repeat; each figure is the median of --repeats. Measured with the files in the page cache
+   (warm) and with their data evicted before each run (cold: read from the disk, as a collection
+   larger than memory is). Target: shards at least as fast as loose files.
 2. Peak RSS of a whole ``build_index`` (gather -> embed -> write, in a fresh process each) over
    the same --rss-images samples split into 1, 10 and 100 shards. Target: flat.
 
@@ -13,12 +15,14 @@ The default encoder is the tests' tiny random CLIP: reading and decoding dominat
 differs between the two layouts (a real encoder adds the same model time to both).
 
     python benchmarks/shards.py [--images 320] [--repeats 3] [--rss-images 400] [--encoder tiny|SPEC]
+                                [--per-shard 10] [--cache warm|cold|both]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -69,6 +73,20 @@ def encoder_choice(spec: str, tmp: Path):
     return EncoderChoice(image=spec, text="minilm", device="cpu")
 
 
+def evict(folder: Path) -> None:
+    """Drop the data of every file under ``folder`` from the page cache (``posix_fadvise(DONTNEED)``;
+    the files were synced after writing, so their pages are clean and can go): the next reads come
+    from the disk, as they do for a collection larger than memory. Directory entries and inodes
+    stay cached (dropping those needs /proc/sys/vm/drop_caches)."""
+    for file in folder.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def throughput(args: argparse.Namespace, tmp: Path) -> dict:
     from retrieval import CaptionOptions
     from retrieval.api.build import gather_items
@@ -76,23 +94,34 @@ def throughput(args: argparse.Namespace, tmp: Path) -> dict:
     from retrieval.encoders.registry import load_encoders
 
     files = photos(args.images)
-    sources = {"loose files": write_loose(tmp / "loose", files), "tar shards": write_shards(tmp / "shards", files, 10)}
+    sources = {"loose files": write_loose(tmp / "loose", files),
+               "tar shards": write_shards(tmp / "shards", files, args.per_shard)}
+    os.sync()  # clean pages: evict() can drop them
     encoder, _ = load_encoders(encoder_choice(args.encoder, tmp))
     options = EmbedOptions(progress=False)
-    times: dict[str, list[float]] = {name: [] for name in sources}
-    gathers: dict[str, list[float]] = {name: [] for name in sources}
+    caches = ("warm", "cold") if args.cache == "both" else (args.cache,)
+    times: dict[tuple[str, str], list[float]] = {}
+    gathers: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.repeats):
-        for name, source in sources.items():
-            start = time.perf_counter()
-            items = gather_items([str(source)], [], CaptionOptions()).images  # discovery / shard scan counts too
-            gathers[name].append(time.perf_counter() - start)
-            done = embed_images(items, encoder, options)
-            times[name].append(time.perf_counter() - start)
-            assert len(done.rows) == args.images and not done.errors, name
-    rates = {name: round(args.images / statistics.median(t), 1) for name, t in times.items()}
-    return {"images": args.images, "repeats": args.repeats, "encoder": args.encoder, "workers": done.workers,
+        for cache in caches:
+            for name, source in sources.items():  # the layouts alternate within each repeat
+                if cache == "cold":
+                    evict(source)
+                start = time.perf_counter()
+                items = gather_items([str(source)], [], CaptionOptions()).images  # discovery / shard scan counts too
+                gathers.setdefault((cache, name), []).append(time.perf_counter() - start)
+                done = embed_images(items, encoder, options)
+                times.setdefault((cache, name), []).append(time.perf_counter() - start)
+                assert len(done.rows) == args.images and not done.errors, name
+    out: dict = {"images": args.images, "per_shard": args.per_shard, "repeats": args.repeats,
+                 "encoder": args.encoder, "workers": done.workers}
+    for cache in caches:
+        rates = {name: round(args.images / statistics.median(times[cache, name]), 1) for name in sources}
+        out[f"page_cache_{cache}"] = {
             "images_per_second": rates, "ratio": round(rates["tar shards"] / rates["loose files"], 3),
-            "gather_ms": {name: round(1000 * statistics.median(t), 1) for name, t in gathers.items()}}
+            "ratio_by_repeat": [round(a / b, 3) for a, b in zip(times[cache, "loose files"], times[cache, "tar shards"])],
+            "gather_ms": {name: round(1000 * statistics.median(gathers[cache, name]), 1) for name in sources}}
+    return out
 
 
 def rss_child(shards: str, index: str, encoder: str, tmp: str) -> None:
@@ -124,6 +153,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rss-images", type=int, default=400)
     parser.add_argument("--encoder", default="tiny")
+    parser.add_argument("--per-shard", type=int, default=10, help="samples a shard (img2dataset's default is 10,000)")
+    parser.add_argument("--cache", choices=("warm", "cold", "both"), default="both",
+                        help="warm: the files in the page cache; cold: evicted before each run")
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:

@@ -333,6 +333,43 @@ def test_a_negative_size_is_damage_not_a_loop(tmp_path):
         list(iter_members(handle, len(data)))
 
 
+def _pax_tar(path: Path, records: bytes, data: bytes) -> Path:
+    """A tar of one pax block holding ``records``, then a ustar member "plain.bin" with ``data``
+    (its ustar header says 700 bytes whatever the data: a pax size record overrides that)."""
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, len(records)
+    info = tarfile.TarInfo("plain.bin")
+    info.size = 700
+    with open(path, "wb") as out:
+        out.write(pax.tobuf(tarfile.USTAR_FORMAT) + records + bytes(-len(records) % 512))
+        out.write(info.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512) + bytes(1024))
+    return path
+
+
+@pytest.mark.parametrize("records, name, size", [
+    (b"30 mtime=1796015980.0446277\n", "plain.bin", 700),  # webdataset's pax block: nothing this reader uses
+    (b"20 path=renamed.jpg\n11 size=10\n", "renamed.jpg", 10),  # the records that rename and resize the member
+])
+def test_pax_records_name_and_size_the_next_member(tmp_path, records, name, size):
+    from retrieval.sources.tar_headers import iter_members
+
+    path = _pax_tar(tmp_path / "t.tar", records, b"x" * size)
+    with open(path, "rb") as handle:
+        got = [(m.name, m.size) for m in iter_members(handle, path.stat().st_size)]
+    assert got[:1] == [(name, size)]
+    with tarfile.open(path) as tar:  # Python's tarfile reads the same
+        assert [(m.name, m.size) for m in tar.getmembers()][:1] == [(name, size)]
+
+
+@pytest.mark.parametrize("records", [b"99 path=a.jpg\n", b"x path=a.jpg\n", b"15 path=a.jpg\n", b"11 size=1x\n"])
+def test_a_damaged_pax_path_or_size_record_is_damage(tmp_path, records):
+    from retrieval.sources.tar_headers import TarDamage, iter_members
+
+    path = _pax_tar(tmp_path / "t.tar", records, b"x" * 700)
+    with open(path, "rb") as handle, pytest.raises(TarDamage, match="pax"):
+        list(iter_members(handle, path.stat().st_size))
+
+
 def test_an_item_reads_back_by_its_uri(coco_shards, tmp_path):
     from retrieval.sources.inputs import read_item_bytes
 

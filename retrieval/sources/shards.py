@@ -96,6 +96,12 @@ def _folder_containers(folder: Path) -> list[Path] | None:
     )
     if has_images:
         return None
-    files = sorted(p.resolve() for p in folder.iterdir() if p.is_file() and is_container(p.name) and not p.name.startswith("."))
+    real = folder.resolve()
+    with os.scandir(folder) as entries:  # a plain entry of the resolved folder is its own real path: one resolve, not one a shard
+        files = sorted(
+            Path(entry.path).resolve() if entry.is_symlink() else real / entry.name
+            for entry in entries
+            if is_container(entry.name) and not entry.name.startswith(".") and entry.is_file()
+        )
     tars = [p for p in files if p.name.lower().endswith(".tar")]
     return (tars or files) or None  # img2dataset writes a metadata parquet (no image bytes) next to each tar
