@@ -102,9 +102,10 @@ def throughput(args: argparse.Namespace, tmp: Path) -> dict:
     caches = ("warm", "cold") if args.cache == "both" else (args.cache,)
     times: dict[tuple[str, str], list[float]] = {}
     gathers: dict[tuple[str, str], list[float]] = {}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for cache in caches:
-            for name, source in sources.items():  # the layouts alternate within each repeat
+            order = list(sources.items())[:: 1 if repeat % 2 == 0 else -1]  # who goes first alternates too
+            for name, source in order:  # the layouts alternate within each repeat
                 if cache == "cold":
                     evict(source)
                 start = time.perf_counter()
