@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from retrieval.core.errors import InputError
+from retrieval.sources.readahead import readahead
 
 __all__ = ["DECODE_CHOICES", "GPU_MAX_PIXELS", "DeviceDecoder", "JpegBytesDataset", "collate_jpegs",
            "decode_device", "gpu_jpeg_size"]
@@ -115,6 +116,11 @@ class JpegBytesDataset:
 
     def __len__(self) -> int:
         return len(self.refs)
+
+    def __getitems__(self, positions: list[int]) -> list[Sample]:
+        """A batch: the OS is asked to read every image first (see the CPU dataset's ``__getitems__``)."""
+        readahead([self.refs[p] for p in positions])
+        return [self[p] for p in positions]
 
     def __getitem__(self, position: int) -> Sample:
         data = self._bytes(self.refs[position])

@@ -41,6 +41,7 @@ from retrieval.embed.workers import (
     use_replicas,
 )
 from retrieval.sources.items import ImageRef, ItemError, load_image
+from retrieval.sources.readahead import readahead
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,12 @@ class _ImageDataset:
 
     def __len__(self) -> int:
         return len(self.refs)
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[int, Any, int, int, str, str | None]]:
+        """A batch (the DataLoader's batched fetch): the OS is asked to read every image first,
+        so later images come off the disk while earlier ones decode (:mod:`retrieval.sources.readahead`)."""
+        readahead([self.refs[p] for p in positions])
+        return [self[p] for p in positions]
 
     def __getitem__(self, position: int) -> tuple[int, Any, int, int, str, str | None]:
         ref = self.refs[position]
