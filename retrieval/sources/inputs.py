@@ -11,6 +11,7 @@ from retrieval.core.errors import InputError
 from retrieval.sources.discovery import discover_images
 from retrieval.sources.img2dataset_files import with_sidecars
 from retrieval.sources.parquet_images import read_parquet_images
+from retrieval.sources.scan_pool import read_in_order
 from retrieval.sources.shards import container_files, is_container
 from retrieval.sources.webdataset_tar import ShardItems, read_tar_shard
 
@@ -18,13 +19,17 @@ from retrieval.sources.webdataset_tar import ShardItems, read_tar_shard
 def read_containers(arg: str | Path, files: Sequence[Path], caption_column: str = "caption",
                     image_column: str = "image") -> ShardItems:
     """The items of the tar/parquet ``files`` one argument named (resolved paths, as
-    :func:`container_files` gives them), shard by shard; InputError when none has an image."""
-    got = ShardItems()
-    for path in files:
+    :func:`container_files` gives them), shard by shard in order (several read at once where the
+    reads wait for storage: :mod:`retrieval.sources.scan_pool`); InputError when none has an image."""
+
+    def read(path: Path) -> ShardItems:
         if path.name.lower().endswith(".tar"):
-            got.extend(read_tar_shard(path, str(arg), resolved=True))
-        else:
-            got.extend(read_parquet_images(path, caption_column, image_column, str(arg)))
+            return read_tar_shard(path, str(arg), resolved=True)
+        return read_parquet_images(path, caption_column, image_column, str(arg))
+
+    got = ShardItems()
+    for part in read_in_order(files, read):
+        got.extend(part)
     if not got.images:
         first = f"; first problem: {got.errors[0].path}: {got.errors[0].reason}" if got.errors else ""
         raise InputError(f"{arg}: no images in {len(files)} shard file(s){first}")

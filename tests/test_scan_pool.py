@@ -1,0 +1,58 @@
+"""Shard files read one by one from memory, several at once where reads wait (scan_pool)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from retrieval.sources.scan_pool import PROBE_FILES, read_in_order, reads_wait
+
+FILES = list(range(PROBE_FILES + 12))
+WAIT = 0.02  # seconds a "read from storage" sleeps
+
+
+def _recording(work):
+    threads: dict[int, str] = {}
+
+    def read(file: int) -> int:
+        threads[file] = threading.current_thread().name
+        work()
+        return file * 10
+
+    return read, threads
+
+
+def _busy() -> None:
+    end = time.process_time() + 0.003
+    while time.process_time() < end:
+        pass
+
+
+def test_reads_that_wait_go_to_threads_after_the_probe_and_come_back_in_order():
+    read, threads = _recording(lambda: time.sleep(WAIT))
+    start = time.perf_counter()
+    got = list(read_in_order(FILES, read, threads=8))
+    seconds = time.perf_counter() - start
+    assert got == [file * 10 for file in FILES]
+    probed = [threads[file] for file in FILES[:PROBE_FILES]]
+    pooled = [threads[file] for file in FILES[PROBE_FILES:]]
+    assert all(name == threading.current_thread().name for name in probed)
+    assert all(name.startswith("shard-scan") for name in pooled)
+    assert seconds < (PROBE_FILES + len(pooled) / 2) * WAIT  # one by one would take len(FILES) * WAIT
+
+
+def test_reads_that_compute_stay_on_the_calling_thread():
+    read, threads = _recording(_busy)
+    assert list(read_in_order(FILES, read, threads=8)) == [file * 10 for file in FILES]
+    assert set(threads.values()) == {threading.current_thread().name}
+
+
+def test_one_thread_or_few_files_never_start_a_pool():
+    read, threads = _recording(lambda: time.sleep(WAIT))
+    assert list(read_in_order(FILES, read, threads=1)) == [file * 10 for file in FILES]
+    assert list(read_in_order(FILES[: PROBE_FILES + 1], read, threads=8)) == [file * 10 for file in FILES[: PROBE_FILES + 1]]
+    assert set(threads.values()) == {threading.current_thread().name}
+
+
+def test_waiting_is_cpu_below_half_the_wall_clock():
+    assert reads_wait(1.0, 0.2) and not reads_wait(1.0, 0.8) and not reads_wait(0.0, 0.0)
