@@ -56,3 +56,26 @@ def test_one_thread_or_few_files_never_start_a_pool():
 
 def test_waiting_is_cpu_below_half_the_wall_clock():
     assert reads_wait(1.0, 0.2) and not reads_wait(1.0, 0.8) and not reads_wait(0.0, 0.0)
+
+
+def test_a_long_shard_scan_shows_a_progress_bar_and_a_quiet_one_does_not(tmp_path, monkeypatch, capsys):
+    import io
+    import tarfile
+
+    from retrieval.sources import inputs
+
+    shards = []
+    for n in range(3):
+        shards.append(tmp_path / f"{n:05d}.tar")
+        with tarfile.open(shards[-1], "w") as tar:
+            for ext, data in (("jpg", b"\xff\xd8 not really a jpeg"), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{n:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(inputs, "PROGRESS_DELAY", 0.0)
+    got = inputs.read_image_sources([str(tmp_path / "{00000..00002}.tar")], progress=True)
+    assert len(got.images) == 3
+    shown = capsys.readouterr().err
+    assert "scanning shards" in shown and "3/3" in shown and "images=3" in shown
+    inputs.read_image_sources([str(tmp_path / "{00000..00002}.tar")], progress=False)
+    assert capsys.readouterr().err == ""

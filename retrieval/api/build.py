@@ -68,7 +68,8 @@ class Collection:
 
 
 def gather_items(
-    images: Sequence[str | Path], captions: Sequence[str | Path], options: CaptionOptions = CaptionOptions()
+    images: Sequence[str | Path], captions: Sequence[str | Path], options: CaptionOptions = CaptionOptions(),
+    progress: bool = False,
 ) -> Collection:
     """Stage 1: find images and read caption files; images named by pairs files join the image collection.
 
@@ -76,10 +77,11 @@ def gather_items(
     its captions and json metadata), webdataset tar shards and parquet files with image bytes
     (a path, glob or brace range ``shards/{00000..00127}.tar``: their captions come along,
     paired with their images by uri); see :func:`retrieval.sources.inputs.read_image_sources`.
+    ``progress``: a progress bar on stderr while many shards are scanned (shown after a second).
     """
     if not images and not captions:
         raise InputError("nothing to index: give --images PATH and/or --captions FILE")
-    found = read_image_sources(images, options.caption_column, options.image_column) if images else ShardItems()
+    found = read_image_sources(images, options.caption_column, options.image_column, progress) if images else ShardItems()
     collection = Collection(images=found.images, captions=found.captions, errors=found.errors)
     seen = {ref.path for ref in collection.images if ref.path is not None}
     for path in captions:
@@ -177,7 +179,7 @@ def build_index(
     index = Path(index)
     prepare_target(index)
     with writer_lock(index):  # one build at a time: a second writer fails here, at once
-        collection = gather_items(images, captions, caption_options)
+        collection = gather_items(images, captions, caption_options, progress=embed.progress)
         image_encoder, text_encoder = load_encoders(encoders)
         spaces = resolve_anchors(anchors, anchor_weights, image_encoder, text_encoder)
         asif = asif_params_for(spaces.sets, asif) if spaces else asif  # open fields: the anchor sets' own; fails early

@@ -190,7 +190,7 @@ def add_to_index(
     with writer_lock(index_path):
         old = _prepare(index_path, device)
         update = _Update(old)
-        collection = gather_items(images, captions, caption_options)
+        collection = gather_items(images, captions, caption_options, progress=embed.progress)
         present = {kind: set(np.asarray(old.items(kind)["id"], dtype=object)[_live_mask(old, kind)]) for kind in KINDS}
         new_images = [ref for ref in collection.images if ref.id not in present["image"]]
         new_captions = [record for record in collection.captions if record.id not in present["caption"]]

@@ -3,9 +3,12 @@ img2dataset's ``files`` sidecars), webdataset tar shards, parquet files with ima
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from tqdm.auto import tqdm
 
 from retrieval.core.errors import InputError
 from retrieval.sources.discovery import discover_images
@@ -16,11 +19,15 @@ from retrieval.sources.shards import container_files, is_container
 from retrieval.sources.webdataset_tar import ShardItems, read_tar_shard
 
 
+PROGRESS_DELAY = 1.0  # seconds a scan runs before its progress bar shows (short scans print nothing)
+
+
 def read_containers(arg: str | Path, files: Sequence[Path], caption_column: str = "caption",
-                    image_column: str = "image") -> ShardItems:
+                    image_column: str = "image", progress: bool = False) -> ShardItems:
     """The items of the tar/parquet ``files`` one argument named (resolved paths, as
     :func:`container_files` gives them), shard by shard in order (several read at once where the
-    reads wait for storage: :mod:`retrieval.sources.scan_pool`); InputError when none has an image."""
+    reads wait for storage: :mod:`retrieval.sources.scan_pool`); InputError when none has an image.
+    ``progress``: a bar on stderr (shards, and the images found) for a scan that takes a while."""
 
     def read(path: Path) -> ShardItems:
         if path.name.lower().endswith(".tar"):
@@ -28,16 +35,22 @@ def read_containers(arg: str | Path, files: Sequence[Path], caption_column: str 
         return read_parquet_images(path, caption_column, image_column, str(arg))
 
     got = ShardItems()
-    for part in read_in_order(files, read):
-        got.extend(part)
+    with tqdm(total=len(files), desc="scanning shards", unit="shard", file=sys.stderr, delay=PROGRESS_DELAY,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for part in read_in_order(files, read):
+            got.extend(part)
+            bar.update(1)
+            bar.set_postfix(images=len(got.images), refresh=False)
     if not got.images:
         first = f"; first problem: {got.errors[0].path}: {got.errors[0].reason}" if got.errors else ""
         raise InputError(f"{arg}: no images in {len(files)} shard file(s){first}")
     return got
 
 
-def read_image_sources(args: Sequence[str | Path], caption_column: str = "caption", image_column: str = "image") -> ShardItems:
-    """Items of every ``--images`` argument in order, de-duplicated by location (first kept).
+def read_image_sources(args: Sequence[str | Path], caption_column: str = "caption", image_column: str = "image",
+                       progress: bool = False) -> ShardItems:
+    """Items of every ``--images`` argument in order, de-duplicated by location (first kept);
+    ``progress``: a bar on stderr while many shards are scanned.
 
     Shard and parquet items come shard by shard, in the order the argument names the files
     (so the embedding stage's contiguous batches read each shard sequentially).
@@ -48,7 +61,7 @@ def read_image_sources(args: Sequence[str | Path], caption_column: str = "captio
     for arg in args:
         files = container_files(arg)
         if files is not None:
-            out.extend(read_containers(arg, files, caption_column, image_column))
+            out.extend(read_containers(arg, files, caption_column, image_column, progress))
             continue
         refs, skipped = discover_images([arg])
         out.extend(with_sidecars(refs))
