@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see ann_bench.py: spinning OpenMP threads on a shared 2-core machine
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # see ann_bench.py: spinning OpenMP threads on a shared 2-core machine
 
 import argparse
 import json
@@ -61,8 +63,17 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - STARTED:7.0f} s] {message}", file=sys.stderr, flush=True)
 
 
-def evaluate(index: Any, spec: IndexSpec, knobs: SearchKnobs, source: VectorSource, eval_q: np.ndarray, truth: np.ndarray,
-             single: int, rounds: int, time_budget: float | None = None) -> dict[str, Any]:
+def evaluate(
+    index: Any,
+    spec: IndexSpec,
+    knobs: SearchKnobs,
+    source: VectorSource,
+    eval_q: np.ndarray,
+    truth: np.ndarray,
+    single: int,
+    rounds: int,
+    time_budget: float | None = None,
+) -> dict[str, Any]:
     """Recall@10, batch-1 latency (first pass, then warm) and batch throughput of ``search()`` with ``knobs``.
 
     With ``time_budget`` (seconds per phase) a phase stops early and the batch runs in blocks of 100 queries,
@@ -102,9 +113,16 @@ def evaluate(index: Any, spec: IndexSpec, knobs: SearchKnobs, source: VectorSour
         log(f"batch: {len(got)} queries, {batch[-1]:,.0f} QPS")
     latency = C.median(warm)
     return {
-        "recall@10": recall_at(found, truth[: len(found)], K), "recall_queries": len(found), "b1_latency_ms": latency * 1000,
-        "b1_qps": 1 / latency, "b1_latency_ms_first_pass": C.median(cold) * 1000, "b1_samples": len(warm),
-        "b1_samples_first_pass": len(cold), "batch": step, "batch_qps": C.median(batch), "found_head": found[:50].tolist(),
+        "recall@10": recall_at(found, truth[: len(found)], K),
+        "recall_queries": len(found),
+        "b1_latency_ms": latency * 1000,
+        "b1_qps": 1 / latency,
+        "b1_latency_ms_first_pass": C.median(cold) * 1000,
+        "b1_samples": len(warm),
+        "b1_samples_first_pass": len(cold),
+        "batch": step,
+        "batch_qps": C.median(batch),
+        "found_head": found[:50].tolist(),
     }
 
 
@@ -132,8 +150,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--n", type=int, default=10_000_000)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -143,8 +164,11 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="default benchmarks/results/ann_10m_n{n}_d{d}.json")
-    parser.add_argument("--search-only", action="store_true",
-                        help="skip the build: rerun only the search processes on the index and knobs of the last run")
+    parser.add_argument(
+        "--search-only",
+        action="store_true",
+        help="skip the build: rerun only the search processes on the index and knobs of the last run",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--madv-random", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--time-budget", type=float, default=None, help=argparse.SUPPRESS)
@@ -159,9 +183,13 @@ def main() -> None:
     json_path = args.json or ROOT / "benchmarks" / "results" / f"ann_10m_n{n}_d{d}.json"
     work = ann_data.CACHE / f"ann_10m_n{n}_d{d}"
     work.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items() if not k.startswith("child")},
-                              "machine": C.machine(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                              "library_sha1": C.library_fingerprint(ROOT), "phases": {}}
+    result: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items() if not k.startswith("child")},
+        "machine": C.machine(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "library_sha1": C.library_fingerprint(ROOT),
+        "phases": {},
+    }
     if args.search_only:
         result = json.loads(json_path.read_text())
         run_search_processes(result, args, work / "index.faiss", budget)
@@ -176,15 +204,26 @@ def main() -> None:
         monitor.reset()
         wall, cpu, out = C.timed(fn)
         peak = monitor.peak()
-        phases[name] = {"wall_s": wall, "cpu_s": cpu, "peak_rss_anon_bytes": peak["anon"], "peak_rss_file_bytes": peak["file"],
-                        "peak_vmrss_bytes": peak["total"], "ru_maxrss_bytes_so_far": C.peak_rss_bytes(), "loadavg_after": C.loadavg()}
-        log(f"{name}: {wall:.0f} s, peak RssAnon {peak['anon'] / C.MB:,.0f} MB, peak RssFile {peak['file'] / C.MB:,.0f} MB")
+        phases[name] = {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "peak_rss_anon_bytes": peak["anon"],
+            "peak_rss_file_bytes": peak["file"],
+            "peak_vmrss_bytes": peak["total"],
+            "ru_maxrss_bytes_so_far": C.peak_rss_bytes(),
+            "loadavg_after": C.loadavg(),
+        }
+        log(
+            f"{name}: {wall:.0f} s, peak RssAnon {peak['anon'] / C.MB:,.0f} MB, peak RssFile {peak['file'] / C.MB:,.0f} MB"
+        )
         C.write_json(json_path, result)
         return out
 
     parts = phase("generate", lambda: ann_data.load_contiguous(n, d, args.seed, log))
     source = VectorSource(parts)
-    log(f"data: {n:,} x {d} float16 in {len(parts)} memory-mapped file(s), {sum(p.nbytes for p in parts) / (1 << 30):.1f} GiB")
+    log(
+        f"data: {n:,} x {d} float16 in {len(parts)} memory-mapped file(s), {sum(p.nbytes for p in parts) / (1 << 30):.1f} GiB"
+    )
     choice = choose_index(n, d, budget, args.target)
     spec = choice.spec
     result["choice"] = choice.to_json()
@@ -201,7 +240,9 @@ def main() -> None:
     truth = phase("ground_truth", lambda: ann_data.truth(parts, eval_q, f"eval{EVAL_OFFSET}", args.seed, K, log))
     ours = phase("search", lambda: evaluate(index, spec, report.knobs, source, eval_q, truth, args.single, args.rounds))
     result["search"] = ours
-    log(f"search: recall@10 {ours['recall@10']:.4f}, b1 {ours['b1_latency_ms']:.2f} ms, batch {ours['batch_qps']:,.0f} QPS")
+    log(
+        f"search: recall@10 {ours['recall@10']:.4f}, b1 {ours['b1_latency_ms']:.2f} ms, batch {ours['batch_qps']:,.0f} QPS"
+    )
     del index
     C.trim()
 
@@ -224,9 +265,28 @@ def run_search_processes(result: dict[str, Any], args: argparse.Namespace, path:
     cgroup's verdict (no OOM kill under the limit) and peak RssAnon are what show the budget is kept.
     """
     spec_arg = json.dumps({"spec": result["choice"]["spec"], "knobs": result["tuning"]["knobs"]})
-    base = [sys.executable, __file__, "--child", str(path), "--child-spec", spec_arg, "--n", str(args.n), "--d", str(args.d),
-            "--seed", str(args.seed), "--queries", str(args.queries), "--single", str(args.single), "--rounds", "1",
-            "--time-budget", str(SEARCH_PROCESS_PHASE_SECONDS)]
+    base = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(path),
+        "--child-spec",
+        spec_arg,
+        "--n",
+        str(args.n),
+        "--d",
+        str(args.d),
+        "--seed",
+        str(args.seed),
+        "--queries",
+        str(args.queries),
+        "--single",
+        str(args.single),
+        "--rounds",
+        "1",
+        "--time-budget",
+        str(SEARCH_PROCESS_PHASE_SECONDS),
+    ]
     shards = [ann_data.contiguous_path(args.n, args.d, args.seed)]
     runs = {}
     for name, extra in (("default", []), ("MADV_RANDOM", ["--madv-random"])):
@@ -238,8 +298,10 @@ def run_search_processes(result: dict[str, Any], args: argparse.Namespace, path:
         except RuntimeError as error:
             log(f"no memory cgroup ({error}); the search process runs without a limit")
             limit = None
-        log(f"search process ({name} memory maps): read_vector_index(mmap=True) under a "
-            f"{'%.2f GiB' % (limit / (1 << 30)) if limit else 'no'} memory limit, page cache dropped")
+        log(
+            f"search process ({name} memory maps): read_vector_index(mmap=True) under a "
+            f"{'%.2f GiB' % (limit / (1 << 30)) if limit else 'no'} memory limit, page cache dropped"
+        )
         run = C.run_limited(limit, base + extra, f"ann_10m_{os.getpid()}_{name}")
         sp = run.pop("child_result", None)
         if sp is None:
@@ -252,8 +314,10 @@ def run_search_processes(result: dict[str, Any], args: argparse.Namespace, path:
             sp["same_results_as_build_process"] = float(np.mean(np.array(found) == np.array(head)))
         sp["limit_bytes"], sp["cgroup"], sp["wall_s"] = limit, run["cgroup"], run["wall_s"]
         runs[name] = sp
-        log(f"  -> recall@10 {sp['recall@10']:.4f}, b1 {sp['b1_latency_ms']:.2f} ms (first pass {sp['b1_latency_ms_first_pass']:.2f}), "
-            f"batch {sp['batch_qps']:,.0f} QPS, RssAnon peak {sp['peak']['anon'] / (1 << 20):,.0f} MB, cgroup {run['cgroup']}")
+        log(
+            f"  -> recall@10 {sp['recall@10']:.4f}, b1 {sp['b1_latency_ms']:.2f} ms (first pass {sp['b1_latency_ms_first_pass']:.2f}), "
+            f"batch {sp['batch_qps']:,.0f} QPS, RssAnon peak {sp['peak']['anon'] / (1 << 20):,.0f} MB, cgroup {run['cgroup']}"
+        )
     result["search_processes"] = runs
 
 
@@ -262,52 +326,109 @@ def report_tables(result: dict[str, Any], budget: int) -> None:
     a = result["args"]
     print(f"\n## {int(a['n']):,} x {a['d']}, budget {a['max_memory']}, target recall@10 >= {a['target']}\n")
     print(f"auto: {result['choice']['spec']['factory']} — {result['choice']['reason']}\n")
-    rows = [[name, f(p["wall_s"], 0), f(p["cpu_s"], 0), f(p["peak_rss_anon_bytes"] / GB, 2), f(p["peak_rss_file_bytes"] / GB, 2),
-             f(p["peak_vmrss_bytes"] / GB, 2)] for name, p in result["phases"].items()]
-    print(C.table(["phase", "wall s", "CPU s", "peak RssAnon GiB", "peak RssFile GiB (mmap'd shards)", "peak RSS GiB"], rows))
+    rows = [
+        [
+            name,
+            f(p["wall_s"], 0),
+            f(p["cpu_s"], 0),
+            f(p["peak_rss_anon_bytes"] / GB, 2),
+            f(p["peak_rss_file_bytes"] / GB, 2),
+            f(p["peak_vmrss_bytes"] / GB, 2),
+        ]
+        for name, p in result["phases"].items()
+    ]
+    print(
+        C.table(
+            ["phase", "wall s", "CPU s", "peak RssAnon GiB", "peak RssFile GiB (mmap'd shards)", "peak RSS GiB"], rows
+        )
+    )
     s, t = result["search"], result["tuning"]
     print()
-    print(C.table(["", "value"], [
-        ["estimated index bytes", f"{result['choice']['estimated_bytes'] / GB:.2f} GiB"],
-        ["index file", f"{result['index_file_bytes'] / GB:.2f} GiB"],
-        ["tuned knobs", json.dumps(t["knobs"])],
-        [f"recall@10 ({t['queries']} tuning queries)", f(t["recall@10"], 4)],
-        [f"recall@10 ({s['batch']} held-out queries)", f(s["recall@10"], 4)],
-        ["batch-1 latency median", f"{s['b1_latency_ms']:.2f} ms ({s['b1_qps']:,.0f} QPS)"],
-        [f"batch-{s['batch']} QPS", f(s["batch_qps"], 0)],
-        ["peak RSS of the build process (getrusage)", f"{result['ru_maxrss_bytes'] / GB:.2f} GiB (includes resident pages of the mmap'd shards)"],
-        ["peak RssAnon of the build process", f"{max(p['peak_rss_anon_bytes'] for p in result['phases'].values()) / GB:.2f} GiB"],
-    ]))
+    print(
+        C.table(
+            ["", "value"],
+            [
+                ["estimated index bytes", f"{result['choice']['estimated_bytes'] / GB:.2f} GiB"],
+                ["index file", f"{result['index_file_bytes'] / GB:.2f} GiB"],
+                ["tuned knobs", json.dumps(t["knobs"])],
+                [f"recall@10 ({t['queries']} tuning queries)", f(t["recall@10"], 4)],
+                [f"recall@10 ({s['batch']} held-out queries)", f(s["recall@10"], 4)],
+                ["batch-1 latency median", f"{s['b1_latency_ms']:.2f} ms ({s['b1_qps']:,.0f} QPS)"],
+                [f"batch-{s['batch']} QPS", f(s["batch_qps"], 0)],
+                [
+                    "peak RSS of the build process (getrusage)",
+                    f"{result['ru_maxrss_bytes'] / GB:.2f} GiB (includes resident pages of the mmap'd shards)",
+                ],
+                [
+                    "peak RssAnon of the build process",
+                    f"{max(p['peak_rss_anon_bytes'] for p in result['phases'].values()) / GB:.2f} GiB",
+                ],
+            ],
+        )
+    )
     sp_rows = []
     for name, sp in result.get("search_processes", {}).items():
         if "error" in sp:
             sp_rows.append([name, "FAILED", "", "", "", "", "", "", ""])
             continue
         cg = sp.get("cgroup") or {}
-        sp_rows.append([name, f"{sp['limit_bytes'] / GB:.2f} GiB" if sp.get("limit_bytes") else "none", f(sp["recall@10"], 4),
-                        f"{sp.get('same_results_as_build_process', float('nan')):.1%}",
-                        f"{sp['b1_latency_ms_first_pass']:.2f} / {sp['b1_latency_ms']:.2f} ({sp['b1_samples_first_pass']} / {sp['b1_samples']})",
-                        f"{sp['batch_qps']:,.0f} ({sp['recall_queries']} answered)",
-                        f(sp["peak"]["anon"] / GB, 2), f(sp["vm_hwm"] / GB, 2),
-                        f"{cg.get('peak_bytes', 0) / GB:.2f} / {cg.get('oom_kill', '-')}"])
+        sp_rows.append(
+            [
+                name,
+                f"{sp['limit_bytes'] / GB:.2f} GiB" if sp.get("limit_bytes") else "none",
+                f(sp["recall@10"], 4),
+                f"{sp.get('same_results_as_build_process', float('nan')):.1%}",
+                f"{sp['b1_latency_ms_first_pass']:.2f} / {sp['b1_latency_ms']:.2f} ({sp['b1_samples_first_pass']} / {sp['b1_samples']})",
+                f"{sp['batch_qps']:,.0f} ({sp['recall_queries']} answered)",
+                f(sp["peak"]["anon"] / GB, 2),
+                f(sp["vm_hwm"] / GB, 2),
+                f"{cg.get('peak_bytes', 0) / GB:.2f} / {cg.get('oom_kill', '-')}",
+            ]
+        )
     if sp_rows:
-        print(f"\nFresh search processes (read_vector_index(mmap=True), re-ranking from the memory-mapped float16 file), "
-              f"index and shards dropped from the page cache before each; each phase stopped after "
-              f"{SEARCH_PROCESS_PHASE_SECONDS} s\n")
-        print(C.table(["memory maps", "memory limit (cgroup)", "recall@10", "same as build process", "b1 ms first pass / warm (queries)",
-                       "QPS, batches of 100", "peak RssAnon GiB", "VmHWM GiB (incl. page cache)", "cgroup peak GiB / OOM kills"], sp_rows))
+        print(
+            f"\nFresh search processes (read_vector_index(mmap=True), re-ranking from the memory-mapped float16 file), "
+            f"index and shards dropped from the page cache before each; each phase stopped after "
+            f"{SEARCH_PROCESS_PHASE_SECONDS} s\n"
+        )
+        print(
+            C.table(
+                [
+                    "memory maps",
+                    "memory limit (cgroup)",
+                    "recall@10",
+                    "same as build process",
+                    "b1 ms first pass / warm (queries)",
+                    "QPS, batches of 100",
+                    "peak RssAnon GiB",
+                    "VmHWM GiB (incl. page cache)",
+                    "cgroup peak GiB / OOM kills",
+                ],
+                sp_rows,
+            )
+        )
     verdicts = []
     ok_recall = s["recall@10"] >= float(a["target"])
-    verdicts.append(f"recall@10 {s['recall@10']:.4f} {'>=' if ok_recall else '<'} {a['target']}: {'MET' if ok_recall else 'MISSED'}")
+    verdicts.append(
+        f"recall@10 {s['recall@10']:.4f} {'>=' if ok_recall else '<'} {a['target']}: {'MET' if ok_recall else 'MISSED'}"
+    )
     sps = [sp for sp in result.get("search_processes", {}).values() if "error" not in sp]
     limited = [sp for sp in sps if sp.get("limit_bytes") and sp["cgroup"].get("oom_kill", 1) == 0]
-    ok_mem = result["index_file_bytes"] <= budget and bool(limited) and len(limited) == len(result.get("search_processes", {}))
-    verdicts.append(f"index file {result['index_file_bytes'] / GB:.2f} GiB; search processes ran under a {budget / GB:.2f} GiB "
-                    f"memory cgroup without an OOM kill (peak RssAnon {max([sp['peak']['anon'] for sp in sps] or [0]) / GB:.2f} GiB): "
-                    f"{'MET' if ok_mem else 'MISSED (see the table)'}")
+    ok_mem = (
+        result["index_file_bytes"] <= budget
+        and bool(limited)
+        and len(limited) == len(result.get("search_processes", {}))
+    )
+    verdicts.append(
+        f"index file {result['index_file_bytes'] / GB:.2f} GiB; search processes ran under a {budget / GB:.2f} GiB "
+        f"memory cgroup without an OOM kill (peak RssAnon {max([sp['peak']['anon'] for sp in sps] or [0]) / GB:.2f} GiB): "
+        f"{'MET' if ok_mem else 'MISSED (see the table)'}"
+    )
     build_anon = max(p["peak_rss_anon_bytes"] for k, p in result["phases"].items() if k in ("build", "tune"))
-    verdicts.append(f"build + tuning peak RssAnon {build_anon / GB:.2f} GiB (the index being built, training sample, "
-                    f"exact-search blocks) vs budget {budget / GB:.2f} GiB: {'within' if build_anon <= budget else 'over'}")
+    verdicts.append(
+        f"build + tuning peak RssAnon {build_anon / GB:.2f} GiB (the index being built, training sample, "
+        f"exact-search blocks) vs budget {budget / GB:.2f} GiB: {'within' if build_anon <= budget else 'over'}"
+    )
     result["verdicts"] = verdicts
     print("\n## Targets\n")
     for line in verdicts:

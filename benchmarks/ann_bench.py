@@ -88,6 +88,7 @@ def log(message: str) -> None:
 
 # -- raw FAISS with the library's parameters ---------------------------------------------------------------
 
+
 def raw_build(xb: np.ndarray, spec: IndexSpec, seed: int = 0) -> Any:
     """What a FAISS user writes by hand for ``spec``: index_factory, the same build settings, train on the same rows, add."""
     import faiss
@@ -137,6 +138,7 @@ def index_file_bytes(index: Any, scratch: Path) -> int:
 
 # -- numpy brute force ---------------------------------------------------------------------------------------
 
+
 def numpy_search(xb: np.ndarray, q: np.ndarray, k: int = K, block: int = 65_536) -> np.ndarray:
     """Exact top-k by matmul + argpartition, in row blocks (a (1000 x n) score matrix would not fit)."""
     best_s = np.full((len(q), 0), -np.inf, np.float32)
@@ -161,8 +163,10 @@ def numpy_single(xb: np.ndarray, q: np.ndarray, k: int = K) -> np.ndarray:
 
 # -- measuring searchers side by side ------------------------------------------------------------------------
 
-def compare_search(fns: dict[str, Callable[[np.ndarray], np.ndarray]], singles: np.ndarray, batch: np.ndarray,
-                   rounds: int) -> dict[str, dict[str, Any]]:
+
+def compare_search(
+    fns: dict[str, Callable[[np.ndarray], np.ndarray]], singles: np.ndarray, batch: np.ndarray, rounds: int
+) -> dict[str, dict[str, Any]]:
     """Batch-1 latencies (searchers taking turns query by query) and batch throughput (order alternating
     round by round) of each searcher."""
     names = list(fns)
@@ -192,8 +196,9 @@ def positions_of(result: Any) -> np.ndarray:
     return result[1] if isinstance(result, tuple) else result
 
 
-def operating_points(index: Any, spec: IndexSpec, knobs: SearchKnobs, source: VectorSource, queries: np.ndarray,
-                     truth: np.ndarray) -> list[dict[str, Any]]:
+def operating_points(
+    index: Any, spec: IndexSpec, knobs: SearchKnobs, source: VectorSource, queries: np.ndarray, truth: np.ndarray
+) -> list[dict[str, Any]]:
     """Recall@10 and batch QPS on the evaluation queries around the tuned knobs (and, for re-ranking, longer shortlists)."""
     points = []
     if spec.nlist:
@@ -215,11 +220,14 @@ def operating_points(index: Any, spec: IndexSpec, knobs: SearchKnobs, source: Ve
         started = time.perf_counter()
         found = search(index, queries, K, candidate, rerank_with=rerank_with)[1]
         seconds = time.perf_counter() - started
-        points.append({**candidate.to_json(), "recall@10": recall_at(found, truth, K), "batch_qps": len(queries) / seconds})
+        points.append(
+            {**candidate.to_json(), "recall@10": recall_at(found, truth, K), "batch_qps": len(queries) / seconds}
+        )
     return points
 
 
 # -- autofaiss -----------------------------------------------------------------------------------------------
+
 
 def autofaiss_python() -> Path:
     python = AUTOFAISS_VENV / "bin" / "python"
@@ -262,15 +270,21 @@ print("AUTOFAISS_SECONDS", time.perf_counter() - started)
 """
 
 
-def run_autofaiss(parts: list[np.ndarray], n: int, d: int, seed: int, max_memory: str, available: str) -> dict[str, Any]:
+def run_autofaiss(
+    parts: list[np.ndarray], n: int, d: int, seed: int, max_memory: str, available: str
+) -> dict[str, Any]:
     python = autofaiss_python()
     inputs = autofaiss_inputs(parts, n, d, seed)
     out = ann_data.CACHE / f"autofaiss_out_n{n}_d{d}_{max_memory}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     args = {
-        "embeddings": str(inputs), "index_path": str(out / "knn.index"), "index_infos_path": str(out / "infos.json"),
-        "max_index_memory_usage": max_memory, "current_memory_available": available, "metric_type": "ip",
+        "embeddings": str(inputs),
+        "index_path": str(out / "knn.index"),
+        "index_infos_path": str(out / "infos.json"),
+        "max_index_memory_usage": max_memory,
+        "current_memory_available": available,
+        "metric_type": "ip",
     }
     log(f"autofaiss build_index({json.dumps(args)})")
     started = time.perf_counter()
@@ -281,8 +295,13 @@ def run_autofaiss(parts: list[np.ndarray], n: int, d: int, seed: int, max_memory
         raise RuntimeError(f"autofaiss failed ({done.returncode}); see {out / 'log.txt'}:\n{done.stderr[-2000:]}")
     infos = json.loads((out / "infos.json").read_text())
     inner = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("AUTOFAISS_SECONDS")]
-    return {"args": args, "infos": infos, "wall_s": wall, "build_index_s": inner[0] if inner else None,
-            "index_path": str(out / "knn.index")}
+    return {
+        "args": args,
+        "infos": infos,
+        "wall_s": wall,
+        "build_index_s": inner[0] if inner else None,
+        "index_path": str(out / "knn.index"),
+    }
 
 
 def spec_of_factory(key: str, n: int) -> IndexSpec | None:
@@ -301,9 +320,13 @@ def spec_of_factory(key: str, n: int) -> IndexSpec | None:
 
 # -- main ------------------------------------------------------------------------------------------------------
 
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -315,15 +338,25 @@ def main() -> None:
     parser.add_argument("--skip-autofaiss", action="store_true")
     parser.add_argument("--skip-raw", action="store_true", help="no raw FAISS side-by-side")
     parser.add_argument("--skip-numpy", action="store_true")
-    parser.add_argument("--autofaiss-available-memory", default="16G",
-                        help="autofaiss current_memory_available (RAM it may use while building)")
-    parser.add_argument("--json", type=Path, default=None, help="result file (default benchmarks/results/ann_bench_n{n}_d{d}.json)")
-    parser.add_argument("--report-only", type=Path, default=None, help="print the tables of an earlier result file and exit")
+    parser.add_argument(
+        "--autofaiss-available-memory",
+        default="16G",
+        help="autofaiss current_memory_available (RAM it may use while building)",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="result file (default benchmarks/results/ann_bench_n{n}_d{d}.json)"
+    )
+    parser.add_argument(
+        "--report-only", type=Path, default=None, help="print the tables of an earlier result file and exit"
+    )
     args = parser.parse_args()
     if args.report_only:
         result = json.loads(args.report_only.read_text())
-        exact_qps = {name: {"b1": row["b1_qps"], "batch": row["batch_qps"]}
-                     for name, row in (("flat", result["types"].get("flat")), ("numpy", result.get("numpy"))) if row}
+        exact_qps = {
+            name: {"b1": row["b1_qps"], "batch": row["batch_qps"]}
+            for name, row in (("flat", result["types"].get("flat")), ("numpy", result.get("numpy")))
+            if row
+        }
         return report_tables(result, exact_qps)
     import faiss
 
@@ -331,10 +364,16 @@ def main() -> None:
     budget = parse_memory(args.max_memory)
     types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
     json_path = args.json or ROOT / "benchmarks" / "results" / f"ann_bench_n{n}_d{d}.json"
-    result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": C.machine(), "k": K,
-                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "tune_queries": TUNE_QUERIES,
-                              "library_sha1": C.library_fingerprint(ROOT),
-                              "target_recall": TARGET, "types": {}}
+    result: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": C.machine(),
+        "k": K,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "tune_queries": TUNE_QUERIES,
+        "library_sha1": C.library_fingerprint(ROOT),
+        "target_recall": TARGET,
+        "types": {},
+    }
     log(f"machine: {result['machine']}")
 
     parts = ann_data.load(n, d, args.seed, log)
@@ -343,7 +382,9 @@ def main() -> None:
     eval_q = ann_data.queries(args.queries, d, args.seed, EVAL_OFFSET)
     truth = ann_data.truth(parts, eval_q, f"eval{EVAL_OFFSET}", args.seed, K, log)
     singles = eval_q[: args.single]
-    for path in ann_data.ensure_shards(n, d, args.seed, log):  # page cache warm for every build: time conversion, not disk
+    for path in ann_data.ensure_shards(
+        n, d, args.seed, log
+    ):  # page cache warm for every build: time conversion, not disk
         with open(path, "rb") as file:
             while file.read(64 << 20):
                 pass
@@ -354,17 +395,25 @@ def main() -> None:
     convert_s = time.perf_counter() - convert_s
     result["convert_float16_to_float32_s"] = convert_s
     log(f"float16 shards -> float32 matrix for raw FAISS / numpy: {convert_s:.1f} s")
-    log(f"data: {n:,} x {d} float16 shards ({sum(p.nbytes for p in parts) / C.MB:,.0f} MB) + float32 copy for raw FAISS / numpy")
+    log(
+        f"data: {n:,} x {d} float16 shards ({sum(p.nbytes for p in parts) / C.MB:,.0f} MB) + float32 copy for raw FAISS / numpy"
+    )
 
     exact_qps: dict[str, dict[str, float]] = {}
     if not args.skip_numpy:
         log("numpy brute force")
-        numpy = compare_search({"numpy": lambda q: numpy_single(xb, q) if len(q) == 1 else numpy_search(xb, q)},
-                               singles[: max(100, args.single // 2)], eval_q, 1)["numpy"]
+        numpy = compare_search(
+            {"numpy": lambda q: numpy_single(xb, q) if len(q) == 1 else numpy_search(xb, q)},
+            singles[: max(100, args.single // 2)],
+            eval_q,
+            1,
+        )["numpy"]
         numpy["recall@10"] = recall_at(numpy.pop("found"), truth, K)
         result["numpy"] = numpy
         exact_qps["numpy"] = {"b1": numpy["b1_qps"], "batch": numpy["batch_qps"]}
-        log(f"numpy: b1 {numpy['b1_latency_ms']:.1f} ms, batch {numpy['batch_qps']:.0f} QPS, recall {numpy['recall@10']:.4f}")
+        log(
+            f"numpy: b1 {numpy['b1_latency_ms']:.1f} ms, batch {numpy['batch_qps']:.0f} QPS, recall {numpy['recall@10']:.4f}"
+        )
 
     auto_choice = choose_index(n, d, budget, TARGET) if "auto" in types else None
     if auto_choice is not None:
@@ -386,10 +435,17 @@ def main() -> None:
         log(f"{name}: building {spec.factory} (ours)")
         anon0, load0 = C.anon_bytes(), C.loadavg()
         wall, cpu, index = C.timed(lambda: build_vector_index(source, spec))
-        row.update(build_s=wall, build_cpu_s=cpu, rss_delta_bytes=C.anon_bytes() - anon0, loadavg_during_build=[load0, C.loadavg()])
+        row.update(
+            build_s=wall,
+            build_cpu_s=cpu,
+            rss_delta_bytes=C.anon_bytes() - anon0,
+            loadavg_during_build=[load0, C.loadavg()],
+        )
         row["file_bytes"] = index_file_bytes(index, ann_data.CACHE / "tmp" / "index.faiss")
         log(f"{name}: built in {wall:.1f} s; tuning to recall@10 >= {TARGET}")
-        tune_wall, _, report = C.timed(lambda: measure_and_tune(index, spec, source, tune_q, "held-out queries", TARGET))
+        tune_wall, _, report = C.timed(
+            lambda: measure_and_tune(index, spec, source, tune_q, "held-out queries", TARGET)
+        )
         knobs = report.knobs
         row.update(tune_s=tune_wall, knobs=knobs.to_json(), tuning=report.to_json())
         rerank_with = source if spec.rerank else None
@@ -399,13 +455,21 @@ def main() -> None:
             log(f"{name}: building {spec.factory} (raw FAISS)")
             load0 = C.loadavg()
             rwall, rcpu, raw = C.timed(lambda: raw_build(xb, spec))
-            row["raw"] = {"build_s": rwall + convert_s, "build_from_float32_s": rwall, "convert_s": convert_s,
-                          "build_cpu_s": rcpu, "loadavg_during_build": [load0, C.loadavg()]}
+            row["raw"] = {
+                "build_s": rwall + convert_s,
+                "build_from_float32_s": rwall,
+                "convert_s": convert_s,
+                "build_cpu_s": rcpu,
+                "loadavg_during_build": [load0, C.loadavg()],
+            }
             if spec.rerank:  # the raw index without any re-ranking, for reference
                 faiss.extract_index_ivf(raw).nprobe = knobs.nprobe
                 started = time.perf_counter()
                 _, plain = raw.search(eval_q, K)
-                row["raw"]["no_rerank"] = {"recall@10": recall_at(plain, truth, K), "batch_qps": len(eval_q) / (time.perf_counter() - started)}
+                row["raw"]["no_rerank"] = {
+                    "recall@10": recall_at(plain, truth, K),
+                    "batch_qps": len(eval_q) / (time.perf_counter() - started),
+                }
             searcher = raw_searcher(raw, spec, knobs, xb)
             fns["raw"] = lambda q: searcher.search(q, K)[1]
         log(f"{name}: searching (knobs {knobs.to_json()})")
@@ -429,8 +493,14 @@ def main() -> None:
             log(f"{name}: operating points around {knobs.to_json()} on the evaluation queries")
             row["operating_points"] = operating_points(index, spec, knobs, source, eval_q, truth)
         result["types"][name] = row
-        log(f"{name}: recall@10 {row['recall@10']:.4f}, b1 {row['b1_latency_ms']:.3f} ms, batch {row['batch_qps']:.0f} QPS"
-            + (f"; overhead build {row['overhead']['build']:+.1%} b1 {row['overhead']['b1']:+.1%} batch {row['overhead']['batch']:+.1%}" if "overhead" in row else ""))
+        log(
+            f"{name}: recall@10 {row['recall@10']:.4f}, b1 {row['b1_latency_ms']:.3f} ms, batch {row['batch_qps']:.0f} QPS"
+            + (
+                f"; overhead build {row['overhead']['build']:+.1%} b1 {row['overhead']['b1']:+.1%} batch {row['overhead']['batch']:+.1%}"
+                if "overhead" in row
+                else ""
+            )
+        )
         del index, raw, fns
         C.write_json(json_path, result)
 
@@ -469,69 +539,178 @@ def report_tables(result: dict[str, Any], exact_qps: dict[str, dict[str, float]]
     exact = exact_qps.get("flat") or exact_qps.get("numpy")
     exact_name = "flat" if "flat" in exact_qps else "numpy"
     for name, r in result["types"].items():
-        rows.append([
-            name + (f" (= {r['same_as']})" if r.get("same_as") else ""), r["spec"]["factory"], f(r["build_s"]), f(r["tune_s"]),
-            f(r["estimated_bytes"] / C.MB, 0), f(r["file_bytes"] / C.MB, 0), f(r["rss_delta_bytes"] / C.MB, 0),
-            " ".join(f"{k}={v}" for k, v in r["knobs"].items()) or "-", f(r["recall@10"], 4),
-            f(r["b1_latency_ms"], 3), f(r["b1_qps"], 0), f(r["batch_qps"], 0),
-            f(r["b1_qps"] / exact["b1"], 1) if exact else "-", f(r["batch_qps"] / exact["batch"], 1) if exact else "-",
-        ])
+        rows.append(
+            [
+                name + (f" (= {r['same_as']})" if r.get("same_as") else ""),
+                r["spec"]["factory"],
+                f(r["build_s"]),
+                f(r["tune_s"]),
+                f(r["estimated_bytes"] / C.MB, 0),
+                f(r["file_bytes"] / C.MB, 0),
+                f(r["rss_delta_bytes"] / C.MB, 0),
+                " ".join(f"{k}={v}" for k, v in r["knobs"].items()) or "-",
+                f(r["recall@10"], 4),
+                f(r["b1_latency_ms"], 3),
+                f(r["b1_qps"], 0),
+                f(r["batch_qps"], 0),
+                f(r["b1_qps"] / exact["b1"], 1) if exact else "-",
+                f(r["batch_qps"] / exact["batch"], 1) if exact else "-",
+            ]
+        )
     n = int(result["args"]["n"])
-    print(f"\n## Ours: {n:,} x {result['args']['d']}, k={K}, knobs tuned to recall@10 >= {TARGET} on {result.get('tune_queries', 200)} held-out queries, "
-          f"recall on {result['args']['queries']} other held-out queries\n")
-    print(C.table(["type", "factory", "build s", "tune s", "est MB", "file MB", "RSS delta MB", "knobs", "recall@10",
-                   "b1 ms", "b1 QPS", f"b{result['args']['queries']} QPS", f"b1 x {exact_name}", f"batch x {exact_name}"], rows))
+    print(
+        f"\n## Ours: {n:,} x {result['args']['d']}, k={K}, knobs tuned to recall@10 >= {TARGET} on {result.get('tune_queries', 200)} held-out queries, "
+        f"recall on {result['args']['queries']} other held-out queries\n"
+    )
+    print(
+        C.table(
+            [
+                "type",
+                "factory",
+                "build s",
+                "tune s",
+                "est MB",
+                "file MB",
+                "RSS delta MB",
+                "knobs",
+                "recall@10",
+                "b1 ms",
+                "b1 QPS",
+                f"b{result['args']['queries']} QPS",
+                f"b1 x {exact_name}",
+                f"batch x {exact_name}",
+            ],
+            rows,
+        )
+    )
     raw_rows = []
     for name, r in result["types"].items():
         if "raw" not in r or r.get("same_as"):
             continue
         raw, o = r["raw"], r["overhead"]
-        raw_rows.append([name, f(r["build_s"]), f(raw["build_s"]), f(raw["convert_s"]), f"{o['build']:+.1%}",
-                         f"{o['build_vs_float32_input']:+.1%}", f(r["b1_qps"], 0), f(raw["b1_qps"], 0),
-                         f"{o['b1']:+.1%}", f(r["b1_added_latency_us"], 0), f(r["batch_qps"], 0), f(raw["batch_qps"], 0), f"{o['batch']:+.1%}",
-                         f(r["recall@10"], 4), f(raw["recall@10"], 4)])
+        raw_rows.append(
+            [
+                name,
+                f(r["build_s"]),
+                f(raw["build_s"]),
+                f(raw["convert_s"]),
+                f"{o['build']:+.1%}",
+                f"{o['build_vs_float32_input']:+.1%}",
+                f(r["b1_qps"], 0),
+                f(raw["b1_qps"], 0),
+                f"{o['b1']:+.1%}",
+                f(r["b1_added_latency_us"], 0),
+                f(r["batch_qps"], 0),
+                f(raw["batch_qps"], 0),
+                f"{o['batch']:+.1%}",
+                f(r["recall@10"], 4),
+                f(raw["recall@10"], 4),
+            ]
+        )
     if raw_rows:
         print("\n## Against raw FAISS with the same parameters (overhead = raw speed / our speed - 1; target < 10%)\n")
-        print(C.table(["type", "build s ours", "raw", "of which f16->f32", "overhead", "vs raw w/o conversion", "b1 QPS ours",
-                       "raw", "overhead", "b1 +us", "batch QPS ours", "raw", "overhead", "recall ours", "raw"], raw_rows))
-        print("\n(raw build = converting the float16 shards to one float32 matrix + index_factory/train/add; "
-              "recall of both at the same knobs, tuned on ours)")
+        print(
+            C.table(
+                [
+                    "type",
+                    "build s ours",
+                    "raw",
+                    "of which f16->f32",
+                    "overhead",
+                    "vs raw w/o conversion",
+                    "b1 QPS ours",
+                    "raw",
+                    "overhead",
+                    "b1 +us",
+                    "batch QPS ours",
+                    "raw",
+                    "overhead",
+                    "recall ours",
+                    "raw",
+                ],
+                raw_rows,
+            )
+        )
+        print(
+            "\n(raw build = converting the float16 shards to one float32 matrix + index_factory/train/add; "
+            "recall of both at the same knobs, tuned on ours)"
+        )
         for name, r in result["types"].items():
             if "no_rerank" in r.get("raw", {}):
                 nr = r["raw"]["no_rerank"]
-                print(f"\n{name}: raw FAISS without re-ranking (plain index.search, same nprobe): recall@10 {nr['recall@10']:.4f}, "
-                      f"batch {nr['batch_qps']:,.0f} QPS; raw with re-ranking = faiss.IndexRefine over a float16 "
-                      f"IndexScalarQuantizer holding a copy of the rows in RAM (ours views the memory-mapped float16 shard)")
+                print(
+                    f"\n{name}: raw FAISS without re-ranking (plain index.search, same nprobe): recall@10 {nr['recall@10']:.4f}, "
+                    f"batch {nr['batch_qps']:,.0f} QPS; raw with re-ranking = faiss.IndexRefine over a float16 "
+                    f"IndexScalarQuantizer holding a copy of the rows in RAM (ours views the memory-mapped float16 shard)"
+                )
     base_rows = []
     if "numpy" in result:
         m = result["numpy"]
-        base_rows.append(["numpy brute force (float32 matmul + argpartition)", "-", f(m["recall@10"], 4), f(m["b1_latency_ms"], 2),
-                          f(m["b1_qps"], 0), f(m["batch_qps"], 0)])
+        base_rows.append(
+            [
+                "numpy brute force (float32 matmul + argpartition)",
+                "-",
+                f(m["recall@10"], 4),
+                f(m["b1_latency_ms"], 2),
+                f(m["b1_qps"], 0),
+                f(m["batch_qps"], 0),
+            ]
+        )
     af = result.get("autofaiss")
     if af:
         infos = af["infos"]
-        base_rows.append([f"autofaiss {infos['index_key']} ({af['args']['max_index_memory_usage']}), its params",
-                          infos["index_param"], f(af["autofaiss"]["recall@10"], 4), f(af["autofaiss"]["b1_latency_ms"], 3),
-                          f(af["autofaiss"]["b1_qps"], 0), f(af["autofaiss"]["batch_qps"], 0)])
+        base_rows.append(
+            [
+                f"autofaiss {infos['index_key']} ({af['args']['max_index_memory_usage']}), its params",
+                infos["index_param"],
+                f(af["autofaiss"]["recall@10"], 4),
+                f(af["autofaiss"]["b1_latency_ms"], 3),
+                f(af["autofaiss"]["b1_qps"], 0),
+                f(af["autofaiss"]["batch_qps"], 0),
+            ]
+        )
         if "autofaiss_at_target" in af:
             t = af["autofaiss_at_target"]
-            base_rows.append([f"autofaiss index, knobs tuned by us to {TARGET}", json.dumps(af["our_tuning"]["knobs"]),
-                              f(t["recall@10"], 4), f(t["b1_latency_ms"], 3), f(t["b1_qps"], 0), f(t["batch_qps"], 0)])
+            base_rows.append(
+                [
+                    f"autofaiss index, knobs tuned by us to {TARGET}",
+                    json.dumps(af["our_tuning"]["knobs"]),
+                    f(t["recall@10"], 4),
+                    f(t["b1_latency_ms"], 3),
+                    f(t["b1_qps"], 0),
+                    f(t["batch_qps"], 0),
+                ]
+            )
     if base_rows:
         print("\n## Baselines\n")
         print(C.table(["baseline", "params", "recall@10", "b1 ms", "b1 QPS", "batch QPS"], base_rows))
         if af:
-            print(f"\nautofaiss: build {af['wall_s']:.0f} s (subprocess wall), index file {af['file_bytes'] / C.MB:,.0f} MB, "
-                  f"its estimate {infos.get('size in bytes', 0) / C.MB:,.0f} MB")
+            print(
+                f"\nautofaiss: build {af['wall_s']:.0f} s (subprocess wall), index file {af['file_bytes'] / C.MB:,.0f} MB, "
+                f"its estimate {infos.get('size in bytes', 0) / C.MB:,.0f} MB"
+            )
     exact = exact_qps.get("flat") or exact_qps.get("numpy")
     for name, r in result["types"].items():
         if not r.get("operating_points") or r.get("same_as"):
             continue
-        print(f"\n{name} ({r['spec']['factory']}): operating points on the {result['args']['queries']} evaluation queries "
-              f"(tuned on the {result.get('tune_queries', 200)} tuning queries: {json.dumps(r['knobs'])})\n")
-        print(C.table(["knobs", "recall@10", "batch QPS", f"x {exact_name}"],
-                      [[" ".join(f"{k}={v}" for k, v in p.items() if k not in ("recall@10", "batch_qps")), f(p["recall@10"], 4),
-                        f(p["batch_qps"], 0), f(p["batch_qps"] / exact["batch"], 1) if exact else "-"] for p in r["operating_points"]]))
+        print(
+            f"\n{name} ({r['spec']['factory']}): operating points on the {result['args']['queries']} evaluation queries "
+            f"(tuned on the {result.get('tune_queries', 200)} tuning queries: {json.dumps(r['knobs'])})\n"
+        )
+        print(
+            C.table(
+                ["knobs", "recall@10", "batch QPS", f"x {exact_name}"],
+                [
+                    [
+                        " ".join(f"{k}={v}" for k, v in p.items() if k not in ("recall@10", "batch_qps")),
+                        f(p["recall@10"], 4),
+                        f(p["batch_qps"], 0),
+                        f(p["batch_qps"] / exact["batch"], 1) if exact else "-",
+                    ]
+                    for p in r["operating_points"]
+                ],
+            )
+        )
     verdicts = targets(result, exact_qps)
     result["verdicts"] = verdicts
     print("\n## Targets\n")
@@ -544,47 +723,65 @@ def targets(result: dict[str, Any], exact_qps: dict[str, dict[str, float]]) -> l
     auto = result["types"].get("auto")
     if auto:
         ok = auto["recall@10"] >= TARGET
-        out.append(f"auto recall@10 {auto['recall@10']:.4f} {'>=' if ok else '<'} {TARGET} on the evaluation queries at the "
-                   f"knobs measure_and_tune chose ({json.dumps(auto['knobs'])}, {auto['tuning']['recall@10']:.4f} on its {result.get('tune_queries', 200)} tuning "
-                   f"queries): {'MET' if ok else 'MISSED'}")
+        out.append(
+            f"auto recall@10 {auto['recall@10']:.4f} {'>=' if ok else '<'} {TARGET} on the evaluation queries at the "
+            f"knobs measure_and_tune chose ({json.dumps(auto['knobs'])}, {auto['tuning']['recall@10']:.4f} on its {result.get('tune_queries', 200)} tuning "
+            f"queries): {'MET' if ok else 'MISSED'}"
+        )
         meeting = [p for p in auto.get("operating_points", []) if p["recall@10"] >= TARGET]
         if not ok and meeting:
             p = meeting[0]
             for exact_name, e in exact_qps.items():
-                out.append(f"auto at the smallest knobs reaching {TARGET} on the evaluation queries "
-                           f"({ {k: v for k, v in p.items() if k not in ('recall@10', 'batch_qps')} }, recall {p['recall@10']:.4f}): "
-                           f"batch QPS {p['batch_qps']:,.0f} = {p['batch_qps'] / e['batch']:.1f}x exact {exact_name}")
+                out.append(
+                    f"auto at the smallest knobs reaching {TARGET} on the evaluation queries "
+                    f"({ {k: v for k, v in p.items() if k not in ('recall@10', 'batch_qps')} }, recall {p['recall@10']:.4f}): "
+                    f"batch QPS {p['batch_qps']:,.0f} = {p['batch_qps'] / e['batch']:.1f}x exact {exact_name}"
+                )
         for exact_name, e in exact_qps.items():
             for batch in ("b1", "batch"):
                 ratio = auto[f"{batch}_qps"] / e[batch]
                 label = "batch 1" if batch == "b1" else f"batch {result['args']['queries']}"
-                out.append(f"auto QPS at {label} = {ratio:.1f}x exact {exact_name} (target >= 20x): {'MET' if ratio >= 20 else 'MISSED'}")
+                out.append(
+                    f"auto QPS at {label} = {ratio:.1f}x exact {exact_name} (target >= 20x): {'MET' if ratio >= 20 else 'MISSED'}"
+                )
     for name, r in result["types"].items():
         if "overhead" in r and not r.get("same_as"):
             o = r["overhead"]
             worst = max(o["build"], o["b1"], o["batch"])
-            out.append(f"{name} overhead vs raw FAISS: build {o['build']:+.1%}, b1 {o['b1']:+.1%}, batch {o['batch']:+.1%} "
-                       f"(target < 10%): {'MET' if worst < 0.10 else 'MISSED'}")
+            out.append(
+                f"{name} overhead vs raw FAISS: build {o['build']:+.1%}, b1 {o['b1']:+.1%}, batch {o['batch']:+.1%} "
+                f"(target < 10%): {'MET' if worst < 0.10 else 'MISSED'}"
+            )
             if r["raw"]["recall@10"] - r["recall@10"] > 0.005:
-                out.append(f"{name}: at the same knobs raw FAISS reaches recall@10 {r['raw']['recall@10']:.4f}, ours "
-                           f"{r['recall@10']:.4f} (a different index, not a search overhead)")
+                out.append(
+                    f"{name}: at the same knobs raw FAISS reaches recall@10 {r['raw']['recall@10']:.4f}, ours "
+                    f"{r['recall@10']:.4f} (a different index, not a search overhead)"
+                )
     af = result.get("autofaiss")
     if auto and af:
         a = af["autofaiss"]
         for batch in ("b1", "batch"):
             better_recall = auto["recall@10"] >= a["recall@10"]
             ratio = auto[f"{batch}_qps"] / a[f"{batch}_qps"]
-            verdict = ("auto matches or beats its recall at equal or better QPS" if better_recall and ratio >= 1 else
-                       f"auto does NOT match its recall (autofaiss picks the search parameters giving the best recall within "
-                       f"10 ms per query) but answers {ratio:.1f}x as many queries per second" if ratio >= 1 else
-                       "auto is slower" + (" and less accurate" if not better_recall else " with at least its recall"))
-            out.append(f"auto vs autofaiss ({'batch 1' if batch == 'b1' else 'batch ' + result['args']['queries']}): recall "
-                       f"{auto['recall@10']:.4f} vs {a['recall@10']:.4f}, QPS {auto[f'{batch}_qps']:,.0f} vs {a[f'{batch}_qps']:,.0f}: {verdict}")
+            verdict = (
+                "auto matches or beats its recall at equal or better QPS"
+                if better_recall and ratio >= 1
+                else f"auto does NOT match its recall (autofaiss picks the search parameters giving the best recall within "
+                f"10 ms per query) but answers {ratio:.1f}x as many queries per second"
+                if ratio >= 1
+                else "auto is slower" + (" and less accurate" if not better_recall else " with at least its recall")
+            )
+            out.append(
+                f"auto vs autofaiss ({'batch 1' if batch == 'b1' else 'batch ' + result['args']['queries']}): recall "
+                f"{auto['recall@10']:.4f} vs {a['recall@10']:.4f}, QPS {auto[f'{batch}_qps']:,.0f} vs {a[f'{batch}_qps']:,.0f}: {verdict}"
+            )
         if "autofaiss_at_target" in af:
             t = af["autofaiss_at_target"]
             for batch in ("b1", "batch"):
-                out.append(f"at equal target ({TARGET}, both tuned by measure_and_tune), {batch}: auto {auto[f'{batch}_qps']:,.0f} QPS "
-                           f"(recall {auto['recall@10']:.4f}) vs autofaiss's index {t[f'{batch}_qps']:,.0f} QPS (recall {t['recall@10']:.4f})")
+                out.append(
+                    f"at equal target ({TARGET}, both tuned by measure_and_tune), {batch}: auto {auto[f'{batch}_qps']:,.0f} QPS "
+                    f"(recall {auto['recall@10']:.4f}) vs autofaiss's index {t[f'{batch}_qps']:,.0f} QPS (recall {t['recall@10']:.4f})"
+                )
     return out
 
 

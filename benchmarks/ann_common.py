@@ -51,10 +51,14 @@ def library_fingerprint(root: Path) -> dict[str, str]:
     import hashlib
     import subprocess
 
-    out = {name: hashlib.sha1((root / "retrieval" / name).read_bytes()).hexdigest()[:12]
-           for name in ("index_spec.py", "vector_index.py", "recall.py")}
+    out = {
+        name: hashlib.sha1((root / "retrieval" / name).read_bytes()).hexdigest()[:12]
+        for name in ("index_spec.py", "vector_index.py", "recall.py")
+    }
     try:
-        out["git_head"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        out["git_head"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         pass
     return out
@@ -138,7 +142,9 @@ def single_latencies(fn: Callable[[np.ndarray], Any], queries: np.ndarray) -> li
     return times
 
 
-def interleaved_latencies(fns: dict[str, Callable[[np.ndarray], Any]], queries: np.ndarray, flip: bool = False) -> dict[str, list[float]]:
+def interleaved_latencies(
+    fns: dict[str, Callable[[np.ndarray], Any]], queries: np.ndarray, flip: bool = False
+) -> dict[str, list[float]]:
     """Seconds of each ``fn(q[None])`` per query row, the searchers taking turns on every query (the order
     alternating query by query), so drift in machine speed over a run falls on all of them alike."""
     names = list(fns)
@@ -168,7 +174,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-style markdown table (readable in a terminal too)."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    line = lambda r: (
+        "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    )
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
@@ -227,8 +235,10 @@ class MemoryCgroup:
                 root = Path("/sys/fs/cgroup/memory")
                 if (root / path.lstrip("/") / "memory.limit_in_bytes").exists():
                     return 1, root / path.lstrip("/") / name
-        raise RuntimeError("no writable memory cgroup (v2 memory controller or v1 memory mount) for this process; "
-                           "try: systemd-run --scope -p MemoryMax=1G ... or docker run --memory 1g ...")
+        raise RuntimeError(
+            "no writable memory cgroup (v2 memory controller or v1 memory mount) for this process; "
+            "try: systemd-run --scope -p MemoryMax=1G ... or docker run --memory 1g ..."
+        )
 
     def __enter__(self) -> MemoryCgroup:
         self.path.mkdir()
@@ -241,7 +251,9 @@ class MemoryCgroup:
             swap = self.path / "memory.memsw.limit_in_bytes"
             if swap.exists():
                 try:
-                    swap.write_text(str(self.limit))  # no swapping out of the limit either (there is no swap here anyway)
+                    swap.write_text(
+                        str(self.limit)
+                    )  # no swapping out of the limit either (there is no swap here anyway)
                 except OSError:
                     pass
         return self
@@ -254,11 +266,19 @@ class MemoryCgroup:
         read = lambda name: (self.path / name).read_text().strip() if (self.path / name).exists() else None
         if self.version == 2:
             events = dict(line.split() for line in (read("memory.events") or "").splitlines())
-            return {"limit": read("memory.max"), "peak_bytes": int(read("memory.peak") or 0) or None,
-                    "oom_kill": int(events.get("oom_kill", 0)), "events": events}
+            return {
+                "limit": read("memory.max"),
+                "peak_bytes": int(read("memory.peak") or 0) or None,
+                "oom_kill": int(events.get("oom_kill", 0)),
+                "events": events,
+            }
         oom = dict(line.split() for line in (read("memory.oom_control") or "").splitlines())
-        return {"limit": int(read("memory.limit_in_bytes")), "peak_bytes": int(read("memory.max_usage_in_bytes")),
-                "failcnt": int(read("memory.failcnt")), "oom_kill": int(oom.get("oom_kill", 0))}
+        return {
+            "limit": int(read("memory.limit_in_bytes")),
+            "peak_bytes": int(read("memory.max_usage_in_bytes")),
+            "failcnt": int(read("memory.failcnt")),
+            "oom_kill": int(oom.get("oom_kill", 0)),
+        }
 
     def __exit__(self, *exc: Any) -> None:
         for _ in range(50):
@@ -296,8 +316,13 @@ def run_limited(limit: int | None, args: list[str], name: str) -> dict[str, Any]
 def _child_output(done: Any, wall: float, stats: dict[str, Any], version: int | None) -> dict[str, Any]:
     import signal
 
-    out: dict[str, Any] = {"returncode": done.returncode, "wall_s": wall, "cgroup": stats, "cgroup_version": version,
-                           "stderr_tail": done.stderr[-1500:]}
+    out: dict[str, Any] = {
+        "returncode": done.returncode,
+        "wall_s": wall,
+        "cgroup": stats,
+        "cgroup_version": version,
+        "stderr_tail": done.stderr[-1500:],
+    }
     if done.returncode < 0:
         out["signal"] = signal.Signals(-done.returncode).name
     for line in done.stdout.splitlines():

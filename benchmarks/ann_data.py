@@ -116,8 +116,20 @@ def _version() -> str:
     """A short hash of the generator's constants: a cache made with other constants is never reused."""
     import hashlib
 
-    constants = (BLOCK, CLUSTERS, SUPER, ROTATIONS, SPECTRUM_KNEE, SPECTRUM_POWER, CONE, SUPER_SCALE, CHILD_SCALE,
-                 NOISE, NOISE_SPREAD, ZIPF)
+    constants = (
+        BLOCK,
+        CLUSTERS,
+        SUPER,
+        ROTATIONS,
+        SPECTRUM_KNEE,
+        SPECTRUM_POWER,
+        CONE,
+        SUPER_SCALE,
+        CHILD_SCALE,
+        NOISE,
+        NOISE_SPREAD,
+        ZIPF,
+    )
     return hashlib.sha1(repr(constants).encode()).hexdigest()[:8]
 
 
@@ -257,7 +269,7 @@ def main() -> None:
         print(f"gap top-1 - top-10:               {pct(scores[:, 0] - scores[:, 9])}")
         print(f"random pair cosine:               {pct(pairs)}")
         lam = _spectrum(args.d)
-        print(f"within-cluster effective dimension (participation ratio): {lam.sum() ** 2 / (lam ** 2).sum():.1f}")
+        print(f"within-cluster effective dimension (participation ratio): {lam.sum() ** 2 / (lam**2).sum():.1f}")
 
 
 if __name__ == "__main__":

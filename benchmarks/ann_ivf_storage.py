@@ -68,8 +68,11 @@ def main() -> None:
                 started = time.perf_counter()
                 index.search(queries[row : row + 1], 10)
                 single.append(time.perf_counter() - started)
-            print(f"| {storage} | {nprobe} | {build:.0f} | {size:,.0f} | {recall_at(found, truth, 10):.4f} | "
-                  f"{statistics.median(single) * 1000:.3f} | {len(queries) / statistics.median(batch):,.0f} |", flush=True)
+            print(
+                f"| {storage} | {nprobe} | {build:.0f} | {size:,.0f} | {recall_at(found, truth, 10):.4f} | "
+                f"{statistics.median(single) * 1000:.3f} | {len(queries) / statistics.median(batch):,.0f} |",
+                flush=True,
+            )
         del index
 
 

@@ -46,7 +46,9 @@ def cached(name: str, compute):
 def coco_embeddings(data: Path, image_encoder, text_encoder) -> dict[str, np.ndarray]:
     def compute():
         records, _ = read_pairs([data / "coco-train-mini" / "captions.jsonl"], CaptionOptions())
-        refs, image_vectors, _, kept, errors = embed_pairs(records, image_encoder, text_encoder, EmbedOptions(progress=True))
+        refs, image_vectors, _, kept, errors = embed_pairs(
+            records, image_encoder, text_encoder, EmbedOptions(progress=True)
+        )
         assert not errors, errors
         texts = [r.text for captions in kept for r in captions]
         owner = [i for i, captions in enumerate(kept) for _ in captions]
@@ -59,7 +61,9 @@ def imagenet_photo_anchors(data: Path, image_encoder, text_encoder) -> dict[str,
     def compute():
         options = CaptionOptions(image_column="file", template="a photo of a {class_name}")
         records, _ = read_pairs([data / "imagenet-sample" / "labels.csv"], options)
-        _, image_vectors, text_vectors, _, errors = embed_pairs(records, image_encoder, text_encoder, EmbedOptions(progress=True))
+        _, image_vectors, text_vectors, _, errors = embed_pairs(
+            records, image_encoder, text_encoder, EmbedOptions(progress=True)
+        )
         assert not errors, errors
         return {"image": image_vectors, "text": text_vectors}
 
@@ -76,7 +80,9 @@ def evaluate(space: AnchorSpace, coco: dict, image_rows: np.ndarray, params: Asi
     _, image_hits = SparseRelativeIndex(image_rel).search(caption_rel, 10)
     t2i = recall_at_k(first_relevant_rank(image_hits, [{o} for o in owner]), (1, 5, 10))
     _, caption_hits = SparseRelativeIndex(caption_rel).search(image_rel, 10)
-    i2c = recall_at_k(first_relevant_rank(caption_hits, [set(np.flatnonzero(owner == i)) for i in range(len(image_rows))]), (1, 5))
+    i2c = recall_at_k(
+        first_relevant_rank(caption_hits, [set(np.flatnonzero(owner == i)) for i in range(len(image_rows))]), (1, 5)
+    )
     return {"t2i@1": t2i[1], "t2i@5": t2i[5], "t2i@10": t2i[10], "i2c@1": i2c[1], "i2c@5": i2c[5]}
 
 

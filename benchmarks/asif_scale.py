@@ -87,7 +87,11 @@ def _ivf_relative_rows(anchors: np.ndarray, vectors: np.ndarray, k: int, p: floa
         w /= np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-30)
         rows = np.repeat(np.arange(len(ids)), k)
         keep = w.ravel() > 0
-        parts.append(sp.csr_matrix((w.ravel()[keep].astype(np.float32), (rows[keep], ids.ravel()[keep])), shape=(len(ids), len(anchors))))
+        parts.append(
+            sp.csr_matrix(
+                (w.ravel()[keep].astype(np.float32), (rows[keep], ids.ravel()[keep])), shape=(len(ids), len(anchors))
+            )
+        )
     return sp.vstack(parts).tocsr(), time.perf_counter() - t0
 
 
@@ -130,7 +134,9 @@ def _build(args) -> dict:
     queries = _vectors(model, 12, max(args.single, args.batch))
     rng = np.random.default_rng(1)
     rotation = np.linalg.qr(rng.standard_normal((args.dim, args.dim)))[0].astype(np.float32)
-    text_anchors = normalize_rows(image_anchors @ rotation + 0.2 * rng.standard_normal(image_anchors.shape).astype(np.float32) / np.sqrt(args.dim))
+    text_anchors = normalize_rows(
+        image_anchors @ rotation + 0.2 * rng.standard_normal(image_anchors.shape).astype(np.float32) / np.sqrt(args.dim)
+    )
     space = AnchorSpace(image_anchors, text_anchors)
     params = AsifParams(k=args.k, p=2.0)
     sample = items[: args.exact_sample]
@@ -141,15 +147,25 @@ def _build(args) -> dict:
     if args.point_anchors >= args.ivf_from:
         rows, t_rows = _ivf_relative_rows(image_anchors, items, args.k, 2.0, args.nprobe)
         approx = rows[: len(sample)]
-        ivf_overlap = float(np.mean([len(set(approx[i].indices) & set(exact_sample[i].indices)) / exact_sample[i].nnz
-                                     for i in range(len(sample))]))
+        ivf_overlap = float(
+            np.mean(
+                [
+                    len(set(approx[i].indices) & set(exact_sample[i].indices)) / exact_sample[i].nnz
+                    for i in range(len(sample))
+                ]
+            )
+        )
     else:
         t0 = time.perf_counter()
         rows = _relative_rows(space, items, "image", params)
         t_rows = time.perf_counter() - t0
     t0 = time.perf_counter()
-    projected = np.concatenate([normalize_rows(np.asarray(rows[i : i + 100_000] @ text_anchors, dtype=np.float32))
-                                for i in range(0, rows.shape[0], 100_000)])
+    projected = np.concatenate(
+        [
+            normalize_rows(np.asarray(rows[i : i + 100_000] @ text_anchors, dtype=np.float32))
+            for i in range(0, rows.shape[0], 100_000)
+        ]
+    )
     t_proj = time.perf_counter() - t0
     t0 = time.perf_counter()
     index = SparseRelativeIndex(rows)
@@ -168,12 +184,30 @@ def _build(args) -> dict:
     flat = faiss.IndexFlatIP(args.dim)
     flat.add(items)
     del projected
-    return {"space": space, "params": params, "mapped": mapped, "path": path, "queries": queries, "flat": flat,
-            "flat_proj": flat_proj, "text_anchors": text_anchors,
-            "rows_built_with": "faiss-ivf" if ivf_overlap is not None else "library-exact",
-            "ivf_top_k_overlap_with_exact": ivf_overlap,
-            "build_s": {"relative_rows": t_rows, "library_exact_rows_per_100k_items": t_exact_per_100k, "posting_lists": t_lists, "projected_vectors": t_proj, "sketch_in_memory": t_sketch},
-            "bytes": {"postings_file": path.stat().st_size, "postings_arrays": mapped.postings.nbytes, "csr_float32_in_memory": int(csr_bytes)}}
+    return {
+        "space": space,
+        "params": params,
+        "mapped": mapped,
+        "path": path,
+        "queries": queries,
+        "flat": flat,
+        "flat_proj": flat_proj,
+        "text_anchors": text_anchors,
+        "rows_built_with": "faiss-ivf" if ivf_overlap is not None else "library-exact",
+        "ivf_top_k_overlap_with_exact": ivf_overlap,
+        "build_s": {
+            "relative_rows": t_rows,
+            "library_exact_rows_per_100k_items": t_exact_per_100k,
+            "posting_lists": t_lists,
+            "projected_vectors": t_proj,
+            "sketch_in_memory": t_sketch,
+        },
+        "bytes": {
+            "postings_file": path.stat().st_size,
+            "postings_arrays": mapped.postings.nbytes,
+            "csr_float32_in_memory": int(csr_bytes),
+        },
+    }
 
 
 def _point(args) -> dict:
@@ -189,18 +223,33 @@ def _point(args) -> dict:
 
     routes = {
         "sparse": lambda q: mapped.search(rel(q), k_out),
-        "projected": lambda q: b["flat_proj"].search(normalize_rows(np.asarray(rel(q) @ b["text_anchors"])).astype(np.float32), k_out),
+        "projected": lambda q: b["flat_proj"].search(
+            normalize_rows(np.asarray(rel(q) @ b["text_anchors"])).astype(np.float32), k_out
+        ),
         "faiss": lambda q: b["flat"].search(q, k_out),
     }
     for count in args.candidates:
         routes[f"approx@{count}"] = lambda q, count=count: mapped.search(rel(q), k_out, candidates=count)
     single, batch = queries[: args.single], queries[: args.batch]
-    out = {"items": args.point_items, "anchors": args.point_anchors, "k": args.k, "dim": args.dim, **b["bytes"],
-           "build_s": b["build_s"], "rows_built_with": b["rows_built_with"], "ivf_top_k_overlap_with_exact": b["ivf_top_k_overlap_with_exact"], "single": {}, "batch_ms_per_query": {}, "recall_at_10_vs_sparse": {}}
+    out = {
+        "items": args.point_items,
+        "anchors": args.point_anchors,
+        "k": args.k,
+        "dim": args.dim,
+        **b["bytes"],
+        "build_s": b["build_s"],
+        "rows_built_with": b["rows_built_with"],
+        "ivf_top_k_overlap_with_exact": b["ivf_top_k_overlap_with_exact"],
+        "single": {},
+        "batch_ms_per_query": {},
+        "recall_at_10_vs_sparse": {},
+    }
     rel_single = rel(single)
     lists = mapped.postings
     lengths = np.diff(np.asarray(lists.indptr))
-    out["postings_read_per_query_mean"] = float(np.mean([lengths[rel_single[i].indices].sum() for i in range(len(single))]))
+    out["postings_read_per_query_mean"] = float(
+        np.mean([lengths[rel_single[i].indices].sum() for i in range(len(single))])
+    )
     out["single"]["query_relative_row"] = _time_single(rel, single)
     out["single"]["sparse_search_only"] = _time_single(lambda r: mapped.search(r, k_out), rel_single)
     for name, fn in routes.items():
@@ -208,7 +257,9 @@ def _point(args) -> dict:
         out["batch_ms_per_query"][name] = _time_batch(fn, batch[: args.sparse_batch] if name == "sparse" else batch)
     _, exact = mapped.search(rel_single, k_out)
     for count in args.candidates:
-        out["recall_at_10_vs_sparse"][f"approx@{count}"] = _recall(mapped.search(rel_single, k_out, candidates=count)[1], exact)
+        out["recall_at_10_vs_sparse"][f"approx@{count}"] = _recall(
+            mapped.search(rel_single, k_out, candidates=count)[1], exact
+        )
     out["recall_at_10_vs_sparse"]["projected"] = _recall(routes["projected"](single)[1], exact)
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     b["path"].unlink()
@@ -217,8 +268,10 @@ def _point(args) -> dict:
 
 
 def _table(records: list[dict]) -> str:
-    lines = ["| items | anchors | rows file MB | build s (rows + lists) | peak RSS GB | postings read/query | route | p50 ms | p99 ms | batch ms/query | vs faiss p50 | recall@10 vs exact |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| items | anchors | rows file MB | build s (rows + lists) | peak RSS GB | postings read/query | route | p50 ms | p99 ms | batch ms/query | vs faiss p50 | recall@10 vs exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         faiss_p50 = r["single"]["faiss"]["p50_ms"]
         for name, t in r["single"].items():
@@ -227,7 +280,8 @@ def _table(records: list[dict]) -> str:
                 f"{r['build_s']['relative_rows']:.0f} + {r['build_s']['posting_lists']:.1f} | {r['peak_rss_bytes'] / 2**30:.1f} | "
                 f"{r['postings_read_per_query_mean']:,.0f} | {name} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | "
                 f"{r['batch_ms_per_query'].get(name, float('nan')):.2f} | {t['p50_ms'] / faiss_p50:.2f}x | "
-                f"{r['recall_at_10_vs_sparse'].get(name, 1.0 if name == 'sparse' else float('nan')):.3f} |")
+                f"{r['recall_at_10_vs_sparse'].get(name, 1.0 if name == 'sparse' else float('nan')):.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -241,10 +295,22 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=100, help="batch-1 queries per route")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--candidates", type=int, nargs="*", default=[300, 1000], help="approximate route settings")
-    parser.add_argument("--sparse-batch", type=int, default=1000, help="queries in the exact route's batch (it is a per-query loop)")
-    parser.add_argument("--ivf-from", type=int, default=10_000, help="build the items' rows with a FAISS IVF top-k from this many anchors")
+    parser.add_argument(
+        "--sparse-batch", type=int, default=1000, help="queries in the exact route's batch (it is a per-query loop)"
+    )
+    parser.add_argument(
+        "--ivf-from",
+        type=int,
+        default=10_000,
+        help="build the items' rows with a FAISS IVF top-k from this many anchors",
+    )
     parser.add_argument("--nprobe", type=int, default=16)
-    parser.add_argument("--exact-sample", type=int, default=2000, help="items whose rows the library builds exactly (timing, IVF overlap)")
+    parser.add_argument(
+        "--exact-sample",
+        type=int,
+        default=2000,
+        help="items whose rows the library builds exactly (timing, IVF overlap)",
+    )
     parser.add_argument("--tmp", default=None, help="folder for the posting-list files (default: system temp)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--point-items", type=int, help=argparse.SUPPRESS)
@@ -258,9 +324,26 @@ def main() -> None:
     records = []
     out = args.out or HERE / "results" / ("asif_scale_quick.json" if args.quick else "asif_scale.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    passthrough = ["--dim", str(args.dim), "--k", str(args.k), "--single", str(args.single), "--batch", str(args.batch),
-                   "--sparse-batch", str(args.sparse_batch), "--ivf-from", str(args.ivf_from), "--nprobe", str(args.nprobe),
-                   "--exact-sample", str(args.exact_sample), "--candidates", *map(str, args.candidates)] + (["--tmp", args.tmp] if args.tmp else [])
+    passthrough = [
+        "--dim",
+        str(args.dim),
+        "--k",
+        str(args.k),
+        "--single",
+        str(args.single),
+        "--batch",
+        str(args.batch),
+        "--sparse-batch",
+        str(args.sparse_batch),
+        "--ivf-from",
+        str(args.ivf_from),
+        "--nprobe",
+        str(args.nprobe),
+        "--exact-sample",
+        str(args.exact_sample),
+        "--candidates",
+        *map(str, args.candidates),
+    ] + (["--tmp", args.tmp] if args.tmp else [])
     for n in args.items:
         for n_anchors in args.anchors:
             cmd = [sys.executable, __file__, "--point-items", str(n), "--point-anchors", str(n_anchors), *passthrough]

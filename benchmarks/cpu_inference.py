@@ -55,12 +55,18 @@ def main() -> None:
 
     encoders = {
         "efficientnet-lite0": load_image_encoder("efficientnet-lite0", device="cpu"),
-        "ViT-B/32 (random)": load_clip_encoder("open_clip:ViT-B-32", checkpoint=save_random_vit_b32(Path(tempfile.mkdtemp())), device="cpu"),
+        "ViT-B/32 (random)": load_clip_encoder(
+            "open_clip:ViT-B-32", checkpoint=save_random_vit_b32(Path(tempfile.mkdtemp())), device="cpu"
+        ),
     }
     pixels = torch.randn(args.batch, 3, 224, 224)
     for name, encoder in encoders.items():
         model = encoder._model
-        tower = model.encode_image if hasattr(model, "encode_image") else (lambda x: model.extract_features(x).mean(dim=(2, 3)))
+        tower = (
+            model.encode_image
+            if hasattr(model, "encode_image")
+            else (lambda x: model.extract_features(x).mean(dim=(2, 3)))
+        )
 
         def run(x, bf16=False):
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -74,6 +80,7 @@ def main() -> None:
         rows["bfloat16 autocast"] = timed(lambda: run(pixels, bf16=True), args.repeats)
         int8 = getattr(encoder, "_int8_tower", lambda: None)()  # CLIP image towers: Linear layers int8 (dynamic)
         if int8 is not None:
+
             def run_int8(x):
                 with torch.inference_mode():
                     return int8(x)
@@ -81,8 +88,18 @@ def main() -> None:
             rows["int8 Linear (dynamic quantisation)"] = timed(lambda: run_int8(pixels), args.repeats)
         for setting, (seconds, out) in rows.items():
             cosine = float(np.sum(unit(base) * unit(out), axis=1).min())
-            print(json.dumps({"encoder": name, "setting": setting, "images_per_s": round(args.batch / seconds, 2),
-                              "speedup": round(base_s / seconds, 3), "cosine_min": round(cosine, 5)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "encoder": name,
+                        "setting": setting,
+                        "images_per_s": round(args.batch / seconds, 2),
+                        "speedup": round(base_s / seconds, 3),
+                        "cosine_min": round(cosine, 5),
+                    }
+                ),
+                flush=True,
+            )
     sizes = [int(v) for v in args.micro_batches.split(",") if v.strip()]
     if sizes:
         for name, encoder in encoders.items():
@@ -117,8 +134,18 @@ def micro_batch_sweep(name: str, encoder, pixels, sizes: list[int], repeats: int
                     start = time.perf_counter()
                     sliced(size)
                     times[size].append(time.perf_counter() - start)
-            print(json.dumps({"encoder": name, "threads": threads, "ms_per_image_by_slice": {
-                size: round(1e3 * statistics.median(times[size]) / len(pixels), 2) for size in sizes}}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "encoder": name,
+                        "threads": threads,
+                        "ms_per_image_by_slice": {
+                            size: round(1e3 * statistics.median(times[size]) / len(pixels), 2) for size in sizes
+                        },
+                    }
+                ),
+                flush=True,
+            )
     finally:
         torch.set_num_threads(threads_before)
 

@@ -40,12 +40,24 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def report(kind: str, count: int, timed: dict[str, tuple[float, np.ndarray]], current: str, reference: np.ndarray) -> None:
+def report(
+    kind: str, count: int, timed: dict[str, tuple[float, np.ndarray]], current: str, reference: np.ndarray
+) -> None:
     base_s = timed[current][0]
     for name, (seconds, out) in timed.items():
         cosine = float(np.sum(unit(out) * unit(reference), axis=1).min())
-        print(json.dumps({"model": kind, "path": name, "per_s": round(count / seconds, 1),
-                          "vs_current": round(base_s / seconds, 3), "cosine_min_vs_fp32": round(cosine, 5)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "model": kind,
+                    "path": name,
+                    "per_s": round(count / seconds, 1),
+                    "vs_current": round(base_s / seconds, 3),
+                    "cosine_min_vs_fp32": round(cosine, 5),
+                }
+            ),
+            flush=True,
+        )
 
 
 def onnx_session(module, example: tuple, names: list[str], dynamic: dict, folder: Path, int8: bool = False):
@@ -58,8 +70,16 @@ def onnx_session(module, example: tuple, names: list[str], dynamic: dict, folder
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{type(module).__name__}.onnx"
     with torch.enable_grad():  # no fused attention fast path (it has no ONNX export)
-        torch.onnx.export(module, example, str(path), input_names=names, output_names=["out"],
-                          dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            input_names=names,
+            output_names=["out"],
+            dynamic_axes=dynamic,
+            opset_version=17,
+            dynamo=False,
+        )
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -93,7 +113,9 @@ def image_rows(repeats: int, folder: Path) -> None:
     pixels = torch.randn(32, 3, 224, 224)
     encoders = {
         "efficientnet-lite0": load_image_encoder("efficientnet-lite0", device="cpu"),
-        "ViT-B/32 (random)": load_clip_encoder("open_clip:ViT-B-32", checkpoint=save_random_vit_b32(folder / "vit"), device="cpu"),
+        "ViT-B/32 (random)": load_clip_encoder(
+            "open_clip:ViT-B-32", checkpoint=save_random_vit_b32(folder / "vit"), device="cpu"
+        ),
     }
     for name, encoder in encoders.items():
         model = copy.deepcopy(encoder._model).to(memory_format=torch.contiguous_format)
@@ -150,6 +172,7 @@ def text_rows(repeats: int, count: int, folder: Path) -> None:
             with torch.inference_mode():
                 inputs = {k: torch.from_numpy(v) for k, v in tokens.items()}
                 return module(**inputs).last_hidden_state.float().numpy()
+
         return run
 
     paths = {
@@ -170,9 +193,18 @@ def text_rows(repeats: int, count: int, folder: Path) -> None:
             return self.inner(**dict(zip(names, args))).last_hidden_state
 
     for label, int8 in (("onnxruntime fp32", False), ("onnxruntime int8 (dynamic)", True)):
-        session = onnx_session(Hidden(bert), tuple(example[n] for n in names), names, dynamic, folder / ("text-int8" if int8 else "text-fp32"), int8)
+        session = onnx_session(
+            Hidden(bert),
+            tuple(example[n] for n in names),
+            names,
+            dynamic,
+            folder / ("text-int8" if int8 else "text-fp32"),
+            int8,
+        )
         if session is not None:
-            paths[label] = (lambda s: lambda: pooled(lambda tokens: s.run(None, {n: tokens[n].astype(np.int64) for n in names})[0]))(session)
+            paths[label] = (
+                lambda s: lambda: pooled(lambda tokens: s.run(None, {n: tokens[n].astype(np.int64) for n in names})[0])
+            )(session)
     timed = median_times(paths, repeats, warmup=True)
     report("minilm", len(texts), timed, "current (encode_texts, bf16 autocast)", timed["fp32 torch"][1])
 
@@ -183,7 +215,10 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=2000)
     args = parser.parse_args()
     if importlib.util.find_spec("onnxruntime") is None:
-        print("onnxruntime is not installed: its rows are skipped (pip install onnxruntime onnx onnxscript)", file=sys.stderr)
+        print(
+            "onnxruntime is not installed: its rows are skipped (pip install onnxruntime onnx onnxscript)",
+            file=sys.stderr,
+        )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         image_rows(args.repeats, folder)

@@ -57,13 +57,17 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[f >= 0].tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
 
 
-def run_type(index_type: str, source: VectorSource, data: np.ndarray, queries: np.ndarray, tune: np.ndarray, seed: int) -> list[list]:
+def run_type(
+    index_type: str, source: VectorSource, data: np.ndarray, queries: np.ndarray, tune: np.ndarray, seed: int
+) -> list[list]:
     spec = spec_for(index_type, len(source), source.dim)
     started = time.perf_counter()
     index = build_vector_index(source, spec)
     report = measure_and_tune(index, spec, source, tune, "held-out", 0.95) if not spec.exact else None
     knobs = report.knobs if report is not None else SearchKnobs()
-    print(f"{index_type}: built and tuned in {time.perf_counter() - started:.1f} s, knobs {knobs.to_json()}", flush=True)
+    print(
+        f"{index_type}: built and tuned in {time.perf_counter() - started:.1f} s, knobs {knobs.to_json()}", flush=True
+    )
     rng = np.random.default_rng(seed)
     selections: dict[float | None, Selection | None] = {None: None}
     prepare_ms: dict[float | None, float] = {None: 0.0}
@@ -71,7 +75,9 @@ def run_type(index_type: str, source: VectorSource, data: np.ndarray, queries: n
         allowed = np.flatnonzero(rng.random(len(source)) < share)
         selections[share] = Selection(allowed, len(source))
         begin = time.perf_counter()
-        search_selected(index, queries[:1], K, knobs, selections[share], source)  # gathers (and caches) the allowed rows
+        search_selected(
+            index, queries[:1], K, knobs, selections[share], source
+        )  # gathers (and caches) the allowed rows
         prepare_ms[share] = (time.perf_counter() - begin) * 1e3
 
     def runner(selection: Selection | None):
@@ -87,8 +93,18 @@ def run_type(index_type: str, source: VectorSource, data: np.ndarray, queries: n
         truth = brute_force(data, queries, None if selection is None else selection.positions)
         p50 = C.median(latencies[str(share)])
         how = "-" if selection is None else ("exact scan" if exact_first(index, selection) else "selector")
-        rows.append([index_type, "unfiltered" if share is None else f"{share:.1%}", len(source) if selection is None else len(selection),
-                     how, f"{p50 * 1e3:.3f}", f"{p50 / base:.2f}", f"{recall(found, truth):.3f}", f"{prepare_ms[share]:.1f}"])
+        rows.append(
+            [
+                index_type,
+                "unfiltered" if share is None else f"{share:.1%}",
+                len(source) if selection is None else len(selection),
+                how,
+                f"{p50 * 1e3:.3f}",
+                f"{p50 / base:.2f}",
+                f"{recall(found, truth):.3f}",
+                f"{prepare_ms[share]:.1f}",
+            ]
+        )
     return rows
 
 
@@ -109,7 +125,9 @@ def main() -> None:
     rows = []
     for index_type in args.types.split(","):
         rows += run_type(index_type, source, data, queries, tune, args.seed)
-    print(C.table(["index", "selectivity", "allowed", "path", "p50 ms", "vs unfiltered", "recall@10", "prepare ms"], rows))
+    print(
+        C.table(["index", "selectivity", "allowed", "path", "p50 ms", "vs unfiltered", "recall@10", "prepare ms"], rows)
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,12 @@ def save_random_vit_b32(folder: Path) -> Path:
     torch.manual_seed(0)
     config = open_clip.get_model_config("ViT-B-32")
     model = open_clip.create_model("ViT-B-32", pretrained=None)
-    preprocess = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+    preprocess = {
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return folder
@@ -78,13 +83,22 @@ def end_to_end(encoder, coco: Path, work: Path, copies: int) -> dict:
     embed_images(refs, encoder, options)
     pipeline = len(refs) / (time.perf_counter() - start)
     workers = resolve_workers("auto", len(refs))
-    loader = DataLoader(_ImageDataset(refs, encoder.image_transform(), encoder.draft_size), batch_size=256, num_workers=workers, collate_fn=_collate)
+    loader = DataLoader(
+        _ImageDataset(refs, encoder.image_transform(), encoder.draft_size),
+        batch_size=256,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
     start = time.perf_counter()
     for _ in loader:
         pass
     decode = len(refs) / (time.perf_counter() - start)
-    return {"images": len(refs), "workers": workers, "pipeline_images_per_second": round(pipeline, 1),
-            "decode_preprocess_only_images_per_second": round(decode, 1)}
+    return {
+        "images": len(refs),
+        "workers": workers,
+        "pipeline_images_per_second": round(pipeline, 1),
+        "decode_preprocess_only_images_per_second": round(decode, 1),
+    }
 
 
 def main() -> None:
@@ -99,18 +113,26 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp())
     checkpoint = save_random_vit_b32(work / "vit-b-32")
-    report: dict = {"cuda": torch.cuda.is_available(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    report: dict = {
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     indexes = {}
     for device in ("auto", "cpu"):
         choice = EncoderChoice(clip="open_clip:ViT-B-32", checkpoint=str(checkpoint), device=device)
         start = time.perf_counter()
         indexes[device] = retrieval.build_index(
-            captions=[args.coco / "captions.jsonl"], index=work / f"index-{device}", encoders=choice,
+            captions=[args.coco / "captions.jsonl"],
+            index=work / f"index-{device}",
+            encoders=choice,
             embed=EmbedOptions(batch_size=64, workers=4, progress=False),
         )
         build = indexes[device].manifest["build"]
-        report[f"build_{device}"] = {"device": build["device"], "images_per_second": build["images_per_second"],
-                                     "seconds_total": round(time.perf_counter() - start, 2)}
+        report[f"build_{device}"] = {
+            "device": build["device"],
+            "images_per_second": build["images_per_second"],
+            "seconds_total": round(time.perf_counter() - start, 2),
+        }
     gpu, cpu = indexes["auto"], indexes["cpu"]
     for kind, key in (("image", "clip/image"), ("caption", "clip/caption")):
         a = gpu._store.read_vectors(gpu.manifest["files"]["vectors"][key])
@@ -118,9 +140,13 @@ def main() -> None:
         cosine = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         report[f"min_cosine_cuda_vs_cpu_{kind}"] = round(float(cosine.min()), 5)
     query = "a family sitting at a table with a birthday cake"
-    report["same_top5_text_to_image"] = [h.id for h in gpu.text_to_image(query, 5)] == [h.id for h in cpu.text_to_image(query, 5)]
+    report["same_top5_text_to_image"] = [h.id for h in gpu.text_to_image(query, 5)] == [
+        h.id for h in cpu.text_to_image(query, 5)
+    ]
     reopened = retrieval.open_index(gpu.path, device="cpu")  # built on CUDA, queried on CPU: same fingerprint
-    report["gpu_index_opens_on_cpu"] = len(reopened.image_to_caption(next((args.coco / "images").glob("*.jpg")), 3)) == 3
+    report["gpu_index_opens_on_cpu"] = (
+        len(reopened.image_to_caption(next((args.coco / "images").glob("*.jpg")), 3)) == 3
+    )
     if torch.cuda.is_available():
         report["model_alone_images_per_second"] = round(model_alone(gpu.image_encoder), 1)
         with gpu.image_encoder.compiled():  # --compile: torch.compile'd tower (compiled in the warm-up rounds)

@@ -61,6 +61,7 @@ def log(message: str) -> None:
 
 # -- the child -----------------------------------------------------------------------------------------------
 
+
 def child(args: argparse.Namespace) -> None:
     meta = json.loads(Path(args.meta).read_text())
     knobs = SearchKnobs.from_json(meta["knobs"])
@@ -79,24 +80,36 @@ def child(args: argparse.Namespace) -> None:
     found = run(eval_q)
     batch_s = time.perf_counter() - started
     result = {
-        "recall@10": recall_at(found, truth, K), "same_as_in_memory": float(np.mean(found[: len(reference)] == reference[: len(found)])),
-        "b1_latency_ms_first_pass": C.median(first) * 1000, "b1_latency_ms_warm": C.median(warm) * 1000,
-        "b1_samples": len(warm), "batch_qps": len(eval_q) / batch_s, "status": C.proc_status(),
+        "recall@10": recall_at(found, truth, K),
+        "same_as_in_memory": float(np.mean(found[: len(reference)] == reference[: len(found)])),
+        "b1_latency_ms_first_pass": C.median(first) * 1000,
+        "b1_latency_ms_warm": C.median(warm) * 1000,
+        "b1_samples": len(warm),
+        "batch_qps": len(eval_q) / batch_s,
+        "status": C.proc_status(),
     }
     print("CHILD_RESULT " + json.dumps(result), flush=True)
 
 
 # -- main ------------------------------------------------------------------------------------------------------
 
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--n", type=int, default=2_000_000)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", default="1GB,3GB", help="memory limits of the search process, comma-separated (default 1GB,3GB)")
+    parser.add_argument(
+        "--limit", default="1GB,3GB", help="memory limits of the search process, comma-separated (default 1GB,3GB)"
+    )
     parser.add_argument("--queries", type=int, default=200, help="evaluation queries (= the batch), default 200")
-    parser.add_argument("--single", type=int, default=50, help="batch-1 queries per pass (first pass, then warm), default 50")
+    parser.add_argument(
+        "--single", type=int, default=50, help="batch-1 queries per pass (first pass, then warm), default 50"
+    )
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="default benchmarks/results/mmap_bench_n{n}_d{d}.json")
     parser.add_argument("--child", choices=["mmap", "load"], help=argparse.SUPPRESS)
@@ -122,11 +135,22 @@ def main() -> None:
         log(f"building {spec.factory} over {n:,} x {d}")
         build_s, _, index = C.timed(lambda: build_vector_index(source, spec))
         faiss.write_index(index, str(path))
-        report = measure_and_tune(index, spec, source, ann_data.queries(RECALL_QUERIES, d, args.seed, 0), "held-out queries", TARGET)
+        report = measure_and_tune(
+            index, spec, source, ann_data.queries(RECALL_QUERIES, d, args.seed, 0), "held-out queries", TARGET
+        )
         reference = search(index, eval_q, K, report.knobs)[1]
         np.save(work / f"{stem}.reference.npy", reference)
-        meta_path.write_text(json.dumps({"spec": spec.to_json(), "knobs": report.knobs.to_json(), "build_s": build_s,
-                                         "tuning": report.to_json(), "reference": str(work / f"{stem}.reference.npy")}))
+        meta_path.write_text(
+            json.dumps(
+                {
+                    "spec": spec.to_json(),
+                    "knobs": report.knobs.to_json(),
+                    "build_s": build_s,
+                    "tuning": report.to_json(),
+                    "reference": str(work / f"{stem}.reference.npy"),
+                }
+            )
+        )
         del index
         C.trim()
     meta = json.loads(meta_path.read_text())
@@ -134,18 +158,44 @@ def main() -> None:
     size = path.stat().st_size
     log(f"index {path.name}: {size / (1 << 30):.2f} GiB, knobs {meta['knobs']}; search process limits {args.limit}")
     if size <= max(limits):
-        log(f"warning: the index ({size:,} bytes) is not larger than every limit ({args.limit}); raise --n or lower --limit")
+        log(
+            f"warning: the index ({size:,} bytes) is not larger than every limit ({args.limit}); raise --n or lower --limit"
+        )
 
-    common = [sys.executable, __file__, "--index", str(path), "--meta", str(meta_path), "--n", str(n), "--d", str(d),
-              "--seed", str(args.seed), "--queries", str(args.queries), "--single", str(args.single)]
-    result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items() if k not in ("child", "index", "meta")},
-                              "machine": C.machine(), "library_sha1": C.library_fingerprint(ROOT), "index_file_bytes": size, "limits_bytes": limits, "index": meta}
+    common = [
+        sys.executable,
+        __file__,
+        "--index",
+        str(path),
+        "--meta",
+        str(meta_path),
+        "--n",
+        str(n),
+        "--d",
+        str(d),
+        "--seed",
+        str(args.seed),
+        "--queries",
+        str(args.queries),
+        "--single",
+        str(args.single),
+    ]
+    result: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items() if k not in ("child", "index", "meta")},
+        "machine": C.machine(),
+        "library_sha1": C.library_fingerprint(ROOT),
+        "index_file_bytes": size,
+        "limits_bytes": limits,
+        "index": meta,
+    }
     runs = {}
     for limit in limits:
         for mode in ("mmap", "load"):
             C.drop_from_page_cache(path)
             log(f"child: read_vector_index(mmap={mode == 'mmap'}) under a {limit / (1 << 30):.2f} GiB memory cgroup")
-            r = runs[f"{mode}@{limit}"] = C.run_limited(limit, common + ["--child", mode], f"ann_mmap_bench_{os.getpid()}_{mode}")
+            r = runs[f"{mode}@{limit}"] = C.run_limited(
+                limit, common + ["--child", mode], f"ann_mmap_bench_{os.getpid()}_{mode}"
+            )
             r["limit_bytes"] = limit
             log(f"  -> returncode {r['returncode']} {r.get('signal', '')}, cgroup {r['cgroup']}")
     result["runs"] = runs
@@ -159,9 +209,11 @@ def print_report(result: dict[str, Any]) -> None:
     runs = result["runs"]
     version = next(iter(runs.values()))["cgroup_version"]
     print(f"\n## IVF index larger than the search process's memory limit (cgroup v{version} memory limit)\n")
-    print(f"index file {result['index_file_bytes'] / GB:.2f} GiB ({result['index']['spec']['factory']}, "
-          f"{int(result['args']['n']):,} x {result['args']['d']}), knobs tuned in memory to recall@10 >= 0.95: "
-          f"{json.dumps(result['index']['knobs'])}; {result['args']['queries']} held-out queries\n")
+    print(
+        f"index file {result['index_file_bytes'] / GB:.2f} GiB ({result['index']['spec']['factory']}, "
+        f"{int(result['args']['n']):,} x {result['args']['d']}), knobs tuned in memory to recall@10 >= 0.95: "
+        f"{json.dumps(result['index']['knobs'])}; {result['args']['queries']} held-out queries\n"
+    )
     rows = []
     ok = True
     for limit in result["limits_bytes"]:
@@ -169,19 +221,42 @@ def print_report(result: dict[str, Any]) -> None:
         cm = m.get("child_result")
         killed = l["returncode"] < 0 and l["cgroup"]["oom_kill"] > 0 and not l.get("loaded")
         ok = ok and bool(cm) and m["returncode"] == 0 and killed
-        rows.append([
-            f"{limit / GB:.2f} GiB", f"{limit / result['index_file_bytes']:.0%}",
-            "ok" if m["returncode"] == 0 else f"{m['returncode']} {m.get('signal', '')}",
-            f"{cm['recall@10']:.4f}" if cm else "-", f"{cm['same_as_in_memory']:.2%}" if cm else "-",
-            f"{cm['b1_latency_ms_first_pass']:.1f} / {cm['b1_latency_ms_warm']:.1f}" if cm else "-",
-            f"{cm['batch_qps']:,.0f}" if cm else "-",
-            f"{cm['status']['VmHWM'] / GB:.2f}" if cm else "-", f"{m['cgroup']['peak_bytes'] / GB:.2f}",
-            f"{l['returncode']} {l.get('signal', '')}" + (", OOM-killed while reading" if killed else ""),
-        ])
-    print(C.table(["limit", "of index", "mmap=True exit", "recall@10", "same as in-memory", "b1 ms first/warm",
-                   f"b{result['args']['queries']} QPS", "VmHWM GiB", "cgroup peak GiB", "mmap=False (full load)"], rows))
-    verdict = ("MET: the memory-mapped index answers under every limit; the full load is OOM-killed under each" if ok
-               else "NOT SHOWN: see the rows above")
+        rows.append(
+            [
+                f"{limit / GB:.2f} GiB",
+                f"{limit / result['index_file_bytes']:.0%}",
+                "ok" if m["returncode"] == 0 else f"{m['returncode']} {m.get('signal', '')}",
+                f"{cm['recall@10']:.4f}" if cm else "-",
+                f"{cm['same_as_in_memory']:.2%}" if cm else "-",
+                f"{cm['b1_latency_ms_first_pass']:.1f} / {cm['b1_latency_ms_warm']:.1f}" if cm else "-",
+                f"{cm['batch_qps']:,.0f}" if cm else "-",
+                f"{cm['status']['VmHWM'] / GB:.2f}" if cm else "-",
+                f"{m['cgroup']['peak_bytes'] / GB:.2f}",
+                f"{l['returncode']} {l.get('signal', '')}" + (", OOM-killed while reading" if killed else ""),
+            ]
+        )
+    print(
+        C.table(
+            [
+                "limit",
+                "of index",
+                "mmap=True exit",
+                "recall@10",
+                "same as in-memory",
+                "b1 ms first/warm",
+                f"b{result['args']['queries']} QPS",
+                "VmHWM GiB",
+                "cgroup peak GiB",
+                "mmap=False (full load)",
+            ],
+            rows,
+        )
+    )
+    verdict = (
+        "MET: the memory-mapped index answers under every limit; the full load is OOM-killed under each"
+        if ok
+        else "NOT SHOWN: see the rows above"
+    )
     result["verdict"] = verdict
     print(f"\n- {verdict}")
 

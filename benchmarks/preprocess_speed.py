@@ -129,7 +129,8 @@ def _cosines(sets: dict[str, list[Path]]) -> None:
         b = enc.encode_image_tensors(torch.stack([ours(p) for p in paths]))
         cos = (a * b).sum(axis=1)
         pix = [
-            float((ref(p) - ours(p)).abs().mean()) * 127.5 for p in paths  # type: ignore[operator]
+            float((ref(p) - ours(p)).abs().mean()) * 127.5
+            for p in paths  # type: ignore[operator]
         ]
         print(
             f"  {name:<34} n={len(paths):<4} cosine min {cos.min():.5f}  median {np.median(cos):.5f}  "
@@ -181,7 +182,9 @@ def main() -> None:
                 lambda p, t=fast_t, d=decoded: t(d[p]),
                 args.repeats,
             )
-            print(f"{enc_name:<22} {'COCO, decoded':<28} {len(coco):>4} {r * 1e3:>8.2f} ms {o * 1e3:>8.2f} ms {r / o:>14.2f}x")
+            print(
+                f"{enc_name:<22} {'COCO, decoded':<28} {len(coco):>4} {r * 1e3:>8.2f} ms {o * 1e3:>8.2f} ms {r / o:>14.2f}x"
+            )
         _cosines(
             {
                 "50 real photos (25 COCO + 25 ImageNet)": coco[:25] + imagenet[:25],

@@ -55,8 +55,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT.parent / "shared" / "data" / "coco-train-mini"
 TARGET = 2.0  # a query may take at most this many times the wall time of `import torch`
-HEAVY = ("torch", "faiss", "sentence_transformers", "transformers", "open_clip", "timm", "torchvision",
-         "sklearn", "pyarrow.dataset", "efficientnet_lite_pytorch", "tokenizers", "safetensors")
+HEAVY = (
+    "torch",
+    "faiss",
+    "sentence_transformers",
+    "transformers",
+    "open_clip",
+    "timm",
+    "torchvision",
+    "sklearn",
+    "pyarrow.dataset",
+    "efficientnet_lite_pytorch",
+    "tokenizers",
+    "safetensors",
+)
 CLI = [sys.executable, "-c", "from retrieval.cli import main; main()"]
 
 
@@ -106,8 +118,20 @@ def build_indexes(work: Path, n_images: int) -> tuple[dict[str, Path], Path]:
     tiny = make_tiny_clip(work / "tiny-clip")
     indexes = {"asif": work / "asif-index", "clip": work / "clip-index"}
     common = ["build-index", "--captions", str(pairs), "--quiet"]
-    _run(CLI + common + ["--index", str(indexes["asif"]), "--image-encoder", "efficientnet-lite0",
-                         "--text-encoder", "minilm", "--anchors", "builtin:imagenet"])
+    _run(
+        CLI
+        + common
+        + [
+            "--index",
+            str(indexes["asif"]),
+            "--image-encoder",
+            "efficientnet-lite0",
+            "--text-encoder",
+            "minilm",
+            "--anchors",
+            "builtin:imagenet",
+        ]
+    )
     _run(CLI + common + ["--index", str(indexes["clip"]), "--encoder", "open_clip:tiny", "--checkpoint", str(tiny)])
     return indexes, photo
 
@@ -115,7 +139,14 @@ def build_indexes(work: Path, n_images: int) -> tuple[dict[str, Path], Path]:
 def query_commands(indexes: dict[str, Path], photo: Path) -> dict[str, list[str]]:
     commands = {"import torch": [sys.executable, "-c", "import torch"]}
     for mode, index in indexes.items():
-        commands[f"{mode} text-to-image"] = CLI + ["text-to-image", "a man riding a horse", "--index", str(index), "-k", "5"]
+        commands[f"{mode} text-to-image"] = CLI + [
+            "text-to-image",
+            "a man riding a horse",
+            "--index",
+            str(index),
+            "-k",
+            "5",
+        ]
         commands[f"{mode} image-to-caption"] = CLI + ["image-to-caption", str(photo), "--index", str(index), "-k", "5"]
     return commands
 
@@ -169,8 +200,10 @@ def main() -> None:
         first = first_walls(commands)
         walls = median_walls(commands, args.repeats)
         baseline = walls["import torch"]
-        print(f"{args.images} photos, median of {args.repeats} after a first run (shown apart: a CLIP query's "
-              f"first run writes its snapshot); target: a query <= {TARGET:g}x `import torch`")
+        print(
+            f"{args.images} photos, median of {args.repeats} after a first run (shown apart: a CLIP query's "
+            f"first run writes its snapshot); target: a query <= {TARGET:g}x `import torch`"
+        )
         failed = []
         for name, wall in walls.items():
             ratio = wall / baseline

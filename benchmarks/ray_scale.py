@@ -38,7 +38,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 def write_photos(folder: Path, count: int) -> Path:
     """``count`` photos (ImageNet sample, then COCO, cycled), each its own file."""
-    files = sorted((DATA / "imagenet-sample").glob("*.JPEG")) + sorted((DATA / "coco-train-mini" / "images").glob("*.jpg"))
+    files = sorted((DATA / "imagenet-sample").glob("*.JPEG")) + sorted(
+        (DATA / "coco-train-mini" / "images").glob("*.jpg")
+    )
     if not files:
         raise SystemExit(f"no photos under {DATA}: see ../shared/data/README.md")
     folder.mkdir(parents=True)
@@ -52,8 +54,14 @@ def timed_build(photos: Path, index: Path, choice, ray) -> tuple[float, int]:
     from retrieval import EmbedOptions
 
     start = time.perf_counter()
-    retrieval.build_index(images=[str(photos)], index=str(index), encoders=choice, embed=EmbedOptions(progress=False),
-                          index_options=retrieval.IndexOptions(index_type="flat"), ray=ray)
+    retrieval.build_index(
+        images=[str(photos)],
+        index=str(index),
+        encoders=choice,
+        embed=EmbedOptions(progress=False),
+        index_options=retrieval.IndexOptions(index_type="flat"),
+        ray=ray,
+    )
     seconds = time.perf_counter() - start
     return seconds, retrieval.open_index(index).manifest["counts"]["image"]
 
@@ -63,10 +71,19 @@ def unit_bytes(unit_size: int, dim: int) -> dict:
     from retrieval.embed.resume import Shard, shard_bytes
 
     rng = np.random.default_rng(0)
-    shard = Shard(0, unit_size, ok=[(n, 640, 480, f"{n:064x}") for n in range(unit_size)],
-                  vectors=rng.standard_normal((unit_size, dim)).astype(np.float32))
+    shard = Shard(
+        0,
+        unit_size,
+        ok=[(n, 640, 480, f"{n:064x}") for n in range(unit_size)],
+        vectors=rng.standard_normal((unit_size, dim)).astype(np.float32),
+    )
     size = len(shard_bytes(shard, "0" * 64, dim))
-    return {"dim": dim, "images_per_unit": unit_size, "bytes_per_unit": size, "bytes_per_image": round(size / unit_size, 1)}
+    return {
+        "dim": dim,
+        "images_per_unit": unit_size,
+        "bytes_per_unit": size,
+        "bytes_per_image": round(size / unit_size, 1),
+    }
 
 
 def overhead(args: argparse.Namespace, tmp: Path) -> dict:
@@ -78,17 +95,32 @@ def overhead(args: argparse.Namespace, tmp: Path) -> dict:
     photos = write_photos(tmp / "photos", args.images)
     choice = EncoderChoice(clip="open_clip:tiny", checkpoint=str(make_tiny_clip(tmp / "tiny")), device="cpu")
     single, count = timed_build(photos, tmp / "single", choice, None)
-    cold, cold_count = timed_build(photos, tmp / "ray-cold", choice, RayOptions(address="local", unit_size=args.unit_size))
+    cold, cold_count = timed_build(
+        photos, tmp / "ray-cold", choice, RayOptions(address="local", unit_size=args.unit_size)
+    )
     with ray_session(RayOptions(address="local")):
-        warm, warm_count = timed_build(photos, tmp / "ray-warm", choice, RayOptions(address="auto", unit_size=args.unit_size))
+        warm, warm_count = timed_build(
+            photos, tmp / "ray-warm", choice, RayOptions(address="auto", unit_size=args.unit_size)
+        )
         scheduling = units_per_second(args.sched_units)
     assert count == cold_count == warm_count == args.images, (count, cold_count, warm_count)
-    return {"images": count, "seconds": {"single machine": round(single, 2), "ray local (cold)": round(cold, 2),
-                                         "ray joined (warm)": round(warm, 2)},
-            "images_per_second": {"single machine": round(count / single, 1), "ray local (cold)": round(count / cold, 1),
-                                  "ray joined (warm)": round(count / warm, 1)},
-            "ratio_to_single": {"ray local (cold)": round(single / cold, 3), "ray joined (warm)": round(single / warm, 3)},
-            "unit_size": args.unit_size, "units": -(-count // args.unit_size), "scheduling": scheduling}
+    return {
+        "images": count,
+        "seconds": {
+            "single machine": round(single, 2),
+            "ray local (cold)": round(cold, 2),
+            "ray joined (warm)": round(warm, 2),
+        },
+        "images_per_second": {
+            "single machine": round(count / single, 1),
+            "ray local (cold)": round(count / cold, 1),
+            "ray joined (warm)": round(count / warm, 1),
+        },
+        "ratio_to_single": {"ray local (cold)": round(single / cold, 3), "ray joined (warm)": round(single / warm, 3)},
+        "unit_size": args.unit_size,
+        "units": -(-count // args.unit_size),
+        "scheduling": scheduling,
+    }
 
 
 class _Noop:
@@ -111,8 +143,11 @@ def units_per_second(units: int) -> dict:
     import ray
 
     few, many = _map_noop(ray, units), _map_noop(ray, 5 * units)
-    return {"units": [units, 5 * units], "seconds": [round(few, 2), round(many, 2)],
-            "units_per_second": round(4 * units / max(many - few, 1e-9), 1)}
+    return {
+        "units": [units, 5 * units],
+        "seconds": [round(few, 2), round(many, 2)],
+        "units_per_second": round(4 * units / max(many - few, 1e-9), 1),
+    }
 
 
 def merge_costs(args: argparse.Namespace, tmp: Path) -> dict:
@@ -153,11 +188,17 @@ def merge_costs(args: argparse.Namespace, tmp: Path) -> dict:
     disk_seconds = time.perf_counter() - start
     assert on_disk.ntotal == n
     per_million = 1e6 / n
-    return {"vectors": n, "dim": d, "spec": spec.factory, "parts": args.parts,
-            "bytes_per_vector_in_lists": round((tmp / "lists.ivfdata").stat().st_size / n, 1),
-            "train_seconds": round(train_seconds, 1), "fill_seconds_per_million": round(fill_seconds * per_million, 1),
-            "merge_in_ram_seconds_per_million": round(ram_seconds * per_million, 2),
-            "merge_on_disk_seconds_per_million": round(disk_seconds * per_million, 2)}
+    return {
+        "vectors": n,
+        "dim": d,
+        "spec": spec.factory,
+        "parts": args.parts,
+        "bytes_per_vector_in_lists": round((tmp / "lists.ivfdata").stat().st_size / n, 1),
+        "train_seconds": round(train_seconds, 1),
+        "fill_seconds_per_million": round(fill_seconds * per_million, 1),
+        "merge_in_ram_seconds_per_million": round(ram_seconds * per_million, 2),
+        "merge_on_disk_seconds_per_million": round(disk_seconds * per_million, 2),
+    }
 
 
 def main() -> None:
@@ -172,7 +213,10 @@ def main() -> None:
         tmp = Path(folder)
         result = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "overhead": overhead(args, tmp)}
         (tmp / "merge").mkdir()
-        result["unit_bytes"] = [unit_bytes(args.unit_size, 512), unit_bytes(10_000, 512)]  # a loose-file unit; an img2dataset shard
+        result["unit_bytes"] = [
+            unit_bytes(args.unit_size, 512),
+            unit_bytes(10_000, 512),
+        ]  # a loose-file unit; an img2dataset shard
         result["merge"] = merge_costs(args, tmp / "merge")
     print(json.dumps(result, indent=2))
 

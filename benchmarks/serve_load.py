@@ -56,13 +56,20 @@ class Run:
 
     def row(self, how: str, clients: int) -> dict:
         lat = np.asarray(self.latencies) * 1000
-        return {"how": how, "clients": clients, "requests": len(lat), "errors": len(self.errors),
-                "qps": round(len(lat) / self.seconds, 1) if self.seconds else 0.0,
-                "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
-                "p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
-                "server_ms": round(float(np.median(self.server_ms)), 3) if self.server_ms else None,
-                "cpu_ms_here": round(1000 * self.cpu_here / max(len(lat), 1), 3),
-                "cpu_ms_server": round(1000 * self.cpu_server / max(len(lat), 1), 3) if self.cpu_server is not None else None}
+        return {
+            "how": how,
+            "clients": clients,
+            "requests": len(lat),
+            "errors": len(self.errors),
+            "qps": round(len(lat) / self.seconds, 1) if self.seconds else 0.0,
+            "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
+            "p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
+            "server_ms": round(float(np.median(self.server_ms)), 3) if self.server_ms else None,
+            "cpu_ms_here": round(1000 * self.cpu_here / max(len(lat), 1), 3),
+            "cpu_ms_server": round(1000 * self.cpu_server / max(len(lat), 1), 3)
+            if self.cpu_server is not None
+            else None,
+        }
 
 
 def query_vectors(index, count: int = QUERIES, seed: int = 7) -> np.ndarray:
@@ -133,8 +140,30 @@ def one_search_thread() -> None:
 
 def query_texts(count: int = QUERIES) -> list[str]:
     """Distinct short captions, as a search box sends them."""
-    things = ["dog", "cat", "horse", "car", "plate of food", "beach", "city street", "train", "bird", "boat", "kitchen", "bicycle"]
-    places = ["in the snow", "at night", "on a table", "near the water", "in a park", "under a bridge", "indoors", "on a road"]
+    things = [
+        "dog",
+        "cat",
+        "horse",
+        "car",
+        "plate of food",
+        "beach",
+        "city street",
+        "train",
+        "bird",
+        "boat",
+        "kitchen",
+        "bicycle",
+    ]
+    places = [
+        "in the snow",
+        "at night",
+        "on a table",
+        "near the water",
+        "in a park",
+        "under a bridge",
+        "indoors",
+        "on a road",
+    ]
     return [f"a {things[i % len(things)]} {places[(i // len(things)) % len(places)]} ({i})" for i in range(count)]
 
 
@@ -149,12 +178,15 @@ def api_work(index, queries: np.ndarray | list[str]):
             found = int((positions[0] >= 0).sum())
         latency = time.perf_counter() - started
         return latency, None, None if found == K else "fewer than k hits"
+
     return work
 
 
 def http_work(port: int, queries: np.ndarray | list[str], clients: int):
-    bodies = [json.dumps({"queries": [{"text": q} if isinstance(q, str) else {"vector": q.tolist()}], "k": K}).encode()
-              for q in queries]
+    bodies = [
+        json.dumps({"queries": [{"text": q} if isinstance(q, str) else {"vector": q.tolist()}], "k": K}).encode()
+        for q in queries
+    ]
     connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(clients)]
     headers = {"content-type": "application/json"}
 
@@ -205,18 +237,24 @@ def measure(index_path: Path, clients_list: list[int], seconds: float, query: st
     return rows
 
 
-HEADER = ("| how | clients | QPS | p50 ms | p99 ms | requests | errors | server handler ms (p50) | CPU ms/request here | CPU ms/request server |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = (
+    "| how | clients | QPS | p50 ms | p99 ms | requests | errors | server handler ms (p50) | CPU ms/request here | CPU ms/request server |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def print_rows(rows: list[dict]) -> None:
     """Rows of a Markdown table (see ``HEADER``)."""
+
     def cell(value) -> str:
         return "" if value is None else str(value)
 
     for r in rows:
-        print(f"| {r['how']} | {r['clients']} | {r['qps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['requests']} | {r['errors']} | "
-              f"{cell(r['server_ms'])} | {cell(r['cpu_ms_here'])} | {cell(r['cpu_ms_server'])} |", flush=True)
+        print(
+            f"| {r['how']} | {r['clients']} | {r['qps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['requests']} | {r['errors']} | "
+            f"{cell(r['server_ms'])} | {cell(r['cpu_ms_here'])} | {cell(r['cpu_ms_server'])} |",
+            flush=True,
+        )
 
 
 def targets(rows: list[dict]) -> dict:
@@ -236,15 +274,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per setting (plus 1 s warm-up)")
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--index", type=Path, help="an existing index (default: a 100,000-image one made in a temporary folder)")
+    parser.add_argument(
+        "--index", type=Path, help="an existing index (default: a 100,000-image one made in a temporary folder)"
+    )
     parser.add_argument("--images", type=int, default=100_000)
-    parser.add_argument("--index-type", default="ivf", help="of the made index: ivf (IVF-Flat, tuned nprobe), flat (exact), auto, ...")
+    parser.add_argument(
+        "--index-type", default="ivf", help="of the made index: ivf (IVF-Flat, tuned nprobe), flat (exact), auto, ..."
+    )
     parser.add_argument("--json", type=Path, help="also write the rows and targets here")
-    parser.add_argument("--query", choices=["vector", "text"], default="vector",
-                        help="vector: raw vectors (the search alone); text: captions, encoded by the tiny CLIP model then searched")
+    parser.add_argument(
+        "--query",
+        choices=["vector", "text"],
+        default="vector",
+        help="vector: raw vectors (the search alone); text: captions, encoded by the tiny CLIP model then searched",
+    )
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}"
+    )
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         os.environ.setdefault("RETRIEVAL_CACHE_DIR", str(Path(tmp) / "cache"))
         path = args.index
@@ -253,8 +301,9 @@ def main() -> None:
             from tiny_clip import make_tiny_clip
 
             started = time.perf_counter()
-            path = make_large_index(Path(tmp) / "big", make_tiny_clip(Path(tmp) / "tiny-clip"), args.images,
-                                    index_type=args.index_type)
+            path = make_large_index(
+                Path(tmp) / "big", make_tiny_clip(Path(tmp) / "tiny-clip"), args.images, index_type=args.index_type
+            )
             print(f"index: {args.images} images ({args.index_type}) written in {time.perf_counter() - started:.1f} s")
         rows = measure(path, clients, args.seconds, args.query)
     result = targets(rows)

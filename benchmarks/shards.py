@@ -56,8 +56,14 @@ def write_shards(folder: Path, files: list[Path], per_shard: int) -> Path:
     with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i, file in enumerate(files):
             key = f"{i:09d}"
-            sink.write({"__key__": key, "jpg": file.read_bytes(), "txt": f"photo {file.name}",
-                        "json": {"key": key, "url": f"http://127.0.0.1/{file.name}"}})
+            sink.write(
+                {
+                    "__key__": key,
+                    "jpg": file.read_bytes(),
+                    "txt": f"photo {file.name}",
+                    "json": {"key": key, "url": f"http://127.0.0.1/{file.name}"},
+                }
+            )
     return folder
 
 
@@ -94,8 +100,10 @@ def throughput(args: argparse.Namespace, tmp: Path) -> dict:
     from retrieval.encoders.registry import load_encoders
 
     files = photos(args.images)
-    sources = {"loose files": write_loose(tmp / "loose", files),
-               "tar shards": write_shards(tmp / "shards", files, args.per_shard)}
+    sources = {
+        "loose files": write_loose(tmp / "loose", files),
+        "tar shards": write_shards(tmp / "shards", files, args.per_shard),
+    }
     os.sync()  # clean pages: evict() can drop them
     encoder, _ = load_encoders(encoder_choice(args.encoder, tmp))
     options = EmbedOptions(progress=False)
@@ -114,14 +122,23 @@ def throughput(args: argparse.Namespace, tmp: Path) -> dict:
                 done = embed_images(items, encoder, options)
                 times.setdefault((cache, name), []).append(time.perf_counter() - start)
                 assert len(done.rows) == args.images and not done.errors, name
-    out: dict = {"images": args.images, "per_shard": args.per_shard, "repeats": args.repeats,
-                 "encoder": args.encoder, "workers": done.workers}
+    out: dict = {
+        "images": args.images,
+        "per_shard": args.per_shard,
+        "repeats": args.repeats,
+        "encoder": args.encoder,
+        "workers": done.workers,
+    }
     for cache in caches:
         rates = {name: round(args.images / statistics.median(times[cache, name]), 1) for name in sources}
         out[f"page_cache_{cache}"] = {
-            "images_per_second": rates, "ratio": round(rates["tar shards"] / rates["loose files"], 3),
-            "ratio_by_repeat": [round(a / b, 3) for a, b in zip(times[cache, "loose files"], times[cache, "tar shards"])],
-            "gather_ms": {name: round(1000 * statistics.median(gathers[cache, name]), 1) for name in sources}}
+            "images_per_second": rates,
+            "ratio": round(rates["tar shards"] / rates["loose files"], 3),
+            "ratio_by_repeat": [
+                round(a / b, 3) for a, b in zip(times[cache, "loose files"], times[cache, "tar shards"])
+            ],
+            "gather_ms": {name: round(1000 * statistics.median(gathers[cache, name]), 1) for name in sources},
+        }
     return out
 
 
@@ -131,8 +148,13 @@ def rss_child(shards: str, index: str, encoder: str, tmp: str) -> None:
     from retrieval import EmbedOptions
 
     choice = encoder_choice(encoder, Path(tmp))
-    retrieval.build_index(images=[shards], index=index, encoders=choice, embed=EmbedOptions(workers=0, progress=False),
-                          anchors=None if choice.is_contrastive else "builtin:imagenet")
+    retrieval.build_index(
+        images=[shards],
+        index=index,
+        encoders=choice,
+        embed=EmbedOptions(workers=0, progress=False),
+        anchors=None if choice.is_contrastive else "builtin:imagenet",
+    )
     print(json.dumps({"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 
@@ -142,8 +164,12 @@ def rss(args: argparse.Namespace, tmp: Path) -> dict:
     for count in (1, 10, 100):
         shards = write_shards(tmp / f"rss-{count}", files, -(-len(files) // count))
         assert len(list(shards.glob("*.tar"))) == count
-        done = subprocess.run([sys.executable, __file__, "--rss-child", str(shards), str(tmp / f"index-{count}"), args.encoder, str(tmp)],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(shards), str(tmp / f"index-{count}"), args.encoder, str(tmp)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[count] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
     return {"samples": args.rss_images, "peak_rss_mib_by_shard_count": out}
 
@@ -155,8 +181,12 @@ def main() -> None:
     parser.add_argument("--rss-images", type=int, default=400)
     parser.add_argument("--encoder", default="tiny")
     parser.add_argument("--per-shard", type=int, default=10, help="samples a shard (img2dataset's default is 10,000)")
-    parser.add_argument("--cache", choices=("warm", "cold", "both"), default="both",
-                        help="warm: the files in the page cache; cold: evicted before each run")
+    parser.add_argument(
+        "--cache",
+        choices=("warm", "cold", "both"),
+        default="both",
+        help="warm: the files in the page cache; cold: evicted before each run",
+    )
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:

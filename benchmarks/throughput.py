@@ -91,25 +91,39 @@ def image_rows(n: int, repeats: int, batch_size: int) -> list[dict]:
     from retrieval.encoders.registry import load_image_encoder
     from retrieval.sources.discovery import find_images
 
-    refs = (find_images([DATA / "coco-train-mini" / "images"]) + find_images([DATA / "imagenet-sample"]))[: n]
+    refs = (find_images([DATA / "coco-train-mini" / "images"]) + find_images([DATA / "imagenet-sample"]))[:n]
     paths = [ref.path for ref in refs]
-    encoders = {"efficientnet-lite0": load_image_encoder("efficientnet-lite0", device="cpu"),
-                "ViT-B/32 (random weights)": random_vit_b32(Path(tempfile.mkdtemp()) / "vit")}
+    encoders = {
+        "efficientnet-lite0": load_image_encoder("efficientnet-lite0", device="cpu"),
+        "ViT-B/32 (random weights)": random_vit_b32(Path(tempfile.mkdtemp()) / "vit"),
+    }
     rows = []
     for name, encoder in encoders.items():
-        timed = median_times({
-            "naive": lambda: naive_loop(paths, encoder),
-            "ours": lambda: pipeline(refs, encoder, batch_size),  # the default: replicas where they apply
-            "ours_main_process_encoder": lambda: pipeline(refs, encoder, batch_size, replicas=False),
-        }, repeats)
+        timed = median_times(
+            {
+                "naive": lambda: naive_loop(paths, encoder),
+                "ours": lambda: pipeline(refs, encoder, batch_size),  # the default: replicas where they apply
+                "ours_main_process_encoder": lambda: pipeline(refs, encoder, batch_size, replicas=False),
+            },
+            repeats,
+        )
         naive_s, naive = timed["naive"]
         ours_s, ours = timed["ours"]
         main_s, _ = timed["ours_main_process_encoder"]
         cosine = np.sum(naive * ours, axis=1)
-        rows.append({"encoder": name, "images": len(paths), "naive_img_s": round(len(paths) / naive_s, 2),
-                     "ours_img_s": round(len(paths) / ours_s, 2), "ratio": round(naive_s / ours_s, 2),
-                     "ours_no_replicas_img_s": round(len(paths) / main_s, 2), "ratio_no_replicas": round(naive_s / main_s, 2),
-                     "cosine_min": round(float(cosine.min()), 4), "cosine_median": round(float(np.median(cosine)), 5)})
+        rows.append(
+            {
+                "encoder": name,
+                "images": len(paths),
+                "naive_img_s": round(len(paths) / naive_s, 2),
+                "ours_img_s": round(len(paths) / ours_s, 2),
+                "ratio": round(naive_s / ours_s, 2),
+                "ours_no_replicas_img_s": round(len(paths) / main_s, 2),
+                "ratio_no_replicas": round(naive_s / main_s, 2),
+                "cosine_min": round(float(cosine.min()), 4),
+                "cosine_median": round(float(np.median(cosine)), 5),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -124,12 +138,19 @@ def text_row(repeats: int) -> dict:
     texts = [r.text for r in read_caption_file(DATA / "coco-train-mini" / "captions.jsonl").records] * 5
     ours = load_text_encoder("minilm", device="cpu")
     reference = SentenceTransformer(str(minilm_path()), device="cpu")
-    timed = median_times({"reference": lambda: reference.encode(texts), "ours": lambda: ours.encode_texts(texts)}, repeats)
+    timed = median_times(
+        {"reference": lambda: reference.encode(texts), "ours": lambda: ours.encode_texts(texts)}, repeats
+    )
     (ref_s, ref), (ours_s, mine) = timed["reference"], timed["ours"]
     ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
-    row = {"text_encoder": "minilm", "captions": len(texts), "sentence_transformers_encode_per_s": round(len(texts) / ref_s, 1),
-           "ours_per_s": round(len(texts) / ours_s, 1), "ratio": round(ref_s / ours_s, 3),
-           "cosine_min": round(float(np.sum(ref * mine, axis=1).min()), 5)}
+    row = {
+        "text_encoder": "minilm",
+        "captions": len(texts),
+        "sentence_transformers_encode_per_s": round(len(texts) / ref_s, 1),
+        "ours_per_s": round(len(texts) / ours_s, 1),
+        "ratio": round(ref_s / ours_s, 3),
+        "cosine_min": round(float(np.sum(ref * mine, axis=1).min()), 5),
+    }
     print(json.dumps(row), flush=True)
     return row
 

@@ -40,7 +40,9 @@ def photo_refs(count: int) -> list[Any]:
     """``count`` ImageRefs over the COCO + ImageNet photos, cycled (the same files repeat)."""
     from retrieval.sources.items import ImageRef
 
-    photos = sorted((DATA / "coco-train-mini" / "images").glob("*.jpg")) + sorted((DATA / "imagenet-sample").glob("*.JPEG"))
+    photos = sorted((DATA / "coco-train-mini" / "images").glob("*.jpg")) + sorted(
+        (DATA / "imagenet-sample").glob("*.JPEG")
+    )
     if not photos:
         sys.exit(f"no photos under {DATA}")
     return [ImageRef(path=photos[i % len(photos)], source="bench") for i in range(count)]
@@ -60,9 +62,14 @@ def decode_run(refs: list[Any], transform: Any, draft: Any, workers: int, single
     batches = [list(range(i, min(i + BATCH, len(refs)))) for i in range(0, len(refs), BATCH)]
     cpu_before = _cpu_seconds()
     start = time.perf_counter()
-    loader = DataLoader(_ImageDataset(refs, transform, draft), batch_sampler=batches, num_workers=workers,
-                        collate_fn=_collate, prefetch_factor=4 if workers else None,
-                        worker_init_fn=(WorkerInit() if single_threaded else _no_init) if workers else None)
+    loader = DataLoader(
+        _ImageDataset(refs, transform, draft),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=(WorkerInit() if single_threaded else _no_init) if workers else None,
+    )
     warm = max(workers, 1)  # every worker's first batch counts as start-up
     arrivals = []
     for batch in loader:
@@ -71,9 +78,12 @@ def decode_run(refs: list[Any], transform: Any, draft: Any, workers: int, single
     steady_images = sum(n for _, n in arrivals[warm:])
     steady_seconds = arrivals[-1][0] - warm_end
     del loader  # the iterator joined its workers when it ran out: their CPU time is counted now
-    return {"cpu_ms_per_image": 1000 * (_cpu_seconds() - cpu_before) / len(refs), "startup_seconds": first - start,
-            "steady_images_per_second": steady_images / steady_seconds if steady_seconds > 0 else float("nan"),
-            "overall_images_per_second": len(refs) / (arrivals[-1][0] - start)}
+    return {
+        "cpu_ms_per_image": 1000 * (_cpu_seconds() - cpu_before) / len(refs),
+        "startup_seconds": first - start,
+        "steady_images_per_second": steady_images / steady_seconds if steady_seconds > 0 else float("nan"),
+        "overall_images_per_second": len(refs) / (arrivals[-1][0] - start),
+    }
 
 
 def _cpu_seconds() -> float:
@@ -86,10 +96,15 @@ def embed_run(refs: list[Any], encoder: Any, workers: int, replicas: bool) -> di
     from retrieval.embed.pipeline import EmbedOptions, embed_images
 
     start = time.perf_counter()
-    result = embed_images(refs, encoder, EmbedOptions(workers=workers, replicas=replicas and workers >= 1, progress=False))
+    result = embed_images(
+        refs, encoder, EmbedOptions(workers=workers, replicas=replicas and workers >= 1, progress=False)
+    )
     seconds = time.perf_counter() - start
-    return {"startup_seconds": result.startup_seconds, "steady_images_per_second": result.steady_images_per_second,
-            "overall_images_per_second": len(refs) / seconds}
+    return {
+        "startup_seconds": result.startup_seconds,
+        "steady_images_per_second": result.steady_images_per_second,
+        "overall_images_per_second": len(refs) / seconds,
+    }
 
 
 def medians(runs: list[dict[str, float]]) -> dict[str, float | None]:
@@ -109,8 +124,12 @@ def measure(fns: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
 
 def scaling(results: dict[str, dict[str, float]], prefix: str, counts: list[int]) -> dict[str, float]:
     one = results[f"{prefix}{counts[0]}"]["steady_images_per_second"]
-    return {f"{n}_vs_{counts[0]}": round(results[f"{prefix}{n}"]["steady_images_per_second"] / one, 3)
-            if one and results[f"{prefix}{n}"]["steady_images_per_second"] else None for n in counts[1:]}
+    return {
+        f"{n}_vs_{counts[0]}": round(results[f"{prefix}{n}"]["steady_images_per_second"] / one, 3)
+        if one and results[f"{prefix}{n}"]["steady_images_per_second"]
+        else None
+        for n in counts[1:]
+    }
 
 
 def tiny_clip_encoder(folder: Path) -> Any:
@@ -127,7 +146,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=640)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-workers", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--no-single-threaded", action="store_true", help="also run workers that keep inherited thread pools")
+    parser.add_argument(
+        "--no-single-threaded", action="store_true", help="also run workers that keep inherited thread pools"
+    )
     parser.add_argument("--tiny-clip", action="store_true", help="also embed with tiny CLIP")
     parser.add_argument("--no-embed", action="store_true", help="decode + preprocess only")
     parser.add_argument("--in-process", action="store_true", help="also embed with no workers (slow under load)")
@@ -142,7 +163,7 @@ def main() -> None:
     fns = {f"workers_{n}": (lambda n=n: decode_run(refs, transform, draft, n, True)) for n in counts}
     if args.no_single_threaded:
         fns.update({f"inherited_{n}": (lambda n=n: decode_run(refs, transform, draft, n, False)) for n in counts})
-    decode_run(refs[:BATCH * 2], transform, draft, 1, True)  # warm the page cache and imports
+    decode_run(refs[: BATCH * 2], transform, draft, 1, True)  # warm the page cache and imports
     decoded = measure(fns, args.repeats)
     report["decode_preprocess"] = decoded
     report["decode_preprocess_scaling"] = scaling(decoded, "workers_", counts)
@@ -155,7 +176,9 @@ def main() -> None:
         for name, encoder in encoders.items():
             fns = {f"workers_{n}": (lambda n=n, e=encoder: embed_run(refs, e, n, True)) for n in counts}
             if args.in_process:
-                fns["workers_0"] = lambda e=encoder: embed_run(refs, e, 0, False)  # no workers: this process decodes and encodes
+                fns["workers_0"] = lambda e=encoder: embed_run(
+                    refs, e, 0, False
+                )  # no workers: this process decodes and encodes
             found = measure(fns, args.repeats)
             report[f"embed_{name}"] = found
             report[f"embed_{name}_scaling"] = scaling(found, "workers_", counts)

@@ -37,11 +37,14 @@ METRICS = ("t2i R@1", "t2i R@5", "t2i R@10", "i2c R@1", "i2c R@5")
 
 def coco_views(data: Path, image_encoder, text_encoder) -> dict[str, np.ndarray]:
     """Six views of each COCO photo, its captions' vectors and the caption -> photo owner rows."""
+
     def compute():
         records = [json.loads(line) for line in (data / "coco-train-mini" / "captions.jsonl").read_text().splitlines()]
         images = list(dict.fromkeys(r["image"] for r in records))
         pictures = [load_image(data / "coco-train-mini" / name).image for name in images]
-        views = np.concatenate([encode_views(pictures[i : i + 8], image_encoder, "five") for i in range(0, len(pictures), 8)])
+        views = np.concatenate(
+            [encode_views(pictures[i : i + 8], image_encoder, "five") for i in range(0, len(pictures), 8)]
+        )
         captions = text_encoder.encode_texts([r["caption"] for r in records])
         return {"views": views, "captions": captions, "owner": np.array([images.index(r["image"]) for r in records])}
 
@@ -51,7 +54,10 @@ def coco_views(data: Path, image_encoder, text_encoder) -> dict[str, np.ndarray]
 def anchor_texts(image_encoder, text_encoder) -> dict[str, np.ndarray]:
     def compute():
         _, names = image_encoder.classifier_anchors()
-        hypernyms = [f"a photo of a {n}, a kind of {c.hypernym[0] if c.hypernym else 'thing'}." for n, c in zip(names, imagenet_wordnet())]
+        hypernyms = [
+            f"a photo of a {n}, a kind of {c.hypernym[0] if c.hypernym else 'thing'}."
+            for n, c in zip(names, imagenet_wordnet())
+        ]
         texts = {kind: [p[0] for p in class_prompts(names, kind)] for kind in ("names", "glosses")}
         return {kind: text_encoder.encode_texts(t) for kind, t in {**texts, "hypernyms": hypernyms}.items()}
 
@@ -71,8 +77,10 @@ def scores(space: AnchorSpace, coco: dict, views: str, params: AsifParams, half:
     keep = np.flatnonzero(np.isin(coco["owner"], photos))
     text_rows = space.relative(coco["captions"][keep], "text", params)
     owner = np.searchsorted(photos, coco["owner"][keep])
-    result = evaluate_paired(PairedData(np.zeros((n, 1)), np.zeros((len(keep), 1)), owner),
-                             Scorer(image_rows, text_rows, image_rows, text_rows))
+    result = evaluate_paired(
+        PairedData(np.zeros((n, 1)), np.zeros((len(keep), 1)), owner),
+        Scorer(image_rows, text_rows, image_rows, text_rows),
+    )
     t, i = result["text_to_image"], result["image_to_caption"]
     return np.array([t["R@1"], t["R@5"], t["R@10"], i["R@1"], i["R@5"]])
 
@@ -91,7 +99,9 @@ def cifar(data: Path, image_encoder, text_encoder) -> dict[str, np.ndarray]:
 
 def zero_shot(space: AnchorSpace, data: dict, params: AsifParams, half: int) -> float:
     rows = np.arange(half, len(data["images"]), 2)
-    scores = (space.relative(data["images"][rows], "image", params) @ space.relative(data["prompts"], "text", params).T).toarray()
+    scores = (
+        space.relative(data["images"][rows], "image", params) @ space.relative(data["prompts"], "text", params).T
+    ).toarray()
     return float(np.mean(scores.argmax(axis=1) == data["labels"][rows]))
 
 
@@ -99,10 +109,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     args = parser.parse_args()
-    image_encoder, text_encoder = load_image_encoder("efficientnet-lite0", device="cpu"), load_text_encoder("minilm", device="cpu")
+    image_encoder, text_encoder = (
+        load_image_encoder("efficientnet-lite0", device="cpu"),
+        load_text_encoder("minilm", device="cpu"),
+    )
     coco = coco_views(args.data, image_encoder, text_encoder)
     prototypes, _ = image_encoder.classifier_anchors()
-    print(f"{'texts':<24}{'views':<6}{'tuned k,p (half 0 / half 1)':<30}" + "".join(f"{m:>9}" for m in METRICS) + "     mean")
+    print(
+        f"{'texts':<24}{'views':<6}{'tuned k,p (half 0 / half 1)':<30}"
+        + "".join(f"{m:>9}" for m in METRICS)
+        + "     mean"
+    )
     for texts, vectors in anchor_texts(image_encoder, text_encoder).items():
         space = AnchorSpace(prototypes, vectors)
         for views in ("none", "five"):
@@ -112,14 +129,26 @@ def main() -> None:
                 chosen.append(f"k={best[0]} p={best[1]:g}")
                 held_out.append(scores(space, coco, views, AsifParams(*best), 1 - tune))
             mean = np.mean(held_out, axis=0)
-            print(f"{texts:<24}{views:<6}{' / '.join(chosen):<30}" + "".join(f"{v:9.3f}" for v in mean) + f"{mean.mean():9.3f}", flush=True)
+            print(
+                f"{texts:<24}{views:<6}{' / '.join(chosen):<30}"
+                + "".join(f"{v:9.3f}" for v in mean)
+                + f"{mean.mean():9.3f}",
+                flush=True,
+            )
     images = cifar(args.data, image_encoder, text_encoder)
     print("\nCIFAR-10, 500 images: held-out top-1 (tuned on the other half, both ways, mean)")
     for texts, vectors in anchor_texts(image_encoder, text_encoder).items():
         space = AnchorSpace(prototypes, vectors)
         grid = [(k, p) for k in (20, 50, 100, 200) for p in (1.0, 2.0, 3.0)]
-        held_out = [zero_shot(space, images, AsifParams(*max(grid, key=lambda kp: zero_shot(space, images, AsifParams(*kp), t))), 1 - t)
-                    for t in (0, 1)]
+        held_out = [
+            zero_shot(
+                space,
+                images,
+                AsifParams(*max(grid, key=lambda kp: zero_shot(space, images, AsifParams(*kp), t))),
+                1 - t,
+            )
+            for t in (0, 1)
+        ]
         print(f"  {texts:<24}{np.mean(held_out):.3f}", flush=True)
 
 

@@ -44,7 +44,9 @@ def clip_front_dir() -> Path:
         folder = Path(entry or ".") / "front" / "build"
         if (folder / "index.html").is_file() and (folder / "config.json").is_file():
             return folder
-    need("clip-front not found: front/build from the clip-retrieval==2.45.0 wheel (pip install --no-deps clip-retrieval==2.45.0)")
+    need(
+        "clip-front not found: front/build from the clip-retrieval==2.45.0 wheel (pip install --no-deps clip-retrieval==2.45.0)"
+    )
     raise AssertionError("unreachable")
 
 
@@ -133,9 +135,14 @@ def coco_index(base: Path, n_images: int) -> Path:
     with open(root / "pairs.jsonl", "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps({"image": row["image"], "caption": row["caption"]}) + "\n")
-    retrieval.build_index(images=[root / "images"], captions=[root / "pairs.jsonl"], index=root / "index",
-                          encoders=EncoderChoice(image="efficientnet-lite0", text="minilm", device=TEST_DEVICE),
-                          anchors="builtin:imagenet", embed=EmbedOptions(batch_size=16, workers=0, progress=False))
+    retrieval.build_index(
+        images=[root / "images"],
+        captions=[root / "pairs.jsonl"],
+        index=root / "index",
+        encoders=EncoderChoice(image="efficientnet-lite0", text="minilm", device=TEST_DEVICE),
+        anchors="builtin:imagenet",
+        embed=EmbedOptions(batch_size=16, workers=0, progress=False),
+    )
     return root / "index"
 
 
@@ -143,7 +150,11 @@ def post_json(url: str, body: dict, headers: dict | None = None) -> object:
     """POST ``body`` as JSON and return the decoded answer (raises on an HTTP error)."""
     import urllib.request
 
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())

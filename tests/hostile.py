@@ -89,7 +89,12 @@ def rgb48_png(image: Image.Image) -> bytes:
     pixels = np.asarray(image, dtype=np.uint16) * 257
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
     header = struct.pack(">IIBBBBB", image.width, image.height, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def png_bomb(width: int, height: int) -> bytes:
@@ -176,52 +181,121 @@ def make_image_corpus(root: Path) -> list[ImageCase]:
     add("plain.png", plain_png, "the reference photo, lossless", "indexed")
     add("zero-bytes.jpg", b"", "zero-byte file", "skipped", r"^empty file \(0 bytes\)$")
     add("truncated.jpg", plain_jpg[: len(plain_jpg) // 2], "JPEG cut in half", "skipped", r"^truncated image data")
-    add("truncated.png", plain_png[: len(plain_png) * 2 // 3], "PNG cut at two thirds", "skipped", r"truncated|corrupt image data")
+    add(
+        "truncated.png",
+        plain_png[: len(plain_png) * 2 // 3],
+        "PNG cut at two thirds",
+        "skipped",
+        r"truncated|corrupt image data",
+    )
     add("header-only.png", plain_png[:40], "PNG with nothing after IHDR", "skipped", r"^not an image|truncated|corrupt")
     add("text.jpg", b"this is not a photo\n" * 20, "a text file named .jpg", "skipped", r"^not an image")
-    add("html.png", b"<html><body>404 Not Found</body></html>", "an HTML error page saved as .png", "skipped", r"^not an image")
+    add(
+        "html.png",
+        b"<html><body>404 Not Found</body></html>",
+        "an HTML error page saved as .png",
+        "skipped",
+        r"^not an image",
+    )
     add("png-named.jpg", plain_png, "PNG bytes behind a .jpg name", "indexed", upright="plain.png")
-    add("cmyk.jpg", encoded(photo.convert("CMYK"), "JPEG", quality=95), "CMYK JPEG (Adobe APP14, no transform)",
-        "indexed", upright="plain.png", tolerance=6)
-    add("ycck.jpg", ycck_jpeg(photo), "YCCK JPEG (Adobe APP14 transform=2)", "indexed", upright="plain.png", tolerance=6)
+    add(
+        "cmyk.jpg",
+        encoded(photo.convert("CMYK"), "JPEG", quality=95),
+        "CMYK JPEG (Adobe APP14, no transform)",
+        "indexed",
+        upright="plain.png",
+        tolerance=6,
+    )
+    add(
+        "ycck.jpg", ycck_jpeg(photo), "YCCK JPEG (Adobe APP14 transform=2)", "indexed", upright="plain.png", tolerance=6
+    )
     add("grey.jpg", encoded(photo.convert("L"), "JPEG", quality=95), "greyscale JPEG", "indexed")
-    grey16 = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    grey16 = np.asarray(photo.convert("L"), dtype=np.uint16) * 257
     add("grey16.png", encoded(Image.fromarray(grey16), "PNG"), "16-bit greyscale PNG", "indexed")
     add("rgb48.png", rgb48_png(photo), "16-bit-per-channel RGB PNG", "indexed", upright="plain.png", tolerance=1)
-    add("palette.png", encoded(photo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "palette PNG", "indexed",
-        upright="plain.png", tolerance=12)
+    add(
+        "palette.png",
+        encoded(photo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "palette PNG",
+        "indexed",
+        upright="plain.png",
+        tolerance=12,
+    )
     transparent = photo.convert("P", palette=Image.Palette.ADAPTIVE)
-    add("palette-transparent.png", encoded(transparent, "PNG", transparency=0), "palette PNG with a transparent index",
-        "indexed")
+    add(
+        "palette-transparent.png",
+        encoded(transparent, "PNG", transparency=0),
+        "palette PNG with a transparent index",
+        "indexed",
+    )
     rgba = photo.convert("RGBA")
     add("rgba-opaque.png", encoded(rgba, "PNG"), "RGBA PNG, fully opaque", "indexed", upright="plain.png")
     half = np.asarray(rgba).copy()
     half[:, : PHOTO_SIZE[0] // 2, 3] = 0
     add("rgba-half.png", encoded(Image.fromarray(half, "RGBA"), "PNG"), "RGBA PNG, left half transparent", "indexed")
     frames = [photo, other_photo(), photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
-    add("animated.gif", encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
-        "animated GIF, 3 frames", "indexed")
+    add(
+        "animated.gif",
+        encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
+        "animated GIF, 3 frames",
+        "indexed",
+    )
     for orientation in range(2, 9):
-        add(f"exif-{orientation}.jpg", exif_rotated(photo, orientation, "JPEG", quality=95),
-            f"EXIF orientation {orientation}", "indexed", upright="plain.png", tolerance=6)
-    add("exif-6.png", exif_rotated(photo, 6, "PNG"), "EXIF orientation 6 in a PNG eXIf chunk", "indexed",
-        upright="plain.png")
-    add("exif-8.webp", exif_rotated(photo, 8, "WEBP", lossless=True), "EXIF orientation 8 in a lossless WebP",
-        "indexed", upright="plain.png")
+        add(
+            f"exif-{orientation}.jpg",
+            exif_rotated(photo, orientation, "JPEG", quality=95),
+            f"EXIF orientation {orientation}",
+            "indexed",
+            upright="plain.png",
+            tolerance=6,
+        )
+    add(
+        "exif-6.png",
+        exif_rotated(photo, 6, "PNG"),
+        "EXIF orientation 6 in a PNG eXIf chunk",
+        "indexed",
+        upright="plain.png",
+    )
+    add(
+        "exif-8.webp",
+        exif_rotated(photo, 8, "WEBP", lossless=True),
+        "EXIF orientation 8 in a lossless WebP",
+        "indexed",
+        upright="plain.png",
+    )
     bad_exif = Image.Exif()
     bad_exif[0x0112] = 9  # not an orientation
-    add("exif-invalid.jpg", encoded(photo, "JPEG", quality=95, exif=bad_exif), "EXIF orientation 9 (invalid)",
-        "indexed", upright="plain.jpg")
-    add("bomb.png", png_bomb(100_000, 100_000), "PNG declaring 100000x100000 (10 gigapixels)", "skipped",
-        r"^decompression bomb")
-    add("bomb.jpg", jpeg_bomb(plain_jpg, 60_000, 60_000), "JPEG declaring 60000x60000", "skipped",
-        r"^decompression bomb")
+    add(
+        "exif-invalid.jpg",
+        encoded(photo, "JPEG", quality=95, exif=bad_exif),
+        "EXIF orientation 9 (invalid)",
+        "indexed",
+        upright="plain.jpg",
+    )
+    add(
+        "bomb.png",
+        png_bomb(100_000, 100_000),
+        "PNG declaring 100000x100000 (10 gigapixels)",
+        "skipped",
+        r"^decompression bomb",
+    )
+    add(
+        "bomb.jpg",
+        jpeg_bomb(plain_jpg, 60_000, 60_000),
+        "JPEG declaring 60000x60000",
+        "skipped",
+        r"^decompression bomb",
+    )
     add("one-pixel.png", encoded(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"), "1x1 image", "indexed", size=(1, 1))
     add("sliver.png", encoded(photo.resize((2000, 1)), "PNG"), "2000x1 image", "indexed", size=(2000, 1))
     add("photo.webp", encoded(photo, "WEBP", lossless=True), "lossless WebP", "indexed", upright="plain.png")
     add("photo.tiff", encoded(photo, "TIFF"), "TIFF", "indexed", upright="plain.png")
-    add("float.tif", encoded(Image.fromarray(np.asarray(photo.convert("L"), np.float32) / 255.0, "F"), "TIFF"),
-        "32-bit float TIFF", "indexed")
+    add(
+        "float.tif",
+        encoded(Image.fromarray(np.asarray(photo.convert("L"), np.float32) / 255.0, "F"), "TIFF"),
+        "32-bit float TIFF",
+        "indexed",
+    )
     add("photo.bmp", encoded(photo, "BMP"), "BMP", "indexed", upright="plain.png")
     bad_crc = bytearray(plain_png)
     bad_crc[29] ^= 0xFF
@@ -230,8 +304,13 @@ def make_image_corpus(root: Path) -> list[ImageCase]:
     add("with  spaces .jpg", plain_jpg, "spaces in the file name", "indexed", upright="plain.jpg")
     add("new\nline.jpg", plain_jpg, "a newline in the file name", "indexed", upright="plain.jpg")
     add("broken\nname.jpg", b"", "a newline in the name of a broken file", "skipped", r"^empty file")
-    add(os.fsdecode(b"latin1-\xe9t\xe9.jpg"), plain_jpg, "file name bytes that are not UTF-8", "skipped",
-        r"file name is not valid UTF-8")
+    add(
+        os.fsdecode(b"latin1-\xe9t\xe9.jpg"),
+        plain_jpg,
+        "file name bytes that are not UTF-8",
+        "skipped",
+        r"file name is not valid UTF-8",
+    )
     add("locked.jpg", plain_jpg, "unreadable (permission denied, simulated)", "skipped", r"^permission denied$")
     add("dup-a.jpg", plain_jpg, "two files with the same bytes (1/2)", "indexed", upright="plain.jpg")
     add("dup-b.jpg", plain_jpg, "two files with the same bytes (2/2)", "indexed", upright="plain.jpg")
@@ -258,8 +337,12 @@ def make_caption_corpus(root: Path, images: Path) -> list[CaptionCase]:
         cases.append(CaptionCase(name, *args, **kwargs))  # type: ignore[arg-type]
 
     add("bom.txt", b"\xef\xbb\xbfa cat on a sofa\nsecond line\n", "UTF-8 BOM", ("a cat on a sofa", "second line"))
-    add("crlf.txt", b"a red bus\r\n\r\n   \r\na green tram\r\n", "CRLF line ends and blank lines",
-        ("a red bus", "a green tram"))
+    add(
+        "crlf.txt",
+        b"a red bus\r\n\r\n   \r\na green tram\r\n",
+        "CRLF line ends and blank lines",
+        ("a red bus", "a green tram"),
+    )
     add("mac.txt", b"old mac line one\rold mac line two", "bare CR line ends", ("old mac line one", "old mac line two"))
     add("long.txt", (LONG_CAPTION + "\n").encode(), "one 100,000-character caption", (LONG_CAPTION.strip(),))
     csv_text = (
@@ -271,9 +354,13 @@ def make_caption_corpus(root: Path, images: Path) -> list[CaptionCase]:
         ",empty caption\r\n"
         "extra columns,a,b,c\r\n"
     )
-    add("quoted.csv", csv_text.encode(), "BOM header, CRLF, quoted newline, blank line, missing and extra columns",
+    add(
+        "quoted.csv",
+        csv_text.encode(),
+        "BOM header, CRLF, quoted newline, blank line, missing and extra columns",
         ("a caption with\na quoted newline", 'commas, "quotes" and more', "short row", "extra columns"),
-        errors=((4, r"^empty caption$"),))
+        errors=((4, r"^empty caption$"),),
+    )
     jsonl = [
         json.dumps({"caption": "a plate of food"}),
         '{"caption": "unterminated',
@@ -288,11 +375,26 @@ def make_caption_corpus(root: Path, images: Path) -> list[CaptionCase]:
         json.dumps({"text": "the caption column is missing"}),
         json.dumps({"caption": "the last good line"}),
     ]
-    add("mixed.jsonl", ("\n".join(jsonl) + "\n").encode(), "bad JSON in the middle, wrong types, missing key",
-        ("a plate of food", "extra keys", "42", "emoji 🐕‍🦺, RTL שלום, zero\u200bwidth, NUL \u0000 inside",
-         "the last good line"),
-        errors=((2, r"^invalid JSON"), (5, r"^expected a JSON object"), (6, r"^empty caption$"),
-                (7, r"^caption is not text"), (10, r"not valid Unicode"), (11, r"^empty caption$")))
+    add(
+        "mixed.jsonl",
+        ("\n".join(jsonl) + "\n").encode(),
+        "bad JSON in the middle, wrong types, missing key",
+        (
+            "a plate of food",
+            "extra keys",
+            "42",
+            "emoji 🐕‍🦺, RTL שלום, zero\u200bwidth, NUL \u0000 inside",
+            "the last good line",
+        ),
+        errors=(
+            (2, r"^invalid JSON"),
+            (5, r"^expected a JSON object"),
+            (6, r"^empty caption$"),
+            (7, r"^caption is not text"),
+            (10, r"not valid Unicode"),
+            (11, r"^empty caption$"),
+        ),
+    )
     rel = os.path.relpath(images, root)
     pairs = (
         "image\tcaption\n"
@@ -300,22 +402,38 @@ def make_caption_corpus(root: Path, images: Path) -> list[CaptionCase]:
         f"{rel}/no-such-photo.jpg\ta photo that is not there\n"
         f"{rel}/zero-bytes.jpg\tan empty file\n"
     )
-    add("pairs.tsv", pairs.encode(), "pairs naming a missing and a broken image",
+    add(
+        "pairs.tsv",
+        pairs.encode(),
+        "pairs naming a missing and a broken image",
         ("a single red pixel", "a photo that is not there", "an empty file"),
-        image_errors=(("no-such-photo.jpg", r"^file not found$"), ("zero-bytes.jpg", r"^empty file")))
+        image_errors=(("no-such-photo.jpg", r"^file not found$"), ("zero-bytes.jpg", r"^empty file")),
+    )
     return cases
 
 
 WHOLE_FILE_CASES = [
-    WholeFileCase("latin1.txt", "Latin-1 bytes, read as UTF-8", "café crème\nnaïve façade\n".encode("latin-1"),
-                  r"latin1\.txt: cannot decode as utf-8 at byte 3 .*--encoding"),
-    WholeFileCase("no-column.csv", "no caption column", b"text,label\nhello,x\n",
-                  r"no-column\.csv: no caption column 'caption'; available columns: text, label"),
+    WholeFileCase(
+        "latin1.txt",
+        "Latin-1 bytes, read as UTF-8",
+        "café crème\nnaïve façade\n".encode("latin-1"),
+        r"latin1\.txt: cannot decode as utf-8 at byte 3 .*--encoding",
+    ),
+    WholeFileCase(
+        "no-column.csv",
+        "no caption column",
+        b"text,label\nhello,x\n",
+        r"no-column\.csv: no caption column 'caption'; available columns: text, label",
+    ),
     WholeFileCase("empty.jsonl", "empty file", b"", r"empty\.jsonl.*\(file is empty\)"),
     WholeFileCase("blank.txt", "only blank lines", b"\n \n\t\n", r"blank\.txt"),
     WholeFileCase("all-bad.jsonl", "no line is valid", b"{oops\n[1]\n", r"no captions in .*all-bad\.jsonl"),
-    WholeFileCase("huge-field.csv", "a 200,000-character CSV field (over the csv module's limit)",
-                  b"caption\n" + b"x" * 200_000 + b"\n", r"huge-field\.csv: malformed CSV"),
+    WholeFileCase(
+        "huge-field.csv",
+        "a 200,000-character CSV field (over the csv module's limit)",
+        b"caption\n" + b"x" * 200_000 + b"\n",
+        r"huge-field\.csv: malformed CSV",
+    ),
     WholeFileCase("unknown.txt", "an encoding name that does not exist", b"hello\n", r"unknown encoding", "klingon"),
 ]
 

@@ -79,8 +79,15 @@ def caption_items(images: list, image_vectors: np.ndarray, clusters: np.ndarray,
     count = min(count, len(images))
     rng = np.random.default_rng(seed)
     noise = 0.2 * rng.standard_normal((count, image_vectors.shape[1])) / np.sqrt(image_vectors.shape[1])
-    records = [CaptionRecord(text=f"caption {n} of cluster {int(clusters[n])}", source="synthetic-captions.txt",
-                             row=n, image=images[n].ref.path) for n in range(count)]
+    records = [
+        CaptionRecord(
+            text=f"caption {n} of cluster {int(clusters[n])}",
+            source="synthetic-captions.txt",
+            row=n,
+            image=images[n].ref.path,
+        )
+        for n in range(count)
+    ]
     return records, unit_rows(image_vectors[:count] + noise)
 
 
@@ -94,8 +101,14 @@ def tiny_clip_record(tiny_clip_dir: Path) -> dict:
     return encoder_record(encoder)
 
 
-def make_large_index(path: Path, tiny_clip_dir: Path, images: int = 100_000, captions: int = 10_000,
-                     index_type: str = "ivf", seed: int = 0) -> Path:
+def make_large_index(
+    path: Path,
+    tiny_clip_dir: Path,
+    images: int = 100_000,
+    captions: int = 10_000,
+    index_type: str = "ivf",
+    seed: int = 0,
+) -> Path:
     """Write a CLIP index of ``images`` synthetic image vectors and ``captions`` captions at ``path`` (a new
     folder); its picture files go in ``path``'s sibling ``<name>-files``. Returns ``path``."""
     from retrieval.api.write import WriteOptions, write_index
@@ -107,10 +120,20 @@ def make_large_index(path: Path, tiny_clip_dir: Path, images: int = 100_000, cap
     vectors, clusters = clustered_vectors(images, int(record["dim"]), seed)
     rows = image_rows(path.parent / f"{path.name}-files", clusters)
     records, caption_vectors = caption_items(rows, vectors, clusters, captions)
-    embedded = EmbeddedItems(images=rows, image_vectors=vectors, captions=records, caption_vectors=caption_vectors,
-                             encoders={"image": record, "text": record}, shared_space=True)
-    options = WriteOptions(index_options=IndexOptions(index_type=index_type), checkpoint=str(tiny_clip_dir), progress=False,
-                           sources={"images": [str(path.parent / f"{path.name}-files")], "captions": []})
+    embedded = EmbeddedItems(
+        images=rows,
+        image_vectors=vectors,
+        captions=records,
+        caption_vectors=caption_vectors,
+        encoders={"image": record, "text": record},
+        shared_space=True,
+    )
+    options = WriteOptions(
+        index_options=IndexOptions(index_type=index_type),
+        checkpoint=str(tiny_clip_dir),
+        progress=False,
+        sources={"images": [str(path.parent / f"{path.name}-files")], "captions": []},
+    )
     return write_index(embedded, path, options)
 
 

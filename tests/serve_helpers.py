@@ -65,8 +65,19 @@ def serve_process(*args: str, wait_s: float = 120.0) -> Iterator[tuple[str, subp
     """``retrieval serve ARGS --port P`` as a subprocess; yields (base URL, process) once /healthz answers."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
-    command = [sys.executable, "-c", "from retrieval.cli import main; main()", "serve", *args,
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-c",
+        "from retrieval.cli import main; main()",
+        "serve",
+        *args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
     log = tempfile.TemporaryFile("w+", encoding="utf-8")  # a file, not a pipe: a long log never blocks the server
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     process.read_log = lambda: (log.seek(0), log.read())[1]  # type: ignore[attr-defined]

@@ -171,7 +171,9 @@ def test_ties_among_duplicates_are_found_not_missed():
     on_duplicates = exact[:, 9] > 0.99
     scores = exact_scores_of(VectorSource(data), queries, found)
     assert on_duplicates.sum() > 50 and (neighbour_recall(scores, exact, 10)[on_duplicates] == 1.0).all()
-    assert neighbour_recall(scores, exact, 10)[~on_duplicates].max() == 0.0  # copies are not the neighbours of the others
+    assert (
+        neighbour_recall(scores, exact, 10)[~on_duplicates].max() == 0.0
+    )  # copies are not the neighbours of the others
     padded = np.full_like(found, -1)
     assert (neighbour_recall(exact_scores_of(VectorSource(data), queries, padded), exact, 10) == 0.0).all()
     # fewer live items than k: what could be found is all that is asked
@@ -187,7 +189,9 @@ def test_ivf_tuning_with_duplicates_stops_at_a_small_nprobe():
     spec = spec_for("ivf", len(data), 32)
     index = build_vector_index(source, spec)
     report = measure_and_tune(index, spec, source, near_duplicates(data, 300), "self", target_recall=0.95)
-    assert report.target_reached and report.knobs.nprobe <= 8 < spec.nlist  # ids alone: 0.61 at every nprobe, climbs to 32
+    assert (
+        report.target_reached and report.knobs.nprobe <= 8 < spec.nlist
+    )  # ids alone: 0.61 at every nprobe, climbs to 32
     fresh = near_duplicates(data, 100, seed=11)  # queries the tuner never saw
     _, found = search(index, fresh, 10, report.knobs)
     exact, _ = exact_search(source, fresh, 10)
@@ -222,7 +226,9 @@ def test_ivfpq_reranks_in_faiss_from_the_stored_float16_rows_without_copying_the
     stored = stored16.astype(np.float32)
     np.testing.assert_allclose(scores, np.take_along_axis(QUERIES @ stored.T, found, axis=1), atol=1e-5)
     assert (np.diff(scores, axis=1) <= 1e-7).all()
-    in_numpy = search(index, QUERIES, 5, knobs, rerank_with=VectorSource([stored16[:100], stored16[100:]]))  # two parts: no view
+    in_numpy = search(
+        index, QUERIES, 5, knobs, rerank_with=VectorSource([stored16[:100], stored16[100:]])
+    )  # two parts: no view
     np.testing.assert_array_equal(in_numpy[1], found)
     short = search(index, QUERIES, 10, SearchKnobs(nprobe=spec.nlist, rerank_factor=1), rerank_with=source)[1]
     long = search(index, QUERIES, 10, SearchKnobs(nprobe=spec.nlist, rerank_factor=40), rerank_with=source)[1]
@@ -322,7 +328,10 @@ def test_empty_copy_keeps_training():
 def test_drift_and_growth_trigger_retraining():
     spec = spec_for("ivf", len(DATA), 32)
     index = build_vector_index(DATA, spec)
-    record = {"choice": {"spec": spec.to_json()}, "trained": {"count": len(DATA), "mean_residual": mean_residual(index, DATA[:2000])}}
+    record = {
+        "choice": {"spec": spec.to_json()},
+        "trained": {"count": len(DATA), "mean_residual": mean_residual(index, DATA[:2000])},
+    }
     alike = clustered(500, 32, seed=0)  # same centres, same spread
     assert needs_retraining(record, index, alike, len(DATA) + 500) is None
     elsewhere = clustered(500, 32, seed=7, spread=0.1)  # other centres: far from every list
@@ -367,7 +376,10 @@ def test_faiss_gpu_indexes_match_the_cpu():
         gpu = to_available_gpus(cpu)
         knobs = SearchKnobs(nprobe=16)
         exclude = Exclusions(np.array([3]), len(DATA))
-        assert recall_at(search(gpu, QUERIES, 10, knobs, exclude)[1], search(cpu, QUERIES, 10, knobs, exclude)[1], 10) >= 0.99
+        assert (
+            recall_at(search(gpu, QUERIES, 10, knobs, exclude)[1], search(cpu, QUERIES, 10, knobs, exclude)[1], 10)
+            >= 0.99
+        )
 
 
 def test_shortlist_tuning_picks_the_fastest_setting_that_reaches_the_target():

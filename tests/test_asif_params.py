@@ -22,22 +22,51 @@ def anchor_dirs(tmp_path_factory):
     """Anchors from COCO photos 7-18 (none of the small collection's six) with k=4, p=1.5, and a copy with p=3."""
     require_shared_data()
     root = tmp_path_factory.mktemp("anchors")
-    rows = coco_pairs(18)[len(coco_pairs(6)):]
+    rows = coco_pairs(18)[len(coco_pairs(6)) :]
     with open(root / "pairs.jsonl", "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps({"image": str(COCO / row["image"]), "caption": row["caption"]}) + "\n")
-    retrieval.build_anchors([root / "pairs.jsonl"], root / "a", "efficientnet-lite0", "minilm", device="cpu",
-                            embed=QUIET, asif=AsifParams(k=4, p=1.5))
+    retrieval.build_anchors(
+        [root / "pairs.jsonl"],
+        root / "a",
+        "efficientnet-lite0",
+        "minilm",
+        device="cpu",
+        embed=QUIET,
+        asif=AsifParams(k=4, p=1.5),
+    )
     a = load_anchor_set(root / "a")
-    other = AnchorSet("b", a.image_vectors, a.text_vectors, a.captions, a.image_encoder, a.text_encoder, AsifParams(k=4, p=3.0), a.uris)
+    other = AnchorSet(
+        "b",
+        a.image_vectors,
+        a.text_vectors,
+        a.captions,
+        a.image_encoder,
+        a.text_encoder,
+        AsifParams(k=4, p=3.0),
+        a.uris,
+    )
     save_anchor_set(other, root / "b")
     return root / "a", root / "b"
 
 
 def test_build_index_k_without_p_keeps_the_anchor_sets_p(anchor_dirs, small_collection, tmp_path):
     a, _ = anchor_dirs
-    result = CliRunner().invoke(main, ["build-index", "--captions", str(small_collection / "pairs.jsonl"), "--index", str(tmp_path / "i"),
-                                       "--anchors", str(a), "--k", "3", *UNIMODAL])
+    result = CliRunner().invoke(
+        main,
+        [
+            "build-index",
+            "--captions",
+            str(small_collection / "pairs.jsonl"),
+            "--index",
+            str(tmp_path / "i"),
+            "--anchors",
+            str(a),
+            "--k",
+            "3",
+            *UNIMODAL,
+        ],
+    )
     assert result.exit_code == 0, result.output
     index = retrieval.open_index(tmp_path / "i", device="cpu")
     assert index.asif_params == AsifParams(k=3, p=1.5)  # was p=3.0, AsifParams' placeholder
@@ -48,8 +77,20 @@ def test_build_index_k_without_p_keeps_the_anchor_sets_p(anchor_dirs, small_coll
 
 def test_fused_anchor_sets_with_different_p_need_one_chosen(anchor_dirs, small_collection, tmp_path):
     a, b = anchor_dirs
-    args = ["build-index", "--captions", str(small_collection / "pairs.jsonl"), "--index", str(tmp_path / "i"),
-            "--anchors", str(a), "--anchors", str(b), "--k", "3", *UNIMODAL]
+    args = [
+        "build-index",
+        "--captions",
+        str(small_collection / "pairs.jsonl"),
+        "--index",
+        str(tmp_path / "i"),
+        "--anchors",
+        str(a),
+        "--anchors",
+        str(b),
+        "--k",
+        "3",
+        *UNIMODAL,
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "different ASIF p" in result.output and "--p" in result.output
     assert str(a) in result.output and str(b) in result.output
@@ -58,7 +99,17 @@ def test_fused_anchor_sets_with_different_p_need_one_chosen(anchor_dirs, small_c
 
 def test_eval_k_without_p_keeps_the_anchor_sets_p(anchor_dirs, small_collection, tmp_path):
     a, b = anchor_dirs
-    common = ["eval", str(small_collection / "pairs.jsonl"), "--anchors", str(a), "--route", "asif", "--cache", str(tmp_path / "cache"), *UNIMODAL]
+    common = [
+        "eval",
+        str(small_collection / "pairs.jsonl"),
+        "--anchors",
+        str(a),
+        "--route",
+        "asif",
+        "--cache",
+        str(tmp_path / "cache"),
+        *UNIMODAL,
+    ]
     result = CliRunner().invoke(main, [*common, "--k", "3", "--json"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["rows"][0]

@@ -36,19 +36,31 @@ def _ci_run(tmp_path: Path, *, chromium: bool, uid: int) -> tuple[subprocess.Com
     _script(bin_dir / "id", f"echo {uid}")
     _script(bin_dir / "make", f'echo "make $* CI=$CI" >> {log}')
     # apt-get "installs" chromium by putting a stand-in on PATH
-    _script(bin_dir / "apt-get", f'echo "apt-get $*" >> {log}\n[ "$1" = install ] && printf "#!/bin/sh\\n" > {bin_dir}/chromium '
-                                 f'&& chmod +x {bin_dir}/chromium\nexit 0')
+    _script(
+        bin_dir / "apt-get",
+        f'echo "apt-get $*" >> {log}\n[ "$1" = install ] && printf "#!/bin/sh\\n" > {bin_dir}/chromium '
+        f"&& chmod +x {bin_dir}/chromium\nexit 0",
+    )
     if chromium:
         _script(bin_dir / "chromium", "exit 0")
-    done = subprocess.run([shutil.which("bash"), str(clone / ".ci" / "run")], capture_output=True, text=True, timeout=60,
-                          env={"PATH": str(bin_dir)})
+    done = subprocess.run(
+        [shutil.which("bash"), str(clone / ".ci" / "run")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": str(bin_dir)},
+    )
     return done, log.read_text() if log.exists() else ""
 
 
 def test_installs_chromium_when_missing(tmp_path):
     done, calls = _ci_run(tmp_path, chromium=False, uid=0)
     assert done.returncode == 0, done.stderr
-    assert calls.splitlines() == ["apt-get update", "apt-get install -y --no-install-recommends chromium", "make test CI=1"]
+    assert calls.splitlines() == [
+        "apt-get update",
+        "apt-get install -y --no-install-recommends chromium",
+        "make test CI=1",
+    ]
 
 
 def test_leaves_apt_alone_when_chromium_is_there(tmp_path):

@@ -51,7 +51,9 @@ def test_clip_front_shows_results_and_loads_more_while_scrolling(browser, front,
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     metadata: list[list[int]] = []
-    page.on("request", lambda r: metadata.append(json.loads(r.post_data)["ids"]) if r.url.endswith("/metadata") else None)
+    page.on(
+        "request", lambda r: metadata.append(json.loads(r.post_data)["ids"]) if r.url.endswith("/metadata") else None
+    )
 
     page.goto(f"{front}/?back={server}")
     from playwright.sync_api import (

@@ -63,12 +63,15 @@ def wait_for_results(page, count: int = N_PHOTOS) -> None:
         """n => { const imgs = [...document.querySelectorAll('#images .hit img')];
                   return imgs.length === n && imgs.every(i => i.complete && i.naturalWidth > 0)
                          && document.querySelector('#panels').getAttribute('aria-busy') === 'false'; }""",
-        arg=count)
+        arg=count,
+    )
 
 
 def api_image_ids(server: str, query: dict, index: str = "coco") -> list[int]:
-    answer = post_json(f"{server}/api/v1/search",
-                       {"index": index, "target": "image", "k": N_PHOTOS, "queries": [query], "exclude_self": True})
+    answer = post_json(
+        f"{server}/api/v1/search",
+        {"index": index, "target": "image", "k": N_PHOTOS, "queries": [query], "exclude_self": True},
+    )
     return [hit["id"] for hit in answer["results"][0]["hits"]]
 
 

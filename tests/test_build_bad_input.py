@@ -32,7 +32,7 @@ def odd_folder(tmp_path_factory) -> Path:
     photo.convert("CMYK").save(root / "cmyk.jpg")
     photo.convert("RGBA").save(root / "alpha.png")
     photo.convert("P").save(root / "palette.png")
-    grey16 = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    grey16 = np.asarray(photo.convert("L"), dtype=np.uint16) * 257
     Image.fromarray(grey16).save(root / "grey16.png")
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways, to be shown rotated
@@ -48,8 +48,11 @@ def test_odd_images_are_indexed_and_broken_ones_reported(tmp_path, odd_folder, t
     captions = tmp_path / "captions.jsonl"
     captions.write_text('{"caption": "a person"}\n{"caption": broken json\n{"caption": "a table"}\n', encoding="utf-8")
     index = retrieval.build_index(
-        images=[odd_folder], captions=[captions], index=tmp_path / "i",
-        encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"), embed=QUIET,
+        images=[odd_folder],
+        captions=[captions],
+        index=tmp_path / "i",
+        encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
+        embed=QUIET,
     )
     indexed = sorted(Path(uri).name for uri in index.items("image")["uri"])
     assert indexed == ["alpha.png", "cmyk.jpg", "grey16.png", "palette.png", "plain.jpg", "rotated.jpg"]
@@ -72,8 +75,11 @@ def test_a_caption_row_in_another_encoding_is_skipped_not_fatal(tmp_path, odd_fo
     good = "caption\r\na person at a table\r\na plate of food\r\n".encode("utf-8")
     captions.write_bytes(b"\xef\xbb\xbf" + good + "un caf\xe9 noir\r\n".encode("latin-1") + "a cup of tea\r\n".encode())
     index = retrieval.build_index(
-        images=[odd_folder / "plain.jpg"], captions=[captions], index=tmp_path / "i",
-        encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"), embed=QUIET,
+        images=[odd_folder / "plain.jpg"],
+        captions=[captions],
+        index=tmp_path / "i",
+        encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
+        embed=QUIET,
     )
     assert index.items("caption")["caption"] == ["a person at a table", "a plate of food", "a cup of tea"]
     [error] = [row for row in index.errors() if row["kind"] == "caption"]
@@ -98,14 +104,37 @@ def test_sigkill_during_a_rebuild_leaves_the_previous_index_intact(tmp_path, tin
     """Kill a real build process at several points; the old index must open and answer identically."""
     require_shared_data()
     index = tmp_path / "index"
-    base = [sys.executable, str(ROOT / "cli.py"), "build-index", "--index", str(index), "--encoder", "open_clip:tiny",
-            "--checkpoint", str(tiny_clip_dir), "--device", "cpu", "--quiet", "--workers", "0", "--batch-size", "2"]
-    subprocess.run(base + ["--captions", str(small_collection / "pairs.jsonl")], check=True, capture_output=True, timeout=300)
+    base = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "build-index",
+        "--index",
+        str(index),
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        str(tiny_clip_dir),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+    ]
+    subprocess.run(
+        base + ["--captions", str(small_collection / "pairs.jsonl")], check=True, capture_output=True, timeout=300
+    )
     before = [h.id for h in retrieval.open_index(index).text_to_image("a plate of food", k=5)]
     bigger = base + ["--images", str(COCO / "images"), "--captions", str(COCO / "captions.jsonl")]
-    for batches in (1, 40):  # of its 40 image batches (the first, the last): stopped there by the test hook, then killed
+    for batches in (
+        1,
+        40,
+    ):  # of its 40 image batches (the first, the last): stopped there by the test hook, then killed
         env = dict(os.environ) | {PAUSE_ENV: str(batches)}
-        process = subprocess.Popen(bigger, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+        process = subprocess.Popen(
+            bigger, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+        )
         _, status = os.waitpid(process.pid, os.WUNTRACED)
         assert os.WIFSTOPPED(status), f"the build ended before its batch {batches}"
         os.killpg(process.pid, signal.SIGKILL)

@@ -47,16 +47,20 @@ def _snapshot(path) -> dict:
 
 def test_the_three_stages_by_hand_give_the_index_build_index_gives(tmp_path, tiny_clip_dir, small_collection):
     images, captions = [small_collection / "images"], [small_collection / "pairs.jsonl"]
-    built = retrieval.build_index(images=images, captions=captions, index=tmp_path / "built",
-                                  encoders=_choice(tiny_clip_dir), embed=QUIET)
+    built = retrieval.build_index(
+        images=images, captions=captions, index=tmp_path / "built", encoders=_choice(tiny_clip_dir), embed=QUIET
+    )
 
     collection = gather_items(images, captions)
     image_encoder, text_encoder = load_encoders(_choice(tiny_clip_dir))
     embedded = embed_items(collection, image_encoder, text_encoder, QUIET)
     assert isinstance(embedded, EmbeddedItems) and embedded.shared_space
     assert len(embedded.image_ids) == 6 and len(embedded.caption_ids) == 30 and len(embedded.errors) == 1
-    options = WriteOptions(sources={"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
-                           checkpoint=str(tiny_clip_dir), progress=False)
+    options = WriteOptions(
+        sources={"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
+        checkpoint=str(tiny_clip_dir),
+        progress=False,
+    )
     assert write_index(embedded, tmp_path / "by-hand", options) == tmp_path / "by-hand"
 
     expected, got = _snapshot(built.path), _snapshot(tmp_path / "by-hand")
@@ -72,12 +76,25 @@ def _unit(rows: int, dim: int, seed: int, dtype=np.float32) -> np.ndarray:
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(dtype)
 
 
-def _precomputed(dim: int, image_vectors: np.ndarray, caption_vectors: np.ndarray, shared: bool, record=None) -> EmbeddedItems:
+def _precomputed(
+    dim: int, image_vectors: np.ndarray, caption_vectors: np.ndarray, shared: bool, record=None
+) -> EmbeddedItems:
     record = record or {"spec": "precomputed:test", "dim": dim, "fingerprint": "0123456789abcdef"}
-    images = [ImageRow(ImageRef(uri=f"shard-0.tar#{n:04d}.jpg", opener=bytes, source="shard-0.tar")) for n in range(len(image_vectors))]
-    captions = [CaptionRecord(text=f"caption {n}", source="captions.parquet", row=n) for n in range(len(caption_vectors))]
-    return EmbeddedItems(images=images, image_vectors=image_vectors, captions=captions, caption_vectors=caption_vectors,
-                         encoders={"image": record, "text": record}, shared_space=shared)
+    images = [
+        ImageRow(ImageRef(uri=f"shard-0.tar#{n:04d}.jpg", opener=bytes, source="shard-0.tar"))
+        for n in range(len(image_vectors))
+    ]
+    captions = [
+        CaptionRecord(text=f"caption {n}", source="captions.parquet", row=n) for n in range(len(caption_vectors))
+    ]
+    return EmbeddedItems(
+        images=images,
+        image_vectors=image_vectors,
+        captions=captions,
+        caption_vectors=caption_vectors,
+        encoders={"image": record, "text": record},
+        shared_space=shared,
+    )
 
 
 def test_write_takes_precomputed_vectors_in_one_space(tmp_path, tiny_clip_dir):
@@ -96,14 +113,18 @@ def test_write_takes_precomputed_vectors_in_one_space(tmp_path, tiny_clip_dir):
     assert np.array_equal(stored, image_vectors)  # float16 in, float16 stored, unchanged
     # each caption's nearest image is the one whose vector it is closest to
     scores, positions = index.search_vectors("image", caption_vectors[:5], "text", k=1)
-    assert positions[:, 0].tolist() == np.argmax(caption_vectors[:5] @ image_vectors.astype(np.float32).T, axis=1).tolist()
+    assert (
+        positions[:, 0].tolist() == np.argmax(caption_vectors[:5] @ image_vectors.astype(np.float32).T, axis=1).tolist()
+    )
     assert len(index.text_to_image("a dog", k=3)) == 3  # the recorded encoder answers text queries
 
 
 def test_write_takes_precomputed_vectors_through_asif_anchors(tmp_path):
     dim = 12
     record = {"spec": "precomputed:test", "dim": dim, "fingerprint": "0123456789abcdef"}
-    anchors = AnchorSet("random", _unit(30, dim, 3), _unit(30, dim, 4), [f"anchor {n}" for n in range(30)], record, record)
+    anchors = AnchorSet(
+        "random", _unit(30, dim, 3), _unit(30, dim, 4), [f"anchor {n}" for n in range(30)], record, record
+    )
     embedded = _precomputed(dim, _unit(20, dim, 5), _unit(10, dim, 6), shared=False, record=record)
     with pytest.raises(InputError, match="anchor set"):
         write_index(embedded, tmp_path / "none", WriteOptions(progress=False))
@@ -121,13 +142,16 @@ def test_write_takes_precomputed_vectors_through_asif_anchors(tmp_path):
         write_index(embedded, tmp_path / "j", WriteOptions(anchors=AnchorSpaces([stranger]), progress=False))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda e: setattr(e, "image_vectors", e.image_vectors[:, :5]), "shape"),
-    (lambda e: setattr(e, "caption_vectors", e.caption_vectors[1:]), "one row per caption"),
-    (lambda e: setattr(e, "image_vectors", e.image_vectors.astype(np.float64)), "float32 or float16"),
-    (lambda e: e.image_vectors.__setitem__((0, 0), np.nan), "NaN"),
-    (lambda e: e.encoders.__setitem__("text", {"spec": "x"}), "spec, dim and fingerprint"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda e: setattr(e, "image_vectors", e.image_vectors[:, :5]), "shape"),
+        (lambda e: setattr(e, "caption_vectors", e.caption_vectors[1:]), "one row per caption"),
+        (lambda e: setattr(e, "image_vectors", e.image_vectors.astype(np.float64)), "float32 or float16"),
+        (lambda e: e.image_vectors.__setitem__((0, 0), np.nan), "NaN"),
+        (lambda e: e.encoders.__setitem__("text", {"spec": "x"}), "spec, dim and fingerprint"),
+    ],
+)
 def test_write_refuses_vectors_that_do_not_fit(tmp_path, change, message):
     embedded = _precomputed(8, _unit(4, 8, 7), _unit(3, 8, 8), shared=True)
     change(embedded)
@@ -142,8 +166,10 @@ def test_a_build_from_in_memory_items(tmp_path, tiny_clip_dir):
     photos = sorted((COCO / "images").glob("*.jpg"))[:5]
     blobs = {f"mem://coco/{p.name}": p.read_bytes() for p in photos}
     blobs["mem://coco/broken.jpg"] = b"\xff\xd8 this is no JPEG"
-    refs = [ImageRef(uri=uri, opener=functools.partial(blobs.__getitem__, uri), source="memory", version=len(data))
-            for uri, data in blobs.items()]
+    refs = [
+        ImageRef(uri=uri, opener=functools.partial(blobs.__getitem__, uri), source="memory", version=len(data))
+        for uri, data in blobs.items()
+    ]
     captions = [CaptionRecord(text="a photo", source="memory", row=1)]
     image_encoder, text_encoder = load_encoders(_choice(tiny_clip_dir))
     embedded = embed_items(Collection(images=refs, captions=captions), image_encoder, text_encoder, QUIET)
@@ -154,6 +180,8 @@ def test_a_build_from_in_memory_items(tmp_path, tiny_clip_dir):
     assert index.items("image")["uri"] == [f"mem://coco/{p.name}" for p in photos]
     assert [e["path"] for e in index.errors()] == ["mem://coco/broken.jpg"]
     # the same photos as files: the same vectors (ids differ: they name other places)
-    from_files = embed_items(Collection(images=[ImageRef(path=p, source="files") for p in photos]), image_encoder, text_encoder, QUIET)
+    from_files = embed_items(
+        Collection(images=[ImageRef(path=p, source="files") for p in photos]), image_encoder, text_encoder, QUIET
+    )
     assert np.array_equal(from_files.image_vectors, embedded.image_vectors)
     assert [r.sha256 for r in from_files.images] == [r.sha256 for r in embedded.images]

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DATA_TESTS = '''
+DATA_TESTS = """
 import pytest
 from conftest import require_shared_data
 
@@ -33,7 +33,7 @@ def test_skips_for_want_of_data():
 @pytest.mark.skipif(True, reason="no CUDA device")
 def test_skips_for_another_reason():
     pass
-'''
+"""
 
 
 def _clone_without_data(tmp_path: Path) -> Path:
@@ -48,8 +48,14 @@ def _clone_without_data(tmp_path: Path) -> Path:
 
 def _pytest(clone: Path, ci: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": ci} if ci is not None else {})
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfs", "-p", "no:cacheprovider", "tests"],
-                          cwd=clone, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rfs", "-p", "no:cacheprovider", "tests"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_data_tests_skip_outside_ci(tmp_path):
@@ -59,7 +65,9 @@ def test_data_tests_skip_outside_ci(tmp_path):
 
 def test_data_tests_fail_under_ci(tmp_path):
     done = _pytest(_clone_without_data(tmp_path), "true")
-    assert done.returncode == 1 and "1 failed, 1 skipped, 1 error" in done.stdout, done.stdout[-2000:]  # a skipif fails at setup: an error
+    assert done.returncode == 1 and "1 failed, 1 skipped, 1 error" in done.stdout, done.stdout[
+        -2000:
+    ]  # a skipif fails at setup: an error
     assert "CI must run the tests of real photos" in done.stdout
     assert "under CI the tests of real photos must run" in done.stdout
 

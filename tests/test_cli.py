@@ -27,9 +27,24 @@ def run(*args: str, ok: bool = True):
 def cli_index(tmp_path_factory, tiny_clip_dir, small_collection) -> Path:
     path = tmp_path_factory.mktemp("cli") / "index"
     result = run(
-        "build-index", "--images", small_collection / "images", "--captions", small_collection / "pairs.jsonl",
-        "--index", path, "--encoder", "open_clip:tiny", "--checkpoint", tiny_clip_dir,
-        "--device", "cpu", "--workers", "0", "--batch-size", "3", "--quiet",
+        "build-index",
+        "--images",
+        small_collection / "images",
+        "--captions",
+        small_collection / "pairs.jsonl",
+        "--index",
+        path,
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        tiny_clip_dir,
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--batch-size",
+        "3",
+        "--quiet",
     )
     assert "indexed 6 images and 30 captions" in result.output
     assert "skipped 1 unreadable items" in result.output
@@ -48,7 +63,9 @@ def test_image_to_caption_text_and_json(cli_index, small_collection):
     photo = sorted((small_collection / "images").glob("0*.jpg"))[0]
     text = run("image-to-caption", photo, "--index", cli_index, "-k", "2").stdout.splitlines()
     assert len(text) == 2 and text[0].split()[0] == "1"
-    hits = [json.loads(line) for line in run("image-to-caption", photo, "--index", cli_index, "--json").stdout.splitlines()]
+    hits = [
+        json.loads(line) for line in run("image-to-caption", photo, "--index", cli_index, "--json").stdout.splitlines()
+    ]
     assert len(hits) == 5 and {"rank", "score", "id", "caption"} <= set(hits[0])
     assert hits[0]["caption"] in text[0]
 
@@ -67,9 +84,23 @@ def test_info_text_and_json(cli_index):
 
 
 def test_decode_gpu_on_a_cpu_encoder_is_a_clear_error(tmp_path, tiny_clip_dir, small_collection):
-    result = run("build-index", "--images", small_collection / "images", "--index", tmp_path / "index",
-                 "--encoder", "open_clip:tiny", "--checkpoint", tiny_clip_dir, "--device", "cpu", "--decode", "gpu",
-                 "--quiet", ok=False)
+    result = run(
+        "build-index",
+        "--images",
+        small_collection / "images",
+        "--index",
+        tmp_path / "index",
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        tiny_clip_dir,
+        "--device",
+        "cpu",
+        "--decode",
+        "gpu",
+        "--quiet",
+        ok=False,
+    )
     assert result.exit_code != 0 and "--decode gpu" in result.output and "runs on cpu" in result.output
     assert not (tmp_path / "index").exists()
 
@@ -87,7 +118,11 @@ def test_list_encoders():
         (["build-index", "--images", "/no/such/folder", "--encoder", "open_clip:tiny"], "/no/such/folder", 2),
         (["build-index", "--captions", "x.txt"], "--encoder", 2),
         (["text-to-image", "a dog", "--index", "/no/such/index"], "no such index", 4),
-        (["build-index", "--captions", "x.txt", "--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm"], "anchor", 2),
+        (
+            ["build-index", "--captions", "x.txt", "--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm"],
+            "anchor",
+            2,
+        ),
     ],
 )
 def test_errors_are_one_clean_line(args, message, code):
@@ -100,11 +135,35 @@ def test_errors_are_one_clean_line(args, message, code):
 
 def test_missing_caption_column_names_the_file(tmp_path, tiny_clip_dir):
     (tmp_path / "c.csv").write_text("text,other\nhello,1\n", encoding="utf-8")
-    result = run("build-index", "--captions", tmp_path / "c.csv", "--index", tmp_path / "i", "--encoder", "open_clip:tiny",
-                 "--checkpoint", tiny_clip_dir, "--quiet", ok=False)
+    result = run(
+        "build-index",
+        "--captions",
+        tmp_path / "c.csv",
+        "--index",
+        tmp_path / "i",
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        tiny_clip_dir,
+        "--quiet",
+        ok=False,
+    )
     assert result.exit_code == 2 and "c.csv" in result.output and "caption" in result.output
-    ok = run("build-index", "--captions", tmp_path / "c.csv", "--caption-column", "text", "--index", tmp_path / "i",
-             "--encoder", "open_clip:tiny", "--checkpoint", tiny_clip_dir, "--quiet", "--json")
+    ok = run(
+        "build-index",
+        "--captions",
+        tmp_path / "c.csv",
+        "--caption-column",
+        "text",
+        "--index",
+        tmp_path / "i",
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        tiny_clip_dir,
+        "--quiet",
+        "--json",
+    )
     assert json.loads(ok.stdout)["counts"]["caption"] == 1
 
 
@@ -113,7 +172,10 @@ def test_missing_caption_column_names_the_file(tmp_path, tiny_clip_dir):
     [  # options parsed in groups (one dataclass per group) fail as usage errors naming the flag
         (["build-index", "--captions", "x.txt", "--encoder", "open_clip:tiny", "--workers", "many"], "--workers"),
         (["build-index", "--captions", "x.txt", "--encoder", "open_clip:tiny", "--max-memory", "lots"], "lots"),
-        (["build-index", "--captions", "x.txt", "--encoder", "open_clip:tiny", "--anchor-weights", "1,x"], "--anchor-weights"),
+        (
+            ["build-index", "--captions", "x.txt", "--encoder", "open_clip:tiny", "--anchor-weights", "1,x"],
+            "--anchor-weights",
+        ),
         (["add", "--captions", "x.txt", "--workers", "-2"], "--workers"),
         (["eval", "x.txt", "--encoder", "open_clip:tiny", "--refine", "a"], "--refine"),
     ],
@@ -135,23 +197,81 @@ def test_grouped_options_reach_the_api(monkeypatch, tmp_path):
         raise retrieval.InputError("stop here")
 
     monkeypatch.setattr(build_module, "build_index", fake_build)
-    run("build-index", "--images", "a", "--captions", "b.txt", "--index", tmp_path / "i", "--image-encoder", "ie", "--text-encoder", "te",
-        "--anchors", "builtin:imagenet", "--anchors", "x", "--anchor-weights", "1,0.5", "--k", "7", "--caption-column", "text",
-        "--encoding", "latin-1", "--device", "cpu", "--batch-size", "5", "--workers", "3", "--no-replicas", "--quiet",
-        "--progress-shard-size", "16", "--index-type", "hnsw", "--max-memory", "1GB", "--target-recall", "0.9", ok=False)
+    run(
+        "build-index",
+        "--images",
+        "a",
+        "--captions",
+        "b.txt",
+        "--index",
+        tmp_path / "i",
+        "--image-encoder",
+        "ie",
+        "--text-encoder",
+        "te",
+        "--anchors",
+        "builtin:imagenet",
+        "--anchors",
+        "x",
+        "--anchor-weights",
+        "1,0.5",
+        "--k",
+        "7",
+        "--caption-column",
+        "text",
+        "--encoding",
+        "latin-1",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "5",
+        "--workers",
+        "3",
+        "--no-replicas",
+        "--quiet",
+        "--progress-shard-size",
+        "16",
+        "--index-type",
+        "hnsw",
+        "--max-memory",
+        "1GB",
+        "--target-recall",
+        "0.9",
+        ok=False,
+    )
     images, captions, index, choice = seen["args"]
     assert (images, captions, index) == (("a",), ("b.txt",), str(tmp_path / "i"))
     assert (choice.image, choice.text, choice.clip, choice.device) == ("ie", "te", None, "cpu")
     assert seen["anchors"] == ["builtin:imagenet", "x"] and seen["anchor_weights"] == [1.0, 0.5] and seen["asif"].k == 7
     assert (seen["caption_options"].caption_column, seen["caption_options"].encoding) == ("text", "latin-1")
     embed = seen["embed"]
-    assert (embed.batch_size, embed.workers, embed.replicas, embed.progress, embed.progress_shard_size) == (5, 3, False, False, 16)
-    assert (seen["index_options"].index_type, seen["index_options"].max_memory, seen["index_options"].target_recall) == ("hnsw", 2**30, 0.9)
+    assert (embed.batch_size, embed.workers, embed.replicas, embed.progress, embed.progress_shard_size) == (
+        5,
+        3,
+        False,
+        False,
+        16,
+    )
+    assert (
+        seen["index_options"].index_type,
+        seen["index_options"].max_memory,
+        seen["index_options"].target_recall,
+    ) == ("hnsw", 2**30, 0.9)
 
 
 def test_cli_py_from_a_checkout_and_help():
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 0
-    for command in ("build-anchors", "build-index", "text-to-image", "image-to-caption", "image-to-image", "text-to-caption",
-                    "info", "list-encoders"):
+    for command in (
+        "build-anchors",
+        "build-index",
+        "text-to-image",
+        "image-to-caption",
+        "image-to-image",
+        "text-to-caption",
+        "info",
+        "list-encoders",
+    ):
         assert command in result.stdout

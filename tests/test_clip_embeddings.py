@@ -63,12 +63,18 @@ def _parts(photos: list[tuple[Path, str]], encoder) -> list[dict]:
     text = encoder.encode_texts([caption for _, caption in photos])
     paths = [str(path) for path, _ in photos]
     paths[-1] = None
-    meta = {"image_path": paths, "caption": [caption for _, caption in photos],
-            "url": [f"http://127.0.0.1:8000/{path.name}" for path, _ in photos], "key": [f"{n:09d}" for n in range(len(photos))],
-            "width": [640] * len(photos)}
+    meta = {
+        "image_path": paths,
+        "caption": [caption for _, caption in photos],
+        "url": [f"http://127.0.0.1:8000/{path.name}" for path, _ in photos],
+        "key": [f"{n:09d}" for n in range(len(photos))],
+        "width": [640] * len(photos),
+    }
     half = len(photos) // 2
-    return [{"image": image[s], "text": text[s], "metadata": {k: v[s] for k, v in meta.items()}}
-            for s in (slice(0, half), slice(half, None))]
+    return [
+        {"image": image[s], "text": text[s], "metadata": {k: v[s] for k, v in meta.items()}}
+        for s in (slice(0, half), slice(half, None))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +85,9 @@ def folder(tmp_path_factory, tiny_clip_dir):
 
 
 def _options(tiny_clip_dir, **more) -> EmbeddingsOptions:
-    return EmbeddingsOptions(encoder="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu", progress=False, **more)
+    return EmbeddingsOptions(
+        encoder="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu", progress=False, **more
+    )
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
@@ -89,7 +97,9 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
 def test_builds_from_the_vectors_and_keeps_the_metadata(folder, tiny_clip_dir, tmp_path):
     root, photos = folder
     index = build_index_from_embeddings(root, tmp_path / "index", _options(tiny_clip_dir))
-    assert index.manifest["counts"] == {"image": 6, "caption": 6} and index.manifest["sources"]["embeddings"] == [str(root)]
+    assert index.manifest["counts"] == {"image": 6, "caption": 6} and index.manifest["sources"]["embeddings"] == [
+        str(root)
+    ]
     uris = index.items("image")["uri"]
     assert uris[:5] == [str(path) for path, _ in photos[:5]] and uris[5] == f"http://127.0.0.1:8000/{photos[5][0].name}"
     vectors = np.concatenate([np.load(root / "img_emb" / f"img_emb_{n}.npy") for n in (0, 1)]).astype(np.float32)
@@ -101,7 +111,11 @@ def test_builds_from_the_vectors_and_keeps_the_metadata(folder, tiny_clip_dir, t
     for hit in hits:
         assert hit.metadata["url"].endswith(Path(hit.uri).name) and hit.metadata["width"] == 640 and hit.width == 640
     captions = index.text_to_caption(photos[2][1], k=1)[0]
-    assert captions.caption == photos[2][1] and captions.image_uri == str(photos[2][0]) and captions.metadata["key"] == "000000002"
+    assert (
+        captions.caption == photos[2][1]
+        and captions.image_uri == str(photos[2][0])
+        and captions.metadata["key"] == "000000002"
+    )
     # a caption's pairing holds for a url-only image too
     by_url = index.text_to_caption(photos[5][1], k=1)[0]
     assert by_url.image_uri == uris[5]
@@ -112,15 +126,44 @@ def test_builds_from_the_vectors_and_keeps_the_metadata(folder, tiny_clip_dir, t
 def test_cli_build_and_json_query(folder, tiny_clip_dir, tmp_path):
     root, photos = folder
     runner = CliRunner()
-    result = runner.invoke(main, ["build-index", "--embeddings", str(root), "--encoder", "open_clip:tiny", "--checkpoint",
-                                  str(tiny_clip_dir), "--index", str(tmp_path / "cli"), "--device", "cpu", "--quiet"])
+    result = runner.invoke(
+        main,
+        [
+            "build-index",
+            "--embeddings",
+            str(root),
+            "--encoder",
+            "open_clip:tiny",
+            "--checkpoint",
+            str(tiny_clip_dir),
+            "--index",
+            str(tmp_path / "cli"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "indexed 6 images and 6 captions" in result.output and "nothing encoded" in result.output
-    result = runner.invoke(main, ["text-to-image", "a dog", "--index", str(tmp_path / "cli"), "--json", "-k", "6", "--device", "cpu"])
+    result = runner.invoke(
+        main, ["text-to-image", "a dog", "--index", str(tmp_path / "cli"), "--json", "-k", "6", "--device", "cpu"]
+    )
     rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert sorted(row["metadata"]["key"] for row in rows) == [f"{n:09d}" for n in range(6)]
-    mixed = runner.invoke(main, ["build-index", "--embeddings", str(root), "--images", str(root), "--encoder", "open_clip:tiny",
-                                 "--index", str(tmp_path / "mixed")])
+    mixed = runner.invoke(
+        main,
+        [
+            "build-index",
+            "--embeddings",
+            str(root),
+            "--images",
+            str(root),
+            "--encoder",
+            "open_clip:tiny",
+            "--index",
+            str(tmp_path / "mixed"),
+        ],
+    )
     assert mixed.exit_code == 2 and "--embeddings builds from the embedding folder alone" in mixed.output
     nothing = runner.invoke(main, ["build-index", "--embeddings", str(root), "--index", str(tmp_path / "none")])
     assert nothing.exit_code == 2 and "--embeddings needs --encoder" in nothing.output
@@ -148,9 +191,20 @@ def test_embeddings_of_another_model_are_refused(tmp_path, tiny_clip_dir):
     with pytest.raises(EncoderMismatchError, match="these embeddings were not made with open_clip:tiny"):
         build_index_from_embeddings(root, tmp_path / "index", _options(tiny_clip_dir))
     assert not (tmp_path / "index" / "manifest.json").exists()
-    short = write_inference_output(tmp_path / "short", [{"image": np.ones((2, 16), np.float32), "text": np.ones((2, 16), np.float32),
-                                                         "metadata": {"image_path": ["a.jpg", "b.jpg"], "caption": ["a", "b"]}}])
-    with pytest.raises(EncoderMismatchError, match=r"img_emb_0.npy: image vectors of dimension 16, but open_clip:tiny makes vectors of dimension 32"):
+    short = write_inference_output(
+        tmp_path / "short",
+        [
+            {
+                "image": np.ones((2, 16), np.float32),
+                "text": np.ones((2, 16), np.float32),
+                "metadata": {"image_path": ["a.jpg", "b.jpg"], "caption": ["a", "b"]},
+            }
+        ],
+    )
+    with pytest.raises(
+        EncoderMismatchError,
+        match=r"img_emb_0.npy: image vectors of dimension 16, but open_clip:tiny makes vectors of dimension 32",
+    ):
         build_index_from_embeddings(short, tmp_path / "index", _options(tiny_clip_dir))
 
 
@@ -197,8 +251,16 @@ def _break_zero_vector(root: Path) -> str:
     return r"text_emb_0.npy: row 1 is a zero vector"
 
 
-BREAKAGES = [_break_rows, _break_missing, _break_dtype, _break_shape, _break_pickle, _break_truncated_parquet,
-             _break_orphan_shard, _break_zero_vector]
+BREAKAGES = [
+    _break_rows,
+    _break_missing,
+    _break_dtype,
+    _break_shape,
+    _break_pickle,
+    _break_truncated_parquet,
+    _break_orphan_shard,
+    _break_zero_vector,
+]
 
 
 @pytest.mark.parametrize("breakage", BREAKAGES, ids=lambda f: f.__name__[7:])
@@ -208,8 +270,23 @@ def test_bad_folders_stop_with_one_line_and_the_old_index_survives(folder, tiny_
     before = build_index_from_embeddings(root, target, _options(tiny_clip_dir)).text_to_image("a dog", k=3)
     broken = _copy(root, tmp_path)
     message = breakage(broken)
-    result = CliRunner().invoke(main, ["build-index", "--embeddings", str(broken), "--encoder", "open_clip:tiny", "--checkpoint",
-                                       str(tiny_clip_dir), "--index", str(target), "--device", "cpu", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "build-index",
+            "--embeddings",
+            str(broken),
+            "--encoder",
+            "open_clip:tiny",
+            "--checkpoint",
+            str(tiny_clip_dir),
+            "--index",
+            str(target),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert result.exit_code != 0
     error = result.output.strip().splitlines()[-1]
     assert error.startswith("Error: ") and len(result.output.strip().splitlines()) == 1, result.output

@@ -82,8 +82,14 @@ def test_a_fresh_process_loads_the_snapshot_without_open_clip(tmp_path, model_di
         heavy = sorted(m for m in ("open_clip", "torchvision", "transformers") if m in sys.modules)
         print(json.dumps({{"type": type(enc).__name__, "heavy": heavy, "vectors": vectors}}))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["type"] == "ClipSnapshotEncoder"
     assert answer["heavy"] == []
@@ -96,9 +102,13 @@ def test_a_rewritten_checkpoint_is_not_answered_from_the_old_snapshot(tmp_path, 
     from retrieval.api.engine import open_index
 
     index = tmp_path / "index"
-    build_index(images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"], index=index,
-                encoders=EncoderChoice(clip=SPEC, checkpoint=str(model_dir), device="cpu"),
-                embed=EmbedOptions(batch_size=4, workers=0, progress=False))
+    build_index(
+        images=[small_collection / "images"],
+        captions=[small_collection / "pairs.jsonl"],
+        index=index,
+        encoders=EncoderChoice(clip=SPEC, checkpoint=str(model_dir), device="cpu"),
+        embed=EmbedOptions(batch_size=4, workers=0, progress=False),
+    )
     snaps = tmp_path / "snaps"
     before = open_index(index, device="cpu", encoder_snapshots=snaps).text_to_image("a horse", k=3)
     again = open_index(index, device="cpu", encoder_snapshots=snaps)
@@ -130,9 +140,23 @@ def test_the_cli_answers_the_same_from_its_snapshot(tmp_path, tiny_clip_dir, sma
 
     index = str(tmp_path / "index")
     runner = CliRunner()
-    built = runner.invoke(main, ["build-index", "--images", str(small_collection / "images"), "--captions",
-                                 str(small_collection / "pairs.jsonl"), "--encoder", SPEC, "--checkpoint",
-                                 str(tiny_clip_dir), "--index", index, "--quiet"])
+    built = runner.invoke(
+        main,
+        [
+            "build-index",
+            "--images",
+            str(small_collection / "images"),
+            "--captions",
+            str(small_collection / "pairs.jsonl"),
+            "--encoder",
+            SPEC,
+            "--checkpoint",
+            str(tiny_clip_dir),
+            "--index",
+            index,
+            "--quiet",
+        ],
+    )
     assert built.exit_code == 0, built.output
     answers = []
     for _ in range(2):
@@ -151,11 +175,23 @@ def test_retrieval_info_opens_an_index_without_importing_torch(tmp_path, model_d
     from retrieval.api.build import build_index
 
     index = tmp_path / "index"
-    build_index(images=[small_collection / "images"], index=index, embed=EmbedOptions(batch_size=4, workers=0, progress=False),
-                encoders=EncoderChoice(clip=SPEC, checkpoint=str(model_dir), device="cpu"))
-    code = ("import sys; from retrieval.cli import main\n"
-            f"try:\n    main(['info', '--index', {str(index)!r}])\nexcept SystemExit:\n    pass\n"
-            "print('torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    build_index(
+        images=[small_collection / "images"],
+        index=index,
+        embed=EmbedOptions(batch_size=4, workers=0, progress=False),
+        encoders=EncoderChoice(clip=SPEC, checkpoint=str(model_dir), device="cpu"),
+    )
+    code = (
+        "import sys; from retrieval.cli import main\n"
+        f"try:\n    main(['info', '--index', {str(index)!r}])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.stdout.strip().splitlines()[-1] == "False", done.stdout[-500:]

@@ -481,7 +481,7 @@ def test_unknown_extension_and_missing_file(tmp_path: Path) -> None:
         ("blank.txt", "\n  \n"),
         ("e.csv", ""),
         ("header.csv", "caption\n"),
-        ("empty.csv", "caption\n \n\"\"\n"),
+        ("empty.csv", 'caption\n \n""\n'),
         ("bad.jsonl", "nope\n{\n"),
         ("e.jsonl", ""),
     ],
@@ -824,7 +824,9 @@ def test_undecodable_txt_and_jsonl_lines_are_skipped(tmp_path: Path) -> None:
     txt = tmp_path / "c.txt"
     txt.write_bytes(b"\n".join(lines) + b"\n")
     cf = read_caption_file(txt)
-    assert len(cf.records) == 299 and [(e.row, e.line, e.byte) for e in cf.errors] == [(151, 151, txt.read_bytes().index(b"\xe9"))]
+    assert len(cf.records) == 299 and [(e.row, e.line, e.byte) for e in cf.errors] == [
+        (151, 151, txt.read_bytes().index(b"\xe9"))
+    ]
     rows = [json.dumps({"caption": f"c {i}"}).encode() for i in range(300)]
     rows[7] = b'{"caption": "caf\xe9"}'
     jsonl = tmp_path / "c.jsonl"

@@ -71,13 +71,22 @@ READER_PROCESS = textwrap.dedent(
 
 def test_readers_see_one_consistent_build_while_a_writer_rebuilds(tmp_path, tiny_clip_dir, small_collection):
     index = tmp_path / "index"
-    first = retrieval.build_index(images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"],
-                                  index=index, encoders=_clip(tiny_clip_dir), embed=QUIET)
+    first = retrieval.build_index(
+        images=[small_collection / "images"],
+        captions=[small_collection / "pairs.jsonl"],
+        index=index,
+        encoders=_clip(tiny_clip_dir),
+        embed=QUIET,
+    )
     query = first.text_encoder.encode_texts(["a plate of food"])
     early = retrieval.open_index(index, device=TEST_DEVICE)  # opened now, read only after every rebuild below
     stop = tmp_path / "stop"
-    reader = subprocess.Popen([sys.executable, "-c", READER_PROCESS, str(index), str(stop), str(ROOT / "tests")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER_PROCESS, str(index), str(stop), str(ROOT / "tests")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert reader.stdout.readline().strip() == "ready", reader.stderr.read()[-2000:]
     failures: list[str] = []
     seen: list[str] = []
@@ -98,8 +107,9 @@ def test_readers_see_one_consistent_build_while_a_writer_rebuilds(tmp_path, tiny
             for round_ in range(4):
                 images = [small_collection / "images"] if round_ % 2 else []
                 captions = [small_collection / ("pairs.jsonl" if round_ % 2 else "captions.txt")]
-                retrieval.build_index(images=images, captions=captions, index=index, encoders=_clip(tiny_clip_dir),
-                                      embed=QUIET)
+                retrieval.build_index(
+                    images=images, captions=captions, index=index, encoders=_clip(tiny_clip_dir), embed=QUIET
+                )
     finally:
         done.set()
         stop.write_text("")
@@ -125,13 +135,15 @@ def test_readers_see_one_consistent_build_while_a_writer_rebuilds(tmp_path, tiny
 
 def test_a_second_writer_fails_at_once_naming_the_first(tmp_path, tiny_clip_dir, small_collection):
     index = tmp_path / "index"
-    retrieval.build_index(captions=[small_collection / "captions.txt"], index=index, encoders=_clip(tiny_clip_dir),
-                          embed=QUIET)
+    retrieval.build_index(
+        captions=[small_collection / "captions.txt"], index=index, encoders=_clip(tiny_clip_dir), embed=QUIET
+    )
     with writer_lock(index):
         started = time.monotonic()
         with pytest.raises(IndexLockedError, match=rf"index is locked by another build \(pid {os.getpid()}\)"):
-            retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=index,
-                                  encoders=_clip(tiny_clip_dir), embed=QUIET)
+            retrieval.build_index(
+                captions=[small_collection / "pairs.jsonl"], index=index, encoders=_clip(tiny_clip_dir), embed=QUIET
+            )
         assert time.monotonic() - started < 2
         with pytest.raises(IndexLockedError):
             retrieval.build_anchors([small_collection / "pairs.jsonl"], index, "efficientnet-lite0", "minilm")
@@ -139,9 +151,22 @@ def test_a_second_writer_fails_at_once_naming_the_first(tmp_path, tiny_clip_dir,
         assert retrieval.open_index(index).manifest["counts"]["caption"] == 2
         # the command line: exit code 6 and one line
         result = subprocess.run(
-            [sys.executable, str(ROOT / "cli.py"), "build-index", "--index", str(index), "--captions",
-             str(small_collection / "captions.txt"), "--encoder", "open_clip:tiny", "--checkpoint", str(tiny_clip_dir)],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                str(ROOT / "cli.py"),
+                "build-index",
+                "--index",
+                str(index),
+                "--captions",
+                str(small_collection / "captions.txt"),
+                "--encoder",
+                "open_clip:tiny",
+                "--checkpoint",
+                str(tiny_clip_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == IndexLockedError.exit_code == 6
         assert f"index is locked by another build (pid {os.getpid()})" in result.stderr
@@ -158,8 +183,9 @@ def test_two_builds_started_together_one_wins_one_is_refused(tmp_path, tiny_clip
     def build(slot: int) -> None:
         barrier.wait()
         try:
-            outcomes[slot] = retrieval.build_index(images=[small_collection / "images"], index=index,
-                                                   encoders=_clip(tiny_clip_dir), embed=QUIET)
+            outcomes[slot] = retrieval.build_index(
+                images=[small_collection / "images"], index=index, encoders=_clip(tiny_clip_dir), embed=QUIET
+            )
         except Exception as e:  # noqa: BLE001
             outcomes[slot] = e
 
@@ -207,10 +233,16 @@ def test_a_killed_writer_leaves_no_stuck_lock(tmp_path):
     index = tmp_path / "index"
     index.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from retrieval.store.locking import WriterLock; lock = WriterLock(sys.argv[1]); "
-         "print('locked', flush=True); time.sleep(120)", str(index)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from retrieval.store.locking import WriterLock; lock = WriterLock(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(120)",
+            str(index),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -233,12 +265,14 @@ def test_a_failed_build_releases_the_lock(tmp_path, tiny_clip_dir, small_collect
 
     monkeypatch.setattr(build_module, "embed_images", dies)
     with pytest.raises(RuntimeError, match="blew up"):
-        retrieval.build_index(images=[small_collection / "images"], index=tmp_path / "i",
-                              encoders=_clip(tiny_clip_dir), embed=QUIET)
+        retrieval.build_index(
+            images=[small_collection / "images"], index=tmp_path / "i", encoders=_clip(tiny_clip_dir), embed=QUIET
+        )
     assert not (tmp_path / "i").exists()  # nothing was written: the directory made for the lock is gone
     monkeypatch.undo()
-    retrieval.build_index(captions=[small_collection / "captions.txt"], index=tmp_path / "i",
-                          encoders=_clip(tiny_clip_dir), embed=QUIET)
+    retrieval.build_index(
+        captions=[small_collection / "captions.txt"], index=tmp_path / "i", encoders=_clip(tiny_clip_dir), embed=QUIET
+    )
 
 
 def test_a_sparse_file_deleted_while_it_loads_is_read_from_its_pinned_descriptor(tmp_path):
@@ -280,10 +314,12 @@ def test_a_reader_keeps_its_snapshot_after_the_files_are_deleted(tmp_path):
         writer = StoreWriter(tmp_path, kind="index")
         vectors = np.full((3, 4), value, np.float32)
         rows = sp.csr_matrix(np.full((3, 2), value, np.float32))
-        files = {"vectors": writer.write_vectors("clip", "image", vectors),
-                 "items": writer.write_table("images", pa.table({"v": [value] * 3})),
-                 "faiss": writer.write_faiss("clip-image", build_vector_index(vectors)),
-                 "relative": writer.write_sparse("image", SparseRelativeIndex(rows))}
+        files = {
+            "vectors": writer.write_vectors("clip", "image", vectors),
+            "items": writer.write_table("images", pa.table({"v": [value] * 3})),
+            "faiss": writer.write_faiss("clip-image", build_vector_index(vectors)),
+            "relative": writer.write_sparse("image", SparseRelativeIndex(rows)),
+        }
         writer.commit({"files": files}, [{"value": value}])
 
     commit(0.5)
@@ -319,12 +355,15 @@ def _answers(index: retrieval.Index, photos: list[Path]) -> dict[str, tuple]:
         "image_to_image": lambda route: index.images_to_images(photos, k=3, exclude_self=True, route=route),
         "text_to_caption": lambda route: index.texts_to_captions(TEXTS, k=3, route=route),
     }
-    return {f"{query}/{route}": _hits(call(route)) for query, call in calls.items() for route in index.routes_for(query)}
+    return {
+        f"{query}/{route}": _hits(call(route)) for query, call in calls.items() for route in index.routes_for(query)
+    }
 
 
 def _same(got: dict[str, tuple], want: dict[str, tuple]) -> bool:
     return got.keys() == want.keys() and all(
-        got[key][0] == want[key][0] and np.allclose(got[key][1], want[key][1], atol=1e-5) for key in want)
+        got[key][0] == want[key][0] and np.allclose(got[key][1], want[key][1], atol=1e-5) for key in want
+    )
 
 
 def _count_loads(monkeypatch, counts: dict[tuple, int], guard: threading.Lock) -> None:
@@ -336,11 +375,15 @@ def _count_loads(monkeypatch, counts: dict[tuple, int], guard: threading.Lock) -
     def counted(name: str, load, first: int = 1):
         def wrapper(*args, **kwargs):
             if threading.current_thread().name.startswith("query-"):
-                key = (name, *(str(a) for a in args[first : first + 1]))  # the file read (a method's args[0] is the reader)
+                key = (
+                    name,
+                    *(str(a) for a in args[first : first + 1]),
+                )  # the file read (a method's args[0] is the reader)
                 with guard:
                     counts[key] = counts.get(key, 0) + 1
                 time.sleep(0.02)
             return load(*args, **kwargs)
+
         return wrapper
 
     for method in ("read_faiss", "vector_source", "read_table", "read_array"):
@@ -351,7 +394,8 @@ def _count_loads(monkeypatch, counts: dict[tuple, int], guard: threading.Lock) -
 
 @pytest.mark.parametrize("mode", ["clip", "asif"])
 def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_grown(
-        mode, tmp_path, request, small_collection, monkeypatch):
+    mode, tmp_path, request, small_collection, monkeypatch
+):
     """16 threads query one cold Index on every route while another thread reopens the path and an add commits."""
     from retrieval.api.update import add_to_index
 
@@ -359,9 +403,18 @@ def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_
     if mode == "clip":
         encoders, anchors = _clip(request.getfixturevalue("tiny_clip_dir")), None
     else:
-        encoders, anchors = EncoderChoice(image="efficientnet-lite0", text="minilm", device=TEST_DEVICE), "builtin:imagenet"
-    retrieval.build_index(images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"], index=path,
-                          encoders=encoders, anchors=anchors, embed=QUIET)
+        encoders, anchors = (
+            EncoderChoice(image="efficientnet-lite0", text="minilm", device=TEST_DEVICE),
+            "builtin:imagenet",
+        )
+    retrieval.build_index(
+        images=[small_collection / "images"],
+        captions=[small_collection / "pairs.jsonl"],
+        index=path,
+        encoders=encoders,
+        anchors=anchors,
+        embed=QUIET,
+    )
     photos = sorted((small_collection / "images").glob("0*.jpg"))[: 2 if mode == "clip" else 1]
     reference = _answers(retrieval.open_index(path, device=TEST_DEVICE), photos)
     first_build = retrieval.open_index(path).manifest["build_id"]
@@ -400,7 +453,10 @@ def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_
             failures.append(f"add: {type(e).__name__}: {e}")
         grown.set()
 
-    threads = [threading.Thread(target=query, args=(3 if mode == "clip" else 1,), name=f"query-{n}") for n in range(QUERY_THREADS)]
+    threads = [
+        threading.Thread(target=query, args=(3 if mode == "clip" else 1,), name=f"query-{n}")
+        for n in range(QUERY_THREADS)
+    ]
     threads.append(threading.Thread(target=reopen, name="reopen"))
     for thread in threads:
         thread.start()
@@ -411,8 +467,12 @@ def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_
         queries_done.set()
         threads[-1].join()
     assert not failures, failures[:5]
-    assert counts and set(counts.values()) == {1}, {key: n for key, n in counts.items() if n != 1}  # every part loaded once
-    assert {key[0] for key in counts} >= {"encoders", "read_faiss", "read_table"} | ({"relative"} if mode == "asif" else set())
+    assert counts and set(counts.values()) == {1}, {
+        key: n for key, n in counts.items() if n != 1
+    }  # every part loaded once
+    assert {key[0] for key in counts} >= {"encoders", "read_faiss", "read_table"} | (
+        {"relative"} if mode == "asif" else set()
+    )
     final = retrieval.open_index(path, device=TEST_DEVICE)
     assert final.manifest["build_id"] != first_build and final.manifest["counts"]["caption"] == 32
     expected = {first_build: reference, final.manifest["build_id"]: _answers(final, photos)}

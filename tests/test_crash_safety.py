@@ -40,7 +40,7 @@ from retrieval.store.locking import writer_lock
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ["a plate of food", "a man riding a horse", "people at a table"]
 
-BOOTSTRAP = r'''
+BOOTSTRAP = r"""
 import os, signal, sys, runpy
 root = os.path.realpath(os.environ["CRASHPOINT_DIR"])
 log = os.environ["CRASHPOINT_LOG"]
@@ -76,13 +76,29 @@ def unlink(path, *args, **kwargs):
 os.replace, os.unlink, os.remove = replace, unlink, unlink
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
-'''
+"""
 
 
 def _cli(index: Path, tiny_clip_dir: Path, images: Path | None, captions: Path) -> list[str]:
-    args = [str(ROOT / "cli.py"), "build-index", "--index", str(index), "--encoder", "open_clip:tiny",
-            "--checkpoint", str(tiny_clip_dir), "--device", "cpu", "--quiet", "--workers", "0", "--batch-size", "2",
-            "--captions", str(captions)]
+    args = [
+        str(ROOT / "cli.py"),
+        "build-index",
+        "--index",
+        str(index),
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        str(tiny_clip_dir),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--captions",
+        str(captions),
+    ]
     return args + (["--images", str(images)] if images else [])
 
 
@@ -145,10 +161,13 @@ def big_collection(tmp_path_factory) -> Path:
 
 def test_sigkill_at_every_commit_step_and_mid_embedding(tmp_path, tiny_clip_dir, small_collection, big_collection):
     index = tmp_path / "index"
-    snapshots = Snapshots(tiny_clip_dir, small_collection / "images" / sorted(
-        p.name for p in (small_collection / "images").glob("0*.jpg"))[0])
+    snapshots = Snapshots(
+        tiny_clip_dir,
+        small_collection / "images" / sorted(p.name for p in (small_collection / "images").glob("0*.jpg"))[0],
+    )
     retrieval.build_index(
-        captions=[small_collection / "pairs.jsonl"], index=index,
+        captions=[small_collection / "pairs.jsonl"],
+        index=index,
         encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
         embed=EmbedOptions(batch_size=2, workers=0, progress=False),
     )
@@ -177,8 +196,12 @@ def test_sigkill_at_every_commit_step_and_mid_embedding(tmp_path, tiny_clip_dir,
     points: list[tuple[str, str]] = []
     kill_at = None
     with hostile.time_limit(240, "the stopped build"):
-        child = subprocess.Popen([sys.executable, str(boot)] + rebuild, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=open(tmp_path / "child.err", "wb"))
+        child = subprocess.Popen(
+            [sys.executable, str(boot)] + rebuild,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "child.err", "wb"),
+        )
         while True:
             _, status = os.waitpid(child.pid, os.WUNTRACED)
             if not os.WIFSTOPPED(status):
@@ -210,16 +233,20 @@ def test_sigkill_at_every_commit_step_and_mid_embedding(tmp_path, tiny_clip_dir,
     old = snapshots.take(index)
     log.write_text("")
     with hostile.time_limit(240, "the second stopped build"):
-        child = subprocess.Popen([sys.executable, str(boot)] + rebuild, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+        child = subprocess.Popen(
+            [sys.executable, str(boot)] + rebuild, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         old_errors = (index / ERRORS_NAME).read_bytes()
         stop_before = rng.choice(["before-replace items/*-errors.jsonl", "before-replace manifest.json"])
         while True:
             _, status = os.waitpid(child.pid, os.WUNTRACED)
             assert os.WIFSTOPPED(status), "the build finished without reaching its commit"
             last = log.read_text().splitlines()[-1]
-            if last == stop_before or (stop_before.startswith("before-replace items/") and last.endswith("-errors.jsonl")
-                                       and last.startswith("before-replace items/")):
+            if last == stop_before or (
+                stop_before.startswith("before-replace items/")
+                and last.endswith("-errors.jsonl")
+                and last.startswith("before-replace items/")
+            ):
                 os.kill(child.pid, signal.SIGKILL)
                 os.kill(child.pid, signal.SIGCONT)
                 os.waitpid(child.pid, 0)
@@ -234,8 +261,13 @@ def test_sigkill_at_every_commit_step_and_mid_embedding(tmp_path, tiny_clip_dir,
     # 3. plain cli.py processes killed mid-embedding, after a seeded number of its 10 image batches
     outcomes = []
     for attempt, batches in enumerate(sorted(rng.sample(range(1, 11), 4))):
-        child = subprocess.Popen([sys.executable] + rebuild, env=_child_env() | {PAUSE_ENV: str(batches)},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable] + rebuild,
+            env=_child_env() | {PAUSE_ENV: str(batches)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         _, status = os.waitpid(child.pid, os.WUNTRACED)
         assert os.WIFSTOPPED(status), f"attempt {attempt}: the build ended before its batch {batches}"
         os.killpg(child.pid, signal.SIGKILL)
@@ -260,7 +292,8 @@ def test_sigkill_at_every_commit_step_and_mid_embedding(tmp_path, tiny_clip_dir,
 
 def _rebuild_small(index: Path, tiny_clip_dir: Path, small_collection: Path) -> None:
     retrieval.build_index(
-        captions=[small_collection / "pairs.jsonl"], index=index,
+        captions=[small_collection / "pairs.jsonl"],
+        index=index,
         encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
         embed=EmbedOptions(batch_size=2, workers=0, progress=False),
     )
@@ -278,7 +311,8 @@ def test_leftovers_of_a_killed_first_build_do_not_block_the_rerun(tmp_path, tiny
     with pytest.raises(retrieval.IndexFormatError, match="no manifest"):
         retrieval.open_index(index)
     built = retrieval.build_index(
-        captions=[small_collection / "captions.txt"], index=index,
+        captions=[small_collection / "captions.txt"],
+        index=index,
         encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
         embed=EmbedOptions(batch_size=4, workers=0, progress=False),
     )
@@ -307,8 +341,12 @@ def _stop_at_every_point(command: list[str], index: Path, tmp_path: Path, check)
     env = _child_env() | {"CRASHPOINT_DIR": str(index), "CRASHPOINT_LOG": str(log)}
     points = []
     with hostile.time_limit(240, "the stopped update"):
-        child = subprocess.Popen([sys.executable, str(boot), str(ROOT / "cli.py")] + command, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "update.err", "wb"))
+        child = subprocess.Popen(
+            [sys.executable, str(boot), str(ROOT / "cli.py")] + command,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "update.err", "wb"),
+        )
         while True:
             _, status = os.waitpid(child.pid, os.WUNTRACED)
             if not os.WIFSTOPPED(status):
@@ -325,24 +363,37 @@ def test_add_and_remove_are_atomic_at_every_commit_step(tmp_path, tiny_clip_dir,
     """Readers see the old state or the new one at every instant an add or a remove could be killed."""
     index = tmp_path / "index"
     retrieval.build_index(
-        captions=[small_collection / "pairs.jsonl"], index=index,
+        captions=[small_collection / "pairs.jsonl"],
+        index=index,
         encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
         embed=EmbedOptions(batch_size=2, workers=0, progress=False),
     )
-    snapshots = Snapshots(tiny_clip_dir, small_collection / "images" / sorted(
-        p.name for p in (small_collection / "images").glob("0*.jpg"))[0])
+    snapshots = Snapshots(
+        tiny_clip_dir,
+        small_collection / "images" / sorted(p.name for p in (small_collection / "images").glob("0*.jpg"))[0],
+    )
 
     def state(path: Path) -> dict:
         opened = retrieval.open_index(path, device="cpu")
         ids = {kind: opened.items(kind)["id"] for kind in ("image", "caption")}
         _, images = opened.search_vectors("image", snapshots.text_queries, "text", 5)
         _, captions = opened.search_vectors("caption", snapshots.image_query, "image", 5)
-        return {"build_id": opened.manifest["build_id"], "counts": opened.manifest["counts"],
-                "t2i": [[ids["image"][p] for p in row] for row in images], "i2c": [ids["caption"][p] for p in captions[0]]}
+        return {
+            "build_id": opened.manifest["build_id"],
+            "counts": opened.manifest["counts"],
+            "t2i": [[ids["image"][p] for p in row] for row in images],
+            "i2c": [ids["caption"][p] for p in captions[0]],
+        }
 
     for command, expected_counts in (
-        (["add", "--index", str(index), "--captions", str(big_collection / "pairs.jsonl"), "-q", "--workers", "0"], {"image": 26, "caption": 130}),
-        (["remove", "--index", str(index), "--path", str(small_collection / "pairs.jsonl")], {"image": 26, "caption": 100}),
+        (
+            ["add", "--index", str(index), "--captions", str(big_collection / "pairs.jsonl"), "-q", "--workers", "0"],
+            {"image": 26, "caption": 130},
+        ),
+        (
+            ["remove", "--index", str(index), "--path", str(small_collection / "pairs.jsonl")],
+            {"image": 26, "caption": 100},
+        ),
     ):
         old = state(index)
         seen: dict = {}
@@ -367,7 +418,7 @@ def test_add_and_remove_are_atomic_at_every_commit_step(tmp_path, tiny_clip_dir,
         assert files == set(final["checksums"]) | {"manifest.json", "errors.jsonl"}, sorted(files)
 
 
-ERRORS_KILL = r'''
+ERRORS_KILL = r"""
 import os, sys
 import retrieval.store.writer as writer
 
@@ -381,7 +432,7 @@ def killed(*args, **kwargs):
 
 writer.write_json_atomic = killed  # the manifest commit
 writer.StoreWriter(root, kind="index").commit({"files": {}}, errors=[{"path": "b.jpg", "reason": "second build"}])
-'''
+"""
 
 
 def _committed_errors(root: Path) -> bytes:

@@ -61,8 +61,13 @@ def planted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dup_index(tmp_path_factory, planted, anchor_dir):  # noqa: F811
-    return retrieval.build_index(images=[planted[0]], index=tmp_path_factory.mktemp("dups") / "i",
-                                 encoders=UNIMODAL, anchors=anchor_dir, embed=QUIET)
+    return retrieval.build_index(
+        images=[planted[0]],
+        index=tmp_path_factory.mktemp("dups") / "i",
+        encoders=UNIMODAL,
+        anchors=anchor_dir,
+        embed=QUIET,
+    )
 
 
 def name(uri: str) -> str:
@@ -76,7 +81,9 @@ def test_every_planted_copy_is_found_and_no_false_group(dup_index, planted):
     assert found == {frozenset({copy, original}) for copy, (original, _) in copies.items()}
     for group in groups:
         [duplicate] = group.duplicates
-        original, kind = copies[name(duplicate.uri)] if name(duplicate.uri) in copies else copies[name(group.keeper.uri)]
+        original, kind = (
+            copies[name(duplicate.uri)] if name(duplicate.uri) in copies else copies[name(group.keeper.uri)]
+        )
         if kind in ("half", "crop"):  # the keeper has the most pixels: the original
             assert name(group.keeper.uri) == original and duplicate.width < group.keeper.width
         else:  # the same size: the earliest added
@@ -90,7 +97,10 @@ def test_every_planted_copy_is_found_and_no_false_group(dup_index, planted):
     among = vectors[originals] @ vectors[originals].T
     np.fill_diagonal(among, -1)
     planted_sims = [float(vectors[uris.index(c)] @ vectors[uris.index(o)]) for c, (o, _) in copies.items()]
-    assert among.max() < DEFAULT_THRESHOLD - 0.1 and min(planted_sims) >= DEFAULT_THRESHOLD + 0.05, (among.max(), min(planted_sims))
+    assert among.max() < DEFAULT_THRESHOLD - 0.1 and min(planted_sims) >= DEFAULT_THRESHOLD + 0.05, (
+        among.max(),
+        min(planted_sims),
+    )
 
 
 def test_dedup_collapses_query_results_and_still_returns_k(dup_index, planted):
@@ -118,9 +128,13 @@ def test_the_http_deduplicate_flag_uses_the_same_rule(dup_index, planted):
     positions = [dup_index.items("image")["id"].index(h.id) for h in hits]
     found = [Found(position=p, score=h.score) for p, h in zip(positions, hits)]
     kept = deduplicated(Snapshot("x", dup_index), "image", found)
-    assert [f.position for f in kept] == [positions[i] for i in distinct(dup_index, "image", positions, DUPLICATE_SIMILARITY)]
+    assert [f.position for f in kept] == [
+        positions[i] for i in distinct(dup_index, "image", positions, DUPLICATE_SIMILARITY)
+    ]
     assert closest.duplicates[0].position not in [f.position for f in kept]
-    vectors = dup_index.store.read_vectors(dup_index.manifest["files"]["vectors"]["image/image"]).astype(np.float64)[positions]
+    vectors = dup_index.store.read_vectors(dup_index.manifest["files"]["vectors"]["image/image"]).astype(np.float64)[
+        positions
+    ]
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     expected: list[int] = []  # the rule by hand: keep a hit unless a kept, better one is within the threshold
     for row in range(len(positions)):
@@ -139,7 +153,17 @@ def test_cli_dedup_and_query_flag(dup_index, planted):
     result = runner.invoke(main, ["dedup", "--index", str(dup_index.path), "--threshold", "0.999"])
     assert result.exit_code == 0 and "0 groups" in result.output
     copy, (original, _) = next((c, v) for c, v in copies.items() if v[1] == "crop")
-    args = ["image-to-image", str(folder / original), "--index", str(dup_index.path), "--json", "-k", "3", "--device", "cpu"]
+    args = [
+        "image-to-image",
+        str(folder / original),
+        "--index",
+        str(dup_index.path),
+        "--json",
+        "-k",
+        "3",
+        "--device",
+        "cpu",
+    ]
     plain = [name(json.loads(line)["uri"]) for line in runner.invoke(main, args).stdout.splitlines()]
     result = runner.invoke(main, [*args, "--dedup"])
     assert result.exit_code == 0, result.output
@@ -154,18 +178,26 @@ def test_a_removed_copy_leaves_its_group(tmp_path, dup_index, planted):
     gone = next(i for i, u in zip(dup_index.items("image")["id"], dup_index.items("image")["uri"]) if name(u) == copy)
     retrieval.remove_from_index(tmp_path / "i", ids=[gone])
     groups = retrieval.open_index(tmp_path / "i", device="cpu").duplicates()
-    assert len(groups) == 29 and all(copy not in {name(g.keeper.uri), *(name(d.uri) for d in g.duplicates)} for g in groups)
+    assert len(groups) == 29 and all(
+        copy not in {name(g.keeper.uri), *(name(d.uri) for d in g.duplicates)} for g in groups
+    )
 
 
 def test_vector_level_rules_against_brute_force():
     rng = np.random.default_rng(0)
     base = rng.normal(size=(40, 16)).astype(np.float32)
-    vectors = np.vstack([base, base[:10] + 0.05 * rng.normal(size=(10, 16)).astype(np.float32), base[3:4]])  # near and exact copies
+    vectors = np.vstack(
+        [base, base[:10] + 0.05 * rng.normal(size=(10, 16)).astype(np.float32), base[3:4]]
+    )  # near and exact copies
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     sims = unit @ unit.T
     for threshold in (0.9, 0.99):
-        pairs = near_duplicate_pairs(lambda a, b: vectors[a:b], len(vectors), threshold, block=7)  # blocks across the copies
-        expected = {(i, j) for i in range(len(vectors)) for j in range(i + 1, len(vectors)) if sims[i, j] >= threshold - 1e-6}
+        pairs = near_duplicate_pairs(
+            lambda a, b: vectors[a:b], len(vectors), threshold, block=7
+        )  # blocks across the copies
+        expected = {
+            (i, j) for i in range(len(vectors)) for j in range(i + 1, len(vectors)) if sims[i, j] >= threshold - 1e-6
+        }
         assert {tuple(p) for p in pairs.tolist()} == expected
     assert groups_of(np.array([[0, 5], [5, 9], [2, 3]]), 10) == [[0, 5, 9], [2, 3]]  # chains join
     kept = greedy_keep(vectors, 0.9)

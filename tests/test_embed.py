@@ -87,15 +87,22 @@ def test_items_read_through_an_opener_embed_like_files_in_every_mode(tiny, refs)
     blobs = {f"tar://batch-0.tar#{ref.path.name}": ref.path.read_bytes() for ref in refs}
     items = [ImageRef(uri=uri, opener=functools.partial(blobs.__getitem__, uri), source="batch-0.tar") for uri in blobs]
     assert refs[3].path.name == "truncated.jpg"  # in its place (the same batches: int8 layers scale per batch)
-    items[3] = ImageRef(uri="tar://batch-0.tar#missing.jpg", opener=functools.partial(blobs.__getitem__, "nope"), source="batch-0.tar")
+    items[3] = ImageRef(
+        uri="tar://batch-0.tar#missing.jpg", opener=functools.partial(blobs.__getitem__, "nope"), source="batch-0.tar"
+    )
     from_files = embed_images(refs, tiny, EmbedOptions(batch_size=3, workers=0, progress=False))
-    modes = [EmbedOptions(batch_size=3, workers=0, progress=False), EmbedOptions(batch_size=3, workers=2, replicas=False, progress=False)]
+    modes = [
+        EmbedOptions(batch_size=3, workers=0, progress=False),
+        EmbedOptions(batch_size=3, workers=2, replicas=False, progress=False),
+    ]
     if LINUX:
         modes.append(EmbedOptions(batch_size=3, workers=2, replicas=True, progress=False))
     for options in modes:
         got = embed_images(items, tiny, options)
         assert [r.ref.location.rsplit("#", 1)[1] for r in got.rows] == [r.ref.path.name for r in from_files.rows]
-        assert [(r.width, r.height, r.sha256) for r in got.rows] == [(r.width, r.height, r.sha256) for r in from_files.rows]
+        assert [(r.width, r.height, r.sha256) for r in got.rows] == [
+            (r.width, r.height, r.sha256) for r in from_files.rows
+        ]
         np.testing.assert_allclose(got.vectors, from_files.vectors, rtol=0, atol=1e-6)
         reasons = {e.path: e.reason for e in got.errors}
         assert len(reasons) == 2 and reasons["tar://batch-0.tar#missing.jpg"].startswith("cannot read: KeyError")
@@ -177,9 +184,14 @@ class _ThreadProbe:
             limits = {info["internal_api"]: info["num_threads"] for info in threadpool_info()}
         except ImportError:
             pass
-        return {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
-                "env": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
-                "pools": limits}
+        return {
+            "torch": torch.get_num_threads(),
+            "interop": torch.get_num_interop_threads(),
+            "env": {
+                name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+            },
+            "pools": limits,
+        }
 
 
 @pytest.mark.parametrize("context", [None, "spawn"])
@@ -195,8 +207,9 @@ def test_every_worker_runs_single_threaded_and_the_parent_is_left_alone(context)
 
     env_before = {name: os.environ.get(name) for name in THREAD_ENV}
     threads_before, interop_before = torch.get_num_threads(), torch.get_num_interop_threads()
-    loader = DataLoader(_ThreadProbe(), batch_size=None, num_workers=2, worker_init_fn=WorkerInit(),
-                        multiprocessing_context=context)
+    loader = DataLoader(
+        _ThreadProbe(), batch_size=None, num_workers=2, worker_init_fn=WorkerInit(), multiprocessing_context=context
+    )
     for seen in loader:
         assert seen["torch"] == 1 and seen["interop"] == 1, seen
         assert set(seen["env"].values()) == {"1"}, seen

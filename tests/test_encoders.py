@@ -146,9 +146,7 @@ def test_minilm_matches_sentence_transformers(minilm):
 
     from retrieval.encoders.sentence_transformers import minilm_path
 
-    ref = SentenceTransformer(str(minilm_path()), device="cpu").encode(
-        TEXTS, normalize_embeddings=True
-    )
+    ref = SentenceTransformer(str(minilm_path()), device="cpu").encode(TEXTS, normalize_embeddings=True)
     cos = (minilm.encode_texts(TEXTS) * ref).sum(axis=1)
     assert (cos > 0.9999).all(), cos
 
@@ -200,7 +198,9 @@ def test_minilm_loads_without_sentence_transformers():
         "load_text_encoder('minilm', device='cpu').encode_texts(['a dog']); "
         "print(sorted(m for m in ('sentence_transformers', 'transformers', 'sklearn') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -270,9 +270,25 @@ def test_build_shows_our_caption_bar_only(tmp_path):
 
     photos = sorted(_need(COCO).glob("*.jpg"))[:2]
     (tmp_path / "captions.txt").write_text("\n".join(c.strip() or "x" for c in CAPTIONS) + "\n", encoding="utf-8")
-    args = ["build-index", "--images", str(photos[0]), "--images", str(photos[1]), "--captions", str(tmp_path / "captions.txt"),
-            "--index", str(tmp_path / "index"), "--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm",
-            "--anchors", "builtin:imagenet", "--device", "cpu"]
+    args = [
+        "build-index",
+        "--images",
+        str(photos[0]),
+        "--images",
+        str(photos[1]),
+        "--captions",
+        str(tmp_path / "captions.txt"),
+        "--index",
+        str(tmp_path / "index"),
+        "--image-encoder",
+        "efficientnet-lite0",
+        "--text-encoder",
+        "minilm",
+        "--anchors",
+        "builtin:imagenet",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "Batches" not in result.output and "captions" in result.stderr and "16/16" in result.stderr
@@ -291,9 +307,7 @@ def test_tiny_clip_dims_norms_determinism(tiny, photos):
     _assert_unit_rows(txt, 3, TINY_EMBED_DIM)
     np.testing.assert_array_equal(img, tiny.encode_images(photos))
     np.testing.assert_allclose(txt, tiny.encode_texts(TEXTS), atol=1e-6)
-    np.testing.assert_allclose(
-        tiny.encode_texts("a photo of a dog")[0], txt[0], atol=1e-6
-    )
+    np.testing.assert_allclose(tiny.encode_texts("a photo of a dog")[0], txt[0], atol=1e-6)
     assert tiny.encode_texts([]).shape == (0, TINY_EMBED_DIM)
     assert tiny.logit_scale > 0
 
@@ -343,9 +357,7 @@ def test_image_transform_is_picklable(name, request, photos):
 def test_efficientnet_transform_geometry(effnet, photos):
     x = effnet.image_transform()(photos[0])
     assert tuple(x.shape) == (3, 224, 224)
-    assert (
-        -1.0 <= float(x.min()) and float(x.max()) <= 1.0
-    )  # Normalize(mean=0.5, std=0.5)
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0  # Normalize(mean=0.5, std=0.5)
 
 
 # --- EfficientNet classifier anchors ---------------------------------------------------------
@@ -368,9 +380,7 @@ def test_efficientnet_classifier_anchors_share_feature_space(effnet):
     truth = np.array([int(r["class_index"]) for r in rows])
     assert (by_anchor == by_logits).mean() >= 0.8
     assert (by_anchor == truth).mean() >= 0.6
-    assert (
-        sum(names[i] == r["class_name"] for i, r in zip(truth, rows)) >= len(rows) - 1
-    )
+    assert sum(names[i] == r["class_name"] for i, r in zip(truth, rows)) >= len(rows) - 1
 
 
 # --- fingerprints ------------------------------------------------------------------------------
@@ -382,10 +392,7 @@ def test_fingerprints(effnet, minilm, tiny, tiny_dir, tmp_path):
         assert len(fp) == 16 and set(fp) <= set("0123456789abcdef"), fp  # 16 lowercase hex digits
         assert enc.fingerprint() == fp
     assert len({effnet.fingerprint(), minilm.fingerprint(), tiny.fingerprint()}) == 3
-    assert (
-        load_image_encoder("efficientnet-lite0", device="cpu").fingerprint()
-        == effnet.fingerprint()
-    )
+    assert load_image_encoder("efficientnet-lite0", device="cpu").fingerprint() == effnet.fingerprint()
     again = load_clip_encoder("open_clip:tiny", checkpoint=tiny_dir, device="cpu")
     assert again.fingerprint() == tiny.fingerprint()
     other = load_clip_encoder(
@@ -420,16 +427,12 @@ def test_tiny_clip_loads_through_every_entry_point(tiny, tiny_dir):
     from safetensors.torch import load_file
 
     as_image = load_image_encoder("open_clip:tiny", checkpoint=tiny_dir, device="cpu")
-    as_text = load_text_encoder(
-        "open_clip:tiny", checkpoint=str(tiny_dir), device="cpu"
-    )
+    as_text = load_text_encoder("open_clip:tiny", checkpoint=str(tiny_dir), device="cpu")
     by_dir = load_clip_encoder(f"open_clip:local-dir:{tiny_dir}", device="cpu")
     assert by_dir.spec == f"open_clip:local-dir:{tiny_dir.resolve()}"
     for enc in (as_image, as_text, by_dir):
         assert enc.dim == TINY_EMBED_DIM and enc.fingerprint() == tiny.fingerprint()
-    np.testing.assert_allclose(
-        by_dir.encode_texts(TEXTS), tiny.encode_texts(TEXTS), atol=1e-6
-    )
+    np.testing.assert_allclose(by_dir.encode_texts(TEXTS), tiny.encode_texts(TEXTS), atol=1e-6)
     # the weights really came from the file (not a fresh random init)
     saved = load_file(str(tiny_dir / "open_clip_model.safetensors"))
     live = tiny._model.state_dict()
@@ -445,14 +448,10 @@ def test_builtin_architecture_with_checkpoint_file(tmp_path):
         torch.manual_seed(0)
         model = open_clip.create_model("ViT-S-32-alt", pretrained=None)
     path = tmp_path / "weights.safetensors"
-    save_file(
-        {k: v.half().contiguous() for k, v in model.state_dict().items()}, str(path)
-    )
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(path))
     enc = load_clip_encoder("open_clip:ViT-S-32-alt", checkpoint=path, device="cpu")
     assert enc.spec == "open_clip:ViT-S-32-alt" and enc.dim == 256
-    assert (
-        enc._model.positional_embedding == model.positional_embedding.half().float()
-    ).all()
+    assert (enc._model.positional_embedding == model.positional_embedding.half().float()).all()
     _assert_unit_rows(enc.encode_texts(TEXTS), 3, 256)
 
 
@@ -512,19 +511,14 @@ def test_offline_uses_weights_left_in_the_hub_cache(offline, tmp_path):
 
     cfg = open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")
     assert cached_tag_weights(cfg) is None
-    repo = (
-        Path(hf_constants.HF_HUB_CACHE)
-        / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
-    )
+    repo = Path(hf_constants.HF_HUB_CACHE) / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
     weights = repo / "snapshots" / ("0" * 40) / "open_clip_model.safetensors"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"not really weights")
     assert Path(cached_tag_weights(cfg)) == weights
-    with pytest.raises(
-        EncoderError, match="pretrained tag 'laion2b_s34b_b79k'"
-    ):  # found, but unloadable
+    with pytest.raises(EncoderError, match="pretrained tag 'laion2b_s34b_b79k'"):  # found, but unloadable
         load_clip_encoder("open_clip:ViT-B-32/laion2b_s34b_b79k", device="cpu")
 
 
@@ -542,9 +536,7 @@ def test_unknown_open_clip_model_and_tag_suggest_names():
 def test_st_unknown_model_raises(offline):
     with pytest.raises(EncoderError) as info:
         load_text_encoder("st:some-org/no-such-model", device="cpu")
-    assert "some-org/no-such-model" in str(info.value) and "st:/path/to/model" in str(
-        info.value
-    )
+    assert "some-org/no-such-model" in str(info.value) and "st:/path/to/model" in str(info.value)
     with pytest.raises(EncoderError, match="not found"):
         load_text_encoder("st:/no/such/dir", device="cpu")
 
@@ -568,9 +560,7 @@ def test_timm_with_local_checkpoint(tmp_path, photos):
         torch.manual_seed(0)
         model = timm.create_model("test_vit").eval()
     torch.save(model.state_dict(), tmp_path / "test_vit.pth")
-    enc = load_image_encoder(
-        "timm:test_vit", checkpoint=tmp_path / "test_vit.pth", device="cpu"
-    )
+    enc = load_image_encoder("timm:test_vit", checkpoint=tmp_path / "test_vit.pth", device="cpu")
     assert enc.spec == "timm:test_vit" and enc.dim == model.num_features
     pixels = torch.stack([enc.image_transform()(p) for p in photos])
     got = enc.encode_image_tensors(pixels)
@@ -627,10 +617,7 @@ def test_list_encoders():
     infos = {info.name: info for info in list_encoders()}
     assert all(isinstance(i, EncoderInfo) for i in infos.values())
     assert infos["minilm"].available_offline and infos["minilm"].kind == "text"
-    assert (
-        infos["efficientnet-lite0"].available_offline
-        and infos["efficientnet-lite0"].kind == "image"
-    )
+    assert infos["efficientnet-lite0"].available_offline and infos["efficientnet-lite0"].kind == "image"
     assert infos["open_clip:MODEL/PRETRAINED"].kind == "image+text"
     assert {"st:NAME_OR_PATH", "open_clip:local-dir:DIR", "timm:NAME"} <= set(infos)
 

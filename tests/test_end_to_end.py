@@ -31,16 +31,37 @@ def invoke(*args) -> str:
 def imagenet_anchors(tmp_path_factory):
     require_shared_data()
     out = tmp_path_factory.mktemp("e2e") / "imagenet-anchors"
-    invoke("build-anchors", "--pairs", IMAGENET / "labels.csv", "--image-column", "file",
-           "--caption-template", "a photo of a {class_name}", "--out", out, *UNIMODAL)
+    invoke(
+        "build-anchors",
+        "--pairs",
+        IMAGENET / "labels.csv",
+        "--image-column",
+        "file",
+        "--caption-template",
+        "a photo of a {class_name}",
+        "--out",
+        out,
+        *UNIMODAL,
+    )
     return out
 
 
 @pytest.mark.parametrize("anchors", ["photos", "builtin:imagenet"])
 def test_coco_recall_through_asif(tmp_path, imagenet_anchors, anchors):
     anchor_arg = imagenet_anchors if anchors == "photos" else anchors
-    info = json.loads(invoke("build-index", "--captions", COCO / "captions.jsonl", "--index", tmp_path / "coco",
-                             "--anchors", anchor_arg, "--json", *UNIMODAL))
+    info = json.loads(
+        invoke(
+            "build-index",
+            "--captions",
+            COCO / "captions.jsonl",
+            "--index",
+            tmp_path / "coco",
+            "--anchors",
+            anchor_arg,
+            "--json",
+            *UNIMODAL,
+        )
+    )
     assert info["counts"] == {"image": 80, "caption": 400} and info["errors"] == 0
     assert info["anchors"][0]["count"] == 1000
     index = retrieval.open_index(tmp_path / "coco")
@@ -56,7 +77,10 @@ def test_coco_recall_through_asif(tmp_path, imagenet_anchors, anchors):
     uris = index.items("image")["uri"]
     for row in (0, 137, 399):
         caption = index.items("caption")["caption"][row]
-        hits = [json.loads(line) for line in invoke("text-to-image", caption, "--index", tmp_path / "coco", "--json").splitlines()]
+        hits = [
+            json.loads(line)
+            for line in invoke("text-to-image", caption, "--index", tmp_path / "coco", "--json").splitlines()
+        ]
         stored = [uris[pos] for pos in stored_hits[row]]
         # bfloat16 text encoding of one query vs a batch differs in the last bits: allow near-tie swaps
         assert hits[0]["uri"] == stored[0] and len({h["uri"] for h in hits[:5]} & set(stored[:5])) >= 4

@@ -19,7 +19,20 @@ from retrieval.core.errors import EncoderMismatchError
 
 QUIET = EmbedOptions(batch_size=8, workers=0, progress=False)
 UNIMODAL = EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu")
-CLASSES = ["goldfish", "tree frog", "golden retriever", "tabby", "zebra", "airliner", "pizza", "banana", "volcano", "sports car", "lemon", "castle"]
+CLASSES = [
+    "goldfish",
+    "tree frog",
+    "golden retriever",
+    "tabby",
+    "zebra",
+    "airliner",
+    "pizza",
+    "banana",
+    "volcano",
+    "sports car",
+    "lemon",
+    "castle",
+]
 
 
 def reference_relative(vectors: np.ndarray, anchors: np.ndarray, k: int, p: float) -> np.ndarray:
@@ -53,9 +66,14 @@ def imagenet_subset(tmp_path_factory):
 def anchor_dir(tmp_path_factory, imagenet_subset):
     out = tmp_path_factory.mktemp("anchors") / "a"
     retrieval.build_anchors(
-        [imagenet_subset], out, "efficientnet-lite0", "minilm", device="cpu",
+        [imagenet_subset],
+        out,
+        "efficientnet-lite0",
+        "minilm",
+        device="cpu",
         caption_options=CaptionOptions(image_column="file", template="a photo of a {class_name}"),
-        embed=QUIET, asif=AsifParams(k=5, p=2.0),
+        embed=QUIET,
+        asif=AsifParams(k=5, p=2.0),
     )
     return out
 
@@ -63,8 +81,11 @@ def anchor_dir(tmp_path_factory, imagenet_subset):
 @pytest.fixture(scope="module")
 def asif_index(tmp_path_factory, anchor_dir, small_collection):
     return retrieval.build_index(
-        captions=[small_collection / "pairs.jsonl"], index=tmp_path_factory.mktemp("asif") / "i",
-        encoders=UNIMODAL, anchors=anchor_dir, embed=QUIET,
+        captions=[small_collection / "pairs.jsonl"],
+        index=tmp_path_factory.mktemp("asif") / "i",
+        encoders=UNIMODAL,
+        anchors=anchor_dir,
+        embed=QUIET,
     )
 
 
@@ -82,7 +103,10 @@ def test_anchor_directory(anchor_dir):
 def test_asif_index_scores_match_a_numpy_reference(asif_index):
     assert asif_index.mode == "asif" and asif_index.asif_params == AsifParams(k=5, p=2.0)
     store, files = asif_index.store, asif_index.manifest["files"]
-    anchor_images, anchor_texts = store.read_array(files["anchors"][0]["image"]), store.read_array(files["anchors"][0]["text"])
+    anchor_images, anchor_texts = (
+        store.read_array(files["anchors"][0]["image"]),
+        store.read_array(files["anchors"][0]["text"]),
+    )
     image_vectors = store.read_vectors(files["vectors"]["image/image"])
     # stored relative rows = numpy ASIF of the stored (float16) vectors
     stored_rows = asif_index.relative_index("image").rows.toarray()
@@ -100,7 +124,10 @@ def test_projected_route_matches_a_numpy_reference(asif_index):
     """Images projected into text space (ASIF weights x text anchors) answer a raw text query."""
     assert asif_index.routes == ["asif", "projected"]
     store, files = asif_index.store, asif_index.manifest["files"]
-    anchor_images, anchor_texts = store.read_array(files["anchors"][0]["image"]), store.read_array(files["anchors"][0]["text"])
+    anchor_images, anchor_texts = (
+        store.read_array(files["anchors"][0]["image"]),
+        store.read_array(files["anchors"][0]["text"]),
+    )
     image_vectors = store.read_vectors(files["vectors"]["image/image"])
     projected = reference_relative(image_vectors, anchor_images, 5, 2.0) @ anchor_texts
     projected /= np.linalg.norm(projected, axis=1, keepdims=True)
@@ -116,8 +143,12 @@ def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
     from retrieval.asif.anchors import AnchorSpaces
 
     index = retrieval.build_index(
-        captions=[small_collection / "pairs.jsonl"], index=tmp_path / "fused", encoders=UNIMODAL,
-        anchors=[anchor_dir, "builtin:imagenet"], anchor_weights=[1.0, 0.5], embed=QUIET,
+        captions=[small_collection / "pairs.jsonl"],
+        index=tmp_path / "fused",
+        encoders=UNIMODAL,
+        anchors=[anchor_dir, "builtin:imagenet"],
+        anchor_weights=[1.0, 0.5],
+        embed=QUIET,
         asif=AsifParams(k=5),  # the sets' own k differ (5 and 100): fused sets need one chosen; p (2) they share
     )
     assert index.asif_params == AsifParams(k=5, p=2.0)
@@ -131,7 +162,9 @@ def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
     spaces = AnchorSpaces(sets, [1.0, 0.5])
     image_vectors = index.store.read_vectors(index.manifest["files"]["vectors"]["image/image"])
     query = index.text_encoder.encode_texts(["a cake on a table"])
-    expected = (spaces.relative(image_vectors, "image", index.asif_params) @ spaces.relative(query, "text", index.asif_params).T).toarray()[:, 0]
+    expected = (
+        spaces.relative(image_vectors, "image", index.asif_params) @ spaces.relative(query, "text", index.asif_params).T
+    ).toarray()[:, 0]
     hits = index.text_to_image("a cake on a table", k=6)
     np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1], atol=5e-3)
 
@@ -145,8 +178,14 @@ def test_image_to_caption_through_anchors(asif_index, small_collection):
 
 def test_anchor_set_built_with_other_encoders_is_refused(asif_index, anchor_dir):
     anchors = retrieval.load_anchor_set(anchor_dir)
-    other = AnchorSet(anchors.name, anchors.image_vectors, anchors.text_vectors, anchors.captions,
-                      anchors.image_encoder, {**anchors.text_encoder, "fingerprint": "0" * 16})
+    other = AnchorSet(
+        anchors.name,
+        anchors.image_vectors,
+        anchors.text_vectors,
+        anchors.captions,
+        anchors.image_encoder,
+        {**anchors.text_encoder, "fingerprint": "0" * 16},
+    )
     with pytest.raises(EncoderMismatchError, match="text side"):
         other.check_encoders(asif_index.image_encoder, asif_index.text_encoder)
 
@@ -159,9 +198,16 @@ def test_builtin_imagenet_anchors_find_the_right_photo(tmp_path, imagenet_subset
     photos.mkdir()
     for row in rows:
         shutil.copy(row["file"], photos / (row["class_name"].replace(" ", "_") + ".jpg"))
-    index = retrieval.build_index(images=[photos], index=tmp_path / "i", encoders=UNIMODAL, anchors="builtin:imagenet", embed=QUIET)
+    index = retrieval.build_index(
+        images=[photos], index=tmp_path / "i", encoders=UNIMODAL, anchors="builtin:imagenet", embed=QUIET
+    )
     assert index.manifest["anchors"][0]["count"] == 1000
-    correct = sum(index.text_to_image(f"a photo of a {row['class_name']}", k=1)[0].uri.endswith(row["class_name"].replace(" ", "_") + ".jpg") for row in rows)
+    correct = sum(
+        index.text_to_image(f"a photo of a {row['class_name']}", k=1)[0].uri.endswith(
+            row["class_name"].replace(" ", "_") + ".jpg"
+        )
+        for row in rows
+    )
     assert correct >= 10, f"only {correct}/12 class queries found their photo"
 
 
@@ -172,19 +218,52 @@ def test_cli_build_anchors_from_a_labelled_folder_and_query(tmp_path, small_coll
         for image in sorted((IMAGENET.parent / "cifar10-test" / "test" / label).glob("*.jpg"))[:2]:
             shutil.copy(image, tmp_path / "labelled" / label / image.name)
     runner = CliRunner()
-    result = runner.invoke(main, ["build-anchors", "--pairs", str(tmp_path / "labelled"), "--out", str(tmp_path / "anchors"),
-                                  "--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm", "--quiet", "--k", "3"])
+    result = runner.invoke(
+        main,
+        [
+            "build-anchors",
+            "--pairs",
+            str(tmp_path / "labelled"),
+            "--out",
+            str(tmp_path / "anchors"),
+            "--image-encoder",
+            "efficientnet-lite0",
+            "--text-encoder",
+            "minilm",
+            "--quiet",
+            "--k",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote 6 anchor pairs" in result.output and "k=3" in result.output
-    result = runner.invoke(main, ["build-index", "--captions", str(small_collection / "captions.txt"), "--index", str(tmp_path / "i"),
-                                  "--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm",
-                                  "--anchors", str(tmp_path / "anchors"), "--quiet", "--json"])
+    result = runner.invoke(
+        main,
+        [
+            "build-index",
+            "--captions",
+            str(small_collection / "captions.txt"),
+            "--index",
+            str(tmp_path / "i"),
+            "--image-encoder",
+            "efficientnet-lite0",
+            "--text-encoder",
+            "minilm",
+            "--anchors",
+            str(tmp_path / "anchors"),
+            "--quiet",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["mode"] == "asif" and info["asif"]["k"] == 3 and info["counts"]["caption"] == 2
     photo = next((small_collection / "images").glob("0*.jpg"))
     for route in ("asif", "projected"):
-        result = runner.invoke(main, ["image-to-caption", str(photo), "--index", str(tmp_path / "i"), "--json", "-k", "2", "--route", route])
+        result = runner.invoke(
+            main,
+            ["image-to-caption", str(photo), "--index", str(tmp_path / "i"), "--json", "-k", "2", "--route", route],
+        )
         assert result.exit_code == 0, result.output
         assert len(result.stdout.splitlines()) == 2
     result = runner.invoke(main, ["image-to-caption", str(photo), "--index", str(tmp_path / "i"), "--route", "clip"])
@@ -204,7 +283,9 @@ def test_add_and_remove_in_an_asif_index_equal_a_full_build(tmp_path, anchor_dir
     grown = tmp_path / "grown"
     retrieval.build_index(captions=[first], index=grown, encoders=UNIMODAL, anchors=anchor_dir, embed=QUIET)
     add_to_index(grown, captions=[second], embed=QUIET, device="cpu")
-    full = retrieval.build_index(captions=[first, second], index=tmp_path / "full", encoders=UNIMODAL, anchors=anchor_dir, embed=QUIET)
+    full = retrieval.build_index(
+        captions=[first, second], index=tmp_path / "full", encoders=UNIMODAL, anchors=anchor_dir, embed=QUIET
+    )
     index = retrieval.open_index(grown, device="cpu")
     assert index.manifest["counts"] == full.manifest["counts"]
     for route in ("asif", "projected"):

@@ -82,7 +82,9 @@ def test_ids_are_stable_across_rebuilds(tmp_path, clip_index, tiny_clip_dir, sma
 
 def test_failed_rebuild_keeps_the_previous_index(tmp_path, tiny_clip_dir, small_collection, monkeypatch):
     choice = EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
-    first = retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "i", encoders=choice, embed=QUIET)
+    first = retrieval.build_index(
+        captions=[small_collection / "pairs.jsonl"], index=tmp_path / "i", encoders=choice, embed=QUIET
+    )
     before = [h.id for h in first.text_to_image("people at a table", k=3)]
 
     import retrieval.api.write as write_module
@@ -104,7 +106,9 @@ def test_querying_with_other_weights_is_a_clear_error(tmp_path, small_collection
 
     model = make_tiny_clip(tmp_path / "model", seed=1)
     choice = EncoderChoice(clip="open_clip:tiny", checkpoint=str(model), device="cpu")
-    retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "i", encoders=choice, embed=QUIET)
+    retrieval.build_index(
+        captions=[small_collection / "pairs.jsonl"], index=tmp_path / "i", encoders=choice, embed=QUIET
+    )
     shutil.rmtree(model)
     make_tiny_clip(model, seed=2)  # same path, other weights
     with pytest.raises(EncoderMismatchError, match="was built with encoder"):
@@ -142,7 +146,9 @@ def test_bad_requests(tmp_path, clip_index, small_collection, tiny_clip_dir):
 
 def test_an_index_with_only_captions_refuses_text_to_image(tmp_path, tiny_clip_dir, small_collection):
     choice = EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
-    index = retrieval.build_index(captions=[small_collection / "captions.txt"], index=tmp_path / "c", encoders=choice, embed=QUIET)
+    index = retrieval.build_index(
+        captions=[small_collection / "captions.txt"], index=tmp_path / "c", encoders=choice, embed=QUIET
+    )
     with pytest.raises(InputError, match="no images"):
         index.text_to_image("a horse")
     assert index.image_to_caption(Image.new("RGB", (40, 30), "red"), k=1)[0].caption

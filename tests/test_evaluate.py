@@ -46,7 +46,12 @@ def test_paired_recall_matches_brute_force(paired):
     result = evaluate(paired, RouteConfig("clip"), [])
     scores = paired.caption_vectors @ paired.image_vectors.T
     t2i = np.array([np.sum(row >= row[o]) - 1 for row, o in zip(scores, paired.caption_owner)])
-    i2c = np.array([np.sum(col[paired.caption_owner != i] >= col[paired.caption_owner == i].max()) for i, col in enumerate(scores.T)])
+    i2c = np.array(
+        [
+            np.sum(col[paired.caption_owner != i] >= col[paired.caption_owner == i].max())
+            for i, col in enumerate(scores.T)
+        ]
+    )
     for k in (1, 5, 10):
         assert result["text_to_image"][f"R@{k}"] == pytest.approx(np.mean(t2i < k))
         assert result["image_to_caption"][f"R@{k}"] == pytest.approx(np.mean(i2c < k))
@@ -89,10 +94,18 @@ def test_routes_over_anchors_beat_chance_on_synthetic_cross_modal_data():
     for route in ("asif", "projected", "linear"):
         result = evaluate(data, RouteConfig(route, AsifParams(20, 2.0) if route != "linear" else None), [anchors])
         assert result["text_to_image"]["R@1"] > 0.3, (route, result["text_to_image"])  # chance: 1/60
-    fused = make_scorer(RouteConfig("asif", AsifParams(20, 2.0), (1.0, 1.0)), data.image_vectors, data.caption_vectors, [anchors, anchors])
+    fused = make_scorer(
+        RouteConfig("asif", AsifParams(20, 2.0), (1.0, 1.0)),
+        data.image_vectors,
+        data.caption_vectors,
+        [anchors, anchors],
+    )
     single = make_scorer(RouteConfig("asif", AsifParams(20, 2.0)), data.image_vectors, data.caption_vectors, [anchors])
-    np.testing.assert_allclose((fused.texts_as_queries @ fused.images_for_text_queries.T).toarray(),
-                               (single.texts_as_queries @ single.images_for_text_queries.T).toarray(), atol=1e-5)
+    np.testing.assert_allclose(
+        (fused.texts_as_queries @ fused.images_for_text_queries.T).toarray(),
+        (single.texts_as_queries @ single.images_for_text_queries.T).toarray(),
+        atol=1e-5,
+    )
 
 
 def test_sweep_reports_the_choice_on_the_other_half(paired):
@@ -107,7 +120,15 @@ def test_sweep_reports_the_choice_on_the_other_half(paired):
 
 
 def test_anchors_that_contain_evaluated_images_are_refused(tmp_path):
-    anchors = AnchorSet("mine", np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), ["a", "b"], {}, {}, uris=[str(tmp_path / "x.jpg")])
+    anchors = AnchorSet(
+        "mine",
+        np.eye(2, dtype=np.float32),
+        np.eye(2, dtype=np.float32),
+        ["a", "b"],
+        {},
+        {},
+        uris=[str(tmp_path / "x.jpg")],
+    )
     check_no_leak([anchors], [tmp_path / "y.jpg"])
     with pytest.raises(InputError, match="leak"):
         check_no_leak([anchors], [tmp_path / "x.jpg"])
@@ -137,10 +158,31 @@ def test_embedding_cache_encodes_each_item_once(tmp_path, tiny_clip_dir, small_c
 def test_eval_cli_on_pairs_and_on_a_labelled_folder(tmp_path, small_collection):
     require_shared_data()
     runner = CliRunner()
-    common = ["--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm", "--anchors", "builtin:imagenet",
-              "--cache", str(tmp_path / "cache"), "--quiet"]
-    result = runner.invoke(main, ["eval", str(small_collection / "pairs.jsonl"), *common, "--route", "all",
-                                  "--sweep", "k=10,100", "--split", "--json"])
+    common = [
+        "--image-encoder",
+        "efficientnet-lite0",
+        "--text-encoder",
+        "minilm",
+        "--anchors",
+        "builtin:imagenet",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
+    result = runner.invoke(
+        main,
+        [
+            "eval",
+            str(small_collection / "pairs.jsonl"),
+            *common,
+            "--route",
+            "all",
+            "--sweep",
+            "k=10,100",
+            "--split",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["task"] == "retrieval" and len(report["rows"]) == 5  # asif x2, projected x2, linear
@@ -150,7 +192,9 @@ def test_eval_cli_on_pairs_and_on_a_labelled_folder(tmp_path, small_collection):
     for label in ("goldfish", "volcano", "banana"):
         (tmp_path / "labelled" / label).mkdir(parents=True)
         shutil.copy(next(IMAGENET.glob(f"*_{label}.JPEG")), tmp_path / "labelled" / label / "a.jpg")
-    result = runner.invoke(main, ["eval", str(tmp_path / "labelled"), *common, "--caption-template", "a photo of a {label}"])
+    result = runner.invoke(
+        main, ["eval", str(tmp_path / "labelled"), *common, "--caption-template", "a photo of a {label}"]
+    )
     assert result.exit_code == 0, result.output
     assert "zero-shot" in result.stdout and "per-class top-1" in result.stdout
     result = runner.invoke(main, ["eval", str(tmp_path / "labelled"), *common, "--json"])
@@ -168,11 +212,15 @@ def test_centering_and_refinement_options():
     np.testing.assert_allclose(np.linalg.norm(centred_images, axis=1), 1, atol=1e-5)
     raw = images - images.mean(axis=0)
     np.testing.assert_allclose(centred_images, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
-    assert abs(float(centred_anchors[0].image_vectors.mean(axis=0) @ shared)) < abs(float(anchors.image_vectors.mean(axis=0) @ shared))
+    assert abs(float(centred_anchors[0].image_vectors.mean(axis=0) @ shared)) < abs(
+        float(anchors.image_vectors.mean(axis=0) @ shared)
+    )
     with pytest.raises(InputError, match="centering"):
         center_spaces("median", images, images, [anchors])
     # refinement moves prototypes towards their confidently assigned images, never using labels
-    clusters = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0) + 0.05 * rng.standard_normal((30, 3)).astype(np.float32)
+    clusters = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0) + 0.05 * rng.standard_normal((30, 3)).astype(
+        np.float32
+    )
     start = np.array([[1, 0.6, 0], [0, 1, 0.6], [0.6, 0, 1]], np.float32)
     refined = refine_prototypes(clusters, start, rounds=2)
     assert np.all(np.argmax(refined, axis=1) == [0, 1, 2])
@@ -186,11 +234,22 @@ def test_eval_of_an_index_agrees_with_eval_of_its_pairs_file(tmp_path, small_col
     from retrieval.eval.data import evaluate_index, run_eval
 
     choice = EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu")
-    retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "i", encoders=choice,
-                          anchors="builtin:imagenet", embed=EmbedOptions(workers=0, progress=False))
+    retrieval.build_index(
+        captions=[small_collection / "pairs.jsonl"],
+        index=tmp_path / "i",
+        encoders=choice,
+        anchors="builtin:imagenet",
+        embed=EmbedOptions(workers=0, progress=False),
+    )
     from_index = evaluate_index(tmp_path / "i")
-    from_pairs = run_eval(small_collection / "pairs.jsonl", choice, anchors=["builtin:imagenet"], routes=["asif", "projected"],
-                          cache_dir=tmp_path / "cache", embed=EmbedOptions(workers=0, progress=False))
+    from_pairs = run_eval(
+        small_collection / "pairs.jsonl",
+        choice,
+        anchors=["builtin:imagenet"],
+        routes=["asif", "projected"],
+        cache_dir=tmp_path / "cache",
+        embed=EmbedOptions(workers=0, progress=False),
+    )
     assert [r["route"] for r in from_index["rows"]] == ["asif", "projected"]
     for mine, theirs in zip(from_index["rows"], from_pairs["rows"]):
         for task in ("text_to_image", "image_to_caption"):
@@ -207,7 +266,12 @@ def test_eval_of_an_index_leaves_removed_items_out(tmp_path, small_collection, t
 
     choice = EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
     path = tmp_path / "i"
-    retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=path, encoders=choice, embed=EmbedOptions(workers=0, progress=False))
+    retrieval.build_index(
+        captions=[small_collection / "pairs.jsonl"],
+        index=path,
+        encoders=choice,
+        embed=EmbedOptions(workers=0, progress=False),
+    )
     index = retrieval.open_index(path, device="cpu")
     images, captions = index.items("image"), index.items("caption")
     gone_image = images["id"][2]  # two of its 5 captions go too; the other 3 are left without their image
@@ -217,8 +281,17 @@ def test_eval_of_an_index_leaves_removed_items_out(tmp_path, small_collection, t
     assert report.removed == {"image": 1, "caption": 3} and report.compacted == []  # rows stay, marked deleted
 
     result = evaluate_index(path)["rows"][0]
-    live = [row for row, owner in enumerate(captions["image_id"]) if owner != gone_image and captions["id"][row] not in gone_captions]
-    assert result["scored"] == {"text_queries": len(live), "image_queries": 5, "images": 5, "captions": len(live)}  # was 30, 6, 6, 30
+    live = [
+        row
+        for row, owner in enumerate(captions["image_id"])
+        if owner != gone_image and captions["id"][row] not in gone_captions
+    ]
+    assert result["scored"] == {
+        "text_queries": len(live),
+        "image_queries": 5,
+        "images": 5,
+        "captions": len(live),
+    }  # was 30, 6, 6, 30
     # the same numbers as evaluating, from scratch, the stored vectors of the live items only
     vectors = index.store.read_vectors(index.manifest["files"]["vectors"]["clip/image"])
     keep = [row for row, image_id in enumerate(images["id"]) if image_id != gone_image]
@@ -231,7 +304,9 @@ def test_eval_of_an_index_leaves_removed_items_out(tmp_path, small_collection, t
     # on text -> image (image -> caption also meets the 3 captions left without their image, live in the index)
     searched = paired_recall(retrieval.open_index(path, device="cpu"))
     assert searched["queries"] == {"text": len(live), "image": 5}
-    assert searched["text_to_image"] == pytest.approx({k: expected["text_to_image"][f"R@{k}"] for k in (1, 5, 10)}, abs=1e-6)
+    assert searched["text_to_image"] == pytest.approx(
+        {k: expected["text_to_image"][f"R@{k}"] for k in (1, 5, 10)}, abs=1e-6
+    )
 
 
 def test_one_recall_definition_ties_count_against_in_search_results_too():
@@ -242,8 +317,11 @@ def test_one_recall_definition_ties_count_against_in_search_results_too():
     # item 1 is relevant and ties with item 3 at the top: rank 1, as full scoring counts it, not 0 by list order
     positions, scores = np.array([[1, 3, 2], [2, 0, -1]]), np.array([[0.5, 0.5, 0.1], [0.9, 0.2, 0.0]])
     ranks = first_relevant_rank(positions, [{1}, {0}], scores)
-    full = rank_of_relevant(np.eye(2, dtype=np.float32), np.array([[0.5, 0.5, 0.1, 0.0], [0.2, 0.0, 0.9, 0.0]], np.float32).T,
-                            lambda q: np.array([1, 0][q]))
+    full = rank_of_relevant(
+        np.eye(2, dtype=np.float32),
+        np.array([[0.5, 0.5, 0.1, 0.0], [0.2, 0.0, 0.9, 0.0]], np.float32).T,
+        lambda q: np.array([1, 0][q]),
+    )
     np.testing.assert_array_equal(ranks, [1, 1])
     np.testing.assert_array_equal(full, [1, 1])
     assert first_relevant_rank(np.array([[2, 3]]), [{1}], np.array([[0.9, 0.8]]))[0] == -1  # not returned: not found

@@ -49,8 +49,13 @@ def _clip_back_search(folder: Path, kind: str, query: np.ndarray, k: int) -> lis
 def test_the_layout_is_what_clip_back_reads(index_path, exported):
     index = retrieval.open_index(index_path, device="cpu")
     assert sorted(p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()) == [
-        "image.index", "img_emb/img_emb_0.npy", "indices_paths.json", "metadata/metadata_0.parquet", "text.index",
-        "text_emb/text_emb_0.npy"]
+        "image.index",
+        "img_emb/img_emb_0.npy",
+        "indices_paths.json",
+        "metadata/metadata_0.parquet",
+        "text.index",
+        "text_emb/text_emb_0.npy",
+    ]
     image, text = np.load(exported / "img_emb" / "img_emb_0.npy"), np.load(exported / "text_emb" / "text_emb_0.npy")
     assert image.shape == text.shape == (32, 32) and image.dtype == np.float16
     rows = pq.read_table(exported / "metadata" / "metadata_0.parquet").to_pylist()
@@ -66,21 +71,44 @@ def test_the_layout_is_what_clip_back_reads(index_path, exported):
     assert [row["image_path"] for row in theirs] == [hit.uri for hit in ours]
     assert [row["similarity"] for row in theirs] == pytest.approx([hit.score for hit in ours], abs=2e-3)
     captions = _clip_back_search(exported, "text", query, 5)
-    assert [row["caption"] for row in captions] == [hit.caption for hit in index.text_to_caption("a plate of food", k=5)]
+    assert [row["caption"] for row in captions] == [
+        hit.caption for hit in index.text_to_caption("a plate of food", k=5)
+    ]
 
 
 def test_round_trip_gives_the_same_results(index_path, exported, tiny_clip_dir, tmp_path, small_collection):
-    result = CliRunner().invoke(main, ["build-index", "--embeddings", str(exported), "--encoder", "open_clip:tiny", "--checkpoint",
-                                       str(tiny_clip_dir), "--index", str(tmp_path / "back"), "--device", "cpu", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "build-index",
+            "--embeddings",
+            str(exported),
+            "--encoder",
+            "open_clip:tiny",
+            "--checkpoint",
+            str(tiny_clip_dir),
+            "--index",
+            str(tmp_path / "back"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    before, after = retrieval.open_index(index_path, device="cpu"), retrieval.open_index(tmp_path / "back", device="cpu")
+    before, after = (
+        retrieval.open_index(index_path, device="cpu"),
+        retrieval.open_index(tmp_path / "back", device="cpu"),
+    )
     assert after.manifest["counts"] == before.manifest["counts"] == {"image": 6, "caption": 32}
     photo = sorted((small_collection / "images").glob("0*.jpg"))[0]
     for ask in (lambda i: i.text_to_image("a man riding a horse", k=6), lambda i: i.image_to_image(str(photo), k=6)):
         a, b = ask(before), ask(after)
         assert [(h.id, h.uri) for h in a] == [(h.id, h.uri) for h in b]  # file items keep their ids
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=2e-3)
-    for ask in (lambda i: i.text_to_caption("a man riding a horse", k=8), lambda i: i.image_to_caption(str(photo), k=8)):
+    for ask in (
+        lambda i: i.text_to_caption("a man riding a horse", k=8),
+        lambda i: i.image_to_caption(str(photo), k=8),
+    ):
         a, b = ask(before), ask(after)
         assert [(h.caption, h.image_uri) for h in a] == [(h.caption, h.image_uri) for h in b]
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=2e-3)

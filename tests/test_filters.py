@@ -48,7 +48,9 @@ def clustered(n: int, d: int, seed: int = 0, clusters: int = 50, spread: float =
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def brute_force(data: np.ndarray, queries: np.ndarray, allowed: np.ndarray, k: int = K) -> tuple[np.ndarray, np.ndarray]:
+def brute_force(
+    data: np.ndarray, queries: np.ndarray, allowed: np.ndarray, k: int = K
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k over the allowed rows only: descending score, ties by lower position."""
     scores = queries @ data[allowed].T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -126,7 +128,9 @@ def test_the_rule_scans_few_rows_exactly_and_leaves_many_to_the_index(built):
     big = 100 * selection_module.EXACT_ROWS
     assert not exact_first(index, Selection(np.arange(big // 10), big))  # 10% of a large collection: the selector
     assert exact_first(index, Selection(np.arange(big // 100), big))  # 1%: the exact scan
-    assert exact_first(index, Selection(np.arange(selection_module.EXACT_ROWS), 10**9))  # few rows: exact, whatever the share
+    assert exact_first(
+        index, Selection(np.arange(selection_module.EXACT_ROWS), 10**9)
+    )  # few rows: exact, whatever the share
 
 
 def test_deleted_rows_stay_out_of_a_filtered_search(built):
@@ -167,7 +171,9 @@ def test_the_torch_index_masks_on_cuda(monkeypatch):
 
 def test_widening_raises_probes_and_breadth_with_the_share(built):
     ivf, hnsw = built("ivf")[0], built("hnsw")[0]
-    assert widened(ivf, SearchKnobs(nprobe=4), 0.5).nprobe == 6 and widened(ivf, SearchKnobs(nprobe=4), 0.01).nprobe == 40
+    assert (
+        widened(ivf, SearchKnobs(nprobe=4), 0.5).nprobe == 6 and widened(ivf, SearchKnobs(nprobe=4), 0.01).nprobe == 40
+    )
     assert widened(hnsw, SearchKnobs(ef_search=16), 0.04).ef_search == 80
     assert widened(built("ivfpq")[0], SearchKnobs(), 0.25).nprobe == 2 * own_knobs(built("ivfpq")[0]).nprobe
     assert widened(ivf, SearchKnobs(nprobe=4), 1.0) == SearchKnobs(nprobe=4)
@@ -190,7 +196,9 @@ def test_sparse_asif_search_is_restricted_to_the_allowed_rows(share):
     allowed = np.sort(rng.choice(5000, size=max(1, int(share * 5000)), replace=False))
     scores, positions = SparseRelativeIndex(rows, values="float32").search(queries, K, allowed=allowed)
     dense = (queries @ rows.T).toarray()
-    truth_scores, truth = brute_force(np.eye(5000, dtype=np.float32), dense.astype(np.float32), allowed, min(K, len(allowed)))
+    truth_scores, truth = brute_force(
+        np.eye(5000, dtype=np.float32), dense.astype(np.float32), allowed, min(K, len(allowed))
+    )
     assert positions.shape == truth.shape and np.isin(positions, allowed).all()
     assert np.allclose(scores, np.take_along_axis(dense, positions, axis=1), atol=1e-6)
     assert np.allclose(scores, truth_scores, atol=1e-6)
@@ -200,29 +208,42 @@ def test_sparse_asif_search_is_restricted_to_the_allowed_rows(share):
 
 
 def _items() -> pa.Table:
-    return pa.table({
-        "id": ["a", "b", "c", "d"], "uri": ["/p/2024/a.jpg", "/p/2023/b.jpg", "/p/2024/c.jpg", "/q/d.jpg"],
-        "width": pa.array([1200, 800, 1000, 640], pa.int32()), "label": ["cat", "dog", "bird", None],
-        "metadata": ['{"url": "http://x/a", "status": "success"}', None, '{"url": "http://y/c", "n": 3}', '{"n": "odd"}'],
-    })
+    return pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "uri": ["/p/2024/a.jpg", "/p/2023/b.jpg", "/p/2024/c.jpg", "/q/d.jpg"],
+            "width": pa.array([1200, 800, 1000, 640], pa.int32()),
+            "label": ["cat", "dog", "bird", None],
+            "metadata": [
+                '{"url": "http://x/a", "status": "success"}',
+                None,
+                '{"url": "http://y/c", "n": 3}',
+                '{"n": "odd"}',
+            ],
+        }
+    )
 
 
-@pytest.mark.parametrize("predicate, expected", [
-    ("uri GLOB '*/2024/*' AND width >= 1000", [0, 2]),
-    ("label IN ('cat', 'dog')", [0, 1]),
-    ("url LIKE 'http://y/%'", [2]),  # a metadata field by its own name
-    ("metadata.status = 'success'", [0]),  # or through the metadata struct
-    ("n = '3'", [2]),  # a field of mixed types is text
-    ("label IS NULL", [3]),
-])
+@pytest.mark.parametrize(
+    "predicate, expected",
+    [
+        ("uri GLOB '*/2024/*' AND width >= 1000", [0, 2]),
+        ("label IN ('cat', 'dog')", [0, 1]),
+        ("url LIKE 'http://y/%'", [2]),  # a metadata field by its own name
+        ("metadata.status = 'success'", [0]),  # or through the metadata struct
+        ("n = '3'", [2]),  # a field of mixed types is text
+        ("label IS NULL", [3]),
+    ],
+)
 def test_predicates_over_item_columns_and_metadata(predicate, expected):
     assert evaluate(filter_table(_items()), predicate).tolist() == expected
 
 
 def test_metadata_names_that_clash_in_sql_are_kept_apart():
     """SQL names ignore case: a field named like an item column stays under metadata, case twins keep one."""
-    table = pa.table({"id": ["a", "b"], "label": ["x", None],
-                      "metadata": ['{"Label": "L", "URL": "U", "url": "u", "": 1}', None]})
+    table = pa.table(
+        {"id": ["a", "b"], "label": ["x", None], "metadata": ['{"Label": "L", "URL": "U", "url": "u", "": 1}', None]}
+    )
     view = filter_table(table)
     assert view.column_names == ["id", "label", "position", "metadata", "URL"]
     assert evaluate(view, "label = 'x'").tolist() == [0] and evaluate(view, "metadata.label = 'L'").tolist() == [0]
@@ -231,25 +252,31 @@ def test_metadata_names_that_clash_in_sql_are_kept_apart():
     assert evaluate(filter_table(no_metadata), "label = 'x' AND metadata IS NULL").tolist() == [0]
 
 
-@pytest.mark.parametrize("predicate, message", [
-    ("colour = 'red'", 'column "colour" not found'),
-    ("width >", "syntax error"),
-    ("added > DATE '2024-01-01'", "no column 'added' in this index"),
-    ("", "empty"),
-])
+@pytest.mark.parametrize(
+    "predicate, message",
+    [
+        ("colour = 'red'", 'column "colour" not found'),
+        ("width >", "syntax error"),
+        ("added > DATE '2024-01-01'", "no column 'added' in this index"),
+        ("", "empty"),
+    ],
+)
 def test_a_bad_predicate_is_one_line_naming_the_problem(predicate, message):
     with pytest.raises(InputError, match=message) as caught:
         evaluate(filter_table(_items()), predicate)
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("attack", [
-    "1=1) UNION SELECT 1 FROM read_csv('/etc/passwd'",
-    "true) UNION ALL (SELECT 99",
-    "(SELECT count(*) FROM read_text('/etc/passwd')) > 0",
-    "1=1; SELECT 1",
-    "uri IN (SELECT * FROM glob('/*'))",
-])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "1=1) UNION SELECT 1 FROM read_csv('/etc/passwd'",
+        "true) UNION ALL (SELECT 99",
+        "(SELECT count(*) FROM read_text('/etc/passwd')) > 0",
+        "1=1; SELECT 1",
+        "uri IN (SELECT * FROM glob('/*'))",
+    ],
+)
 def test_injection_is_refused(attack):
     with pytest.raises(InputError):
         evaluate(filter_table(_items()), attack)
@@ -288,21 +315,47 @@ N_ITEMS = 2000
 
 
 def _embedded(dim: int, shared: bool, record: dict) -> EmbeddedItems:
-    images = [ImageRow(ImageRef(uri=f"shard-0.tar#{n:05d}.jpg", opener=bytes, source="shard-0.tar", label=f"l{n % 7}",
-                                metadata={"n": n, "url": f"http://example.com/{n}.jpg"}), 100 + n, 50, None)
-              for n in range(N_ITEMS)]
-    captions = [CaptionRecord(text=f"caption {n}", source="captions.parquet", row=n, metadata={"n": n}) for n in range(300)]
-    return EmbeddedItems(images=images, image_vectors=_unit(N_ITEMS, dim, 1), captions=captions,
-                         caption_vectors=_unit(300, dim, 2), encoders={"image": record, "text": record}, shared_space=shared)
+    images = [
+        ImageRow(
+            ImageRef(
+                uri=f"shard-0.tar#{n:05d}.jpg",
+                opener=bytes,
+                source="shard-0.tar",
+                label=f"l{n % 7}",
+                metadata={"n": n, "url": f"http://example.com/{n}.jpg"},
+            ),
+            100 + n,
+            50,
+            None,
+        )
+        for n in range(N_ITEMS)
+    ]
+    captions = [
+        CaptionRecord(text=f"caption {n}", source="captions.parquet", row=n, metadata={"n": n}) for n in range(300)
+    ]
+    return EmbeddedItems(
+        images=images,
+        image_vectors=_unit(N_ITEMS, dim, 1),
+        captions=captions,
+        caption_vectors=_unit(300, dim, 2),
+        encoders={"image": record, "text": record},
+        shared_space=shared,
+    )
 
 
 @pytest.fixture(scope="module")
 def asif_index(tmp_path_factory):
     dim = 16
     record = {"spec": "precomputed:test", "dim": dim, "fingerprint": "0123456789abcdef"}
-    anchors = AnchorSet("random", _unit(64, dim, 3), _unit(64, dim, 4), [f"anchor {n}" for n in range(64)], record, record)
-    options = WriteOptions(anchors=AnchorSpaces([anchors]), asif=AsifParams(k=8, p=2.0), progress=False,
-                           index_options=IndexOptions(index_type="hnsw"))
+    anchors = AnchorSet(
+        "random", _unit(64, dim, 3), _unit(64, dim, 4), [f"anchor {n}" for n in range(64)], record, record
+    )
+    options = WriteOptions(
+        anchors=AnchorSpaces([anchors]),
+        asif=AsifParams(k=8, p=2.0),
+        progress=False,
+        index_options=IndexOptions(index_type="hnsw"),
+    )
     path = write_index(_embedded(dim, False, record), tmp_path_factory.mktemp("filters") / "asif", options)
     return retrieval.open_index(path, device="cpu")
 
@@ -338,7 +391,9 @@ def test_hits_obey_the_where_clause_and_deleted_items_stay_out(asif_index, tmp_p
     assert 20 not in reopened.matching("image", "n % 10 = 0").tolist()
     _, positions = reopened.search_vectors("image", _unit(5, 16, 9), "text", 300, "projected", where="n % 10 = 0")
     assert positions.shape == (5, 199) and 20 not in positions
-    hits = reopened.search_vectors("image", _unit(1, 16, 9), "text", 5, "asif", where="label = 'l3' AND width >= 1000")[1][0]
+    hits = reopened.search_vectors("image", _unit(1, 16, 9), "text", 5, "asif", where="label = 'l3' AND width >= 1000")[
+        1
+    ][0]
     assert all(n % 7 == 3 and 100 + n >= 1000 for n in hits.tolist())
 
 
@@ -348,7 +403,9 @@ def test_where_on_captions_and_unknown_columns(asif_index):
         asif_index.matching("caption", "width > 3")
     assert len(asif_index.matching("image", "added = current_date")) == N_ITEMS  # written today
     assert len(asif_index.matching("image", "added < DATE '2024-01-01' OR added > current_date")) == 0
-    assert asif_index.items("image")["added"][0] == datetime.now(timezone.utc).date().isoformat()  # ISO text: plain JSON
+    assert (
+        asif_index.items("image")["added"][0] == datetime.now(timezone.utc).date().isoformat()
+    )  # ISO text: plain JSON
 
 
 # -- min_score, offset and ties, through a CLIP index (text queries) --------------------------------
@@ -358,8 +415,9 @@ def test_where_on_captions_and_unknown_columns(asif_index):
 def clip_index(tmp_path_factory, tiny_clip_dir):
     from large_index import make_large_index
 
-    path = make_large_index(tmp_path_factory.mktemp("filters-clip") / "clip", tiny_clip_dir, images=400, captions=40,
-                            index_type="flat")
+    path = make_large_index(
+        tmp_path_factory.mktemp("filters-clip") / "clip", tiny_clip_dir, images=400, captions=40, index_type="flat"
+    )
     return retrieval.open_index(path, device="cpu")
 
 
@@ -369,7 +427,9 @@ def test_offset_pages_through_a_bigger_query(clip_index):
     assert [hit for page in pages for hit in page] == whole
     assert [hit.rank for hit in pages[1]] == list(range(11, 21))
     filtered = clip_index.text_to_image("a photo", k=20, where="uri GLOB '*/0000[0-9][0-9].jpg'")
-    assert clip_index.text_to_image("a photo", k=10, offset=10, where="uri GLOB '*/0000[0-9][0-9].jpg'") == filtered[10:]
+    assert (
+        clip_index.text_to_image("a photo", k=10, offset=10, where="uri GLOB '*/0000[0-9][0-9].jpg'") == filtered[10:]
+    )
 
 
 def test_min_score_drops_weaker_hits(clip_index):
@@ -411,6 +471,10 @@ def test_cli_where_min_score_and_offset(clip_index):
     assert record["passed"] == len(record["hits"]) == 2 and [hit["rank"] for hit in record["hits"]] == [2, 3]
 
     result = runner.invoke(main, args + ["--where", "colour = 'red'"])
-    assert result.exit_code == 2 and 'column "colour" not found' in result.output and len(result.output.strip().splitlines()) == 1
+    assert (
+        result.exit_code == 2
+        and 'column "colour" not found' in result.output
+        and len(result.output.strip().splitlines()) == 1
+    )
     result = runner.invoke(main, args + ["--where", "1=1) UNION SELECT 1 FROM read_csv('/etc/passwd'"])
     assert result.exit_code == 2 and "syntax error" in result.output

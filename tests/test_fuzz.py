@@ -22,15 +22,17 @@ from retrieval.core.errors import ImageDecodeError, InputError
 from retrieval.sources.captions import read_caption_file
 from retrieval.sources.items import CaptionFile
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-                derandomize=True)
+FUZZ = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True
+)
 SUFFIXES = [".txt", ".csv", ".tsv", ".jsonl"]
 ENCODINGS = ["utf-8", "latin-1", "utf-16", "cp1252", "ascii"]
 _names = itertools.count()
 
 # any code point, lone surrogates included (they come from JSON escapes, and from undecodable file names)
-any_text = st.text(st.characters(exclude_categories=()) | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
-                   max_size=60)
+any_text = st.text(
+    st.characters(exclude_categories=()) | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=60
+)
 file_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)  # what a text file can hold
 
 
@@ -74,17 +76,27 @@ def test_random_text_in_any_caption_file(tmp_path, text, suffix, column):
 
 
 @FUZZ
-@given(rows=st.lists(st.lists(file_text.filter(lambda s: len(s) < 40), min_size=1, max_size=4), max_size=8),
-       delimiter=st.sampled_from([",", "\t"]), bom=st.booleans(), crlf=st.booleans())
+@given(
+    rows=st.lists(st.lists(file_text.filter(lambda s: len(s) < 40), min_size=1, max_size=4), max_size=8),
+    delimiter=st.sampled_from([",", "\t"]),
+    bom=st.booleans(),
+    crlf=st.booleans(),
+)
 def test_csv_and_tsv_round_trip(tmp_path, rows, delimiter, bom, crlf):
     """What csv.writer writes (quoted newlines, quotes, delimiters, NUL...), the reader reads back."""
     buffer = io.StringIO(newline="")
     # (csv.writer leaves a bare "\r" unquoted when the line ends are "\n": quote everything then)
-    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\r\n" if crlf else "\n",
-                        quoting=csv.QUOTE_MINIMAL if crlf else csv.QUOTE_ALL)
+    writer = csv.writer(
+        buffer,
+        delimiter=delimiter,
+        lineterminator="\r\n" if crlf else "\n",
+        quoting=csv.QUOTE_MINIMAL if crlf else csv.QUOTE_ALL,
+    )
     writer.writerow(["caption", "other"])
     writer.writerows(rows)
-    path = _write(tmp_path, ".csv" if delimiter == "," else ".tsv", (("\ufeff" if bom else "") + buffer.getvalue()).encode())
+    path = _write(
+        tmp_path, ".csv" if delimiter == "," else ".tsv", (("\ufeff" if bom else "") + buffer.getvalue()).encode()
+    )
     parsed = _read(path)
     kept = [row[0].strip() for row in rows if any(field.strip() for field in row)]
     expected = [text for text in kept if text]
@@ -103,11 +115,16 @@ json_values = st.recursive(
 
 
 @FUZZ
-@given(lines=st.lists(st.one_of(
-    st.dictionaries(st.sampled_from(["caption", "image", "x"]), json_values, max_size=3).map(json.dumps),
-    json_values.map(json.dumps),
-    st.text(max_size=30),
-), max_size=8))
+@given(
+    lines=st.lists(
+        st.one_of(
+            st.dictionaries(st.sampled_from(["caption", "image", "x"]), json_values, max_size=3).map(json.dumps),
+            json_values.map(json.dumps),
+            st.text(max_size=30),
+        ),
+        max_size=8,
+    )
+)
 def test_jsonl_lines_of_any_shape(tmp_path, lines):
     text = "\n".join(lines)
     parsed = _read(_write(tmp_path, ".jsonl", text.encode("utf-8", "surrogatepass")))
@@ -133,7 +150,8 @@ def test_garbage_parquet(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_index(tmp_path_factory, tiny_clip_dir, small_collection):
     return retrieval.build_index(
-        images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"],
+        images=[small_collection / "images"],
+        captions=[small_collection / "pairs.jsonl"],
         index=tmp_path_factory.mktemp("fuzz") / "index",
         encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
         embed=EmbedOptions(batch_size=4, workers=0, progress=False),
@@ -141,8 +159,10 @@ def tiny_index(tmp_path_factory, tiny_clip_dir, small_collection):
 
 
 @settings(max_examples=80, deadline=None, derandomize=True)
-@given(query=st.one_of(any_text, st.text(max_size=3000), st.just("\x00" * 500), st.just("a " * 50_000)),
-       k=st.integers(-3, 10**9))
+@given(
+    query=st.one_of(any_text, st.text(max_size=3000), st.just("\x00" * 500), st.just("a " * 50_000)),
+    k=st.integers(-3, 10**9),
+)
 @example(query="", k=1)
 @example(query=" \t\n\u3000", k=5)
 @example(query="\ud800\udfff\udc00", k=5)
@@ -165,8 +185,7 @@ def test_non_text_queries_are_input_errors(tiny_index, query):
         tiny_index.text_to_image(query)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-          derandomize=True)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True)
 @given(data=st.binary(max_size=300), suffix=st.sampled_from([".jpg", ".png", ".gif", ".webp", ".tif", ".bmp"]))
 def test_any_bytes_as_a_query_image(tmp_path, tiny_index, data, suffix):
     path = _write(tmp_path, suffix, data)

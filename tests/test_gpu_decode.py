@@ -90,14 +90,31 @@ def test_every_image_the_batched_decode_cannot_take_goes_the_cpu_path(monkeypatc
     images = tmp_path / "images"
     cases = hostile.make_image_corpus(images)
     refs = discover_images([images])[0]
-    batched_names = {os.path.relpath(ref.location, images) for ref in refs
-                     if gpu_jpeg_size(Path(ref.location).read_bytes()) is not None}
-    plain = {"plain.jpg", "café 写真 ünïcode.jpg", "with  spaces .jpg", "new\nline.jpg", "dup-a.jpg", "dup-b.jpg",
-             "exif-invalid.jpg"}  # orientation 9: no rotation, on either path
+    batched_names = {
+        os.path.relpath(ref.location, images)
+        for ref in refs
+        if gpu_jpeg_size(Path(ref.location).read_bytes()) is not None
+    }
+    plain = {
+        "plain.jpg",
+        "café 写真 ünïcode.jpg",
+        "with  spaces .jpg",
+        "new\nline.jpg",
+        "dup-a.jpg",
+        "dup-b.jpg",
+        "exif-invalid.jpg",
+    }  # orientation 9: no rotation, on either path
     refused = {os.fsdecode(b"latin1-\xe9t\xe9.jpg"), "locked.jpg"}  # plain JPEG bytes the CPU path refuses
     assert batched_names <= plain | refused
     assert {"plain.jpg", "dup-a.jpg", "exif-invalid.jpg"} <= batched_names
-    assert {case.name for case in cases} >= {"cmyk.jpg", "ycck.jpg", "grey.jpg", "exif-6.jpg", "truncated.jpg", "bomb.jpg"}
+    assert {case.name for case in cases} >= {
+        "cmyk.jpg",
+        "ycck.jpg",
+        "grey.jpg",
+        "exif-6.jpg",
+        "truncated.jpg",
+        "bomb.jpg",
+    }
     real_read_bytes = Path.read_bytes
 
     def read_bytes(self: Path) -> bytes:

@@ -70,8 +70,16 @@ def _image_vectors(index) -> np.ndarray:
 def test_the_build_survives_and_is_self_consistent(corpus):
     index = corpus["index"]
     counts = index.manifest["counts"]
-    assert counts["image"] == len(index.items("image")["uri"]) == index.vector_index(f"{index.manifest['spaces']['image']}/image").ntotal
-    assert counts["caption"] == len(index.items("caption")["caption"]) == index.vector_index(f"{index.manifest['spaces']['caption']}/caption").ntotal
+    assert (
+        counts["image"]
+        == len(index.items("image")["uri"])
+        == index.vector_index(f"{index.manifest['spaces']['image']}/image").ntotal
+    )
+    assert (
+        counts["caption"]
+        == len(index.items("caption")["caption"])
+        == index.vector_index(f"{index.manifest['spaces']['caption']}/caption").ntotal
+    )
     assert index.manifest["errors"] == len(index.errors())
     # errors.jsonl stays one JSON object per line, whatever the file names hold (newlines, bad bytes)
     lines = (index.path / "errors.jsonl").read_bytes().decode("utf-8").splitlines()
@@ -177,7 +185,9 @@ def test_a_100000_character_caption_is_truncated_by_the_tokenizers(corpus, tiny_
     assert hostile.LONG_CAPTION in texts and len(hostile.LONG_CAPTION) == 100_000
     encoder = index.text_encoder
     assert tuple(encoder._tokenizer([hostile.LONG_CAPTION]).shape) == (1, 77)
-    stored = index.store.read_vectors(index.manifest["files"]["vectors"]["clip/caption"])[texts.index(hostile.LONG_CAPTION)]
+    stored = index.store.read_vectors(index.manifest["files"]["vectors"]["clip/caption"])[
+        texts.index(hostile.LONG_CAPTION)
+    ]
     prefix = encoder.encode_texts([hostile.LONG_CAPTION[:1000]])[0]  # same first 77 tokens
     np.testing.assert_allclose(stored, prefix, atol=2e-3)
     assert index.text_to_image(hostile.LONG_CAPTION, k=2)
@@ -201,7 +211,10 @@ def test_whole_file_problems_stop_the_build_with_one_clear_line(tmp_path, tiny_c
     path.write_bytes(case.data)
     with hostile.time_limit(60, case.name), pytest.raises(InputError) as info:
         retrieval.build_index(
-            captions=[path], index=tmp_path / "index", encoders=_clip(tiny_clip_dir), embed=QUIET,
+            captions=[path],
+            index=tmp_path / "index",
+            encoders=_clip(tiny_clip_dir),
+            embed=QUIET,
             caption_options=CaptionOptions(encoding=case.encoding),
         )
     message = str(info.value)
@@ -215,8 +228,20 @@ def test_latin1_captions_with_the_right_encoding_and_from_the_cli(tmp_path, tiny
 
     path = tmp_path / "latin1.txt"
     path.write_bytes("café crème\nnaïve façade\n".encode("latin-1"))
-    args = ["build-index", "--captions", str(path), "--index", str(tmp_path / "i"), "--encoder", "open_clip:tiny",
-            "--checkpoint", str(tiny_clip_dir), "--device", "cpu", "--quiet"]
+    args = [
+        "build-index",
+        "--captions",
+        str(path),
+        "--index",
+        str(tmp_path / "i"),
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        str(tiny_clip_dir),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert str(path) in result.output and "--encoding" in result.output
@@ -230,7 +255,11 @@ def test_hostile_query_images(corpus):
     index, images = corpus["index"], corpus["images"]
     for name in ("ycck.jpg", "exif-6.jpg", "grey16.png", "one-pixel.png", "animated.gif", "new\nline.jpg"):
         assert len(index.image_to_caption(images / name, k=2)) == 2, name
-    for name, reason in (("truncated.jpg", "truncated"), ("bomb.png", "decompression bomb"), ("text.jpg", "not an image")):
+    for name, reason in (
+        ("truncated.jpg", "truncated"),
+        ("bomb.png", "decompression bomb"),
+        ("text.jpg", "not an image"),
+    ):
         with pytest.raises(ImageDecodeError, match=reason):
             index.image_to_caption(images / name)
 

@@ -28,8 +28,15 @@ QUIET = EmbedOptions(batch_size=4, workers=0, progress=False)
 
 def _json_of(n: int) -> dict:
     """img2dataset's json fields of sample ``n``."""
-    return {"url": f"http://127.0.0.1:8000/photo-{n}.jpg", "key": f"{n:09d}", "width": 640, "height": 480,
-            "sha256": "ab" * 32, "status": "success", "error_message": None}
+    return {
+        "url": f"http://127.0.0.1:8000/photo-{n}.jpg",
+        "key": f"{n:09d}",
+        "width": 640,
+        "height": 480,
+        "sha256": "ab" * 32,
+        "status": "success",
+        "error_message": None,
+    }
 
 
 def _collection(root) -> Collection:
@@ -46,7 +53,9 @@ def _collection(root) -> Collection:
             pair = path
         else:
             data = (COCO / name).read_bytes()
-            ref = ImageRef(uri="shards/00000.tar#000000003", opener=lambda data=data: data, source="test", metadata=_json_of(n))
+            ref = ImageRef(
+                uri="shards/00000.tar#000000003", opener=lambda data=data: data, source="test", metadata=_json_of(n)
+            )
             pair = ref.location
         images.append(ref)
         caption = next(row["caption"] for row in pairs if row["image"] == name)
@@ -57,9 +66,13 @@ def _collection(root) -> Collection:
 
 def _build(tmp_path, tiny_clip_dir, name: str = "index"):
     collection = _collection(tmp_path)
-    image_encoder, text_encoder = load_encoders(EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"))
+    image_encoder, text_encoder = load_encoders(
+        EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
+    )
     embedded = embed_items(collection, image_encoder, text_encoder, QUIET)
-    return write_index(embedded, tmp_path / name, WriteOptions(checkpoint=str(tiny_clip_dir), progress=False)), collection
+    return write_index(
+        embedded, tmp_path / name, WriteOptions(checkpoint=str(tiny_clip_dir), progress=False)
+    ), collection
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +99,19 @@ def test_hits_carry_each_items_metadata(built):
 
 def test_cli_json_carries_metadata(built):
     path, collection = built
-    result = CliRunner().invoke(main, ["text-to-image", "a photo", "--index", str(path), "-k", "4", "--json", "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["text-to-image", "a photo", "--index", str(path), "-k", "4", "--json", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert len(rows) == 4 and {row["metadata"]["key"] for row in rows} == {f"{n:09d}" for n in range(4)}
-    result = CliRunner().invoke(main, ["text-to-caption", "food", "--index", str(path), "-k", "5", "--json", "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["text-to-caption", "food", "--index", str(path), "-k", "5", "--json", "--device", "cpu"]
+    )
     rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
-    assert sum(1 for row in rows if row["metadata"] == {}) == 1 and sum(1 for row in rows if "url" in row["metadata"]) == 4
+    assert (
+        sum(1 for row in rows if row["metadata"] == {}) == 1 and sum(1 for row in rows if "url" in row["metadata"]) == 4
+    )
 
 
 def test_server_returns_url_from_the_metadata(built):
@@ -125,14 +144,18 @@ def test_add_and_remove_keep_the_metadata_of_surviving_rows(tmp_path, tiny_clip_
     retrieval.remove_from_index(path, ids=[collection.images[1].id, collection.images[2].id])
     index = retrieval.open_index(path, device="cpu")
     found = {hit.id: hit.metadata for hit in index.text_to_image("a photo", k=10)}
-    assert found == {collection.images[0].id: _json_of(0), collection.images[3].id: _json_of(3),
-                     index.items("image")["id"][-1]: {}}
+    assert found == {
+        collection.images[0].id: _json_of(0),
+        collection.images[3].id: _json_of(3),
+        index.items("image")["id"][-1]: {},
+    }
 
 
 def _without_metadata(make_table):
     def old_table(rows):
         table = make_table(rows)
         return table.drop_columns(["metadata"])
+
     return old_table
 
 
@@ -153,7 +176,9 @@ def test_an_index_written_before_the_metadata_column_still_opens_and_updates(tmp
     shutil.copy(COCO / coco_pairs(6)[-1]["image"], extra / "new.jpg")
     retrieval.add_to_index(path, images=[extra], embed=QUIET, device="cpu")
     index = retrieval.open_index(path, device="cpu")
-    assert len(index.items("image")["metadata"]) == 5 and all(hit.metadata == {} for hit in index.text_to_image("a photo", k=5))
+    assert len(index.items("image")["metadata"]) == 5 and all(
+        hit.metadata == {} for hit in index.text_to_image("a photo", k=5)
+    )
 
 
 def test_metadata_encoding_edge_cases():
@@ -177,5 +202,13 @@ def test_hit_types_stay_compatible():
     rich = ImageHit(1, 0.5, "img-1", "a.jpg", 10, 20, metadata={"url": "http://x/a.jpg"})
     assert plain.metadata == {} and plain.kind == "image" and len({plain, rich}) == 2 and hash(plain) == hash(rich)
     caption = CaptionHit(2, 0.25, "cap-1", "a dog", "caps.txt", "a.jpg")
-    assert caption.to_dict() == {"rank": 2, "score": 0.25, "id": "cap-1", "caption": "a dog", "source": "caps.txt",
-                                 "image_uri": "a.jpg", "kind": "caption", "metadata": {}}
+    assert caption.to_dict() == {
+        "rank": 2,
+        "score": 0.25,
+        "id": "cap-1",
+        "caption": "a dog",
+        "source": "caps.txt",
+        "image_uri": "a.jpg",
+        "kind": "caption",
+        "metadata": {},
+    }

@@ -75,16 +75,20 @@ def _kill_mid_encoding(cmd: list[str], tmp_path: Path, batches: int = 2) -> dict
     """Run ``cmd`` until it has embedded ``batches`` batches, SIGKILL that process only, and watch its workers."""
     err = tmp_path / "killed.err"
     with open(err, "wb") as handle:
-        child = subprocess.Popen([sys.executable] + cmd, env=_env(**{PAUSE_ENV: str(batches)}),
-                                 stdout=subprocess.DEVNULL, stderr=handle)
+        child = subprocess.Popen(
+            [sys.executable] + cmd, env=_env(**{PAUSE_ENV: str(batches)}), stdout=subprocess.DEVNULL, stderr=handle
+        )
     workers: list[int] = []
     try:
         _, status = os.waitpid(child.pid, os.WUNTRACED)
         assert os.WIFSTOPPED(status), f"the command ended before its pause point: {err.read_text()[-2000:]}"
         workers = _children(child.pid)
         index = Path(cmd[cmd.index("--index") + 1]) if "--index" in cmd else None
-        seen = {"parent": child.pid, "workers": workers,
-                "holding_lock": [pid for pid in workers if index and _holds_lock_fd(pid, index)]}
+        seen = {
+            "parent": child.pid,
+            "workers": workers,
+            "holding_lock": [pid for pid in workers if index and _holds_lock_fd(pid, index)],
+        }
         os.kill(child.pid, signal.SIGKILL)
         os.kill(child.pid, signal.SIGCONT)
         os.waitpid(child.pid, 0)
@@ -131,7 +135,7 @@ def _check_killed(seen: dict) -> None:
     assert seen["survivors"] == [], f"workers outlived the SIGKILLed command: {seen}"
 
 
-EMBED = r'''
+EMBED = r"""
 import sys
 from retrieval import EmbedOptions
 from retrieval.embed.pipeline import embed_images
@@ -140,7 +144,7 @@ from retrieval.sources.discovery import discover_images
 refs = discover_images([sys.argv[1]])[0]
 encoder = load_image_encoder("efficientnet-lite0", device="cpu")
 embed_images(refs, encoder, EmbedOptions(batch_size=16, workers=2, replicas=True, progress=False))
-'''
+"""
 
 
 def test_the_workers_of_a_killed_embedding_die_with_it(tmp_path):
@@ -157,8 +161,22 @@ def test_the_workers_of_a_killed_embedding_die_with_it(tmp_path):
 
 def test_a_build_killed_mid_encoding_leaves_no_worker_and_no_lock(tmp_path, tiny_clip_dir, more_photos):
     index = tmp_path / "index"
-    cmd = [str(ROOT / "cli.py"), "build-index", "--index", str(index), "--images", str(more_photos),
-           *_clip_args(tiny_clip_dir), "--device", "cpu", "-q", "--workers", "2", "--batch-size", "2"]
+    cmd = [
+        str(ROOT / "cli.py"),
+        "build-index",
+        "--index",
+        str(index),
+        "--images",
+        str(more_photos),
+        *_clip_args(tiny_clip_dir),
+        "--device",
+        "cpu",
+        "-q",
+        "--workers",
+        "2",
+        "--batch-size",
+        "2",
+    ]
     seen = _kill_mid_encoding(cmd, tmp_path)
     print(f"\nbuild-index pid {seen['parent']} killed; workers {seen['workers']}, survivors {seen['survivors']}")
     _check_killed(seen)
@@ -170,11 +188,27 @@ def test_an_add_killed_mid_encoding_leaves_no_worker_and_no_lock(tmp_path, tiny_
     """Then remove (a command that does not encode) and the same add again both succeed at once."""
     index = tmp_path / "index"
     first = sorted((COCO / "images").glob("*.jpg"))[:8]
-    retrieval.build_index(images=first, index=index,
-                          encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
-                          embed=EmbedOptions(batch_size=8, workers=0, progress=False))
-    cmd = [str(ROOT / "cli.py"), "add", "--index", str(index), "--images", str(more_photos), "--device", "cpu",
-           "-q", "--workers", "2", "--batch-size", "2"]
+    retrieval.build_index(
+        images=first,
+        index=index,
+        encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
+        embed=EmbedOptions(batch_size=8, workers=0, progress=False),
+    )
+    cmd = [
+        str(ROOT / "cli.py"),
+        "add",
+        "--index",
+        str(index),
+        "--images",
+        str(more_photos),
+        "--device",
+        "cpu",
+        "-q",
+        "--workers",
+        "2",
+        "--batch-size",
+        "2",
+    ]
     seen = _kill_mid_encoding(cmd, tmp_path)
     print(f"\nadd pid {seen['parent']} killed; workers {seen['workers']}, survivors {seen['survivors']}")
     _check_killed(seen)
@@ -186,7 +220,7 @@ def test_an_add_killed_mid_encoding_leaves_no_worker_and_no_lock(tmp_path, tiny_
     assert not (index / LOCK_NAME).exists()
 
 
-HOLDER = r'''
+HOLDER = r"""
 import fcntl, os, subprocess, sys
 fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -194,13 +228,15 @@ os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 leftover = subprocess.Popen(["sleep", "120"], pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # keeps the open file, and so the lock
 print(leftover.pid, flush=True)
 os._exit(0)  # the "build" dies; its child lives on
-'''
+"""
 
 
 def test_a_lock_held_only_by_leftovers_of_a_dead_build_names_them(tmp_path):
     index = tmp_path / "index"
     index.mkdir()
-    out = subprocess.run([sys.executable, "-c", HOLDER, str(index)], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", HOLDER, str(index)], capture_output=True, text=True, timeout=60, check=True
+    )
     leftover, build = int(out.stdout.strip()), int((index / LOCK_NAME).read_text())
     try:
         with pytest.raises(IndexLockedError) as raised:
@@ -226,10 +262,18 @@ def test_a_live_build_is_still_named_as_the_holder(tmp_path):
     """A build that is alive is reported as such, not as leftovers, even while it has children."""
     index = tmp_path / "index"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, subprocess; from retrieval.store.locking import WriterLock; lock = WriterLock(sys.argv[1]); "
-         "child = subprocess.Popen(['sleep', '120']); print('locked', flush=True); child.wait()", str(index)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT, env=_env(), start_new_session=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, subprocess; from retrieval.store.locking import WriterLock; lock = WriterLock(sys.argv[1]); "
+            "child = subprocess.Popen(['sleep', '120']); print('locked', flush=True); child.wait()",
+            str(index),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+        start_new_session=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -254,8 +298,17 @@ def test_a_forked_child_neither_holds_nor_releases_the_parents_lock(tmp_path):
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "the forked child kept the lock's descriptor"
         assert lock.held and (index / LOCK_NAME).is_file()
-        other = subprocess.run([sys.executable, "-c", "import sys; from retrieval.store.locking import WriterLock; "
-                                "WriterLock(sys.argv[1])", str(index)], env=_env(), capture_output=True, text=True)
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from retrieval.store.locking import WriterLock; WriterLock(sys.argv[1])",
+                str(index),
+            ],
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
         assert f"locked by another build (pid {os.getpid()})" in other.stderr, other.stderr[-2000:]
     assert not (index / LOCK_NAME).exists()
 

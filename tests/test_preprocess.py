@@ -326,8 +326,15 @@ def test_open_clip_config_is_read_not_assumed(tiny_clip_dir, real_photos):
     from open_clip.transform import PreprocessCfg, image_transform_v2
     from PIL import Image
 
-    cfg = {"size": (160, 224), "mode": "RGB", "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6),
-           "interpolation": "bilinear", "resize_mode": "squash", "fill_color": 0}
+    cfg = {
+        "size": (160, 224),
+        "mode": "RGB",
+        "mean": (0.1, 0.2, 0.3),
+        "std": (0.4, 0.5, 0.6),
+        "interpolation": "bilinear",
+        "resize_mode": "squash",
+        "fill_color": 0,
+    }
     fast = open_clip_transform(cfg)
     assert fast.mean == (0.1, 0.2, 0.3) and fast.std == (0.4, 0.5, 0.6) and fast.interpolation == "bilinear"
     assert fast.output_size == (160, 224) and fast.draft_size == (448, 320)
@@ -342,8 +349,9 @@ def test_open_clip_config_is_read_not_assumed(tiny_clip_dir, real_photos):
 
     # an encoder whose config has no fast equivalent keeps open_clip's own transform
     enc = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
-    open_clip.set_model_preprocess_cfg(enc._model, {**open_clip.get_model_preprocess_cfg(enc._model),
-                                                    "resize_mode": "longest"})
+    open_clip.set_model_preprocess_cfg(
+        enc._model, {**open_clip.get_model_preprocess_cfg(enc._model), "resize_mode": "longest"}
+    )
     assert enc.image_transform() is enc.reference_transform() and enc.draft_size is None
 
 
@@ -367,8 +375,10 @@ def test_drafted_crop_region_matches_full_decode_for_every_orientation(tmp_path,
     drafted.image.info.pop(DRAFT_INFO)  # and the geometry altogether
     naive = float((fast(drafted.image) - ref).abs().mean())
     level = _level(fast)
-    print(f"\norientation {orientation}: mean diff {good / level:.2f} levels "
-          f"(offsets ignored {unshifted / level:.2f}, no geometry {naive / level:.2f})")
+    print(
+        f"\norientation {orientation}: mean diff {good / level:.2f} levels "
+        f"(offsets ignored {unshifted / level:.2f}, no geometry {naive / level:.2f})"
+    )
     assert good <= 1.5 * level
     assert good < naive
     if orientation in (2, 3, 4, 6, 7, 8):  # a mirrored axis: the offset matters

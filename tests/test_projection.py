@@ -343,12 +343,22 @@ def test_linear_alignment_load_errors(tmp_path, synthetic):
     with pytest.raises(IndexFormatError, match="garbage.npz"):
         LinearAlignment.load(garbage)
     wrong = tmp_path / "wrong.npz"
-    np.savez(wrong, format_version=np.int64(1), image_to_text=np.ones((4, 3)),
-             text_to_image=np.ones((4, 3)), ridge=np.float64(1.0))
+    np.savez(
+        wrong,
+        format_version=np.int64(1),
+        image_to_text=np.ones((4, 3)),
+        text_to_image=np.ones((4, 3)),
+        ridge=np.float64(1.0),
+    )
     with pytest.raises(IndexFormatError, match="wrong.npz"):
         LinearAlignment.load(wrong)
     pickled = tmp_path / "pickled.npz"
-    np.savez(pickled, format_version=np.int64(1), image_to_text=np.array([object()], dtype=object),
-             text_to_image=np.ones((3, 4)), ridge=np.float64(1.0))
+    np.savez(
+        pickled,
+        format_version=np.int64(1),
+        image_to_text=np.array([object()], dtype=object),
+        text_to_image=np.ones((3, 4)),
+        ridge=np.float64(1.0),
+    )
     with pytest.raises(IndexFormatError, match="pickled.npz"):
         LinearAlignment.load(pickled)

@@ -30,8 +30,10 @@ def unit(m: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def clip_index(tmp_path_factory, tiny_clip_dir, small_collection):
     return retrieval.build_index(
-        images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"],
-        index=tmp_path_factory.mktemp("clip") / "i", embed=QUIET,
+        images=[small_collection / "images"],
+        captions=[small_collection / "pairs.jsonl"],
+        index=tmp_path_factory.mktemp("clip") / "i",
+        embed=QUIET,
         encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
     )
 
@@ -39,8 +41,12 @@ def clip_index(tmp_path_factory, tiny_clip_dir, small_collection):
 @pytest.fixture(scope="module")
 def asif_index(tmp_path_factory, anchor_dir, small_collection):  # noqa: F811
     return retrieval.build_index(
-        images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"],
-        index=tmp_path_factory.mktemp("asif") / "i", encoders=UNIMODAL, anchors=anchor_dir, embed=QUIET,
+        images=[small_collection / "images"],
+        captions=[small_collection / "pairs.jsonl"],
+        index=tmp_path_factory.mktemp("asif") / "i",
+        encoders=UNIMODAL,
+        anchors=anchor_dir,
+        embed=QUIET,
     )
 
 
@@ -65,14 +71,23 @@ def check_hits(hits, expected: np.ndarray, table: dict, k: int, atol: float) -> 
 
 def test_query_algebra_and_bad_parts():
     query = Query.text("a dog") + Query.text("in the snow") - 0.5 * Query.text("grass")
-    assert [(p.weight, p.modality, p.value) for p in query.parts] == [(1.0, "text", "a dog"), (1.0, "text", "in the snow"), (-0.5, "text", "grass")]
+    assert [(p.weight, p.modality, p.value) for p in query.parts] == [
+        (1.0, "text", "a dog"),
+        (1.0, "text", "in the snow"),
+        (-0.5, "text", "grass"),
+    ]
     assert query.describe() == "a dog + in the snow - 0.5*grass"
     assert Query([(2, "image", "x.jpg")]) == 2 * Query.image("x.jpg")
     assert [p.weight for p in Query.images(["a.jpg", "b.jpg"]).parts] == [0.5, 0.5]
     assert (Query.image("a.jpg") + Query.text("at night")).modalities == {"image", "text"}
-    for bad, message in [(lambda: Query.text(" "), "empty"), (lambda: Query.text("a", weight=0), "other than 0"),
-                         (lambda: Query.text("a", weight=float("nan")), "finite"), (lambda: Query(()), "at least one part"),
-                         (lambda: Query([(1, "audio", "x")]), "modality"), (lambda: Query.image(3), "path or a PIL image")]:
+    for bad, message in [
+        (lambda: Query.text(" "), "empty"),
+        (lambda: Query.text("a", weight=0), "other than 0"),
+        (lambda: Query.text("a", weight=float("nan")), "finite"),
+        (lambda: Query(()), "at least one part"),
+        (lambda: Query([(1, "audio", "x")]), "modality"),
+        (lambda: Query.image(3), "path or a PIL image"),
+    ]:
         with pytest.raises(InputError, match=message):
             bad()
 
@@ -90,7 +105,9 @@ def test_clip_mixes_weighted_text_and_image_parts_in_the_shared_space(clip_index
 
 def same(a: list, b: list) -> bool:
     """The same hits, scores equal up to the renormalisation of the query vector."""
-    return [h.id for h in a] == [h.id for h in b] and [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+    return [h.id for h in a] == [h.id for h in b] and [h.score for h in a] == pytest.approx(
+        [h.score for h in b], abs=1e-5
+    )
 
 
 def test_a_one_part_query_equals_the_plain_query(clip_index, asif_index, small_collection):
@@ -100,7 +117,10 @@ def test_a_one_part_query_equals_the_plain_query(clip_index, asif_index, small_c
         assert same(index.search(Query.image(photo), k=3), index.image_to_image(photo, k=3))
         assert same(index.search(Query.text("a cake"), target="caption", k=3), index.text_to_caption("a cake", k=3))
         assert same(index.search(Query.image(photo), target="caption", k=3), index.image_to_caption(photo, k=3))
-    assert same(asif_index.search(Query.text("a cake"), k=3, route="projected"), asif_index.text_to_image("a cake", k=3, route="projected"))
+    assert same(
+        asif_index.search(Query.text("a cake"), k=3, route="projected"),
+        asif_index.text_to_image("a cake", k=3, route="projected"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +131,10 @@ def asif_parts(asif_index, small_collection):
     return {
         "text": unit(asif_index.text_encoder.encode_texts(["people eating cake", "a horse"])),
         "image": unit(asif_index.image_encoder.encode_images(pictures)),
-        "anchors": {"image": store.read_array(files["anchors"][0]["image"]).astype(np.float64),
-                    "text": store.read_array(files["anchors"][0]["text"]).astype(np.float64)},
+        "anchors": {
+            "image": store.read_array(files["anchors"][0]["image"]).astype(np.float64),
+            "text": store.read_array(files["anchors"][0]["text"]).astype(np.float64),
+        },
         "photos": photos(small_collection)[:2],
     }
 
@@ -123,7 +145,12 @@ def mixed(parts) -> Query:
 
 def reference_parts(parts, into) -> list[np.ndarray]:
     """The four parts of :func:`mixed` (photo, photo, text, text) each mapped by ``into(vector, modality)``."""
-    return [into(parts["image"][0], "image"), into(parts["image"][1], "image"), into(parts["text"][0], "text"), into(parts["text"][1], "text")]
+    return [
+        into(parts["image"][0], "image"),
+        into(parts["image"][1], "image"),
+        into(parts["text"][0], "text"),
+        into(parts["text"][1], "text"),
+    ]
 
 
 WEIGHTS = [0.5, 0.5, 1.0, -0.5]
@@ -146,8 +173,15 @@ def project(anchors, vector, modality, into):
 
 def test_projected_route_projects_image_parts_into_the_text_space(asif_index, asif_parts):
     anchors = asif_parts["anchors"]
-    reference = unit(sum(w * row for w, row in zip(WEIGHTS, reference_parts(
-        asif_parts, lambda v, m: v if m == "text" else project(anchors, v, "image", "text")))))
+    reference = unit(
+        sum(
+            w * row
+            for w, row in zip(
+                WEIGHTS,
+                reference_parts(asif_parts, lambda v, m: v if m == "text" else project(anchors, v, "image", "text")),
+            )
+        )
+    )
     items = unit(reference_relative(stored(asif_index, "image/image"), anchors["image"], 5, 2.0) @ anchors["text"])
     hits = asif_index.search(mixed(asif_parts), target="image", k=5, route="projected")
     check_hits(hits, items @ reference, asif_index.items("image"), 5, 5e-3)
@@ -155,12 +189,25 @@ def test_projected_route_projects_image_parts_into_the_text_space(asif_index, as
 
 def test_unimodal_route_projects_text_parts_into_the_image_space(asif_index, asif_parts):
     anchors = asif_parts["anchors"]
-    reference = unit(sum(w * row for w, row in zip(WEIGHTS, reference_parts(
-        asif_parts, lambda v, m: v if m == "image" else project(anchors, v, "text", "image")))))
+    reference = unit(
+        sum(
+            w * row
+            for w, row in zip(
+                WEIGHTS,
+                reference_parts(asif_parts, lambda v, m: v if m == "image" else project(anchors, v, "text", "image")),
+            )
+        )
+    )
     hits = asif_index.search(mixed(asif_parts), target="image", k=5, route="unimodal")
     check_hits(hits, stored(asif_index, "image/image") @ reference, asif_index.items("image"), 5, 5e-3)
     photo_only = asif_index.search(Query.images(asif_parts["photos"]), k=3)  # several images averaged, own space
-    check_hits(photo_only, stored(asif_index, "image/image") @ unit(asif_parts["image"].sum(0)), asif_index.items("image"), 3, 5e-3)
+    check_hits(
+        photo_only,
+        stored(asif_index, "image/image") @ unit(asif_parts["image"].sum(0)),
+        asif_index.items("image"),
+        3,
+        5e-3,
+    )
 
 
 def test_routes_errors_and_exclusions(asif_index, clip_index, asif_parts):
@@ -184,7 +231,9 @@ def test_cli_plus_and_minus(clip_index, small_collection):
     runner = CliRunner()
     photo = str(photos(small_collection)[0])
     base = ["--index", str(clip_index.path), "--json", "-k", "3", "--device", "cpu"]
-    result = runner.invoke(main, ["text-to-image", "a plate of food", "--plus", photo, "--minus", "a horse::0.5", *base])
+    result = runner.invoke(
+        main, ["text-to-image", "a plate of food", "--plus", photo, "--minus", "a horse::0.5", *base]
+    )
     assert result.exit_code == 0, result.output
     expected = clip_index.search(Query.text("a plate of food") + Query.image(photo) - 0.5 * Query.text("a horse"), k=3)
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [h.id for h in expected]
@@ -231,8 +280,14 @@ def test_a_composed_query_takes_where_min_score_and_offset(clip_index, asif_inde
     assert all(table["image_uri"][table["id"].index(h.id)] != table["image_uri"][0] for h in hits)
     check_hits(hits, expected, table, 4, 3e-3)
     more = clip_index.search(query, target="caption", k=8, where=where)
-    assert [h.id for h in clip_index.search(query, target="caption", k=4, where=where, offset=4)] == [h.id for h in more[4:8]]
+    assert [h.id for h in clip_index.search(query, target="caption", k=4, where=where, offset=4)] == [
+        h.id for h in more[4:8]
+    ]
     cut = more[2].score
-    assert [h.id for h in clip_index.search(query, target="caption", k=8, where=where, min_score=cut)] == [h.id for h in more[:3]]
-    asif_hits = asif_index.search(Query.text("people eating cake") - 0.5 * Query.text("a horse"), k=3, where="width > 0")
+    assert [h.id for h in clip_index.search(query, target="caption", k=8, where=where, min_score=cut)] == [
+        h.id for h in more[:3]
+    ]
+    asif_hits = asif_index.search(
+        Query.text("people eating cake") - 0.5 * Query.text("a horse"), k=3, where="width > 0"
+    )
     assert len(asif_hits) == 3

@@ -23,7 +23,9 @@ from click.testing import CliRunner
 from conftest import require_shared_data
 from ray_helpers import alarm_after, local_ray, photos_with_a_broken_one
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install 'retrieval[ray]'")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install 'retrieval[ray]'"
+)
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SECONDS = 60
 
@@ -52,8 +54,23 @@ def photos(tmp_path_factory) -> Path:
 def _build(photos: Path, index: Path, tiny_clip_dir: Path, *extra: str) -> None:
     from retrieval.cli.main import main
 
-    args = ["build-index", "--images", str(photos), "--index", str(index), "--encoder", "open_clip:tiny",
-            "--checkpoint", str(tiny_clip_dir), "--device", "cpu", "--index-type", "flat", "--quiet", *extra]
+    args = [
+        "build-index",
+        "--images",
+        str(photos),
+        "--index",
+        str(index),
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        str(tiny_clip_dir),
+        "--device",
+        "cpu",
+        "--index-type",
+        "flat",
+        "--quiet",
+        *extra,
+    ]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
 
@@ -75,8 +92,9 @@ def test_ray_build_is_the_single_machine_build(ray_cluster, photos, tiny_clip_di
 
     monkeypatch.setattr(ray_pipeline, "embed_images_on_ray", spy)
     _build(photos, tmp_path / "single", tiny_clip_dir, "--workers", "0", "--batch-size", "4")
-    _build(photos, tmp_path / "ray", tiny_clip_dir, "--ray", "local", "--batch-size", "4",
-           "--progress-shard-size", "8")  # 25 photos -> 4 units, one task each
+    _build(
+        photos, tmp_path / "ray", tiny_clip_dir, "--ray", "local", "--batch-size", "4", "--progress-shard-size", "8"
+    )  # 25 photos -> 4 units, one task each
     assert [o.address for o in submitted] == ["local"]  # the CLI went through Ray
     single, distributed = open_index(tmp_path / "single", device="cpu"), open_index(tmp_path / "ray", device="cpu")
     assert distributed.items("image")["id"] == single.items("image")["id"]
@@ -85,7 +103,9 @@ def test_ray_build_is_the_single_machine_build(ray_cluster, photos, tiny_clip_di
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.9999, cosine.min()
     for query in ("a dog", "food on a plate", "a street with cars"):
-        assert [h.id for h in distributed.text_to_image(query, k=10)] == [h.id for h in single.text_to_image(query, k=10)]
+        assert [h.id for h in distributed.text_to_image(query, k=10)] == [
+            h.id for h in single.text_to_image(query, k=10)
+        ]
     errors = [json.loads(line) for line in (tmp_path / "ray" / "errors.jsonl").read_text().splitlines()]
     assert [Path(e["path"]).name for e in errors] == ["zz-broken.jpg"], errors
     assert errors == [json.loads(line) for line in (tmp_path / "single" / "errors.jsonl").read_text().splitlines()]
@@ -101,8 +121,7 @@ def test_rerun_submits_only_the_missing_units(ray_cluster, photos, tiny_clip_dir
     refs = gather_items([photos], []).images
     encoder = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
     options = EmbedOptions(batch_size=4, progress=False)
-    ray_options = RayOptions(address="local", unit_size=8, actors=1,
-                             encoders=_choice(tiny_clip_dir))
+    ray_options = RayOptions(address="local", unit_size=8, actors=1, encoders=_choice(tiny_clip_dir))
     first = embed_images_on_ray(refs, encoder, options, tmp_path, ray_options)
     assert first.resumed == 0 and len(first.rows) == 24 and len(first.errors) == 1
     units = sorted((tmp_path / ".work").glob("*/shard-*.npz"))
@@ -133,8 +152,13 @@ def test_a_unit_that_raises_fails_the_build_with_a_clear_error(ray_cluster, phot
     refs = gather_items([photos], []).images[:8]
     encoder = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
     with pytest.raises(RayBuildError, match=r"a work unit failed on Ray \((FileExistsError|NotADirectoryError)"):
-        embed_images_on_ray(refs, encoder, EmbedOptions(batch_size=4, progress=False), tmp_path,
-                            RayOptions(address="local", unit_size=4, actors=1, encoders=_choice(tiny_clip_dir)))
+        embed_images_on_ray(
+            refs,
+            encoder,
+            EmbedOptions(batch_size=4, progress=False),
+            tmp_path,
+            RayOptions(address="local", unit_size=4, actors=1, encoders=_choice(tiny_clip_dir)),
+        )
 
 
 def _choice(tiny_clip_dir: Path):
@@ -146,8 +170,11 @@ def _choice(tiny_clip_dir: Path):
 def _listeners(pids: set[int]) -> list[tuple[str, int, int]]:
     import psutil
 
-    return [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("inet")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    return [
+        (c.laddr.ip, c.laddr.port, c.pid)
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
 
 
 def _is_loopback(ip: str) -> bool:
@@ -170,8 +197,14 @@ def test_every_ray_process_listens_on_loopback_only(ray_cluster):
 
 def test_the_cli_imports_ray_only_for_a_ray_build():
     code = "import sys, retrieval.cli.main, retrieval.api.build; assert 'ray' not in sys.modules, 'ray imported'"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -184,9 +217,21 @@ def test_units_are_one_per_source_shard_and_whole_batches_of_loose_files(tmp_pat
         return ImageRef(uri=f"{shard}#{key}", opener=TarMember(shard, key, 1), source="{a,b}.tar")
 
     loose = [ImageRef(path=tmp_path / f"{i}.jpg") for i in range(5)]
-    memory = [ImageRef(uri=f"mem:{i}", opener=lambda: b"") for i in range(3)]  # an opener without a file: as loose items
-    refs = loose[:3] + [member("a.tar", i) for i in range(7)] + [member("b.tar", i) for i in range(2)] + loose[3:] + memory
-    assert cut_units(refs, 2) == [Unit(0, 2), Unit(2, 3), Unit(3, 10), Unit(10, 12), Unit(12, 14), Unit(14, 16), Unit(16, 17)]
+    memory = [
+        ImageRef(uri=f"mem:{i}", opener=lambda: b"") for i in range(3)
+    ]  # an opener without a file: as loose items
+    refs = (
+        loose[:3] + [member("a.tar", i) for i in range(7)] + [member("b.tar", i) for i in range(2)] + loose[3:] + memory
+    )
+    assert cut_units(refs, 2) == [
+        Unit(0, 2),
+        Unit(2, 3),
+        Unit(3, 10),
+        Unit(10, 12),
+        Unit(12, 14),
+        Unit(14, 16),
+        Unit(16, 17),
+    ]
     with pytest.raises(ValueError):
         cut_units(refs, 0)
 
@@ -205,8 +250,13 @@ def test_tar_shards_are_one_unit_each_and_index_as_without_ray(ray_cluster, tiny
     monkeypatch.setattr(ray_pipeline, "cut_units", lambda refs, size: cuts.append(cut(refs, size)) or cuts[-1])
     built = {}
     for name, ray_options in (("single", None), ("ray", RayOptions(address="local", actors=2))):
-        built[name] = retrieval.build_index(images=[str(shards / "{00000..00002}.tar")], index=tmp_path / name, embed=QUIET,
-                                            encoders=_choice(tiny_clip_dir), ray=ray_options)
+        built[name] = retrieval.build_index(
+            images=[str(shards / "{00000..00002}.tar")],
+            index=tmp_path / name,
+            embed=QUIET,
+            encoders=_choice(tiny_clip_dir),
+            ray=ray_options,
+        )
     assert [[(u.start, u.stop) for u in units] for units in cuts] == [[(0, 5), (5, 10), (10, 12)]]
     assert built["ray"].items("image")["id"] == built["single"].items("image")["id"]
     a, b = _vectors(built["single"]), _vectors(built["ray"])
@@ -278,9 +328,26 @@ def test_add_on_ray_is_the_single_machine_add(ray_cluster, photos, tiny_clip_dir
     for label in ("single", "ray"):
         _build(first, tmp_path / label, tiny_clip_dir, "--workers", "0", "--batch-size", "4")
     for label, extra in (("single", ["--workers", "0"]), ("ray", ["--ray", "local"])):
-        result = CliRunner().invoke(main, ["add", "--images", str(later), "--images", str(first), "--index", str(tmp_path / label),
-                                           "--device", "cpu", "--batch-size", "4", "--quiet", "--json", *extra],
-                                    catch_exceptions=False)
+        result = CliRunner().invoke(
+            main,
+            [
+                "add",
+                "--images",
+                str(later),
+                "--images",
+                str(first),
+                "--index",
+                str(tmp_path / label),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "4",
+                "--quiet",
+                "--json",
+                *extra,
+            ],
+            catch_exceptions=False,
+        )
         assert result.exit_code == 0, result.output
         report = json.loads(result.output.strip().splitlines()[-1])
         assert report["added"]["image"] == len(names) - 16 and report["already_present"]["image"] == 16, report
@@ -289,5 +356,7 @@ def test_add_on_ray_is_the_single_machine_add(ray_cluster, photos, tiny_clip_dir
     assert distributed.items("image")["id"] == single.items("image")["id"]
     a, b = _vectors(single), _vectors(distributed)
     assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.9999
-    assert [h.id for h in distributed.text_to_image("a dog", k=10)] == [h.id for h in single.text_to_image("a dog", k=10)]
+    assert [h.id for h in distributed.text_to_image("a dog", k=10)] == [
+        h.id for h in single.text_to_image("a dog", k=10)
+    ]
     assert not (tmp_path / "ray" / ".work").exists()

@@ -51,7 +51,9 @@ def hooks(tmp_path_factory) -> Path:
 def ray_cluster(hooks):
     """One local Ray session for the module whose workers see the test hooks' folder."""
     if "ray" in sys.modules:
-        assert not sys.modules["ray"].is_initialized(), "another module's Ray session is open: its workers lack the hooks"
+        assert not sys.modules["ray"].is_initialized(), (
+            "another module's Ray session is open: its workers lack the hooks"
+        )
     with local_ray({HOOKS_ENV: str(hooks)}) as ray:
         yield ray
 
@@ -107,8 +109,13 @@ def test_a_killed_worker_is_restarted_and_its_unit_run_again(ray_cluster, hooks,
     refs = gather_items([photos], []).images
     encoder = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
     (hooks / "kill-8").write_text("1")  # the actor that picks up unit 8..12 SIGKILLs itself, once
-    result = embed_images_on_ray(refs, encoder, EmbedOptions(batch_size=4, progress=False), tmp_path,
-                                 RayOptions(address="local", unit_size=4, actors=1, encoders=_choice(tiny_clip_dir)))
+    result = embed_images_on_ray(
+        refs,
+        encoder,
+        EmbedOptions(batch_size=4, progress=False),
+        tmp_path,
+        RayOptions(address="local", unit_size=4, actors=1, encoders=_choice(tiny_clip_dir)),
+    )
     assert not (hooks / "kill-8").exists(), "the worker was never killed: the test tested nothing"
     log = _embedded(hooks)
     assert Counter(start for start, _ in log) == Counter(range(0, 25, 4)), log  # each unit written once
@@ -117,7 +124,9 @@ def test_a_killed_worker_is_restarted_and_its_unit_run_again(ray_cluster, hooks,
 
 
 @needs_ray
-def test_a_unit_that_kills_every_worker_fails_the_build_after_its_retries(ray_cluster, hooks, photos, tiny_clip_dir, tmp_path):
+def test_a_unit_that_kills_every_worker_fails_the_build_after_its_retries(
+    ray_cluster, hooks, photos, tiny_clip_dir, tmp_path
+):
     from retrieval.api.build import gather_items
     from retrieval.embed.pipeline import EmbedOptions
     from retrieval.embed.ray_pipeline import RayBuildError, embed_images_on_ray
@@ -128,8 +137,13 @@ def test_a_unit_that_kills_every_worker_fails_the_build_after_its_retries(ray_cl
     encoder = load_clip_encoder("open_clip:tiny", checkpoint=tiny_clip_dir, device="cpu")
     (hooks / "kill-4").write_text("50")  # dies every time it is tried
     with pytest.raises(RayBuildError, match=r"a work unit failed on Ray \(\w*(Actor|Died|Worker)\w*"):
-        embed_images_on_ray(refs, encoder, EmbedOptions(batch_size=4, progress=False), tmp_path,
-                            RayOptions(address="local", unit_size=4, actors=1, unit_retries=1, encoders=_choice(tiny_clip_dir)))
+        embed_images_on_ray(
+            refs,
+            encoder,
+            EmbedOptions(batch_size=4, progress=False),
+            tmp_path,
+            RayOptions(address="local", unit_size=4, actors=1, unit_retries=1, encoders=_choice(tiny_clip_dir)),
+        )
     tries = 50 - int((hooks / "kill-4").read_text())
     assert 2 <= tries <= 4, tries  # the first try and its retry (an in-flight unit's retries may add one), not 50
 
@@ -175,8 +189,24 @@ def _kill_driver(child: subprocess.Popen) -> None:
 
 
 def _build_args(photos: Path, index: Path, tiny_clip_dir: Path) -> list[str]:
-    return ["build-index", "--images", str(photos), "--index", str(index), "--encoder", "open_clip:tiny",
-            "--checkpoint", str(tiny_clip_dir), "--device", "cpu", "--index-type", "flat", "--quiet", "--batch-size", "4"]
+    return [
+        "build-index",
+        "--images",
+        str(photos),
+        "--index",
+        str(index),
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        str(tiny_clip_dir),
+        "--device",
+        "cpu",
+        "--index-type",
+        "flat",
+        "--quiet",
+        "--batch-size",
+        "4",
+    ]
 
 
 @needs_ray
@@ -187,16 +217,27 @@ def test_a_killed_driver_reruns_only_the_missing_units(ray_cluster, hooks, photo
     from retrieval.cli.main import main
 
     index, units = tmp_path / "index", tmp_path / "units"
-    args = _build_args(photos, index, tiny_clip_dir) + ["--progress-shard-size", "4", "--ray", "local",
-                                                        "--work-dir", units.as_uri()]
+    args = _build_args(photos, index, tiny_clip_dir) + [
+        "--progress-shard-size",
+        "4",
+        "--ray",
+        "local",
+        "--work-dir",
+        units.as_uri(),
+    ]
     driver_hooks = tmp_path / "driver-hooks"
     driver_hooks.mkdir()
     (driver_hooks / "hold").write_text("1")  # each actor holds after its first unit
     env = {**os.environ, "PYTHONPATH": str(ROOT), HOOKS_ENV: str(driver_hooks)}
     err = tmp_path / "driver.err"
     with open(err, "wb") as handle:
-        child = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], env=env, stdout=subprocess.DEVNULL,
-                                 stderr=handle, start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            start_new_session=True,
+        )
     try:
         while child.poll() is None and not list(units.glob("*/shard-*.npz")):
             time.sleep(0.05)
@@ -214,12 +255,16 @@ def test_a_killed_driver_reruns_only_the_missing_units(ray_cluster, hooks, photo
     assert sorted(start for start, _ in _embedded(hooks)) == sorted(set(range(0, 25, 4)) - done)
     assert not list(units.glob("*/shard-*")) and not (index / ".work").exists()  # cleaned up after the commit
 
-    CliRunner().invoke(main, _build_args(photos, tmp_path / "single", tiny_clip_dir) + ["--workers", "0"], catch_exceptions=False)
+    CliRunner().invoke(
+        main, _build_args(photos, tmp_path / "single", tiny_clip_dir) + ["--workers", "0"], catch_exceptions=False
+    )
     single, distributed = open_index(tmp_path / "single", device="cpu"), open_index(index, device="cpu")
     assert distributed.items("image")["id"] == single.items("image")["id"]
     a, b = (np.concatenate(list(i.vector_source("clip/image").chunks())) for i in (single, distributed))
     assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.9999
-    assert [h.id for h in distributed.text_to_image("a dog", k=10)] == [h.id for h in single.text_to_image("a dog", k=10)]
+    assert [h.id for h in distributed.text_to_image("a dog", k=10)] == [
+        h.id for h in single.text_to_image("a dog", k=10)
+    ]
 
 
 @pytest.fixture
@@ -239,10 +284,30 @@ def ray_head(tmp_path):
     env.update({**LOOPBACK_ENV, "RAY_AUTH_MODE": "disabled", HOOKS_ENV: str(hooks)})
     log = tmp_path / "head.log"
     with open(log, "wb") as handle:
-        head = subprocess.Popen([str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                                 "--num-cpus", "3", "--include-dashboard", "false", "--temp-dir", str(temp),
-                                 "--disable-usage-stats", "--block"], env=env, cwd=temp, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        head = subprocess.Popen(
+            [
+                str(ray_cli),
+                "start",
+                "--head",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--num-cpus",
+                "3",
+                "--include-dashboard",
+                "false",
+                "--temp-dir",
+                str(temp),
+                "--disable-usage-stats",
+                "--block",
+            ],
+            env=env,
+            cwd=temp,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         while head.poll() is None and b"Ray runtime started" not in log.read_bytes():
             time.sleep(0.2)
@@ -263,9 +328,15 @@ def test_a_joined_cluster_runs_the_drivers_code(ray_head, photos, tiny_clip_dir,
     args = _build_args(photos, tmp_path / "index", tiny_clip_dir) + ["--progress-shard-size", "8", "--ray", address]
     # the driver runs outside this checkout: on one machine Ray puts the driver's folder (a script's,
     # or the working directory) before the shipped code on the workers' path; other nodes lack it
-    done = subprocess.run([sys.executable, "-c", "from retrieval.cli.main import main; main()", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=200, start_new_session=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"})
+    done = subprocess.run(
+        [sys.executable, "-c", "from retrieval.cli.main import main; main()", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _embedded(hooks, package=True)
     assert sorted(start for start, _, _ in rows) == [0, 8, 16, 24]
@@ -274,12 +345,16 @@ def test_a_joined_cluster_runs_the_drivers_code(ray_head, photos, tiny_clip_dir,
         for name in ("embed/ray_pipeline.py", "embed/unit_store.py", "sources/items.py"):
             assert (folder / name).read_bytes() == (ROOT / "retrieval" / name).read_bytes(), name
     pids = _session_processes(head.pid)
-    listening = [(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
-                 if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    listening = [
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
     assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), listening
 
 
 # -- storage: unit outputs through fsspec (no Ray) -----------------------------------------------
+
 
 def _shard(start: int, stop: int, dim: int = 3) -> Shard:
     ok = [(p, 10, 20, f"{p:064x}") for p in range(start, stop - 1)]
@@ -291,14 +366,20 @@ def _shard(start: int, stop: int, dim: int = 3) -> Shard:
 def test_units_round_trip_through_fsspec_and_damaged_ones_are_dropped(kind, tmp_path):
     from retrieval.embed.unit_store import UnitStore
 
-    location = {"memory": f"memory://units-{os.getpid()}", "file": (tmp_path / "u").as_uri(), "path": str(tmp_path / "u")}[kind]
+    location = {
+        "memory": f"memory://units-{os.getpid()}",
+        "file": (tmp_path / "u").as_uri(),
+        "path": str(tmp_path / "u"),
+    }[kind]
     store = UnitStore(location, "job", 10, 3)
     assert store.load() == []
     store.write(_shard(4, 8))
     store.write(_shard(0, 4))
     loaded = store.load()
-    assert [(s.start, s.stop, s.ok, s.failed) for s in loaded] == [(0, 4, _shard(0, 4).ok, _shard(0, 4).failed),
-                                                                   (4, 8, _shard(4, 8).ok, _shard(4, 8).failed)]
+    assert [(s.start, s.stop, s.ok, s.failed) for s in loaded] == [
+        (0, 4, _shard(0, 4).ok, _shard(0, 4).failed),
+        (4, 8, _shard(4, 8).ok, _shard(4, 8).failed),
+    ]
     np.testing.assert_array_equal(loaded[1].vectors, _shard(4, 8).vectors)
     assert UnitStore(location, "another-job", 10, 3).load() == []  # keyed by job
     data = store.fs.cat_file(f"{store.folder}/shard-0000000004-0000000008.npz")
@@ -361,18 +442,48 @@ def test_the_shard_format_is_the_progress_shards(tmp_path):
 
 # -- options and code shipping -------------------------------------------------------------------
 
+
 def test_the_cli_passes_work_dir_and_ship_code(monkeypatch, tmp_path):
     from retrieval.api import build
     from retrieval.cli.main import main
 
     seen = []
-    monkeypatch.setattr(build, "build_index", lambda *a, **kw: seen.append(kw["ray"]) or (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr(
+        build, "build_index", lambda *a, **kw: seen.append(kw["ray"]) or (_ for _ in ()).throw(SystemExit(0))
+    )
     runner = CliRunner()
-    runner.invoke(main, ["build-index", "--images", str(tmp_path), "--index", str(tmp_path / "i"), "--encoder", "open_clip:tiny",
-                         "--ray", "10.0.0.1:6379", "--work-dir", "s3://bucket/units", "--no-ship-code"])
+    runner.invoke(
+        main,
+        [
+            "build-index",
+            "--images",
+            str(tmp_path),
+            "--index",
+            str(tmp_path / "i"),
+            "--encoder",
+            "open_clip:tiny",
+            "--ray",
+            "10.0.0.1:6379",
+            "--work-dir",
+            "s3://bucket/units",
+            "--no-ship-code",
+        ],
+    )
     assert seen == [RayOptions(address="10.0.0.1:6379", work_dir="s3://bucket/units", ship_code=False)]
-    result = runner.invoke(main, ["build-index", "--images", str(tmp_path), "--index", str(tmp_path / "i"),
-                                  "--encoder", "open_clip:tiny", "--work-dir", "s3://bucket/units"])
+    result = runner.invoke(
+        main,
+        [
+            "build-index",
+            "--images",
+            str(tmp_path),
+            "--index",
+            str(tmp_path / "i"),
+            "--encoder",
+            "open_clip:tiny",
+            "--work-dir",
+            "s3://bucket/units",
+        ],
+    )
     assert result.exit_code != 0 and "--work-dir is for Ray builds" in result.output
     result = runner.invoke(main, ["add", "--index", str(tmp_path), "--images", str(tmp_path), "--work-dir", "/x"])
     assert result.exit_code != 0 and "--work-dir is for Ray builds" in result.output
@@ -400,14 +511,22 @@ def test_a_joined_cluster_gets_this_package_unless_told_not_to(monkeypatch):
 
     fake = _FakeRay()
     monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)
-    for options in (RayOptions(address="10.0.0.1:6379"), RayOptions(address="auto"),
-                    RayOptions(address="ray://head:10001", ship_code=False), RayOptions(address="local")):
+    for options in (
+        RayOptions(address="10.0.0.1:6379"),
+        RayOptions(address="auto"),
+        RayOptions(address="ray://head:10001", ship_code=False),
+        RayOptions(address="local"),
+    ):
         with ray_cluster.ray_session(options):
             pass
     package = Path(retrieval.__file__).resolve().parent
     shipped = {"py_modules": [str(package)], "excludes": ["__pycache__", "*.pyc"]}
     assert [(c.get("address"), c.get("runtime_env")) for c in fake.calls] == [
-        ("10.0.0.1:6379", shipped), ("auto", shipped), ("ray://head:10001", None), (None, None)]
+        ("10.0.0.1:6379", shipped),
+        ("auto", shipped),
+        ("ray://head:10001", None),
+        (None, None),
+    ]
     assert fake.calls[-1]["_node_ip_address"] == "127.0.0.1"  # a local cluster runs this checkout's code
     assert (package / "__init__.py").is_file() and (package / "embed" / "ray_pipeline.py").is_file()
 
@@ -433,10 +552,16 @@ def test_the_error_of_a_failed_unit_is_the_innermost_that_says_something():
             super().__init__(message)
             self.cause = cause
 
-    died = ActorDiedError("The actor died because of an error raised in its creation task\n"
-                          "TypeError: UnitEncoder.__init__() got an unexpected keyword argument 'location'", SystemException())
+    died = ActorDiedError(
+        "The actor died because of an error raised in its creation task\n"
+        "TypeError: UnitEncoder.__init__() got an unexpected keyword argument 'location'",
+        SystemException(),
+    )
     try:
         raise RuntimeError("Ray Data failed") from died
     except RuntimeError as wrapped:
-        assert root_cause(wrapped) == "ActorDiedError: TypeError: UnitEncoder.__init__() got an unexpected keyword argument 'location'"
+        assert (
+            root_cause(wrapped)
+            == "ActorDiedError: TypeError: UnitEncoder.__init__() got an unexpected keyword argument 'location'"
+        )
     assert root_cause(ZeroDivisionError("division by zero")) == "ZeroDivisionError: division by zero"

@@ -21,7 +21,9 @@ from ray_helpers import alarm_after, local_ray
 
 from retrieval.index.spec import SearchKnobs
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install 'retrieval[ray]'")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install 'retrieval[ray]'"
+)
 TEST_SECONDS = 150  # a build measures recall twice; this machine's 2 cores are shared
 N = 2000
 
@@ -54,10 +56,20 @@ def _write(path: Path, collection, index_type: str, shards: int = 1, ray=None):
     record, vectors, clusters, checkpoint = collection
     rows = image_rows(path.parent / f"{path.name}-files", clusters)
     records, caption_vectors = caption_items(rows, vectors, clusters, 100)
-    embedded = EmbeddedItems(images=rows, image_vectors=vectors, captions=records, caption_vectors=caption_vectors,
-                             encoders={"image": record, "text": record}, shared_space=True)
-    options = WriteOptions(index_options=IndexOptions(index_type=index_type, shards=shards), progress=False, ray=ray,
-                           checkpoint=str(checkpoint))
+    embedded = EmbeddedItems(
+        images=rows,
+        image_vectors=vectors,
+        captions=records,
+        caption_vectors=caption_vectors,
+        encoders={"image": record, "text": record},
+        shared_space=True,
+    )
+    options = WriteOptions(
+        index_options=IndexOptions(index_type=index_type, shards=shards),
+        progress=False,
+        ray=ray,
+        checkpoint=str(checkpoint),
+    )
     return write_index(embedded, path, options)
 
 

@@ -50,7 +50,10 @@ def _cached(path: Path, offset: int, size: int) -> bool:
     start = offset - offset % page
     length = offset + size - start
     libc = ctypes.CDLL(None, use_errno=True)
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), length, access=mmap.ACCESS_COPY, offset=start) as mapped:
+    with (
+        open(path, "rb") as handle,
+        mmap.mmap(handle.fileno(), length, access=mmap.ACCESS_COPY, offset=start) as mapped,
+    ):
         view = ctypes.c_char.from_buffer(mapped)
         pages = (ctypes.c_ubyte * (-(-length // page)))()
         failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(length), pages)

@@ -66,8 +66,17 @@ def test_params_validation_and_json():
     params = AsifParams(k=7, p=2.5)
     assert AsifParams.from_json(json.loads(json.dumps(params.to_json()))) == params
     assert AsifParams.from_json({"k": 3, "p": 1}).p == 1.0
-    for bad in ({"k": 0}, {"k": -2}, {"k": 2.5}, {"k": True}, {"p": 0}, {"p": -1.0},
-                {"p": float("nan")}, {"p": float("inf")}, {"p": "3"}):
+    for bad in (
+        {"k": 0},
+        {"k": -2},
+        {"k": 2.5},
+        {"k": True},
+        {"p": 0},
+        {"p": -1.0},
+        {"p": float("nan")},
+        {"p": float("inf")},
+        {"p": "3"},
+    ):
         with pytest.raises(InputError):
             AsifParams(**bad)
     for bad_json in ([], {"k": 3}, {"k": 3, "p": 2, "q": 1}, {"k": "3", "p": 2}):
@@ -80,7 +89,9 @@ def test_open_params_are_resolved_in_one_place():
     from retrieval.asif.relative import DEFAULT_PARAMS
 
     assert AsifParams() == AsifParams(k=None, p=None) and not AsifParams(k=5).complete
-    assert AsifParams(k=50).resolved(AsifParams(k=7, p=1.5)) == AsifParams(k=50, p=1.5)  # p: the base's, not a placeholder
+    assert AsifParams(k=50).resolved(AsifParams(k=7, p=1.5)) == AsifParams(
+        k=50, p=1.5
+    )  # p: the base's, not a placeholder
     assert AsifParams(p=4).resolved(AsifParams(k=7, p=1.5)) == AsifParams(k=7, p=4.0)
     assert AsifParams().resolved() == DEFAULT_PARAMS == AsifParams(k=100, p=2.0)
     with pytest.raises(InputError, match="both k and p"):
@@ -89,7 +100,9 @@ def test_open_params_are_resolved_in_one_place():
         AsifParams.from_json({"k": 5, "p": None})
     rng = np.random.default_rng(4)
     v, a = _unit(rng, N_VEC, DIM), _unit(rng, N_ANCH, DIM)
-    np.testing.assert_allclose(relative_representation(v, a, AsifParams(k=3)).toarray(), reference_relative(v, a, 3, 2.0), atol=1e-6)
+    np.testing.assert_allclose(
+        relative_representation(v, a, AsifParams(k=3)).toarray(), reference_relative(v, a, 3, 2.0), atol=1e-6
+    )
 
 
 def test_anchor_sets_give_their_own_params_and_fused_sets_must_agree():
@@ -112,8 +125,11 @@ def test_anchor_sets_give_their_own_params_and_fused_sets_must_agree():
         asif_params_for([first, other], AsifParams(k=5))
     assert asif_params_for([first, other], AsifParams(k=5, p=2)) == AsifParams(k=5, p=2.0)
     v = _unit(rng, 6, DIM)
-    np.testing.assert_allclose(AnchorSpaces([first]).relative(v, "image").toarray(),
-                               reference_relative(v, first.image_vectors, 7, 1.5), atol=1e-6)
+    np.testing.assert_allclose(
+        AnchorSpaces([first]).relative(v, "image").toarray(),
+        reference_relative(v, first.image_vectors, 7, 1.5),
+        atol=1e-6,
+    )
     with pytest.raises(InputError, match="different ASIF"):
         AnchorSpaces([first, other]).relative(v, "image")
 
@@ -254,14 +270,15 @@ def test_search_matches_dense_reference(k_rel, k_search, values):
     stored = coll.toarray().astype(values).astype(np.float64)  # the values as stored
     assert_search_matches(scores, positions, reference_search(stored, queries.toarray(), k_search), k_search)
     # against the float32 rows: within the float16 bound
-    exact = np.sort(reference_search(coll.toarray(), queries.toarray(), k_search), axis=1)[:, ::-1][:, : scores.shape[1]]
+    exact = np.sort(reference_search(coll.toarray(), queries.toarray(), k_search), axis=1)[:, ::-1][
+        :, : scores.shape[1]
+    ]
     np.testing.assert_allclose(scores, exact, atol=FLOAT16_SCORE_TOLERANCE if values == "float16" else 1e-5)
 
 
 def test_search_ties_and_small_batches():
     # duplicated rows give exact ties: lower position first
-    rows = sp.csr_matrix(np.array([[0, 1, 0], [1, 0, 0], [0, 1, 0], [0.6, 0.8, 0], [0, 1, 0]],
-                                  dtype=np.float32))
+    rows = sp.csr_matrix(np.array([[0, 1, 0], [1, 0, 0], [0, 1, 0], [0.6, 0.8, 0], [0, 1, 0]], dtype=np.float32))
     idx = SparseRelativeIndex(rows, values="float32")
     q = sp.csr_matrix(np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=np.float32))
     scores, positions = idx.search(q, k=4)
@@ -293,9 +310,7 @@ def test_search_many_ties_exact_order():
 
 
 def test_search_does_not_modify_inputs():
-    rows = sp.csr_matrix(
-        (np.array([2.0, 1.0], dtype=np.float32), np.array([2, 0]), np.array([0, 2])), shape=(1, 3)
-    )
+    rows = sp.csr_matrix((np.array([2.0, 1.0], dtype=np.float32), np.array([2, 0]), np.array([0, 2])), shape=(1, 3))
     before = rows.indices.copy()
     idx = SparseRelativeIndex(rows)
     np.testing.assert_array_equal(rows.indices, before)
@@ -323,9 +338,7 @@ def test_save_load_round_trip(tmp_path: Path):
 
 def test_load_errors_name_the_file(tmp_path: Path):
     rng = np.random.default_rng(19)
-    coll = relative_representation(
-        _unit(rng, N_VEC, DIM), _unit(rng, N_ANCH, DIM), AsifParams(k=5, p=3.0)
-    )
+    coll = relative_representation(_unit(rng, N_VEC, DIM), _unit(rng, N_ANCH, DIM), AsifParams(k=5, p=3.0))
     path = tmp_path / "rows.npz"
     SparseRelativeIndex(coll).save(path)
     data = path.read_bytes()
@@ -426,7 +439,9 @@ def test_format_v1_npz_rows_still_load_and_score_exactly(tmp_path: Path):
 
 
 def test_fewer_touched_rows_than_k_pad_with_zero_scores_by_position():
-    rows = sp.csr_matrix(np.array([[0, 0, 1], [0, 0.5, 0], [0, 0, 0], [0.25, 0, 0], [0, 0.5, 0], [0, 0, 0]], np.float32))
+    rows = sp.csr_matrix(
+        np.array([[0, 0, 1], [0, 0.5, 0], [0, 0, 0], [0.25, 0, 0], [0, 0.5, 0], [0, 0, 0]], np.float32)
+    )
     q = sp.csr_matrix(np.array([[0, 1, 0], [0.5, 0, 0.5]], np.float32))
     for values in ("float16", "float32"):  # these values are exact in float16
         scores, positions = SparseRelativeIndex(rows, values=values).search(q, k=5)
@@ -436,7 +451,9 @@ def test_fewer_touched_rows_than_k_pad_with_zero_scores_by_position():
 
 def test_negative_entries_still_rank_below_untouched_rows():
     rows = sp.csr_matrix(np.array([[-1.0, 0], [0, 0], [0.5, 0], [0, 1.0]], np.float32))
-    scores, positions = SparseRelativeIndex(rows, values="float32").search(sp.csr_matrix(np.array([[1.0, 0]], np.float32)), k=4)
+    scores, positions = SparseRelativeIndex(rows, values="float32").search(
+        sp.csr_matrix(np.array([[1.0, 0]], np.float32)), k=4
+    )
     np.testing.assert_array_equal(positions, [[2, 1, 3, 0]])
     np.testing.assert_array_equal(scores, [[0.5, 0, 0, -1.0]])
 

@@ -41,14 +41,14 @@ from retrieval.store.writer import StoreWriter, remove_stale_files
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 8
 
-SLOW_BOOT = r'''
+SLOW_BOOT = r"""
 import runpy, sys, time
 import retrieval.embed.pipeline as embed
 _load = embed.load_image
 embed.load_image = lambda *a, **k: (time.sleep(0.02), _load(*a, **k))[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,24 @@ def photos(tmp_path_factory) -> Path:
 
 
 def _cmd(index: Path, images: Path, tiny_clip_dir: Path) -> list[str]:
-    return [str(ROOT / "cli.py"), "build-index", "--index", str(index), "--images", str(images),
-            "--encoder", "open_clip:tiny", "--checkpoint", str(tiny_clip_dir), "--device", "cpu",
-            "--workers", "0", "--batch-size", "2"]
+    return [
+        str(ROOT / "cli.py"),
+        "build-index",
+        "--index",
+        str(index),
+        "--images",
+        str(images),
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        str(tiny_clip_dir),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -97,8 +112,13 @@ def _kill_after_shards(cmd: list[str], index: Path, tmp_path: Path, minimum: int
     before = set(work.iterdir()) if work.is_dir() else set()
     err = tmp_path / f"killed-{len(before)}.err"
     with open(err, "wb") as handle:
-        child = subprocess.Popen([sys.executable, str(boot)] + cmd, env=_env(), stdout=subprocess.DEVNULL,
-                                 stderr=handle, start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, str(boot)] + cmd,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            start_new_session=True,
+        )
     folder = None
     deadline = time.monotonic() + 120
     try:
@@ -142,7 +162,8 @@ def _uninterrupted(index: Path, photos: Path, tiny_clip_dir: Path, options: Embe
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(PROGRESS_SHARD_ENV, str(SHARD))
         retrieval.build_index(
-            images=[photos], index=index,
+            images=[photos],
+            index=index,
             encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
             embed=options,
         )
@@ -152,7 +173,9 @@ def _uninterrupted(index: Path, photos: Path, tiny_clip_dir: Path, options: Embe
 def test_a_killed_build_resumes_and_equals_an_uninterrupted_one(tmp_path, photos, tiny_clip_dir):
     # the reference: one uninterrupted build, in this process with the options of the command
     # (it writes progress shards too, and removes them)
-    reference = _uninterrupted(tmp_path / "reference", photos, tiny_clip_dir, EmbedOptions(batch_size=2, workers=0, progress=False))
+    reference = _uninterrupted(
+        tmp_path / "reference", photos, tiny_clip_dir, EmbedOptions(batch_size=2, workers=0, progress=False)
+    )
     assert not (reference / ".work").exists()
     expected = _state(reference)
     assert len(expected["ids"]) == 80
@@ -248,7 +271,9 @@ def refs(photos, tmp_path_factory):
 
 
 def _same_embedding(a, b) -> None:
-    assert [(r.ref.id, r.width, r.height, r.sha256) for r in a.rows] == [(r.ref.id, r.width, r.height, r.sha256) for r in b.rows]
+    assert [(r.ref.id, r.width, r.height, r.sha256) for r in a.rows] == [
+        (r.ref.id, r.width, r.height, r.sha256) for r in b.rows
+    ]
     assert [(e.path, e.reason) for e in a.errors] == [(e.path, e.reason) for e in b.errors]
     assert a.vectors.dtype == b.vectors.dtype == np.float32 and np.array_equal(a.vectors, b.vectors)
 
@@ -318,7 +343,8 @@ def test_the_job_key_follows_the_inputs(tmp_path, refs, tiny_encoder):
     assert key != job_key(paths, tiny_encoder, 2, transform, compile=True)
     assert key != job_key(paths, _Counting(tiny_encoder, numerics="bf16-autocast"), 2, transform)
     assert job_key(paths, _Counting(tiny_encoder, numerics="fp32"), 2, transform) != job_key(
-        paths, _Counting(tiny_encoder, numerics="int8-linear"), 2, transform)
+        paths, _Counting(tiny_encoder, numerics="int8-linear"), 2, transform
+    )
     # file items: the same key whether given as paths or as ImageRefs
     assert key == job_key(refs, tiny_encoder, 2, transform)
     copy = tmp_path / "copy.jpg"
@@ -354,7 +380,9 @@ def test_in_memory_items_resume_without_opening_or_stating_anything(tmp_path, ph
     """Items whose bytes come from a dict (no file paths), one undecodable; the resume key uses
     each item's uri and declared version, so a complete rerun opens nothing."""
     blobs = {f"mem://photos/{p.name}": p.read_bytes() for p in sorted(photos.glob("*.jpg"))[:11]}
-    blobs = dict(list(blobs.items())[:2] + [("mem://photos/garbage.jpg", b"GIF89a but no picture")] + list(blobs.items())[2:])
+    blobs = dict(
+        list(blobs.items())[:2] + [("mem://photos/garbage.jpg", b"GIF89a but no picture")] + list(blobs.items())[2:]
+    )
     opened: list[str] = []
 
     def opener(uri: str):
@@ -362,11 +390,17 @@ def test_in_memory_items_resume_without_opening_or_stating_anything(tmp_path, ph
         return io.BytesIO(blobs[uri])  # a file object: read and closed by the pipeline
 
     def items(version_of=lambda uri: len(blobs[uri])):
-        return [ImageRef(uri=uri, opener=functools.partial(opener, uri), source="memory", version=version_of(uri)) for uri in blobs]
+        return [
+            ImageRef(uri=uri, opener=functools.partial(opener, uri), source="memory", version=version_of(uri))
+            for uri in blobs
+        ]
 
     expected = embed_images(items(), tiny_encoder, EmbedOptions(batch_size=2, workers=0, progress=False))
     assert len(expected.rows) == 11 and [e.path for e in expected.errors] == ["mem://photos/garbage.jpg"]
-    assert "not an image" in expected.errors[0].reason and expected.rows[0].ref.location == "mem://photos/" + sorted(photos.glob("*.jpg"))[0].name
+    assert (
+        "not an image" in expected.errors[0].reason
+        and expected.rows[0].ref.location == "mem://photos/" + sorted(photos.glob("*.jpg"))[0].name
+    )
 
     options = EmbedOptions(batch_size=2, workers=0, progress=False, progress_shard_size=4)
     with pytest.raises(KeyboardInterrupt):
@@ -414,7 +448,8 @@ def test_the_work_folder_survives_store_cleanup_and_goes_after_a_build(tmp_path,
     monkeypatch.setenv(PROGRESS_SHARD_ENV, "2")
     images = sorted(photos.glob("*.jpg"))[:5]
     built = retrieval.build_index(
-        images=images, index=index,
+        images=images,
+        index=index,
         encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
         embed=EmbedOptions(batch_size=2, workers=0, progress=False),
     )

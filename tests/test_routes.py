@@ -32,9 +32,18 @@ def built(request, tmp_path_factory, small_collection):
     if request.param == "clip":
         encoders, anchors = _clip(request.getfixturevalue("tiny_clip_dir")), None
     else:
-        encoders, anchors = EncoderChoice(image="efficientnet-lite0", text="minilm", device=TEST_DEVICE), "builtin:imagenet"
-    retrieval.build_index(images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"], index=path,
-                          encoders=encoders, anchors=anchors, embed=QUIET)
+        encoders, anchors = (
+            EncoderChoice(image="efficientnet-lite0", text="minilm", device=TEST_DEVICE),
+            "builtin:imagenet",
+        )
+    retrieval.build_index(
+        images=[small_collection / "images"],
+        captions=[small_collection / "pairs.jsonl"],
+        index=path,
+        encoders=encoders,
+        anchors=anchors,
+        embed=QUIET,
+    )
     return path
 
 
@@ -48,7 +57,9 @@ def _stored(index, kind: str) -> np.ndarray:
     return index.store.read_vectors(index.manifest["files"]["vectors"][f"{index.manifest['spaces'][kind]}/{kind}"])
 
 
-def _brute_force(index, kind: str, query: np.ndarray, k: int, drop: set[str] = frozenset()) -> tuple[list[str], np.ndarray]:
+def _brute_force(
+    index, kind: str, query: np.ndarray, k: int, drop: set[str] = frozenset()
+) -> tuple[list[str], np.ndarray]:
     """(ids, scores) of the best ``k`` live ``kind`` items by inner product with the stored (float16) vectors."""
     scores = _stored(index, kind) @ query
     ids = index.items(kind)["id"]
@@ -117,7 +128,9 @@ def test_exclude_self_drops_the_query_and_keeps_k(opened, small_collection, tmp_
     # a query image that is not in the index loses nothing
     outside = tmp_path / "copy.jpg"
     outside.write_bytes(photo.read_bytes())
-    assert [h.id for h in index.image_to_image(outside, k=3, exclude_self=True)] == [h.id for h in index.image_to_image(photo, k=3)]
+    assert [h.id for h in index.image_to_image(outside, k=3, exclude_self=True)] == [
+        h.id for h in index.image_to_image(photo, k=3)
+    ]
     with pytest.raises(InputError, match="1 query ids for 2 images"):
         index.images_to_images([photo, photo], exclude_self=True, query_ids=[own_id])
 
@@ -154,9 +167,13 @@ def test_routes_of_each_query(opened):
     expected = {"text_to_image": cross, "image_to_caption": cross, "image_to_image": same, "text_to_caption": same}
     assert {q: index.routes_for(q) for q in expected} == expected
     assert index.info()["query_routes"] == expected and index.info()["routes"] == index.routes == cross
-    assert [h.id for h in index.text_to_caption(TEXT, k=3, route=same[0])] == [h.id for h in index.text_to_caption(TEXT, k=3)]
+    assert [h.id for h in index.text_to_caption(TEXT, k=3, route=same[0])] == [
+        h.id for h in index.text_to_caption(TEXT, k=3)
+    ]
     wrong = "asif" if index.mode == "clip" else "clip"
-    with pytest.raises(InputError, match=f"route '{wrong}' not available; text -> caption in this index answers by {same[0]}"):
+    with pytest.raises(
+        InputError, match=f"route '{wrong}' not available; text -> caption in this index answers by {same[0]}"
+    ):
         index.text_to_caption(TEXT, route=wrong)
     with pytest.raises(InputError, match="route 'unimodal' not available; text -> image"):
         index.text_to_image(TEXT, route="unimodal")
@@ -172,8 +189,10 @@ def test_cli_json(built, opened, small_collection, tmp_path):
     index = opened
     photo = _photos(small_collection)[3]
     runner = CliRunner()
-    result = runner.invoke(main, ["image-to-image", str(photo), "--index", str(built), "--json", "-k", "2", "--exclude-self",
-                                  "--device", "cpu"])
+    result = runner.invoke(
+        main,
+        ["image-to-image", str(photo), "--index", str(built), "--json", "-k", "2", "--exclude-self", "--device", "cpu"],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["id"] for r in rows] == [h.id for h in index.image_to_image(photo, k=2, exclude_self=True)]
@@ -182,24 +201,60 @@ def test_cli_json(built, opened, small_collection, tmp_path):
     assert {**rows[0], "score": 0} == {**expected, "score": 0} and "uri" in rows[0]
     assert rows[0]["score"] == pytest.approx(expected["score"], abs=2e-3)
     # several images (a folder with one unreadable file): one {query, hits} object per image, each without itself
-    result = runner.invoke(main, ["image-to-image", str(small_collection / "images"), "--index", str(built), "--json",
-                                  "-k", "2", "--exclude-self", "--device", "cpu"])
+    result = runner.invoke(
+        main,
+        [
+            "image-to-image",
+            str(small_collection / "images"),
+            "--index",
+            str(built),
+            "--json",
+            "-k",
+            "2",
+            "--exclude-self",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(answers) == 7 and sum("error" in a for a in answers) == 1
     for answer in (a for a in answers if "hits" in a):
         assert len(answer["hits"]) == 2 and answer["query"] not in [hit["uri"] for hit in answer["hits"]]
-        assert [hit["id"] for hit in answer["hits"]] == [h.id for h in index.image_to_image(answer["query"], k=2, exclude_self=True)]
-    result = runner.invoke(main, ["text-to-caption", TEXT, "--index", str(built), "--json", "-k", "3", "--device", "cpu"])
+        assert [hit["id"] for hit in answer["hits"]] == [
+            h.id for h in index.image_to_image(answer["query"], k=2, exclude_self=True)
+        ]
+    result = runner.invoke(
+        main, ["text-to-caption", TEXT, "--index", str(built), "--json", "-k", "3", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
-    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [h.id for h in index.text_to_caption(TEXT, k=3)]
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [
+        h.id for h in index.text_to_caption(TEXT, k=3)
+    ]
     queries = tmp_path / "queries.txt"
     queries.write_text(f"{TEXT}\na man riding a horse\n")
-    result = runner.invoke(main, ["text-to-caption", "--queries-file", str(queries), "--index", str(built), "--json", "-k", "2",
-                                  "--device", "cpu"])
+    result = runner.invoke(
+        main,
+        [
+            "text-to-caption",
+            "--queries-file",
+            str(queries),
+            "--index",
+            str(built),
+            "--json",
+            "-k",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     assert [a["query"] for a in answers] == [TEXT, "a man riding a horse"]
-    assert [[hit["id"] for hit in a["hits"]] for a in answers] == [[h.id for h in hits] for hits in index.texts_to_captions([TEXT, "a man riding a horse"], k=2)]
-    result = runner.invoke(main, ["text-to-caption", TEXT, "--index", str(built), "--route", "projected", "--device", "cpu"])
+    assert [[hit["id"] for hit in a["hits"]] for a in answers] == [
+        [h.id for h in hits] for hits in index.texts_to_captions([TEXT, "a man riding a horse"], k=2)
+    ]
+    result = runner.invoke(
+        main, ["text-to-caption", TEXT, "--index", str(built), "--route", "projected", "--device", "cpu"]
+    )
     assert result.exit_code == 2 and "not available" in result.output

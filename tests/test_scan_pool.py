@@ -50,7 +50,9 @@ def test_reads_that_compute_stay_on_the_calling_thread():
 def test_one_thread_or_few_files_never_start_a_pool():
     read, threads = _recording(lambda: time.sleep(WAIT))
     assert list(read_in_order(FILES, read, threads=1)) == [file * 10 for file in FILES]
-    assert list(read_in_order(FILES[: PROBE_FILES + 1], read, threads=8)) == [file * 10 for file in FILES[: PROBE_FILES + 1]]
+    assert list(read_in_order(FILES[: PROBE_FILES + 1], read, threads=8)) == [
+        file * 10 for file in FILES[: PROBE_FILES + 1]
+    ]
     assert set(threads.values()) == {threading.current_thread().name}
 
 

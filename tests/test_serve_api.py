@@ -40,11 +40,16 @@ def test_indexes_and_info(client, index):
     info = client.get("/api/v1/indexes/tiny").json()
     assert info["counts"] == {"image": 6, "caption": 32} and info["name"] == "tiny" and "path" not in info
     assert client.get("/api/v1/indexes/nope").status_code == 404
-    assert client.get("/healthz").json() == {"status": "ok", "indexes": {"tiny": index.manifest["build_id"], "again": index.manifest["build_id"]}}
+    assert client.get("/healthz").json() == {
+        "status": "ok",
+        "indexes": {"tiny": index.manifest["build_id"], "again": index.manifest["build_id"]},
+    }
 
 
 def test_text_search_matches_the_python_api(client, index):
-    body = client.post("/api/v1/search", json={"queries": [{"text": "a plate of food"}, {"text": "a horse"}], "k": 4}).json()
+    body = client.post(
+        "/api/v1/search", json={"queries": [{"text": "a plate of food"}, {"text": "a horse"}], "k": 4}
+    ).json()
     assert body["index"] == "tiny" and [r["query"] for r in body["results"]] == [0, 1]
     for text, result in zip(["a plate of food", "a horse"], body["results"]):
         expected = index.text_to_image(text, k=4)
@@ -57,21 +62,31 @@ def test_text_search_matches_the_python_api(client, index):
         for uri, text_ in zip(index.items("caption")["image_uri"], index.items("caption")["caption"]):
             captions_by_uri.setdefault(uri, text_)
         assert [h["caption"] for h in hits] == [captions_by_uri.get(h["uri"]) for h in hits]  # an image's first caption
-    captions = client.post("/api/v1/search", json={"queries": [{"text": "a plate of food"}], "target": "caption", "k": 3}).json()
-    assert [h["caption"] for h in captions["results"][0]["hits"]] == [h.caption for h in index.text_to_caption("a plate of food", k=3)]
+    captions = client.post(
+        "/api/v1/search", json={"queries": [{"text": "a plate of food"}], "target": "caption", "k": 3}
+    ).json()
+    assert [h["caption"] for h in captions["results"][0]["hits"]] == [
+        h.caption for h in index.text_to_caption("a plate of food", k=3)
+    ]
 
 
 def test_image_item_and_vector_queries(client, index, small_collection):
     picture = photo(small_collection)
-    body = client.post("/api/v1/search", json={"queries": [{"image": b64(picture)}], "target": "caption", "k": 3}).json()
-    assert [h["caption"] for h in body["results"][0]["hits"]] == [h.caption for h in index.image_to_caption(picture, k=3)]
+    body = client.post(
+        "/api/v1/search", json={"queries": [{"image": b64(picture)}], "target": "caption", "k": 3}
+    ).json()
+    assert [h["caption"] for h in body["results"][0]["hits"]] == [
+        h.caption for h in index.image_to_caption(picture, k=3)
+    ]
     data_url = "data:image/jpeg;base64," + b64(picture)
     same = client.post("/api/v1/search", json={"queries": [{"image": data_url}], "target": "image", "k": 2}).json()
     position = index.items("image")["uri"].index(str(picture.resolve()))
     assert same["results"][0]["hits"][0]["id"] == position
     like = client.post("/api/v1/search", json={"queries": [{"item": {"kind": "image", "id": position}}], "k": 3}).json()
     assert position not in [h["id"] for h in like["results"][0]["hits"]] and len(like["results"][0]["hits"]) == 3
-    with_self = client.post("/api/v1/search", json={"queries": [{"item": {"kind": "image", "id": position}}], "k": 3, "exclude_self": False}).json()
+    with_self = client.post(
+        "/api/v1/search", json={"queries": [{"item": {"kind": "image", "id": position}}], "k": 3, "exclude_self": False}
+    ).json()
     assert with_self["results"][0]["hits"][0]["id"] == position
     stored = index.vector_source("clip/image").take(np.array([position]))[0]
     by_vector = client.post("/api/v1/search", json={"queries": [{"vector": stored.tolist()}], "k": 1}).json()
@@ -85,9 +100,16 @@ def test_items_and_thumbnails(client, index):
     response = client.get("/api/v1/thumbnails/1?index=tiny&size=64")
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(response.content)).size) == 64
-    for path in ["/api/v1/thumbnails/99", "/api/v1/thumbnails/-1", "/api/v1/thumbnails/..%2F..%2Fetc%2Fpasswd",
-                 "/api/v1/thumbnails/%2Fetc%2Fpasswd", "/api/v1/items/image/999999999999999999999",
-                 "/api/v1/items/..%2Fimage/1", "/api/v1/thumbnails/1?index=..%2F..", "/page/..%2F..%2Fpyproject.toml"]:
+    for path in [
+        "/api/v1/thumbnails/99",
+        "/api/v1/thumbnails/-1",
+        "/api/v1/thumbnails/..%2F..%2Fetc%2Fpasswd",
+        "/api/v1/thumbnails/%2Fetc%2Fpasswd",
+        "/api/v1/items/image/999999999999999999999",
+        "/api/v1/items/..%2Fimage/1",
+        "/api/v1/thumbnails/1?index=..%2F..",
+        "/page/..%2F..%2Fpyproject.toml",
+    ]:
         response = client.get(path)
         assert response.status_code == 404, path
         assert response.headers["access-control-allow-origin"] == "*"
@@ -96,7 +118,10 @@ def test_items_and_thumbnails(client, index):
 
 def test_search_bad_input_is_4xx_with_a_message(client):
     cases = [
-        (b"{not json", 400), (b"[1, 2]", 422), (b"", 400), (b"\xff\xfe", 400),
+        (b"{not json", 400),
+        (b"[1, 2]", 422),
+        (b"", 400),
+        (b"\xff\xfe", 400),
         (json.dumps({"queries": []}).encode(), 422),
         (json.dumps({"queries": [{"text": "x"}], "k": 10**9}).encode(), 422),
         (json.dumps({"queries": [{"text": "x"}], "k": "ten"}).encode(), 422),
@@ -125,22 +150,41 @@ def test_decompression_bomb_is_refused(client):
 
 
 def test_knn_service_answers_like_clip_back(client, index):
-    body = {"text": "a plate of food", "image": None, "image_url": None, "embedding_input": None, "modality": "image",
-            "num_images": 2, "num_result_ids": 5, "indice_name": "", "use_mclip": False, "deduplicate": False,
-            "use_safety_model": True, "use_violence_detector": True, "aesthetic_score": "", "aesthetic_weight": "0.5"}
-    response = client.post("/knn-service", content=json.dumps(body), headers={"content-type": "text/plain;charset=UTF-8"})
+    body = {
+        "text": "a plate of food",
+        "image": None,
+        "image_url": None,
+        "embedding_input": None,
+        "modality": "image",
+        "num_images": 2,
+        "num_result_ids": 5,
+        "indice_name": "",
+        "use_mclip": False,
+        "deduplicate": False,
+        "use_safety_model": True,
+        "use_violence_detector": True,
+        "aesthetic_score": "",
+        "aesthetic_weight": "0.5",
+    }
+    response = client.post(
+        "/knn-service", content=json.dumps(body), headers={"content-type": "text/plain;charset=UTF-8"}
+    )
     assert response.status_code == 200, response.text
     results = response.json()
     expected = index.text_to_image("a plate of food", k=5)
     assert [r["id"] for r in results] == [index.items("image")["id"].index(h.id) for h in expected]
     assert [r["similarity"] for r in results] == pytest.approx([h.score for h in expected], abs=1e-6)
-    assert set(results[0]) >= {"image_path", "image", "id", "similarity"} and results[0]["image_path"] == expected[0].uri
+    assert (
+        set(results[0]) >= {"image_path", "image", "id", "similarity"} and results[0]["image_path"] == expected[0].uri
+    )
     Image.open(io.BytesIO(base64.b64decode(results[0]["image"]))).verify()
     assert all(set(r) == {"id", "similarity"} for r in results[2:])
     captions = client.post("/knn-service", content=json.dumps({**body, "modality": "text", "num_images": "3"})).json()
     assert all(r["id"] >= CAPTION_BASE and r["id"] < 2**53 for r in captions) and "caption" in captions[0]
     # precedence: text over image; an empty text falls through to the image
-    by_image = client.post("/knn-service", content=json.dumps({**body, "text": "", "image": b64(index.items("image")["uri"][0])})).json()
+    by_image = client.post(
+        "/knn-service", content=json.dumps({**body, "text": "", "image": b64(index.items("image")["uri"][0])})
+    ).json()
     assert by_image[0]["id"] == 0
 
 
@@ -163,16 +207,25 @@ def test_knn_service_embedding_and_dedup(client, index):
 
 
 def test_knn_service_bad_input(client):
-    for body in [b"nope", b"{}", json.dumps({"text": 5}).encode(), json.dumps({"image": "%%%"}).encode(),
-                 json.dumps({"embedding_input": [1, 2, 3]}).encode(), json.dumps({"embedding_input": "x"}).encode(),
-                 json.dumps({"text": "a", "num_images": -1}).encode(), json.dumps({"text": "a", "indice_name": "x/../y"}).encode(),
-                 json.dumps({"image_url": "http://127.0.0.1/x.jpg"}).encode()]:
+    for body in [
+        b"nope",
+        b"{}",
+        json.dumps({"text": 5}).encode(),
+        json.dumps({"image": "%%%"}).encode(),
+        json.dumps({"embedding_input": [1, 2, 3]}).encode(),
+        json.dumps({"embedding_input": "x"}).encode(),
+        json.dumps({"text": "a", "num_images": -1}).encode(),
+        json.dumps({"text": "a", "indice_name": "x/../y"}).encode(),
+        json.dumps({"image_url": "http://127.0.0.1/x.jpg"}).encode(),
+    ]:
         response = client.post("/knn-service", content=body)
         assert 400 <= response.status_code < 500 and "error" in response.json(), (body, response.text)
 
 
 def test_metadata_indices_list_and_config(client, index):
-    response = client.post("/metadata", content=json.dumps({"ids": [1, CAPTION_BASE + 2, -1, 10**30, 0], "indice_name": None}))
+    response = client.post(
+        "/metadata", content=json.dumps({"ids": [1, CAPTION_BASE + 2, -1, 10**30, 0], "indice_name": None})
+    )
     rows = response.json()
     assert [r["id"] for r in rows] == [1, CAPTION_BASE + 2, -1, 10**30, 0]
     assert rows[0]["metadata"]["image_path"] == index.items("image")["uri"][1] and "image" in rows[0]["metadata"]
@@ -187,11 +240,22 @@ def test_metadata_indices_list_and_config(client, index):
 
 
 def test_cors_on_everything_and_options(client):
-    for method, path in [("GET", "/api/v1/indexes"), ("GET", "/nowhere"), ("POST", "/knn-service"), ("GET", "/metrics")]:
+    for method, path in [
+        ("GET", "/api/v1/indexes"),
+        ("GET", "/nowhere"),
+        ("POST", "/knn-service"),
+        ("GET", "/metrics"),
+    ]:
         response = client.request(method, path, headers={"Origin": "http://elsewhere.example"})
         assert response.headers["access-control-allow-origin"] == "*", path
-    preflight = client.options("/knn-service", headers={"Origin": "http://x", "Access-Control-Request-Method": "POST",
-                                                        "Access-Control-Request-Headers": "content-type"})
+    preflight = client.options(
+        "/knn-service",
+        headers={
+            "Origin": "http://x",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert preflight.status_code == 204 and "POST" in preflight.headers["access-control-allow-methods"]
     assert client.options("/api/v1/search").status_code == 204
 

@@ -45,8 +45,20 @@ def image_host():
 
 def test_addresses_judged_public_or_not():
     assert is_public("93.184.216.34") and is_public("2606:2800:220:1:248:1893:25c8:1946")
-    for address in ["127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.5.5", "169.254.169.254", "0.0.0.0", "::1",
-                    "fe80::1", "::ffff:127.0.0.1", "fd00::1", "100.64.0.1", "224.0.0.1"]:
+    for address in [
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.1",
+        "172.16.5.5",
+        "169.254.169.254",
+        "0.0.0.0",
+        "::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+        "fd00::1",
+        "100.64.0.1",
+        "224.0.0.1",
+    ]:
         assert not is_public(address), address
 
 
@@ -55,7 +67,12 @@ def test_image_url_is_off_by_default_and_refuses_private_addresses(image_host):
     with pytest.raises(ApiError) as off:
         fetch_image_url(f"{base}/cat.jpg", FetchPolicy())
     assert off.value.status == 403 and "--allow-image-urls" in off.value.message
-    for url in [f"{base}/cat.jpg", "http://localhost:9/x", "http://[::1]:9/x", "http://169.254.169.254/latest/meta-data"]:
+    for url in [
+        f"{base}/cat.jpg",
+        "http://localhost:9/x",
+        "http://[::1]:9/x",
+        "http://169.254.169.254/latest/meta-data",
+    ]:
         with pytest.raises(ApiError) as refused:
             fetch_image_url(url, FetchPolicy(allow=True))
         assert refused.value.status == 403 and "--allow-private-urls" in refused.value.message, url
@@ -84,16 +101,46 @@ def test_knn_service_image_url_through_the_app(tiny_index, image_host):  # noqa:
         assert junk.status_code == 422
 
 
-JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-                      st.floats(allow_nan=False), st.text(max_size=30))
-JSON = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                    max_leaves=12)
-KNN_KEYS = ["text", "image", "image_url", "embedding_input", "modality", "num_images", "num_result_ids", "indice_name",
-            "deduplicate", "use_mclip", "use_safety_model", "aesthetic_score", "aesthetic_weight", "ids"]
+JSON_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=30),
+)
+JSON = st.recursive(
+    JSON_LEAF,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+KNN_KEYS = [
+    "text",
+    "image",
+    "image_url",
+    "embedding_input",
+    "modality",
+    "num_images",
+    "num_result_ids",
+    "indice_name",
+    "deduplicate",
+    "use_mclip",
+    "use_safety_model",
+    "aesthetic_score",
+    "aesthetic_weight",
+    "ids",
+]
 SEARCH_KEYS = ["index", "target", "k", "queries", "route", "nprobe", "ef_search", "exclude_self"]
-QUERY = st.fixed_dictionaries({}, optional={"text": JSON | st.text(max_size=20), "image": JSON, "vector": JSON,
-                                            "item": st.fixed_dictionaries({}, optional={"kind": st.sampled_from(["image", "caption", "x"]) | JSON,
-                                                                                       "id": JSON})})
+QUERY = st.fixed_dictionaries(
+    {},
+    optional={
+        "text": JSON | st.text(max_size=20),
+        "image": JSON,
+        "vector": JSON,
+        "item": st.fixed_dictionaries(
+            {}, optional={"kind": st.sampled_from(["image", "caption", "x"]) | JSON, "id": JSON}
+        ),
+    },
+)
 
 
 def bodies(keys: list[str]):
@@ -111,12 +158,16 @@ def fuzz_client(tiny_index):  # noqa: F811
         yield c
 
 
-@pytest.mark.parametrize("path,keys", [("/knn-service", KNN_KEYS), ("/metadata", KNN_KEYS), ("/api/v1/search", SEARCH_KEYS)])
+@pytest.mark.parametrize(
+    "path,keys", [("/knn-service", KNN_KEYS), ("/metadata", KNN_KEYS), ("/api/v1/search", SEARCH_KEYS)]
+)
 def test_fuzzed_bodies_never_get_a_5xx(fuzz_client, path, keys):
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(body=bodies(keys))
     def check(body):
-        response = fuzz_client.post(path, content=body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body)
+        response = fuzz_client.post(
+            path, content=body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+        )
         assert response.status_code < 500, (body, response.text)
         if response.status_code >= 400:
             assert isinstance(response.json()["error"], str)
@@ -130,7 +181,11 @@ def test_fuzzed_bodies_never_get_a_5xx(fuzz_client, path, keys):
 def test_fuzzed_paths_never_get_a_5xx(fuzz_client, segment):
     from urllib.parse import quote
 
-    for path in [f"/api/v1/thumbnails/{quote(segment, safe='')}", f"/api/v1/items/image/{quote(segment, safe='')}",
-                 f"/api/v1/items/{quote(segment, safe='')}/0", f"/api/v1/thumbnails/0?index={quote(segment, safe='')}&size=1"]:
+    for path in [
+        f"/api/v1/thumbnails/{quote(segment, safe='')}",
+        f"/api/v1/items/image/{quote(segment, safe='')}",
+        f"/api/v1/items/{quote(segment, safe='')}/0",
+        f"/api/v1/thumbnails/0?index={quote(segment, safe='')}&size=1",
+    ]:
         response = fuzz_client.get(path)
         assert response.status_code < 500, (path, response.text)

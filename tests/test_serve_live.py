@@ -38,8 +38,12 @@ def test_hot_switch_serves_the_new_build_and_no_request_fails(tmp_path, tiny_cli
 
         def hammer() -> None:
             while not stop.is_set():
-                response = client.post("/api/v1/search", json={"queries": [{"text": "a plate of food"}], "k": 3, "target": "caption"})
-                (answered if response.status_code == 200 else failures).append((response.status_code, response.text[:200]))
+                response = client.post(
+                    "/api/v1/search", json={"queries": [{"text": "a plate of food"}], "k": 3, "target": "caption"}
+                )
+                (answered if response.status_code == 200 else failures).append(
+                    (response.status_code, response.text[:200])
+                )
 
         threads = [threading.Thread(target=hammer) for _ in range(4)]
         for thread in threads:
@@ -56,7 +60,10 @@ def test_hot_switch_serves_the_new_build_and_no_request_fails(tmp_path, tiny_cli
             for thread in threads:
                 thread.join(timeout=60)
         assert failures == [] and len(answered) > 4
-        body = client.post("/api/v1/search", json={"queries": [{"text": "a violet giraffe reading a newspaper"}], "target": "caption", "k": 1}).json()
+        body = client.post(
+            "/api/v1/search",
+            json={"queries": [{"text": "a violet giraffe reading a newspaper"}], "target": "caption", "k": 1},
+        ).json()
         assert body["build"] != old_build
         assert body["results"][0]["hits"][0]["caption"] == "a violet giraffe reading a newspaper"
         assert client.get("/metrics").text.count('retrieval_index_switches{index="live"} 1.0') == 1
@@ -94,8 +101,13 @@ def coco_index(tmp_path_factory) -> Path:
     with open(root / "pairs.jsonl", "w", encoding="utf-8") as handle:
         for row in coco_pairs(24):
             handle.write(json.dumps({"image": str(COCO / row["image"]), "caption": row["caption"]}) + "\n")
-    retrieval.build_index(captions=[root / "pairs.jsonl"], index=root / "coco", anchors="builtin:imagenet", embed=QUIET,
-                          encoders=EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu"))
+    retrieval.build_index(
+        captions=[root / "pairs.jsonl"],
+        index=root / "coco",
+        anchors="builtin:imagenet",
+        embed=QUIET,
+        encoders=EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu"),
+    )
     return root / "coco"
 
 
@@ -118,11 +130,14 @@ def test_clip_client_over_coco_then_sigterm(coco_index, tmp_path):
         assert client.query(image=str(local))[0]["image_path"] == str(photo)  # image -> image: itself first
         stored = index.vector_source(f"{index.manifest['spaces']['image']}/image").take(np.array([11]))[0]
         assert client.query(embedding_input=stored.tolist())[0]["id"] == 11
-        text_client = clip_client.ClipClient(url=f"{url}/knn-service", indice_name="coco", num_images=5,
-                                             modality=clip_client.Modality.TEXT)
+        text_client = clip_client.ClipClient(
+            url=f"{url}/knn-service", indice_name="coco", num_images=5, modality=clip_client.Modality.TEXT
+        )
         found = text_client.query(image=str(local))
         assert any(hit["image_path"] == str(photo) for hit in found), found  # its own captions among the first five
-        assert httpx.post(f"{url}/metadata", json={"ids": [found[0]["id"]], "indice_name": "coco"}).json()[0]["metadata"]["caption"]
+        assert httpx.post(f"{url}/metadata", json={"ids": [found[0]["id"]], "indice_name": "coco"}).json()[0][
+            "metadata"
+        ]["caption"]
         process.send_signal(__import__("signal").SIGTERM)
         assert process.wait(timeout=30) == 0
         log = process.read_log()
@@ -148,11 +163,15 @@ def test_the_command_warns_on_a_public_address_without_a_key(tiny_index, monkeyp
     from retrieval.cli.main import main
 
     started = []
-    monkeypatch.setattr(serve_cli, "run_until_signal", lambda app, host, port: started.append((host, port)) or "SIGTERM")
+    monkeypatch.setattr(
+        serve_cli, "run_until_signal", lambda app, host, port: started.append((host, port)) or "SIGTERM"
+    )
     public = CliRunner().invoke(main, ["serve", "--index", f"t={tiny_index}", "--host", "0.0.0.0", "--device", "cpu"])
     assert public.exit_code == 0, public.output
     assert "without --api-key" in public.stderr and started == [("0.0.0.0", 1234)]
-    keyed = CliRunner().invoke(main, ["serve", "--index", f"t={tiny_index}", "--host", "0.0.0.0", "--api-key", "k", "--device", "cpu"])
+    keyed = CliRunner().invoke(
+        main, ["serve", "--index", f"t={tiny_index}", "--host", "0.0.0.0", "--api-key", "k", "--device", "cpu"]
+    )
     local = CliRunner().invoke(main, ["serve", "--index", str(tiny_index), "--device", "cpu"])
     assert "without --api-key" not in keyed.stderr + local.stderr and keyed.exit_code == local.exit_code == 0
     missing = CliRunner().invoke(main, ["serve", "--index", str(tiny_index.parent / "nothing-here")])

@@ -34,7 +34,12 @@ SECONDS = float(os.environ.get("RETRIEVAL_LOAD_SECONDS", "30"))
 MAX_REQUESTS = 20_000  # a bound besides the time
 LOG_LINE = re.compile(r"^(GET|POST) (/\S*) (\d{3}) [0-9.]+$")
 KINDS = ("knn-vector", "knn-text", "search-vector", "metadata")
-PATHS = {"knn-vector": "/knn-service", "knn-text": "/knn-service", "search-vector": "/api/v1/search", "metadata": "/metadata"}
+PATHS = {
+    "knn-vector": "/knn-service",
+    "knn-text": "/knn-service",
+    "search-vector": "/api/v1/search",
+    "metadata": "/metadata",
+}
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -56,10 +61,18 @@ def request_for(kind: str, number: int, vectors: np.ndarray) -> tuple[str, dict,
     row = (number * 7919) % len(vectors)
     vector = [round(float(v), 6) for v in vectors[row]]
     if kind == "knn-vector":
-        return "/knn-service", {"embedding_input": vector, "modality": "image", "num_images": 8, "num_result_ids": 20}, row
+        return (
+            "/knn-service",
+            {"embedding_input": vector, "modality": "image", "num_images": 8, "num_result_ids": 20},
+            row,
+        )
     if kind == "knn-text":
         modality = "image" if number % 2 else "text"
-        return "/knn-service", {"text": f"caption {row % CAPTIONS} of cluster {row % 64}", "modality": modality, "num_images": 5}, None
+        return (
+            "/knn-service",
+            {"text": f"caption {row % CAPTIONS} of cluster {row % 64}", "modality": modality, "num_images": 5},
+            None,
+        )
     if kind == "search-vector":
         return "/api/v1/search", {"queries": [{"vector": vector}], "k": 10}, row
     ids = [row, (row + 1) % IMAGES, CAPTION_BASE + row % CAPTIONS, 10**9]
@@ -77,7 +90,9 @@ def problems_with(kind: str, body, expected: dict, first: int | None) -> str | N
         if any(b > a + 1e-5 for a, b in zip(scores, scores[1:])):
             return f"similarities not best first: {scores}"
         shown = body[: expected["num_images"]]
-        if not all(r.get("image_path") and r.get("image") for r in shown) or any(set(r) != {"id", "similarity"} for r in body[len(shown):]):
+        if not all(r.get("image_path") and r.get("image") for r in shown) or any(
+            set(r) != {"id", "similarity"} for r in body[len(shown) :]
+        ):
             return f"a shown result lacks image_path or image, or a further one has more than id and similarity: {str(body)[:300]}"
         return None if first is None or ids[0] == first else f"vector of image {first} found {ids[0]} first"
     if kind == "search-vector":
@@ -91,7 +106,11 @@ def problems_with(kind: str, body, expected: dict, first: int | None) -> str | N
     meta = [entry["metadata"] for entry in body]
     if meta[3] is not None or not all(m and m.get("image_path") for m in meta[:3]):
         return f"metadata of known ids missing or of the unknown id present: {str(meta)[:300]}"
-    return None if meta[0]["image_path"].endswith(f"{ids[0]:06d}.jpg") else f"metadata of {ids[0]}: {meta[0]['image_path']}"
+    return (
+        None
+        if meta[0]["image_path"].endswith(f"{ids[0]:06d}.jpg")
+        else f"metadata of {ids[0]}: {meta[0]['image_path']}"
+    )
 
 
 class Load:
@@ -122,8 +141,11 @@ class Load:
                     self.sent[kind] += 1
                 try:
                     response = session.post(self.url + path, json=body, timeout=60)
-                    problem = (f"HTTP {response.status_code}: {response.text[:200]}" if response.status_code != 200
-                               else problems_with(kind, response.json(), body, first))
+                    problem = (
+                        f"HTTP {response.status_code}: {response.text[:200]}"
+                        if response.status_code != 200
+                        else problems_with(kind, response.json(), body, first)
+                    )
                 except (requests.RequestException, ValueError, KeyError, TypeError) as e:
                     problem = f"{type(e).__name__}: {e}"
                 with self.lock:
@@ -216,7 +238,9 @@ def test_retrieval_serve_freezes_what_it_loaded_and_searches_on_one_thread(tiny_
     from retrieval.cli import main
 
     seen = {}
-    monkeypatch.setattr(serve_cli, "run_until_signal", lambda app, host, port: seen.setdefault("config", app.state.config) and "SIGTERM")
+    monkeypatch.setattr(
+        serve_cli, "run_until_signal", lambda app, host, port: seen.setdefault("config", app.state.config) and "SIGTERM"
+    )
     gc.unfreeze()
     try:
         result = CliRunner().invoke(main, ["serve", "--index", str(tiny_index), "--device", "cpu"])

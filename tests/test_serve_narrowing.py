@@ -57,8 +57,13 @@ def test_plus_minus_parts_and_dedup_answer_as_the_python_api(client, index, smal
     photo = sorted((small_collection / "images").glob("0*.jpg"))[0]
     query = Query.text("a plate of food") + 0.5 * Query.image(photo) - Query.text("a horse")
     expected = index.search(query, target="image", k=3)
-    body = search(client, queries=[{"text": "a plate of food", "plus": [{"image": b64(photo), "weight": 0.5}],
-                                    "minus": [{"text": "a horse"}]}], k=3)
+    body = search(
+        client,
+        queries=[
+            {"text": "a plate of food", "plus": [{"image": b64(photo), "weight": 0.5}], "minus": [{"text": "a horse"}]}
+        ],
+        k=3,
+    )
     assert [int(i) for i in ids(body)] == api_ids(index, expected, "image")  # image ids are row positions
     assert [hit["score"] for hit in body["results"][0]["hits"]] == pytest.approx([h.score for h in expected], abs=1e-4)
     deduped = index.text_to_image("a plate of food", k=20)
@@ -66,7 +71,9 @@ def test_plus_minus_parts_and_dedup_answer_as_the_python_api(client, index, smal
     body = search(client, queries=[{"text": "a plate of food"}], k=20, dedup=True)
     assert len(body["results"][0]["hits"]) == len(kept) <= len(deduped)
     assert [hit["score"] for hit in body["results"][0]["hits"]] == pytest.approx([h.score for h in kept], abs=1e-5)
-    for bad in ({"queries": [{"vector": [0.1] * 8, "plus": [{"text": "x"}]}]},
-                {"queries": [{"text": "a", "minus": [{"text": "b", "weight": -1}]}]},
-                {"queries": [{"text": "a"}], "dedup": 3}):
+    for bad in (
+        {"queries": [{"vector": [0.1] * 8, "plus": [{"text": "x"}]}]},
+        {"queries": [{"text": "a", "minus": [{"text": "b", "weight": -1}]}]},
+        {"queries": [{"text": "a"}], "dedup": 3},
+    ):
         assert client.post("/api/v1/search", json=bad).status_code == 422

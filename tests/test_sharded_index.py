@@ -175,8 +175,14 @@ def _write(path: Path, record: dict, vectors: np.ndarray, clusters: np.ndarray, 
 
     rows = image_rows(path.parent / f"{path.name}-files", clusters)
     records, caption_vectors = caption_items(rows, vectors, clusters, 120)
-    embedded = EmbeddedItems(images=rows, image_vectors=vectors, captions=records, caption_vectors=caption_vectors,
-                             encoders={"image": record, "text": record}, shared_space=True)
+    embedded = EmbeddedItems(
+        images=rows,
+        image_vectors=vectors,
+        captions=records,
+        caption_vectors=caption_vectors,
+        encoders={"image": record, "text": record},
+        shared_space=True,
+    )
     options = WriteOptions(index_options=IndexOptions(index_type=index_type, shards=shards), progress=False)
     return write_index(embedded, path, options)
 
@@ -210,7 +216,7 @@ def test_a_sharded_index_answers_as_the_whole_one(collection, tmp_path, index_ty
     whole, sharded = open_index(tmp_path / "whole", device="cpu"), open_index(tmp_path / "moved", device="cpu")
     assert isinstance(sharded.vector_index("clip/image"), ShardedIndex)
     queries = vectors[::97]
-    for nprobe in ((None,) if index_type == "flat" else (1, 3, 16)):  # IVF: the same nprobe in every shard
+    for nprobe in (None,) if index_type == "flat" else (1, 3, 16):  # IVF: the same nprobe in every shard
         (a_scores, a), (b_scores, b) = _search(whole, queries, nprobe), _search(sharded, queries, nprobe)
         assert np.array_equal(a, b)
         np.testing.assert_allclose(a_scores, b_scores, rtol=0, atol=1e-6)
@@ -220,7 +226,9 @@ def test_a_sharded_index_answers_as_the_whole_one(collection, tmp_path, index_ty
     scores, positions = sharded.search_vectors("image", queries, "image", 10, where=where)
     reference = queries @ vectors[allowed].T
     order = np.argsort(-reference, axis=1, kind="stable")[:, :10]
-    np.testing.assert_allclose(scores, np.take_along_axis(reference, order, axis=1), atol=2e-3)  # stored rows are float16
+    np.testing.assert_allclose(
+        scores, np.take_along_axis(reference, order, axis=1), atol=2e-3
+    )  # stored rows are float16
     assert set(positions.ravel()) <= set(allowed.tolist())
     with pytest.raises(InputError, match="index shards"):
         remove_from_index(tmp_path / "moved", ids=[whole.items("image")["id"][0]])
@@ -248,7 +256,9 @@ def test_a_build_with_lists_merged_on_disk_checksums_them_and_moves(collection, 
             self.part_counts[name] = len(paths)
             return paths
 
-    monkeypatch.setattr(write, "_distributed", lambda index, options: HereParts(None, index / ".work" / "parts", ondisk_from_bytes=0))
+    monkeypatch.setattr(
+        write, "_distributed", lambda index, options: HereParts(None, index / ".work" / "parts", ondisk_from_bytes=0)
+    )
     record, vectors, clusters = collection
     _write(tmp_path / "whole", record, vectors, clusters, "ivf")
     _write(tmp_path / "merged", record, vectors, clusters, "ivf")
@@ -283,9 +293,27 @@ def test_build_index_cli_writes_index_shards(small_collection, tiny_clip_dir, tm
     from retrieval.index.sharded import ShardedIndex
 
     def build(index: Path, *extra: str) -> None:
-        args = ["build-index", "--images", str(small_collection / "images"), "--captions", str(small_collection / "captions.txt"),
-                "--index", str(index), "--encoder", "open_clip:tiny", "--checkpoint", str(tiny_clip_dir), "--device", "cpu",
-                "--index-type", "flat", "--workers", "0", "--quiet", *extra]
+        args = [
+            "build-index",
+            "--images",
+            str(small_collection / "images"),
+            "--captions",
+            str(small_collection / "captions.txt"),
+            "--index",
+            str(index),
+            "--encoder",
+            "open_clip:tiny",
+            "--checkpoint",
+            str(tiny_clip_dir),
+            "--device",
+            "cpu",
+            "--index-type",
+            "flat",
+            "--workers",
+            "0",
+            "--quiet",
+            *extra,
+        ]
         result = CliRunner().invoke(main, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
 

@@ -21,8 +21,12 @@ def shard_index(tmp_path_factory, tiny_clip_dir):
     root = tmp_path_factory.mktemp("served-shards")
     samples = coco_samples(12)
     shards = write_shards(root / "shards", samples, per_shard=5)
-    retrieval.build_index(images=[str(shards / "{00000..00002}.tar")], index=root / "index", embed=QUIET,
-                          encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"))
+    retrieval.build_index(
+        images=[str(shards / "{00000..00002}.tar")],
+        index=root / "index",
+        embed=QUIET,
+        encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
+    )
     return root / "index", {s["key"]: s["json"]["url"] for s in samples}
 
 
@@ -45,5 +49,7 @@ def test_the_server_returns_urls_and_thumbnails_of_shard_members(shard_index):
         thumb = client.get(hits[0]["thumbnail"])
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
         assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
-        knn = client.post("/knn-service", content='{"text": "a plate of food", "modality": "image", "num_images": 3}').json()
+        knn = client.post(
+            "/knn-service", content='{"text": "a plate of food", "modality": "image", "num_images": 3}'
+        ).json()
         assert len(knn) == 3 and all(r["url"] in url_of.values() and r["image"] for r in knn)

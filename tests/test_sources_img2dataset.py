@@ -32,8 +32,11 @@ QUIET = EmbedOptions(batch_size=1, workers=0, progress=False)
 
 def img2dataset_command() -> str:
     """The img2dataset executable: $RETRIEVAL_IMG2DATASET, .venv-tools/bin/img2dataset, or one on PATH."""
-    for candidate in (os.environ.get("RETRIEVAL_IMG2DATASET"), str(ROOT / ".venv-tools" / "bin" / "img2dataset"),
-                      shutil.which("img2dataset")):
+    for candidate in (
+        os.environ.get("RETRIEVAL_IMG2DATASET"),
+        str(ROOT / ".venv-tools" / "bin" / "img2dataset"),
+        shutil.which("img2dataset"),
+    ):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     message = "img2dataset not installed: `make setup` puts it in .venv-tools (or set RETRIEVAL_IMG2DATASET)"
@@ -46,8 +49,12 @@ def img2dataset_command() -> str:
 def photo_server():
     """A local HTTP server over the COCO photos; yields its base url."""
     require_shared_data()
-    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
-                               "--directory", str(COCO / "images")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(COCO / "images")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = server.stdout.readline()
         port = re.search(r"port (\d+)", line)
@@ -64,35 +71,70 @@ def run_img2dataset(tmp: Path, base_url: str, output_format: str) -> Path:
     with open(urls, "w", encoding="utf-8") as handle:
         handle.write("url,caption\n")
         for sample in samples:
-            handle.write(f"{base_url}/{sample['file'].name},\"{sample['caption'].replace(chr(34), '')}\"\n")
+            handle.write(f'{base_url}/{sample["file"].name},"{sample["caption"].replace(chr(34), "")}"\n')
     out = tmp / f"out-{output_format}"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
     done = subprocess.run(
-        [img2dataset_command(), "--url_list", str(urls), "--input_format", "csv", "--url_col", "url", "--caption_col", "caption",
-         "--output_format", output_format, "--output_folder", str(out), "--processes_count", "1", "--thread_count", "4",
-         "--resize_mode", "no", "--skip_reencode", "True", "--enable_wandb", "False"],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
+        [
+            img2dataset_command(),
+            "--url_list",
+            str(urls),
+            "--input_format",
+            "csv",
+            "--url_col",
+            "url",
+            "--caption_col",
+            "caption",
+            "--output_format",
+            output_format,
+            "--output_folder",
+            str(out),
+            "--processes_count",
+            "1",
+            "--thread_count",
+            "4",
+            "--resize_mode",
+            "no",
+            "--skip_reencode",
+            "True",
+            "--enable_wandb",
+            "False",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "success: 1.000" in done.stdout + done.stderr, (done.stdout + done.stderr)[-2000:]
     return out
 
 
 @pytest.mark.slow
-def test_img2dataset_shards_parquet_and_files_index_to_the_same_photos_as_loose_files(tmp_path, tiny_clip_dir, photo_server):
+def test_img2dataset_shards_parquet_and_files_index_to_the_same_photos_as_loose_files(
+    tmp_path, tiny_clip_dir, photo_server
+):
     img2dataset_command()
     loose = tmp_path / "loose"
     loose.mkdir()
     for sample in coco_samples(N_PHOTOS):
         shutil.copy(sample["file"], loose / sample["file"].name)
-    reference = retrieval.build_index(images=[loose], index=tmp_path / "files", encoders=_choice(tiny_clip_dir), embed=QUIET)
+    reference = retrieval.build_index(
+        images=[loose], index=tmp_path / "files", encoders=_choice(tiny_clip_dir), embed=QUIET
+    )
     expected = [[(Path(h.uri).name, round(h.score, 5)) for h in reference.text_to_image(q, k=6)] for q in QUERIES]
     for output_format in ("webdataset", "parquet", "files"):
         out = run_img2dataset(tmp_path, photo_server, output_format)
-        index = retrieval.build_index(images=[out], index=tmp_path / output_format, encoders=_choice(tiny_clip_dir), embed=QUIET)
+        index = retrieval.build_index(
+            images=[out], index=tmp_path / output_format, encoders=_choice(tiny_clip_dir), embed=QUIET
+        )
         assert index.info()["counts"] == {"image": N_PHOTOS, "caption": N_PHOTOS}, output_format
         assert not index.errors(), output_format
         got = read_urls(index, out)
-        found = [[(got[h.uri].rsplit("/", 1)[1], round(h.score, 5)) for h in index.text_to_image(q, k=6)] for q in QUERIES]
+        found = [
+            [(got[h.uri].rsplit("/", 1)[1], round(h.score, 5)) for h in index.text_to_image(q, k=6)] for q in QUERIES
+        ]
         assert found == expected, output_format
 
 

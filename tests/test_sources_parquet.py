@@ -32,24 +32,30 @@ def samples() -> list[dict]:
 def hub_parquet(path: Path, samples: list[dict], caption_column: str = "caption") -> Path:
     """Images the way a dataset hub exports them: an ``image`` struct {bytes, path}, plus text columns."""
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table({
-        "image": pa.array([{"bytes": s["file"].read_bytes(), "path": s["file"].name} for s in samples], image_type),
-        caption_column: [s["caption"] for s in samples],
-        "url": [s["json"]["url"] for s in samples],
-        "score": [0.5 + i for i in range(len(samples))],
-    })
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": s["file"].read_bytes(), "path": s["file"].name} for s in samples], image_type),
+            caption_column: [s["caption"] for s in samples],
+            "url": [s["json"]["url"] for s in samples],
+            "score": [0.5 + i for i in range(len(samples))],
+        }
+    )
     pq.write_table(table, path, row_group_size=ROW_GROUP)
     return path
 
 
 def img2dataset_parquet(path: Path, samples: list[dict]) -> Path:
     """The columns img2dataset's ``parquet`` output writes: image bytes in ``jpg``, then key, caption, url, ..."""
-    table = pa.table({
-        "jpg": pa.array([s["file"].read_bytes() for s in samples], pa.binary()),
-        "key": [s["key"] for s in samples], "caption": [s["caption"] for s in samples],
-        "url": [s["json"]["url"] for s in samples], "status": ["success"] * len(samples),
-        "width": pa.array([640] * len(samples), pa.int64()),
-    })
+    table = pa.table(
+        {
+            "jpg": pa.array([s["file"].read_bytes() for s in samples], pa.binary()),
+            "key": [s["key"] for s in samples],
+            "caption": [s["caption"] for s in samples],
+            "url": [s["json"]["url"] for s in samples],
+            "status": ["success"] * len(samples),
+            "width": pa.array([640] * len(samples), pa.int64()),
+        }
+    )
     pq.write_table(table, path, row_group_size=ROW_GROUP)
     return path
 
@@ -78,7 +84,7 @@ def test_the_scan_never_reads_the_image_column(tmp_path, samples, monkeypatch):
     got = read_parquet_images(path)
     assert asked == [(i, ("caption", "url", "score")) for i in range(4)]  # one row group at a time, small columns only
     asked.clear()
-    for ref in got.images[:ROW_GROUP + 1]:
+    for ref in got.images[: ROW_GROUP + 1]:
         ref.read_bytes()
     assert asked == [(0, ("image",)), (1, ("image",))]  # each row group's images read once, in order
 
@@ -102,7 +108,9 @@ def test_a_parquet_without_image_bytes_is_named(tmp_path):
 
 def _corrupt_row_group(path: Path, group: int) -> None:
     meta = pq.ParquetFile(path).metadata.row_group(group)
-    column = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "caption")  # read by the scan
+    column = next(
+        meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "caption"
+    )  # read by the scan
     data = bytearray(path.read_bytes())
     start = column.data_page_offset
     data[start : start + 16] = b"\xff" * 16
@@ -114,7 +122,7 @@ def test_a_corrupt_row_group_is_skipped_and_reported(tmp_path, samples):
     _corrupt_row_group(path, 1)
     got = read_parquet_images(path)
     assert len(got.images) == N_PHOTOS - ROW_GROUP
-    assert [ref.uri.rsplit("#", 1)[1] for ref in got.images][ROW_GROUP:ROW_GROUP + 1] == [f"row{2 * ROW_GROUP + 1}"]
+    assert [ref.uri.rsplit("#", 1)[1] for ref in got.images][ROW_GROUP : ROW_GROUP + 1] == [f"row{2 * ROW_GROUP + 1}"]
     [error] = got.errors
     assert error.path == str(path.resolve()) and error.row == ROW_GROUP + 1
     assert error.reason.startswith(f"row group 1 (rows {ROW_GROUP + 1}..{2 * ROW_GROUP}) cannot be read")
@@ -139,7 +147,9 @@ def test_files_layout_brings_captions_and_json(tmp_path, samples):
     assert len(got.images) == N_PHOTOS and got.images[0].path is not None
     assert got.images[0].metadata["url"] == samples[0]["json"]["url"]
     assert len(got.captions) == N_PHOTOS - 1 and {c.image_id for c in got.captions} <= {r.id for r in got.images}
-    assert [e.reason for e in got.errors] == ["unreadable img2dataset sidecar (ValueError: metadata is a JSON list, not an object); image kept without it"]
+    assert [e.reason for e in got.errors] == [
+        "unreadable img2dataset sidecar (ValueError: metadata is a JSON list, not an object); image kept without it"
+    ]
     plain = read_image_sources([str(samples[0]["file"].parent)])  # a folder of photos without sidecars is unchanged
     assert not plain.captions and all(ref.metadata is None for ref in plain.images)
 
@@ -155,16 +165,26 @@ def test_the_same_queries_over_loose_photos_hub_parquet_and_files_layout(tmp_pat
     builds = {
         "files": ([loose], lambda hit, index: Path(hit.uri).name),
         "hub": ([hub_parquet(tmp_path / "hub.parquet", samples)], None),
-        "img2dataset": ([img2dataset_parquet(tmp_path / "i2d.parquet", samples)], lambda hit, index: name_of_key[hit.uri.rsplit("#", 1)[1]]),
+        "img2dataset": (
+            [img2dataset_parquet(tmp_path / "i2d.parquet", samples)],
+            lambda hit, index: name_of_key[hit.uri.rsplit("#", 1)[1]],
+        ),
         "layout": ([files_layout(tmp_path / "out", samples)], lambda hit, index: name_of_key[Path(hit.uri).stem]),
     }
     results = {}
     for name, (images, _) in builds.items():
-        index = retrieval.build_index(images=images, index=tmp_path / name, encoders=_choice(tiny_clip_dir), embed=QUIET,
-                                      caption_options=CaptionOptions())
+        index = retrieval.build_index(
+            images=images,
+            index=tmp_path / name,
+            encoders=_choice(tiny_clip_dir),
+            embed=QUIET,
+            caption_options=CaptionOptions(),
+        )
         if name != "files":  # every image has its caption, paired by id
             assert sorted(index.items("caption")["image_id"]) == sorted(index.items("image")["id"])
-        hub_rows = {f"{(tmp_path / 'hub.parquet').resolve()}#row{i + 1}": s["json"]["url"] for i, s in enumerate(samples)}
+        hub_rows = {
+            f"{(tmp_path / 'hub.parquet').resolve()}#row{i + 1}": s["json"]["url"] for i, s in enumerate(samples)
+        }
         photo = builds[name][1] or (lambda hit, index: name_of_url[hub_rows[hit.uri]])
         results[name] = [[(photo(h, index), round(h.score, 5)) for h in index.text_to_image(q, k=6)] for q in QUERIES]
     assert results["hub"] == results["files"] == results["img2dataset"] == results["layout"]

@@ -41,9 +41,15 @@ def coco_samples(n: int) -> list[dict]:
     first: dict[str, dict] = {}
     for row in rows:
         first.setdefault(row["image"], row)
-    return [{"key": f"{i:09d}", "file": COCO / image, "caption": row["caption"],
-             "json": {"url": row["flickr_url"], "key": f"{i:09d}", "caption": row["caption"], "status": "success"}}
-            for i, (image, row) in enumerate(list(first.items())[:n])]
+    return [
+        {
+            "key": f"{i:09d}",
+            "file": COCO / image,
+            "caption": row["caption"],
+            "json": {"url": row["flickr_url"], "key": f"{i:09d}", "caption": row["caption"], "status": "success"},
+        }
+        for i, (image, row) in enumerate(list(first.items())[:n])
+    ]
 
 
 def write_shards(folder: Path, samples: list[dict], per_shard: int = 10) -> Path:
@@ -52,8 +58,14 @@ def write_shards(folder: Path, samples: list[dict], per_shard: int = 10) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
         for sample in samples:
-            sink.write({"__key__": sample["key"], "jpg": sample["file"].read_bytes(), "txt": sample["caption"],
-                        "json": sample["json"]})
+            sink.write(
+                {
+                    "__key__": sample["key"],
+                    "jpg": sample["file"].read_bytes(),
+                    "txt": sample["caption"],
+                    "json": sample["json"],
+                }
+            )
     return folder
 
 
@@ -80,7 +92,11 @@ def test_a_missing_shard_of_a_range_is_named(coco_shards):
     shards, _, _ = coco_shards
     with pytest.raises(InputError, match=r"00003\.tar"):
         container_files(str(shards / "{00000..00003}.tar"))
-    assert [p.name for p in container_files(str(shards / "{00000..00002}.tar"))] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert [p.name for p in container_files(str(shards / "{00000..00002}.tar"))] == [
+        "00000.tar",
+        "00001.tar",
+        "00002.tar",
+    ]
     assert container_files(str(shards / "*.tar")) == container_files(str(shards))  # a glob, a folder of shards
 
 
@@ -96,7 +112,9 @@ def test_samples_become_paired_image_and_caption_items_with_their_json(coco_shar
     assert got.captions[0].text == samples[0]["caption"] and got.captions[0].metadata["key"] == samples[0]["key"]
     assert first.read_bytes() == samples[0]["file"].read_bytes()
     opener = first.opener
-    assert isinstance(opener, TarMember) and opener.size == samples[0]["file"].stat().st_size  # offset + size, no tar held
+    assert (
+        isinstance(opener, TarMember) and opener.size == samples[0]["file"].stat().st_size
+    )  # offset + size, no tar held
 
 
 def _by_photo(hits, names: dict[str, str]) -> list[str]:
@@ -106,9 +124,15 @@ def _by_photo(hits, names: dict[str, str]) -> list[str]:
 @pytest.mark.slow
 def test_the_same_queries_over_loose_photos_and_shards_find_the_same_photos(tmp_path, tiny_clip_dir, coco_shards):
     shards, loose, samples = coco_shards
-    from_files = retrieval.build_index(images=[loose], index=tmp_path / "files", encoders=_choice(tiny_clip_dir), embed=QUIET)
-    from_shards = retrieval.build_index(images=[str(shards / "{00000..00002}.tar")], index=tmp_path / "shards",
-                                        encoders=_choice(tiny_clip_dir), embed=QUIET)
+    from_files = retrieval.build_index(
+        images=[loose], index=tmp_path / "files", encoders=_choice(tiny_clip_dir), embed=QUIET
+    )
+    from_shards = retrieval.build_index(
+        images=[str(shards / "{00000..00002}.tar")],
+        index=tmp_path / "shards",
+        encoders=_choice(tiny_clip_dir),
+        embed=QUIET,
+    )
     assert from_shards.info()["counts"] == {"image": N_PHOTOS, "caption": N_PHOTOS}
     url_of = {s["key"]: s["json"]["url"] for s in samples}
     photo_of_url = {s["json"]["url"]: s["file"].name for s in samples}
@@ -143,16 +167,26 @@ def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
 
 def hostile_shard(folder: Path, photo: bytes) -> Path:
     """One good sample and every kind of bad member a shard can hold."""
-    return _tar_with(folder / "bad.tar", [
-        _file("good.jpg", photo), _file("good.txt", b"a good photo"), _file("good.json", b'{"url": "http://x/good.jpg"}'),
-        _file("../escape.jpg", photo), _file("/abs/evil.jpg", photo),
-        _link("sym.jpg", "/etc/passwd", tarfile.SYMTYPE), _link("hard.jpg", "good.jpg", tarfile.LNKTYPE),
-        _file("notimage.jpg", b"this is not a JPEG at all"), _file("notimage.txt", b"caption of a broken image"),
-        _file("nocaption.jpg", photo),
-        _file("orphan.txt", b"a caption with no image"),
-        _file("good.jpg", photo),  # a duplicate key
-        _file("badjson.jpg", photo), _file("badjson.txt", b"ok"), _file("badjson.json", b"{not json"),
-    ])
+    return _tar_with(
+        folder / "bad.tar",
+        [
+            _file("good.jpg", photo),
+            _file("good.txt", b"a good photo"),
+            _file("good.json", b'{"url": "http://x/good.jpg"}'),
+            _file("../escape.jpg", photo),
+            _file("/abs/evil.jpg", photo),
+            _link("sym.jpg", "/etc/passwd", tarfile.SYMTYPE),
+            _link("hard.jpg", "good.jpg", tarfile.LNKTYPE),
+            _file("notimage.jpg", b"this is not a JPEG at all"),
+            _file("notimage.txt", b"caption of a broken image"),
+            _file("nocaption.jpg", photo),
+            _file("orphan.txt", b"a caption with no image"),
+            _file("good.jpg", photo),  # a duplicate key
+            _file("badjson.jpg", photo),
+            _file("badjson.txt", b"ok"),
+            _file("badjson.json", b"{not json"),
+        ],
+    )
 
 
 def test_hostile_members_are_reported_never_followed_or_extracted(tmp_path, coco_shards):
@@ -168,9 +202,16 @@ def test_hostile_members_are_reported_never_followed_or_extracted(tmp_path, coco
         os.chdir(cwd)
     assert sorted(ref.uri.rsplit("#", 1)[1] for ref in got.images) == ["badjson", "good", "nocaption", "notimage"]
     reasons = "\n".join(e.reason for e in got.errors)
-    for expected in ("'../escape.jpg' is an absolute name or one with '..'", "'/abs/evil.jpg' is an absolute",
-                     "'sym.jpg' is a link", "'hard.jpg' is a link", "duplicate key 'good'",
-                     "sample 'orphan' has no image", "sample 'nocaption': no caption", "invalid JSON"):
+    for expected in (
+        "'../escape.jpg' is an absolute name or one with '..'",
+        "'/abs/evil.jpg' is an absolute",
+        "'sym.jpg' is a link",
+        "'hard.jpg' is a link",
+        "duplicate key 'good'",
+        "sample 'orphan' has no image",
+        "sample 'nocaption': no caption",
+        "invalid JSON",
+    ):
         assert expected in reasons, expected
     assert all(e.path == str(shard.resolve()) for e in got.errors)
     assert not (tmp_path / "escape.jpg").exists() and not (work / "abs").exists()
@@ -189,7 +230,7 @@ def test_a_truncated_shard_keeps_its_complete_samples(tmp_path, coco_shards):
     assert any("truncated" in e.reason for e in got.errors)
     garbage = tmp_path / "garbage.tar"
     header = whole.images[1].opener.offset - 512  # the tar header of the second sample's image
-    garbage.write_bytes(data[:header] + b"\x17" * 512 + data[header + 512:])
+    garbage.write_bytes(data[:header] + b"\x17" * 512 + data[header + 512 :])
     damaged = read_tar_shard(garbage)
     assert [ref.uri.rsplit("#")[1] for ref in damaged.images] == [whole.images[0].uri.rsplit("#")[1]]
     assert len(damaged.errors) == 1 and "damaged" in damaged.errors[0].reason
@@ -201,15 +242,18 @@ def test_a_truncated_shard_keeps_its_complete_samples(tmp_path, coco_shards):
 def test_bad_members_land_in_errors_jsonl_and_the_rest_is_indexed(tmp_path, tiny_clip_dir, coco_shards):
     shards, _, samples = coco_shards
     bad = hostile_shard(tmp_path, samples[0]["file"].read_bytes())
-    index = retrieval.build_index(images=[str(shards / "00000.tar"), str(bad)], index=tmp_path / "i",
-                                  encoders=_choice(tiny_clip_dir), embed=QUIET)
+    index = retrieval.build_index(
+        images=[str(shards / "00000.tar"), str(bad)], index=tmp_path / "i", encoders=_choice(tiny_clip_dir), embed=QUIET
+    )
     assert index.info()["counts"]["image"] == 10 + 3  # notimage.jpg fails to decode
     errors = index.errors()
     assert any(e["path"].endswith("bad.tar#notimage") and "not an image" in e["reason"] for e in errors)
     assert any("escape.jpg" in e["reason"] for e in errors)
     with pytest.raises(InputError, match="not a readable tar"):
         (tmp_path / "zero.tar").write_bytes(b"not a tar" * 100)
-        retrieval.build_index(images=[str(tmp_path / "zero.tar")], index=tmp_path / "j", encoders=_choice(tiny_clip_dir), embed=QUIET)
+        retrieval.build_index(
+            images=[str(tmp_path / "zero.tar")], index=tmp_path / "j", encoders=_choice(tiny_clip_dir), embed=QUIET
+        )
     assert index.info()["counts"]["image"] == 13  # a failed build loses nothing already built
 
 
@@ -217,21 +261,23 @@ def test_bad_members_land_in_errors_jsonl_and_the_rest_is_indexed(tmp_path, tiny
 def test_add_takes_shards_and_skips_the_samples_already_indexed(tmp_path, tiny_clip_dir, coco_shards):
     shards, _, _ = coco_shards
     index = tmp_path / "i"
-    retrieval.build_index(images=[str(shards / "{00000..00001}.tar")], index=index, encoders=_choice(tiny_clip_dir), embed=QUIET)
+    retrieval.build_index(
+        images=[str(shards / "{00000..00001}.tar")], index=index, encoders=_choice(tiny_clip_dir), embed=QUIET
+    )
     report = retrieval.add_to_index(index, images=[str(shards / "{00000..00002}.tar")], embed=QUIET, device="cpu")
     assert report.already_present == {"image": 20, "caption": 20}
     assert report.added == {"image": N_PHOTOS - 20, "caption": N_PHOTOS - 20}
     assert retrieval.open_index(index, device="cpu").info()["counts"] == {"image": N_PHOTOS, "caption": N_PHOTOS}
 
 
-SLOW_TAR_BOOT = r'''
+SLOW_TAR_BOOT = r"""
 import runpy, sys, time
 import retrieval.sources.webdataset_tar as tars
 _call = tars.TarMember.__call__
 tars.TarMember.__call__ = lambda self: (time.sleep(0.02), _call(self))[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
-'''
+"""
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -245,13 +291,33 @@ def _env(**extra: str) -> dict[str, str]:
 def test_a_killed_shard_build_resumes_shard_by_shard(tmp_path, tiny_clip_dir, coco_shards):
     shards, _, _ = coco_shards
     index = tmp_path / "i"
-    cmd = [str(ROOT / "cli.py"), "build-index", "--index", str(index), "--images", str(shards / "{00000..00002}.tar"),
-           "--encoder", "open_clip:tiny", "--checkpoint", str(tiny_clip_dir), "--device", "cpu",
-           "--workers", "0", "--batch-size", "2"]
+    cmd = [
+        str(ROOT / "cli.py"),
+        "build-index",
+        "--index",
+        str(index),
+        "--images",
+        str(shards / "{00000..00002}.tar"),
+        "--encoder",
+        "open_clip:tiny",
+        "--checkpoint",
+        str(tiny_clip_dir),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+    ]
     boot = tmp_path / "slow_boot.py"
     boot.write_text(SLOW_TAR_BOOT)
-    child = subprocess.Popen([sys.executable, str(boot)] + cmd, env=_env(**{PAUSE_ENV: "6"}),  # 12 of 24 photos
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, str(boot)] + cmd,
+        env=_env(**{PAUSE_ENV: "6"}),  # 12 of 24 photos
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         _, status = os.waitpid(child.pid, os.WUNTRACED)
         assert os.WIFSTOPPED(status), "the build ended before its pause point"
@@ -264,11 +330,17 @@ def test_a_killed_shard_build_resumes_shard_by_shard(tmp_path, tiny_clip_dir, co
     rerun = subprocess.run([sys.executable] + cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming: {4 * len(written)} of {N_PHOTOS} images already embedded" in rerun.stderr
-    fresh = retrieval.build_index(images=[str(shards / "{00000..00002}.tar")], index=tmp_path / "fresh",
-                                  encoders=_choice(tiny_clip_dir), embed=EmbedOptions(batch_size=2, workers=0, progress=False))
+    fresh = retrieval.build_index(
+        images=[str(shards / "{00000..00002}.tar")],
+        index=tmp_path / "fresh",
+        encoders=_choice(tiny_clip_dir),
+        embed=EmbedOptions(batch_size=2, workers=0, progress=False),
+    )
     resumed = retrieval.open_index(index, device="cpu")
     for query in QUERIES:
-        assert [(h.uri, h.score) for h in resumed.text_to_image(query, k=6)] == [(h.uri, h.score) for h in fresh.text_to_image(query, k=6)]
+        assert [(h.uri, h.score) for h in resumed.text_to_image(query, k=6)] == [
+            (h.uri, h.score) for h in fresh.text_to_image(query, k=6)
+        ]
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
@@ -277,8 +349,13 @@ def test_the_header_reader_agrees_with_tarfile(tmp_path, fmt):
 
     path = tmp_path / "t.tar"
     long_dir = "d" * 90 + "/" + "e" * 60  # ustar splits it into prefix + name; GNU and pax write long names
-    members = [_file("a.jpg", b"x" * 700), _file(f"{long_dir}/000000017.jpg", b"y" * 513), _file("b/c.txt", b""),
-               _link("s.jpg", "a.jpg", tarfile.SYMTYPE), _link("h.jpg", "a.jpg", tarfile.LNKTYPE)]
+    members = [
+        _file("a.jpg", b"x" * 700),
+        _file(f"{long_dir}/000000017.jpg", b"y" * 513),
+        _file("b/c.txt", b""),
+        _link("s.jpg", "a.jpg", tarfile.SYMTYPE),
+        _link("h.jpg", "a.jpg", tarfile.LNKTYPE),
+    ]
     if fmt != tarfile.USTAR_FORMAT:
         members.append(_file("é" * 120 + ".json", b"{}"))
     folder = tarfile.TarInfo("folder")
@@ -346,10 +423,13 @@ def _pax_tar(path: Path, records: bytes, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("records, name, size", [
-    (b"30 mtime=1796015980.0446277\n", "plain.bin", 700),  # webdataset's pax block: nothing this reader uses
-    (b"20 path=renamed.jpg\n11 size=10\n", "renamed.jpg", 10),  # the records that rename and resize the member
-])
+@pytest.mark.parametrize(
+    "records, name, size",
+    [
+        (b"30 mtime=1796015980.0446277\n", "plain.bin", 700),  # webdataset's pax block: nothing this reader uses
+        (b"20 path=renamed.jpg\n11 size=10\n", "renamed.jpg", 10),  # the records that rename and resize the member
+    ],
+)
 def test_pax_records_name_and_size_the_next_member(tmp_path, records, name, size):
     from retrieval.sources.tar_headers import iter_members
 

@@ -67,7 +67,9 @@ def test_vectors_are_stored_as_float16(tmp_path):
 
 def test_a_vector_source_of_several_parts_streams_into_one_file_and_empty_keeps_its_dimension(tmp_path):
     writer = StoreWriter(tmp_path, kind="index")
-    parts = [np.random.default_rng(n).standard_normal((rows, 8)).astype(np.float16) for n, rows in enumerate((3, 70_000))]
+    parts = [
+        np.random.default_rng(n).standard_normal((rows, 8)).astype(np.float16) for n, rows in enumerate((3, 70_000))
+    ]
     written = writer.write_vectors("clip", "image", VectorSource(parts))
     assert len(written) == 1
     np.testing.assert_array_equal(np.load(tmp_path / written[0]), np.concatenate(parts))

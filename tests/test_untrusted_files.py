@@ -60,12 +60,22 @@ def _store_dir(root: Path) -> dict[str, str]:
         "anchors-npy": writer.write_array("anchors", "image", vectors[:5]),
         "parquet": writer.write_table("images", pa.table({"id": [f"i{n}" for n in range(12)], "uri": ["x"] * 12})),
         "faiss": writer.write_faiss("clip-image", build_vector_index(vectors)),
-        "npz": writer.write_sparse("image", SparseRelativeIndex(sp.random(12, 5, density=0.4, format="csr",
-                                                                           dtype=np.float32, random_state=1))),
+        "npz": writer.write_sparse(
+            "image", SparseRelativeIndex(sp.random(12, 5, density=0.4, format="csr", dtype=np.float32, random_state=1))
+        ),
     }
-    manifest = writer.commit({"files": {"vectors": [files["npy"]], "anchors": files["anchors-npy"],
-                                        "items": files["parquet"], "faiss": files["faiss"], "relative": files["npz"]}},
-                             [{"path": "bad.jpg", "reason": "truncated", "kind": "image", "row": None}])
+    manifest = writer.commit(
+        {
+            "files": {
+                "vectors": [files["npy"]],
+                "anchors": files["anchors-npy"],
+                "items": files["parquet"],
+                "faiss": files["faiss"],
+                "relative": files["npz"],
+            }
+        },
+        [{"path": "bad.jpg", "reason": "truncated", "kind": "image", "row": None}],
+    )
     files["errors"] = manifest["errors_file"]
     files["manifest"] = MANIFEST_NAME
     return files
@@ -152,8 +162,9 @@ def _run(cases: list[dict], timeout: int = 300) -> list[dict]:
     """Run the cases in one child process; a crash fails with the name of the case that caused it."""
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); from test_untrusted_files import _worker; _worker()"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    child = subprocess.run([sys.executable, "-c", code], input=json.dumps(cases), capture_output=True, text=True,
-                           timeout=timeout, env=env)
+    child = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(cases), capture_output=True, text=True, timeout=timeout, env=env
+    )
     lines = child.stdout.splitlines()
     started = [line[6:] for line in lines if line.startswith("START ")]
     results = [json.loads(line[4:]) for line in lines if line.startswith("END ")]
@@ -177,7 +188,9 @@ def store_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def clip_index_dir(tmp_path_factory, tiny_clip_dir, small_collection) -> Path:
     path = tmp_path_factory.mktemp("untrusted") / "index"
     retrieval.build_index(
-        images=[small_collection / "images"], captions=[small_collection / "pairs.jsonl"], index=path,
+        images=[small_collection / "images"],
+        captions=[small_collection / "pairs.jsonl"],
+        index=path,
         encoders=EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu"),
         embed=EmbedOptions(batch_size=4, workers=0, progress=False),
     )
@@ -187,7 +200,11 @@ def clip_index_dir(tmp_path_factory, tiny_clip_dir, small_collection) -> Path:
 def _damages(size: int) -> list[tuple[str, int | None]]:
     flips = sorted({0, 3, 8, 12, 20, 40, 64, 100, size // 2, size - 8, size - 1})
     return [("flip", f) for f in flips if f < size] + [
-        ("truncate", size - 2), ("truncate", size // 2), ("truncate", 0), ("append", None), ("garbage", 7),
+        ("truncate", size - 2),
+        ("truncate", size // 2),
+        ("truncate", 0),
+        ("append", None),
+        ("garbage", 7),
     ]
 
 
@@ -211,14 +228,25 @@ def test_every_damaged_store_file_is_a_clear_error(tmp_path, store_dir):
         for label, rel in files.items():
             size = (source / rel).stat().st_size
             for how, arg in _damages(size):
-                cases.append({"label": f"{label} {how} {arg} verify={verify}", "kind": "store", "source": str(source),
-                              "copy": str(tmp_path / "copy"), "file": rel, "how": how, "arg": arg, "verify": verify})
+                cases.append(
+                    {
+                        "label": f"{label} {how} {arg} verify={verify}",
+                        "kind": "store",
+                        "source": str(source),
+                        "copy": str(tmp_path / "copy"),
+                        "file": rel,
+                        "how": how,
+                        "arg": arg,
+                        "verify": verify,
+                    }
+                )
     results = _run(cases)
     unnoticed = []
     for case, result in zip(cases, results):
         # without hashing, a flipped byte inside numpy data (not its header) may go unnoticed: documented
-        numpy_body = (not case["verify"] and case["file"].endswith((".npy", ".npz"))
-                      and case["how"] in ("flip", "garbage"))
+        numpy_body = (
+            not case["verify"] and case["file"].endswith((".npy", ".npz")) and case["how"] in ("flip", "garbage")
+        )
         _expect_clear_error(case, result, numpy_body)
         if result["error"] is None:
             unnoticed.append(case["label"])
@@ -232,8 +260,18 @@ def test_every_damaged_index_file_is_a_clear_error(tmp_path, clip_index_dir):
     for rel in list(manifest["checksums"]) + [MANIFEST_NAME]:
         size = (clip_index_dir / rel).stat().st_size
         for how, arg in _damages(size)[::2]:
-            cases.append({"label": f"{rel} {how} {arg}", "kind": "index", "source": str(clip_index_dir),
-                          "copy": str(tmp_path / "copy"), "file": rel, "how": how, "arg": arg, "verify": True})
+            cases.append(
+                {
+                    "label": f"{rel} {how} {arg}",
+                    "kind": "index",
+                    "source": str(clip_index_dir),
+                    "copy": str(tmp_path / "copy"),
+                    "file": rel,
+                    "how": how,
+                    "arg": arg,
+                    "verify": True,
+                }
+            )
     for case, result in zip(cases, _run(cases)):
         _expect_clear_error(case, result, numpy_may_pass=False)
 
@@ -256,8 +294,14 @@ def test_crafted_files_with_matching_checksums_are_refused_without_unpickling(tm
 
     evil_npy = npy(np.array([Evil(), 1], dtype=object), allow_pickle=True)
     npz = io.BytesIO()
-    np.savez(npz, data=np.array([Evil()], dtype=object), indices=np.array([0]), indptr=np.array([0, 1]),
-             format=np.array("csr"), shape=np.array([1, 1]))
+    np.savez(
+        npz,
+        data=np.array([Evil()], dtype=object),
+        indices=np.array([0]),
+        indptr=np.array([0, 1]),
+        format=np.array("csr"),
+        shape=np.array([1, 1]),
+    )
     header_lies = bytearray.fromhex(npy(np.zeros((4, 8), np.float16)))
     header_lies = header_lies.replace(b"(4, 8)", b"(9, 8)")
     faiss_data = bytearray((source / files["faiss"]).read_bytes())
@@ -265,8 +309,14 @@ def test_crafted_files_with_matching_checksums_are_refused_without_unpickling(tm
     huge[8:16] = (10**12).to_bytes(8, "little")  # ntotal: a trillion vectors
     zero_d = bytearray(faiss_data)
     zero_d[4:8] = (0).to_bytes(4, "little")
-    evil_field = pa.field("id", pa.int64(), metadata={b"ARROW:extension:name": b"arrow.py_extension_type",
-                                                       b"ARROW:extension:metadata": pickle.dumps(Evil())})
+    evil_field = pa.field(
+        "id",
+        pa.int64(),
+        metadata={
+            b"ARROW:extension:name": b"arrow.py_extension_type",
+            b"ARROW:extension:metadata": pickle.dumps(Evil()),
+        },
+    )
     parquet = io.BytesIO()
     pq.write_table(pa.table({"id": pa.array(range(12))}).cast(pa.schema([evil_field])), parquet)
     crafted = [
@@ -278,16 +328,31 @@ def test_crafted_files_with_matching_checksums_are_refused_without_unpickling(tm
         (files["faiss"], bytes(zero_d).hex(), r"implausible FAISS header"),
         (files["parquet"], parquet.getvalue().hex(), None),  # pyarrow must not unpickle the extension type
     ]
-    cases = [{"label": f"crafted {rel} #{n}", "kind": "store", "source": str(source), "copy": str(tmp_path / "copy"),
-              "file": rel, "how": "replace", "arg": data, "verify": verify, "marker": str(marker)}
-             for n, (rel, data, _) in enumerate(crafted) for verify in (True, False)]
+    cases = [
+        {
+            "label": f"crafted {rel} #{n}",
+            "kind": "store",
+            "source": str(source),
+            "copy": str(tmp_path / "copy"),
+            "file": rel,
+            "how": "replace",
+            "arg": data,
+            "verify": verify,
+            "marker": str(marker),
+        }
+        for n, (rel, data, _) in enumerate(crafted)
+        for verify in (True, False)
+    ]
     for case, result in zip(cases, _run(cases)):
         assert not result["marker"], f"{case['label']}: something was unpickled"
         expected = crafted[int(case["label"].rsplit("#", 1)[1])][2]
         if expected is None:
             assert result["error"] in (None, "IndexFormatError"), result
         else:
-            assert result["error"] == "IndexFormatError" and re.search(expected, result["message"]), (case["label"], result)
+            assert result["error"] == "IndexFormatError" and re.search(expected, result["message"]), (
+                case["label"],
+                result,
+            )
     assert not marker.exists()
 
 
@@ -340,7 +405,9 @@ def test_manifest_tampering(tmp_path, store_dir):
     manifest["checksums"].pop(files["errors"])
     (root / files["errors"]).unlink()
     (root / MANIFEST_NAME).write_text(json.dumps(manifest))
-    assert StoreReader(root, kind="index").read_errors() == [{"path": "bad.jpg", "reason": "truncated", "kind": "image", "row": None}]
+    assert StoreReader(root, kind="index").read_errors() == [
+        {"path": "bad.jpg", "reason": "truncated", "kind": "image", "row": None}
+    ]
 
 
 def test_special_files_in_place_of_data_files_do_not_hang(tmp_path, store_dir):

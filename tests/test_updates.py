@@ -42,8 +42,14 @@ def caption_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ivf_index(tmp_path_factory, tiny_clip_dir, small_collection, caption_files):
     path = tmp_path_factory.mktemp("ivf") / "index"
-    retrieval.build_index(images=[small_collection / "images"], captions=[caption_files / "all.txt"], index=path,
-                          encoders=clip(tiny_clip_dir), embed=QUIET, index_options=IndexOptions("ivf", target_recall=0.9))
+    retrieval.build_index(
+        images=[small_collection / "images"],
+        captions=[caption_files / "all.txt"],
+        index=path,
+        encoders=clip(tiny_clip_dir),
+        embed=QUIET,
+        index_options=IndexOptions("ivf", target_recall=0.9),
+    )
     return path
 
 
@@ -63,10 +69,16 @@ def test_build_records_the_choice_and_the_measured_recall(ivf_index, small_colle
     captions = records["clip/caption"]
     assert captions["choice"]["spec"]["type"] == "ivf" and captions["count"] == 400
     measured = captions["measured"]
-    assert measured["query_source"] == "images" and measured["queries"] == 3 and measured["tuning_queries"] == 3  # 6 photos, split
+    assert (
+        measured["query_source"] == "images" and measured["queries"] == 3 and measured["tuning_queries"] == 3
+    )  # 6 photos, split
     assert measured["held_out"] and measured["target_reached"] and "nprobe" in measured["knobs"]
     # the tuned knobs hold on photos that took no part in tuning (not only on the ones the tuner saw)
-    photos = [path for path in sorted((COCO / "images").glob("*.jpg")) if not (small_collection / "images" / path.name).exists()][:8]
+    photos = [
+        path
+        for path in sorted((COCO / "images").glob("*.jpg"))
+        if not (small_collection / "images" / path.name).exists()
+    ][:8]
     fresh = index.image_encoder.encode_images([retrieval.api.engine.load_image(path).image for path in photos])
     source = index.vector_source("clip/caption")
     _, found = index.search_vectors("caption", fresh, "image", 10)  # with the recorded knobs
@@ -100,14 +112,22 @@ def test_ivfpq_index_reranks_in_faiss_from_the_stored_vectors(tmp_path, tiny_cli
     import faiss
 
     path = tmp_path / "index"
-    retrieval.build_index(images=[small_collection / "images"], captions=[caption_files / "all.txt"], index=path,
-                          encoders=clip(tiny_clip_dir), embed=QUIET, index_options=IndexOptions("ivfpq", target_recall=0.9))
+    retrieval.build_index(
+        images=[small_collection / "images"],
+        captions=[caption_files / "all.txt"],
+        index=path,
+        encoders=clip(tiny_clip_dir),
+        embed=QUIET,
+        index_options=IndexOptions("ivfpq", target_recall=0.9),
+    )
     index = retrieval.open_index(path, device="cpu")
     assert index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["type"] == "ivfpq"
     compressed, stored = index.vector_index("clip/caption"), index.vector_source("clip/caption")
     assert stored.advise_random_access() == 1  # the engine already did: one memory-mapped file, re-ranked row by row
     native = stored.native_reranker(compressed)
-    assert native is not None and not faiss.downcast_index(native.refine_index).codes.is_owned  # the stored file, viewed
+    assert (
+        native is not None and not faiss.downcast_index(native.refine_index).codes.is_owned
+    )  # the stored file, viewed
     nlist = index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
     photo = sorted((small_collection / "images").glob("*.jpg"))[0]
     query = index.image_encoder.encode_images([retrieval.api.engine.load_image(photo).image])
@@ -122,7 +142,9 @@ def test_batch_text_queries_equal_single_queries(ivf_index, tmp_path):
     assert [[h.id for h in hits] for hits in batch] == [[h.id for h in index.text_to_image(t, k=3)] for t in texts]
     queries = tmp_path / "queries.txt"
     queries.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    result = CliRunner().invoke(main, ["text-to-image", "--queries-file", str(queries), "--index", str(ivf_index), "-k", "3", "--json"])
+    result = CliRunner().invoke(
+        main, ["text-to-image", "--queries-file", str(queries), "--index", str(ivf_index), "-k", "3", "--json"]
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert [line["query"] for line in lines] == texts
@@ -155,12 +177,20 @@ def two_step(tmp_path, tiny_clip_dir, small_collection, caption_files):
     for path in images[3:]:
         shutil.copy(path, second / path.name)
     path = tmp_path / "index"
-    retrieval.build_index(images=[first], captions=[caption_files / "first.txt"], index=path, encoders=clip(tiny_clip_dir),
-                          embed=QUIET, index_options=IndexOptions("ivf", target_recall=0.9))
+    retrieval.build_index(
+        images=[first],
+        captions=[caption_files / "first.txt"],
+        index=path,
+        encoders=clip(tiny_clip_dir),
+        embed=QUIET,
+        index_options=IndexOptions("ivf", target_recall=0.9),
+    )
     return path, first, second
 
 
-def test_add_encodes_only_new_items_and_equals_a_full_build(two_step, caption_files, tiny_clip_dir, tmp_path, monkeypatch):
+def test_add_encodes_only_new_items_and_equals_a_full_build(
+    two_step, caption_files, tiny_clip_dir, tmp_path, monkeypatch
+):
     path, first, second = two_step
     import retrieval.encoders.open_clip as oc
 
@@ -172,7 +202,13 @@ def test_add_encodes_only_new_items_and_equals_a_full_build(two_step, caption_fi
         return original(self, texts, *args, **kwargs)
 
     monkeypatch.setattr(oc.OpenClipEncoder, "encode_texts", counting)
-    report = add_to_index(path, images=[first, second], captions=[caption_files / "first.txt", caption_files / "second.txt"], embed=QUIET, device="cpu")
+    report = add_to_index(
+        path,
+        images=[first, second],
+        captions=[caption_files / "first.txt", caption_files / "second.txt"],
+        embed=QUIET,
+        device="cpu",
+    )
     assert report.added == {"image": 3, "caption": 100}
     assert report.already_present == {"image": 3, "caption": 300}
     assert len(encoded) == 100  # the 300 old captions were not encoded again
@@ -181,8 +217,14 @@ def test_add_encodes_only_new_items_and_equals_a_full_build(two_step, caption_fi
     updated = retrieval.open_index(path, device="cpu")
     assert updated.manifest["counts"] == {"image": 6, "caption": 400}
     assert updated.manifest["updates"][-1]["op"] == "add"
-    full = retrieval.build_index(images=[first, second], captions=[caption_files / "all.txt"], index=tmp_path / "full",
-                                 encoders=clip(tiny_clip_dir), embed=QUIET, index_options=IndexOptions("flat"))
+    full = retrieval.build_index(
+        images=[first, second],
+        captions=[caption_files / "all.txt"],
+        index=tmp_path / "full",
+        encoders=clip(tiny_clip_dir),
+        embed=QUIET,
+        index_options=IndexOptions("flat"),
+    )
     # same items, same scores (a random tiny model makes near-ties, so compare scores, not orders); image vectors
     # come from other batches here, and the CPU's int8 image tower scales activations per batch: < 2e-3 apart
     for text in ("a plate of food", "a man riding a horse"):
@@ -191,7 +233,10 @@ def test_add_encodes_only_new_items_and_equals_a_full_build(two_step, caption_fi
         np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=2e-3)
     nlist = updated.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
     for photo in sorted(second.glob("0*.jpg")):
-        got, want = updated.image_to_caption(photo, k=5, knobs=SearchKnobs(nprobe=nlist)), full.image_to_caption(photo, k=5)
+        got, want = (
+            updated.image_to_caption(photo, k=5, knobs=SearchKnobs(nprobe=nlist)),
+            full.image_to_caption(photo, k=5),
+        )
         np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-4)
     assert updated.manifest["vector_indexes"]["clip/caption"]["measured"]["recall@10"] >= 0.9
 
@@ -207,7 +252,9 @@ def test_remove_by_id_and_path_hides_items_then_compacts(two_step, caption_files
     after = retrieval.open_index(path, device="cpu")
     assert after.manifest["counts"] == {"image": 2, "caption": 299}
     assert top[0].id not in [h.id for h in after.image_to_caption(photo, k=20)]
-    assert sorted(first.glob("*.jpg"))[1].name not in [h.uri.rsplit("/", 1)[-1] for h in after.text_to_image("food", k=10)]
+    assert sorted(first.glob("*.jpg"))[1].name not in [
+        h.uri.rsplit("/", 1)[-1] for h in after.text_to_image("food", k=10)
+    ]
     assert after.info()["deleted"] == {"image": 0, "caption": 1} and after.rows("caption") == 300
     with pytest.raises(InputError, match="nothing to remove"):
         remove_from_index(path, ids=[top[0].id])
@@ -261,14 +308,23 @@ def test_updates_are_atomic_for_readers_and_on_crash(two_step, caption_files, mo
     now = retrieval.open_index(path, device="cpu")
     assert now.manifest["counts"] == {"image": 5, "caption": 400}
     referenced = set(now.manifest["checksums"])
-    on_disk = {p.relative_to(path).as_posix() for folder in ("items", "vectors", "faiss") for p in (path / folder).rglob("*") if p.is_file()}
-    assert on_disk == {rel for rel in referenced if rel.split("/")[0] in ("items", "vectors", "faiss")}  # crash leftovers removed
+    on_disk = {
+        p.relative_to(path).as_posix()
+        for folder in ("items", "vectors", "faiss")
+        for p in (path / folder).rglob("*")
+        if p.is_file()
+    }
+    assert on_disk == {
+        rel for rel in referenced if rel.split("/")[0] in ("items", "vectors", "faiss")
+    }  # crash leftovers removed
 
 
 def test_cli_add_and_remove(two_step, caption_files):
     path, _, second = two_step
     runner = CliRunner()
-    result = runner.invoke(main, ["add", "--index", str(path), "--captions", str(caption_files / "second.txt"), "-q", "--json"])
+    result = runner.invoke(
+        main, ["add", "--index", str(path), "--captions", str(caption_files / "second.txt"), "-q", "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["added"] == {"image": 0, "caption": 100}
     hit = retrieval.open_index(path, device="cpu").text_to_image("food", k=1)[0]

@@ -53,22 +53,34 @@ def test_exact_index_over_duplicates_reports_full_recall():
     queries = np.concatenate([data[-1:] + 0.01 * _unit_rows(rng, 200, 32), _unit_rows(rng, 200, 32)])
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     spec = spec_for("flat", len(data), 32)
-    report = measure_and_tune(build_vector_index(data, spec), spec, VectorSource(data), queries, "self", target_recall=0.95)
+    report = measure_and_tune(
+        build_vector_index(data, spec), spec, VectorSource(data), queries, "self", target_recall=0.95
+    )
     assert report.recall_at_10 == 1.0 and report.recall_at_1 == 1.0 and report.target_reached  # ids alone: 0.61
     assert report.queries == 200 and report.tuning_queries == 200 and report.query_source == "self"
 
 
-def test_an_index_of_one_kind_records_that_its_recall_comes_from_self_queries(tmp_path, tiny_clip_dir, small_collection):
+def test_an_index_of_one_kind_records_that_its_recall_comes_from_self_queries(
+    tmp_path, tiny_clip_dir, small_collection
+):
     from click.testing import CliRunner
 
     import retrieval
     from retrieval.cli.main import main
 
     choice = retrieval.EncoderChoice(clip="open_clip:tiny", checkpoint=str(tiny_clip_dir), device="cpu")
-    retrieval.build_index(captions=[small_collection / "captions.txt"], index=tmp_path / "c", encoders=choice,
-                          embed=retrieval.EmbedOptions(workers=0, progress=False))
+    retrieval.build_index(
+        captions=[small_collection / "captions.txt"],
+        index=tmp_path / "c",
+        encoders=choice,
+        embed=retrieval.EmbedOptions(workers=0, progress=False),
+    )
     measured = retrieval.open_index(tmp_path / "c").manifest["vector_indexes"]["clip/caption"]["measured"]
-    assert measured["query_source"] == "self" and measured["held_out"] and (measured["queries"], measured["tuning_queries"]) == (1, 1)
+    assert (
+        measured["query_source"] == "self"
+        and measured["held_out"]
+        and (measured["queries"], measured["tuning_queries"]) == (1, 1)
+    )
     info = CliRunner().invoke(main, ["info", "--index", str(tmp_path / "c")])
     assert info.exit_code == 0 and "(1 queries: self)" in info.output, info.output
 
@@ -86,8 +98,13 @@ def test_a_memory_mapped_ivf_index_answers_one_query_about_as_fast_as_one_in_mem
     data = _unit_rows(np.random.default_rng(5), 20_000, 32)
     index = build_vector_index(data, spec_for("IVF128,Flat", len(data), 32))
     faiss.write_index(index, str(tmp_path / "ivf.index"))
-    mapped, loaded = read_vector_index(tmp_path / "ivf.index", mmap=True), read_vector_index(tmp_path / "ivf.index", mmap=False)
-    assert type(faiss.downcast_InvertedLists(mapped.invlists)).__name__ == "OnDiskInvertedLists"  # what the check is about
+    mapped, loaded = (
+        read_vector_index(tmp_path / "ivf.index", mmap=True),
+        read_vector_index(tmp_path / "ivf.index", mmap=False),
+    )
+    assert (
+        type(faiss.downcast_InvertedLists(mapped.invlists)).__name__ == "OnDiskInvertedLists"
+    )  # what the check is about
     assert faiss.downcast_InvertedLists(mapped.invlists).prefetch_nthread == 0
     queries = data[:200]
 
@@ -95,13 +112,15 @@ def test_a_memory_mapped_ivf_index_answers_one_query_about_as_fast_as_one_in_mem
         times = []
         for row in range(len(queries)):
             started = time.perf_counter()
-            search(ivf, queries[row:row + 1], 10, SearchKnobs(nprobe=8))
+            search(ivf, queries[row : row + 1], 10, SearchKnobs(nprobe=8))
             times.append(time.perf_counter() - started)
         return float(np.median(times)) * 1e6
 
     assert np.array_equal(search(mapped, queries, 10)[1], search(loaded, queries, 10)[1])
     mapped_us, loaded_us = median_us(mapped), median_us(loaded)
-    assert mapped_us <= 4 * loaded_us + 100, f"one query: {mapped_us:.0f} us memory-mapped, {loaded_us:.0f} us in memory"
+    assert mapped_us <= 4 * loaded_us + 100, (
+        f"one query: {mapped_us:.0f} us memory-mapped, {loaded_us:.0f} us in memory"
+    )
 
 
 @pytest.mark.parametrize("n, expected", [(100, "flat"), (255, "flat"), (256, "ivfpq")])

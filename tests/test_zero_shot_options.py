@@ -51,8 +51,14 @@ def test_crop_pooling_equals_a_numpy_reference():
 
 def test_crops_are_the_whole_photo_its_quadrants_and_centre():
     boxes = crop_boxes(640, 480)
-    assert boxes == [(0, 0, 640, 480), (0, 0, 320, 240), (320, 0, 640, 240), (0, 240, 320, 480),
-                     (320, 240, 640, 480), (160, 120, 480, 360)]
+    assert boxes == [
+        (0, 0, 640, 480),
+        (0, 0, 320, 240),
+        (320, 0, 640, 240),
+        (0, 240, 320, 480),
+        (320, 240, 640, 480),
+        (160, 120, 480, 360),
+    ]
     image = Image.new("RGB", (9, 7), "red")
     crops = photo_crops(image)
     assert crops[0] is image and [c.size for c in crops[1:]] == [(4, 3), (4, 3), (4, 3), (4, 3), (4, 3)]
@@ -95,8 +101,14 @@ def test_old_manifest_entries_keep_their_old_meaning():
 
 @pytest.mark.slow
 def test_index_with_crop_views_and_glosses_end_to_end(tmp_path, small_collection):
-    index = retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "i", encoders=UNIMODAL,
-                                  anchors="builtin:imagenet", embed=QUIET, image_views="five")
+    index = retrieval.build_index(
+        captions=[small_collection / "pairs.jsonl"],
+        index=tmp_path / "i",
+        encoders=UNIMODAL,
+        anchors="builtin:imagenet",
+        embed=QUIET,
+        image_views="five",
+    )
     manifest = index.manifest
     assert manifest["image_views"] == "five" and manifest["anchors"][0]["texts"] == "glosses"
     assert index.image_views == "five"
@@ -116,8 +128,13 @@ def test_index_with_crop_views_and_glosses_end_to_end(tmp_path, small_collection
     np.testing.assert_allclose([hit.score for hit in hits], stored, atol=5e-3)
     assert any(hit.image_uri == uris[0] for hit in hits)
     # an index from before the settings (no image_views, no anchor texts) opens with the old behaviour
-    plain = retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "p", encoders=UNIMODAL,
-                                  anchors="builtin:imagenet-names", embed=QUIET)
+    plain = retrieval.build_index(
+        captions=[small_collection / "pairs.jsonl"],
+        index=tmp_path / "p",
+        encoders=UNIMODAL,
+        anchors="builtin:imagenet-names",
+        embed=QUIET,
+    )
     assert plain.manifest["image_views"] == "none" and plain.manifest["anchors"][0]["texts"] == "names"
     assert index.info()["image_views"] == "five" and index.info()["anchors"][0]["texts"] == "glosses"
     old = json.loads((tmp_path / "p" / MANIFEST_NAME).read_text())
@@ -128,16 +145,27 @@ def test_index_with_crop_views_and_glosses_end_to_end(tmp_path, small_collection
     (tmp_path / "p" / MANIFEST_NAME).write_text(json.dumps(old))
     reopened = retrieval.open_index(tmp_path / "p")
     assert reopened.image_views == "none" and reopened.anchor_spaces.sets[0].texts == "names"
-    assert [h.id for h in reopened.image_to_caption(uris[0], k=3)] == [h.id for h in plain.image_to_caption(uris[0], k=3)]
+    assert [h.id for h in reopened.image_to_caption(uris[0], k=3)] == [
+        h.id for h in plain.image_to_caption(uris[0], k=3)
+    ]
 
 
 def test_image_views_are_refused_for_contrastive_models(tmp_path, small_collection):
     with pytest.raises(InputError, match="image views"):
-        retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "c",
-                              encoders=EncoderChoice(clip="open_clip:ViT-B-32/none"), image_views="five")
+        retrieval.build_index(
+            captions=[small_collection / "pairs.jsonl"],
+            index=tmp_path / "c",
+            encoders=EncoderChoice(clip="open_clip:ViT-B-32/none"),
+            image_views="five",
+        )
     with pytest.raises(InputError, match="unknown image views"):
-        retrieval.build_index(captions=[small_collection / "pairs.jsonl"], index=tmp_path / "c", encoders=UNIMODAL,
-                              anchors="builtin:imagenet", image_views="ten")
+        retrieval.build_index(
+            captions=[small_collection / "pairs.jsonl"],
+            index=tmp_path / "c",
+            encoders=UNIMODAL,
+            anchors="builtin:imagenet",
+            image_views="ten",
+        )
 
 
 @pytest.mark.slow
@@ -150,8 +178,14 @@ def test_images_added_to_a_crop_view_index_are_pooled_too(tmp_path, small_collec
     for photo in photos[:2]:
         shutil.copy(photo, first / photo.name)
     shutil.copy(photos[2], later / photos[2].name)
-    retrieval.build_index(images=[first], index=tmp_path / "i", encoders=UNIMODAL, anchors="builtin:imagenet",
-                          embed=QUIET, image_views="five")
+    retrieval.build_index(
+        images=[first],
+        index=tmp_path / "i",
+        encoders=UNIMODAL,
+        anchors="builtin:imagenet",
+        embed=QUIET,
+        image_views="five",
+    )
     retrieval.add_to_index(tmp_path / "i", images=[later], embed=QUIET)
     index = retrieval.open_index(tmp_path / "i")
     from retrieval.embed.views import embed_views
@@ -177,8 +211,20 @@ def test_cli_passes_image_views_to_the_build(monkeypatch, tmp_path):
         raise InputError("stop here")
 
     monkeypatch.setattr(build_module, "build_index", fake_build)
-    common = ["build-index", "--images", "a", "--index", str(tmp_path / "i"), "--image-encoder", "ie", "--text-encoder", "te",
-              "--anchors", "builtin:imagenet", "--quiet"]
+    common = [
+        "build-index",
+        "--images",
+        "a",
+        "--index",
+        str(tmp_path / "i"),
+        "--image-encoder",
+        "ie",
+        "--text-encoder",
+        "te",
+        "--anchors",
+        "builtin:imagenet",
+        "--quiet",
+    ]
     CliRunner().invoke(main, common + ["--image-views", "five"])
     assert seen["image_views"] == "five"
     CliRunner().invoke(main, common)

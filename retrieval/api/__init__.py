@@ -1,2 +1,1 @@
-"""The Python API: ``build_index`` and ``build_anchors``, ``open_index`` -> ``Index`` (the query side), and ``add``/``remove`` updates.
-"""
+"""The Python API: ``build_index`` and ``build_anchors``, ``open_index`` -> ``Index`` (the query side), and ``add``/``remove`` updates."""

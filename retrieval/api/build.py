@@ -48,8 +48,17 @@ if TYPE_CHECKING:
     from retrieval.embed.ray_pipeline import RayOptions
 
 __all__ = [
-    "DEFAULT_INDEX", "Collection", "WriteOptions", "build_anchors", "build_index", "commit_index",
-    "embed_items", "gather_collection", "gather_items", "resolve_anchors", "write_index",
+    "DEFAULT_INDEX",
+    "Collection",
+    "WriteOptions",
+    "build_anchors",
+    "build_index",
+    "commit_index",
+    "embed_items",
+    "gather_collection",
+    "gather_items",
+    "resolve_anchors",
+    "write_index",
 ]
 
 DEFAULT_INDEX = Path("index_data") / "default"
@@ -68,7 +77,9 @@ class Collection:
 
 
 def gather_items(
-    images: Sequence[str | Path], captions: Sequence[str | Path], options: CaptionOptions = CaptionOptions(),
+    images: Sequence[str | Path],
+    captions: Sequence[str | Path],
+    options: CaptionOptions = CaptionOptions(),
     progress: bool = False,
 ) -> Collection:
     """Stage 1: find images and read caption files; images named by pairs files join the image collection.
@@ -81,11 +92,15 @@ def gather_items(
     """
     if not images and not captions:
         raise InputError("nothing to index: give --images PATH and/or --captions FILE")
-    found = read_image_sources(images, options.caption_column, options.image_column, progress) if images else ShardItems()
+    found = (
+        read_image_sources(images, options.caption_column, options.image_column, progress) if images else ShardItems()
+    )
     collection = Collection(images=found.images, captions=found.captions, errors=found.errors)
     seen = {ref.path for ref in collection.images if ref.path is not None}
     for path in captions:
-        parsed = read_caption_file(path, options.caption_column, options.image_column, options.template, options.encoding)
+        parsed = read_caption_file(
+            path, options.caption_column, options.image_column, options.template, options.encoding
+        )
         collection.captions.extend(parsed.records)
         collection.errors.extend(parsed.errors)
         for record in parsed.records:
@@ -99,8 +114,12 @@ gather_collection = gather_items  # the name before the stages were split out
 
 
 def embed_items(
-    collection: Collection, image_encoder: Any, text_encoder: Any, options: EmbedOptions = EmbedOptions(),
-    work_dir: str | Path | None = None, ray: RayOptions | None = None,
+    collection: Collection,
+    image_encoder: Any,
+    text_encoder: Any,
+    options: EmbedOptions = EmbedOptions(),
+    work_dir: str | Path | None = None,
+    ray: RayOptions | None = None,
 ) -> EmbeddedItems:
     """Stage 2: images and captions through their encoders (the same object for a contrastive model).
 
@@ -120,17 +139,30 @@ def embed_items(
         images = embed_images(collection.images, image_encoder, options, work_dir=work_dir)
     seconds = time.perf_counter() - started
     texts = [record.text for record in collection.captions]
-    caption_vectors = text_encoder.encode_texts(texts, progress=options.progress) if texts else np.zeros((0, text_encoder.dim), np.float32)
+    caption_vectors = (
+        text_encoder.encode_texts(texts, progress=options.progress)
+        if texts
+        else np.zeros((0, text_encoder.dim), np.float32)
+    )
     stats = EmbedStats(
         images_per_second=_images_per_second(images, len(collection.images), seconds),
-        resumed=images.resumed, device=image_encoder.device, workers=images.workers, replicas=images.replicas,
-        decode=images.decode_device or "cpu", startup_seconds=images.startup_seconds,
+        resumed=images.resumed,
+        device=image_encoder.device,
+        workers=images.workers,
+        replicas=images.replicas,
+        decode=images.decode_device or "cpu",
+        startup_seconds=images.startup_seconds,
         steady_images_per_second=images.steady_images_per_second,
     )
     return EmbeddedItems(
-        images=images.rows, image_vectors=images.vectors, captions=list(collection.captions), caption_vectors=caption_vectors,
+        images=images.rows,
+        image_vectors=images.vectors,
+        captions=list(collection.captions),
+        caption_vectors=caption_vectors,
         encoders={"image": encoder_record(image_encoder), "text": encoder_record(text_encoder)},
-        shared_space=image_encoder is text_encoder, errors=collection.errors + images.errors, stats=stats,
+        shared_space=image_encoder is text_encoder,
+        errors=collection.errors + images.errors,
+        stats=stats,
     )
 
 
@@ -184,14 +216,27 @@ def build_index(
         spaces = resolve_anchors(anchors, anchor_weights, image_encoder, text_encoder)
         asif = asif_params_for(spaces.sets, asif) if spaces else asif  # open fields: the anchor sets' own; fails early
         with _one_ray_session(ray_options):  # the embed and index stages share it (each would start its own)
-            embedded = embed_items(collection, image_encoder, text_encoder, embed, work_dir=index, ray=ray_options)  # resumable: see resume.py
+            embedded = embed_items(
+                collection, image_encoder, text_encoder, embed, work_dir=index, ray=ray_options
+            )  # resumable: see resume.py
             if check_views(image_views) != "none":
                 embedded.view_vectors = embed_views([row.ref for row in embedded.images], image_encoder, image_views)
-            commit_index(embedded, index, WriteOptions(
-                anchors=spaces, asif=asif, index_options=index_options, caption_options=caption_options,
-                sources={"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
-                checkpoint=encoders.checkpoint, progress=embed.progress, started=started, ray=ray_options, image_views=image_views,
-            ))
+            commit_index(
+                embedded,
+                index,
+                WriteOptions(
+                    anchors=spaces,
+                    asif=asif,
+                    index_options=index_options,
+                    caption_options=caption_options,
+                    sources={"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
+                    checkpoint=encoders.checkpoint,
+                    progress=embed.progress,
+                    started=started,
+                    ray=ray_options,
+                    image_views=image_views,
+                ),
+            )
     return open_index(index, device=encoders.device)
 
 
@@ -224,7 +269,9 @@ def _check_choice(
         raise InputError("choose encoders: EncoderChoice(clip=...) or EncoderChoice(image=..., text=...)")
     anchors = [anchors] if isinstance(anchors, (str, Path)) else list(anchors or ())
     if encoders.is_contrastive and image_views != "none":
-        raise InputError(f"image views {image_views!r} pool ASIF relative rows: they need unimodal encoders and anchors")
+        raise InputError(
+            f"image views {image_views!r} pool ASIF relative rows: they need unimodal encoders and anchors"
+        )
     if not encoders.is_contrastive and not anchors:
         raise InputError(
             "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or builtin:imagenet"
@@ -261,7 +308,22 @@ def build_anchors(
     out = Path(out)
     prepare_target(out)
     with writer_lock(out):
-        image_model, text_model = load_encoders(EncoderChoice(image=image_encoder, text=text_encoder, checkpoint=str(checkpoint) if checkpoint else None, device=device))
-        anchor_set, errors = build_anchor_set(pairs, image_model, text_model, caption_options, embed, (asif or AsifParams()).resolved(DEFAULT_PARAMS), cache_dir)
+        image_model, text_model = load_encoders(
+            EncoderChoice(
+                image=image_encoder,
+                text=text_encoder,
+                checkpoint=str(checkpoint) if checkpoint else None,
+                device=device,
+            )
+        )
+        anchor_set, errors = build_anchor_set(
+            pairs,
+            image_model,
+            text_model,
+            caption_options,
+            embed,
+            (asif or AsifParams()).resolved(DEFAULT_PARAMS),
+            cache_dir,
+        )
         save_anchor_set(anchor_set, out, errors)
     return load_anchor_set(out)

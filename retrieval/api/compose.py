@@ -64,8 +64,10 @@ def choose_query_route(index: Any, query: Query, target: str, route: str | None)
     if route is None:
         return available[0]
     if route not in available:
-        raise InputError(f"{index.path}: route {route!r} not available for this query of {target}s; "
-                         f"it answers by {', '.join(available)}")
+        raise InputError(
+            f"{index.path}: route {route!r} not available for this query of {target}s; "
+            f"it answers by {', '.join(available)}"
+        )
     return route
 
 
@@ -118,9 +120,17 @@ def query_rows(index: Any, query: Query, target: str, route: str) -> Any:
     return combined(rows, weights)
 
 
-def search_query(index: Any, query: Query, target: str = "image", k: int = 10, route: str | None = None,
-                 knobs: SearchKnobs | None = None, dedup: float | None = None, exclude: Sequence[str] = (),
-                 **options: Any) -> list[Any]:
+def search_query(
+    index: Any,
+    query: Query,
+    target: str = "image",
+    k: int = 10,
+    route: str | None = None,
+    knobs: SearchKnobs | None = None,
+    dedup: float | None = None,
+    exclude: Sequence[str] = (),
+    **options: Any,
+) -> list[Any]:
     """The ``k`` best ``target`` hits for ``query``; ``dedup``: collapse near-duplicates at this cosine
     (fetching more so ``k`` remain when the index has them); ``exclude``: item ids left out; ``options``
     go to :meth:`~retrieval.api.engine.Index.search_rows`."""

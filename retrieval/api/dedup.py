@@ -81,13 +81,23 @@ def duplicates(index: Any, threshold: float = DEFAULT_THRESHOLD) -> list[Duplica
 
 def _group(table: dict[str, list], members: list[int], vectors: np.ndarray) -> DuplicateGroup:
     """The group of ``members`` (positions) with its keeper: the most pixels, then the lowest position."""
-    pick = min(range(len(members)), key=lambda i: (-int(table["width"][members[i]]) * int(table["height"][members[i]]), members[i]))
+    pick = min(
+        range(len(members)),
+        key=lambda i: (-int(table["width"][members[i]]) * int(table["height"][members[i]]), members[i]),
+    )
     similarity = vectors @ vectors[pick]
     items = [
-        DuplicateItem(id=table["id"][pos], uri=table["uri"][pos], width=int(table["width"][pos]),
-                      height=int(table["height"][pos]), position=int(pos), similarity=round(float(similarity[i]), 6))
+        DuplicateItem(
+            id=table["id"][pos],
+            uri=table["uri"][pos],
+            width=int(table["width"][pos]),
+            height=int(table["height"][pos]),
+            position=int(pos),
+            similarity=round(float(similarity[i]), 6),
+        )
         for i, pos in enumerate(members)
     ]
-    others = sorted((item for i, item in enumerate(items) if i != pick), key=lambda item: (-item.similarity, item.position))
+    others = sorted(
+        (item for i, item in enumerate(items) if i != pick), key=lambda item: (-item.similarity, item.position)
+    )
     return DuplicateGroup(keeper=items[pick], duplicates=others)
-

@@ -32,8 +32,10 @@ def summarise(index: Any) -> dict[str, Any]:
     summary["routes"] = index.routes
     summary["query_routes"] = {query: index.routes_for(query) for query in QUERIES}
     if "anchors" in m:
-        summary["anchors"] = [{"name": a["name"], "count": a["count"], "weight": a["weight"], "texts": anchor_texts_of(a)}
-                              for a in m["anchors"]]
+        summary["anchors"] = [
+            {"name": a["name"], "count": a["count"], "weight": a["weight"], "texts": anchor_texts_of(a)}
+            for a in m["anchors"]
+        ]
         summary["asif"] = m["asif"]
         summary["image_views"] = m.get("image_views", "none")
     return summary

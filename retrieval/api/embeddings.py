@@ -66,12 +66,21 @@ def build_index_from_embeddings(embeddings: str | Path, index: str | Path, optio
     index = Path(index)
     prepare_target(index)
     with writer_lock(index):
-        encoder = load_encoders(EncoderChoice(clip=options.encoder, checkpoint=options.checkpoint, device=options.device))[0]
+        encoder = load_encoders(
+            EncoderChoice(clip=options.encoder, checkpoint=options.checkpoint, device=options.device)
+        )[0]
         embedded = embedded_items(folder, encoder, options.verify)
-        commit_index(embedded, index, WriteOptions(
-            index_options=options.index_options, sources={"embeddings": [str(folder.root)]},
-            checkpoint=options.checkpoint, progress=options.progress, started=started,
-        ))
+        commit_index(
+            embedded,
+            index,
+            WriteOptions(
+                index_options=options.index_options,
+                sources={"embeddings": [str(folder.root)]},
+                checkpoint=options.checkpoint,
+                progress=options.progress,
+                started=started,
+            ),
+        )
     return open_index(index, device=options.device)
 
 
@@ -80,8 +89,10 @@ def embedded_items(folder: EmbeddingFolder, encoder: Any, verify: bool = True) -
     for kind, dim in folder.dims.items():
         if dim != encoder.dim:
             shard = next(part.shards[kind] for part in folder.parts)
-            raise EncoderMismatchError(f"{shard}: {kind} vectors of dimension {dim}, but {encoder.spec} makes vectors of "
-                                       f"dimension {encoder.dim}; these embeddings were not made with {encoder.spec}")
+            raise EncoderMismatchError(
+                f"{shard}: {kind} vectors of dimension {dim}, but {encoder.spec} makes vectors of "
+                f"dimension {encoder.dim}; these embeddings were not made with {encoder.spec}"
+            )
     rows = gather_embedded_rows(folder)
     image_vectors, image_where = _unit_rows(folder, "image", rows.image_rows)
     caption_vectors, caption_where = _unit_rows(folder, "text", rows.caption_rows)
@@ -90,9 +101,13 @@ def embedded_items(folder: EmbeddingFolder, encoder: Any, verify: bool = True) -
         check_texts([c.text for c in rows.captions], caption_vectors, caption_where, encoder)
     record = encoder_record(encoder)
     return EmbeddedItems(
-        images=[_row(ref) for ref in rows.images], image_vectors=image_vectors,
-        captions=rows.captions, caption_vectors=caption_vectors,
-        encoders={"image": record, "text": record}, shared_space=True, errors=rows.errors,
+        images=[_row(ref) for ref in rows.images],
+        image_vectors=image_vectors,
+        captions=rows.captions,
+        caption_vectors=caption_vectors,
+        encoders={"image": record, "text": record},
+        shared_space=True,
+        errors=rows.errors,
         stats=EmbedStats(device=str(encoder.device)),
     )
 
@@ -122,8 +137,15 @@ def _unit_rows(folder: EmbeddingFolder, kind: str, rows: Sequence[int]) -> tuple
     off = np.abs(norms - 1) > UNIT_TOLERANCE
     if off.any():
         shards = sorted({str(where[i][0]) for i in np.flatnonzero(off)})
-        log.warning("%d of %d %s vectors are not unit length (norms %.3g to %.3g, in %s); normalised",
-                    int(off.sum()), len(vectors), kind, float(norms.min()), float(norms.max()), ", ".join(shards[:3]))
+        log.warning(
+            "%d of %d %s vectors are not unit length (norms %.3g to %.3g, in %s); normalised",
+            int(off.sum()),
+            len(vectors),
+            kind,
+            float(norms.min()),
+            float(norms.max()),
+            ", ".join(shards[:3]),
+        )
     return (vectors / norms[:, None]).astype(np.float32), where
 
 
@@ -145,7 +167,10 @@ def check_images(refs: Sequence[ImageRef], vectors: np.ndarray, where: list[tupl
             break
     if not chosen:
         if len(refs):
-            log.warning("no image of the embedding folder can be read here; the image vectors were not checked against %s", encoder.spec)
+            log.warning(
+                "no image of the embedding folder can be read here; the image vectors were not checked against %s",
+                encoder.spec,
+            )
         return 0
     _compare(encoder.encode_images(pictures), vectors[chosen], [where[n] for n in chosen], encoder.spec, "image")
     return len(chosen)
@@ -155,7 +180,13 @@ def check_texts(texts: Sequence[str], vectors: np.ndarray, where: list[tuple[Pat
     """Encode up to 32 sampled captions; EncoderMismatchError if one disagrees. Returns how many."""
     chosen = [int(n) for n in _sample(len(texts))]
     if chosen:
-        _compare(encoder.encode_texts([texts[n] for n in chosen]), vectors[chosen], [where[n] for n in chosen], encoder.spec, "caption")
+        _compare(
+            encoder.encode_texts([texts[n] for n in chosen]),
+            vectors[chosen],
+            [where[n] for n in chosen],
+            encoder.spec,
+            "caption",
+        )
     return len(chosen)
 
 

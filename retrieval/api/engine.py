@@ -65,8 +65,14 @@ class Index(VectorParts):
     do searches of an index placed on a GPU. FAISS CPU searches and ASIF searches run in parallel.
     """
 
-    def __init__(self, path: str | Path, device: str = "auto", mmap: bool = True,
-                 encoder_snapshots: str | Path | None = None, ray: Any = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "auto",
+        mmap: bool = True,
+        encoder_snapshots: str | Path | None = None,
+        ray: Any = None,
+    ) -> None:
         self.path = Path(path)
         self.device = device
         self.mmap = mmap
@@ -78,8 +84,10 @@ class Index(VectorParts):
         self.store = StoreReader(self.path, kind="index")
         self.manifest: dict[str, Any] = self.store.manifest
         self._files: dict[str, Any] = self.manifest["files"]
-        self.filters = FilterCache(lambda kind: self.store.read_table(self._files["items"][kind]),
-                                   lambda kind, allowed: restrict(allowed, self.rows(kind), self._exclusions(kind)))
+        self.filters = FilterCache(
+            lambda kind: self.store.read_table(self._files["items"][kind]),
+            lambda kind, allowed: restrict(allowed, self.rows(kind), self._exclusions(kind)),
+        )
 
     def __repr__(self) -> str:
         counts = self.manifest["counts"]
@@ -108,16 +116,32 @@ class Index(VectorParts):
             raise InputError(f"unknown query {query!r}; one of {', '.join(QUERIES)}")
         return routes_for(self.manifest, query)
 
-    def text_to_image(self, text: str, k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None,
-                      where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[ImageHit]:
+    def text_to_image(
+        self,
+        text: str,
+        k: int = 10,
+        route: str | None = None,
+        knobs: SearchKnobs | None = None,
+        where: str | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[ImageHit]:
         """The ``k`` images that best match ``text`` (``route``: see :attr:`routes`; ``knobs``: nprobe / ef_search).
 
         Every query takes ``where`` (see :meth:`selection`), ``min_score`` and ``offset`` (paging; see api/paging.py).
         """
         return self.texts_to_images([text], k, route, knobs, where, min_score, offset)[0]
 
-    def texts_to_images(self, texts: Sequence[str], k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None,
-                        where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[list[ImageHit]]:
+    def texts_to_images(
+        self,
+        texts: Sequence[str],
+        k: int = 10,
+        route: str | None = None,
+        knobs: SearchKnobs | None = None,
+        where: str | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[list[ImageHit]]:
         """Batch text -> image: all ``texts`` encoded and searched in one pass; one hit list per text."""
         check_texts(texts, k)
         check_paging(offset, min_score)
@@ -125,16 +149,34 @@ class Index(VectorParts):
         route = choose_route(self.path, self.manifest, "text_to_image", route)
         if not texts:
             return []
-        scores, positions = self.search_vectors("image", self._encode_texts(texts), "text", k + offset, route, knobs, where)
+        scores, positions = self.search_vectors(
+            "image", self._encode_texts(texts), "text", k + offset, route, knobs, where
+        )
         return page(image_hits(self.items("image"), scores, positions), offset, min_score)
 
-    def image_to_caption(self, image: ImageQuery, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
-                         where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[CaptionHit]:
+    def image_to_caption(
+        self,
+        image: ImageQuery,
+        k: int = 5,
+        route: str | None = None,
+        knobs: SearchKnobs | None = None,
+        where: str | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[CaptionHit]:
         """The ``k`` captions that best describe ``image`` (a path or a PIL image)."""
         return self.images_to_captions([image], k, route, knobs, where, min_score, offset)[0]
 
-    def images_to_captions(self, images: Sequence[ImageQuery], k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
-                           where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[list[CaptionHit]]:
+    def images_to_captions(
+        self,
+        images: Sequence[ImageQuery],
+        k: int = 5,
+        route: str | None = None,
+        knobs: SearchKnobs | None = None,
+        where: str | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[list[CaptionHit]]:
         """Batch image -> caption: all ``images`` (paths or PIL images) encoded and searched in one pass.
 
         An unreadable image raises :class:`~retrieval.core.errors.ImageDecodeError` naming it; to skip such
@@ -150,24 +192,44 @@ class Index(VectorParts):
             rows = self._image_view_rows(images)
             scores, positions = self.search_rows("caption", "asif", rows, k + offset, where=where)
         else:
-            scores, positions = self.search_vectors("caption", self._encode_images(images), "image", k + offset, route, knobs, where)
+            scores, positions = self.search_vectors(
+                "caption", self._encode_images(images), "image", k + offset, route, knobs, where
+            )
         return page(caption_hits(self.items("caption"), scores, positions), offset, min_score)
 
-    def image_to_image(self, image: ImageQuery, k: int = 10, exclude_self: bool = False, route: str | None = None,
-                       knobs: SearchKnobs | None = None, where: str | None = None, min_score: float | None = None,
-                       offset: int = 0) -> list[ImageHit]:
+    def image_to_image(
+        self,
+        image: ImageQuery,
+        k: int = 10,
+        exclude_self: bool = False,
+        route: str | None = None,
+        knobs: SearchKnobs | None = None,
+        where: str | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[ImageHit]:
         """The ``k`` indexed images most like ``image`` (a path or a PIL image): "more like this photo".
 
         CLIP indexes compare in the shared space, ASIF indexes in the image encoder's own space
         (route ``unimodal``; see :meth:`routes_for`). With ``exclude_self`` an image query that is
         itself in the index (the same resolved path, hence the same id) is left out of its results.
         """
-        return self.images_to_images([image], k, exclude_self, route, knobs, where=where, min_score=min_score, offset=offset)[0]
+        return self.images_to_images(
+            [image], k, exclude_self, route, knobs, where=where, min_score=min_score, offset=offset
+        )[0]
 
-    def images_to_images(self, images: Sequence[ImageQuery], k: int = 10, exclude_self: bool = False,
-                         route: str | None = None, knobs: SearchKnobs | None = None,
-                         query_ids: Sequence[str | None] | None = None, where: str | None = None,
-                         min_score: float | None = None, offset: int = 0) -> list[list[ImageHit]]:
+    def images_to_images(
+        self,
+        images: Sequence[ImageQuery],
+        k: int = 10,
+        exclude_self: bool = False,
+        route: str | None = None,
+        knobs: SearchKnobs | None = None,
+        query_ids: Sequence[str | None] | None = None,
+        where: str | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[list[ImageHit]]:
         """Batch image -> image: all ``images`` encoded and searched in one pass; one hit list per image.
 
         ``exclude_self`` drops each query's own entry (k + 1 are fetched, so k remain when there are
@@ -182,14 +244,26 @@ class Index(VectorParts):
             raise InputError(f"{len(query_ids)} query ids for {len(images)} images")
         if not images:
             return []
-        drop = (list(query_ids) if query_ids is not None else [image_id(image) for image in images]) if exclude_self else None
+        drop = (
+            (list(query_ids) if query_ids is not None else [image_id(image) for image in images])
+            if exclude_self
+            else None
+        )
         queries = self._encode_images(images)
         fetch = k + offset + (1 if exclude_self else 0)
         scores, positions = self.search_vectors("image", queries, "image", fetch, route, knobs, where)
         return page(image_hits(self.items("image"), scores, positions, drop, k + offset), offset, min_score)
 
-    def text_to_caption(self, text: str, k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
-                        where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[CaptionHit]:
+    def text_to_caption(
+        self,
+        text: str,
+        k: int = 5,
+        route: str | None = None,
+        knobs: SearchKnobs | None = None,
+        where: str | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[CaptionHit]:
         """The ``k`` indexed captions closest to ``text`` (caption search).
 
         CLIP indexes compare in the shared space, ASIF indexes in the text encoder's own space
@@ -197,8 +271,16 @@ class Index(VectorParts):
         """
         return self.texts_to_captions([text], k, route, knobs, where, min_score, offset)[0]
 
-    def texts_to_captions(self, texts: Sequence[str], k: int = 5, route: str | None = None, knobs: SearchKnobs | None = None,
-                          where: str | None = None, min_score: float | None = None, offset: int = 0) -> list[list[CaptionHit]]:
+    def texts_to_captions(
+        self,
+        texts: Sequence[str],
+        k: int = 5,
+        route: str | None = None,
+        knobs: SearchKnobs | None = None,
+        where: str | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[list[CaptionHit]]:
         """Batch text -> caption: all ``texts`` encoded and searched in one pass; one hit list per text."""
         check_texts(texts, k)
         check_paging(offset, min_score)
@@ -206,12 +288,20 @@ class Index(VectorParts):
         route = choose_route(self.path, self.manifest, "text_to_caption", route)
         if not texts:
             return []
-        scores, positions = self.search_vectors("caption", self._encode_texts(texts), "text", k + offset, route, knobs, where)
+        scores, positions = self.search_vectors(
+            "caption", self._encode_texts(texts), "text", k + offset, route, knobs, where
+        )
         return page(caption_hits(self.items("caption"), scores, positions), offset, min_score)
 
     def search_vectors(
-        self, kind: str, queries: np.ndarray, query_modality: str, k: int, route: str | None = None,
-        knobs: SearchKnobs | None = None, where: str | None = None,
+        self,
+        kind: str,
+        queries: np.ndarray,
+        query_modality: str,
+        k: int,
+        route: str | None = None,
+        knobs: SearchKnobs | None = None,
+        where: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search the ``kind`` items with encoded queries (rows) of ``query_modality``; returns (scores, positions).
 
@@ -230,9 +320,19 @@ class Index(VectorParts):
             return self.relative_index(kind).search(relative_queries, k, allowed=selection.positions)
         return self._search_relative(kind, relative_queries, k)
 
-    def search(self, query: Query, target: str = "image", k: int = 10, route: str | None = None, knobs: SearchKnobs | None = None,
-               dedup: float | None = None, exclude: Sequence[str] = (), where: str | None = None,
-               min_score: float | None = None, offset: int = 0) -> list[ImageHit] | list[CaptionHit]:
+    def search(
+        self,
+        query: Query,
+        target: str = "image",
+        k: int = 10,
+        route: str | None = None,
+        knobs: SearchKnobs | None = None,
+        dedup: float | None = None,
+        exclude: Sequence[str] = (),
+        where: str | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[ImageHit] | list[CaptionHit]:
         """The ``k`` ``target`` items (``image``/``caption``) best matching a composed :class:`~retrieval.core.query.Query`:
         see :func:`retrieval.api.compose.search_query` (``dedup``: a cosine; ``exclude``: ids) and its module docstring;
         ``where``, ``min_score`` and ``offset`` as in :meth:`text_to_image`."""
@@ -242,8 +342,9 @@ class Index(VectorParts):
         hits = search_query(self, query, target, k + offset, route, knobs, dedup, exclude, where=where)
         return page([hits], offset, min_score)[0]
 
-    def search_rows(self, kind: str, route: str, rows: Any, k: int, knobs: SearchKnobs | None = None,
-                    where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_rows(
+        self, kind: str, route: str, rows: Any, k: int, knobs: SearchKnobs | None = None, where: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Search the ``kind`` items with query rows already in ``route``'s space (CSR relative rows for ``asif``)."""
         selection = self.selection(kind, where) if where is not None else None
         if route == "asif":
@@ -266,8 +367,15 @@ class Index(VectorParts):
         """Positions of the live ``kind`` items for which ``where`` holds, sorted."""
         return self.selection(kind, where).positions
 
-    def _search_key(self, key: str, kind: str, queries: np.ndarray, k: int, knobs: SearchKnobs | None,
-                    selection: Selection | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _search_key(
+        self,
+        key: str,
+        kind: str,
+        queries: np.ndarray,
+        k: int,
+        knobs: SearchKnobs | None,
+        selection: Selection | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         record = self._records.get(key)
         tuned = knobs_of(record).override(knobs or SearchKnobs())
         rerank_with = self.vector_source(key) if spec_of(record).rerank else None
@@ -309,7 +417,9 @@ class Index(VectorParts):
 
     def _encode_images(self, images: Sequence[ImageQuery]) -> np.ndarray:
         """Decode (in parallel with other threads) and encode (one call at a time per encoder)."""
-        pictures = [normalize_image(image) if hasattr(image, "convert") else load_image(image).image for image in images]
+        pictures = [
+            normalize_image(image) if hasattr(image, "convert") else load_image(image).image for image in images
+        ]
         encoder = self.image_encoder
         with self._serial.using(encoder):
             return encoder.encode_images(pictures)
@@ -325,7 +435,9 @@ class Index(VectorParts):
 
     def _image_view_rows(self, images: Sequence[ImageQuery]) -> Any:
         """Relative rows of query images pooled over the index's :attr:`image_views`."""
-        pictures = [normalize_image(image) if hasattr(image, "convert") else load_image(image).image for image in images]
+        pictures = [
+            normalize_image(image) if hasattr(image, "convert") else load_image(image).image for image in images
+        ]
         encoder = self.image_encoder
         with self._serial.using(encoder):
             views = encode_views(pictures, encoder, self.image_views)
@@ -343,7 +455,9 @@ class Index(VectorParts):
 
     def relative_index(self, kind: str) -> SparseRelativeIndex:
         """The ASIF relative rows of the ``kind`` items, loaded on first use."""
-        return self._parts.get(("relative", kind), lambda: self.store.read_sparse(self._files["relative"][kind], SparseRelativeIndex.load))
+        return self._parts.get(
+            ("relative", kind), lambda: self.store.read_sparse(self._files["relative"][kind], SparseRelativeIndex.load)
+        )
 
     @property
     def anchor_spaces(self) -> AnchorSpaces:
@@ -396,8 +510,13 @@ class Index(VectorParts):
                 searcher.close()
 
 
-def open_index(path: str | Path, device: str = "auto", mmap: bool = True,
-               encoder_snapshots: str | Path | None = None, ray: Any = None) -> Index:
+def open_index(
+    path: str | Path,
+    device: str = "auto",
+    mmap: bool = True,
+    encoder_snapshots: str | Path | None = None,
+    ray: Any = None,
+) -> Index:
     """Open an index directory written by :func:`build_index` (IVF lists memory-mapped unless ``mmap=False``).
 
     ``encoder_snapshots``: a folder for query snapshots of CLIP encoders; a CPU process then loads a

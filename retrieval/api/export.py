@@ -50,7 +50,9 @@ class ExportReport:
         return dict(self.__dict__)
 
 
-def export_index(index_path: str | Path, out: str | Path, format: str = "clip-retrieval", name: str | None = None) -> ExportReport:
+def export_index(
+    index_path: str | Path, out: str | Path, format: str = "clip-retrieval", name: str | None = None
+) -> ExportReport:
     """Write the index at ``index_path`` to the folder ``out`` in clip-retrieval's layout (``name``: its entry in
     ``indices_paths.json``, default the folder's name)."""
     from retrieval.api.engine import open_index
@@ -59,8 +61,10 @@ def export_index(index_path: str | Path, out: str | Path, format: str = "clip-re
         raise InputError(f"unknown export format {format!r}; one of {', '.join(FORMATS)}")
     index = open_index(index_path, device="cpu")
     if index.mode != "clip":
-        raise InputError(f"{index_path}: an ASIF index (two encoders, no shared space) cannot be exported in clip-retrieval's "
-                         "layout, which holds one CLIP space; export an index built with a CLIP encoder (--encoder open_clip:...)")
+        raise InputError(
+            f"{index_path}: an ASIF index (two encoders, no shared space) cannot be exported in clip-retrieval's "
+            "layout, which holds one CLIP space; export an index built with a CLIP encoder (--encoder open_clip:...)"
+        )
     rows = export_rows(index)
     parts = max(1, -(-len(rows[0]) // PART_ROWS))
     writer = ClipLayoutWriter(out, parts)
@@ -70,8 +74,14 @@ def export_index(index_path: str | Path, out: str | Path, format: str = "clip-re
         writer.write_faiss("text", _faiss(index, "caption", rows[1]))
         writer.write_indices_paths(name or writer.out.name, index.manifest["encoders"]["image"]["spec"])
     image_rows, caption_rows = rows
-    return ExportReport(out=str(writer.out), rows=len(image_rows), images=len(_firsts(image_rows)),
-                        captions=int((caption_rows >= 0).sum()), partitions=parts, indices_paths=str(writer.out / INDICES_PATHS))
+    return ExportReport(
+        out=str(writer.out),
+        rows=len(image_rows),
+        images=len(_firsts(image_rows)),
+        captions=int((caption_rows >= 0).sum()),
+        partitions=parts,
+        indices_paths=str(writer.out / INDICES_PATHS),
+    )
 
 
 def export_rows(index: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -136,15 +146,23 @@ def metadata_table(records: Sequence[dict[str, Any]]) -> "pa.Table":  # noqa: F8
     column type is written as JSON text."""
     import pyarrow as pa
 
-    names = ["image_path", "caption"] + sorted({key for record in records for key in record} - {"image_path", "caption"})
+    names = ["image_path", "caption"] + sorted(
+        {key for record in records for key in record} - {"image_path", "caption"}
+    )
     columns = {}
     for name in names:
         values = [record.get(name) for record in records]
         try:
             columns[name] = pa.array(values, pa.string()) if name in ("image_path", "caption") else pa.array(values)
         except (pa.ArrowException, TypeError, ValueError):
-            columns[name] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
-    return pa.table(columns) if records else pa.table({"image_path": pa.array([], pa.string()), "caption": pa.array([], pa.string())})
+            columns[name] = pa.array(
+                [None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string()
+            )
+    return (
+        pa.table(columns)
+        if records
+        else pa.table({"image_path": pa.array([], pa.string()), "caption": pa.array([], pa.string())})
+    )
 
 
 def _faiss(index: Any, kind: str, rows: np.ndarray) -> Any:

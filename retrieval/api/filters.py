@@ -44,7 +44,10 @@ def _column(values: list[Any]) -> Any:
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        return pa.array([None if value is None else value if isinstance(value, str) else json.dumps(value) for value in values], pa.string())
+        return pa.array(
+            [None if value is None else value if isinstance(value, str) else json.dumps(value) for value in values],
+            pa.string(),
+        )
 
 
 def filter_table(items: Any) -> Any:
@@ -64,8 +67,9 @@ def filter_table(items: Any) -> Any:
         names.setdefault(name.lower(), name)
     fields = {name: _column([row.get(name) for row in rows]) for name in names.values()}
     if fields:
-        struct = pa.StructArray.from_arrays(list(fields.values()), names=list(fields),
-                                            mask=pa.array([not row for row in rows]))
+        struct = pa.StructArray.from_arrays(
+            list(fields.values()), names=list(fields), mask=pa.array([not row for row in rows])
+        )
         table = table.append_column(METADATA_COLUMN, struct)
     else:
         table = table.append_column(METADATA_COLUMN, pa.nulls(items.num_rows, pa.struct([])))
@@ -124,8 +128,9 @@ class FilterCache:
     asked by two threads at once may be evaluated twice, with the same result.
     """
 
-    def __init__(self, tables: Callable[[str], Any], prepare: Callable[[str, np.ndarray], Any],
-                 size: int = FILTER_CACHE_SIZE) -> None:
+    def __init__(
+        self, tables: Callable[[str], Any], prepare: Callable[[str, np.ndarray], Any], size: int = FILTER_CACHE_SIZE
+    ) -> None:
         self.tables = tables
         self.prepare = prepare
         self.size = size

@@ -17,8 +17,15 @@ def load_anchor_spaces(store: StoreReader, manifest: Mapping[str, Any], path: Pa
     if not stored:
         raise IndexFormatError(f"{path}: an ASIF index without anchors; rebuild it")
     sets = [
-        AnchorSet(meta["name"], store.read_array(files["image"]), store.read_array(files["text"]), [],
-                  meta["image_encoder"], meta["text_encoder"], texts=anchor_texts_of(meta))
+        AnchorSet(
+            meta["name"],
+            store.read_array(files["image"]),
+            store.read_array(files["text"]),
+            [],
+            meta["image_encoder"],
+            meta["text_encoder"],
+            texts=anchor_texts_of(meta),
+        )
         for meta, files in zip(manifest["anchors"], stored)
     ]
     return AnchorSpaces(sets, [meta["weight"] for meta in manifest["anchors"]])
@@ -32,7 +39,9 @@ def encoder_choice_for(manifest: Mapping[str, Any], device: str) -> Any:
     checkpoint = manifest.get("checkpoint")
     if manifest["mode"] == "clip":
         return EncoderChoice(clip=records["image"]["spec"], checkpoint=checkpoint, device=device)
-    return EncoderChoice(image=records["image"]["spec"], text=records["text"]["spec"], checkpoint=checkpoint, device=device)
+    return EncoderChoice(
+        image=records["image"]["spec"], text=records["text"]["spec"], checkpoint=checkpoint, device=device
+    )
 
 
 def load_checked_encoders(manifest: Mapping[str, Any], device: str, snapshots: Any, path: Path) -> tuple[Any, Any]:

@@ -21,7 +21,9 @@ def check_paging(offset: int, min_score: float | None) -> None:
     """Refuse a negative or non-integer ``offset`` and a ``min_score`` that is not a finite number."""
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
         raise InputError(f"offset must be an integer >= 0, got {offset!r}")
-    if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, numbers.Real) or not math.isfinite(min_score)):
+    if min_score is not None and (
+        isinstance(min_score, bool) or not isinstance(min_score, numbers.Real) or not math.isfinite(min_score)
+    ):
         raise InputError(f"min_score must be a finite number, got {min_score!r}")
 
 

@@ -59,7 +59,9 @@ def choose_route(where: Path, manifest: Mapping[str, Any], query: str, route: st
         return available[0]
     if route not in available:
         what = query.replace("_to_", " -> ")
-        raise InputError(f"{where}: route {route!r} not available; {what} in this index answers by {', '.join(available)}")
+        raise InputError(
+            f"{where}: route {route!r} not available; {what} in this index answers by {', '.join(available)}"
+        )
     return route
 
 
@@ -89,21 +91,37 @@ def live(scores: np.ndarray, positions: np.ndarray) -> list[tuple[float, int]]:
     return [(float(score), int(pos)) for score, pos in zip(scores, positions) if pos >= 0]
 
 
-def _ranked(table: Mapping[str, list], scores: np.ndarray, positions: np.ndarray, drop: str | None, k: int | None) -> list[tuple[float, int]]:
+def _ranked(
+    table: Mapping[str, list], scores: np.ndarray, positions: np.ndarray, drop: str | None, k: int | None
+) -> list[tuple[float, int]]:
     pairs = sorted(live(scores, positions), key=lambda pair: (-pair[0], table["id"][pair[1]]))  # ties: by id, stably
     if drop is not None:
         pairs = [(score, pos) for score, pos in pairs if table["id"][pos] != drop]
     return pairs[:k] if k is not None else pairs
 
 
-def image_hits(table: Mapping[str, list], scores: np.ndarray, positions: np.ndarray,
-               drop: Sequence[str | None] | None = None, k: int | None = None) -> list[list[ImageHit]]:
+def image_hits(
+    table: Mapping[str, list],
+    scores: np.ndarray,
+    positions: np.ndarray,
+    drop: Sequence[str | None] | None = None,
+    k: int | None = None,
+) -> list[list[ImageHit]]:
     """One list of image hits per result row; ``drop[row]`` names an id left out of that row, ``k`` caps each."""
     return [
         [
-            ImageHit(rank=rank + 1, score=score, id=table["id"][pos], uri=table["uri"][pos],
-                     width=int(table["width"][pos]), height=int(table["height"][pos]), metadata=metadata_at(table, pos))
-            for rank, (score, pos) in enumerate(_ranked(table, row_scores, row_positions, drop[row] if drop else None, k))
+            ImageHit(
+                rank=rank + 1,
+                score=score,
+                id=table["id"][pos],
+                uri=table["uri"][pos],
+                width=int(table["width"][pos]),
+                height=int(table["height"][pos]),
+                metadata=metadata_at(table, pos),
+            )
+            for rank, (score, pos) in enumerate(
+                _ranked(table, row_scores, row_positions, drop[row] if drop else None, k)
+            )
         ]
         for row, (row_scores, row_positions) in enumerate(zip(scores, positions))
     ]
@@ -113,8 +131,15 @@ def caption_hits(table: Mapping[str, list], scores: np.ndarray, positions: np.nd
     """One list of caption hits per result row."""
     return [
         [
-            CaptionHit(rank=rank + 1, score=score, id=table["id"][pos], caption=table["caption"][pos],
-                       source=table["source"][pos], image_uri=table["image_uri"][pos], metadata=metadata_at(table, pos))
+            CaptionHit(
+                rank=rank + 1,
+                score=score,
+                id=table["id"][pos],
+                caption=table["caption"][pos],
+                source=table["source"][pos],
+                image_uri=table["image_uri"][pos],
+                metadata=metadata_at(table, pos),
+            )
             for rank, (score, pos) in enumerate(_ranked(table, row_scores, row_positions, None, None))
         ]
         for row_scores, row_positions in zip(scores, positions)

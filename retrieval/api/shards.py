@@ -22,13 +22,19 @@ def shard_ranges(record: dict[str, Any] | None, count: int, where: str) -> list[
     """The row ranges of ``count`` index shards recorded in a vector index's manifest record, checked."""
     bounds = (record or {}).get("shards")
     if not isinstance(bounds, list) or len(bounds) != count:
-        raise IndexFormatError(f"{where}: {count} index shards but no matching 'shards' ranges in the manifest; rebuild the index")
+        raise IndexFormatError(
+            f"{where}: {count} index shards but no matching 'shards' ranges in the manifest; rebuild the index"
+        )
     ranges = []
     for bound in bounds:
         if not (isinstance(bound, list) and len(bound) == 2 and all(isinstance(v, int) for v in bound)):
             raise IndexFormatError(f"{where}: bad index shard range {bound!r}")
         ranges.append(ShardRange(*bound))
-    if ranges[0].start != 0 or any(a.stop != b.start or len(a) <= 0 for a, b in zip(ranges, ranges[1:])) or len(ranges[-1]) <= 0:
+    if (
+        ranges[0].start != 0
+        or any(a.stop != b.start or len(a) <= 0 for a, b in zip(ranges, ranges[1:]))
+        or len(ranges[-1]) <= 0
+    ):
         raise IndexFormatError(f"{where}: index shard ranges {bounds} do not cover the rows in order")
     return ranges
 
@@ -44,5 +50,7 @@ def open_shards(store: StoreReader, rels: list[str], record: dict[str, Any] | No
     shards = [store.read_faiss(rel, mmap=mmap) for rel in rels]
     for rel, shard, bound in zip(rels, shards, ranges):
         if shard.ntotal != len(bound):
-            raise IndexFormatError(f"{store.root / rel}: {shard.ntotal} vectors, its range holds {len(bound)}; rebuild the index")
+            raise IndexFormatError(
+                f"{store.root / rel}: {shard.ntotal} vectors, its range holds {len(bound)}; rebuild the index"
+            )
     return ShardedIndex(shards, ranges)

@@ -90,8 +90,11 @@ class _Update:
     def __init__(self, index: Index) -> None:
         self.old = index
         self.store = index.store
-        self.manifest = {key: value for key, value in index.manifest.items()
-                         if key not in ("format", "kind", "build_id", "checksums", "errors", "errors_file", "manifest_sha256")}
+        self.manifest = {
+            key: value
+            for key, value in index.manifest.items()
+            if key not in ("format", "kind", "build_id", "checksums", "errors", "errors_file", "manifest_sha256")
+        }
         self.files: dict[str, Any] = index.manifest["files"]
         self.writer = StoreWriter(index.path, kind="index")
         self.new_files: dict[str, Any] = {"items": {}, "vectors": {}, "faiss": {}}
@@ -128,8 +131,13 @@ class _Update:
         query_from, query_name = query_key(key, self.manifest["spaces"], live)
         query_source = source if query_from == key else self.query_source(query_from)
         queries = query_source.sample(RECALL_QUERIES, seed=1)
-        report = measure(index, spec_of(record), VectorSet(key, source, queries, query_name), self.options().target_recall,
-                         self.exclusions(key.split("/")[1]))
+        report = measure(
+            index,
+            spec_of(record),
+            VectorSet(key, source, queries, query_name),
+            self.options().target_recall,
+            self.exclusions(key.split("/")[1]),
+        )
         return {**record, "count": len(source), "measured": report.to_json() if report else None}
 
     def query_source(self, key: str) -> VectorSource:
@@ -155,10 +163,17 @@ class _Update:
 def _prepare(index_path: str | Path, device: str) -> Index:
     index = open_index(index_path, device=device, mmap=False)
     if "vector_indexes" not in index.manifest:
-        raise InputError(f"{index_path}: built by an older version without vector index records; rebuild it to update it")
-    for group, what in (("faiss_shards", "index shards (--index-shards)"), ("faiss_lists", "IVF lists merged on disk (a large Ray build)")):
+        raise InputError(
+            f"{index_path}: built by an older version without vector index records; rebuild it to update it"
+        )
+    for group, what in (
+        ("faiss_shards", "index shards (--index-shards)"),
+        ("faiss_lists", "IVF lists merged on disk (a large Ray build)"),
+    ):
         if index.manifest["files"].get(group):
-            raise InputError(f"{index_path}: its vector indexes are {what}; add and remove do not update those yet: rebuild the index")
+            raise InputError(
+                f"{index_path}: its vector indexes are {what}; add and remove do not update those yet: rebuild the index"
+            )
     return index
 
 
@@ -194,20 +209,38 @@ def add_to_index(
         present = {kind: set(np.asarray(old.items(kind)["id"], dtype=object)[_live_mask(old, kind)]) for kind in KINDS}
         new_images = [ref for ref in collection.images if ref.id not in present["image"]]
         new_captions = [record for record in collection.captions if record.id not in present["caption"]]
-        report.already_present = {"image": len(collection.images) - len(new_images), "caption": len(collection.captions) - len(new_captions)}
+        report.already_present = {
+            "image": len(collection.images) - len(new_images),
+            "caption": len(collection.captions) - len(new_captions),
+        }
         embedded = _embed_new_images(old, new_images, embed, ray)
         texts = [record.text for record in new_captions]
-        caption_vectors = old.text_encoder.encode_texts(texts, progress=embed.progress) if texts else np.zeros((0, old.text_encoder.dim), np.float32)
+        caption_vectors = (
+            old.text_encoder.encode_texts(texts, progress=embed.progress)
+            if texts
+            else np.zeros((0, old.text_encoder.dim), np.float32)
+        )
         report.skipped = len(collection.errors) + len(embedded.errors)
-        views = embed_views([row.ref for row in embedded.rows], old.image_encoder, old.image_views) if old.image_views != "none" else None
+        views = (
+            embed_views([row.ref for row in embedded.rows], old.image_encoder, old.image_views)
+            if old.image_views != "none"
+            else None
+        )
         new_vectors, relative_rows = _new_vectors(old, embedded.vectors, caption_vectors, views)
         if not len(embedded.rows) and not texts:
-            raise InputError("nothing new to add: every item is already in the index or could not be read" if report.already_present else "nothing to add")
+            raise InputError(
+                "nothing new to add: every item is already in the index or could not be read"
+                if report.already_present
+                else "nothing to add"
+            )
         _append_items(update, old, embedded, new_captions, relative_rows)
         _carry_unchanged(update)
         for key, vectors in new_vectors.items():
             report.retrained.update(_append_vectors(update, key, vectors))
-        update.rows = {"image": update.rows["image"] + len(embedded.rows), "caption": update.rows["caption"] + len(texts)}
+        update.rows = {
+            "image": update.rows["image"] + len(embedded.rows),
+            "caption": update.rows["caption"] + len(texts),
+        }
         _remeasure_all(update)
         report.added = {"image": len(embedded.rows), "caption": len(texts)}
         errors = old.errors() + [error.to_json() for error in collection.errors + embedded.errors]
@@ -236,7 +269,8 @@ def _new_vectors(
     if old.mode == "asif":
         anchor_spaces = old.anchor_spaces
         relative_rows = {
-            "image": anchor_spaces.relative(image_vectors, "image", old.asif_params) if view_vectors is None
+            "image": anchor_spaces.relative(image_vectors, "image", old.asif_params)
+            if view_vectors is None
             else relative_of_views(anchor_spaces, view_vectors, old.asif_params),
             "caption": anchor_spaces.relative(caption_vectors, "text", old.asif_params),
         }
@@ -245,7 +279,9 @@ def _new_vectors(
     return vectors, relative_rows
 
 
-def _append_items(update: _Update, old: Index, embedded: Any, captions: Sequence[Any], relative_rows: dict[str, Any]) -> None:
+def _append_items(
+    update: _Update, old: Index, embedded: Any, captions: Sequence[Any], relative_rows: dict[str, Any]
+) -> None:
     tables = {"image": image_table(embedded.rows), "caption": caption_table(captions)}
     for kind, table in tables.items():
         previous = update.store.read_table(update.files["items"][kind])
@@ -334,9 +370,13 @@ def remove_from_index(
                     if live[position]:
                         hits.append(position)
             new_deleted[kind] = np.asarray(hits, np.int64)
-        report.not_found = sorted(set(wanted_ids) - matched) + sorted(str(p) for p in wanted_paths if f"path:{p}" not in matched)
+        report.not_found = sorted(set(wanted_ids) - matched) + sorted(
+            str(p) for p in wanted_paths if f"path:{p}" not in matched
+        )
         if not any(len(v) for v in new_deleted.values()):
-            raise InputError(f"{index_path}: nothing to remove; not in the index (or already removed): {', '.join(report.not_found)}")
+            raise InputError(
+                f"{index_path}: nothing to remove; not in the index (or already removed): {', '.join(report.not_found)}"
+            )
         report.removed = {kind: len(new_deleted[kind]) for kind in KINDS}
         update.deleted = {kind: np.union1d(update.deleted[kind], new_deleted[kind]).astype(np.int64) for kind in KINDS}
         compact = [kind for kind in KINDS if len(update.deleted[kind]) > COMPACT_FRACTION * max(update.rows[kind], 1)]
@@ -373,7 +413,9 @@ def _carry_for_remove(update: _Update, compact: Sequence[str]) -> None:
         if "relative" in update.files:
             update.new_files.setdefault("relative", {})[kind] = update.carry(update.files["relative"][kind])
         if len(update.deleted[kind]):
-            update.new_files["deleted"][kind] = update.writer.write_array("items", f"deleted-{kind}", update.deleted[kind])
+            update.new_files["deleted"][kind] = update.writer.write_array(
+                "items", f"deleted-{kind}", update.deleted[kind]
+            )
     for key in update.manifest["vector_indexes"]:
         if key.split("/")[1] not in compact:
             update.new_files["vectors"][key] = [update.carry(rel) for rel in update.files["vectors"][key]]

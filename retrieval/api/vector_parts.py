@@ -38,7 +38,9 @@ class VectorParts:
         spec = spec_of(self._records.get(key))
         shards = self._files.get("faiss_shards", {}).get(key)
         if shards:
-            return open_shards(self.store, shards, self._records.get(key), self.mmap and spec.nlist is not None, self.ray)
+            return open_shards(
+                self.store, shards, self._records.get(key), self.mmap and spec.nlist is not None, self.ray
+            )
         if rel is None:
             raise IndexFormatError(f"{self.path}: no vector index {key!r}; rebuild the index")
         lists = self._files.get("faiss_lists", {}).get(key)
@@ -77,4 +79,3 @@ class VectorParts:
         """Positions of the deleted ``kind`` items (their rows stay in :meth:`items` until compaction)."""
         exclude = self._exclusions(kind)
         return exclude.positions if exclude is not None else np.zeros(0, np.int64)
-

@@ -102,7 +102,9 @@ def commit_index(embedded: EmbeddedItems, index: Path, options: WriteOptions) ->
         views = embedded.view_vectors if options.image_views != "none" else None
         sets += _write_asif(writer, files, manifest, options.anchors, params, image_vectors, caption_vectors, views)
         manifest["image_views"] = options.image_views
-    write_vector_sets(writer, files, manifest, sets, options.index_options, options.progress, _distributed(index, options))
+    write_vector_sets(
+        writer, files, manifest, sets, options.index_options, options.progress, _distributed(index, options)
+    )
     stats = embedded.stats
     manifest["build"] = {
         "seconds": round(time.perf_counter() - started, 3),
@@ -135,8 +137,9 @@ def _check(embedded: EmbeddedItems, options: WriteOptions) -> None:
         raise InputError(
             "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or builtin:imagenet"
         )
-    if options.image_views != "none" and (options.anchors is None or embedded.view_vectors is None
-                                          or len(embedded.view_vectors) != len(embedded.images)):
+    if options.image_views != "none" and (
+        options.anchors is None or embedded.view_vectors is None or len(embedded.view_vectors) != len(embedded.images)
+    ):
         raise InputError(f"image views {options.image_views!r} need anchors and one set of view vectors per image")
     for anchor_set in options.anchors.sets if options.anchors is not None else ():
         for role in ("image", "text"):
@@ -220,7 +223,9 @@ def caption_table(captions: Sequence[CaptionRecord]) -> "pa.Table":  # noqa: F82
     )
 
 
-def _vector_sets(image_space: str, text_space: str, image_vectors: np.ndarray, caption_vectors: np.ndarray) -> list[VectorSet]:
+def _vector_sets(
+    image_space: str, text_space: str, image_vectors: np.ndarray, caption_vectors: np.ndarray
+) -> list[VectorSet]:
     """The image and caption vector sets, each with recall queries from the other kind when it shares the space."""
     shared = image_space == text_space
     return [
@@ -241,8 +246,14 @@ def projected_set(kind: str, projected: np.ndarray, queries_from: np.ndarray, qu
 
 
 def _write_asif(
-    writer: StoreWriter, files: dict[str, Any], manifest: dict[str, Any], spaces: AnchorSpaces, params: AsifParams,
-    image_vectors: np.ndarray, caption_vectors: np.ndarray, view_vectors: np.ndarray | None = None,
+    writer: StoreWriter,
+    files: dict[str, Any],
+    manifest: dict[str, Any],
+    spaces: AnchorSpaces,
+    params: AsifParams,
+    image_vectors: np.ndarray,
+    caption_vectors: np.ndarray,
+    view_vectors: np.ndarray | None = None,
 ) -> list[VectorSet]:
     """Anchors (copied in, so the index is self-contained), sparse relative rows; returns the projected vector sets."""
     files["anchors"] = [
@@ -252,15 +263,25 @@ def _write_asif(
         }
         for n, anchor_set in enumerate(spaces.sets)
     ]
-    image_rows = spaces.relative(image_vectors, "image", params) if view_vectors is None else relative_of_views(spaces, view_vectors, params)
+    image_rows = (
+        spaces.relative(image_vectors, "image", params)
+        if view_vectors is None
+        else relative_of_views(spaces, view_vectors, params)
+    )
     caption_rows = spaces.relative(caption_vectors, "text", params)
     files["relative"] = {
         "image": writer.write_sparse("image", SparseRelativeIndex(image_rows)),
         "caption": writer.write_sparse("caption", SparseRelativeIndex(caption_rows)),
     }
     manifest["anchors"] = [
-        {"name": a.name, "count": len(a), "weight": w, "texts": a.texts, "image_encoder": a.image_encoder,
-         "text_encoder": a.text_encoder}
+        {
+            "name": a.name,
+            "count": len(a),
+            "weight": w,
+            "texts": a.texts,
+            "image_encoder": a.image_encoder,
+            "text_encoder": a.text_encoder,
+        }
         for a, w in zip(spaces.sets, spaces.weights)
     ]
     manifest["asif"] = params.to_json()

@@ -42,7 +42,11 @@ CLASS_PROMPTS = ("a photo of a {}.",)
 # manifests from before it record no ``texts`` and meant ``names`` (see anchor_texts_of).
 ANCHOR_TEXTS = ("names", "glosses")
 DEFAULT_ANCHOR_TEXTS = "glosses"
-BUILTIN_TEXTS = {BUILTIN_IMAGENET: DEFAULT_ANCHOR_TEXTS, BUILTIN_IMAGENET_NAMES: "names", BUILTIN_IMAGENET_GLOSSES: "glosses"}
+BUILTIN_TEXTS = {
+    BUILTIN_IMAGENET: DEFAULT_ANCHOR_TEXTS,
+    BUILTIN_IMAGENET_NAMES: "names",
+    BUILTIN_IMAGENET_GLOSSES: "glosses",
+}
 
 
 @dataclass
@@ -65,7 +69,9 @@ class AnchorSet:
 
     def __post_init__(self) -> None:
         if len(self.image_vectors) != len(self.text_vectors):
-            raise InputError(f"anchor set {self.name}: {len(self.image_vectors)} image and {len(self.text_vectors)} text vectors")
+            raise InputError(
+                f"anchor set {self.name}: {len(self.image_vectors)} image and {len(self.text_vectors)} text vectors"
+            )
         if len(self.image_vectors) == 0:
             raise InputError(f"anchor set {self.name}: no anchor pairs")
         self.params = self.params.resolved(DEFAULT_PARAMS)
@@ -98,7 +104,9 @@ def asif_params_for(sets: Sequence[AnchorSet], chosen: AsifParams | None = None)
         values = {getattr(s.params, field_name) for s in sets}
         if getattr(chosen, field_name) is None and len(values) > 1:
             detail = ", ".join(f"{s.name} ({field_name}={getattr(s.params, field_name):g})" for s in sets)
-            raise InputError(f"the anchor sets use different ASIF {field_name}: {detail}; choose one with --{field_name}")
+            raise InputError(
+                f"the anchor sets use different ASIF {field_name}: {detail}; choose one with --{field_name}"
+            )
     return chosen.resolved(sets[0].params)
 
 
@@ -132,10 +140,16 @@ class AnchorSpaces:
         from retrieval.asif.projection import project_to_modality
 
         total = sum(self.weights)
-        stacked = np.vstack([
-            np.sqrt(w / total) * (s.text_vectors if target_modality == "text" else s.image_vectors)
-            for w, s in zip(self.weights, self.sets)
-        ]) if len(self.sets) > 1 else (self.sets[0].text_vectors if target_modality == "text" else self.sets[0].image_vectors)
+        stacked = (
+            np.vstack(
+                [
+                    np.sqrt(w / total) * (s.text_vectors if target_modality == "text" else s.image_vectors)
+                    for w, s in zip(self.weights, self.sets)
+                ]
+            )
+            if len(self.sets) > 1
+            else (self.sets[0].text_vectors if target_modality == "text" else self.sets[0].image_vectors)
+        )
         return project_to_modality(relative_rows, stacked)
 
 
@@ -148,7 +162,9 @@ def read_pairs(sources: Sequence[str | Path], options: CaptionOptions) -> tuple[
         if path.is_dir():
             records.extend(labelled_folder_pairs(path, options.template or DEFAULT_LABEL_TEMPLATE))
             continue
-        parsed = read_caption_file(path, options.caption_column, options.image_column, options.template, options.encoding)
+        parsed = read_caption_file(
+            path, options.caption_column, options.image_column, options.template, options.encoding
+        )
         if not parsed.is_pairs:
             raise InputError(
                 f"{path}: not a pairs file (no {options.image_column!r} column); name the image column with --image-column"
@@ -187,7 +203,9 @@ def embed_pairs(
     With ``cache_dir``, embeddings come from (and go to) the embedding cache.
     """
     groups = group_by_image(records)
-    refs = [ImageRef(path=image, source=captions[0].source, label=captions[0].label) for image, captions in groups.items()]
+    refs = [
+        ImageRef(path=image, source=captions[0].source, label=captions[0].label) for image, captions in groups.items()
+    ]
     if cache_dir is not None:
         from retrieval.embed.cache import EmbeddingCache
 
@@ -202,7 +220,9 @@ def embed_pairs(
     else:
         caption_vectors = text_encoder.encode_texts(texts, progress=embed.progress)
     offsets = np.cumsum([0] + [len(captions) for captions in kept])
-    text_vectors = mean_caption_vectors([list(range(offsets[i], offsets[i + 1])) for i in range(len(kept))], caption_vectors)
+    text_vectors = mean_caption_vectors(
+        [list(range(offsets[i], offsets[i + 1])) for i in range(len(kept))], caption_vectors
+    )
     return [row.ref for row in embedded.rows], embedded.vectors, text_vectors, kept, embedded.errors
 
 
@@ -217,7 +237,9 @@ def build_anchor_set(
 ) -> tuple[AnchorSet, list[ItemError]]:
     """Embed the pairs in ``sources`` into an anchor set (unreadable images are skipped and returned)."""
     records, errors = read_pairs(sources, options)
-    refs, image_vectors, text_vectors, kept, image_errors = embed_pairs(records, image_encoder, text_encoder, embed, cache_dir)
+    refs, image_vectors, text_vectors, kept, image_errors = embed_pairs(
+        records, image_encoder, text_encoder, embed, cache_dir
+    )
     anchors = AnchorSet(
         name=", ".join(map(str, sources)),
         image_vectors=image_vectors,
@@ -242,12 +264,17 @@ def class_prompts(class_names: Sequence[str], texts: str = "names") -> list[list
 
     wordnet = imagenet_wordnet()
     if len(wordnet) != len(class_names):
-        raise InputError(f"{len(class_names)} classifier classes, but WordNet glosses for {len(wordnet)} ImageNet classes")
+        raise InputError(
+            f"{len(class_names)} classifier classes, but WordNet glosses for {len(wordnet)} ImageNet classes"
+        )
     return [[f"{name}: {entry.gloss}"] for name, entry in zip(class_names, wordnet)]
 
 
 def builtin_imagenet(
-    image_encoder: Any, text_encoder: Any, params: AsifParams = DEFAULT_PARAMS, texts: str = DEFAULT_ANCHOR_TEXTS,
+    image_encoder: Any,
+    text_encoder: Any,
+    params: AsifParams = DEFAULT_PARAMS,
+    texts: str = DEFAULT_ANCHOR_TEXTS,
     name: str = BUILTIN_IMAGENET,
 ) -> AnchorSet:
     """Anchors from an ImageNet classifier: its final-layer rows paired with texts of the 1,000 classes.
@@ -264,7 +291,9 @@ def builtin_imagenet(
     prompts = class_prompts(class_names, texts)
     prompt_vectors = text_encoder.encode_texts([p for per_class in prompts for p in per_class], progress=False)
     offsets = np.cumsum([0] + [len(per_class) for per_class in prompts])
-    text_vectors = mean_caption_vectors([list(range(offsets[i], offsets[i + 1])) for i in range(len(prompts))], prompt_vectors)
+    text_vectors = mean_caption_vectors(
+        [list(range(offsets[i], offsets[i + 1])) for i in range(len(prompts))], prompt_vectors
+    )
     return AnchorSet(
         name=name,
         image_vectors=np.asarray(prototypes, np.float32),
@@ -300,7 +329,9 @@ def save_anchor_set(anchors: AnchorSet, out: str | Path, errors: Sequence[ItemEr
     files = {
         "image_vectors": writer.write_array("anchors", "image", anchors.image_vectors.astype(np.float32)),
         "text_vectors": writer.write_array("anchors", "text", anchors.text_vectors.astype(np.float32)),
-        "pairs": writer.write_table("pairs", pa.table({"uri": anchors.uris or [""] * len(anchors), "caption": anchors.captions})),
+        "pairs": writer.write_table(
+            "pairs", pa.table({"uri": anchors.uris or [""] * len(anchors), "caption": anchors.captions})
+        ),
         "image_faiss": writer.write_faiss("image", build_vector_index(anchors.image_vectors)),
         "text_faiss": writer.write_faiss("text", build_vector_index(anchors.text_vectors)),
     }
@@ -336,7 +367,9 @@ def resolve_anchor_set(reference: str, image_encoder: Any, text_encoder: Any) ->
     """An anchor set from ``builtin:NAME`` or an anchor directory, checked against the encoders."""
     if reference.startswith(BUILTIN_PREFIX):
         if reference not in BUILTIN_TEXTS:
-            raise InputError(f"unknown built-in anchor set {reference!r}; known: {', '.join(list_builtin_anchor_sets())}")
+            raise InputError(
+                f"unknown built-in anchor set {reference!r}; known: {', '.join(list_builtin_anchor_sets())}"
+            )
         return builtin_imagenet(image_encoder, text_encoder, texts=BUILTIN_TEXTS[reference], name=reference)
     anchors = load_anchor_set(reference)
     anchors.check_encoders(image_encoder, text_encoder)

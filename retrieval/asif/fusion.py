@@ -37,9 +37,7 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
-def fuse_relative(
-    parts: Sequence[sp.csr_matrix], weights: Sequence[float] | None = None
-) -> sp.csr_matrix:
+def fuse_relative(parts: Sequence[sp.csr_matrix], weights: Sequence[float] | None = None) -> sp.csr_matrix:
     """Fuse relative rows of several anchor sets into one L2-normalised CSR row per item.
 
     Part ``i`` (n, N_i) is scaled by ``sqrt(w_i)`` and the parts are concatenated
@@ -59,9 +57,7 @@ def fuse_relative(
     n = mats[0].shape[0]
     for i, m in enumerate(mats):
         if m.shape[0] != n:
-            raise InputError(
-                f"all parts need the same number of rows: part 0 has {n}, part {i} has {m.shape[0]}"
-            )
+            raise InputError(f"all parts need the same number of rows: part 0 has {n}, part {i} has {m.shape[0]}")
     w = _check_weights(weights, len(mats), "fusion")
     scaled = [m.astype(np.float64) * math.sqrt(wi) for m, wi in zip(mats, w)]
     fused = sp.hstack(scaled, format="csr", dtype=np.float64)
@@ -146,7 +142,9 @@ def _contributions(arrays: Sequence[np.ndarray], w: np.ndarray, c: float) -> tup
     return np.concatenate(qs), np.concatenate(ps), np.concatenate(cs)
 
 
-def _sum_by_query_and_position(q_all: np.ndarray, p_all: np.ndarray, c_all: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sum_by_query_and_position(
+    q_all: np.ndarray, p_all: np.ndarray, c_all: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query, position, summed score) of each distinct (query, position); sums add in input order."""
     order = np.lexsort((p_all, q_all))
     qo, po = q_all[order], p_all[order]
@@ -158,7 +156,9 @@ def _sum_by_query_and_position(q_all: np.ndarray, p_all: np.ndarray, c_all: np.n
     return qo[new], po[new], g_score
 
 
-def _best_per_query(g_q: np.ndarray, g_p: np.ndarray, g_score: np.ndarray, n_q: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
+def _best_per_query(
+    g_q: np.ndarray, g_p: np.ndarray, g_score: np.ndarray, n_q: int, kk: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Top ``kk`` per query by descending score, then ascending position; -1 / 0.0 padding."""
     counts = np.bincount(g_q, minlength=n_q) if n_q else np.zeros(0, dtype=np.int64)
     width = min(kk, int(counts.max()) if counts.size else 0)

@@ -108,9 +108,7 @@ class LinearAlignment:
         i2t = as_matrix(self.image_to_text, "image_to_text map")
         t2i = as_matrix(self.text_to_image, "text_to_image map")
         if t2i.shape != i2t.shape[::-1]:
-            raise InputError(
-                f"map shapes do not match: image_to_text {i2t.shape}, text_to_image {t2i.shape}"
-            )
+            raise InputError(f"map shapes do not match: image_to_text {i2t.shape}, text_to_image {t2i.shape}")
         self.image_to_text = i2t
         self.text_to_image = t2i
         self.ridge = _check_ridge(self.ridge)
@@ -126,9 +124,7 @@ class LinearAlignment:
         return self.image_to_text.shape[1]
 
     @classmethod
-    def fit(
-        cls, image_anchors: np.ndarray, text_anchors: np.ndarray, ridge: float | None = None
-    ) -> LinearAlignment:
+    def fit(cls, image_anchors: np.ndarray, text_anchors: np.ndarray, ridge: float | None = None) -> LinearAlignment:
         """Fit both maps on the N anchor pairs: W = argmin ||X W - Y||^2 + ridge ||W||^2.
 
         Solved by the normal equations (dual form when N < d). With ``ridge=None``
@@ -138,9 +134,7 @@ class LinearAlignment:
         x = as_matrix(image_anchors, "image anchors").astype(np.float64)
         y = as_matrix(text_anchors, "text anchors").astype(np.float64)
         if x.shape[0] != y.shape[0]:
-            raise InputError(
-                f"anchor sets differ in size: {x.shape[0]} image anchors vs {y.shape[0]} text anchors"
-            )
+            raise InputError(f"anchor sets differ in size: {x.shape[0]} image anchors vs {y.shape[0]} text anchors")
         n = x.shape[0]
         if n == 0:
             raise InputError("anchor set is empty")

@@ -21,7 +21,9 @@ def pool_views(rows: sp.csr_matrix, views: int) -> sp.csr_matrix:
     if views < 1 or rows.shape[0] % views:
         raise InputError(f"{rows.shape[0]} relative rows are not {views} views per image")
     n = rows.shape[0] // views
-    mean = sp.kron(sp.identity(n, format="csr", dtype=np.float32), np.full((1, views), 1.0 / views, np.float32), format="csr")
+    mean = sp.kron(
+        sp.identity(n, format="csr", dtype=np.float32), np.full((1, views), 1.0 / views, np.float32), format="csr"
+    )
     pooled = (mean @ rows).tocsr().astype(np.float32)
     norms = np.sqrt(np.asarray(pooled.multiply(pooled).sum(axis=1)).ravel())
     pooled = (sp.diags(1.0 / np.maximum(norms, 1e-12)).astype(np.float32) @ pooled).tocsr()

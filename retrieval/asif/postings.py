@@ -78,9 +78,7 @@ def load_csr_npz(path: Path) -> sp.csr_matrix:
         m = sp.csr_matrix(m)
         m.check_format(full_check=True)
     except Exception as exc:  # zip, npy header, key and structure errors alike
-        raise IndexFormatError(
-            f"{path}: not a readable relative-row file ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise IndexFormatError(f"{path}: not a readable relative-row file ({type(exc).__name__}: {exc})") from exc
     return m
 
 
@@ -187,7 +185,9 @@ class PostingLists:
         with atomic_path(Path(path)) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(offsets[-1],))
             out[:HEADER_BYTES] = header
-            for start, array, dtype in zip(offsets, (self.indptr, self.rows, self.values), (np.int64, np.int32, self.values.dtype)):
+            for start, array, dtype in zip(
+                offsets, (self.indptr, self.rows, self.values), (np.int64, np.int32, self.values.dtype)
+            ):
                 out[start : start + array.nbytes] = np.ascontiguousarray(array, dtype=dtype).view(np.uint8)
             out.flush()
             del out

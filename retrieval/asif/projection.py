@@ -30,8 +30,7 @@ def project_to_modality(relative_rows: sp.csr_matrix, target_anchors: np.ndarray
     anchors = as_matrix(target_anchors, "target anchors")
     if rows.shape[1] != anchors.shape[0]:
         raise InputError(
-            f"relative rows have {rows.shape[1]} anchor columns but there are"
-            f" {anchors.shape[0]} target anchors"
+            f"relative rows have {rows.shape[1]} anchor columns but there are {anchors.shape[0]} target anchors"
         )
     out = np.asarray(rows.astype(np.float64) @ anchors.astype(np.float64))
     return normalize_rows(out).astype(np.float32)

@@ -26,17 +26,26 @@ import scipy.sparse as sp
 from retrieval.asif.postings import (
     PostingLists,
     as_csr,
-        load_csr_npz,
+    load_csr_npz,
     top_k_row,
     top_k_scores,
 )
 from retrieval.asif.sketch import RelativeSketch
 from retrieval.core.errors import IndexFormatError, InputError
 
-__all__ = ["AnchorSpace", "AsifParams", "DEFAULT_PARAMS", "SparseRelativeIndex", "as_csr", "as_matrix",
-           "relative_representation", "top_k_similarities"]
+__all__ = [
+    "AnchorSpace",
+    "AsifParams",
+    "DEFAULT_PARAMS",
+    "SparseRelativeIndex",
+    "as_csr",
+    "as_matrix",
+    "relative_representation",
+    "top_k_similarities",
+]
 
 Modality = Literal["image", "text"]
+
 
 @dataclass(frozen=True)
 class AsifParams:
@@ -123,10 +132,7 @@ def _check_batch_size(batch_size: int) -> int:
 
 def _check_dims(vectors: np.ndarray, anchors: np.ndarray) -> None:
     if vectors.shape[1] != anchors.shape[1]:
-        raise InputError(
-            f"vectors have dimension {vectors.shape[1]} but anchors have dimension"
-            f" {anchors.shape[1]}"
-        )
+        raise InputError(f"vectors have dimension {vectors.shape[1]} but anchors have dimension {anchors.shape[1]}")
 
 
 def _flat_ip_index(anchors: np.ndarray) -> Any:
@@ -138,9 +144,7 @@ def _flat_ip_index(anchors: np.ndarray) -> Any:
     return index
 
 
-def _search_flat(
-    index: Any, vectors: np.ndarray, k: int, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _search_flat(index: Any, vectors: np.ndarray, k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k search of an exact faiss index in batches of ``batch_size`` rows."""
     n = vectors.shape[0]
     kk = min(k, index.ntotal)
@@ -154,9 +158,7 @@ def _search_flat(
     return scores, ids
 
 
-def _relative_from_topk(
-    scores: np.ndarray, ids: np.ndarray, n_anchors: int, p: float
-) -> sp.csr_matrix:
+def _relative_from_topk(scores: np.ndarray, ids: np.ndarray, n_anchors: int, p: float) -> sp.csr_matrix:
     """Clip, power, L2-normalise top-k scores and scatter them into an (n, N) CSR."""
     n, kk = scores.shape
     w = np.maximum(scores.astype(np.float64), 0.0)  # clip before the power (p may be < 1)
@@ -170,9 +172,7 @@ def _relative_from_topk(
     keep = w_sorted != 0
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(keep.sum(axis=1), out=indptr[1:])
-    out = sp.csr_matrix(
-        (w_sorted[keep], ids_sorted[keep], indptr), shape=(n, n_anchors), dtype=np.float32
-    )
+    out = sp.csr_matrix((w_sorted[keep], ids_sorted[keep], indptr), shape=(n, n_anchors), dtype=np.float32)
     out.has_sorted_indices = True
     return out
 
@@ -220,10 +220,7 @@ class AnchorSpace:
         img = as_matrix(image_anchors, "image anchors")
         txt = as_matrix(text_anchors, "text anchors")
         if img.shape[0] != txt.shape[0]:
-            raise InputError(
-                f"anchor sets differ in size: {img.shape[0]} image anchors vs"
-                f" {txt.shape[0]} text anchors"
-            )
+            raise InputError(f"anchor sets differ in size: {img.shape[0]} image anchors vs {txt.shape[0]} text anchors")
         if img.shape[0] == 0:
             raise InputError("anchor set is empty")
         self._anchors: dict[str, np.ndarray] = {"image": img, "text": txt}
@@ -331,13 +328,13 @@ class SparseRelativeIndex:
         """
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise InputError(f"k must be an integer >= 1, got {k!r}")
-        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral) or candidates < 1):
+        if candidates is not None and (
+            isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral) or candidates < 1
+        ):
             raise InputError(f"candidates must be an integer >= 1 or None, got {candidates!r}")
         q = as_csr(queries, "queries")
         if q.shape[1] != self.n_anchors:
-            raise InputError(
-                f"queries have {q.shape[1]} anchor columns but the index has {self.n_anchors}"
-            )
+            raise InputError(f"queries have {q.shape[1]} anchor columns but the index has {self.n_anchors}")
         allowed = None if allowed is None else np.asarray(allowed, np.int64)
         kk = min(int(k), len(self) if allowed is None else len(allowed))
         scores = np.zeros((q.shape[0], kk), dtype=np.float32)
@@ -359,7 +356,9 @@ class SparseRelativeIndex:
                 positions[i] = allowed[at]
         return scores, positions
 
-    def _rescored(self, sketch: RelativeSketch, cols: np.ndarray, weights: np.ndarray, count: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    def _rescored(
+        self, sketch: RelativeSketch, cols: np.ndarray, weights: np.ndarray, count: int, kk: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-kk of the sketch's ``count`` candidates by exact score (ties: lower position)."""
         cand = sketch.candidates(cols, weights, count)
         exact = self._lists.scores_at(cols, weights, cand).astype(np.float32)
@@ -386,4 +385,3 @@ class SparseRelativeIndex:
         if magic == b"\x93NUMPY":
             return cls(PostingLists.load(path))
         return cls(load_csr_npz(path), values="float32")  # format v1: as exact as it was
-

@@ -65,7 +65,11 @@ def _project(lists: PostingLists, basis: np.ndarray) -> np.ndarray:
         stop = min(start + _PROJECT_COLUMNS, lists.n_anchors)
         a, b = int(lists.indptr[start]), int(lists.indptr[stop])
         block = sp.csc_matrix(
-            (np.asarray(lists.values[a:b], dtype=np.float32), np.asarray(lists.rows[a:b]), lists.indptr[start : stop + 1] - a),
+            (
+                np.asarray(lists.values[a:b], dtype=np.float32),
+                np.asarray(lists.rows[a:b]),
+                lists.indptr[start : stop + 1] - a,
+            ),
             shape=(lists.n_rows, stop - start),
         )
         out += block @ basis[start:stop]

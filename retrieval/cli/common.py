@@ -41,7 +41,9 @@ def echo_json(record: dict[str, Any]) -> None:
     click.echo(json.dumps(record, ensure_ascii=False))
 
 
-def option_group(target: str, options: Sequence[Callable[[Callable], Callable]], make: Callable[..., Any]) -> Callable[[Callable], Callable]:
+def option_group(
+    target: str, options: Sequence[Callable[[Callable], Callable]], make: Callable[..., Any]
+) -> Callable[[Callable], Callable]:
     """Decorator: add click ``options`` to a command, which receives one value for all of them:
     ``make(**their values)`` as the keyword ``target`` (library errors become one-line CLI errors)."""
 
@@ -65,44 +67,91 @@ def option_group(target: str, options: Sequence[Callable[[Callable], Callable]],
     return decorate
 
 
-caption_options = option_group("caption_options", [
-    click.option("--caption-column", default="caption", show_default=True, help="Column holding the caption text (csv, tsv, jsonl, parquet; also a parquet given to --images)."),
-    click.option("--image-column", default="image", show_default=True, help="Column holding the image path of a pairs file (relative paths resolve against the file's folder); for a parquet given to --images, the column of image bytes, if not found by itself."),
-    click.option("--caption-template", default=None, help='Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use {label}.'),
-    click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."),
-], lambda caption_column, image_column, caption_template, encoding: CaptionOptions(caption_column, image_column, caption_template, encoding))
+caption_options = option_group(
+    "caption_options",
+    [
+        click.option(
+            "--caption-column",
+            default="caption",
+            show_default=True,
+            help="Column holding the caption text (csv, tsv, jsonl, parquet; also a parquet given to --images).",
+        ),
+        click.option(
+            "--image-column",
+            default="image",
+            show_default=True,
+            help="Column holding the image path of a pairs file (relative paths resolve against the file's folder); for a parquet given to --images, the column of image bytes, if not found by itself.",
+        ),
+        click.option(
+            "--caption-template",
+            default=None,
+            help='Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use {label}.',
+        ),
+        click.option(
+            "--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."
+        ),
+    ],
+    lambda caption_column, image_column, caption_template, encoding: CaptionOptions(
+        caption_column, image_column, caption_template, encoding
+    ),
+)
 """Options shared by commands that read caption or pairs files: one ``caption_options: CaptionOptions``."""
 
 
 batch_size_flag = click.option(
-    "--batch-size", type=click.IntRange(min=1), default=None,
-    help="Images per encoder batch (default: 32 on the CPU, 256 on a GPU).")
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per encoder batch (default: 32 on the CPU, 256 on a GPU).",
+)
 workers_flag = click.option(
-    "--workers", default="auto", show_default=True,
-    help="DataLoader worker processes that decode images, or 'auto' (one per core, none for under 64 images).")
+    "--workers",
+    default="auto",
+    show_default=True,
+    help="DataLoader worker processes that decode images, or 'auto' (one per core, none for under 64 images).",
+)
 replicas_flag = click.option(
-    "--replicas/--no-replicas", default=None,
+    "--replicas/--no-replicas",
+    default=None,
     help="On the CPU, each worker also encodes its batches with its own single-threaded copy of the "
-         "encoder (default on Linux with 2+ workers: faster than one multi-threaded encoder). "
-         "--no-replicas encodes in the main process.")
+    "encoder (default on Linux with 2+ workers: faster than one multi-threaded encoder). "
+    "--no-replicas encodes in the main process.",
+)
 compile_flag = click.option(
-    "--compile", "compile_model", is_flag=True,
+    "--compile",
+    "compile_model",
+    is_flag=True,
     help="Run the image model through torch.compile (meant for GPUs and large collections: "
-         "compiling takes tens of seconds; the main process encodes, so no replicas).")
+    "compiling takes tens of seconds; the main process encodes, so no replicas).",
+)
 decode_flag = click.option(
-    "--decode", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
+    "--decode",
+    type=click.Choice(["auto", "gpu", "cpu"]),
+    default="auto",
+    show_default=True,
     help="Where JPEGs are decoded: gpu decodes them in batches on the encoder's GPU (nvJPEG; any other "
-         "image goes the CPU path), cpu in the worker processes; auto is gpu for a CUDA encoder.")
+    "image goes the CPU path), cpu in the worker processes; auto is gpu for a CUDA encoder.",
+)
 checkpoint_flag = click.option(
-    "--checkpoint", type=click.Path(exists=True, dir_okay=True), default=None,
-    help="Local weights for the (image or CLIP) encoder: a file, or an open_clip model folder.")
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=True),
+    default=None,
+    help="Local weights for the (image or CLIP) encoder: a file, or an open_clip model folder.",
+)
 device_flag = click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-    help="auto uses CUDA (half precision) when present.")
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto uses CUDA (half precision) when present.",
+)
 quiet_flag = click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings on stderr.")
 progress_shard_flag = click.option(
-    "--progress-shard-size", type=click.IntRange(min=0), default=None,
-    help="Images per progress shard (default 4096; 0 = off). A killed build rerun with the same command resumes from the last shard.")
+    "--progress-shard-size",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Images per progress shard (default 4096; 0 = off). A killed build rerun with the same command resumes from the last shard.",
+)
 
 
 @dataclass(frozen=True)
@@ -116,29 +165,56 @@ class EmbedFlags:
 
     def encoders(self, clip: str | None = None, image: str | None = None, text: str | None = None) -> EncoderChoice:
         """The encoder choice of ``--encoder`` or ``--image-encoder``/``--text-encoder`` with these weights and device."""
-        return run_api(lambda: EncoderChoice(clip=clip, image=image, text=text, checkpoint=self.checkpoint, device=self.device))
+        return run_api(
+            lambda: EncoderChoice(clip=clip, image=image, text=text, checkpoint=self.checkpoint, device=self.device)
+        )
 
 
 def embed_options(checkpoint: bool = True, resumable: bool = False) -> Callable[[Callable], Callable]:
     """Options shared by commands that embed images: one ``embedding: EmbedFlags``
     (``--checkpoint`` unless ``checkpoint`` is False; ``--progress-shard-size`` with ``resumable``)."""
-    flags = ([checkpoint_flag] if checkpoint else []) + [device_flag, batch_size_flag, workers_flag, replicas_flag, compile_flag, decode_flag, quiet_flag]
+    flags = ([checkpoint_flag] if checkpoint else []) + [
+        device_flag,
+        batch_size_flag,
+        workers_flag,
+        replicas_flag,
+        compile_flag,
+        decode_flag,
+        quiet_flag,
+    ]
     flags += [progress_shard_flag] if resumable else []
 
-    def make(device: str, batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, decode: str,
-             quiet: bool, checkpoint: str | None = None, progress_shard_size: int | None = None) -> EmbedFlags:
-        options = embed_settings(batch_size, workers, replicas, compile_model, quiet, progress_shard_size=progress_shard_size,
-                                 decode=decode)
+    def make(
+        device: str,
+        batch_size: int | None,
+        workers: str,
+        replicas: bool | None,
+        compile_model: bool,
+        decode: str,
+        quiet: bool,
+        checkpoint: str | None = None,
+        progress_shard_size: int | None = None,
+    ) -> EmbedFlags:
+        options = embed_settings(
+            batch_size, workers, replicas, compile_model, quiet, progress_shard_size=progress_shard_size, decode=decode
+        )
         return EmbedFlags(device=device, quiet=quiet, options=options, checkpoint=checkpoint)
 
     return option_group("embedding", flags, make)
 
 
-def embed_settings(batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool,
-                   **more: Any) -> EmbedOptions:
+def embed_settings(
+    batch_size: int | None, workers: str, replicas: bool | None, compile_model: bool, quiet: bool, **more: Any
+) -> EmbedOptions:
     """EmbedOptions from the shared embedding flags."""
-    return EmbedOptions(batch_size=batch_size, workers=workers_option(workers), replicas=replicas, compile=compile_model,
-                        progress=not quiet, **more)
+    return EmbedOptions(
+        batch_size=batch_size,
+        workers=workers_option(workers),
+        replicas=replicas,
+        compile=compile_model,
+        progress=not quiet,
+        **more,
+    )
 
 
 def workers_option(value: str) -> int | str:
@@ -152,8 +228,9 @@ def workers_option(value: str) -> int | str:
 
 
 def setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
-
+    logging.basicConfig(
+        level=logging.ERROR if quiet else logging.WARNING, format="warning: %(message)s", stream=sys.stderr
+    )
 
 
 def open_index_or_fail(index_path: str, device: str = "auto") -> Any:
@@ -172,22 +249,45 @@ def index_options(index_type: str, max_memory: str | None, target_recall: float,
     """``IndexOptions`` from the CLI's strings."""
     from retrieval.index.spec import parse_memory
 
-    return IndexOptions(index_type=index_type, max_memory=parse_memory(max_memory), target_recall=target_recall,
-                        shards=index_shards)
+    return IndexOptions(
+        index_type=index_type, max_memory=parse_memory(max_memory), target_recall=target_recall, shards=index_shards
+    )
 
 
-index_type_options = option_group("index_options", [
-    click.option("--index-type", default="auto", show_default=True,
-                 help="flat (exact), hnsw, ivf (IVF-Flat), ivfsq (IVF over float16 vectors), ivfpq (OPQ+IVF+PQ, "
-                      "re-ranked from the stored vectors), a FAISS factory "
-                      "string, or auto: chosen from the collection size within --max-memory."),
-    click.option("--max-memory", default=None, help="Memory budget for the vector indexes together, e.g. 4GB (default: no limit)."),
-    click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
-                 help="recall@10 against exact search that auto and the nprobe/efSearch tuning aim for."),
-    click.option("--index-shards", type=click.IntRange(min=1), default=1, show_default=True,
-                 help="Split each vector index into N index shards over contiguous id ranges (flat or IVF types): "
-                      "searched shard by shard, or by one Ray actor each (open_index(..., ray=...), serve --ray)."),
-], index_options)
+index_type_options = option_group(
+    "index_options",
+    [
+        click.option(
+            "--index-type",
+            default="auto",
+            show_default=True,
+            help="flat (exact), hnsw, ivf (IVF-Flat), ivfsq (IVF over float16 vectors), ivfpq (OPQ+IVF+PQ, "
+            "re-ranked from the stored vectors), a FAISS factory "
+            "string, or auto: chosen from the collection size within --max-memory.",
+        ),
+        click.option(
+            "--max-memory",
+            default=None,
+            help="Memory budget for the vector indexes together, e.g. 4GB (default: no limit).",
+        ),
+        click.option(
+            "--target-recall",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=0.95,
+            show_default=True,
+            help="recall@10 against exact search that auto and the nprobe/efSearch tuning aim for.",
+        ),
+        click.option(
+            "--index-shards",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Split each vector index into N index shards over contiguous id ranges (flat or IVF types): "
+            "searched shard by shard, or by one Ray actor each (open_index(..., ray=...), serve --ray).",
+        ),
+    ],
+    index_options,
+)
 """Options choosing the vector index of a build: one ``index_options: IndexOptions``."""
 
 

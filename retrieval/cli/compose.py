@@ -63,39 +63,85 @@ def parse_part(value: str, sign: float, force_image: bool = False) -> QueryPart:
     return QueryPart(sign * weight, "text", value)
 
 
-def _composition(plus: Sequence[str], minus: Sequence[str], plus_image: Sequence[str], minus_image: Sequence[str],
-                 dedup: bool, dedup_threshold: float | None) -> Composition:
+def _composition(
+    plus: Sequence[str],
+    minus: Sequence[str],
+    plus_image: Sequence[str],
+    minus_image: Sequence[str],
+    dedup: bool,
+    dedup_threshold: float | None,
+) -> Composition:
     parts = [parse_part(v, 1.0) for v in plus] + [parse_part(v, 1.0, True) for v in plus_image]
     parts += [parse_part(v, -1.0) for v in minus] + [parse_part(v, -1.0, True) for v in minus_image]
     threshold = dedup_threshold if dedup_threshold is not None else (DEFAULT_THRESHOLD if dedup else None)
     return Composition(tuple(parts), threshold)
 
 
-composition_options = option_group("composition", [
-    click.option("--plus", multiple=True, metavar="VALUE[::W]", help="Add a text, or an image file, to the query (weight 1 or W; repeatable)."),
-    click.option("--minus", multiple=True, metavar="VALUE[::W]", help="Subtract a text, or an image file, from the query (weight 1 or W; repeatable)."),
-    click.option("--plus-image", multiple=True, metavar="PATH[::W]", help="Add an image (never read as text)."),
-    click.option("--minus-image", multiple=True, metavar="PATH[::W]", help="Subtract an image (never read as text)."),
-    click.option("--dedup", is_flag=True, help="Collapse near-duplicate results: drop a hit whose stored vector's cosine to a better hit is >= the threshold."),
-    click.option("--dedup-threshold", type=click.FloatRange(0, 1, min_open=True), default=None,
-                 help=f"The cosine of --dedup (implies it; default {DEFAULT_THRESHOLD:g})."),
-], _composition)
+composition_options = option_group(
+    "composition",
+    [
+        click.option(
+            "--plus",
+            multiple=True,
+            metavar="VALUE[::W]",
+            help="Add a text, or an image file, to the query (weight 1 or W; repeatable).",
+        ),
+        click.option(
+            "--minus",
+            multiple=True,
+            metavar="VALUE[::W]",
+            help="Subtract a text, or an image file, from the query (weight 1 or W; repeatable).",
+        ),
+        click.option("--plus-image", multiple=True, metavar="PATH[::W]", help="Add an image (never read as text)."),
+        click.option(
+            "--minus-image", multiple=True, metavar="PATH[::W]", help="Subtract an image (never read as text)."
+        ),
+        click.option(
+            "--dedup",
+            is_flag=True,
+            help="Collapse near-duplicate results: drop a hit whose stored vector's cosine to a better hit is >= the threshold.",
+        ),
+        click.option(
+            "--dedup-threshold",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            help=f"The cosine of --dedup (implies it; default {DEFAULT_THRESHOLD:g}).",
+        ),
+    ],
+    _composition,
+)
 """Options of the query commands: one ``composition: Composition``."""
 
 
-def text_asker(composition: Composition, target: str, k: int, route: str | None, knobs: SearchKnobs, narrowing: dict[str, Any],
-               plain: Callable[[Any, list[str]], list[list[Any]]]) -> Callable[[Any, list[str]], list[list[Any]]]:
+def text_asker(
+    composition: Composition,
+    target: str,
+    k: int,
+    route: str | None,
+    knobs: SearchKnobs,
+    narrowing: dict[str, Any],
+    plain: Callable[[Any, list[str]], list[list[Any]]],
+) -> Callable[[Any, list[str]], list[list[Any]]]:
     """``plain`` (the batch query), or with arithmetic / --dedup one :meth:`Index.search` per text
     (``narrowing``: where / min_score / offset, as the query methods take them)."""
     if not composition.active:
         return plain
-    return lambda index, texts: [index.search(composition.query(Query.text(text)), target, k, route, knobs, composition.dedup,
-                                              **narrowing)
-                                 for text in texts]
+    return lambda index, texts: [
+        index.search(composition.query(Query.text(text)), target, k, route, knobs, composition.dedup, **narrowing)
+        for text in texts
+    ]
 
 
-def image_asker(composition: Composition, target: str, k: int, route: str | None, knobs: SearchKnobs, exclude_self: bool,
-                narrowing: dict[str, Any], plain: Callable[[Any, list[Any], Any], list[list[Any]]]) -> Callable[[Any, list[Any], Any], list[list[Any]]]:
+def image_asker(
+    composition: Composition,
+    target: str,
+    k: int,
+    route: str | None,
+    knobs: SearchKnobs,
+    exclude_self: bool,
+    narrowing: dict[str, Any],
+    plain: Callable[[Any, list[Any], Any], list[list[Any]]],
+) -> Callable[[Any, list[Any], Any], list[list[Any]]]:
     """``plain`` (the batch query), or with arithmetic / --dedup one :meth:`Index.search` per image
     (``exclude_self``: each query image's own id left out)."""
     if not composition.active:
@@ -103,8 +149,18 @@ def image_asker(composition: Composition, target: str, k: int, route: str | None
 
     def ask(index: Any, pictures: list[Any], ids: Sequence[str | None] | None) -> list[list[Any]]:
         ids = list(ids) if ids is not None else [image_id(picture) for picture in pictures]
-        return [index.search(composition.query(Query.image(picture)), target, k, route, knobs, composition.dedup,
-                             exclude=[own] if exclude_self and own else [], **narrowing)
-                for picture, own in zip(pictures, ids)]
+        return [
+            index.search(
+                composition.query(Query.image(picture)),
+                target,
+                k,
+                route,
+                knobs,
+                composition.dedup,
+                exclude=[own] if exclude_self and own else [],
+                **narrowing,
+            )
+            for picture, own in zip(pictures, ids)
+        ]
 
     return ask

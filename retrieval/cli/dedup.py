@@ -10,10 +10,19 @@ from retrieval.cli.common import echo_json, index_option, open_index_or_fail, ru
 
 @click.command("dedup")
 @index_option
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_THRESHOLD, show_default=True,
-              help="Cosine of the stored image vectors at or above which two images are near-duplicates (chains join a group).")
-@click.option("--json", "as_json", is_flag=True,
-              help="JSON lines: one {keeper, duplicates} object per group, each image with id, uri, width, height, position, similarity.")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=DEFAULT_THRESHOLD,
+    show_default=True,
+    help="Cosine of the stored image vectors at or above which two images are near-duplicates (chains join a group).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="JSON lines: one {keeper, duplicates} object per group, each image with id, uri, width, height, position, similarity.",
+)
 def dedup_command(index_path: str, threshold: float, as_json: bool) -> None:
     """Find groups of near-identical images (re-encoded, resized, cropped copies). The suggested keeper of
     each group is the image with the most pixels, then the earliest added. Nothing is deleted: pass the

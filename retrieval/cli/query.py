@@ -24,18 +24,37 @@ QUERY_BATCH = 256  # queries encoded and searched together
 def _search_options(func: Callable) -> Callable:
     options = [
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--route", type=click.Choice(["clip", "asif", "projected", "unimodal"]), default=None,
-                     help="Route (default: the query's first in this index; see info: query_routes)."),
-        click.option("--nprobe", type=click.IntRange(min=1), default=None, help="IVF lists to visit per query (default: tuned at build time; see info). Higher: better recall, slower."),
-        click.option("--ef-search", type=click.IntRange(min=1), default=None, help="HNSW search breadth (default: tuned at build time; see info)."),
+        click.option(
+            "--route",
+            type=click.Choice(["clip", "asif", "projected", "unimodal"]),
+            default=None,
+            help="Route (default: the query's first in this index; see info: query_routes).",
+        ),
+        click.option(
+            "--nprobe",
+            type=click.IntRange(min=1),
+            default=None,
+            help="IVF lists to visit per query (default: tuned at build time; see info). Higher: better recall, slower.",
+        ),
+        click.option(
+            "--ef-search",
+            type=click.IntRange(min=1),
+            default=None,
+            help="HNSW search breadth (default: tuned at build time; see info).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _print_hits(hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str], query: str = "",
-                narrowing: Narrowing = Narrowing()) -> None:
+def _print_hits(
+    hits: Sequence[Any],
+    as_json: bool,
+    describe: Callable[[Any], str],
+    query: str = "",
+    narrowing: Narrowing = Narrowing(),
+) -> None:
     if narrowing.min_score is not None:  # the cutoff's count goes with the hits: one {query, passed, hits} object
         _print_batch(query, hits, as_json, describe, narrowing)
         return
@@ -49,8 +68,9 @@ def _print_hits(hits: Sequence[Any], as_json: bool, describe: Callable[[Any], st
         click.echo(f"{hit.rank:>3}  {hit.score:7.4f}  {describe(hit)}")
 
 
-def _print_batch(query: str, hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str],
-                 narrowing: Narrowing = Narrowing()) -> None:
+def _print_batch(
+    query: str, hits: Sequence[Any], as_json: bool, describe: Callable[[Any], str], narrowing: Narrowing = Narrowing()
+) -> None:
     passed = {} if narrowing.min_score is None else {"min_score": narrowing.min_score, "passed": len(hits)}
     if as_json:
         echo_json({"query": query, **passed, "hits": [hit.to_dict() for hit in hits]})
@@ -68,9 +88,18 @@ def _chunks(items: Sequence[Any], size: int = QUERY_BATCH) -> Any:
 def _text_query_options(func: Callable) -> Callable:
     options = [
         click.argument("query", required=False),
-        click.option("--queries-file", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="Answer every query in a file in one pass: .txt (one per line), .csv, .tsv, .jsonl or .parquet (see --column)."),
-        click.option("--column", default="caption", show_default=True, help="Column holding the query text in a csv/tsv/jsonl/parquet --queries-file."),
+        click.option(
+            "--queries-file",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="Answer every query in a file in one pass: .txt (one per line), .csv, .tsv, .jsonl or .parquet (see --column).",
+        ),
+        click.option(
+            "--column",
+            default="caption",
+            show_default=True,
+            help="Column holding the query text in a csv/tsv/jsonl/parquet --queries-file.",
+        ),
         index_option,
     ]
     for option in reversed(options):
@@ -78,9 +107,17 @@ def _text_query_options(func: Callable) -> Callable:
     return func
 
 
-def _answer_texts(query: str | None, queries_file: str | None, column: str, index_path: str, device: str,
-                  ask: Callable[[Any, list[str]], list[list[Any]]], as_json: bool, describe: Callable[[Any], str],
-                  narrowing: Narrowing = Narrowing()) -> None:
+def _answer_texts(
+    query: str | None,
+    queries_file: str | None,
+    column: str,
+    index_path: str,
+    device: str,
+    ask: Callable[[Any, list[str]], list[list[Any]]],
+    as_json: bool,
+    describe: Callable[[Any], str],
+    narrowing: Narrowing = Narrowing(),
+) -> None:
     """Open the index, ask ``ask(index, texts)`` for QUERY or each query of --queries-file (in batches) and print."""
     from retrieval.sources.captions import read_caption_file
 
@@ -102,38 +139,104 @@ def _answer_texts(query: str | None, queries_file: str | None, column: str, inde
 
 @click.command("text-to-image")
 @_text_query_options
-@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per query.")
+@click.option(
+    "-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per query."
+)
 @_search_options
 @composition_options
 @narrowing_options
-@click.option("--json", "as_json", is_flag=True,
-              help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); with --queries-file one {query, hits} object per query.")
-def text_to_image_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
-                          route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool, narrowing: Narrowing) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); with --queries-file one {query, hits} object per query.",
+)
+def text_to_image_command(
+    query: str | None,
+    queries_file: str | None,
+    column: str,
+    index_path: str,
+    k: int,
+    device: str,
+    route: str | None,
+    nprobe: int | None,
+    ef_search: int | None,
+    composition: Composition,
+    as_json: bool,
+    narrowing: Narrowing,
+) -> None:
     """Find the images that best match QUERY (or each query of --queries-file)."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
-    _answer_texts(query, queries_file, column, index_path, device,
-                  text_asker(composition, "image", k, route, knobs, narrowing.api(),
-                             lambda index, texts: index.texts_to_images(texts, k=k, route=route, knobs=knobs, **narrowing.api())), as_json,
-                  lambda hit: hit.uri, narrowing)
+    _answer_texts(
+        query,
+        queries_file,
+        column,
+        index_path,
+        device,
+        text_asker(
+            composition,
+            "image",
+            k,
+            route,
+            knobs,
+            narrowing.api(),
+            lambda index, texts: index.texts_to_images(texts, k=k, route=route, knobs=knobs, **narrowing.api()),
+        ),
+        as_json,
+        lambda hit: hit.uri,
+        narrowing,
+    )
 
 
 @click.command("text-to-caption")
 @_text_query_options
-@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per query.")
+@click.option(
+    "-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per query."
+)
 @_search_options
 @composition_options
 @narrowing_options
-@click.option("--json", "as_json", is_flag=True,
-              help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); with --queries-file one {query, hits} object per query.")
-def text_to_caption_command(query: str | None, queries_file: str | None, column: str, index_path: str, k: int, device: str,
-                            route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool, narrowing: Narrowing) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); with --queries-file one {query, hits} object per query.",
+)
+def text_to_caption_command(
+    query: str | None,
+    queries_file: str | None,
+    column: str,
+    index_path: str,
+    k: int,
+    device: str,
+    route: str | None,
+    nprobe: int | None,
+    ef_search: int | None,
+    composition: Composition,
+    as_json: bool,
+    narrowing: Narrowing,
+) -> None:
     """Find the indexed captions closest to QUERY (or each query of --queries-file): caption search."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
-    _answer_texts(query, queries_file, column, index_path, device,
-                  text_asker(composition, "caption", k, route, knobs, narrowing.api(),
-                             lambda index, texts: index.texts_to_captions(texts, k=k, route=route, knobs=knobs, **narrowing.api())), as_json,
-                  lambda hit: hit.caption, narrowing)
+    _answer_texts(
+        query,
+        queries_file,
+        column,
+        index_path,
+        device,
+        text_asker(
+            composition,
+            "caption",
+            k,
+            route,
+            knobs,
+            narrowing.api(),
+            lambda index, texts: index.texts_to_captions(texts, k=k, route=route, knobs=knobs, **narrowing.api()),
+        ),
+        as_json,
+        lambda hit: hit.caption,
+        narrowing,
+    )
 
 
 def _image_list(path: str) -> list[str]:
@@ -150,8 +253,12 @@ def _image_list(path: str) -> list[str]:
 def _image_query_options(func: Callable) -> Callable:
     options = [
         click.argument("images", nargs=-1, type=click.Path()),
-        click.option("--queries-file", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="A text file listing query images, one path per line; all are answered in one pass."),
+        click.option(
+            "--queries-file",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="A text file listing query images, one path per line; all are answered in one pass.",
+        ),
         index_option,
     ]
     for option in reversed(options):
@@ -159,9 +266,16 @@ def _image_query_options(func: Callable) -> Callable:
     return func
 
 
-def _answer_images(images: Sequence[str], queries_file: str | None, index_path: str, device: str,
-                   ask: Callable[[Any, list[Any], list[str]], list[list[Any]]], as_json: bool, describe: Callable[[Any], str],
-                   narrowing: Narrowing = Narrowing()) -> None:
+def _answer_images(
+    images: Sequence[str],
+    queries_file: str | None,
+    index_path: str,
+    device: str,
+    ask: Callable[[Any, list[Any], list[str]], list[list[Any]]],
+    as_json: bool,
+    describe: Callable[[Any], str],
+    narrowing: Narrowing = Narrowing(),
+) -> None:
     """Open the index and ask ``ask(index, pictures_or_paths, ids)`` for the query images; unreadable ones are reported and skipped."""
     from retrieval.core.errors import ImageDecodeError
     from retrieval.sources.discovery import discover_images
@@ -198,39 +312,111 @@ def _answer_images(images: Sequence[str], queries_file: str | None, index_path: 
 
 @click.command("image-to-caption")
 @_image_query_options
-@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per image.")
+@click.option(
+    "-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Number of captions to return per image."
+)
 @_search_options
 @composition_options
 @narrowing_options
-@click.option("--json", "as_json", is_flag=True,
-              help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); for several images one {query, hits} object per image.")
-def image_to_caption_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, device: str,
-                             route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool, narrowing: Narrowing) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); for several images one {query, hits} object per image.",
+)
+def image_to_caption_command(
+    images: Sequence[str],
+    queries_file: str | None,
+    index_path: str,
+    k: int,
+    device: str,
+    route: str | None,
+    nprobe: int | None,
+    ef_search: int | None,
+    composition: Composition,
+    as_json: bool,
+    narrowing: Narrowing,
+) -> None:
     """Find the captions that best describe IMAGE. Several images, folders or globs (or --queries-file) are
     answered in one pass; unreadable ones are reported and skipped."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
-    _answer_images(images, queries_file, index_path, device,
-                   image_asker(composition, "caption", k, route, knobs, False, narrowing.api(),
-                               lambda index, pictures, ids: index.images_to_captions(pictures, k=k, route=route, knobs=knobs, **narrowing.api())),
-                   as_json, lambda hit: hit.caption, narrowing)
+    _answer_images(
+        images,
+        queries_file,
+        index_path,
+        device,
+        image_asker(
+            composition,
+            "caption",
+            k,
+            route,
+            knobs,
+            False,
+            narrowing.api(),
+            lambda index, pictures, ids: index.images_to_captions(
+                pictures, k=k, route=route, knobs=knobs, **narrowing.api()
+            ),
+        ),
+        as_json,
+        lambda hit: hit.caption,
+        narrowing,
+    )
 
 
 @click.command("image-to-image")
 @_image_query_options
-@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per image.")
-@click.option("--exclude-self", is_flag=True, help="Leave a query image that is itself in the index (same path) out of its own results.")
+@click.option(
+    "-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Number of images to return per image."
+)
+@click.option(
+    "--exclude-self",
+    is_flag=True,
+    help="Leave a query image that is itself in the index (same path) out of its own results.",
+)
 @_search_options
 @composition_options
 @narrowing_options
-@click.option("--json", "as_json", is_flag=True,
-              help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); for several images one {query, hits} object per image.")
-def image_to_image_command(images: Sequence[str], queries_file: str | None, index_path: str, k: int, exclude_self: bool,
-                           device: str, route: str | None, nprobe: int | None, ef_search: int | None, composition: Composition, as_json: bool, narrowing: Narrowing) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); for several images one {query, hits} object per image.",
+)
+def image_to_image_command(
+    images: Sequence[str],
+    queries_file: str | None,
+    index_path: str,
+    k: int,
+    exclude_self: bool,
+    device: str,
+    route: str | None,
+    nprobe: int | None,
+    ef_search: int | None,
+    composition: Composition,
+    as_json: bool,
+    narrowing: Narrowing,
+) -> None:
     """Find the indexed images most like IMAGE ("more like this photo"). Several images, folders or globs
     (or --queries-file) are answered in one pass; unreadable ones are reported and skipped."""
     knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
-    _answer_images(images, queries_file, index_path, device,
-                   image_asker(composition, "image", k, route, knobs, exclude_self, narrowing.api(),
-                               lambda index, pictures, ids: index.images_to_images(pictures, k=k, exclude_self=exclude_self, route=route,
-                                                                                   knobs=knobs, query_ids=ids, **narrowing.api())),
-                   as_json, lambda hit: hit.uri, narrowing)
+    _answer_images(
+        images,
+        queries_file,
+        index_path,
+        device,
+        image_asker(
+            composition,
+            "image",
+            k,
+            route,
+            knobs,
+            exclude_self,
+            narrowing.api(),
+            lambda index, pictures, ids: index.images_to_images(
+                pictures, k=k, exclude_self=exclude_self, route=route, knobs=knobs, query_ids=ids, **narrowing.api()
+            ),
+        ),
+        as_json,
+        lambda hit: hit.uri,
+        narrowing,
+    )

@@ -14,12 +14,20 @@ def ray_flags(ray_help: str) -> Callable[[Callable], Callable]:
     ``RayOptions``, or None without ``--ray``."""
     flags = [
         click.option("--ray", "ray_address", default=None, metavar="auto|local|ADDRESS", help=ray_help),
-        click.option("--work-dir", default=None, metavar="PATH|URL",
-                     help="With --ray: where the work units are written, a path every node sees or an fsspec URL "
-                          "(file:///..., s3://bucket/prefix with s3fs, gs:// with gcsfs). Default: the index's .work/ folder."),
-        click.option("--ship-code/--no-ship-code", default=True, show_default=True,
-                     help="With --ray ADDRESS or auto: send this retrieval package to the cluster's workers "
-                          "(runtime_env py_modules); --no-ship-code when they have it installed."),
+        click.option(
+            "--work-dir",
+            default=None,
+            metavar="PATH|URL",
+            help="With --ray: where the work units are written, a path every node sees or an fsspec URL "
+            "(file:///..., s3://bucket/prefix with s3fs, gs:// with gcsfs). Default: the index's .work/ folder.",
+        ),
+        click.option(
+            "--ship-code/--no-ship-code",
+            default=True,
+            show_default=True,
+            help="With --ray ADDRESS or auto: send this retrieval package to the cluster's workers "
+            "(runtime_env py_modules); --no-ship-code when they have it installed.",
+        ),
     ]
 
     def make(ray_address: str | None, work_dir: str | None, ship_code: bool) -> Any:

@@ -36,23 +36,70 @@ def setup_serve_logging() -> None:
 
 
 @click.command("serve")
-@click.option("--index", "indexes", multiple=True, required=True, metavar="[NAME=]DIR",
-              help="An index directory to serve, optionally named (repeat for more; the first is the default).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (a non-loopback one without --api-key warns).")
+@click.option(
+    "--index",
+    "indexes",
+    multiple=True,
+    required=True,
+    metavar="[NAME=]DIR",
+    help="An index directory to serve, optionally named (repeat for more; the first is the default).",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind (a non-loopback one without --api-key warns).",
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=1234, show_default=True)
-@click.option("--api-key", default=None, envvar="RETRIEVAL_API_KEY",
-              help="Require 'Authorization: Bearer KEY' on every route but /healthz and the page (env RETRIEVAL_API_KEY).")
-@click.option("--allow-image-urls", is_flag=True, help="Let /knn-service fetch image_url (with a timeout and a size limit).")
-@click.option("--allow-private-urls", is_flag=True, help="With --allow-image-urls: also fetch loopback, private and link-local addresses.")
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="RETRIEVAL_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on every route but /healthz and the page (env RETRIEVAL_API_KEY).",
+)
+@click.option(
+    "--allow-image-urls", is_flag=True, help="Let /knn-service fetch image_url (with a timeout and a size limit)."
+)
+@click.option(
+    "--allow-private-urls",
+    is_flag=True,
+    help="With --allow-image-urls: also fetch loopback, private and link-local addresses.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--max-k", type=click.IntRange(min=1), default=1000, show_default=True, help="Largest k / num_images a request may ask for.")
-@click.option("--search-threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="OpenMP threads per FAISS search of a vector query (concurrent requests already use the cores).")
-@click.option("--ray", "ray_address", default=None, metavar="auto|local|ADDRESS",
-              help="Search the shards of sharded indexes (build-index --index-shards) with one Ray actor each "
-                   "(pip install 'retrieval[ray]'); without it they are searched in this process.")
-def serve_command(indexes: Sequence[str], host: str, port: int, api_key: str | None, allow_image_urls: bool,
-                  allow_private_urls: bool, device: str, max_k: int, search_threads: int, ray_address: str | None) -> None:
+@click.option(
+    "--max-k",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Largest k / num_images a request may ask for.",
+)
+@click.option(
+    "--search-threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="OpenMP threads per FAISS search of a vector query (concurrent requests already use the cores).",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    default=None,
+    metavar="auto|local|ADDRESS",
+    help="Search the shards of sharded indexes (build-index --index-shards) with one Ray actor each "
+    "(pip install 'retrieval[ray]'); without it they are searched in this process.",
+)
+def serve_command(
+    indexes: Sequence[str],
+    host: str,
+    port: int,
+    api_key: str | None,
+    allow_image_urls: bool,
+    allow_private_urls: bool,
+    device: str,
+    max_k: int,
+    search_threads: int,
+    ray_address: str | None,
+) -> None:
     """Serve indexes over HTTP until SIGINT or SIGTERM: /api/v1, clip back's /knn-service and /metadata, the page at /.
 
     A new build of a served index (build-index, add, remove) is picked up without a restart.
@@ -63,13 +110,24 @@ def serve_command(indexes: Sequence[str], host: str, port: int, api_key: str | N
     quiet_library_warnings()
     setup_serve_logging()
     if not is_loopback(host) and not api_key:
-        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this address can query it", err=True)
+        click.echo(
+            f"warning: serving on {host} without --api-key: anyone who can reach this address can query it", err=True
+        )
     if allow_private_urls and not allow_image_urls:
         raise click.UsageError("--allow-private-urls needs --allow-image-urls")
-    config = run_api(lambda: ServeConfig([parse_index_arg(value) for value in indexes], api_key=api_key,
-                                         allow_image_urls=allow_image_urls, allow_private_urls=allow_private_urls,
-                                         device=device, max_k=max_k, search_threads=search_threads, freeze_gc=True,
-                                         ray=ray_address))
+    config = run_api(
+        lambda: ServeConfig(
+            [parse_index_arg(value) for value in indexes],
+            api_key=api_key,
+            allow_image_urls=allow_image_urls,
+            allow_private_urls=allow_private_urls,
+            device=device,
+            max_k=max_k,
+            search_threads=search_threads,
+            freeze_gc=True,
+            ray=ray_address,
+        )
+    )
     app = run_api(lambda: create_app(config))
     for name, build in app.state.served.builds().items():
         click.echo(f"serving index {name} (build {build})", err=True)
@@ -89,7 +147,9 @@ def run_until_signal(app: object, host: str, port: int) -> str:
     import uvicorn
 
     caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=5)
     finally:

@@ -24,16 +24,22 @@ def _report(report: Any, as_json: bool, index_path: str) -> None:
         return
     counts = report.counts
     if report.operation == "add":
-        click.echo(f"added {report.added['image']} images and {report.added['caption']} captions to {index_path} "
-                   f"(now {counts['image']} images, {counts['caption']} captions; {report.seconds:.1f} s)")
+        click.echo(
+            f"added {report.added['image']} images and {report.added['caption']} captions to {index_path} "
+            f"(now {counts['image']} images, {counts['caption']} captions; {report.seconds:.1f} s)"
+        )
         present = report.already_present
         if any(present.values()):
-            click.echo(f"already in the index, not added again: {present['image']} images, {present['caption']} captions")
+            click.echo(
+                f"already in the index, not added again: {present['image']} images, {present['caption']} captions"
+            )
         for key, why in report.retrained.items():
             click.echo(f"retrained {key}: {why}")
     else:
-        click.echo(f"removed {report.removed['image']} images and {report.removed['caption']} captions from {index_path} "
-                   f"(now {counts['image']} images, {counts['caption']} captions)")
+        click.echo(
+            f"removed {report.removed['image']} images and {report.removed['caption']} captions from {index_path} "
+            f"(now {counts['image']} images, {counts['caption']} captions)"
+        )
         if report.compacted:
             click.echo(f"compacted: {', '.join(report.compacted)}")
         if report.not_found:
@@ -43,15 +49,26 @@ def _report(report: Any, as_json: bool, index_path: str) -> None:
 
 
 @click.command("add")
-@click.option("--images", multiple=True, help="Image file, folder (recursive) or glob pattern to add; also tar shards or parquet files with image bytes (samples already indexed are skipped). Repeatable.")
+@click.option(
+    "--images",
+    multiple=True,
+    help="Image file, folder (recursive) or glob pattern to add; also tar shards or parquet files with image bytes (samples already indexed are skipped). Repeatable.",
+)
 @click.option("--captions", multiple=True, help="Caption file to add (a pairs file also adds its images). Repeatable.")
 @index_option
 @caption_options
 @embed_options(checkpoint=False)
 @ray_flags("Embed the new images on Ray (pip install 'retrieval[ray]'), as build-index --ray does.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
-def add_command(images: Sequence[str], captions: Sequence[str], index_path: str, caption_options: Any, embedding: EmbedFlags,
-                ray: Any, as_json: bool) -> None:
+def add_command(
+    images: Sequence[str],
+    captions: Sequence[str],
+    index_path: str,
+    caption_options: Any,
+    embedding: EmbedFlags,
+    ray: Any,
+    as_json: bool,
+) -> None:
     """Add images and captions to a built index, encoding only the new ones.
 
     Items already in the index (same id) are skipped. The vector indexes are not retrained unless the
@@ -61,14 +78,22 @@ def add_command(images: Sequence[str], captions: Sequence[str], index_path: str,
     from retrieval.api.update import add_to_index
 
     setup_logging(embedding.quiet)
-    report = run_api(lambda: add_to_index(index_path, images, captions, caption_options, embedding.options, device=embedding.device,
-                                          ray=ray))
+    report = run_api(
+        lambda: add_to_index(
+            index_path, images, captions, caption_options, embedding.options, device=embedding.device, ray=ray
+        )
+    )
     _report(report, as_json, index_path)
 
 
 @click.command("remove")
 @click.option("--id", "ids", multiple=True, help="Item id to remove (see the JSON output of queries). Repeatable.")
-@click.option("--path", "paths", multiple=True, help="Remove the image at this path, or every caption read from this caption file. Repeatable.")
+@click.option(
+    "--path",
+    "paths",
+    multiple=True,
+    help="Remove the image at this path, or every caption read from this caption file. Repeatable.",
+)
 @index_option
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
 def remove_command(ids: Sequence[str], paths: Sequence[str], index_path: str, as_json: bool) -> None:

@@ -35,9 +35,13 @@ class EncoderChoice:
 
     def __post_init__(self) -> None:
         if self.clip and (self.image or self.text):
-            raise InputError("give either --encoder (a contrastive model) or --image-encoder with --text-encoder, not both")
+            raise InputError(
+                "give either --encoder (a contrastive model) or --image-encoder with --text-encoder, not both"
+            )
         if not self.clip and not (self.image and self.text):
-            raise InputError("give --encoder SPEC (e.g. open_clip:ViT-B-32/openai), or both --image-encoder and --text-encoder")
+            raise InputError(
+                "give --encoder SPEC (e.g. open_clip:ViT-B-32/openai), or both --image-encoder and --text-encoder"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 

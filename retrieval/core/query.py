@@ -30,7 +30,12 @@ class QueryPart:
         if self.modality not in QUERY_MODALITIES:
             raise InputError(f"a query part's modality must be 'text' or 'image', got {self.modality!r}")
         weight = self.weight
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(float(weight)) or weight == 0:
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, numbers.Real)
+            or not math.isfinite(float(weight))
+            or weight == 0
+        ):
             raise InputError(f"a query part's weight must be a finite number other than 0, got {weight!r}")
         object.__setattr__(self, "weight", float(weight))
         if self.modality == "text" and (not isinstance(self.value, str) or not self.value.strip()):
@@ -40,7 +45,11 @@ class QueryPart:
 
     def describe(self) -> str:
         """The part as text: its value (an image as its path) with its weight when not 1."""
-        what = self.value if self.modality == "text" else f"<image {self.value if isinstance(self.value, (str, Path)) else 'PIL'}>"
+        what = (
+            self.value
+            if self.modality == "text"
+            else f"<image {self.value if isinstance(self.value, (str, Path)) else 'PIL'}>"
+        )
         return what if abs(self.weight) == 1 else f"{abs(self.weight):g}*{what}"
 
 

@@ -90,9 +90,14 @@ class EmbeddingCache:
         vectors = np.stack([self._pending[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
         with atomic_path(self.folder / f"part-{new_build_id()}.npz") as tmp:
             with open(tmp, "wb") as handle:
-                np.savez(handle, keys=np.array(keys, dtype=str), vectors=vectors, sizes=sizes,
-                         failed_keys=np.array(list(self._pending_failures), dtype=str),
-                         failed_reasons=np.array(list(self._pending_failures.values()), dtype=str))
+                np.savez(
+                    handle,
+                    keys=np.array(keys, dtype=str),
+                    vectors=vectors,
+                    sizes=sizes,
+                    failed_keys=np.array(list(self._pending_failures), dtype=str),
+                    failed_reasons=np.array(list(self._pending_failures.values()), dtype=str),
+                )
         self._pending.clear()
         self._pending_failures.clear()
 
@@ -107,21 +112,33 @@ class EmbeddingCache:
             self.flush()
         return np.stack([self._vectors[key] for key in keys]) if keys else np.zeros((0, self.dim), np.float32)
 
-    def embed_images(self, refs: Sequence[ImageRef], encoder: Any, options: EmbedOptions = EmbedOptions()) -> EmbeddedImages:
+    def embed_images(
+        self, refs: Sequence[ImageRef], encoder: Any, options: EmbedOptions = EmbedOptions()
+    ) -> EmbeddedImages:
         """Like :func:`retrieval.embed.pipeline.embed_images`, decoding and encoding only images not cached yet."""
         hashes: list[str | None] = []
         errors: list[ItemError] = []
         for ref in refs:
             try:
-                hashes.append(sha256_file(ref.path) if ref.opener is None else hashlib.sha256(ref.read_bytes()).hexdigest())
+                hashes.append(
+                    sha256_file(ref.path) if ref.opener is None else hashlib.sha256(ref.read_bytes()).hexdigest()
+                )
             except OSError as e:
                 hashes.append(None)
                 errors.append(ItemError(path=ref.location, reason=f"unreadable: {e.strerror or e}", kind="image"))
             except ImageDecodeError as e:  # an opener that failed
                 hashes.append(None)
                 errors.append(ItemError(path=ref.location, reason=e.reason, kind="image"))
-        todo = [(ref, key) for ref, key in zip(refs, hashes) if key is not None and key not in self._vectors and key not in self._failures]
-        fresh = embed_images([ref for ref, _ in todo], encoder, options) if todo else EmbeddedImages(rows=[], vectors=np.zeros((0, self.dim), np.float32))
+        todo = [
+            (ref, key)
+            for ref, key in zip(refs, hashes)
+            if key is not None and key not in self._vectors and key not in self._failures
+        ]
+        fresh = (
+            embed_images([ref for ref, _ in todo], encoder, options)
+            if todo
+            else EmbeddedImages(rows=[], vectors=np.zeros((0, self.dim), np.float32))
+        )
         for row, vector in zip(fresh.rows, fresh.vectors):
             self.put(row.sha256, vector, (row.width, row.height))
         key_of = {ref.location: key for ref, key in todo}

@@ -28,7 +28,9 @@ class EmbedStats:
     device: str | None = None
     workers: int = 0  # DataLoader worker processes
     replicas: bool = False  # whether those workers encoded too
-    decode: str | None = None  # where JPEGs were decoded: "cpu" (PIL in the workers), the batched decode's device, None: not here
+    decode: str | None = (
+        None  # where JPEGs were decoded: "cpu" (PIL in the workers), the batched decode's device, None: not here
+    )
     startup_seconds: float | None = None  # to the first batch encoded (worker spawn, first CUDA call, warm-up)
     steady_images_per_second: float | None = None  # after the first batch
 
@@ -63,8 +65,10 @@ class EmbeddedItems:
 
     def check(self) -> None:
         """Raise InputError unless the vectors fit the items and the encoder records."""
-        for role, kind, items, vectors in (("image", "image", self.images, self.image_vectors),
-                                           ("text", "caption", self.captions, self.caption_vectors)):
+        for role, kind, items, vectors in (
+            ("image", "image", self.images, self.image_vectors),
+            ("text", "caption", self.captions, self.caption_vectors),
+        ):
             record = self.encoders.get(role)
             if not isinstance(record, dict) or not {"spec", "dim", "fingerprint"} <= set(record):
                 raise InputError(f"{role} encoder record must have spec, dim and fingerprint, got {record!r}")
@@ -72,9 +76,13 @@ class EmbeddedItems:
             if vectors.dtype not in VECTOR_DTYPES:
                 raise InputError(f"{kind} vectors must be float32 or float16, got {vectors.dtype}")
             if vectors.ndim != 2 or vectors.shape != (len(items), int(record["dim"])):
-                raise InputError(f"{kind} vectors have shape {vectors.shape}; expected ({len(items)}, {record['dim']}): "
-                                 f"one row per {kind}, of the {role} encoder's dimension")
+                raise InputError(
+                    f"{kind} vectors have shape {vectors.shape}; expected ({len(items)}, {record['dim']}): "
+                    f"one row per {kind}, of the {role} encoder's dimension"
+                )
             if not np.isfinite(vectors).all():
                 raise InputError(f"{kind} vectors hold NaN or infinite values")
         if not self.images and not self.captions:
-            raise InputError("no image could be read and no caption was given; nothing to index (see the warnings above)")
+            raise InputError(
+                "no image could be read and no caption was given; nothing to index (see the warnings above)"
+            )

@@ -27,8 +27,15 @@ from typing import Any, Callable
 from retrieval.core.errors import InputError
 from retrieval.sources.readahead import readahead
 
-__all__ = ["DECODE_CHOICES", "GPU_MAX_PIXELS", "DeviceDecoder", "JpegBytesDataset", "collate_jpegs",
-           "decode_device", "gpu_jpeg_size"]
+__all__ = [
+    "DECODE_CHOICES",
+    "GPU_MAX_PIXELS",
+    "DeviceDecoder",
+    "JpegBytesDataset",
+    "collate_jpegs",
+    "decode_device",
+    "gpu_jpeg_size",
+]
 
 DECODE_CHOICES = ("auto", "cpu", "gpu")
 # Larger JPEGs decode on the CPU at reduced DCT scale (load_image's draft), which is cheaper than
@@ -53,8 +60,10 @@ def decode_device(choice: str, device: str, transform: Any) -> str | None:
         return None
     on_cuda = str(device).startswith("cuda")
     if choice == "gpu" and not on_cuda:
-        raise InputError(f"--decode gpu decodes JPEGs on the encoder's GPU, and this encoder runs on {device}: "
-                         "use --decode cpu or auto")
+        raise InputError(
+            f"--decode gpu decodes JPEGs on the encoder's GPU, and this encoder runs on {device}: "
+            "use --decode cpu or auto"
+        )
     fast = isinstance(transform, FastImageTransform)
     if choice == "gpu" and not fast:
         raise InputError(f"--decode gpu needs an encoder with the fast preprocessing; this one uses {transform!r}")
@@ -93,7 +102,9 @@ def gpu_jpeg_size(data: bytes, max_pixels: int = GPU_MAX_PIXELS) -> tuple[int, i
         with Image.open(io.BytesIO(data)) as img:
             if img.format != "JPEG" or img.mode != "RGB":
                 return None
-            if img.getexif().get(0x0112, 1) in range(2, 9):  # a rotation or mirror (others mean none, as on the CPU path)
+            if img.getexif().get(0x0112, 1) in range(
+                2, 9
+            ):  # a rotation or mirror (others mean none, as on the CPU path)
                 return None
             width, height = img.size
     except Exception:  # anything odd: the CPU path decodes it and reports what is wrong
@@ -154,8 +165,11 @@ def collate_jpegs(samples: list[Sample]) -> dict[str, Any]:
         "pixels": torch.stack([s[1] for s in good]) if good else None,
         "ok": [(s[0], s[2], s[3], s[4]) for s in good],
         "failed": [(s[0], s[5]) for s in samples if s[1] is None],
-        "jpegs": {"blob": torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8),
-                  "lengths": [len(s[1]) for s in jpegs], "ok": [(s[0], s[2], s[3], s[4]) for s in jpegs]},
+        "jpegs": {
+            "blob": torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8),
+            "lengths": [len(s[1]) for s in jpegs],
+            "ok": [(s[0], s[2], s[3], s[4]) for s in jpegs],
+        },
     }
 
 

@@ -74,7 +74,9 @@ class EmbedOptions:
     def __post_init__(self) -> None:
         if self.decode not in DECODE_CHOICES:
             raise InputError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {self.decode!r}")
-        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1):
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
             raise InputError(f"--batch-size must be a whole number >= 1, got {self.batch_size!r}")
         if self.workers != "auto" and (not isinstance(self.workers, int) or self.workers < 0):
             raise InputError(f"--workers must be 'auto' or a whole number >= 0, got {self.workers!r}")
@@ -140,7 +142,9 @@ class EmbeddedImages:
 class _ImageDataset:
     """Map-style dataset: index -> (index, pixels or None, width, height, sha256, error reason)."""
 
-    def __init__(self, refs: Sequence[ImageRef], transform: Callable[[Any], Any], draft_size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, refs: Sequence[ImageRef], transform: Callable[[Any], Any], draft_size: tuple[int, int] | None = None
+    ) -> None:
         self.refs = list(refs)
         self.transform = transform
         self.draft_size = draft_size  # large JPEGs decode at reduced scale, never below this (part of a job's key)
@@ -157,7 +161,9 @@ class _ImageDataset:
     def __getitem__(self, position: int) -> tuple[int, Any, int, int, str, str | None]:
         ref = self.refs[position]
         try:  # a file through load_image; other items through the way they open their bytes
-            loaded = load_image(ref.path, draft_size=self.draft_size) if ref.opener is None else ref.load(self.draft_size)
+            loaded = (
+                load_image(ref.path, draft_size=self.draft_size) if ref.opener is None else ref.load(self.draft_size)
+            )
         except ImageDecodeError as e:
             return position, None, 0, 0, "", e.reason
         try:
@@ -246,9 +252,14 @@ def embed_images(
     compiling = encoder.compiled() if options.compile else contextlib.nullcontext()
     with compiling:  # torch.compile inside it, if asked for
         _run(loader if len(todo) else (), encoder, state, work, options, resumed, decoder)
-    return state.result(resumed=resumed, workers=workers, replicas=replicas and workers > 0, decode_device=on,
-                        decoded_on_device=0 if decoder is None else decoder.on_device,
-                        **state.timing())
+    return state.result(
+        resumed=resumed,
+        workers=workers,
+        replicas=replicas and workers > 0,
+        decode_device=on,
+        decoded_on_device=0 if decoder is None else decoder.on_device,
+        **state.timing(),
+    )
 
 
 def make_loader(dataset: Any, batches: list[list[int]], encoder: Any, workers: int, replicas: bool) -> Any:
@@ -260,7 +271,11 @@ def make_loader(dataset: Any, batches: list[list[int]], encoder: Any, workers: i
         dataset,
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=_EncodingCollate(encoder) if replicas else collate_jpegs if isinstance(dataset, JpegBytesDataset) else _collate,
+        collate_fn=_EncodingCollate(encoder)
+        if replicas
+        else collate_jpegs
+        if isinstance(dataset, JpegBytesDataset)
+        else _collate,
         pin_memory=encoder.device == "cuda",
         prefetch_factor=(2 if replicas else 4) if workers else None,
         # only with worker processes: a resumed run with nothing left to embed starts none
@@ -269,27 +284,58 @@ def make_loader(dataset: Any, batches: list[list[int]], encoder: Any, workers: i
     )
 
 
-def _work_folder(dataset: _ImageDataset, encoder: Any, options: EmbedOptions, work_dir: str | Path | None,
-                 batch_size: int, replicas: bool, decode: str | None) -> Any:
+def _work_folder(
+    dataset: _ImageDataset,
+    encoder: Any,
+    options: EmbedOptions,
+    work_dir: str | Path | None,
+    batch_size: int,
+    replicas: bool,
+    decode: str | None,
+) -> Any:
     """The progress shards of this job (None without a work dir, or for fewer images than a shard)."""
     from retrieval.embed.resume import WorkFolder, job_key
 
     shard_size = options.resolved_progress_shard_size() if work_dir is not None else 0
     if not shard_size or len(dataset) < shard_size:
         return None
-    key = job_key(dataset.refs, encoder, batch_size, dataset.transform, dataset.draft_size,
-                  replicas=replicas, compile=options.compile, decode=decode)
+    key = job_key(
+        dataset.refs,
+        encoder,
+        batch_size,
+        dataset.transform,
+        dataset.draft_size,
+        replicas=replicas,
+        compile=options.compile,
+        decode=decode,
+    )
     return WorkFolder(work_dir, key, len(dataset), int(encoder.dim), shard_size)  # type: ignore[arg-type]
 
 
-def _run(batches: Any, encoder: Any, state: "_Embedding", work: Any, options: EmbedOptions, resumed: int,
-         decoder: DeviceDecoder | None = None) -> None:
+def _run(
+    batches: Any,
+    encoder: Any,
+    state: "_Embedding",
+    work: Any,
+    options: EmbedOptions,
+    resumed: int,
+    decoder: DeviceDecoder | None = None,
+) -> None:
     """Encode every batch into ``state`` (its JPEGs decoded by ``decoder`` first), handing complete
     progress shards to ``work``."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=state.count, initial=resumed, desc="images", unit="img", file=sys.stderr, delay=1.0,
-               disable=not options.progress, dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=state.count,
+        initial=resumed,
+        desc="images",
+        unit="img",
+        file=sys.stderr,
+        delay=1.0,
+        disable=not options.progress,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
     try:
         iterator = pause_for_tests(iter(batches))  # test hook, off by default
         if work is not None and not state.done.all():
@@ -355,8 +401,10 @@ class _Embedding:
         if self.first is None:
             return {"startup_seconds": 0.0, "steady_images_per_second": 0.0}
         seconds, images = self.last[0] - self.first[0], self.last[1] - self.first[1]
-        return {"startup_seconds": round(self.first[0] - self.started, 4),
-                "steady_images_per_second": round(images / seconds, 2) if images and seconds > 0 else 0.0}
+        return {
+            "startup_seconds": round(self.first[0] - self.started, 4),
+            "steady_images_per_second": round(images / seconds, 2) if images and seconds > 0 else 0.0,
+        }
 
     def track(self, batch: dict[str, Any], work: Any) -> None:
         """Add a batch to the open progress shard; submit the shard once full, or when a gap closes it."""
@@ -384,7 +432,9 @@ class _Embedding:
         """Rows and vectors of the embedded images, in input order, and the skipped ones."""
         refs = self.refs
         rows = [ImageRow(refs[p], *self.ok_meta[p]) for p in sorted(self.ok_meta)]
-        errors = [ItemError(path=refs[p].location, reason=self.failures[p], kind="image") for p in sorted(self.failures)]
+        errors = [
+            ItemError(path=refs[p].location, reason=self.failures[p], kind="image") for p in sorted(self.failures)
+        ]
         keep = np.fromiter(sorted(self.ok_meta), dtype=np.int64, count=len(self.ok_meta))
         matrix = self.vectors[keep] if len(keep) != self.count else self.vectors
         return EmbeddedImages(rows=rows, vectors=matrix, errors=errors, **stats)

@@ -63,8 +63,9 @@ DATA_CONTEXT = {
 class UnitEncoder:
     """A Ray Data callable class: embeds one unit per call and writes its output."""
 
-    def __init__(self, encoders: Any, index: str, location: str | None, key: str, count: int, dim: int,
-                 batch_size: int) -> None:
+    def __init__(
+        self, encoders: Any, index: str, location: str | None, key: str, count: int, dim: int, batch_size: int
+    ) -> None:
         from retrieval.encoders.registry import load_encoders
 
         self.encoder = load_encoders(encoders)[0]  # once per actor (again after a restart)
@@ -86,7 +87,11 @@ class UnitEncoder:
 
 
 def embed_images_on_ray(
-    refs: Sequence[ImageRef], encoder: Any, options: EmbedOptions, work_dir: str | Path, ray_options: RayOptions,
+    refs: Sequence[ImageRef],
+    encoder: Any,
+    options: EmbedOptions,
+    work_dir: str | Path,
+    ray_options: RayOptions,
 ) -> EmbeddedImages:
     """Embed ``refs`` on Ray into the work folder of the index ``work_dir`` (whose writer lock
     the caller holds) or ``ray_options.work_dir``; ``encoder`` is the driver's copy (the job's
@@ -152,14 +157,22 @@ def _data_context(ray: Any, progress: bool) -> Iterator[None]:
             setattr(context, name, value)
 
 
-def _run_units(ray: Any, refs: Sequence[ImageRef], todo: Sequence[Unit], ray_options: RayOptions,
-               job: tuple[str, str | None, str, int, int, int], progress: bool) -> int:
+def _run_units(
+    ray: Any,
+    refs: Sequence[ImageRef],
+    todo: Sequence[Unit],
+    ray_options: RayOptions,
+    job: tuple[str, str | None, str, int, int, int],
+    progress: bool,
+) -> int:
     """Map the units through the actor pool; returns the number of actors."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
     actors = min(ray_options.actors or (gpus if gpus else max(1, cpus - 1)), len(todo))
-    items = [{"start": u.start, "stop": u.stop, "refs": list(refs[u.start : u.stop])} for u in todo]  # Ray serialises them
+    items = [
+        {"start": u.start, "stop": u.stop, "refs": list(refs[u.start : u.stop])} for u in todo
+    ]  # Ray serialises them
     index, location = job[0], job[1]
     with _data_context(ray, progress):
         data = ray.data.from_items(items, override_num_blocks=len(items))  # one unit per block, so per task
@@ -167,25 +180,44 @@ def _run_units(ray: Any, refs: Sequence[ImageRef], todo: Sequence[Unit], ray_opt
         try:
             written = out.take_all()
         except Exception as e:  # a Python error in a unit fails the job at once (not retried: DATA_CONTEXT)
-            raise RayBuildError(f"{location or index}: a work unit failed on Ray ({root_cause(e)}); the units done "
-                                "are kept: run the same command again to embed only the others") from e
+            raise RayBuildError(
+                f"{location or index}: a work unit failed on Ray ({root_cause(e)}); the units done "
+                "are kept: run the same command again to embed only the others"
+            ) from e
     if len(written) != len(todo):
         raise RuntimeError(f"Ray returned {len(written)} of {len(todo)} units")
     return actors
 
 
-def _map_units(ray: Any, data: Any, actors: int, gpus: int, ray_options: RayOptions,
-               job: tuple[str, str | None, str, int, int, int]) -> Any:
+def _map_units(
+    ray: Any,
+    data: Any,
+    actors: int,
+    gpus: int,
+    ray_options: RayOptions,
+    job: tuple[str, str | None, str, int, int, int],
+) -> Any:
     """The units through a pool of ``actors`` UnitEncoders (one GPU each, or one CPU)."""
     index, location, key, count, dim, batch_size = job
     return data.map_batches(
-        UnitEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        UnitEncoder,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0,
+        num_cpus=0 if gpus else 1,
         # a dead actor: restarted, its units run again. Ray 2.60 takes these only as ray_remote_args: it
         # prints a RayDeprecationWarning once (removed in 2.64, with no named parameter for them yet)
-        max_restarts=-1, max_task_retries=ray_options.unit_retries,
-        fn_constructor_kwargs={"encoders": ray_options.encoders, "index": index, "location": location, "key": key,
-                               "count": count, "dim": dim, "batch_size": batch_size},
+        max_restarts=-1,
+        max_task_retries=ray_options.unit_retries,
+        fn_constructor_kwargs={
+            "encoders": ray_options.encoders,
+            "index": index,
+            "location": location,
+            "key": key,
+            "count": count,
+            "dim": dim,
+            "batch_size": batch_size,
+        },
     )
 
 

@@ -79,7 +79,9 @@ def embed_unit(refs: Sequence[ImageRef], unit: Unit, encoder: Any, batch_size: i
     embedded = {position for position, _, _, _ in ok}
     skipped = [p for p in range(unit.start, unit.stop) if p not in embedded]  # the errors come in position order
     if len(skipped) != len(done.errors):
-        raise RuntimeError(f"unit {unit.start}..{unit.stop}: {len(skipped)} images not embedded but {len(done.errors)} errors")
+        raise RuntimeError(
+            f"unit {unit.start}..{unit.stop}: {len(skipped)} images not embedded but {len(done.errors)} errors"
+        )
     failed = [(p, error.reason) for p, error in zip(skipped, done.errors)]
     return Shard(unit.start, unit.stop, ok, failed, np.ascontiguousarray(done.vectors, dtype=np.float32))
 

@@ -97,7 +97,8 @@ def describe_transform(transform: Any) -> str:
     kind = type(transform)
     text = _ADDRESS.sub("", repr(transform))
     settings = {
-        name: value for name, value in sorted(getattr(transform, "__dict__", {}).items())
+        name: value
+        for name, value in sorted(getattr(transform, "__dict__", {}).items())
         if isinstance(value, (bool, int, float, str, tuple, list, type(None)))
     }
     return f"{kind.__module__}.{kind.__qualname__}|{text}|{_ADDRESS.sub('', repr(settings))}"
@@ -117,8 +118,15 @@ def _code_digest(*objects: Any) -> dict[str, str | None]:
 
 
 def job_key(
-    items: Sequence[Any], encoder: Any, batch_size: int, transform: Any, draft_size: Any = None,
-    *, replicas: bool = False, compile: bool = False, decode: str | None = None,
+    items: Sequence[Any],
+    encoder: Any,
+    batch_size: int,
+    transform: Any,
+    draft_size: Any = None,
+    *,
+    replicas: bool = False,
+    compile: bool = False,
+    decode: str | None = None,
 ) -> str:
     """A hex key naming one embedding job (see the module docstring for what it covers).
 
@@ -181,7 +189,9 @@ def _digest(meta: bytes, vectors: np.ndarray) -> bytes:
 class WorkFolder:
     """The progress shards of one job: loading the complete ones, writing new ones in the background."""
 
-    def __init__(self, index: str | Path, key: str, count: int, dim: int, shard_size: int = DEFAULT_PROGRESS_SHARD_SIZE) -> None:
+    def __init__(
+        self, index: str | Path, key: str, count: int, dim: int, shard_size: int = DEFAULT_PROGRESS_SHARD_SIZE
+    ) -> None:
         self.folder = work_root(index) / key
         self.key = key
         self.count = count
@@ -297,13 +307,23 @@ def shard_bytes(shard: Shard, key: str, dim: int) -> bytes:
         shard.vectors if shard.vectors is not None else np.zeros((0, dim), np.float32), dtype="<f4"
     )
     meta = json.dumps(
-        {"format": WORK_FORMAT, "key": key, "start": shard.start, "stop": shard.stop,
-         "ok": [list(row) for row in shard.ok], "failed": [list(row) for row in shard.failed]},
+        {
+            "format": WORK_FORMAT,
+            "key": key,
+            "start": shard.start,
+            "stop": shard.stop,
+            "ok": [list(row) for row in shard.ok],
+            "failed": [list(row) for row in shard.failed],
+        },
         ensure_ascii=True,
     ).encode("ascii")
     buffer = io.BytesIO()
-    np.savez(buffer, meta=np.frombuffer(meta, np.uint8), vectors=vectors,
-             digest=np.frombuffer(_digest(meta, vectors), np.uint8))
+    np.savez(
+        buffer,
+        meta=np.frombuffer(meta, np.uint8),
+        vectors=vectors,
+        digest=np.frombuffer(_digest(meta, vectors), np.uint8),
+    )
     return buffer.getvalue()
 
 

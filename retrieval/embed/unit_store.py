@@ -97,7 +97,9 @@ class UnitStore:
             self.fs.rm(self.folder, recursive=True)
 
 
-def open_units(location: str | Path | None, index: str | Path, key: str, count: int, dim: int) -> WorkFolder | UnitStore:
+def open_units(
+    location: str | Path | None, index: str | Path, key: str, count: int, dim: int
+) -> WorkFolder | UnitStore:
     """The store of a job's units: ``location`` (a path or URL), else the index's work folder."""
     if location is None:
         return WorkFolder(index, key, count, dim)

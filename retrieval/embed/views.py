@@ -36,6 +36,8 @@ def encode_views(pictures: Sequence[Image.Image], encoder: Any, views: str, batc
 
 def embed_views(refs: Sequence[ImageRef], encoder: Any, views: str, batch_size: int = 16) -> np.ndarray:
     """(n, views, dim) view vectors of the images ``refs`` (loaded again; they were readable once already)."""
-    parts = [encode_views([ref.load().image for ref in refs[i : i + batch_size]], encoder, views)
-             for i in range(0, len(refs), batch_size)]
+    parts = [
+        encode_views([ref.load().image for ref in refs[i : i + batch_size]], encoder, views)
+        for i in range(0, len(refs), batch_size)
+    ]
     return np.concatenate(parts) if parts else encode_views([], encoder, views)

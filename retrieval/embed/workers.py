@@ -24,8 +24,18 @@ from typing import Any, Iterator, Mapping, TypeVar
 from retrieval.core.errors import InputError
 
 __all__ = [
-    "MAX_AUTO_REPLICAS", "MAX_AUTO_WORKERS", "PAUSE_ENV", "SMALL_COLLECTION", "WorkerInit", "die_with_parent",
-    "THREAD_ENV", "fork_context", "pause_for_tests", "resolve_workers", "single_threaded", "use_replicas",
+    "MAX_AUTO_REPLICAS",
+    "MAX_AUTO_WORKERS",
+    "PAUSE_ENV",
+    "SMALL_COLLECTION",
+    "WorkerInit",
+    "die_with_parent",
+    "THREAD_ENV",
+    "fork_context",
+    "pause_for_tests",
+    "resolve_workers",
+    "single_threaded",
+    "use_replicas",
 ]
 
 SMALL_COLLECTION = 64  # below this many images, worker processes cost more than they save
@@ -75,7 +85,12 @@ def use_replicas(option: bool | None, device: str, workers: int | str, n_items: 
     """
     on_cpu = str(device) == "cpu"
     if option is None:
-        return on_cpu and not compile and fork_context() is not None and resolve_workers(workers, n_items, replicas=True) >= 2
+        return (
+            on_cpu
+            and not compile
+            and fork_context() is not None
+            and resolve_workers(workers, n_items, replicas=True) >= 2
+        )
     if not option:
         return False
     if not on_cpu:
@@ -112,8 +127,11 @@ class WorkerInit:
 # builds), MKL, OpenBLAS, Apple Accelerate, numexpr. Set in the worker before anything there
 # starts one; pools already running are resized by the calls in single_threaded.
 THREAD_ENV: Mapping[str, str] = {
-    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-    "VECLIB_MAXIMUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
 }
 
 
@@ -139,8 +157,12 @@ def single_threaded() -> dict[str, Any]:
     cv2 = sys.modules.get("cv2")
     if cv2 is not None and hasattr(cv2, "setNumThreads"):
         cv2.setNumThreads(1)
-    return {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
-            "native_pools": limited, "cv2": cv2 is not None}
+    return {
+        "torch": torch.get_num_threads(),
+        "interop": torch.get_num_interop_threads(),
+        "native_pools": limited,
+        "cv2": cv2 is not None,
+    }
 
 
 def _limit_native_pools() -> int:

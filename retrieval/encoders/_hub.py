@@ -28,11 +28,7 @@ def hub_unreachable_reason() -> str | None:
     except ImportError:
         return "huggingface_hub is not installed"
     is_offline = getattr(constants, "is_offline_mode", None)
-    if (
-        is_offline()
-        if callable(is_offline)
-        else getattr(constants, "HF_HUB_OFFLINE", False)
-    ):
+    if is_offline() if callable(is_offline) else getattr(constants, "HF_HUB_OFFLINE", False):
         return "offline mode is on (HF_HUB_OFFLINE)"
     if any(os.environ.get(v) for v in _PROXY_VARS):
         return None
@@ -46,9 +42,7 @@ def hub_unreachable_reason() -> str | None:
     return None
 
 
-def cached_hub_file(
-    repo_id: str, filenames: list[str], cache_dir: str | None = None
-) -> str | None:
+def cached_hub_file(repo_id: str, filenames: list[str], cache_dir: str | None = None) -> str | None:
     """Path of the first of ``filenames`` already in the local hub cache for ``repo_id``, else None."""
     try:
         from huggingface_hub import try_to_load_from_cache

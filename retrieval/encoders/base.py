@@ -96,9 +96,7 @@ class ImageEncoder(ABC):
     def encode_image_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         """Encode a (B,3,H,W) batch of transformed images -> (B,dim) float32 unit rows."""
 
-    def encode_images(
-        self, images: Sequence[Image.Image] | Image.Image, batch_size: int = 64
-    ) -> np.ndarray:
+    def encode_images(self, images: Sequence[Image.Image] | Image.Image, batch_size: int = 64) -> np.ndarray:
         """Transform and encode PIL images (a single image counts as a batch of one)."""
         import torch
 
@@ -110,9 +108,7 @@ class ImageEncoder(ABC):
         parts = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            parts.append(
-                self.encode_image_tensors(torch.stack([transform(im) for im in chunk]))
-            )
+            parts.append(self.encode_image_tensors(torch.stack([transform(im) for im in chunk])))
         return np.concatenate(parts, axis=0)
 
     def __repr__(self) -> str:
@@ -136,9 +132,7 @@ class TextEncoder(ABC):
         return "fp16-autocast" if str(self.device).startswith("cuda") else "fp32"
 
     @abstractmethod
-    def encode_texts(
-        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False
-    ) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Encode texts -> (N,dim) float32 unit rows; ``progress`` shows a tqdm bar on stderr."""
 
     def __repr__(self) -> str:
@@ -214,9 +208,7 @@ def check_pixels(pixels: Any) -> None:
     import torch
 
     if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
-        shape = (
-            tuple(pixels.shape) if hasattr(pixels, "shape") else type(pixels).__name__
-        )
+        shape = tuple(pixels.shape) if hasattr(pixels, "shape") else type(pixels).__name__
         raise ValueError(f"expected a (B,3,H,W) image tensor, got {shape}")
 
 

@@ -24,14 +24,22 @@ __all__ = ["BertTextModel"]
 # sentence-transformers >= 6 names the Transformer module's model "model" in its state_dict
 ST_MODEL_ATTRIBUTE = "model"
 _LAYER_PARTS = (
-    "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-    "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm",
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "attention.output.LayerNorm",
+    "intermediate.dense",
+    "output.dense",
+    "output.LayerNorm",
 )
 
 
 def bert_weight_names(layers: int) -> list[str]:
     """transformers ``BertModel.state_dict()`` keys, in its order (the order fingerprints hash in)."""
-    names = [f"embeddings.{part}.weight" for part in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    names = [
+        f"embeddings.{part}.weight" for part in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    ]
     names += ["embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
     for layer in range(layers):
         names += [f"encoder.layer.{layer}.{part}.{kind}" for part in _LAYER_PARTS for kind in ("weight", "bias")]
@@ -67,7 +75,10 @@ class BertTextModel:
         tokenizer.enable_truncation(max_length=folder.max_seq_length)
         pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else 0
         tokenizer.enable_padding(pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id) or "[PAD]")
-        stored = {key.removeprefix("bert."): value for key, value in load_file(str(folder.model_dir / "model.safetensors")).items()}
+        stored = {
+            key.removeprefix("bert."): value
+            for key, value in load_file(str(folder.model_dir / "model.safetensors")).items()
+        }
         names = bert_weight_names(int(folder.config["num_hidden_layers"]))
         missing = [name for name in names if name not in stored]
         odd = [name for name in names if name in stored and str(stored[name].dtype) != "torch.float32"]
@@ -107,9 +118,13 @@ class BertTextModel:
         from torch.nn import functional as F
 
         batch, length, width = x.shape
-        q, k, v = (self._linear(x, f"{at}attention.self.{name}").view(batch, length, self.heads, -1).transpose(1, 2)
-                   for name in ("query", "key", "value"))
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2).reshape(batch, length, width)
+        q, k, v = (
+            self._linear(x, f"{at}attention.self.{name}").view(batch, length, self.heads, -1).transpose(1, 2)
+            for name in ("query", "key", "value")
+        )
+        context = (
+            F.scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2).reshape(batch, length, width)
+        )
         x = self._norm(self._linear(context, f"{at}attention.output.dense") + x, f"{at}attention.output.LayerNorm")
         hidden = _activate(self._linear(x, f"{at}intermediate.dense"), self.activation)
         return self._norm(self._linear(hidden, f"{at}output.dense") + x, f"{at}output.LayerNorm")

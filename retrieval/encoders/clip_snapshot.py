@@ -68,8 +68,8 @@ def snapshot_key(spec: str, checkpoint: str | Path | None, device: str) -> str:
     import torch
 
     spec = spec.strip()
-    body = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
-    local = Path(body[len(LOCAL_DIR):]) if body.startswith(LOCAL_DIR) else None
+    body = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
+    local = Path(body[len(LOCAL_DIR) :]) if body.startswith(LOCAL_DIR) else None
     identity = {
         "version": SNAPSHOT_VERSION,
         "spec": spec,
@@ -130,9 +130,15 @@ def write_snapshot(encoder: OpenClipEncoder, folder: Path) -> bool:
         log.info("no query snapshot for %s: the traced towers disagree with the model", encoder.spec)
         return False
     meta = {
-        "version": SNAPSHOT_VERSION, "spec": encoder.spec, "dim": encoder.dim,
-        "fingerprint": encoder.fingerprint(), "numerics": "fp32", "logit_scale": encoder.logit_scale,
-        "tokenizer": tokenizer, "transform": transform.settings(), "torch": torch.__version__,
+        "version": SNAPSHOT_VERSION,
+        "spec": encoder.spec,
+        "dim": encoder.dim,
+        "fingerprint": encoder.fingerprint(),
+        "numerics": "fp32",
+        "logit_scale": encoder.logit_scale,
+        "tokenizer": tokenizer,
+        "transform": transform.settings(),
+        "torch": torch.__version__,
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -173,7 +179,7 @@ def _tokenizer_settings(tokenizer: Any) -> dict[str, Any] | None:
         return None
     if tokenizer.encoder != kind().encoder:  # a vocabulary or special tokens other than the default
         return None
-    return {"context_length": int(tokenizer.context_length), "clean": clean[len("_clean_"):]}
+    return {"context_length": int(tokenizer.context_length), "clean": clean[len("_clean_") :]}
 
 
 def _trace_towers(encoder: OpenClipEncoder, transform: FastImageTransform) -> tuple[Any, Any]:
@@ -202,4 +208,3 @@ def _traced(module: torch.nn.Module, sample: torch.Tensor, check: torch.Tensor) 
     if not torch.allclose(traced(check), module(check), atol=_TRACE_ATOL):
         return None
     return traced
-

@@ -93,9 +93,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
         self._cpu_bfloat16 = device == "cpu" and native_cpu_bfloat16()
 
     @classmethod
-    def load(
-        cls, checkpoint: str | Path | None = None, device: str = "cpu"
-    ) -> EfficientNetLiteEncoder:
+    def load(cls, checkpoint: str | Path | None = None, device: str = "cpu") -> EfficientNetLiteEncoder:
         """Build efficientnet-lite0 and load the bundled weights (or ``checkpoint``, a state_dict file)."""
         try:
             import torch
@@ -104,11 +102,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
             raise EncoderError(
                 "efficientnet-lite0 needs efficientnet-lite-pytorch: pip install efficientnet-lite-pytorch"
             ) from e
-        path = (
-            Path(checkpoint).expanduser().resolve()
-            if checkpoint is not None
-            else bundled_weights_path()
-        )
+        path = Path(checkpoint).expanduser().resolve() if checkpoint is not None else bundled_weights_path()
         if not path.is_file():
             raise EncoderError(f"efficientnet-lite0 weights not found: {path}")
         try:
@@ -118,9 +112,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
                 state = state["state_dict"]
             model.load_state_dict(state)
         except Exception as e:
-            raise EncoderError(
-                f"cannot load efficientnet-lite0 weights from {path}: {short_error(e)}"
-            ) from e
+            raise EncoderError(f"cannot load efficientnet-lite0 weights from {path}: {short_error(e)}") from e
         model.eval()
         model.to(device)
         log.info("loaded %s from %s on %s", ALIAS, path, device)
@@ -165,9 +157,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
         rows = to_unit_numpy(weight)
         names = list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
         if len(names) != rows.shape[0]:
-            raise EncoderError(
-                f"{rows.shape[0]} classifier rows but {len(names)} class names"
-            )
+            raise EncoderError(f"{rows.shape[0]} classifier rows but {len(names)} class names")
         return rows, names
 
     def classifier_logits(self, pixels: torch.Tensor) -> np.ndarray:

@@ -68,17 +68,13 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
         self.dim = _embed_dim(model, tokenizer)
 
     @classmethod
-    def load(
-        cls, spec: str, checkpoint: str | Path | None = None, device: str = "cpu"
-    ) -> OpenClipEncoder:
+    def load(cls, spec: str, checkpoint: str | Path | None = None, device: str = "cpu") -> OpenClipEncoder:
         """Build the model described by ``spec`` (+ optional ``checkpoint``) on ``device``."""
         plan = plan_load(spec, checkpoint)
         try:
             import open_clip
         except ImportError as e:
-            raise EncoderError(
-                "open_clip is not installed: pip install open_clip_torch"
-            ) from e
+            raise EncoderError("open_clip is not installed: pip install open_clip_torch") from e
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 plan.model_name,
@@ -175,9 +171,7 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
             self._cpu_int8_tower = _quantized_visual(self._model) if self.device == "cpu" else None
         return self._cpu_int8_tower
 
-    def encode_texts(
-        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False
-    ) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         def encode(chunk: list[str]) -> Any:
             with inference_context(self.device):
                 return self._model.encode_text(self._tokenizer(chunk).to(self.device))
@@ -194,8 +188,17 @@ def _plain_visual(model: Any) -> bool:
 
 
 # What open_clip's encode_text reads from the model (CLIP: its own text parts; CustomTextCLIP: ``text``).
-_TEXT_PARTS = ("text", "token_embedding", "positional_embedding", "transformer", "attn_mask", "ln_final",
-               "text_pool_type", "text_eos_id", "text_projection")
+_TEXT_PARTS = (
+    "text",
+    "token_embedding",
+    "positional_embedding",
+    "transformer",
+    "attn_mask",
+    "ln_final",
+    "text_pool_type",
+    "text_eos_id",
+    "text_projection",
+)
 
 
 def _TextTower(model: Any, module_type: type) -> Any:  # noqa: N802 - builds a module
@@ -225,7 +228,9 @@ def _quantized_visual(model: Any) -> Any:
         return None
     # torch.ao.quantization announces its move to torchao (it still works); the warning is left to the
     # caller's filters (the CLI hides it): catch_warnings here would race with other threads' warnings.
-    return torch.ao.quantization.quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=False).eval()
+    return torch.ao.quantization.quantize_dynamic(
+        model.visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=False
+    ).eval()
 
 
 def _fast_preprocess(model: Any) -> FastImageTransform | None:

@@ -73,8 +73,11 @@ def _plan_self_contained(body: str) -> LoadPlan:
     if body.startswith(LOCAL_DIR):
         directory = Path(body[len(LOCAL_DIR) :]).expanduser().resolve()
         check_local_dir(directory)
-        return LoadPlan(spec=f"{PREFIX}{LOCAL_DIR}{directory}", model_name=f"{LOCAL_DIR}{directory}",
-                        what=f"model from directory {directory}")
+        return LoadPlan(
+            spec=f"{PREFIX}{LOCAL_DIR}{directory}",
+            model_name=f"{LOCAL_DIR}{directory}",
+            what=f"model from directory {directory}",
+        )
     reason = hub_unreachable_reason()
     if reason:
         raise EncoderError(f"cannot load open_clip {body}: the hub is unreachable ({reason}); {FETCH_FIX}")

@@ -148,16 +148,27 @@ class FastImageTransform:
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments as plain JSON values (the resampler is left to each process)."""
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "reducing_gap": self.reducing_gap}
+        return {
+            "resize": self.resize,
+            "crop": self.crop,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "reducing_gap": self.reducing_gap,
+        }
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> FastImageTransform:
         """The transform :meth:`settings` describes (lists where tuples were)."""
         resize = settings["resize"]
-        return cls(resize if isinstance(resize, int) else tuple(resize),
-                   None if settings["crop"] is None else tuple(settings["crop"]),
-                   settings["mean"], settings["std"], settings["interpolation"], settings["reducing_gap"])
+        return cls(
+            resize if isinstance(resize, int) else tuple(resize),
+            None if settings["crop"] is None else tuple(settings["crop"]),
+            settings["mean"],
+            settings["std"],
+            settings["interpolation"],
+            settings["reducing_gap"],
+        )
 
     @property
     def draft_size(self) -> tuple[int, int]:
@@ -296,8 +307,12 @@ class FastImageTransform:
         pixels = chw.unsqueeze(0)
         if (new_w, new_h) != (width, height):
             if pixels.device.type == "cpu":
-                pixels = F.interpolate(pixels.contiguous(memory_format=torch.channels_last), size=(new_h, new_w),
-                                       mode=self.interpolation, antialias=True)
+                pixels = F.interpolate(
+                    pixels.contiguous(memory_format=torch.channels_last),
+                    size=(new_h, new_w),
+                    mode=self.interpolation,
+                    antialias=True,
+                )
             else:
                 pixels = F.interpolate(pixels.float(), size=(new_h, new_w), mode=self.interpolation, antialias=True)
                 pixels = pixels.round_().clamp_(0, 255)

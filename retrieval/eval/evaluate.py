@@ -63,7 +63,9 @@ class LabelledData:
     prompt_vectors: np.ndarray
 
     def subset(self, image_rows: np.ndarray) -> LabelledData:
-        return LabelledData(self.image_vectors[image_rows], self.labels[image_rows], self.class_names, self.prompt_vectors)
+        return LabelledData(
+            self.image_vectors[image_rows], self.labels[image_rows], self.class_names, self.prompt_vectors
+        )
 
     @property
     def n_images(self) -> int:
@@ -114,8 +116,16 @@ def center_spaces(
     image_mean = np.vstack([a.image_vectors for a in anchors]).mean(axis=0)
     text_mean = np.vstack([a.text_vectors for a in anchors]).mean(axis=0)
     centred = [
-        AnchorSet(a.name, _unit(a.image_vectors - image_mean), _unit(a.text_vectors - text_mean), a.captions,
-                  a.image_encoder, a.text_encoder, a.params, a.uris)
+        AnchorSet(
+            a.name,
+            _unit(a.image_vectors - image_mean),
+            _unit(a.text_vectors - text_mean),
+            a.captions,
+            a.image_encoder,
+            a.text_encoder,
+            a.params,
+            a.uris,
+        )
         for a in anchors
     ]
     own_mean = image_vectors.mean(axis=0) if mode == "collection" else image_mean
@@ -132,7 +142,9 @@ class Scorer:
     texts_for_image_queries: Matrix
 
 
-def make_scorer(config: RouteConfig, image_vectors: np.ndarray, text_vectors: np.ndarray, anchors: Sequence[AnchorSet]) -> Scorer:
+def make_scorer(
+    config: RouteConfig, image_vectors: np.ndarray, text_vectors: np.ndarray, anchors: Sequence[AnchorSet]
+) -> Scorer:
     """Put images and texts of one evaluation into the route's common space."""
     if config.route != "clip":
         image_vectors, text_vectors, anchors = center_spaces(config.center, image_vectors, text_vectors, anchors)
@@ -141,7 +153,9 @@ def make_scorer(config: RouteConfig, image_vectors: np.ndarray, text_vectors: np
     if not anchors:
         raise InputError(f"route {config.route!r} needs at least one anchor set")
     if config.route == "linear":
-        align = LinearAlignment.fit(np.vstack([a.image_vectors for a in anchors]), np.vstack([a.text_vectors for a in anchors]))
+        align = LinearAlignment.fit(
+            np.vstack([a.image_vectors for a in anchors]), np.vstack([a.text_vectors for a in anchors])
+        )
         mapped = align.map_images(image_vectors)
         return Scorer(mapped, text_vectors, mapped, text_vectors)
     if config.route not in ROUTES:
@@ -187,7 +201,9 @@ def recall_table(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
 def evaluate_paired(data: PairedData, scorer: Scorer, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     """Text -> image and image -> caption recall@k and median rank."""
     captions_of = [np.flatnonzero(data.caption_owner == i) for i in range(data.n_images)]
-    t2i = rank_of_relevant(scorer.texts_as_queries, scorer.images_for_text_queries, lambda q: data.caption_owner[q : q + 1])
+    t2i = rank_of_relevant(
+        scorer.texts_as_queries, scorer.images_for_text_queries, lambda q: data.caption_owner[q : q + 1]
+    )
     has_captions = np.array([len(c) > 0 for c in captions_of])
     image_queries = scorer.images_as_queries[np.flatnonzero(has_captions)]
     kept = [c for c in captions_of if len(c)]
@@ -195,8 +211,12 @@ def evaluate_paired(data: PairedData, scorer: Scorer, ks: Sequence[int] = (1, 5,
     return {
         "text_to_image": recall_table(t2i, ks),
         "image_to_caption": recall_table(i2c, ks),
-        "scored": {"text_queries": int(len(t2i)), "image_queries": int(len(i2c)), "images": data.n_images,
-                   "captions": int(len(data.caption_owner))},
+        "scored": {
+            "text_queries": int(len(t2i)),
+            "image_queries": int(len(i2c)),
+            "images": data.n_images,
+            "captions": int(len(data.caption_owner)),
+        },
     }
 
 
@@ -216,8 +236,14 @@ def refine_prototypes(images: Matrix, prototypes: Matrix, rounds: int, keep: flo
         moved = []
         for c in range(len(start)):
             members = np.flatnonzero(assigned == c)
-            top = members[np.argsort(-confidence[members])[: max(1, int(len(members) * keep))]] if len(members) else members
-            mean = _unit(images[top].mean(axis=0, keepdims=True))[0] if len(top) else np.zeros(start.shape[1], np.float32)
+            top = (
+                members[np.argsort(-confidence[members])[: max(1, int(len(members) * keep))]]
+                if len(members)
+                else members
+            )
+            mean = (
+                _unit(images[top].mean(axis=0, keepdims=True))[0] if len(top) else np.zeros(start.shape[1], np.float32)
+            )
             moved.append(start[c] + mean)
         current = _unit(np.stack(moved))
     return current
@@ -265,7 +291,9 @@ def headline(result: dict[str, Any]) -> float:
     """One number to pick settings by: mean of the reported recalls or top-1/top-5 accuracy."""
     if "top1" in result:
         return result["top1"]
-    values = [v for task in ("text_to_image", "image_to_caption") for key, v in result[task].items() if key.startswith("R@")]
+    values = [
+        v for task in ("text_to_image", "image_to_caption") for key, v in result[task].items() if key.startswith("R@")
+    ]
     return float(np.mean(values))
 
 

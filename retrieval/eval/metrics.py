@@ -16,7 +16,9 @@ def recall_at_k(hit_ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
     return {k: float(recall_from_ranks(hit_ranks, k).mean()) if len(hit_ranks) else 0.0 for k in ks}
 
 
-def first_relevant_rank(positions: np.ndarray, relevant: Sequence[set[int]], scores: np.ndarray | None = None) -> np.ndarray:
+def first_relevant_rank(
+    positions: np.ndarray, relevant: Sequence[set[int]], scores: np.ndarray | None = None
+) -> np.ndarray:
     """0-based rank of the best-placed relevant position in each row of ``positions`` (-1 when none).
 
     With the rows' ``scores``, ties count against the query (as in
@@ -32,8 +34,11 @@ def first_relevant_rank(positions: np.ndarray, relevant: Sequence[set[int]], sco
             ranks[row] = hits[0]
             continue
         best = max(scores[row][rank] for rank in hits)
-        ranks[row] = sum(1 for rank, position in enumerate(candidates)
-                         if position >= 0 and int(position) not in wanted and scores[row][rank] >= best)
+        ranks[row] = sum(
+            1
+            for rank, position in enumerate(candidates)
+            if position >= 0 and int(position) not in wanted and scores[row][rank] >= best
+        )
     return ranks
 
 
@@ -47,8 +52,11 @@ def live_pairs(index: Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     dead_images, dead_captions = set(index.deleted("image").tolist()), set(index.deleted("caption").tolist())
     live_images = np.array([pos for pos in range(len(images["id"])) if pos not in dead_images], np.int64)
     row_of = {images["id"][pos]: row for row, pos in enumerate(live_images)}
-    kept = [(pos, row_of[image_id]) for pos, image_id in enumerate(captions["image_id"])
-            if pos not in dead_captions and image_id in row_of]
+    kept = [
+        (pos, row_of[image_id])
+        for pos, image_id in enumerate(captions["image_id"])
+        if pos not in dead_captions and image_id in row_of
+    ]
     if not kept:
         raise InputError(f"{index.path}: no caption names an indexed image; recall needs captions from a pairs file")
     caption_positions, owner = (np.array(column, np.int64) for column in zip(*kept))
@@ -69,11 +77,15 @@ def paired_recall(index: Index, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any
     depth = max(ks)
 
     scores, image_hits = index.search_collection("caption", depth)
-    t2i = first_relevant_rank(image_hits[caption_positions], [{int(live_images[row])} for row in owner], scores[caption_positions])
+    t2i = first_relevant_rank(
+        image_hits[caption_positions], [{int(live_images[row])} for row in owner], scores[caption_positions]
+    )
 
     scores, caption_hits = index.search_collection("image", depth)
     image_queries = sorted(captions_of)
-    i2c = first_relevant_rank(caption_hits[image_queries], [captions_of[pos] for pos in image_queries], scores[image_queries])
+    i2c = first_relevant_rank(
+        caption_hits[image_queries], [captions_of[pos] for pos in image_queries], scores[image_queries]
+    )
     return {
         "text_to_image": recall_at_k(t2i, ks),
         "image_to_caption": recall_at_k(i2c, ks),

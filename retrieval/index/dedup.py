@@ -21,8 +21,12 @@ RANGE_BLOCK = 4096  # query rows per range search
 
 def check_threshold(threshold: float) -> float:
     """``threshold`` as a float in (0, 1]; a clear error otherwise."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(float(threshold)) \
-            or not 0 < threshold <= 1:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not math.isfinite(float(threshold))
+        or not 0 < threshold <= 1
+    ):
         raise InputError(f"the near-duplicate threshold must be a number in (0, 1], got {threshold!r}")
     return float(threshold)
 
@@ -45,8 +49,9 @@ def greedy_keep(vectors: np.ndarray, threshold: float) -> list[int]:
     return kept
 
 
-def near_duplicate_pairs(take: Callable[[int, int], np.ndarray], n: int, threshold: float,
-                         block: int = RANGE_BLOCK) -> np.ndarray:
+def near_duplicate_pairs(
+    take: Callable[[int, int], np.ndarray], n: int, threshold: float, block: int = RANGE_BLOCK
+) -> np.ndarray:
     """Pairs (i, j), i < j, of the ``n`` rows whose cosine is >= ``threshold``: an (m, 2) int64 array.
 
     ``take(start, stop)`` returns rows ``start:stop`` (so a memory-mapped store is read a block at a

@@ -40,8 +40,14 @@ def refine_with_rows(index: Any, rows: np.ndarray) -> Any | None:
     """
     import faiss
 
-    usable = (isinstance(index, faiss.Index) and rows.ndim == 2 and rows.flags.c_contiguous
-              and rows.dtype in (np.float16, np.float32) and len(rows) == index.ntotal and len(rows) > 0)
+    usable = (
+        isinstance(index, faiss.Index)
+        and rows.ndim == 2
+        and rows.flags.c_contiguous
+        and rows.dtype in (np.float16, np.float32)
+        and len(rows) == index.ntotal
+        and len(rows) > 0
+    )
     if not usable or not views_supported():
         return None
     d = rows.shape[1]

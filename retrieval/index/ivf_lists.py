@@ -52,7 +52,9 @@ def _set_total(index: Any, total: int) -> None:
 def fill_range(trained: Any, vectors: VectorSource | np.ndarray, first_id: int) -> Any:
     """A trained empty copy of ``trained`` holding ``vectors`` under ids ``first_id, first_id + 1, ...``."""
     if not is_ivf(trained):
-        raise InputError("only IVF-based indexes (ivf, ivfsq, ivfpq) are built from parts; HNSW graphs cannot be merged")
+        raise InputError(
+            "only IVF-based indexes (ivf, ivfsq, ivfpq) are built from parts; HNSW graphs cannot be merged"
+        )
     part = empty_copy(trained)
     start = first_id
     for chunk in as_source(vectors).chunks(ADD_CHUNK):
@@ -150,11 +152,15 @@ def _check_list_bounds(lists: Any, size: int, where: Path) -> None:
     """Every list lies inside the ``.ivfdata`` file (FAISS reads list offsets unchecked: a bad one would crash a search)."""
     entry = int(lists.code_size) + 8  # codes, then 8-byte ids, per slot
     if int(lists.totsize) != size:
-        raise IndexFormatError(f"{where}: {size} bytes, its index says {int(lists.totsize)}; the lists are damaged, rebuild the index")
+        raise IndexFormatError(
+            f"{where}: {size} bytes, its index says {int(lists.totsize)}; the lists are damaged, rebuild the index"
+        )
     for number in range(lists.nlist):
         item = lists.lists.at(number)
         if item.size > item.capacity or (item.capacity and item.offset + item.capacity * entry > size):
-            raise IndexFormatError(f"{where}: inverted list {number} lies outside the file; the lists are damaged, rebuild the index")
+            raise IndexFormatError(
+                f"{where}: inverted list {number} lies outside the file; the lists are damaged, rebuild the index"
+            )
 
 
 def _lists_into_ram(index: Any) -> Any:
@@ -196,10 +202,16 @@ def split_index(index: Any, bounds: Sequence[tuple[int, int]]) -> list[Any]:
         return shards
     flat = faiss.downcast_index(index)
     if not isinstance(flat, faiss.IndexFlat):
-        raise InputError(f"a {type(flat).__name__} index cannot be split into shards; use flat or an IVF type (ivf, ivfsq, ivfpq)")
+        raise InputError(
+            f"a {type(flat).__name__} index cannot be split into shards; use flat or an IVF type (ivf, ivfsq, ivfpq)"
+        )
     shards = []
     for low, high in bounds:
-        shard = faiss.IndexFlatIP(index.d) if index.metric_type == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(index.d)
+        shard = (
+            faiss.IndexFlatIP(index.d)
+            if index.metric_type == faiss.METRIC_INNER_PRODUCT
+            else faiss.IndexFlatL2(index.d)
+        )
         shard.add(flat.reconstruct_n(low, high - low))
         shards.append(shard)
     return shards

@@ -29,7 +29,9 @@ def place_index(index: Any, spec: IndexSpec, device: str, load_vectors: Callable
         try:
             return to_available_gpus(index)
         except RuntimeError as e:  # e.g. an index layout FAISS GPU cannot clone: stay correct on the CPU
-            log.warning("cannot move the %s index to the GPU (%s); searching on the CPU", spec.type, str(e).splitlines()[0])
+            log.warning(
+                "cannot move the %s index to the GPU (%s); searching on the CPU", spec.type, str(e).splitlines()[0]
+            )
             return index
     if spec.exact and torch_cuda_available():
         return TorchFlatIndex(load_vectors(), device="cuda" if device == "auto" else device)

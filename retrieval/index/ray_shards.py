@@ -76,8 +76,10 @@ class RayIndexBuild:
             bounds = shard_bounds(len(source), min(parts, len(source)))
             shared = ray.put(faiss.serialize_index(trained))
             task = ray.remote(num_cpus=1, max_retries=3)(_fill_part)
-            futures = [task.remote(shared, source.take(np.arange(low, high)), low, str(folder / f"part-{n:05d}.index"))
-                       for n, (low, high) in enumerate(bounds)]
+            futures = [
+                task.remote(shared, source.take(np.arange(low, high)), low, str(folder / f"part-{n:05d}.index"))
+                for n, (low, high) in enumerate(bounds)
+            ]
             paths = [Path(p) for p in ray.get(futures)]
         self.part_counts[name] = len(paths)
         return paths
@@ -115,13 +117,16 @@ class ShardActor:
 class RayShardedIndex:
     """Index shards searched by one Ray actor each; a query fans out to all of them at once."""
 
-    def __init__(self, paths: Sequence[str | Path], ranges: Sequence[ShardRange], options: RayOptions,
-                 actor_cpus: float = 1.0) -> None:
+    def __init__(
+        self, paths: Sequence[str | Path], ranges: Sequence[ShardRange], options: RayOptions, actor_cpus: float = 1.0
+    ) -> None:
         self.ranges = list(ranges)
         self.ntotal = sum(len(r) for r in self.ranges)
         self._session = contextlib.ExitStack()
         ray = self.ray = self._session.enter_context(ray_session(options))
-        actor = ray.remote(num_cpus=actor_cpus, max_restarts=SHARD_ACTOR_RESTARTS, max_task_retries=SHARD_ACTOR_RESTARTS)(ShardActor)
+        actor = ray.remote(
+            num_cpus=actor_cpus, max_restarts=SHARD_ACTOR_RESTARTS, max_task_retries=SHARD_ACTOR_RESTARTS
+        )(ShardActor)
         self.actors = [actor.remote(str(path)) for path in paths]
 
     def fan_out(self, queries: np.ndarray, k: int, knobs: SearchKnobs, deleted: list[np.ndarray]) -> list[Hits]:
@@ -129,8 +134,14 @@ class RayShardedIndex:
         futures = [a.search.remote(shared, k, knobs.to_json(), gone) for a, gone in zip(self.actors, deleted)]
         return list(self.ray.get(futures))
 
-    def search(self, queries: np.ndarray, k: int, knobs: SearchKnobs = SearchKnobs(), exclude: Exclusions | None = None,
-               rerank_with: VectorSource | None = None) -> Hits:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        knobs: SearchKnobs = SearchKnobs(),
+        exclude: Exclusions | None = None,
+        rerank_with: VectorSource | None = None,
+    ) -> Hits:
         """Top ``k`` over all shards, as the in-process :class:`~retrieval.index.sharded.ShardedIndex` answers."""
         return search_shards(self.fan_out, self.ranges, queries, k, knobs, exclude, rerank_with)
 

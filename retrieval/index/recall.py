@@ -16,8 +16,12 @@ from retrieval.index.source import VectorSource
 from retrieval.index.spec import IndexSpec, SearchKnobs
 from retrieval.index.vector_index import Exclusions, search
 
-RECALL_QUERIES = 1000  # sampled per vector set: the even-numbered half tunes the knobs, the odd half measures the reported recall
-TIE_TOLERANCE = 1e-5  # a found item within this (relative, at least absolute) of the k-th exact score is a tie, not a miss
+RECALL_QUERIES = (
+    1000  # sampled per vector set: the even-numbered half tunes the knobs, the odd half measures the reported recall
+)
+TIE_TOLERANCE = (
+    1e-5  # a found item within this (relative, at least absolute) of the k-th exact score is a tie, not a miss
+)
 CONFIDENCE_Z = 1.645  # a knob is kept when the one-sided 95% lower bound of its recall@10 reaches the target
 LATENCY_QUERIES = 50
 NPROBE_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -26,7 +30,9 @@ RERANK_STEPS = (2, 4, 10, 20, 40)  # shortlist = k x factor; tuning starts at th
 EXACT_BLOCK_BYTES = 256 << 20
 
 
-def exact_search(source: VectorSource, queries: np.ndarray, k: int, exclude: Exclusions | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    source: VectorSource, queries: np.ndarray, k: int, exclude: Exclusions | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-``k`` inner products over ``source``, streamed in blocks (works for shards on disk)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
@@ -86,13 +92,19 @@ def neighbour_recall(found_scores: np.ndarray, exact_scores: np.ndarray, k: int)
     """
     exact = np.asarray(exact_scores, np.float64)[:, :k]
     could_hold = np.isfinite(exact).sum(axis=1)
-    kth = np.take_along_axis(exact, np.maximum(could_hold - 1, 0)[:, None], axis=1)[:, 0] if exact.shape[1] else np.zeros(len(exact))
+    kth = (
+        np.take_along_axis(exact, np.maximum(could_hold - 1, 0)[:, None], axis=1)[:, 0]
+        if exact.shape[1]
+        else np.zeros(len(exact))
+    )
     threshold = np.where(could_hold > 0, kth - TIE_TOLERANCE * np.maximum(1.0, np.abs(np.nan_to_num(kth))), np.inf)
     found = np.asarray(found_scores, np.float64)[:, :k]
     return recall_per_query((found >= threshold[:, None]).sum(axis=1), could_hold)
 
 
-def exact_scores_of(source: VectorSource, queries: np.ndarray, found: np.ndarray, exclude: Exclusions | None = None) -> np.ndarray:
+def exact_scores_of(
+    source: VectorSource, queries: np.ndarray, found: np.ndarray, exclude: Exclusions | None = None
+) -> np.ndarray:
     """Exact scores of the returned positions ``found`` (-inf for padding and deleted rows)."""
     scores = np.einsum("qkd,qd->qk", source.take(found), np.asarray(queries, np.float32))
     dead = found < 0
@@ -193,8 +205,9 @@ def split_queries(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     return queries[0::2], queries[1::2], True
 
 
-def _latency_ms(index: Any, queries: np.ndarray, knobs: SearchKnobs, exclude: Exclusions | None,
-                rerank_with: VectorSource | None) -> float:
+def _latency_ms(
+    index: Any, queries: np.ndarray, knobs: SearchKnobs, exclude: Exclusions | None, rerank_with: VectorSource | None
+) -> float:
     times = []
     for query in queries[:LATENCY_QUERIES]:
         started = time.perf_counter()
@@ -214,8 +227,12 @@ def _candidates(spec: IndexSpec, index: Any) -> list[SearchKnobs]:
     return [SearchKnobs()]
 
 
-def fastest_shortlist(widest: SearchKnobs, widest_seconds: float, nprobes: list[int | None],
-                       attempt: Callable[[SearchKnobs], tuple[bool, float]]) -> SearchKnobs:
+def fastest_shortlist(
+    widest: SearchKnobs,
+    widest_seconds: float,
+    nprobes: list[int | None],
+    attempt: Callable[[SearchKnobs], tuple[bool, float]],
+) -> SearchKnobs:
     """The fastest (nprobe, shortlist factor) reaching the target, starting from the widest shortlist's.
 
     A shorter shortlist re-ranks less but may need more lists probed to keep the
@@ -266,8 +283,15 @@ def measure_and_tune(
 
     def attempt(knobs: SearchKnobs) -> tuple[bool, float]:
         r1, r10, bound, seconds = tuning.measure(knobs)
-        trail.append({**knobs.to_json(), "recall@1": round(r1, 4), "recall@10": round(r10, 4),
-                      "recall@10_lower_bound": round(bound, 4), "batch_seconds": round(seconds, 5)})
+        trail.append(
+            {
+                **knobs.to_json(),
+                "recall@1": round(r1, 4),
+                "recall@10": round(r10, 4),
+                "recall@10_lower_bound": round(bound, 4),
+                "batch_seconds": round(seconds, 5),
+            }
+        )
         return target_recall is not None and bound >= target_recall, seconds
 
     candidates = [fixed] if fixed is not None else _candidates(spec, index)
@@ -282,8 +306,16 @@ def measure_and_tune(
         chosen = fastest_shortlist(chosen, seconds, [c.nprobe for c in candidates], attempt)
     r1, r10, _, seconds = held.measure(chosen)
     return RecallReport(
-        knobs=chosen, recall_at_1=r1, recall_at_10=r10, latency_ms_median=_latency_ms(index, held.queries, chosen, exclude, rerank_with),
-        batch_qps=len(held.queries) / seconds if seconds > 0 else 0.0, queries=len(held.queries), query_source=query_source,
-        target_recall=target_recall, target_reached=reached or target_recall is None, tuning=trail,
-        tuning_queries=len(tuning.queries), held_out=held_out,
+        knobs=chosen,
+        recall_at_1=r1,
+        recall_at_10=r10,
+        latency_ms_median=_latency_ms(index, held.queries, chosen, exclude, rerank_with),
+        batch_qps=len(held.queries) / seconds if seconds > 0 else 0.0,
+        queries=len(held.queries),
+        query_source=query_source,
+        target_recall=target_recall,
+        target_reached=reached or target_recall is None,
+        tuning=trail,
+        tuning_queries=len(tuning.queries),
+        held_out=held_out,
     )

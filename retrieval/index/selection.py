@@ -103,8 +103,11 @@ def widened(index: Any, knobs: SearchKnobs, share: float) -> SearchKnobs:
         return knobs
     own = own_knobs(index)
     nprobe, ef = knobs.nprobe or own.nprobe, knobs.ef_search or own.ef_search
-    return replace(knobs, nprobe=int(np.ceil(nprobe * factor)) if nprobe else knobs.nprobe,
-                   ef_search=int(np.ceil(ef * factor)) if ef else knobs.ef_search)
+    return replace(
+        knobs,
+        nprobe=int(np.ceil(nprobe * factor)) if nprobe else knobs.nprobe,
+        ef_search=int(np.ceil(ef * factor)) if ef else knobs.ef_search,
+    )
 
 
 def exact_scan(queries: np.ndarray, rows: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,18 +127,28 @@ def exact_scan(queries: np.ndarray, rows: np.ndarray, positions: np.ndarray, k: 
     return np.take_along_axis(scores, order, axis=1), positions[np.take_along_axis(cut, order, axis=1)]
 
 
-def search_selected(index: Any, queries: np.ndarray, k: int, knobs: SearchKnobs, selection: Selection,
-                    vectors: VectorSource, rerank_with: VectorSource | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search_selected(
+    index: Any,
+    queries: np.ndarray,
+    k: int,
+    knobs: SearchKnobs,
+    selection: Selection,
+    vectors: VectorSource,
+    rerank_with: VectorSource | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of the allowed rows of ``index`` (stored rows ``vectors``); returns (scores, positions) like
     :func:`~retrieval.index.vector_index.search`, -1 padding a row only when fewer than k are allowed."""
     if exact_first(index, selection):
         return exact_scan(queries, selection.rows(vectors), selection.positions, k)
     if isinstance(index, TorchFlatIndex):
-        return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(int(k), len(selection)), allowed=selection.mask)
+        return index.search(
+            np.ascontiguousarray(queries, dtype=np.float32), min(int(k), len(selection)), allowed=selection.mask
+        )
     tuned = widened(index, knobs, selection.share)
     scores, positions = search(index, queries, k, tuned, selection.as_exclusions(), rerank_with)
     short = np.flatnonzero((positions < 0).any(axis=1))  # the visited lists / graph held fewer than k allowed rows
     if len(short):  # those queries get the exact scan: k hits whenever k rows are allowed
-        scores[short], positions[short] = exact_scan(np.asarray(queries, np.float32)[short], selection.rows(vectors),
-                                                     selection.positions, positions.shape[1])
+        scores[short], positions[short] = exact_scan(
+            np.asarray(queries, np.float32)[short], selection.rows(vectors), selection.positions, positions.shape[1]
+        )
     return scores, positions

@@ -57,8 +57,13 @@ def local_exclusions(exclude: Exclusions | None, shard: ShardRange) -> Exclusion
 
 
 def search_shards(
-    fan_out: FanOut, ranges: Sequence[ShardRange], queries: np.ndarray, k: int, knobs: SearchKnobs,
-    exclude: Exclusions | None = None, rerank_with: VectorSource | None = None,
+    fan_out: FanOut,
+    ranges: Sequence[ShardRange],
+    queries: np.ndarray,
+    k: int,
+    knobs: SearchKnobs,
+    exclude: Exclusions | None = None,
+    rerank_with: VectorSource | None = None,
 ) -> Hits:
     """The whole collection's top ``k`` (scores, positions) from its shards.
 
@@ -102,8 +107,14 @@ class ShardedIndex:
     def fan_out(self, queries: np.ndarray, k: int, knobs: SearchKnobs, deleted: list[np.ndarray]) -> list[Hits]:
         return [search_shard(shard, queries, k, knobs, gone) for shard, gone in zip(self.shards, deleted)]
 
-    def search(self, queries: np.ndarray, k: int, knobs: SearchKnobs = SearchKnobs(), exclude: Exclusions | None = None,
-               rerank_with: VectorSource | None = None) -> Hits:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        knobs: SearchKnobs = SearchKnobs(),
+        exclude: Exclusions | None = None,
+        rerank_with: VectorSource | None = None,
+    ) -> Hits:
         """Top ``k`` over all shards, as :func:`retrieval.index.vector_index.search` answers for one index."""
         return search_shards(self.fan_out, self.ranges, queries, k, knobs, exclude, rerank_with)
 

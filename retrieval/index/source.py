@@ -29,7 +29,9 @@ class VectorSource:
         self.parts = [p for p in parts if len(p)] or list(parts[:1])
         dims = {p.shape[1] for p in self.parts if p.ndim == 2}
         if any(p.ndim != 2 for p in self.parts) or len(dims) > 1:
-            raise InputError(f"expected 2-D vector matrices of one dimension, got shapes {[p.shape for p in self.parts]}")
+            raise InputError(
+                f"expected 2-D vector matrices of one dimension, got shapes {[p.shape for p in self.parts]}"
+            )
         self.dim = dims.pop() if dims else 0
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
 
@@ -143,7 +145,11 @@ class RowSubset(VectorSource):
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
-        mapped = np.where(rows >= 0, self.rows[np.clip(rows, 0, max(len(self.rows) - 1, 0))], -1) if len(self.rows) else np.full(rows.shape, -1)
+        mapped = (
+            np.where(rows >= 0, self.rows[np.clip(rows, 0, max(len(self.rows) - 1, 0))], -1)
+            if len(self.rows)
+            else np.full(rows.shape, -1)
+        )
         return self.source.take(mapped)
 
 

@@ -41,7 +41,18 @@ PQ_SIZES = (64, 32, 16, 8)
 DEFAULT_RERANK_FACTOR = 10
 DEFAULT_TARGET_RECALL = 0.95
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "t": 1 << 40, "tb": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1 << 40,
+}
 
 
 @dataclass(frozen=True)
@@ -166,22 +177,36 @@ def spec_for(index_type: str, n: int, d: int, pq_m: int | None = None) -> IndexS
         return IndexSpec("hnsw", f"HNSW{HNSW_M},Flat", hnsw_m=HNSW_M)
     if lowered in ("ivf", "ivfsq", "ivfpq"):
         if n < IVF_MIN_POINTS_PER_LIST * 2:
-            raise InputError(f"index type {lowered!r} needs at least {IVF_MIN_POINTS_PER_LIST * 2} vectors to train, got {n}; use flat")
+            raise InputError(
+                f"index type {lowered!r} needs at least {IVF_MIN_POINTS_PER_LIST * 2} vectors to train, got {n}; use flat"
+            )
         nlist = nlist_for(n)
         if lowered in ("ivf", "ivfsq"):
             lists = "Flat" if lowered == "ivf" else "SQfp16"
-            return IndexSpec(lowered, f"{_quantizer(nlist)},{lists}", nlist=nlist, train_size=train_size_for(nlist, n, False))
+            return IndexSpec(
+                lowered, f"{_quantizer(nlist)},{lists}", nlist=nlist, train_size=train_size_for(nlist, n, False)
+            )
         m = pq_m or _largest_pq(d)
         if n < PQ_MIN_TRAINING:
-            raise InputError(f"index type 'ivfpq' needs at least {PQ_MIN_TRAINING} vectors to train its codebooks, got {n}; use ivfsq or flat")
+            raise InputError(
+                f"index type 'ivfpq' needs at least {PQ_MIN_TRAINING} vectors to train its codebooks, got {n}; use ivfsq or flat"
+            )
         if d % m:
             raise InputError(f"PQ with {m} sub-quantizers needs a dimension divisible by {m}; the vectors have {d}")
-        return IndexSpec("ivfpq", f"OPQ{m},{_quantizer(nlist)},PQ{m}", nlist=nlist, pq_m=m, rerank=True,
-                         train_size=train_size_for(nlist, n, True))
+        return IndexSpec(
+            "ivfpq",
+            f"OPQ{m},{_quantizer(nlist)},PQ{m}",
+            nlist=nlist,
+            pq_m=m,
+            rerank=True,
+            train_size=train_size_for(nlist, n, True),
+        )
     if lowered == "auto":
         raise InputError("'auto' is resolved by choose_index(), not spec_for()")
     if not re.search(r"[A-Z]", name):
-        raise InputError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)} or a FAISS factory string")
+        raise InputError(
+            f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)} or a FAISS factory string"
+        )
     return IndexSpec("factory", name, train_size=min(n, MAX_TRAIN_SAMPLE))
 
 
@@ -212,14 +237,16 @@ def estimate_bytes(spec: IndexSpec, n: int, d: int) -> int:
     return n * d * 4  # an arbitrary factory string: assume the worst, uncompressed
 
 
-def choose_index(n: int, d: int, max_memory: int | None = None, target_recall: float = DEFAULT_TARGET_RECALL) -> IndexChoice:
+def choose_index(
+    n: int, d: int, max_memory: int | None = None, target_recall: float = DEFAULT_TARGET_RECALL
+) -> IndexChoice:
     """Pick the index type and parameters for ``n`` vectors of dimension ``d`` within ``max_memory`` bytes."""
     if not 0 < target_recall <= 1:
         raise InputError(f"target recall must be in (0, 1], got {target_recall}")
     budget = f"{_human(max_memory)} budget" if max_memory else "no memory budget"
     flat = spec_for("flat", n, d)
     flat_bytes = estimate_bytes(flat, n, d)
-    fits = (lambda need: max_memory is None or need <= max_memory)
+    fits = lambda need: max_memory is None or need <= max_memory
     if n < AUTO_FLAT_BELOW and fits(flat_bytes):
         why = f"{n} vectors: exact search is already fast ({_human(flat_bytes)}, {budget})"
         return IndexChoice(flat, why, flat_bytes, max_memory, target_recall)
@@ -228,8 +255,10 @@ def choose_index(n: int, d: int, max_memory: int | None = None, target_recall: f
     ivf = spec_for("ivfsq", n, d)
     ivf_bytes = estimate_bytes(ivf, n, d)
     if fits(ivf_bytes):
-        why = (f"{n} vectors: IVF with {ivf.nlist} lists holding the float16 vectors ({_human(ivf_bytes)} within the {budget}); "
-               f"nprobe is tuned at build time to reach recall@10 >= {target_recall}")
+        why = (
+            f"{n} vectors: IVF with {ivf.nlist} lists holding the float16 vectors ({_human(ivf_bytes)} within the {budget}); "
+            f"nprobe is tuned at build time to reach recall@10 >= {target_recall}"
+        )
         return IndexChoice(ivf, why, ivf_bytes, max_memory, target_recall)
     tried = []
     for m in PQ_SIZES:
@@ -238,9 +267,11 @@ def choose_index(n: int, d: int, max_memory: int | None = None, target_recall: f
         pq = spec_for("ivfpq", n, d, pq_m=m)
         need = estimate_bytes(pq, n, d)
         if fits(need):
-            why = (f"{n} vectors: IVF over float16 vectors needs {_human(ivf_bytes)}, over the {budget}; "
-                   f"OPQ+IVF{pq.nlist}+PQ{m} ({m} bytes per vector, {_human(need)}) with the shortlist re-ranked "
-                   f"exactly from the float16 vectors on disk; nprobe tuned for recall@10 >= {target_recall}")
+            why = (
+                f"{n} vectors: IVF over float16 vectors needs {_human(ivf_bytes)}, over the {budget}; "
+                f"OPQ+IVF{pq.nlist}+PQ{m} ({m} bytes per vector, {_human(need)}) with the shortlist re-ranked "
+                f"exactly from the float16 vectors on disk; nprobe tuned for recall@10 >= {target_recall}"
+            )
             return IndexChoice(pq, why, need, max_memory, target_recall)
         tried.append(f"PQ{m}: {_human(need)}")
     raise InputError(

@@ -34,14 +34,20 @@ class TorchFlatIndex:
         import torch
 
         self.device = torch.device(device)
-        self.dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = (
+            getattr(torch, dtype) if dtype else (torch.float16 if self.device.type == "cuda" else torch.float32)
+        )
         parts = vectors.parts if hasattr(vectors, "parts") else [vectors]
-        blocks = [torch.as_tensor(np.ascontiguousarray(part)).to(self.device, self.dtype) for part in parts if len(part)]
+        blocks = [
+            torch.as_tensor(np.ascontiguousarray(part)).to(self.device, self.dtype) for part in parts if len(part)
+        ]
         self.d = int(parts[0].shape[1]) if parts else 0
         self.vectors = torch.cat(blocks) if blocks else torch.zeros((0, self.d), dtype=self.dtype, device=self.device)
         self.ntotal = int(self.vectors.shape[0])
 
-    def search(self, queries: np.ndarray, k: int, params: Any = None, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, params: Any = None, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows by inner product; (scores float32 (q, k), positions int64 (q, k)), like FAISS.
 
         ``allowed``: a bool mask over the rows; the others score -inf before the top-k (ask for at most

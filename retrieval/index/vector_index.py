@@ -57,7 +57,9 @@ def train_vector_index(vectors: VectorSource | np.ndarray, spec: IndexSpec | str
     apply_build_params(index, spec)
     if not index.is_trained:
         if len(source) < (spec.nlist or 1):
-            raise InputError(f"{spec.factory} needs at least {spec.nlist} vectors to train, got {len(source)}; use flat")
+            raise InputError(
+                f"{spec.factory} needs at least {spec.nlist} vectors to train, got {len(source)}; use flat"
+            )
         sample = source.sample(spec.train_size or len(source), seed=seed)
         log.info("training %s on %d of %d vectors", spec.factory, len(sample), len(source))
         index.train(sample)
@@ -77,7 +79,9 @@ def apply_build_params(index: Any, spec: IndexSpec) -> None:
         if isinstance(ivfpq, faiss.IndexIVFScalarQuantizer) and ivfpq.sq.qtype == faiss.ScalarQuantizer.QT_fp16:
             ivfpq.by_residual = False  # lists hold the float16 vectors themselves: exactly what the store keeps
         if hasattr(ivfpq, "pq"):
-            ivfpq.do_polysemous_training = False  # FAISS's default trains it: minutes, and we never use Hamming filtering
+            ivfpq.do_polysemous_training = (
+                False  # FAISS's default trains it: minutes, and we never use Hamming filtering
+            )
             ivfpq.pq.cp.niter = 10
         quantizer = faiss.downcast_index(ivf.quantizer)
         if hasattr(quantizer, "hnsw"):
@@ -199,8 +203,10 @@ def search_params(index: Any, knobs: SearchKnobs, selector: Any = None) -> Any:
 def own_knobs(index: Any) -> SearchKnobs:
     """The IVF probes / HNSW breadth ``index`` searches with when no knob overrides them (None where it has none)."""
     ivf, base = _ivf_of(index), _core(index)
-    return SearchKnobs(nprobe=int(ivf.nprobe) if ivf is not None else None,
-                       ef_search=int(base.hnsw.efSearch) if hasattr(base, "hnsw") else None)
+    return SearchKnobs(
+        nprobe=int(ivf.nprobe) if ivf is not None else None,
+        ef_search=int(base.hnsw.efSearch) if hasattr(base, "hnsw") else None,
+    )
 
 
 PARAMS_CACHE_SIZE = 64
@@ -213,7 +219,9 @@ def _cached_search_params(index: Any, knobs: SearchKnobs, selector: Any) -> Any:
     a 50-200 us single-query search. The cached entry holds the selector, so its
     id cannot be reused while the entry lives.
     """
-    if knobs.nprobe is None and knobs.ef_search is None and knobs.rerank_factor is None:  # the index's own settings apply
+    if (
+        knobs.nprobe is None and knobs.ef_search is None and knobs.rerank_factor is None
+    ):  # the index's own settings apply
         return search_params(index, knobs, selector)
     try:
         cache = index.__dict__.setdefault("_retrieval_search_params", {})
@@ -281,7 +289,9 @@ def search(
     selector = exclude.selector if exclude is not None else None
     if getattr(index, "supports_selector", True):
         params = _cached_search_params(index, knobs, selector)
-        scores, positions = index.search(queries, shortlist, params=params) if params is not None else index.search(queries, shortlist)
+        scores, positions = (
+            index.search(queries, shortlist, params=params) if params is not None else index.search(queries, shortlist)
+        )
     else:  # a GPU or torch index: over-fetch and drop the deleted rows here
         scores, positions = index.search(queries, min(int(index.ntotal), shortlist + (len(exclude) if exclude else 0)))
         scores, positions = drop_excluded(scores, positions, exclude, shortlist)
@@ -291,7 +301,9 @@ def search(
     return scores[:, :k], positions[:, :k]
 
 
-def drop_excluded(scores: np.ndarray, positions: np.ndarray, exclude: Exclusions | None, keep: int) -> tuple[np.ndarray, np.ndarray]:
+def drop_excluded(
+    scores: np.ndarray, positions: np.ndarray, exclude: Exclusions | None, keep: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The first ``keep`` hits of each row that are not excluded (for searchers without an ID selector)."""
     if exclude is None or not len(exclude):
         return scores[:, :keep], positions[:, :keep]
@@ -304,7 +316,9 @@ def drop_excluded(scores: np.ndarray, positions: np.ndarray, exclude: Exclusions
     return scores.astype(np.float32), positions
 
 
-def rerank(queries: np.ndarray, candidates: np.ndarray, vectors: VectorSource, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def rerank(
+    queries: np.ndarray, candidates: np.ndarray, vectors: VectorSource, block: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner products of each query with its candidate rows, sorted best first (-1 candidates last).
 
     Queries go in blocks so the gathered candidate rows stay small (cache-sized) whatever the batch.

@@ -97,7 +97,9 @@ def choose(options: IndexOptions, n: int, d: int, budget: int | None) -> IndexCh
     needed = PQ_MIN_TRAINING if options.index_type.lower() == "ivfpq" else MIN_TRAINABLE
     spec = spec_for(options.index_type, max(n, 1), d) if n >= needed else spec_for("flat", n, d)
     if spec.type == "flat" and options.index_type.lower() != "flat":
-        reason = f"asked for {options.index_type}, but {n} vectors are too few to train it (at least {needed}): exact search"
+        reason = (
+            f"asked for {options.index_type}, but {n} vectors are too few to train it (at least {needed}): exact search"
+        )
     else:
         reason = f"asked for {options.index_type}"
     return IndexChoice(spec, reason, estimate_bytes(spec, n, d), budget, options.target_recall)
@@ -127,21 +129,32 @@ def mean_residual(index: Any, vectors: np.ndarray) -> float | None:
     return float(np.mean(1.0 - similarity[:, 0]))
 
 
-def measure(index: Any, spec: IndexSpec, vector_set: VectorSet, target: float | None,
-            exclude: Exclusions | None = None, fixed: SearchKnobs | None = None) -> RecallReport | None:
+def measure(
+    index: Any,
+    spec: IndexSpec,
+    vector_set: VectorSet,
+    target: float | None,
+    exclude: Exclusions | None = None,
+    fixed: SearchKnobs | None = None,
+) -> RecallReport | None:
     """Recall and latency of ``index`` on its vector set, knobs tuned to ``target`` (None when empty)."""
     source = as_source(vector_set.vectors)
     if len(source) == 0 or len(vector_set.queries) == 0:
         return None
     report = measure_and_tune(index, spec, source, vector_set.queries, vector_set.query_source, target, exclude, fixed)
     if not report.target_reached:
-        log.warning("%s: recall@10 %.3f at the widest search setting tried, below the target %.2f",
-                    vector_set.key, report.recall_at_10, target)
+        log.warning(
+            "%s: recall@10 %.3f at the widest search setting tried, below the target %.2f",
+            vector_set.key,
+            report.recall_at_10,
+            target,
+        )
     return report
 
 
-def describe(choice: IndexChoice, report: RecallReport | None, n: int, d: int, trained_on: int,
-             residual: float | None) -> dict[str, Any]:
+def describe(
+    choice: IndexChoice, report: RecallReport | None, n: int, d: int, trained_on: int, residual: float | None
+) -> dict[str, Any]:
     """The manifest record of one vector index."""
     return {
         "count": n,
@@ -152,8 +165,13 @@ def describe(choice: IndexChoice, report: RecallReport | None, n: int, d: int, t
     }
 
 
-def build_searchable(vector_set: VectorSet, options: IndexOptions, budget: int | None,
-                     progress: bool = False, build: IndexBuilder | None = None) -> tuple[Any, dict[str, Any]]:
+def build_searchable(
+    vector_set: VectorSet,
+    options: IndexOptions,
+    budget: int | None,
+    progress: bool = False,
+    build: IndexBuilder | None = None,
+) -> tuple[Any, dict[str, Any]]:
     """Build, measure and tune the FAISS index of one vector set; returns (index, manifest record).
 
     ``build(vectors, spec)`` builds the index instead of :func:`build_vector_index` (a distributed build).
@@ -163,7 +181,9 @@ def build_searchable(vector_set: VectorSet, options: IndexOptions, budget: int |
     choice = choose(options, n, d, budget)
     if options.shards > 1 and n > 1 and choice.spec.type in ("hnsw",):
         raise InputError(f"{vector_set.key}: an HNSW graph cannot be split into index shards; use flat or an IVF type")
-    index = build(source, choice.spec) if build is not None else build_vector_index(source, choice.spec, progress=progress)
+    index = (
+        build(source, choice.spec) if build is not None else build_vector_index(source, choice.spec, progress=progress)
+    )
     residual = mean_residual(index, source.sample(min(n, 10_000), seed=2)) if choice.spec.needs_training else None
     report = measure(index, choice.spec, vector_set, options.target_recall)
     return index, describe(choice, report, n, d, n, residual)
@@ -203,14 +223,23 @@ def needs_retraining(record: dict[str, Any], index: Any, new_vectors: np.ndarray
     return None
 
 
-def write_vector_sets(writer: Any, files: dict[str, Any], manifest: dict[str, Any], sets: Sequence[VectorSet],
-                      options: IndexOptions, progress: bool = False, distributed: Any = None) -> None:
+def write_vector_sets(
+    writer: Any,
+    files: dict[str, Any],
+    manifest: dict[str, Any],
+    sets: Sequence[VectorSet],
+    options: IndexOptions,
+    progress: bool = False,
+    distributed: Any = None,
+) -> None:
     """Write each set's float16 vectors and FAISS index, and its measured record, into a build.
 
     ``distributed`` (a :class:`~retrieval.index.ray_shards.RayIndexBuild`): IVF indexes are filled in
     parallel parts and merged. ``options.shards`` > 1: each index is written as that many index shards.
     """
-    budgets = split_budget([(s.key, len(as_source(s.vectors)), as_source(s.vectors).dim) for s in sets], options.max_memory)
+    budgets = split_budget(
+        [(s.key, len(as_source(s.vectors)), as_source(s.vectors).dim) for s in sets], options.max_memory
+    )
     records = manifest.setdefault("vector_indexes", {})
     for vector_set in sets:
         stem = f"{vector_set.space}-{vector_set.kind}"
@@ -226,7 +255,8 @@ def write_vector_sets(writer: Any, files: dict[str, Any], manifest: dict[str, An
         if shards > 1:
             bounds = shard_bounds(int(index.ntotal), shards)
             files.setdefault("faiss_shards", {})[vector_set.key] = [
-                writer.write_faiss(f"{stem}-shard{number:03d}", shard) for number, shard in enumerate(split_index(index, bounds))
+                writer.write_faiss(f"{stem}-shard{number:03d}", shard)
+                for number, shard in enumerate(split_index(index, bounds))
             ]
             record["shards"] = [list(bound) for bound in bounds]
         else:
@@ -236,8 +266,9 @@ def write_vector_sets(writer: Any, files: dict[str, Any], manifest: dict[str, An
         records[vector_set.key] = record
 
 
-def build_from_parts(writer: Any, stem: str, distributed: Any, lists: list[str], in_memory: bool,
-                     source: VectorSource, spec: IndexSpec) -> Any:
+def build_from_parts(
+    writer: Any, stem: str, distributed: Any, lists: list[str], in_memory: bool, source: VectorSource, spec: IndexSpec
+) -> Any:
     """An IVF index trained here and filled in parallel parts, merged in memory or, when large, into one
     ``.ivfdata`` file of the build (its relative path appended to ``lists``). Other types: built here."""
     if spec.nlist is None:

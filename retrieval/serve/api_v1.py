@@ -39,20 +39,44 @@ from retrieval.serve.thumbnails import DEFAULT_SIZE
 router = APIRouter(prefix="/api/v1")
 ID_PATTERN = re.compile(r"^[0-9]{1,15}$")
 MAX_TEXT = 10_000
-SEARCH_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["queries"],
-    "properties": {
-        "index": {"type": "string", "nullable": True}, "target": {"enum": ["image", "caption"]},
-        "k": {"type": "integer", "minimum": 1, "default": 20}, "route": {"type": "string", "nullable": True},
-        "nprobe": {"type": "integer", "minimum": 1}, "ef_search": {"type": "integer", "minimum": 1},
-        "exclude_self": {"type": "boolean", "default": True},
-        "where": {"type": "string", "nullable": True, "description": "SQL predicate over the item columns and metadata fields"},
-        "min_score": {"type": "number", "nullable": True}, "offset": {"type": "integer", "minimum": 0, "default": 0},
-        "dedup": {"description": "true (default cosine) or a cosine: collapse near-duplicate results"},
-        "queries": {"type": "array", "items": {"type": "object", "description":
-                    'one of {"text": str}, {"image": base64}, {"item": {"kind", "id"}}, {"vector": [float]}; a text or image '
-                    'query may add "plus" / "minus": [{"text": str} or {"image": base64}, optional "weight"]'}},
-    }}}}}}
+SEARCH_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["queries"],
+                    "properties": {
+                        "index": {"type": "string", "nullable": True},
+                        "target": {"enum": ["image", "caption"]},
+                        "k": {"type": "integer", "minimum": 1, "default": 20},
+                        "route": {"type": "string", "nullable": True},
+                        "nprobe": {"type": "integer", "minimum": 1},
+                        "ef_search": {"type": "integer", "minimum": 1},
+                        "exclude_self": {"type": "boolean", "default": True},
+                        "where": {
+                            "type": "string",
+                            "nullable": True,
+                            "description": "SQL predicate over the item columns and metadata fields",
+                        },
+                        "min_score": {"type": "number", "nullable": True},
+                        "offset": {"type": "integer", "minimum": 0, "default": 0},
+                        "dedup": {"description": "true (default cosine) or a cosine: collapse near-duplicate results"},
+                        "queries": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "description": 'one of {"text": str}, {"image": base64}, {"item": {"kind", "id"}}, {"vector": [float]}; a text or image '
+                                'query may add "plus" / "minus": [{"text": str} or {"image": base64}, optional "weight"]',
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 def snapshot_of(request: Request, name: str | None) -> Snapshot:
@@ -71,9 +95,17 @@ def parse_id(text: str, what: str = "id") -> int:
 
 def describe(snapshot: Snapshot) -> dict[str, Any]:
     index = snapshot.index
-    return {"name": snapshot.name, "mode": index.mode, "images": snapshot.count("image"), "captions": snapshot.count("caption"),
-            "build": snapshot.build, "routes": {query: index.routes_for(query) for query in
-                                                ("text_to_image", "image_to_caption", "image_to_image", "text_to_caption")}}
+    return {
+        "name": snapshot.name,
+        "mode": index.mode,
+        "images": snapshot.count("image"),
+        "captions": snapshot.count("caption"),
+        "build": snapshot.build,
+        "routes": {
+            query: index.routes_for(query)
+            for query in ("text_to_image", "image_to_caption", "image_to_image", "text_to_caption")
+        },
+    }
 
 
 @router.get("/indexes")
@@ -133,7 +165,9 @@ def search_body(request: Request, body: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(422, "target must be 'image' or 'caption'")
     k = get_int(body, "k", 20, 1, config.max_k)
     route = get_str(body, "route", 40)
-    knobs = SearchKnobs(nprobe=get_int(body, "nprobe", None, 1, 1 << 20), ef_search=get_int(body, "ef_search", None, 1, 1 << 20))
+    knobs = SearchKnobs(
+        nprobe=get_int(body, "nprobe", None, 1, 1 << 20), ef_search=get_int(body, "ef_search", None, 1, 1 << 20)
+    )
     exclude_self = get_bool(body, "exclude_self", True)
     narrowing = parse_narrowing(body, config.max_k)
     queries = body.get("queries")
@@ -145,7 +179,9 @@ def search_body(request: Request, body: dict[str, Any]) -> dict[str, Any]:
     results = []
     for number, query in enumerate(parsed):
         used = route_of(snapshot, query, target, route)
-        found = run_query(snapshot, query, target, k, used, knobs, exclude_self, request.app.state.search_threads, narrowing)
+        found = run_query(
+            snapshot, query, target, k, used, knobs, exclude_self, request.app.state.search_threads, narrowing
+        )
         hits = [hit(snapshot, target, f.position, f.score, rank) for rank, f in enumerate(found, start=1)]
         results.append({"query": number, "route": used, "hits": hits})
     took = (time.perf_counter() - started) * 1000

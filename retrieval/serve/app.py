@@ -27,8 +27,10 @@ from retrieval.serve.served import ServedIndexes
 from retrieval.serve.thumbnails import ThumbnailCache
 
 log = logging.getLogger("retrieval.serve")
-NO_PAGE = ("<!doctype html><meta charset=utf-8><title>retrieval</title>"
-           "<p>This server answers <a href=/docs>/docs</a>, /api/v1 and the clip-back endpoints; its page is not installed.")
+NO_PAGE = (
+    "<!doctype html><meta charset=utf-8><title>retrieval</title>"
+    "<p>This server answers <a href=/docs>/docs</a>, /api/v1 and the clip-back endpoints; its page is not installed."
+)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -79,16 +81,22 @@ def add_plain_routes(app: FastAPI, config: ServeConfig) -> None:
 
 def create_app(config: ServeConfig, served: ServedIndexes | None = None) -> FastAPI:
     """An app serving ``config.indexes`` (opened now, and warmed when ``config.warm``), or the given ``served``."""
-    app = FastAPI(title="retrieval", version=__version__, default_response_class=SafeJSON,
-                  description="Vision-language search: /api/v1, clip-back compatible endpoints, thumbnails, metrics.")
+    app = FastAPI(
+        title="retrieval",
+        version=__version__,
+        default_response_class=SafeJSON,
+        description="Vision-language search: /api/v1, clip-back compatible endpoints, thumbnails, metrics.",
+    )
     app.state.config = config
-    app.state.served = served or ServedIndexes(config.indexes, config.device, config.poll_s, config.warm, config.freeze_gc,
-                                                   ray=config.ray)
+    app.state.served = served or ServedIndexes(
+        config.indexes, config.device, config.poll_s, config.warm, config.freeze_gc, ray=config.ray
+    )
     app.state.thumbnails = ThumbnailCache(config.thumbnail_cache_bytes)
     app.state.metrics = Metrics()
     app.state.search_threads = SearchThreads(config.search_threads)
-    app.state.fetch_policy = FetchPolicy(config.allow_image_urls, config.allow_private_urls,
-                                         config.image_url_timeout_s, config.image_url_max_bytes)
+    app.state.fetch_policy = FetchPolicy(
+        config.allow_image_urls, config.allow_private_urls, config.image_url_timeout_s, config.image_url_max_bytes
+    )
     add_error_handlers(app)
     add_plain_routes(app, config)
     app.include_router(api_v1.router)

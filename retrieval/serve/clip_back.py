@@ -72,8 +72,11 @@ def compat_query(request: Request, snapshot: Snapshot, data: dict[str, Any]) -> 
         encoders = snapshot.index.manifest["encoders"]
         modality = next((m for m in ("image", "text") if int(encoders[m]["dim"]) == len(values)), None)
         if modality is None:
-            raise ApiError(422, f"embedding_input has {len(values)} numbers; index {snapshot.name} takes "
-                                f"{encoders['image']['dim']} (image space) or {encoders['text']['dim']} (text space)")
+            raise ApiError(
+                422,
+                f"embedding_input has {len(values)} numbers; index {snapshot.name} takes "
+                f"{encoders['image']['dim']} (image space) or {encoders['text']['dim']} (text space)",
+            )
         return vector_query(snapshot, values, modality)
     raise ApiError(422, "fill one of text, image, image_url, embedding_input")
 

@@ -33,8 +33,15 @@ def is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-                or ip.is_unspecified or not ip.is_global)
+    return not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or not ip.is_global
+    )
 
 
 def resolve(host: str, port: int, allow_private: bool) -> str:
@@ -49,8 +56,11 @@ def resolve(host: str, port: int, allow_private: bool) -> str:
     if not allow_private:
         refused = [a for a in addresses if not is_public(a)]
         if refused:
-            raise ApiError(403, f"image_url: host {host!r} resolves to a non-public address ({refused[0]}); "
-                                "the server refuses those unless started with --allow-private-urls")
+            raise ApiError(
+                403,
+                f"image_url: host {host!r} resolves to a non-public address ({refused[0]}); "
+                "the server refuses those unless started with --allow-private-urls",
+            )
     return addresses[0]
 
 

@@ -21,14 +21,25 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("retrieval_http_requests", "HTTP requests answered", ["method", "route", "status"],
-                                registry=self.registry)
-        self.errors = Counter("retrieval_http_errors", "HTTP requests answered with a 4xx or 5xx status",
-                              ["route", "status"], registry=self.registry)
-        self.latency = Histogram("retrieval_http_request_seconds", "Time to answer a request", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.switches = Gauge("retrieval_index_switches", "Builds switched to while serving", ["index"],
-                              registry=self.registry)
+        self.requests = Counter(
+            "retrieval_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
+        )
+        self.errors = Counter(
+            "retrieval_http_errors",
+            "HTTP requests answered with a 4xx or 5xx status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "retrieval_http_request_seconds",
+            "Time to answer a request",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.switches = Gauge(
+            "retrieval_index_switches", "Builds switched to while serving", ["index"], registry=self.registry
+        )
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()

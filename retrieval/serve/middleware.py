@@ -47,7 +47,9 @@ class AccessLog:
             await self.app(scope, receive, sending)
         finally:
             seconds = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", None) or ("/page/*" if scope["path"].startswith("/page/") else "unmatched")
+            route = getattr(scope.get("route"), "path", None) or (
+                "/page/*" if scope["path"].startswith("/page/") else "unmatched"
+            )
             self.metrics.observe(scope["method"], route, status, seconds)
             log.info("%s %s %d %.1f", scope["method"], scope["path"], status, seconds * 1000)
 
@@ -63,9 +65,13 @@ class Cors:
             return await self.app(scope, receive, send)
         if scope["method"] == "OPTIONS":
             asked = dict(scope["headers"]).get(b"access-control-request-headers", b"authorization, content-type")
-            headers = [*CORS_HEADERS, (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
-                       (b"access-control-allow-headers", asked), (b"access-control-max-age", b"600"),
-                       (b"content-length", b"0")]
+            headers = [
+                *CORS_HEADERS,
+                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (b"access-control-allow-headers", asked),
+                (b"access-control-max-age", b"600"),
+                (b"content-length", b"0"),
+            ]
             await send({"type": "http.response.start", "status": 204, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
@@ -99,8 +105,12 @@ class ApiKey:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or self.allowed(scope):
             return await self.app(scope, receive, send)
-        await send_json(send, 401, {"error": "missing or wrong API key (send Authorization: Bearer KEY)"},
-                        [(b"www-authenticate", b"Bearer")])
+        await send_json(
+            send,
+            401,
+            {"error": "missing or wrong API key (send Authorization: Bearer KEY)"},
+            [(b"www-authenticate", b"Bearer")],
+        )
 
 
 class BodyLimit:
@@ -115,7 +125,9 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.strip().isdigit() or int(declared) > self.limit):
             status = 413 if declared.strip().isdigit() else 400
-            return await send_json(send, status, {"error": BodyTooLarge(self.limit).message if status == 413 else "bad Content-Length"})
+            return await send_json(
+                send, status, {"error": BodyTooLarge(self.limit).message if status == 413 else "bad Content-Length"}
+            )
         received = 0
 
         async def receiving() -> dict:

@@ -49,11 +49,17 @@ def parse_narrowing(body: dict[str, Any], max_k: int) -> Narrowing:
         threshold = get_float(body, "dedup")
         if threshold is None or not 0 < threshold <= 1:
             raise ApiError(422, "dedup must be true, false or a cosine in (0, 1]")
-    return Narrowing(where=get_str(body, "where", MAX_WHERE), min_score=get_float(body, "min_score"),
-                     offset=get_int(body, "offset", 0, 0, max_k) or 0, dedup=threshold)
+    return Narrowing(
+        where=get_str(body, "where", MAX_WHERE),
+        min_score=get_float(body, "min_score"),
+        offset=get_int(body, "offset", 0, 0, max_k) or 0,
+        dedup=threshold,
+    )
 
 
-def parse_parts(query: dict[str, Any], decode_image: Callable[[str], Any], max_text: int) -> tuple[tuple[float, str, Any], ...]:
+def parse_parts(
+    query: dict[str, Any], decode_image: Callable[[str], Any], max_text: int
+) -> tuple[tuple[float, str, Any], ...]:
     """The ``plus`` and ``minus`` parts of one query as (weight, modality, value) tuples."""
     parts: list[tuple[float, str, Any]] = []
     for key, sign in (("plus", 1.0), ("minus", -1.0)):
@@ -61,7 +67,7 @@ def parse_parts(query: dict[str, Any], decode_image: Callable[[str], Any], max_t
         if given is None:
             continue
         if not isinstance(given, list):
-            raise ApiError(422, f"{key} must be a list of {{\"text\": ...}} or {{\"image\": base64}} parts")
+            raise ApiError(422, f'{key} must be a list of {{"text": ...}} or {{"image": base64}} parts')
         for part in given:
             parts.append(_part(part, key, sign, decode_image, max_text))
     if len(parts) > MAX_PARTS:
@@ -69,7 +75,9 @@ def parse_parts(query: dict[str, Any], decode_image: Callable[[str], Any], max_t
     return tuple(parts)
 
 
-def _part(part: Any, key: str, sign: float, decode_image: Callable[[str], Any], max_text: int) -> tuple[float, str, Any]:
+def _part(
+    part: Any, key: str, sign: float, decode_image: Callable[[str], Any], max_text: int
+) -> tuple[float, str, Any]:
     if not isinstance(part, dict) or sum(part.get(name) is not None for name in ("text", "image")) != 1:
         raise ApiError(422, f"each {key} part needs exactly one of text, image")
     weight = get_float(part, "weight")

@@ -35,7 +35,9 @@ def unset(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def get_int(data: dict[str, Any], key: str, default: int | None, low: int | None = None, high: int | None = None) -> int | None:
+def get_int(
+    data: dict[str, Any], key: str, default: int | None, low: int | None = None, high: int | None = None
+) -> int | None:
     """An integer field (``"12"`` accepted); ``low``/``high`` bound it (outside -> 422 naming the bounds)."""
     value = data.get(key)
     if unset(value):

@@ -75,7 +75,9 @@ def vector_query(snapshot: Snapshot, values: list[float], modality: str) -> Quer
     """A raw vector in ``modality``'s encoder space, checked for its dimension and L2-normalised."""
     dim = int(snapshot.index.manifest["encoders"][modality]["dim"])
     if len(values) != dim:
-        raise ApiError(422, f"the vector has {len(values)} numbers; {modality} vectors of index {snapshot.name} have {dim}")
+        raise ApiError(
+            422, f"the vector has {len(values)} numbers; {modality} vectors of index {snapshot.name} have {dim}"
+        )
     vector = np.asarray(values, dtype=np.float32)
     norm = float(np.linalg.norm(vector))
     if not np.isfinite(norm) or norm == 0.0:
@@ -116,9 +118,17 @@ def route_of(snapshot: Snapshot, query: Query, target: str, route: str | None) -
     return route or available[0]
 
 
-def run_query(snapshot: Snapshot, query: Query, target: str, k: int, route: str | None = None,
-              knobs: SearchKnobs | None = None, exclude_self: bool = True, threads: SearchThreads | None = None,
-              narrowing: Narrowing = Narrowing()) -> list[Found]:
+def run_query(
+    snapshot: Snapshot,
+    query: Query,
+    target: str,
+    k: int,
+    route: str | None = None,
+    knobs: SearchKnobs | None = None,
+    exclude_self: bool = True,
+    threads: SearchThreads | None = None,
+    narrowing: Narrowing = Narrowing(),
+) -> list[Found]:
     """The ``k`` best ``target`` items (``image`` or ``caption``) for ``query``, best first (searching with
     ``threads``), filtered by ``narrowing.where`` inside the search, then collapsed, paged and cut."""
     if snapshot.count(target) == 0:
@@ -134,8 +144,16 @@ def run_query(snapshot: Snapshot, query: Query, target: str, k: int, route: str 
         raise ApiError(422, str(e).replace(str(snapshot.index.path), f"index {snapshot.name}")) from None
 
 
-def _run(snapshot: Snapshot, query: Query, target: str, k: int, route: str | None, knobs: SearchKnobs | None,
-         exclude_self: bool, where: str | None) -> list[Found]:
+def _run(
+    snapshot: Snapshot,
+    query: Query,
+    target: str,
+    k: int,
+    route: str | None,
+    knobs: SearchKnobs | None,
+    exclude_self: bool,
+    where: str | None,
+) -> list[Found]:
     index = snapshot.index
     if query.parts:
         base = (1.0, "text", query.text) if query.text is not None else (1.0, "image", query.image)
@@ -157,7 +175,9 @@ def _run(snapshot: Snapshot, query: Query, target: str, k: int, route: str | Non
         vector = snapshot.vectors(kind, np.array([position]))[0]
         drop = position if exclude_self and kind == target else None
     fetch = k + 1 if drop is not None else k
-    scores, positions = index.search_vectors(target, vector[None, :].astype(np.float32), query.query_modality, fetch, route, knobs, where)
+    scores, positions = index.search_vectors(
+        target, vector[None, :].astype(np.float32), query.query_modality, fetch, route, knobs, where
+    )
     found = [Found(int(p), float(s)) for s, p in zip(scores[0], positions[0]) if p >= 0 and p != drop]
     return found[:k]
 

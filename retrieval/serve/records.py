@@ -43,6 +43,7 @@ def paired_image(snapshot: Snapshot, position: int) -> int | None:
 
 def first_caption(snapshot: Snapshot, image_position: int) -> str | None:
     """The first live caption paired with an image (its text), or None."""
+
     def build() -> dict[int, str]:
         table = snapshot.index.items("caption")
         out: dict[int, str] = {}
@@ -60,12 +61,21 @@ def hit(snapshot: Snapshot, kind: str, position: int, score: float, rank: int) -
     table = snapshot.index.items(kind)
     out: dict[str, Any] = {"rank": rank, "id": position, "kind": kind, "score": score}
     if kind == "image":
-        out.update(uri=table["uri"][position], width=int(table["width"][position]), height=int(table["height"][position]),
-                   caption=first_caption(snapshot, position), thumbnail=thumbnail_url(snapshot, position))
+        out.update(
+            uri=table["uri"][position],
+            width=int(table["width"][position]),
+            height=int(table["height"][position]),
+            caption=first_caption(snapshot, position),
+            thumbnail=thumbnail_url(snapshot, position),
+        )
     else:
         image = paired_image(snapshot, position)
-        out.update(caption=table["caption"][position], source=table["source"][position], image_id=image,
-                   thumbnail=thumbnail_url(snapshot, image))
+        out.update(
+            caption=table["caption"][position],
+            source=table["source"][position],
+            image_id=image,
+            thumbnail=thumbnail_url(snapshot, image),
+        )
     meta = metadata_at(table, position)
     out.update(url=_url(meta), metadata=meta)
     return out
@@ -107,7 +117,11 @@ def compat_metadata(snapshot: Snapshot, kind: str, position: int) -> dict[str, A
         caption = first_caption(snapshot, position)
     else:
         uri, caption = table["image_uri"][position], table["caption"][position]
-    meta: dict[str, Any] = {key: value for key, value in metadata_at(table, position).items() if key not in ("image_path", "caption", "image")}
+    meta: dict[str, Any] = {
+        key: value
+        for key, value in metadata_at(table, position).items()
+        if key not in ("image_path", "caption", "image")
+    }
     if uri:
         meta["image_path"] = uri
         if uri.startswith(("http://", "https://")) and not _url(meta):

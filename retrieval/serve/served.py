@@ -97,8 +97,16 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 class ServedIndex:
     """One index directory served under a name: its current snapshot, replaced when a newer build is committed."""
 
-    def __init__(self, name: str, path: Path, device: str = "auto", poll_s: float = 1.0, warm_up: bool = True,
-                 opener: Callable[[Path, str], Index] = open_index, freeze_gc: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        device: str = "auto",
+        poll_s: float = 1.0,
+        warm_up: bool = True,
+        opener: Callable[[Path, str], Index] = open_index,
+        freeze_gc: bool = False,
+    ) -> None:
         self.name, self.path, self.device, self.poll_s, self.warm_up = name, Path(path), device, poll_s, warm_up
         self.opener, self.freeze_gc = opener, freeze_gc
         self.switches = 0
@@ -138,7 +146,9 @@ class ServedIndex:
             if fresh.build != self._current.build:
                 old, self._current = self._current, fresh  # one reference assignment: the switch
                 self.switches += 1
-                if self.freeze_gc:  # the old build is freed by reference counting; the new one is kept from full collections
+                if (
+                    self.freeze_gc
+                ):  # the old build is freed by reference counting; the new one is kept from full collections
                     gc.freeze()
                 log.info("index %s: now serving build %s (was %s)", self.name, fresh.build, old.build)
         except Exception as e:  # a damaged directory: keep serving the build we have, retry on its next change
@@ -157,12 +167,21 @@ class ServedIndex:
 class ServedIndexes:
     """The served indexes by name; the first is the default."""
 
-    def __init__(self, entries: list[tuple[str, Path]], device: str = "auto", poll_s: float = 1.0, warm_up: bool = True,
-                 freeze_gc: bool = False, ray: str | None = None) -> None:
+    def __init__(
+        self,
+        entries: list[tuple[str, Path]],
+        device: str = "auto",
+        poll_s: float = 1.0,
+        warm_up: bool = True,
+        freeze_gc: bool = False,
+        ray: str | None = None,
+    ) -> None:
         """Open (and warm) each index; with ``freeze_gc``, then keep all that from the cyclic GC (see ServeConfig);
         with ``ray``, sharded indexes are searched by one Ray actor per shard."""
         opener = functools.partial(open_index, ray=ray) if ray else open_index
-        self.by_name = {name: ServedIndex(name, path, device, poll_s, warm_up, opener, freeze_gc) for name, path in entries}
+        self.by_name = {
+            name: ServedIndex(name, path, device, poll_s, warm_up, opener, freeze_gc) for name, path in entries
+        }
         self.default = entries[0][0]
         if freeze_gc:
             gc.freeze()

@@ -54,7 +54,9 @@ _Rows = list[tuple[int, dict[str, object]]]
 
 def _decode_error(path: Path, bad: BadLine, encoding: str, row: int) -> ItemError:
     logger.warning("%s line %d: %s", path, bad.line, bad.describe(encoding))
-    return ItemError(path=str(path), reason=bad.describe(encoding), kind="caption", row=row, line=bad.line, byte=bad.byte)
+    return ItemError(
+        path=str(path), reason=bad.describe(encoding), kind="caption", row=row, line=bad.line, byte=bad.byte
+    )
 
 
 def _read_txt(path: Path, encoding: str, caption_column: str) -> tuple[list[str], _Rows, list[ItemError]]:
@@ -161,9 +163,7 @@ def _check_columns(path: Path, columns: list[str], caption_column: str, template
         for field in template_fields(template):
             if field not in columns:
                 shown = "{" + field + "}" if field else "a positional {}"
-                raise InputError(
-                    f"{path}: template field {shown} is not a column; available columns: {available}"
-                )
+                raise InputError(f"{path}: template field {shown} is not a column; available columns: {available}")
     elif caption_column not in columns:
         raise InputError(
             f"{path}: no caption column {caption_column!r}; available columns: {available} "
@@ -211,8 +211,12 @@ def _row_image(row: Mapping[str, object], image_column: str, base: Path) -> Path
 
 
 def _build_records(
-    path: Path, rows: _Rows, errors: list[ItemError], caption_column: str,
-    image_column: str | None, template: str | None,
+    path: Path,
+    rows: _Rows,
+    errors: list[ItemError],
+    caption_column: str,
+    image_column: str | None,
+    template: str | None,
 ) -> CaptionFile:
     """Turn raw rows into CaptionRecords, collecting per-row errors."""
     source = str(path)
@@ -234,8 +238,14 @@ def _build_records(
             detail = f" ({len(errors)} rows skipped; first: row {first.row}: {first.reason})"
         raise InputError(f"no captions in {path}{detail}")
     if errors:
-        logger.warning("%s: skipped %d of %d rows (first: row %s: %s)",
-                       path, len(errors), len(errors) + len(records), errors[0].row, errors[0].reason)
+        logger.warning(
+            "%s: skipped %d of %d rows (first: row %s: %s)",
+            path,
+            len(errors),
+            len(errors) + len(records),
+            errors[0].row,
+            errors[0].reason,
+        )
     return CaptionFile(path=path, records=records, errors=errors)
 
 
@@ -255,8 +265,7 @@ def read_caption_file(
     suffix = file.suffix.lower()
     if suffix not in CAPTION_EXTENSIONS:
         raise InputError(
-            f"{path}: unsupported caption file type {suffix or '(none)'!r}; "
-            f"supported: {', '.join(CAPTION_EXTENSIONS)}"
+            f"{path}: unsupported caption file type {suffix or '(none)'!r}; supported: {', '.join(CAPTION_EXTENSIONS)}"
         )
     if not file.exists():
         raise InputError(f"{path}: no such file")

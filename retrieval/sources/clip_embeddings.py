@@ -92,9 +92,16 @@ def open_npy(path: Path) -> np.ndarray:
         raise InputError(f"{path}: missing") from None
     except (OSError, ValueError, EOFError) as e:
         raise InputError(f"{path}: not a readable .npy array ({e})") from None
-    if not isinstance(array, np.ndarray) or array.ndim != 2 or not np.issubdtype(array.dtype, np.floating) or array.shape[1] < 1:
-        raise InputError(f"{path}: a {getattr(array, 'dtype', '?')} array of shape {getattr(array, 'shape', '?')}; "
-                         "expected (rows, dim) float vectors")
+    if (
+        not isinstance(array, np.ndarray)
+        or array.ndim != 2
+        or not np.issubdtype(array.dtype, np.floating)
+        or array.shape[1] < 1
+    ):
+        raise InputError(
+            f"{path}: a {getattr(array, 'dtype', '?')} array of shape {getattr(array, 'shape', '?')}; "
+            "expected (rows, dim) float vectors"
+        )
     return array
 
 
@@ -131,7 +138,11 @@ def open_embedding_folder(root: str | Path) -> EmbeddingFolder:
     metadata = _numbered(root / METADATA[0], METADATA[1], ".parquet")
     if not metadata:
         raise InputError(f"{root / METADATA[0]}: no metadata_N.parquet files")
-    shards = {kind: _numbered(root / folder, prefix, ".npy") for kind, (folder, prefix) in KINDS.items() if (root / folder).is_dir()}
+    shards = {
+        kind: _numbered(root / folder, prefix, ".npy")
+        for kind, (folder, prefix) in KINDS.items()
+        if (root / folder).is_dir()
+    }
     if not any(shards.values()):
         raise InputError(f"{root}: no img_emb/img_emb_N.npy or text_emb/text_emb_N.npy files")
     parts, dims, start = [], {}, 0
@@ -141,11 +152,15 @@ def open_embedding_folder(root: str | Path) -> EmbeddingFolder:
         for kind, by_number in shards.items():
             if number not in by_number:
                 folder, prefix = KINDS[kind]
-                raise InputError(f"{root / folder / f'{prefix}{number}.npy'}: missing ({meta_path.name} has no {kind} embeddings)")
+                raise InputError(
+                    f"{root / folder / f'{prefix}{number}.npy'}: missing ({meta_path.name} has no {kind} embeddings)"
+                )
             array = open_npy(by_number[number])
             if len(array) != rows:
-                raise InputError(f"{by_number[number]}: {len(array)} rows, but {meta_path}: {rows} rows; "
-                                 "the embeddings and the metadata must have one row per sample")
+                raise InputError(
+                    f"{by_number[number]}: {len(array)} rows, but {meta_path}: {rows} rows; "
+                    "the embeddings and the metadata must have one row per sample"
+                )
             dim = dims.setdefault(kind, array.shape[1])
             if array.shape[1] != dim:
                 raise InputError(f"{by_number[number]}: dimension {array.shape[1]}, the other {kind} shards have {dim}")
@@ -199,11 +214,14 @@ def gather_embedded_rows(folder: EmbeddingFolder) -> EmbeddedRows:
     return out
 
 
-def _add_row(out: EmbeddedRows, folder: EmbeddingFolder, part: EmbeddingPart, local: int, fields: dict[str, Any],
-             seen: set[str]) -> None:
+def _add_row(
+    out: EmbeddedRows, folder: EmbeddingFolder, part: EmbeddingPart, local: int, fields: dict[str, Any], seen: set[str]
+) -> None:
     """The image and caption items of one metadata row."""
     source = str(part.metadata)
-    extra = {key: value for key, value in fields.items() if key not in (PATH_COLUMN, CAPTION_COLUMN) and value is not None}
+    extra = {
+        key: value for key, value in fields.items() if key not in (PATH_COLUMN, CAPTION_COLUMN) and value is not None
+    }
     uri = fields.get(PATH_COLUMN) or fields.get("url")
     uri = str(uri) if uri else None
     if "image" in folder.dims and uri is not None and uri not in seen:
@@ -218,7 +236,11 @@ def _add_row(out: EmbeddedRows, folder: EmbeddingFolder, part: EmbeddingPart, lo
     if caption is None:
         return
     if not isinstance(caption, str):
-        out.errors.append(ItemError(source, f"caption is a {type(caption).__name__}, not text", kind="caption", row=local))
+        out.errors.append(
+            ItemError(source, f"caption is a {type(caption).__name__}, not text", kind="caption", row=local)
+        )
         return
-    out.captions.append(CaptionRecord(text=caption, source=source, row=local, image=uri, metadata=extra))  # uri kept as a string
+    out.captions.append(
+        CaptionRecord(text=caption, source=source, row=local, image=uri, metadata=extra)
+    )  # uri kept as a string
     out.caption_rows.append(part.start + local)

@@ -150,15 +150,11 @@ def labelled_folder_images(root: str | Path) -> list[ImageRef]:
         found = _resolve_existing(_walk_images(label_dir))
         refs.extend(ImageRef(path=p, source=str(root), label=label_dir.name) for p in found)
     if not refs:
-        raise InputError(
-            f"{root}: no label sub-folders with images (expected ROOT/<label>/<image>, {_ext_list()})"
-        )
+        raise InputError(f"{root}: no label sub-folders with images (expected ROOT/<label>/<image>, {_ext_list()})")
     return _dedupe(refs)
 
 
-def labelled_folder_pairs(
-    root: str | Path, template: str = "a photo of a {label}"
-) -> list[CaptionRecord]:
+def labelled_folder_pairs(root: str | Path, template: str = "a photo of a {label}") -> list[CaptionRecord]:
     """One caption per image of a labelled folder, built from its label."""
     bad = [f for f in template_fields(template) if f != "label"]
     if bad:

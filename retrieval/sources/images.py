@@ -101,8 +101,9 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _bomb_reason(width: int, height: int, max_pixels: int) -> str:
-    return (f"decompression bomb: declared size {width}x{height} = {width * height} pixels "
-            f"exceeds max_pixels {max_pixels}")
+    return (
+        f"decompression bomb: declared size {width}x{height} = {width * height} pixels exceeds max_pixels {max_pixels}"
+    )
 
 
 def _open_image(
@@ -141,8 +142,16 @@ def _open_image(
 
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # EXIF orientation -> (upright x axis runs backwards in the file, upright y axis does)
-_REVERSED_AXES = {1: (False, False), 2: (True, False), 3: (True, True), 4: (False, True),
-                  5: (False, False), 6: (True, False), 7: (True, True), 8: (False, True)}
+_REVERSED_AXES = {
+    1: (False, False),
+    2: (True, False),
+    3: (True, True),
+    4: (False, True),
+    5: (False, False),
+    6: (True, False),
+    7: (True, True),
+    8: (False, True),
+}
 
 DRAFT_INFO = "retrieval.draft"
 """``LoadedImage.image.info`` key set when a JPEG was decoded at reduced scale: a tuple

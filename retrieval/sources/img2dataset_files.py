@@ -52,15 +52,26 @@ def with_sidecars(refs: Iterable[ImageRef]) -> ShardItems:
         try:
             metadata, text = _sidecars(ref)
         except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            out.errors.append(ItemError(path=str(ref.path.with_suffix(".json")), kind="caption",
-                                        reason=f"unreadable img2dataset sidecar ({type(e).__name__}: {e}); image kept without it"))
+            out.errors.append(
+                ItemError(
+                    path=str(ref.path.with_suffix(".json")),
+                    kind="caption",
+                    reason=f"unreadable img2dataset sidecar ({type(e).__name__}: {e}); image kept without it",
+                )
+            )
             metadata, text = None, None
         if metadata is None:
             out.images.append(ref)
             continue
         out.images.append(replace(ref, metadata=metadata))
         if text is None:
-            out.errors.append(ItemError(path=str(ref.path), kind="caption", reason="no caption (.txt or json 'caption'); image kept without it"))
+            out.errors.append(
+                ItemError(
+                    path=str(ref.path),
+                    kind="caption",
+                    reason="no caption (.txt or json 'caption'); image kept without it",
+                )
+            )
         else:
             source = ref.path.with_suffix(".txt")
             out.captions.append(CaptionRecord(text=text, source=str(source), row=1, image=ref.path, metadata=metadata))

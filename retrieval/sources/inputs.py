@@ -22,8 +22,13 @@ from retrieval.sources.webdataset_tar import ShardItems, read_tar_shard
 PROGRESS_DELAY = 1.0  # seconds a scan runs before its progress bar shows (short scans print nothing)
 
 
-def read_containers(arg: str | Path, files: Sequence[Path], caption_column: str = "caption",
-                    image_column: str = "image", progress: bool = False) -> ShardItems:
+def read_containers(
+    arg: str | Path,
+    files: Sequence[Path],
+    caption_column: str = "caption",
+    image_column: str = "image",
+    progress: bool = False,
+) -> ShardItems:
     """The items of the tar/parquet ``files`` one argument named (resolved paths, as
     :func:`container_files` gives them), shard by shard in order (several read at once where the
     reads wait for storage: :mod:`retrieval.sources.scan_pool`); InputError when none has an image.
@@ -35,8 +40,15 @@ def read_containers(arg: str | Path, files: Sequence[Path], caption_column: str 
         return read_parquet_images(path, caption_column, image_column, str(arg))
 
     got = ShardItems()
-    with tqdm(total=len(files), desc="scanning shards", unit="shard", file=sys.stderr, delay=PROGRESS_DELAY,
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(files),
+        desc="scanning shards",
+        unit="shard",
+        file=sys.stderr,
+        delay=PROGRESS_DELAY,
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for part in read_in_order(files, read):
             got.extend(part)
             bar.update(1)
@@ -47,8 +59,9 @@ def read_containers(arg: str | Path, files: Sequence[Path], caption_column: str 
     return got
 
 
-def read_image_sources(args: Sequence[str | Path], caption_column: str = "caption", image_column: str = "image",
-                       progress: bool = False) -> ShardItems:
+def read_image_sources(
+    args: Sequence[str | Path], caption_column: str = "caption", image_column: str = "image", progress: bool = False
+) -> ShardItems:
     """Items of every ``--images`` argument in order, de-duplicated by location (first kept);
     ``progress``: a bar on stderr while many shards are scanned.
 

@@ -16,9 +16,7 @@ from retrieval.sources.images import (  # noqa: F401  (re-exported)
     normalize_image,
 )
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 CAPTION_EXTENSIONS: tuple[str, ...] = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
@@ -51,7 +49,9 @@ class ImageRef:
     uri: str | None = None
     opener: Opener | None = field(default=None, compare=False, repr=False)
     version: str | int | None = None
-    metadata: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # source fields (e.g. img2dataset's json)
+    metadata: Mapping[str, Any] | None = field(
+        default=None, compare=False, repr=False
+    )  # source fields (e.g. img2dataset's json)
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.opener is None):
@@ -109,7 +109,9 @@ class CaptionRecord:
     row: int
     image: Path | str | None = None  # the paired image: a file path, or the uri of an item that is not a file
     label: str | None = None
-    metadata: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)  # source fields (e.g. img2dataset's json)
+    metadata: Mapping[str, Any] | None = field(
+        default=None, compare=False, repr=False
+    )  # source fields (e.g. img2dataset's json)
 
     @property
     def id(self) -> str:

@@ -87,8 +87,9 @@ def _key(row: dict[str, Any], number: int) -> str:
     return str(key) if isinstance(key, (str, int)) and str(key).strip() else f"row{number}"
 
 
-def read_parquet_images(path: str | Path, caption_column: str = "caption", preferred_image_column: str = "image",
-                        source: str = "") -> ShardItems:
+def read_parquet_images(
+    path: str | Path, caption_column: str = "caption", preferred_image_column: str = "image", source: str = ""
+) -> ShardItems:
     """The items of one parquet file with image bytes (see the module docstring)."""
     import pyarrow.parquet as pq
 
@@ -102,15 +103,21 @@ def read_parquet_images(path: str | Path, caption_column: str = "caption", prefe
     schema = parquet.schema_arrow
     column = image_column(schema, preferred_image_column)
     if column is None:
-        raise InputError(f"{file}: no column of image bytes (binary, or a struct {{bytes, path}}); "
-                         "a parquet of captions goes to --captions")
+        raise InputError(
+            f"{file}: no column of image bytes (binary, or a struct {{bytes, path}}); "
+            "a parquet of captions goes to --captions"
+        )
     kept = [f.name for f in schema if f.name != column and not _is_bytes(f.type) and not _is_image_struct(f.type)]
     stat = os.stat(file)
     stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
     state = _Rows(file, source or str(file), column, stamp, caption_column if caption_column in kept else None, out)
     for group in range(parquet.num_row_groups):
         try:
-            rows = parquet.read_row_group(group, columns=kept).to_pylist() if kept else [{}] * parquet.metadata.row_group(group).num_rows
+            rows = (
+                parquet.read_row_group(group, columns=kept).to_pylist()
+                if kept
+                else [{}] * parquet.metadata.row_group(group).num_rows
+            )
         except Exception as e:  # a corrupt row group costs its rows, not the file
             state.skip_group(group, parquet.metadata.row_group(group).num_rows, e)
             continue
@@ -122,7 +129,9 @@ def read_parquet_images(path: str | Path, caption_column: str = "caption", prefe
 class _Rows:
     """Turns the rows of one parquet file into items, numbering them across row groups."""
 
-    def __init__(self, file: Path, source: str, column: str, stamp: str, caption_column: str | None, out: ShardItems) -> None:
+    def __init__(
+        self, file: Path, source: str, column: str, stamp: str, caption_column: str | None, out: ShardItems
+    ) -> None:
         self.file, self.source, self.column, self.stamp = file, source, column, stamp
         self.caption_column = caption_column
         self.out = out
@@ -132,26 +141,49 @@ class _Rows:
     def skip_group(self, group: int, count: int, error: Exception) -> None:
         first = self.number + 1
         self.number += count
-        self.out.errors.append(ItemError(path=str(self.file), row=first, reason=(
-            f"row group {group} (rows {first}..{self.number}) cannot be read ({type(error).__name__}: {error}); skipped")))
+        self.out.errors.append(
+            ItemError(
+                path=str(self.file),
+                row=first,
+                reason=(
+                    f"row group {group} (rows {first}..{self.number}) cannot be read ({type(error).__name__}: {error}); skipped"
+                ),
+            )
+        )
 
     def add(self, group: int, index: int, row: dict[str, Any]) -> None:
         self.number += 1
         key = _key(row, self.number)
         if key in self.seen:
-            self.out.errors.append(ItemError(path=str(self.file), row=self.number, reason=f"duplicate key {key!r}; skipped"))
+            self.out.errors.append(
+                ItemError(path=str(self.file), row=self.number, reason=f"duplicate key {key!r}; skipped")
+            )
             return
         self.seen.add(key)
         metadata = {name: _plain(value) for name, value in row.items()}
         uri = f"{self.file}#{key}"
-        self.out.images.append(ImageRef(
-            source=self.source, uri=uri, version=f"{self.stamp}:{group}:{index}", metadata=metadata,
-            opener=ParquetCell(str(self.file), self.stamp, group, index, self.column)))
+        self.out.images.append(
+            ImageRef(
+                source=self.source,
+                uri=uri,
+                version=f"{self.stamp}:{group}:{index}",
+                metadata=metadata,
+                opener=ParquetCell(str(self.file), self.stamp, group, index, self.column),
+            )
+        )
         if self.caption_column is None:
             return
         text = row.get(self.caption_column)
         if not isinstance(text, str) or not text.strip():
-            self.out.errors.append(ItemError(path=str(self.file), row=self.number, kind="caption",
-                                             reason=f"row {key!r}: no caption in column {self.caption_column!r}; image kept without it"))
+            self.out.errors.append(
+                ItemError(
+                    path=str(self.file),
+                    row=self.number,
+                    kind="caption",
+                    reason=f"row {key!r}: no caption in column {self.caption_column!r}; image kept without it",
+                )
+            )
             return
-        self.out.captions.append(CaptionRecord(text=text.strip(), source=str(self.file), row=self.number, image=uri, metadata=metadata))
+        self.out.captions.append(
+            CaptionRecord(text=text.strip(), source=str(self.file), row=self.number, image=uri, metadata=metadata)
+        )

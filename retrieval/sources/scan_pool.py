@@ -34,7 +34,7 @@ def read_in_order(files: Sequence[F], read: Callable[[F], T], threads: int = SCA
     for file in probe:
         yield read(file)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    rest = files[len(probe):]
+    rest = files[len(probe) :]
     if threads <= 1 or len(rest) < 2 or not reads_wait(wall, cpu):
         for file in rest:
             yield read(file)

@@ -23,7 +23,7 @@ def expand_braces(text: str) -> list[str]:
     match = _BRACE.search(text)
     if match is None:
         return [text]
-    head, body, tail = text[: match.start()], match.group(1), text[match.end():]
+    head, body, tail = text[: match.start()], match.group(1), text[match.end() :]
     numbers = _RANGE.match(body)
     if numbers:
         first, last = numbers.group(1), numbers.group(2)
@@ -91,13 +91,14 @@ def _folder_containers(folder: Path) -> list[Path] | None:
     from retrieval.sources.items import IMAGE_EXTENSIONS
 
     has_images = any(
-        os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        for _, _, files in os.walk(folder) for name in files
+        os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for _, _, files in os.walk(folder) for name in files
     )
     if has_images:
         return None
     real = folder.resolve()
-    with os.scandir(folder) as entries:  # a plain entry of the resolved folder is its own real path: one resolve, not one a shard
+    with os.scandir(
+        folder
+    ) as entries:  # a plain entry of the resolved folder is its own real path: one resolve, not one a shard
         files = sorted(
             Path(entry.path).resolve() if entry.is_symlink() else real / entry.name
             for entry in entries

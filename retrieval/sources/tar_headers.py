@@ -93,14 +93,16 @@ def _pax(data: bytes, offset: int) -> dict[str, str]:
     """The ``key=value`` records of a pax extended header."""
     records: dict[str, str] = {}
     pos = 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
+    while pos < len(data) and data[pos : pos + 1] != b"\0":
         space = data.find(b" ", pos)
         try:
             length = int(data[pos:space])
         except ValueError:
             raise TarDamage(offset, "invalid pax record") from None
         record = data[space + 1 : pos + length - 1]
-        if length <= 0 or b"=" not in record or data[pos + length - 1 : pos + length] != b"\n":  # each record ends its length with a newline
+        if (
+            length <= 0 or b"=" not in record or data[pos + length - 1 : pos + length] != b"\n"
+        ):  # each record ends its length with a newline
             raise TarDamage(offset, "invalid pax record")
         key, value = record.split(b"=", 1)
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")

@@ -102,6 +102,11 @@ def decode_text(path: Path, encoding: str, header_lines: int = 0) -> DecodedText
         raise _refuse(path, encoding, first.byte, first.reason, f" on line {first.line}, its first row") from None
     if len(bad) > 1 and len(bad) > MAX_BAD_LINE_FRACTION * len(content):
         where = min(bad.values(), key=lambda b: b.line)
-        raise _refuse(path, encoding, where.byte, where.reason,
-                      f"; {len(bad)} of {len(content)} lines fail, so the file is not {encoding}") from None
+        raise _refuse(
+            path,
+            encoding,
+            where.byte,
+            where.reason,
+            f"; {len(bad)} of {len(content)} lines fail, so the file is not {encoding}",
+        ) from None
     return DecodedText("".join(pieces), bad)

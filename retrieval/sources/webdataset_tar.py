@@ -141,7 +141,10 @@ class _Scan:
         sample[ext] = member
         if ext in ("txt", "json"):
             if member.size > MAX_SIDECAR_BYTES:
-                self.error(f"member {member.name!r}: {member.size} bytes, too large for a caption or metadata; skipped", "caption")
+                self.error(
+                    f"member {member.name!r}: {member.size} bytes, too large for a caption or metadata; skipped",
+                    "caption",
+                )
                 return
             self.sidecars[(key, ext)] = window.read(member.offset, member.size)
 
@@ -150,7 +153,9 @@ def _image_ext(scan: _Scan, key: str, sample: dict[str, Member], row: int) -> st
     """The sample's image extension (the first one; any other image member is reported)."""
     found = [ext for ext in sample if "." + ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
     for extra in found[1:]:
-        scan.error(f"member {sample[extra].name!r}: sample {key!r} already has an image (.{found[0]}); skipped", "image", row)
+        scan.error(
+            f"member {sample[extra].name!r}: sample {key!r} already has an image (.{found[0]}); skipped", "image", row
+        )
     return found[0] if found else None
 
 
@@ -164,7 +169,11 @@ def _metadata(scan: _Scan, key: str, member: str, row: int) -> dict[str, Any]:
         scan.error(f"member {member!r}: invalid JSON metadata ({e}); kept without it", "image", row)
         return {}
     if not isinstance(value, dict):
-        scan.error(f"member {member!r}: metadata is a JSON {type(value).__name__}, not an object; kept without it", "image", row)
+        scan.error(
+            f"member {member!r}: metadata is a JSON {type(value).__name__}, not an object; kept without it",
+            "image",
+            row,
+        )
         return {}
     return value
 
@@ -197,14 +206,23 @@ def read_tar_shard(path: str | Path, source: str = "", resolved: bool = False) -
         if ext is None:
             if sample:
                 kind = "caption" if "txt" in sample else "image"
-                scan.error(f"sample {key!r} has no image member ({', '.join('.' + e for e in sample)}); skipped", kind, row)
+                scan.error(
+                    f"sample {key!r} has no image member ({', '.join('.' + e for e in sample)}); skipped", kind, row
+                )
             continue
         info = sample[ext]
         metadata = _metadata(scan, key, info.name, row)
         uri = f"{shard}#{key}"
         version = f"{stat.st_size}:{stat.st_mtime_ns}:{info.offset}:{info.size}"
-        out.images.append(ImageRef(source=source or str(shard), uri=uri, version=version, metadata=metadata,
-                                   opener=TarMember(str(shard), info.offset, info.size)))
+        out.images.append(
+            ImageRef(
+                source=source or str(shard),
+                uri=uri,
+                version=version,
+                metadata=metadata,
+                opener=TarMember(str(shard), info.offset, info.size),
+            )
+        )
         text = _caption(scan, key, metadata, row)
         if text is not None:
             out.captions.append(CaptionRecord(text=text, source=str(shard), row=row, image=uri, metadata=metadata))

@@ -62,9 +62,17 @@ class ClipLayoutWriter:
         import pyarrow.parquet as pq
 
         if not (len(image) == len(text) == metadata.num_rows):
-            raise ValueError(f"partition {number}: {len(image)} image rows, {len(text)} text rows, {metadata.num_rows} metadata rows")
-        np.save(self.tmp / "img_emb" / f"img_emb_{self.name(number)}.npy", np.asarray(image, np.float16), allow_pickle=False)
-        np.save(self.tmp / "text_emb" / f"text_emb_{self.name(number)}.npy", np.asarray(text, np.float16), allow_pickle=False)
+            raise ValueError(
+                f"partition {number}: {len(image)} image rows, {len(text)} text rows, {metadata.num_rows} metadata rows"
+            )
+        np.save(
+            self.tmp / "img_emb" / f"img_emb_{self.name(number)}.npy", np.asarray(image, np.float16), allow_pickle=False
+        )
+        np.save(
+            self.tmp / "text_emb" / f"text_emb_{self.name(number)}.npy",
+            np.asarray(text, np.float16),
+            allow_pickle=False,
+        )
         pq.write_table(metadata, self.tmp / "metadata" / f"metadata_{self.name(number)}.parquet")
 
     def write_faiss(self, name: str, index: Any) -> None:

@@ -81,8 +81,12 @@ def append_rows(previous: "pa.Table", table: "pa.Table") -> "pa.Table":  # noqa:
         return table
     for name in table.column_names:
         if name not in previous.column_names:
-            previous = previous.append_column(table.schema.field(name), pa.nulls(previous.num_rows, table.schema.field(name).type))
+            previous = previous.append_column(
+                table.schema.field(name), pa.nulls(previous.num_rows, table.schema.field(name).type)
+            )
     for name in previous.column_names:
         if name not in table.column_names:
-            table = table.append_column(previous.schema.field(name), pa.nulls(table.num_rows, previous.schema.field(name).type))
+            table = table.append_column(
+                previous.schema.field(name), pa.nulls(table.num_rows, previous.schema.field(name).type)
+            )
     return pa.concat_tables([previous, table.select(previous.column_names).cast(previous.schema)])

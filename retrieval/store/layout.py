@@ -22,8 +22,6 @@ ERRORS_NAME = "errors.jsonl"
 LOCK_NAME = ".lock"
 
 
-
-
 VECTOR_CHUNK_ROWS = 65_536  # rows converted and written at a time
 
 

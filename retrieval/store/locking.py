@@ -155,11 +155,15 @@ def _locked_message(root: Path, fd: int) -> str:
     holders = lock_holders(fd)
     if holders and build is not None and build not in holders:
         pids = ", ".join(str(pid) for pid in holders)
-        return (f"{root}: index is locked by leftover worker processes {pids} of a build (pid {build}) that died; "
-                "kill them or wait for them to exit")
+        return (
+            f"{root}: index is locked by leftover worker processes {pids} of a build (pid {build}) that died; "
+            "kill them or wait for them to exit"
+        )
     who = f"pid {build}" if build else "pid unknown"
-    return (f"{root}: index is locked by another build ({who}); "
-            "wait for it to finish, or build into another --index directory")
+    return (
+        f"{root}: index is locked by another build ({who}); "
+        "wait for it to finish, or build into another --index directory"
+    )
 
 
 def lock_holders(fd: int) -> list[int]:
@@ -216,4 +220,3 @@ def writer_lock(root: str | Path) -> Iterator[WriterLock]:
         yield lock
     finally:
         lock.release()
-

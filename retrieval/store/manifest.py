@@ -91,6 +91,8 @@ def read_manifest(root: Path, kind: str) -> dict[str, Any]:
     if manifest.get("kind") != kind:
         raise IndexFormatError(f"{path}: this is a {manifest.get('kind')!r} directory, expected {kind!r}")
     if "manifest_sha256" in manifest and manifest_digest(manifest) != manifest["manifest_sha256"]:
-        raise IndexFormatError(f"{path}: the manifest does not match its own checksum (damaged or edited); rebuild the index")
+        raise IndexFormatError(
+            f"{path}: the manifest does not match its own checksum (damaged or edited); rebuild the index"
+        )
     _check_structure(manifest, path)
     return manifest

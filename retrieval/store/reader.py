@@ -197,7 +197,9 @@ class StoreReader:
         parts = [self.read_array(rel, mmap=True) for rel in shards]
         for rel, part in zip(shards, parts):
             if part.ndim != 2 or not np.issubdtype(part.dtype, np.floating):
-                raise IndexFormatError(f"{self.root / rel}: a {part.dtype} array of shape {part.shape}, expected vector rows")
+                raise IndexFormatError(
+                    f"{self.root / rel}: a {part.dtype} array of shape {part.shape}, expected vector rows"
+                )
         return VectorSource(parts)
 
     def read_vectors(self, shards: list[str]) -> np.ndarray:
@@ -207,7 +209,9 @@ class StoreReader:
             return np.zeros((0, 0), np.float32)
         for rel, part in zip(shards, parts):
             if part.ndim != 2 or part.shape[1] != parts[0].shape[1] or not np.issubdtype(part.dtype, np.floating):
-                raise IndexFormatError(f"{self.root / rel}: a {part.dtype} array of shape {part.shape}, expected vector rows")
+                raise IndexFormatError(
+                    f"{self.root / rel}: a {part.dtype} array of shape {part.shape}, expected vector rows"
+                )
         return np.concatenate(parts).astype(np.float32)
 
     def read_table(self, rel: str) -> "pa.Table":  # noqa: F821
@@ -253,7 +257,9 @@ class StoreReader:
 
         index_path, lists_path = self.path(rel), self.path(lists)  # both verified
         if index_path != self.root / rel or lists_path != self.root / lists:
-            raise IndexFormatError(f"{self.root / rel}: replaced by a newer build while this index was open; open it again")
+            raise IndexFormatError(
+                f"{self.root / rel}: replaced by a newer build while this index was open; open it again"
+            )
         try:
             return read_ondisk_index(index_path, lists_path, in_memory=in_memory)
         except RuntimeError as e:

@@ -192,7 +192,11 @@ def remove_stale_files(root: Path, keep: set[str]) -> list[str]:
             continue
         for path in sorted(base.rglob("*")):
             rel = path.relative_to(root).as_posix()
-            if path.is_file() and rel not in keep and (BUILD_ID_PATTERN.search(path.name) or path.name.endswith(".tmp")):
+            if (
+                path.is_file()
+                and rel not in keep
+                and (BUILD_ID_PATTERN.search(path.name) or path.name.endswith(".tmp"))
+            ):
                 path.unlink(missing_ok=True)
                 removed.append(rel)
     for path in sorted(root.iterdir()):
