@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from retrieval.core.version import __version__
 from retrieval.serve import api_v1, clip_back
+from retrieval.serve.api_docs import add_docs_routes
 from retrieval.serve.config import ServeConfig
 from retrieval.serve.errors import ApiError
 from retrieval.serve.fetch import FetchPolicy
@@ -86,6 +87,8 @@ def create_app(config: ServeConfig, served: ServedIndexes | None = None) -> Fast
         version=__version__,
         default_response_class=SafeJSON,
         description="Vision-language search: /api/v1, clip-back compatible endpoints, thumbnails, metrics.",
+        docs_url=None,  # /docs is served from the installed swagger-ui-bundle-v2 package, not a CDN
+        redoc_url=None,
     )
     app.state.config = config
     app.state.served = served or ServedIndexes(
@@ -99,6 +102,7 @@ def create_app(config: ServeConfig, served: ServedIndexes | None = None) -> Fast
     )
     add_error_handlers(app)
     add_plain_routes(app, config)
+    add_docs_routes(app)
     app.include_router(api_v1.router)
     app.include_router(clip_back.router)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
