@@ -7,14 +7,14 @@ set of anchor (image, caption) pairs.
 
 from __future__ import annotations
 
-from retrieval.api.build import build_anchors, build_index  # noqa: E402
-from retrieval.api.dedup import DuplicateGroup, DuplicateItem  # noqa: E402
-from retrieval.api.engine import Index, open_index  # noqa: E402
-from retrieval.api.update import UpdateReport, add_to_index, remove_from_index  # noqa: E402
-from retrieval.asif.anchors import AnchorSet, load_anchor_set  # noqa: E402
-from retrieval.asif.relative import AsifParams  # noqa: E402
-from retrieval.core.config import CaptionOptions, EncoderChoice, IndexOptions  # noqa: E402
-from retrieval.core.errors import (  # noqa: E402
+from retrieval.api.build import build_anchors, build_index
+from retrieval.api.dedup import DuplicateGroup, DuplicateItem
+from retrieval.api.engine import Index, open_index
+from retrieval.api.update import UpdateReport, add_to_index, remove_from_index
+from retrieval.asif.anchors import AnchorSet, load_anchor_set
+from retrieval.asif.relative import AsifParams
+from retrieval.core.config import CaptionOptions, EncoderChoice, IndexOptions
+from retrieval.core.errors import (
     EncoderError,
     EncoderMismatchError,
     ImageDecodeError,
@@ -23,11 +23,11 @@ from retrieval.core.errors import (  # noqa: E402
     InputError,
     RetrievalError,
 )
-from retrieval.core.hits import CaptionHit, ImageHit  # noqa: E402
-from retrieval.core.query import Query, QueryPart  # noqa: E402
+from retrieval.core.hits import CaptionHit, ImageHit
+from retrieval.core.query import Query, QueryPart
 from retrieval.core.version import __version__
-from retrieval.embed.pipeline import EmbedOptions  # noqa: E402
-from retrieval.index.spec import SearchKnobs  # noqa: E402
+from retrieval.embed.pipeline import EmbedOptions
+from retrieval.index.spec import SearchKnobs
 
 __all__ = [
     "AnchorSet",

@@ -14,10 +14,11 @@ A build is three stages, each callable on its own:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,6 +44,9 @@ from retrieval.sources.items import CaptionRecord, ImageRef, ItemError
 from retrieval.sources.webdataset_tar import ShardItems
 from retrieval.store.locking import writer_lock
 from retrieval.store.provenance import encoder_record
+
+if TYPE_CHECKING:
+    from retrieval.api.engine import Index
 
 if TYPE_CHECKING:
     from retrieval.embed.ray_pipeline import RayOptions
@@ -187,7 +191,7 @@ def build_index(
     index_options: IndexOptions = IndexOptions(),
     ray: str | RayOptions | None = None,
     image_views: str = "none",
-) -> "Index":  # noqa: F821
+) -> Index:
     """Embed images and captions and write an index directory; returns the opened index.
 
     With a contrastive ``encoders.clip`` model both kinds share one space. With
@@ -274,7 +278,8 @@ def _check_choice(
         )
     if not encoders.is_contrastive and not anchors:
         raise InputError(
-            "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or builtin:imagenet"
+            "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or "
+            "builtin:imagenet"
         )
     return anchors
 

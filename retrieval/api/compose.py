@@ -23,7 +23,8 @@ modalities land without projection.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -83,7 +84,7 @@ def encoded_parts(index: Any, query: Query) -> dict[str, np.ndarray]:
 def combined(rows: Sequence[Any], weights: Sequence[float]) -> Any:
     """``sum(w * row)`` renormalised (L2): one (1, d) dense or CSR row; an error when the parts cancel out."""
     total = rows[0] * weights[0]
-    for row, weight in zip(rows[1:], weights[1:]):
+    for row, weight in zip(rows[1:], weights[1:], strict=True):
         total = total + row * weight
     if sp.issparse(total):
         total = sp.csr_matrix(total, dtype=np.float32)
@@ -147,7 +148,7 @@ def search_query(
     fetch = k + len(drop) if dedup is None else 3 * k + len(drop)
     while True:
         scores, positions = index.search_rows(target, route, rows, min(fetch, live), knobs, **options)
-        pairs = [(s, p) for s, p in zip(scores[0], positions[0]) if p >= 0 and ids[p] not in drop]
+        pairs = [(s, p) for s, p in zip(scores[0], positions[0], strict=True) if p >= 0 and ids[p] not in drop]
         if dedup is not None:
             pairs = [pairs[i] for i in distinct(index, target, [p for _, p in pairs], dedup)]
         if len(pairs) >= k or fetch >= live:

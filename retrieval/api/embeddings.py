@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from retrieval.sources.clip_embeddings import (
 from retrieval.sources.items import ImageRef
 from retrieval.store.locking import writer_lock
 from retrieval.store.provenance import encoder_record
+
+if TYPE_CHECKING:
+    from retrieval.api.engine import Index
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ class EmbeddingsOptions:
     progress: bool = True
 
 
-def build_index_from_embeddings(embeddings: str | Path, index: str | Path, options: EmbeddingsOptions) -> "Index":  # noqa: F821
+def build_index_from_embeddings(embeddings: str | Path, index: str | Path, options: EmbeddingsOptions) -> Index:
     """Write the index ``index`` from the clip-retrieval embedding folder ``embeddings``; returns it opened.
 
     Every file is checked before anything is written (missing shards, row counts, shapes, the encoder's

@@ -1,13 +1,16 @@
-"""The query side: open an index directory and answer text -> image, image -> caption, image -> image and text -> caption.
+"""The query side: open an index directory and answer text -> image, image -> caption, image -> image and
+text -> caption.
 
-One :class:`Index` may be queried from many threads at once: its parts load once, on first use (see :mod:`retrieval.api.lazy`).
+One :class:`Index` may be queried from many threads at once: its parts load once, on first use
+(see :mod:`retrieval.api.lazy`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -333,8 +336,9 @@ class Index(VectorParts):
         min_score: float | None = None,
         offset: int = 0,
     ) -> list[ImageHit] | list[CaptionHit]:
-        """The ``k`` ``target`` items (``image``/``caption``) best matching a composed :class:`~retrieval.core.query.Query`:
-        see :func:`retrieval.api.compose.search_query` (``dedup``: a cosine; ``exclude``: ids) and its module docstring;
+        """The ``k`` ``target`` items (``image``/``caption``) best matching a composed
+        :class:`~retrieval.core.query.Query`: see :func:`retrieval.api.compose.search_query` (``dedup``: a cosine;
+        ``exclude``: ids) and its module docstring;
         ``where``, ``min_score`` and ``offset`` as in :meth:`text_to_image`."""
         from retrieval.api.compose import search_query
 

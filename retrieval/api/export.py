@@ -1,4 +1,5 @@
-"""Export a CLIP index in clip-retrieval's layout, so ``clip-retrieval back`` can serve it or a build can come back from it.
+"""Export a CLIP index in clip-retrieval's layout, so ``clip-retrieval back`` can serve it or a build can come
+back from it.
 
 clip-retrieval has one row per sample, an image and its caption side by side, and one metadata
 table both FAISS indexes point into. An index here holds images and captions as separate items,
@@ -21,15 +22,19 @@ only when it was built with a CLIP encoder.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrieval.core.errors import InputError
 from retrieval.store.clip_layout import INDICES_PATHS, ClipLayoutWriter
 from retrieval.store.item_metadata import metadata_at
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 FORMATS = ("clip-retrieval",)
 PART_ROWS = 1_000_000  # metadata rows per partition, as clip-retrieval writes them in batches
@@ -125,7 +130,7 @@ def _write_parts(writer: ClipLayoutWriter, index: Any, rows: tuple[np.ndarray, n
     image_rows, caption_rows = rows
     for number, start in enumerate(range(0, max(len(image_rows), 1), PART_ROWS)):
         ip, cp = image_rows[start : start + PART_ROWS], caption_rows[start : start + PART_ROWS]
-        records = [_record(images, captions, int(i), int(c)) for i, c in zip(ip, cp)]
+        records = [_record(images, captions, int(i), int(c)) for i, c in zip(ip, cp, strict=True)]
         writer.write_part(number, sources["image"].take(ip), sources["caption"].take(cp), metadata_table(records))
 
 
@@ -141,7 +146,7 @@ def _record(images: dict[str, list], captions: dict[str, list], image: int, capt
     return fields
 
 
-def metadata_table(records: Sequence[dict[str, Any]]) -> "pa.Table":  # noqa: F821
+def metadata_table(records: Sequence[dict[str, Any]]) -> pa.Table:
     """``image_path`` and ``caption`` first, then every other field; a field whose values do not form one
     column type is written as JSON text."""
     import pyarrow as pa

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from retrieval.asif.anchors import AnchorSet, AnchorSpaces, anchor_texts_of
 from retrieval.core.errors import IndexFormatError
@@ -26,7 +27,7 @@ def load_anchor_spaces(store: StoreReader, manifest: Mapping[str, Any], path: Pa
             meta["text_encoder"],
             texts=anchor_texts_of(meta),
         )
-        for meta, files in zip(manifest["anchors"], stored)
+        for meta, files in zip(manifest["anchors"], stored, strict=True)
     ]
     return AnchorSpaces(sets, [meta["weight"] for meta in manifest["anchors"]])
 

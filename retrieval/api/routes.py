@@ -12,8 +12,9 @@ text -> caption    ``clip``               ``unimodal`` (the text encoder's own s
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def image_id(image: Any) -> str | None:
 
 def live(scores: np.ndarray, positions: np.ndarray) -> list[tuple[float, int]]:
     """(score, position) pairs of one result row, padding (-1) dropped."""
-    return [(float(score), int(pos)) for score, pos in zip(scores, positions) if pos >= 0]
+    return [(float(score), int(pos)) for score, pos in zip(scores, positions, strict=True) if pos >= 0]
 
 
 def _ranked(
@@ -123,7 +124,7 @@ def image_hits(
                 _ranked(table, row_scores, row_positions, drop[row] if drop else None, k)
             )
         ]
-        for row, (row_scores, row_positions) in enumerate(zip(scores, positions))
+        for row, (row_scores, row_positions) in enumerate(zip(scores, positions, strict=True))
     ]
 
 
@@ -142,5 +143,5 @@ def caption_hits(table: Mapping[str, list], scores: np.ndarray, positions: np.nd
             )
             for rank, (score, pos) in enumerate(_ranked(table, row_scores, row_positions, None, None))
         ]
-        for row_scores, row_positions in zip(scores, positions)
+        for row_scores, row_positions in zip(scores, positions, strict=True)
     ]

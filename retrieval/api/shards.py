@@ -32,7 +32,7 @@ def shard_ranges(record: dict[str, Any] | None, count: int, where: str) -> list[
         ranges.append(ShardRange(*bound))
     if (
         ranges[0].start != 0
-        or any(a.stop != b.start or len(a) <= 0 for a, b in zip(ranges, ranges[1:]))
+        or any(a.stop != b.start or len(a) <= 0 for a, b in zip(ranges, ranges[1:], strict=False))
         or len(ranges[-1]) <= 0
     ):
         raise IndexFormatError(f"{where}: index shard ranges {bounds} do not cover the rows in order")
@@ -48,7 +48,7 @@ def open_shards(store: StoreReader, rels: list[str], record: dict[str, Any] | No
 
         return RayShardedIndex([store.path(rel) for rel in rels], ranges, ray)
     shards = [store.read_faiss(rel, mmap=mmap) for rel in rels]
-    for rel, shard, bound in zip(rels, shards, ranges):
+    for rel, shard, bound in zip(rels, shards, ranges, strict=True):
         if shard.ntotal != len(bound):
             raise IndexFormatError(
                 f"{store.root / rel}: {shard.ntotal} vectors, its range holds {len(bound)}; rebuild the index"

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -172,7 +173,8 @@ def _prepare(index_path: str | Path, device: str) -> Index:
     ):
         if index.manifest["files"].get(group):
             raise InputError(
-                f"{index_path}: its vector indexes are {what}; add and remove do not update those yet: rebuild the index"
+                f"{index_path}: its vector indexes are {what}; add and remove do not update those yet: rebuild the "
+                "index"
             )
     return index
 

@@ -9,9 +9,10 @@ distributed builder): :class:`~retrieval.embed.embedded.EmbeddedItems` is a plai
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from retrieval.store.item_metadata import METADATA_COLUMN, metadata_array
 from retrieval.store.layout import MANIFEST_NAME, is_leftover_name
 from retrieval.store.locking import writer_lock
 from retrieval.store.writer import StoreWriter
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,8 @@ def _check(embedded: EmbeddedItems, options: WriteOptions) -> None:
     embedded.check()
     if not embedded.shared_space and options.anchors is None:
         raise InputError(
-            "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or builtin:imagenet"
+            "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or "
+            "builtin:imagenet"
         )
     if options.image_views != "none" and (
         options.anchors is None or embedded.view_vectors is None or len(embedded.view_vectors) != len(embedded.images)
@@ -173,7 +178,7 @@ def _manifest(embedded: EmbeddedItems, options: WriteOptions) -> dict[str, Any]:
     }
 
 
-def added_column(count: int) -> "pa.Array":  # noqa: F821
+def added_column(count: int) -> pa.Array:
     """The ``added`` column of ``count`` items written now: today's date (UTC) as ISO text (``2024-05-31``:
     plain JSON wherever rows are shown); ``where`` filters see it as a DATE."""
     import datetime
@@ -183,8 +188,9 @@ def added_column(count: int) -> "pa.Array":  # noqa: F821
     return pa.array([datetime.datetime.now(datetime.timezone.utc).date().isoformat()] * count, pa.string())
 
 
-def image_table(rows: Sequence[ImageRow]) -> "pa.Table":  # noqa: F821
-    """The items table of images (``metadata``: each item's source fields as JSON, null when none; ``added``: the date)."""
+def image_table(rows: Sequence[ImageRow]) -> pa.Table:
+    """The items table of images (``metadata``: each item's source fields as JSON, null when none; ``added``: the
+    date)."""
     import pyarrow as pa
 
     return pa.table(
@@ -203,7 +209,7 @@ def image_table(rows: Sequence[ImageRow]) -> "pa.Table":  # noqa: F821
     )
 
 
-def caption_table(captions: Sequence[CaptionRecord]) -> "pa.Table":  # noqa: F821
+def caption_table(captions: Sequence[CaptionRecord]) -> pa.Table:
     """The items table of captions (``metadata`` as for images)."""
     import pyarrow as pa
 
@@ -282,7 +288,7 @@ def _write_asif(
             "image_encoder": a.image_encoder,
             "text_encoder": a.text_encoder,
         }
-        for a, w in zip(spaces.sets, spaces.weights)
+        for a, w in zip(spaces.sets, spaces.weights, strict=True)
     ]
     manifest["asif"] = params.to_json()
     manifest["routes"] = ["asif", "projected"]

@@ -8,9 +8,10 @@ reusable directory (format v1, kind ``anchors``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +145,7 @@ class AnchorSpaces:
             np.vstack(
                 [
                     np.sqrt(w / total) * (s.text_vectors if target_modality == "text" else s.image_vectors)
-                    for w, s in zip(self.weights, self.sets)
+                    for w, s in zip(self.weights, self.sets, strict=True)
                 ]
             )
             if len(self.sets) > 1
@@ -167,7 +168,8 @@ def read_pairs(sources: Sequence[str | Path], options: CaptionOptions) -> tuple[
         )
         if not parsed.is_pairs:
             raise InputError(
-                f"{path}: not a pairs file (no {options.image_column!r} column); name the image column with --image-column"
+                f"{path}: not a pairs file (no {options.image_column!r} column); name the image column with "
+                "--image-column"
             )
         records.extend(parsed.records)
         errors.extend(parsed.errors)
@@ -267,7 +269,7 @@ def class_prompts(class_names: Sequence[str], texts: str = "names") -> list[list
         raise InputError(
             f"{len(class_names)} classifier classes, but WordNet glosses for {len(wordnet)} ImageNet classes"
         )
-    return [[f"{name}: {entry.gloss}"] for name, entry in zip(class_names, wordnet)]
+    return [[f"{name}: {entry.gloss}"] for name, entry in zip(class_names, wordnet, strict=True)]
 
 
 def builtin_imagenet(

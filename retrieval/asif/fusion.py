@@ -1,4 +1,5 @@
-"""Fusion: several anchor sets at once as one weighted sparse row (:func:`fuse_relative`), and reciprocal rank fusion of several routes' rankings."""
+"""Fusion: several anchor sets at once as one weighted sparse row (:func:`fuse_relative`), and reciprocal rank fusion
+of several routes' rankings."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def fuse_relative(parts: Sequence[sp.csr_matrix], weights: Sequence[float] | Non
         if m.shape[0] != n:
             raise InputError(f"all parts need the same number of rows: part 0 has {n}, part {i} has {m.shape[0]}")
     w = _check_weights(weights, len(mats), "fusion")
-    scaled = [m.astype(np.float64) * math.sqrt(wi) for m, wi in zip(mats, w)]
+    scaled = [m.astype(np.float64) * math.sqrt(wi) for m, wi in zip(mats, w, strict=True)]
     fused = sp.hstack(scaled, format="csr", dtype=np.float64)
     fused.eliminate_zeros()
     norms = np.sqrt(np.asarray(fused.multiply(fused).sum(axis=1)).ravel())
@@ -126,7 +127,7 @@ def _check_rankings(rankings: Any) -> list[np.ndarray]:
 def _contributions(arrays: Sequence[np.ndarray], w: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One (query, position, contribution) entry per hit, routes in order (sums then accumulate in route order)."""
     qs, ps, cs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]
-    for a, wi in zip(arrays, w):
+    for a, wi in zip(arrays, w, strict=True):
         if wi == 0 or a.size == 0:
             continue
         q_idx, col = np.nonzero(a >= 0)  # row-major: per query, best rank first

@@ -1,4 +1,5 @@
-"""The linear baseline: closed-form ridge maps between the frozen image and text spaces, fitted on the anchor pairs (LiT-style, no gradient training)."""
+"""The linear baseline: closed-form ridge maps between the frozen image and text spaces, fitted on the anchor pairs
+(LiT-style, no gradient training)."""
 
 from __future__ import annotations
 

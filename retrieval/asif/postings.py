@@ -148,8 +148,8 @@ class PostingLists:
         lengths = ends - starts
         if lengths.sum() == 0:
             return np.zeros(self.n_rows, dtype=np.float64)
-        row_ids = np.concatenate([self.rows[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
-        vals = np.concatenate([self.values[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
+        row_ids = np.concatenate([self.rows[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
+        vals = np.concatenate([self.values[a:b] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)])
         contrib = vals.astype(np.float64)
         contrib *= np.repeat(weights.astype(np.float64), lengths)
         acc = np.bincount(row_ids, weights=contrib, minlength=self.n_rows)
@@ -164,7 +164,7 @@ class PostingLists:
         so the cost grows with k x candidates x log(column length), not with the columns' lengths.
         """
         acc = np.zeros(candidates.shape[0], dtype=np.float64)
-        for j, w in zip(cols.tolist(), weights.astype(np.float64).tolist()):
+        for j, w in zip(cols.tolist(), weights.astype(np.float64).tolist(), strict=True):
             a, b = int(self.indptr[j]), int(self.indptr[j + 1])
             if a == b:
                 continue
@@ -186,7 +186,7 @@ class PostingLists:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(offsets[-1],))
             out[:HEADER_BYTES] = header
             for start, array, dtype in zip(
-                offsets, (self.indptr, self.rows, self.values), (np.int64, np.int32, self.values.dtype)
+                offsets, (self.indptr, self.rows, self.values), (np.int64, np.int32, self.values.dtype), strict=False
             ):
                 out[start : start + array.nbytes] = np.ascontiguousarray(array, dtype=dtype).view(np.uint8)
             out.flush()

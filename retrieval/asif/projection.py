@@ -1,4 +1,5 @@
-"""The dense projected ASIF route: relative weights over the N anchors times the *other* modality's anchor embeddings give a vector in that encoder's own space."""
+"""The dense projected ASIF route: relative weights over the N anchors times the *other* modality's anchor embeddings
+give a vector in that encoder's own space."""
 
 from __future__ import annotations
 

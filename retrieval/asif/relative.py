@@ -279,7 +279,8 @@ class SparseRelativeIndex:
     file_suffix = ".postings.npy"  # the writer names the file of :meth:`save` with this
 
     def __init__(self, rows: sp.csr_matrix | PostingLists, values: str = "float16") -> None:
-        """Index ``rows`` (any scipy sparse matrix, stored at ``values`` precision) or wrap posting lists as they are."""
+        """Index ``rows`` (any scipy sparse matrix, stored at ``values`` precision) or wrap posting lists as they
+        are."""
         if isinstance(rows, PostingLists):
             self._lists = rows  # e.g. memory-mapped: no copy
         else:

@@ -6,8 +6,9 @@ import functools
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import click
 
@@ -80,12 +81,18 @@ caption_options = option_group(
             "--image-column",
             default="image",
             show_default=True,
-            help="Column holding the image path of a pairs file (relative paths resolve against the file's folder); for a parquet given to --images, the column of image bytes, if not found by itself.",
+            help=(
+                "Column holding the image path of a pairs file (relative paths resolve against the file's folder); "
+                "for a parquet given to --images, the column of image bytes, if not found by itself."
+            ),
         ),
         click.option(
             "--caption-template",
             default=None,
-            help='Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use {label}.',
+            help=(
+                'Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use '
+                "{label}."
+            ),
         ),
         click.option(
             "--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."
@@ -150,7 +157,10 @@ progress_shard_flag = click.option(
     "--progress-shard-size",
     type=click.IntRange(min=0),
     default=None,
-    help="Images per progress shard (default 4096; 0 = off). A killed build rerun with the same command resumes from the last shard.",
+    help=(
+        "Images per progress shard (default 4096; 0 = off). A killed build rerun with the same command resumes from "
+        "the last shard."
+    ),
 )
 
 
@@ -164,7 +174,8 @@ class EmbedFlags:
     checkpoint: str | None = None
 
     def encoders(self, clip: str | None = None, image: str | None = None, text: str | None = None) -> EncoderChoice:
-        """The encoder choice of ``--encoder`` or ``--image-encoder``/``--text-encoder`` with these weights and device."""
+        """The encoder choice of ``--encoder`` or ``--image-encoder``/``--text-encoder`` with these weights and
+        device."""
         return run_api(
             lambda: EncoderChoice(clip=clip, image=image, text=text, checkpoint=self.checkpoint, device=self.device)
         )

@@ -9,9 +9,10 @@ image). ``VALUE::W`` sets the weight's size to W, e.g. ``--minus "grass::0.5"``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import click
 
@@ -99,7 +100,10 @@ composition_options = option_group(
         click.option(
             "--dedup",
             is_flag=True,
-            help="Collapse near-duplicate results: drop a hit whose stored vector's cosine to a better hit is >= the threshold.",
+            help=(
+                "Collapse near-duplicate results: drop a hit whose stored vector's cosine to a better hit is >= the "
+                "threshold."
+            ),
         ),
         click.option(
             "--dedup-threshold",
@@ -160,7 +164,7 @@ def image_asker(
                 exclude=[own] if exclude_self and own else [],
                 **narrowing,
             )
-            for picture, own in zip(pictures, ids)
+            for picture, own in zip(pictures, ids, strict=True)
         ]
 
     return ask

@@ -21,7 +21,10 @@ from retrieval.cli.common import echo_json, index_option, open_index_or_fail, ru
     "--json",
     "as_json",
     is_flag=True,
-    help="JSON lines: one {keeper, duplicates} object per group, each image with id, uri, width, height, position, similarity.",
+    help=(
+        "JSON lines: one {keeper, duplicates} object per group, each image with id, uri, width, height, position, "
+        "similarity."
+    ),
 )
 def dedup_command(index_path: str, threshold: float, as_json: bool) -> None:
     """Find groups of near-identical images (re-encoded, resized, cropped copies). The suggested keeper of

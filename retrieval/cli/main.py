@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import click
 
@@ -207,7 +208,10 @@ def build_anchors_command(
 @click.option(
     "--images",
     multiple=True,
-    help="Image file, folder (recursive) or glob pattern; webdataset tar shards (shards/{00000..00127}.tar, a glob, or their folder) or parquet files with image bytes. Repeatable.",
+    help=(
+        "Image file, folder (recursive) or glob pattern; webdataset tar shards (shards/{00000..00127}.tar, a glob, "
+        "or their folder) or parquet files with image bytes. Repeatable."
+    ),
 )
 @click.option(
     "--embeddings",
@@ -219,7 +223,10 @@ def build_anchors_command(
 @click.option(
     "--captions",
     multiple=True,
-    help="Caption file: .txt (one per line), .csv, .tsv, .jsonl, .parquet. A file with an image column also adds its images. Repeatable.",
+    help=(
+        "Caption file: .txt (one per line), .csv, .tsv, .jsonl, .parquet. A file with an image column also adds its "
+        "images. Repeatable."
+    ),
 )
 @click.option(
     "--index",
@@ -309,7 +316,8 @@ def build_index_command(
         return
     counts = info["counts"]
     click.echo(
-        f"indexed {counts['image']} images and {counts['caption']} captions into {index_path} ({info['mode']}, {info['build']['seconds']:.1f} s)"
+        f"indexed {counts['image']} images and {counts['caption']} captions into {index_path} ({info['mode']}, "
+        f"{info['build']['seconds']:.1f} s)"
     )
     if info["errors"]:
         click.echo(
@@ -338,7 +346,8 @@ def info_command(index_path: str, as_json: bool) -> None:
         echo_json(info)
         return
     click.echo(
-        f"index      {info['path']} (format {info['format']}, built {info['created']} by retrieval {info['tool_version']})"
+        f"index      {info['path']} (format {info['format']}, built {info['created']} by retrieval "
+        f"{info['tool_version']})"
     )
     click.echo(f"mode       {info['mode']}")
     for role, record in info["encoders"].items():
@@ -354,14 +363,16 @@ def info_command(index_path: str, as_json: bool) -> None:
     requested = info["index"]
     budget = f", budget {requested['max_memory'] / 2**30:.2f} GB" if requested.get("max_memory") else ""
     click.echo(
-        f"index type {requested.get('index_type', 'flat')} (target recall@10 {requested.get('target_recall', 1.0)}{budget})"
+        f"index type {requested.get('index_type', 'flat')} "
+        f"(target recall@10 {requested.get('target_recall', 1.0)}{budget})"
     )
     for key, described in info.get("vector_indexes", {}).items():
         knobs = " ".join(f"{name}={value}" for name, value in described["knobs"].items()) or "exact"
         recall = described["recall@10"]
         measured = (
             (
-                f"recall@1 {described['recall@1']:.3f} recall@10 {recall:.3f}, {described['latency_ms_median']:.3f} ms/query "
+                f"recall@1 {described['recall@1']:.3f} recall@10 {recall:.3f}, {described['latency_ms_median']:.3f} "
+                "ms/query "
                 f"({described['recall_queries']} queries: {described['query_source']})"
             )
             if recall is not None
@@ -405,7 +416,8 @@ def _format_eval_row(row: dict[str, Any]) -> str:
 def _print_eval(report: dict[str, Any]) -> None:
     anchors = ", ".join(f"{a['name']} ({a['count']})" for a in report["anchors"]) or "none"
     click.echo(
-        f"{report['task']} on {report['data']}  encoders: {report['encoders']['image']} + {report['encoders']['text']}  anchors: {anchors}"
+        f"{report['task']} on {report['data']}  encoders: {report['encoders']['image']} + "
+        f"{report['encoders']['text']}  anchors: {anchors}"
     )
     if report["split"]:
         click.echo(f"split: {report['split']}")
@@ -413,7 +425,8 @@ def _print_eval(report: dict[str, Any]) -> None:
         click.echo(f"{'route':<34}{'top-1':>8}{'top-5':>8}{'images':>8}")
     else:
         click.echo(
-            f"{'route':<34}{'t2i R@1':>8}{'R@5':>7}{'R@10':>7}{'medR':>6}{'i2c R@1':>9}{'R@5':>7}{'R@10':>7}{'medR':>6}{'texts':>7}{'images':>7}"
+            f"{'route':<34}{'t2i R@1':>8}{'R@5':>7}{'R@10':>7}{'medR':>6}"
+            f"{'i2c R@1':>9}{'R@5':>7}{'R@10':>7}{'medR':>6}{'texts':>7}{'images':>7}"
         )
     for row in report["rows"]:
         click.echo(_format_eval_row(row))
@@ -458,7 +471,10 @@ eval_options = option_group(
             "routes",
             multiple=True,
             type=click.Choice(["clip", "asif", "projected", "linear", "all"]),
-            help="How images and texts are compared; repeatable. 'all' = every route the encoders allow. Default: clip or asif.",
+            help=(
+                "How images and texts are compared; repeatable. 'all' = every route the encoders allow. Default: "
+                "clip or asif."
+            ),
         ),
         click.option(
             "--align",
@@ -477,13 +493,19 @@ eval_options = option_group(
             type=click.Choice(["none", "anchors", "collection"]),
             default="none",
             show_default=True,
-            help="Subtract each modality's mean first: anchors = the anchors' means; collection = evaluated images by their own mean (transductive, label-free).",
+            help=(
+                "Subtract each modality's mean first: anchors = the anchors' means; collection = evaluated images by "
+                "their own mean (transductive, label-free)."
+            ),
         ),
         click.option(
             "--refine",
             default="0",
             show_default=True,
-            help="Zero-shot only: rounds of label-free prototype refinement on the evaluated images (transductive); comma list to sweep.",
+            help=(
+                "Zero-shot only: rounds of label-free prototype refinement on the evaluated images (transductive); "
+                "comma list to sweep."
+            ),
         ),
         click.option(
             "--split",

@@ -3,8 +3,9 @@ one query or a whole file of them in one pass."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import click
 
@@ -34,7 +35,9 @@ def _search_options(func: Callable) -> Callable:
             "--nprobe",
             type=click.IntRange(min=1),
             default=None,
-            help="IVF lists to visit per query (default: tuned at build time; see info). Higher: better recall, slower.",
+            help=(
+                "IVF lists to visit per query (default: tuned at build time; see info). Higher: better recall, slower."
+            ),
         ),
         click.option(
             "--ef-search",
@@ -92,7 +95,10 @@ def _text_query_options(func: Callable) -> Callable:
             "--queries-file",
             type=click.Path(exists=True, dir_okay=False),
             default=None,
-            help="Answer every query in a file in one pass: .txt (one per line), .csv, .tsv, .jsonl or .parquet (see --column).",
+            help=(
+                "Answer every query in a file in one pass: .txt (one per line), .csv, .tsv, .jsonl or .parquet (see "
+                "--column)."
+            ),
         ),
         click.option(
             "--column",
@@ -132,8 +138,8 @@ def _answer_texts(
         click.echo(f"warning: skipped {problem.path} row {problem.row}: {problem.reason}", err=True)
     texts = [record.text for record in parsed.records]
     for batch in _chunks(texts):
-        results = run_api(lambda: ask(index, batch))
-        for text, hits in zip(batch, results):
+        results = run_api(lambda batch=batch: ask(index, batch))
+        for text, hits in zip(batch, results, strict=True):
             _print_batch(text, hits, as_json, describe, narrowing)
 
 
@@ -149,7 +155,10 @@ def _answer_texts(
     "--json",
     "as_json",
     is_flag=True,
-    help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); with --queries-file one {query, hits} object per query.",
+    help=(
+        "JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as "
+        "url); with --queries-file one {query, hits} object per query."
+    ),
 )
 def text_to_image_command(
     query: str | None,
@@ -200,7 +209,10 @@ def text_to_image_command(
     "--json",
     "as_json",
     is_flag=True,
-    help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); with --queries-file one {query, hits} object per query.",
+    help=(
+        "JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); with --queries-file "
+        "one {query, hits} object per query."
+    ),
 )
 def text_to_caption_command(
     query: str | None,
@@ -276,7 +288,8 @@ def _answer_images(
     describe: Callable[[Any], str],
     narrowing: Narrowing = Narrowing(),
 ) -> None:
-    """Open the index and ask ``ask(index, pictures_or_paths, ids)`` for the query images; unreadable ones are reported and skipped."""
+    """Open the index and ask ``ask(index, pictures_or_paths, ids)`` for the query images; unreadable ones are reported
+    and skipped."""
     from retrieval.core.errors import ImageDecodeError
     from retrieval.sources.discovery import discover_images
     from retrieval.sources.items import load_image
@@ -305,8 +318,8 @@ def _answer_images(
             ids.append(ref.id)
         if not pictures:
             continue
-        results = run_api(lambda: ask(index, pictures, ids))
-        for name, hits in zip(names, results):
+        results = run_api(lambda pictures=pictures, ids=ids: ask(index, pictures, ids))
+        for name, hits in zip(names, results, strict=True):
             _print_batch(name, hits, as_json, describe, narrowing)
 
 
@@ -322,7 +335,10 @@ def _answer_images(
     "--json",
     "as_json",
     is_flag=True,
-    help="JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); for several images one {query, hits} object per image.",
+    help=(
+        "JSON lines: one object per hit (rank, score, id, caption, source, image_uri, metadata); for several images "
+        "one {query, hits} object per image."
+    ),
 )
 def image_to_caption_command(
     images: Sequence[str],
@@ -380,7 +396,10 @@ def image_to_caption_command(
     "--json",
     "as_json",
     is_flag=True,
-    help="JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as url); for several images one {query, hits} object per image.",
+    help=(
+        "JSON lines: one object per hit (rank, score, id, uri, width, height, metadata: the source's fields such as "
+        "url); for several images one {query, hits} object per image."
+    ),
 )
 def image_to_image_command(
     images: Sequence[str],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import click
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -52,7 +53,10 @@ def _report(report: Any, as_json: bool, index_path: str) -> None:
 @click.option(
     "--images",
     multiple=True,
-    help="Image file, folder (recursive) or glob pattern to add; also tar shards or parquet files with image bytes (samples already indexed are skipped). Repeatable.",
+    help=(
+        "Image file, folder (recursive) or glob pattern to add; also tar shards or parquet files with image bytes "
+        "(samples already indexed are skipped). Repeatable."
+    ),
 )
 @click.option("--captions", multiple=True, help="Caption file to add (a pairs file also adds its images). Repeatable.")
 @index_option

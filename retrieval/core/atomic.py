@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 
 @contextmanager
@@ -37,9 +38,8 @@ def atomic_open(target: str | Path, mode: str = "w", encoding: str | None = "utf
     """Open a temporary file for writing that atomically replaces ``target`` on close."""
     if "b" in mode:
         encoding = None
-    with atomic_path(target) as tmp:
-        with open(tmp, mode, encoding=encoding) as handle:
-            yield handle
+    with atomic_path(target) as tmp, open(tmp, mode, encoding=encoding) as handle:
+        yield handle
 
 
 def write_json_atomic(target: str | Path, data: object) -> None:

@@ -77,6 +77,6 @@ class IndexOptions:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> "IndexOptions":
+    def from_json(cls, data: dict[str, Any] | None) -> IndexOptions:
         data = data or {}
         return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from retrieval.core.errors import InputError
 
@@ -57,7 +58,8 @@ class QueryPart:
 class Query:
     """Weighted parts searched as one: ``+``, ``-``, a number times a query, and :meth:`images` (an average).
 
-    Built from parts, or from ``(weight, modality, value)`` tuples: ``Query([(1, "text", "a dog"), (-0.5, "text", "grass")])``.
+    Built from parts, or from ``(weight, modality, value)`` tuples:
+    ``Query([(1, "text", "a dog"), (-0.5, "text", "grass")])``.
     """
 
     parts: tuple[QueryPart, ...]

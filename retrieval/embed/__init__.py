@@ -1,1 +1,2 @@
-"""The embedding stage: items -> vectors through DataLoader workers (optionally encoding in the workers), resumable progress shards, and the content-hash embedding cache."""
+"""The embedding stage: items -> vectors through DataLoader workers (optionally encoding in the workers), resumable
+progress shards, and the content-hash embedding cache."""

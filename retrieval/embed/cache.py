@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,9 @@ class EmbeddingCache:
                     keys, vectors = data["keys"], data["vectors"]
                     sizes = data["sizes"] if "sizes" in data.files else None
                     if "failed_keys" in data.files:
-                        self._failures.update(zip(data["failed_keys"].tolist(), data["failed_reasons"].tolist()))
+                        self._failures.update(
+                            zip(data["failed_keys"].tolist(), data["failed_reasons"].tolist(), strict=True)
+                        )
             except (OSError, ValueError, KeyError) as e:
                 log.warning("ignoring damaged cache part %s: %s", part, e)
                 continue
@@ -88,26 +91,25 @@ class EmbeddingCache:
         keys = list(self._pending)
         sizes = np.array([self._sizes.get(key, (0, 0)) for key in keys], np.int32).reshape(-1, 2)
         vectors = np.stack([self._pending[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
-        with atomic_path(self.folder / f"part-{new_build_id()}.npz") as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez(
-                    handle,
-                    keys=np.array(keys, dtype=str),
-                    vectors=vectors,
-                    sizes=sizes,
-                    failed_keys=np.array(list(self._pending_failures), dtype=str),
-                    failed_reasons=np.array(list(self._pending_failures.values()), dtype=str),
-                )
+        with atomic_path(self.folder / f"part-{new_build_id()}.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez(
+                handle,
+                keys=np.array(keys, dtype=str),
+                vectors=vectors,
+                sizes=sizes,
+                failed_keys=np.array(list(self._pending_failures), dtype=str),
+                failed_reasons=np.array(list(self._pending_failures.values()), dtype=str),
+            )
         self._pending.clear()
         self._pending_failures.clear()
 
     def encode_texts(self, texts: Sequence[str], encoder: Any, progress: bool = False) -> np.ndarray:
         """Vectors for ``texts``, encoding only those not cached yet."""
         keys = [text_key(text) for text in texts]
-        missing = sorted({key: text for key, text in zip(keys, texts) if key not in self._vectors}.items())
+        missing = sorted({key: text for key, text in zip(keys, texts, strict=True) if key not in self._vectors}.items())
         if missing:
             vectors = encoder.encode_texts([text for _, text in missing], progress=progress)
-            for (key, _), vector in zip(missing, vectors):
+            for (key, _), vector in zip(missing, vectors, strict=True):
                 self.put(key, vector)
             self.flush()
         return np.stack([self._vectors[key] for key in keys]) if keys else np.zeros((0, self.dim), np.float32)
@@ -131,7 +133,7 @@ class EmbeddingCache:
                 errors.append(ItemError(path=ref.location, reason=e.reason, kind="image"))
         todo = [
             (ref, key)
-            for ref, key in zip(refs, hashes)
+            for ref, key in zip(refs, hashes, strict=True)
             if key is not None and key not in self._vectors and key not in self._failures
         ]
         fresh = (
@@ -139,14 +141,14 @@ class EmbeddingCache:
             if todo
             else EmbeddedImages(rows=[], vectors=np.zeros((0, self.dim), np.float32))
         )
-        for row, vector in zip(fresh.rows, fresh.vectors):
+        for row, vector in zip(fresh.rows, fresh.vectors, strict=True):
             self.put(row.sha256, vector, (row.width, row.height))
         key_of = {ref.location: key for ref, key in todo}
         for error in fresh.errors:
             self.put_failure(key_of[error.path], error.reason)
         self.flush()
         rows, vectors = [], []
-        for ref, key in zip(refs, hashes):
+        for ref, key in zip(refs, hashes, strict=True):
             if key is not None and key in self._failures:
                 errors.append(ItemError(path=ref.location, reason=self._failures[key], kind="image"))
             if key is None or key not in self._vectors:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from retrieval.core.errors import InputError
 from retrieval.sources.readahead import readahead
@@ -72,7 +73,7 @@ def decode_device(choice: str, device: str, transform: Any) -> str | None:
     return str(device) if on_cuda and fast and device_decodes_jpeg(str(device)) else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def device_decodes_jpeg(device: str) -> bool:
     """Whether torchvision decodes a JPEG on ``device`` (tried once, on a tiny image)."""
     try:
@@ -198,7 +199,7 @@ class DeviceDecoder:
         images = self._decode(datas)
         parts = [] if batch["pixels"] is None else [batch["pixels"].to(self.device)]
         ok, failed = list(batch["ok"]), list(batch["failed"])
-        for image, row in zip(images, jpegs["ok"]):
+        for image, row in zip(images, jpegs["ok"], strict=True):
             pixels = None if image is None else self._transform(image)
             if pixels is None:
                 self.fell_back += 1

@@ -19,9 +19,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -315,7 +316,7 @@ def _work_folder(
 def _run(
     batches: Any,
     encoder: Any,
-    state: "_Embedding",
+    state: _Embedding,
     work: Any,
     options: EmbedOptions,
     resumed: int,

@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from retrieval.core.config import EncoderChoice
 from retrieval.core.errors import InputError, RetrievalError

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from retrieval.core.errors import InputError
 from retrieval.embed import ray_hooks
@@ -75,7 +76,7 @@ class UnitEncoder:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         written = []
-        for start, stop, refs in zip(batch["start"], batch["stop"], batch["refs"]):
+        for start, stop, refs in zip(batch["start"], batch["stop"], batch["refs"], strict=True):
             unit = Unit(int(start), int(stop))
             ray_hooks.before_unit(unit.start)
             shard = embed_unit(list(refs), unit, self.encoder, self.batch_size)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def embed_unit(refs: Sequence[ImageRef], unit: Unit, encoder: Any, batch_size: i
         raise RuntimeError(
             f"unit {unit.start}..{unit.stop}: {len(skipped)} images not embedded but {len(done.errors)} errors"
         )
-    failed = [(p, error.reason) for p, error in zip(skipped, done.errors)]
+    failed = [(p, error.reason) for p, error in zip(skipped, done.errors, strict=True)]
     return Shard(unit.start, unit.stop, ok, failed, np.ascontiguousarray(done.vectors, dtype=np.float32))
 
 

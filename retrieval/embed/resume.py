@@ -32,6 +32,7 @@ stale-file cleanup leaves it alone; the build removes it after its commit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -42,9 +43,10 @@ import re
 import shutil
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -253,10 +255,8 @@ class WorkFolder:
 
     def abort(self) -> None:
         """Write what is queued (complete work, useful to the next run) and stop; never raises."""
-        try:
+        with contextlib.suppress(BaseException):
             self._finish()
-        except BaseException:
-            pass
 
     def _finish(self) -> None:
         if self._thread is None:

@@ -14,12 +14,14 @@ pool of N torch / OpenMP / BLAS threads fight over the cores instead of adding u
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
 import signal
 import sys
-from typing import Any, Iterator, Mapping, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
 
 from retrieval.core.errors import InputError
 
@@ -149,10 +151,8 @@ def single_threaded() -> dict[str, Any]:
 
     os.environ.update(THREAD_ENV)
     torch.set_num_threads(1)
-    try:
+    with contextlib.suppress(RuntimeError):  # the inter-op pool already started (torch allows the call once, early)
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # the inter-op pool already started (torch allows the call once, early)
-        pass
     limited = _limit_native_pools()
     cv2 = sys.modules.get("cv2")
     if cv2 is not None and hasattr(cv2, "setNumThreads"):

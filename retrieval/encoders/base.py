@@ -41,7 +41,8 @@ class ImageEncoder(ABC):
 
     @property
     def numerics(self) -> str:
-        """How the vectors are computed (part of embedding-cache keys): same weights, other arithmetic, other vectors."""
+        """How the vectors are computed (part of embedding-cache keys): same weights, other arithmetic, other
+        vectors."""
         return "fp16-autocast" if str(self.device).startswith("cuda") else "fp32"
 
     @abstractmethod
@@ -88,7 +89,7 @@ class ImageEncoder(ABC):
             cache[key] = torch.compile(fn, dynamic=False)
         return cache[key]
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - an optional hook: encoders with nothing to build keep this no-op
         """Build whatever :meth:`encode_image_tensors` would build on first use (e.g. a quantised
         copy of the model), so that worker processes forked afterwards share it."""
 
@@ -128,7 +129,8 @@ class TextEncoder(ABC):
 
     @property
     def numerics(self) -> str:
-        """How the vectors are computed (part of embedding-cache keys): same weights, other arithmetic, other vectors."""
+        """How the vectors are computed (part of embedding-cache keys): same weights, other arithmetic, other
+        vectors."""
         return "fp16-autocast" if str(self.device).startswith("cuda") else "fp32"
 
     @abstractmethod
@@ -188,7 +190,8 @@ def to_unit_numpy(features: torch.Tensor) -> np.ndarray:
 def encode_text_batches(
     texts: Sequence[str] | str, dim: int, batch_size: int, progress: bool, encode: Callable[[list[str]], Any]
 ) -> np.ndarray:
-    """Unit rows of ``encode(chunk)`` over ``texts`` in chunks of ``batch_size``, with a "captions" bar when ``progress``."""
+    """Unit rows of ``encode(chunk)`` over ``texts`` in chunks of ``batch_size``, with a "captions" bar when
+    ``progress``."""
     from tqdm import tqdm
 
     items = as_text_list(texts)

@@ -28,8 +28,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .clip_snapshot_encoder import (
     META_NAME,
@@ -55,7 +56,8 @@ _TRACE_ATOL = 1e-4  # traced vs eager outputs on a batch size the trace did not 
 
 
 def default_snapshot_root() -> Path:
-    """``$RETRIEVAL_CACHE_DIR/clip-snapshots``, else ``$XDG_CACHE_HOME/retrieval/...``, else ``~/.cache/retrieval/...``."""
+    """``$RETRIEVAL_CACHE_DIR/clip-snapshots``, else ``$XDG_CACHE_HOME/retrieval/...``, else
+    ``~/.cache/retrieval/...``."""
     explicit = os.environ.get(CACHE_ENV)
     if explicit:
         return Path(explicit).expanduser() / "clip-snapshots"
@@ -84,10 +86,7 @@ def snapshot_key(spec: str, checkpoint: str | Path | None, device: str) -> str:
 def _files_identity(path: Path) -> list[Any]:
     """(resolved path, then name/size/mtime of the file or of each file in the folder)."""
     path = path.expanduser().resolve()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file())
-    else:
-        files = [path] if path.exists() else []
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.exists() else []
     return [str(path)] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 

@@ -201,7 +201,7 @@ _TEXT_PARTS = (
 )
 
 
-def _TextTower(model: Any, module_type: type) -> Any:  # noqa: N802 - builds a module
+def _TextTower(model: Any, module_type: type) -> Any:  # a class-like factory: builds a module
     """A module that runs ``type(model).encode_text`` over only the model's text parts (no image weights)."""
 
     class TextTower(module_type):  # type: ignore[misc, valid-type]

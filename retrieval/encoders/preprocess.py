@@ -144,7 +144,7 @@ class FastImageTransform:
         self.reducing_gap = reducing_gap
         # (x / 255 - mean) / std == x * scale + bias
         self._scale = np.array([1.0 / (255.0 * s) for s in self.std], np.float32).reshape(3, 1, 1)
-        self._bias = np.array([-m / s for m, s in zip(self.mean, self.std)], np.float32).reshape(3, 1, 1)
+        self._bias = np.array([-m / s for m, s in zip(self.mean, self.std, strict=True)], np.float32).reshape(3, 1, 1)
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments as plain JSON values (the resampler is left to each process)."""

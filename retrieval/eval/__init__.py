@@ -1,1 +1,2 @@
-"""Quality measurement behind ``retrieval eval``: recall@K on pairs, zero-shot accuracy on labelled folders, parameter sweeps."""
+"""Quality measurement behind ``retrieval eval``: recall@K on pairs, zero-shot accuracy on labelled folders, parameter
+sweeps."""

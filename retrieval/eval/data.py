@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -103,7 +104,8 @@ def check_no_leak(anchors: Sequence[AnchorSet], evaluated: Sequence[Path]) -> No
         overlap = evaluated_set & {str(Path(uri).resolve()) for uri in anchor_set.uris}
         if overlap:
             raise InputError(
-                f"anchor set {anchor_set.name} contains {len(overlap)} evaluated images (e.g. {sorted(overlap)[0]}); evaluation would leak"
+                f"anchor set {anchor_set.name} contains {len(overlap)} evaluated images (e.g. {sorted(overlap)[0]}); "
+                "evaluation would leak"
             )
 
 

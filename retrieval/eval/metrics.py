@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ def first_relevant_rank(
     returned irrelevant items that score at least as high as the best relevant one.
     """
     ranks = np.full(len(positions), -1, dtype=np.int64)
-    for row, (candidates, wanted) in enumerate(zip(positions, relevant)):
+    for row, (candidates, wanted) in enumerate(zip(positions, relevant, strict=True)):
         hits = [rank for rank, position in enumerate(candidates) if int(position) in wanted]
         if not hits:
             continue
@@ -59,7 +60,7 @@ def live_pairs(index: Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ]
     if not kept:
         raise InputError(f"{index.path}: no caption names an indexed image; recall needs captions from a pairs file")
-    caption_positions, owner = (np.array(column, np.int64) for column in zip(*kept))
+    caption_positions, owner = (np.array(column, np.int64) for column in zip(*kept, strict=True))
     return live_images, caption_positions, owner
 
 
@@ -72,7 +73,7 @@ def paired_recall(index: Index, ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any
     """
     live_images, caption_positions, owner = live_pairs(index)
     captions_of: dict[int, set[int]] = {}
-    for caption_pos, image_row in zip(caption_positions, owner):
+    for caption_pos, image_row in zip(caption_positions, owner, strict=True):
         captions_of.setdefault(int(live_images[image_row]), set()).add(int(caption_pos))
     depth = max(ks)
 

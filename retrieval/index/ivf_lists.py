@@ -18,8 +18,9 @@ with ``IO_FLAG_MMAP``; read it with :func:`read_ondisk_index`. The ``.index`` fi
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -149,7 +150,8 @@ def read_ondisk_index(path: str | Path, lists_path: str | Path, in_memory: bool 
 
 
 def _check_list_bounds(lists: Any, size: int, where: Path) -> None:
-    """Every list lies inside the ``.ivfdata`` file (FAISS reads list offsets unchecked: a bad one would crash a search)."""
+    """Every list lies inside the ``.ivfdata`` file (FAISS reads list offsets unchecked: a bad one would crash a
+    search)."""
     entry = int(lists.code_size) + 8  # codes, then 8-byte ids, per slot
     if int(lists.totsize) != size:
         raise IndexFormatError(
@@ -182,7 +184,7 @@ def shard_bounds(total: int, shards: int) -> list[tuple[int, int]]:
     if total < shards:
         raise InputError(f"{total} vectors cannot fill {shards} index shards; use fewer shards")
     edges = [total * number // shards for number in range(shards + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def split_index(index: Any, bounds: Sequence[tuple[int, int]]) -> list[Any]:

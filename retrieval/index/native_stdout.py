@@ -7,21 +7,21 @@ is put back. The swap is process-wide, so it is serialised and kept to those cal
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 _SWAP = threading.Lock()
 
 
 def _flush_c_streams() -> None:
-    try:
+    # no C library to reach (OSError, AttributeError): nothing buffered there that we could flush
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).fflush(None)  # every C stdio stream (FAISS's printf buffers into stdout's)
-    except (OSError, AttributeError):
-        pass  # no C library to reach: nothing buffered there that we could flush
 
 
 @contextmanager

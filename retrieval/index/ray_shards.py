@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -131,7 +132,9 @@ class RayShardedIndex:
 
     def fan_out(self, queries: np.ndarray, k: int, knobs: SearchKnobs, deleted: list[np.ndarray]) -> list[Hits]:
         shared = self.ray.put(queries)
-        futures = [a.search.remote(shared, k, knobs.to_json(), gone) for a, gone in zip(self.actors, deleted)]
+        futures = [
+            a.search.remote(shared, k, knobs.to_json(), gone) for a, gone in zip(self.actors, deleted, strict=True)
+        ]
         return list(self.ray.get(futures))
 
     def search(

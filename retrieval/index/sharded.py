@@ -14,8 +14,9 @@ index's, re-ranked exactly here: results are the whole index's or better, not al
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def search_shards(
     local = [local_exclusions(exclude, shard) for shard in ranges]
     found = fan_out(queries, fetch, knobs, [e.positions if e is not None else np.zeros(0, np.int64) for e in local])
     scores = [hits[0] for hits in found]
-    positions = [np.where(hits[1] >= 0, hits[1] + shard.start, -1) for hits, shard in zip(found, ranges)]
+    positions = [np.where(hits[1] >= 0, hits[1] + shard.start, -1) for hits, shard in zip(found, ranges, strict=True)]
     if rerank_with is not None:
         exact_scores, exact = rerank(queries, np.concatenate(positions, axis=1), rerank_with)
         return exact_scores[:, :k], exact[:, :k]
@@ -97,7 +98,7 @@ class ShardedIndex:
     """Index shards searched one after another in this process (always available, Ray or not)."""
 
     def __init__(self, shards: Sequence[Any], ranges: Sequence[ShardRange]) -> None:
-        if len(shards) != len(ranges) or any(s.ntotal != len(r) for s, r in zip(shards, ranges)):
+        if len(shards) != len(ranges) or any(s.ntotal != len(r) for s, r in zip(shards, ranges, strict=True)):
             raise ValueError("each index shard must hold exactly the rows of its range")
         self.shards = list(shards)
         self.ranges = list(ranges)
@@ -105,7 +106,7 @@ class ShardedIndex:
         self.ntotal = sum(len(r) for r in self.ranges)
 
     def fan_out(self, queries: np.ndarray, k: int, knobs: SearchKnobs, deleted: list[np.ndarray]) -> list[Hits]:
-        return [search_shard(shard, queries, k, knobs, gone) for shard, gone in zip(self.shards, deleted)]
+        return [search_shard(shard, queries, k, knobs, gone) for shard, gone in zip(self.shards, deleted, strict=True)]
 
     def search(
         self,

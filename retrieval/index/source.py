@@ -1,8 +1,10 @@
-"""Vector sources: float16 shards (memory-mapped) seen as one matrix, read in chunks or gathered by row, without loading them whole."""
+"""Vector sources: float16 shards (memory-mapped) seen as one matrix, read in chunks or gathered by row, without
+loading them whole."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 

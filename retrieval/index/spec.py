@@ -178,7 +178,8 @@ def spec_for(index_type: str, n: int, d: int, pq_m: int | None = None) -> IndexS
     if lowered in ("ivf", "ivfsq", "ivfpq"):
         if n < IVF_MIN_POINTS_PER_LIST * 2:
             raise InputError(
-                f"index type {lowered!r} needs at least {IVF_MIN_POINTS_PER_LIST * 2} vectors to train, got {n}; use flat"
+                f"index type {lowered!r} needs at least {IVF_MIN_POINTS_PER_LIST * 2} vectors to train, got {n}; use "
+                "flat"
             )
         nlist = nlist_for(n)
         if lowered in ("ivf", "ivfsq"):
@@ -189,7 +190,8 @@ def spec_for(index_type: str, n: int, d: int, pq_m: int | None = None) -> IndexS
         m = pq_m or _largest_pq(d)
         if n < PQ_MIN_TRAINING:
             raise InputError(
-                f"index type 'ivfpq' needs at least {PQ_MIN_TRAINING} vectors to train its codebooks, got {n}; use ivfsq or flat"
+                f"index type 'ivfpq' needs at least {PQ_MIN_TRAINING} vectors to train its codebooks, got {n}; use "
+                "ivfsq or flat"
             )
         if d % m:
             raise InputError(f"PQ with {m} sub-quantizers needs a dimension divisible by {m}; the vectors have {d}")
@@ -246,7 +248,10 @@ def choose_index(
     budget = f"{_human(max_memory)} budget" if max_memory else "no memory budget"
     flat = spec_for("flat", n, d)
     flat_bytes = estimate_bytes(flat, n, d)
-    fits = lambda need: max_memory is None or need <= max_memory
+
+    def fits(need: int) -> bool:
+        return max_memory is None or need <= max_memory
+
     if n < AUTO_FLAT_BELOW and fits(flat_bytes):
         why = f"{n} vectors: exact search is already fast ({_human(flat_bytes)}, {budget})"
         return IndexChoice(flat, why, flat_bytes, max_memory, target_recall)
@@ -256,7 +261,8 @@ def choose_index(
     ivf_bytes = estimate_bytes(ivf, n, d)
     if fits(ivf_bytes):
         why = (
-            f"{n} vectors: IVF with {ivf.nlist} lists holding the float16 vectors ({_human(ivf_bytes)} within the {budget}); "
+            f"{n} vectors: IVF with {ivf.nlist} lists holding the float16 vectors ({_human(ivf_bytes)} within the "
+            f"{budget}); "
             f"nprobe is tuned at build time to reach recall@10 >= {target_recall}"
         )
         return IndexChoice(ivf, why, ivf_bytes, max_memory, target_recall)
@@ -276,7 +282,8 @@ def choose_index(
         tried.append(f"PQ{m}: {_human(need)}")
     raise InputError(
         f"{n} vectors of dimension {d} do not fit the {budget}: "
-        f"IVF over float16 vectors needs {_human(ivf_bytes)}, {'; '.join(tried) or 'no PQ size divides the dimension'}; raise --max-memory"
+        f"IVF over float16 vectors needs {_human(ivf_bytes)}, "
+        f"{'; '.join(tried) or 'no PQ size divides the dimension'}; raise --max-memory"
     )
 
 

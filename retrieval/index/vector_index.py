@@ -67,7 +67,8 @@ def train_vector_index(vectors: VectorSource | np.ndarray, spec: IndexSpec | str
 
 
 def apply_build_params(index: Any, spec: IndexSpec) -> None:
-    """The build settings this package uses (k-means iterations, no polysemous training, efConstruction, OPQ iterations)."""
+    """The build settings this package uses (k-means iterations, no polysemous training, efConstruction, OPQ
+    iterations)."""
     import faiss
 
     index = without_refinement(index)
@@ -142,7 +143,8 @@ def _core(index: Any) -> Any:
 
 
 def is_refined(index: Any) -> bool:
-    """Whether ``index`` re-ranks its own shortlist (a FAISS ``IndexRefine``: ivfpq with its rows, or a factory ``...,Refine(...)``)."""
+    """Whether ``index`` re-ranks its own shortlist (a FAISS ``IndexRefine``: ivfpq with its rows, or a factory
+    ``...,Refine(...)``)."""
     import faiss
 
     return isinstance(index, faiss.Index) and isinstance(faiss.downcast_index(index), faiss.IndexRefine)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,8 @@ def choose(options: IndexOptions, n: int, d: int, budget: int | None) -> IndexCh
 
 
 def sample_queries(vectors: VectorSource | np.ndarray, seed: int = 1) -> np.ndarray:
-    """Up to ``RECALL_QUERIES`` rows chosen at random, to tune the knobs with (half) and measure recall with (the other half)."""
+    """Up to ``RECALL_QUERIES`` rows chosen at random, to tune the knobs with (half) and measure recall with (the other
+    half)."""
     return as_source(vectors).sample(RECALL_QUERIES, seed=seed)
 
 

@@ -67,8 +67,9 @@ SEARCH_SCHEMA = {
                             "type": "array",
                             "items": {
                                 "type": "object",
-                                "description": 'one of {"text": str}, {"image": base64}, {"item": {"kind", "id"}}, {"vector": [float]}; a text or image '
-                                'query may add "plus" / "minus": [{"text": str} or {"image": base64}, optional "weight"]',
+                                "description": 'one of {"text": str}, {"image": base64}, '
+                                '{"item": {"kind", "id"}}, {"vector": [float]}; a text or image query may add '
+                                '"plus" / "minus": [{"text": str} or {"image": base64}, optional "weight"]',
                             },
                         },
                     },

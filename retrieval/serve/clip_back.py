@@ -13,6 +13,7 @@ row position, or ``2**40 +`` a caption's row position (see :mod:`retrieval.serve
 from __future__ import annotations
 
 import base64
+import contextlib
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -92,10 +93,8 @@ def with_metadata(request: Request, snapshot: Snapshot, kind: str, position: int
     meta = compat_metadata(snapshot, kind, position)
     image = compat_image_position(snapshot, kind, position)
     if image is not None:
-        try:
+        with contextlib.suppress(ApiError):
             meta["image"] = base64.b64encode(request.app.state.thumbnails.get(snapshot, image)).decode("ascii")
-        except ApiError:
-            pass
     return meta
 
 

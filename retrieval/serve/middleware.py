@@ -6,7 +6,8 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qs
 
 from retrieval.serve.errors import BodyTooLarge

@@ -6,8 +6,9 @@ parts on a text or image query: ``{"text": ...}`` or ``{"image": base64}``, each
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from retrieval.api.dedup import DEFAULT_THRESHOLD, distinct
 from retrieval.serve.errors import ApiError

@@ -27,7 +27,8 @@ QUERY_MAX_PIXELS = 50_000_000  # a query image larger than this is refused as a 
 
 @dataclass(frozen=True)
 class Query:
-    """Exactly one of: ``text``; ``image`` (decoded PIL image); ``vector`` with its ``modality``; an ``item`` (kind, position)."""
+    """Exactly one of: ``text``; ``image`` (decoded PIL image); ``vector`` with its ``modality``; an ``item`` (kind,
+    position)."""
 
     text: str | None = None
     image: Any = None
@@ -178,7 +179,7 @@ def _run(
     scores, positions = index.search_vectors(
         target, vector[None, :].astype(np.float32), query.query_modality, fetch, route, knobs, where
     )
-    found = [Found(int(p), float(s)) for s, p in zip(scores[0], positions[0]) if p >= 0 and p != drop]
+    found = [Found(int(p), float(s)) for s, p in zip(scores[0], positions[0], strict=True) if p >= 0 and p != drop]
     return found[:k]
 
 

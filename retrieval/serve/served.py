@@ -14,8 +14,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -75,12 +76,11 @@ def warm(index: Index) -> None:
     """Load what queries need (items, encoders, vector indexes, ASIF parts) so no request pays for it."""
     for kind in KINDS:
         index.items(kind)
-    index.text_encoder
-    index.image_encoder
+    _ = index.text_encoder, index.image_encoder
     for key in [*index.manifest["files"].get("faiss", {}), *index.manifest["files"].get("faiss_shards", {})]:
         index.vector_index(key)
     if index.mode == "asif":
-        index.anchor_spaces
+        _ = index.anchor_spaces
         for kind in KINDS:
             if index.rows(kind):
                 index.relative_index(kind)

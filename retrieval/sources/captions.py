@@ -1,4 +1,5 @@
-"""Caption-file readers (txt, csv, tsv, jsonl, parquet): rows to caption records, with the rows that could not be read reported."""
+"""Caption-file readers (txt, csv, tsv, jsonl, parquet): rows to caption records, with the rows that could not be read
+reported."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def _read_delimited(path: Path, encoding: str, delimiter: str) -> tuple[list[str
             if bad is not None:
                 errors.append(_decode_error(path, bad, encoding, number))
             else:
-                rows.append((number, dict(zip(header, fields))))
+                rows.append((number, dict(zip(header, fields, strict=False))))
     except csv.Error as exc:
         kind = "CSV" if delimiter == "," else "TSV"
         raise InputError(f"{path}: malformed {kind} near line {reader.line_num}: {exc}") from None

@@ -15,9 +15,10 @@ memory-mapped and the parquet files streamed, batch by batch: nothing is loaded 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +168,7 @@ def open_embedding_folder(root: str | Path) -> EmbeddingFolder:
             found[kind] = by_number[number]
         parts.append(EmbeddingPart(number, meta_path, found, rows, start))
         start += rows
-    for kind, by_number in shards.items():
+    for by_number in shards.values():
         for number in sorted(set(by_number) - set(metadata)):
             raise InputError(f"{by_number[number]}: no {METADATA[1]}{number}.parquet in {root / METADATA[0]} for it")
     return EmbeddingFolder(root, parts, dims)
@@ -187,7 +188,8 @@ def metadata_batches(part: EmbeddingPart) -> Iterator[list[dict[str, Any]]]:
 
 
 def _image_ref(uri: str, source: str, metadata: dict[str, Any]) -> ImageRef:
-    """A file item when ``uri`` is a readable local file, else an item named by the uri; either way its location is ``uri``."""
+    """A file item when ``uri`` is a readable local file, else an item named by the uri; either way its location is
+    ``uri``."""
     path = Path(uri)
     if "://" not in uri and path.is_file() and str(path) == uri:
         return ImageRef(path=path, source=source, metadata=metadata)

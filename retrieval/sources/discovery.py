@@ -1,4 +1,5 @@
-"""Finding image files: folders, globs and single files as a user names them, and labelled folders (one sub-folder per class)."""
+"""Finding image files: folders, globs and single files as a user names them, and labelled folders (one sub-folder per
+class)."""
 
 from __future__ import annotations
 

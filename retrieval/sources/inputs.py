@@ -18,7 +18,6 @@ from retrieval.sources.scan_pool import read_in_order
 from retrieval.sources.shards import container_files, is_container
 from retrieval.sources.webdataset_tar import ShardItems, read_tar_shard
 
-
 PROGRESS_DELAY = 1.0  # seconds a scan runs before its progress bar shows (short scans print nothing)
 
 

@@ -146,7 +146,8 @@ class _Rows:
                 path=str(self.file),
                 row=first,
                 reason=(
-                    f"row group {group} (rows {first}..{self.number}) cannot be read ({type(error).__name__}: {error}); skipped"
+                    f"row group {group} (rows {first}..{self.number}) cannot be read ({type(error).__name__}: "
+                    f"{error}); skipped"
                 ),
             )
         )

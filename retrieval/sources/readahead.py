@@ -4,8 +4,9 @@ An embedding worker decodes a batch's images one after another. Where the bytes 
 page cache (a collection larger than memory, a cold disk), each read waits for the disk while the
 CPU idles. Announcing the whole batch first lets the kernel fetch the later images while the
 earlier ones decode. For tar members one hint covers each shard's stretch of the batch (one open
-per shard, where its members lie close together); loose files get one hint each. It is only a hint: where ``posix_fadvise`` does not
-exist, or a file cannot be opened, nothing happens and the read reports any problem later.
+per shard, where its members lie close together); loose files get one hint each. It is only a hint:
+where ``posix_fadvise`` does not exist, or a file cannot be opened, nothing happens and the read
+reports any problem later.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import BinaryIO, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import BinaryIO, NamedTuple
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -147,7 +148,8 @@ def _named(header: bytes, pending: dict[str, str], size: int, pos: int) -> tuple
 
 
 def iter_members(handle: BinaryIO, file_size: int, window: FileWindow | None = None) -> Iterator[Member]:
-    """The members of the tar file open in ``handle`` (its position is not used), in order; stops at the end-of-archive block."""
+    """The members of the tar file open in ``handle`` (its position is not used), in order; stops at the end-of-archive
+    block."""
     window = window or FileWindow(handle)
     read = window.read
     pos = 0

@@ -62,7 +62,7 @@ class ShardItems:
     captions: list[CaptionRecord] = field(default_factory=list)
     errors: list[ItemError] = field(default_factory=list)
 
-    def extend(self, other: "ShardItems") -> None:
+    def extend(self, other: ShardItems) -> None:
         self.images.extend(other.images)
         self.captions.extend(other.captions)
         self.errors.extend(other.errors)
@@ -107,7 +107,7 @@ class _Scan:
 
     def run(self) -> None:
         try:
-            handle = open(self.path, "rb")
+            handle = open(self.path, "rb")  # noqa: SIM115 - closed by the `with` below; a failed open is reported apart
         except OSError as e:
             self.error(f"cannot open ({e.strerror or e}); shard skipped")
             return

@@ -17,11 +17,14 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrieval.core.errors import InputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 INDICES_PATHS = "indices_paths.json"
 
@@ -36,7 +39,7 @@ class ClipLayoutWriter:
         self.width = len(str(max(partitions - 1, 0)))  # clip-retrieval's zero padding: one width per run
         self.tmp = self.out.parent / f".{self.out.name}.export-{uuid.uuid4().hex[:8]}.tmp"
 
-    def __enter__(self) -> "ClipLayoutWriter":
+    def __enter__(self) -> ClipLayoutWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         for folder in ("img_emb", "text_emb", "metadata"):
             (self.tmp / folder).mkdir(parents=True)
@@ -57,7 +60,7 @@ class ClipLayoutWriter:
     def name(self, number: int) -> str:
         return str(number).zfill(self.width)
 
-    def write_part(self, number: int, image: np.ndarray, text: np.ndarray, metadata: "pa.Table") -> None:  # noqa: F821
+    def write_part(self, number: int, image: np.ndarray, text: np.ndarray, metadata: pa.Table) -> None:
         """Partition ``number``: float16 image and text rows and their metadata, row for row."""
         import pyarrow.parquet as pq
 

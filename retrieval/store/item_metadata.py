@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 METADATA_COLUMN = "metadata"
 
@@ -63,14 +67,14 @@ def metadata_at(table: Mapping[str, Sequence[Any]], position: int) -> dict[str, 
     return decode_metadata(column[position]) if column is not None else {}
 
 
-def metadata_array(values: Sequence[Mapping[str, Any] | None]) -> "pa.Array":  # noqa: F821
+def metadata_array(values: Sequence[Mapping[str, Any] | None]) -> pa.Array:
     """The ``metadata`` column for a list of per-item mappings."""
     import pyarrow as pa
 
     return pa.array([encode_metadata(value) for value in values], pa.string())
 
 
-def append_rows(previous: "pa.Table", table: "pa.Table") -> "pa.Table":  # noqa: F821
+def append_rows(previous: pa.Table, table: pa.Table) -> pa.Table:
     """``previous`` with the rows of ``table`` appended; a column only one side has is null on the other.
 
     This is what lets ``add`` extend an index written before a column (e.g. ``metadata``) existed.

@@ -23,14 +23,15 @@ names the file it locked, and starts over on the new one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import stat
 import weakref
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
 
 from retrieval.core.errors import IndexLockedError, InputError
 from retrieval.store.writer import sync_errors_copy
@@ -38,7 +39,7 @@ from retrieval.store.writer import sync_errors_copy
 LOCK_NAME = ".lock"
 
 # the locks this process holds, so that a forked child can drop its copies (see _forget_in_child)
-_HELD: "weakref.WeakSet[WriterLock]" = weakref.WeakSet()
+_HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()
 
 
 class WriterLock:
@@ -103,39 +104,31 @@ class WriterLock:
         fd, self._fd = self._fd, None
         _HELD.discard(self)
         try:
-            try:
+            with suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
         finally:
             os.close(fd)
         if self._created_root:
-            try:
+            with contextlib.suppress(OSError):
                 self.root.rmdir()  # only succeeds when the build wrote nothing
-            except OSError:
-                pass
 
-    def __enter__(self) -> "WriterLock":
+    def __enter__(self) -> WriterLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
     def __del__(self) -> None:  # the kernel would release it anyway; be tidy
-        try:
+        with suppress(Exception):
             self.release()
-        except Exception:
-            pass
 
     def abandon(self) -> None:
         """In a forked child: close this process's copy of the lock, leaving the parent's lock (and file) alone."""
         fd, self._fd = self._fd, None
         self._created_root = False
         if fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)  # flock: the lock stays with the parent's descriptor of the same open file
-            except OSError:
-                pass
 
 
 def _forget_in_child() -> None:

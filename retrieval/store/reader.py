@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -9,8 +10,9 @@ import os
 import stat
 import time
 import weakref
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +25,11 @@ from retrieval.store.layout import (
     READ_CHUNK,
 )
 from retrieval.store.manifest import current_build_id, read_manifest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from retrieval.index.source import VectorSource
 
 T = TypeVar("T")
 
@@ -77,10 +84,8 @@ class StoreReader:
                     f"{path}: {size} bytes, the manifest says {meta['bytes']}; the file is damaged, rebuild the index"
                 )
         if "errors_file" not in manifest:  # written before errors were versioned: the top-level copy
-            try:
+            with contextlib.suppress(_Unpinned):
                 self._fds[ERRORS_NAME] = self._open(self.root / ERRORS_NAME, "")
-            except _Unpinned:
-                pass
 
     def _open(self, path: Path, why: str) -> int:
         try:
@@ -98,7 +103,7 @@ class StoreReader:
         """Release the pinned files; the reader cannot read afterwards."""
         _close_fds(self._fds)
 
-    def __enter__(self) -> "StoreReader":
+    def __enter__(self) -> StoreReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -190,12 +195,13 @@ class StoreReader:
             return array
         return _parse_npy(self._data(rel), where)
 
-    def vector_source(self, shards: list[str]) -> "VectorSource":  # noqa: F821
-        """The float16 shards as one memory-mapped :class:`~retrieval.index.vector_index.VectorSource` (nothing loaded)."""
+    def vector_source(self, shards: list[str]) -> VectorSource:
+        """The float16 shards as one memory-mapped :class:`~retrieval.index.vector_index.VectorSource` (nothing
+        loaded)."""
         from retrieval.index.source import VectorSource
 
         parts = [self.read_array(rel, mmap=True) for rel in shards]
-        for rel, part in zip(shards, parts):
+        for rel, part in zip(shards, parts, strict=True):
             if part.ndim != 2 or not np.issubdtype(part.dtype, np.floating):
                 raise IndexFormatError(
                     f"{self.root / rel}: a {part.dtype} array of shape {part.shape}, expected vector rows"
@@ -207,14 +213,14 @@ class StoreReader:
         parts = [self.read_array(rel) for rel in shards]
         if not parts:
             return np.zeros((0, 0), np.float32)
-        for rel, part in zip(shards, parts):
+        for rel, part in zip(shards, parts, strict=True):
             if part.ndim != 2 or part.shape[1] != parts[0].shape[1] or not np.issubdtype(part.dtype, np.floating):
                 raise IndexFormatError(
                     f"{self.root / rel}: a {part.dtype} array of shape {part.shape}, expected vector rows"
                 )
         return np.concatenate(parts).astype(np.float32)
 
-    def read_table(self, rel: str) -> "pa.Table":  # noqa: F821
+    def read_table(self, rel: str) -> pa.Table:
         """Load a parquet table (always verified: parquet is parsed by native code)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -316,10 +322,8 @@ class StoreReader:
 def _close_fds(fds: dict[str, int]) -> None:
     while fds:
         _, fd = fds.popitem()
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def _parse_npy(data: bytearray, where: Path) -> np.ndarray:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from retrieval.store.layout import (
     VECTOR_CHUNK_ROWS,
 )
 from retrieval.store.manifest import manifest_digest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class StoreWriter:
@@ -51,9 +55,8 @@ class StoreWriter:
     def write_array(self, folder: str, stem: str, array: np.ndarray) -> str:
         """Write one ``.npy`` file (never pickled) and return its relative path."""
         rel = f"{folder}/{stem}-{self.build_id}.npy"
-        with atomic_path(self.root / rel) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        with atomic_path(self.root / rel) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
         return self._finish(rel)
 
     def write_vectors(self, space: str, kind: str, vectors: Any, first_shard: int = 0) -> list[str]:
@@ -81,7 +84,7 @@ class StoreWriter:
                 del out
         return [self._finish(rel)]
 
-    def write_table(self, stem: str, table: "pa.Table") -> str:  # noqa: F821
+    def write_table(self, stem: str, table: pa.Table) -> str:
         """Write a parquet table under ``items/``."""
         import pyarrow.parquet as pq
 
@@ -110,7 +113,8 @@ class StoreWriter:
         return self._finish(rel)
 
     def write_sparse(self, stem: str, relative_index: Any) -> str:
-        """Write a sparse relative index (``SparseRelativeIndex``) under ``relative/``, named with its ``file_suffix``."""
+        """Write a sparse relative index (``SparseRelativeIndex``) under ``relative/``, named with its
+        ``file_suffix``."""
         suffix = getattr(relative_index, "file_suffix", ".npz")
         rel = f"relative/{stem}-{self.build_id}{suffix}"
         (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
