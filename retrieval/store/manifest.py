@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from retrieval.core.errors import IndexFormatError
+from retrieval.core.version import __version__
 from retrieval.store.layout import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -87,7 +88,10 @@ def read_manifest(root: Path, kind: str) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise IndexFormatError(f"{path}: manifest is not a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
-        raise IndexFormatError(f"{path}: format {manifest.get('format')!r}, this version reads format {FORMAT_VERSION}")
+        raise IndexFormatError(
+            f"{path}: {kind} format {manifest.get('format')!r}, but retrieval {__version__} reads format "
+            f"{FORMAT_VERSION} only; upgrade retrieval to a version that reads it, or rebuild the {kind} with this one"
+        )
     if manifest.get("kind") != kind:
         raise IndexFormatError(f"{path}: this is a {manifest.get('kind')!r} directory, expected {kind!r}")
     if "manifest_sha256" in manifest and manifest_digest(manifest) != manifest["manifest_sha256"]:
