@@ -87,8 +87,9 @@ class EfficientNetLiteEncoder(ImageEncoder):
         self._fingerprint: str | None = None
         self.spec = spec
         self.device = device
-        # Measured by benchmarks/cpu_inference.py on the 2-core CPU: channels-last 2.1x, plus bfloat16
-        # autocast 4.1x over float32, cosine >= 0.9996. bfloat16 only where the CPU computes it natively.
+        # channels-last suits the depthwise convolutions of oneDNN's CPU kernels, and bfloat16 autocast
+        # (only where the CPU computes it natively) keeps the vectors within rounding of float32
+        # (benchmarks/cpu_inference.py; figures in benchmarks/THROUGHPUT.md).
         self._model.to(memory_format=torch.channels_last)
         self._cpu_bfloat16 = device == "cpu" and native_cpu_bfloat16()
 

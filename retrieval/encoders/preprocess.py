@@ -61,7 +61,7 @@ _SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # filter radius in source pixels a
 
 RESAMPLERS = ("torch", "pillow")
 # torch's vectorised uint8 antialiased resize (UpSampleKernelAVXAntialias) exists for these; on
-# other CPUs its generic kernel is ~3x slower than Pillow (measured with ATEN_CPU_CAPABILITY=default)
+# other CPUs its generic kernel is slower than Pillow (benchmarks/THROUGHPUT.md), so Pillow resamples there
 _FAST_TORCH_CAPABILITIES = ("AVX2", "AVX512")
 
 
@@ -79,7 +79,7 @@ def _triple(values: Any, name: str) -> tuple[float, float, float]:
     out = tuple(float(v) for v in values)
     if len(out) != 3:
         raise ValueError(f"{name} needs 3 values (one per RGB channel), got {len(out)}")
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:

@@ -133,8 +133,8 @@ class SentenceTransformerEncoder(TextEncoder):
         # Longest first, as sentence-transformers does: batches of similar lengths pad little.
         order = sorted(range(len(items)), key=lambda i: -len(items[i]))
         parts = []
-        # bfloat16 autocast on CPUs that compute it natively: 2.1x captions/s, cosine >= 0.99998
-        # against float32 (measured on the COCO captions; see benchmarks/THROUGHPUT.md).
+        # bfloat16 autocast on CPUs that compute it natively: faster at a cosine to float32 that no ranking
+        # notices (benchmarks/THROUGHPUT.md); elsewhere bfloat16 is emulated and slower, so float32 stays.
         with (
             tqdm(total=len(items), desc="captions", unit="caption", disable=not progress, file=sys.stderr) as bar,
             inference_context(self.device),

@@ -26,7 +26,7 @@ from retrieval.index.spec import SearchKnobs
 from retrieval.index.torch_search import TorchFlatIndex
 from retrieval.index.vector_index import Exclusions, own_knobs, search
 
-EXACT_ROWS = 4096  # an exact scan of this many rows costs about one unfiltered ANN search (0.05-0.2 ms)
+EXACT_ROWS = 4096  # an exact scan of this many rows costs about one unfiltered ANN search (benchmarks/FILTERS.md)
 EXACT_SHARE = 0.02  # and below 2% of the rows, selectors slow ANN searches down (HNSW) or miss (IVF)
 CACHED_BYTES = 64 << 20  # gathered float32 rows kept per (filter, vector set) up to this size
 MAX_WIDEN = 16  # the most IVF probes / HNSW breadth are multiplied by at low selectivity
@@ -44,7 +44,8 @@ class Selection:
         self.mask = np.zeros(self.total, bool)
         self.mask[self.positions] = True
         self._bits = np.packbits(self.mask, bitorder="little")  # FAISS reads bit i of byte i >> 3
-        self.selector = faiss.IDSelectorBitmap(self._bits)
+        # faiss's Python wrapper takes the packed array alone (its stubs know only the C++ (n, bitmap) form)
+        self.selector = faiss.IDSelectorBitmap(self._bits)  # type: ignore[call-arg, arg-type]
         self._rows: dict[int, tuple[VectorSource, np.ndarray]] = {}  # id(vector source) -> gathered rows
         self._excluded: Exclusions | None = None
         self._lock = threading.Lock()
