@@ -2,7 +2,7 @@
 # The main job end to end, offline: index real photos and captions, then ask both ways.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEMO=index_data/demo
+DEMO="${RETRIEVAL_DEMO_DIR:-index_data/demo}"  # where the photos, captions and index go
 python examples/sample_photos.py "$DEMO"
 
 echo; echo "== build-index (EfficientNet-Lite0 + MiniLM, ASIF over the built-in ImageNet anchors)"
