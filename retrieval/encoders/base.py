@@ -69,8 +69,8 @@ class ImageEncoder(ABC):
     @contextmanager
     def compiled(self) -> Iterator[None]:
         """Inside this block the image model runs through ``torch.compile`` (compiled on first
-        use in this process, kept for later blocks). Meant for CUDA (not measured there yet); on
-        the 2-core CPU EfficientNet-Lite0 gained 3% for 22 s of compilation (``benchmarks/THROUGHPUT.md``)."""
+        use in this process, kept for later blocks). Meant for CUDA: on a CPU the compile time outweighs
+        the gain for one build (``benchmarks/THROUGHPUT.md``)."""
         previous = self.__dict__.get("_compile_on", False)
         self._compile_on = True
         try:
@@ -161,7 +161,7 @@ def weights_fingerprint(named_tensors: Iterable[tuple[str, Any]]) -> str:
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{key}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         if t.numel():
-            digest.update(t.view(torch.uint8).numpy())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -1,11 +1,11 @@
 """Query snapshots of open_clip encoders: a query process that never imports open_clip.
 
-``import open_clip`` costs about 2 s on top of ``import torch`` here (it imports torchvision, which
-imports torch._dynamo, and transformers): more than a CLI query's whole budget. A snapshot holds
+``import open_clip`` costs seconds on top of ``import torch`` (it imports torchvision, which imports
+torch._dynamo, and transformers): more than a CLI query's whole budget. A snapshot holds
 what a CPU query needs and nothing that imports open_clip to load:
 
 * the text tower and the image tower traced to TorchScript, in float32; ``torch.jit.load`` needs only
-  torch (``torch.export.load`` imports torch._dynamo: 3.8 s measured). The image tower is the float
+  torch (``torch.export.load`` imports torch._dynamo, the cost this avoids). The image tower is the float
   one, not the int8 copy a CPU build embeds with: one query image gains nothing from int8, and
   TorchScript's int8 weights print a deprecation notice from C++ on every load. Its vectors agree
   with the int8 ones to cosine >= 0.999 (tests/test_clip_snapshot.py);
@@ -190,7 +190,8 @@ def _trace_towers(encoder: OpenClipEncoder, transform: FastImageTransform) -> tu
         return None, None
     sample_tokens = encoder.tokenizer(["a photo", "two dogs running on a beach"])
     check_tokens = encoder.tokenizer(["x", "a red car", "the quick brown fox jumps"])
-    crop = transform.crop or transform.resize
+    size = transform.crop or transform.resize
+    crop = size if isinstance(size, tuple) else (size, size)
     sample_pixels = torch.randn(2, 3, *crop, generator=torch.Generator().manual_seed(0))
     check_pixels = torch.randn(3, 3, *crop, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

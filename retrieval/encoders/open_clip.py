@@ -162,8 +162,8 @@ class OpenClipEncoder(ImageEncoder, TextEncoder):
     def _int8_tower(self) -> Any:
         """On the CPU, the image tower with its Linear layers dynamically quantised to int8, else None.
 
-        Measured by benchmarks/cpu_inference.py on the 2-core CPU: ViT-B/32 1.9x faster than
-        float32 (cosine 0.9998); tests/test_encoders.py checks cosine >= 0.99 on real photos.
+        Faster than float32 on the CPU (benchmarks/cpu_inference.py, figures in benchmarks/THROUGHPUT.md);
+        tests/test_encoders.py checks cosine >= 0.99 on real photos.
         Only for models whose ``encode_image`` is the visual tower itself (CLIP, CustomTextCLIP),
         and only where torch has an int8 CPU backend. The text tower stays float32.
         """
@@ -204,7 +204,7 @@ _TEXT_PARTS = (
 def _TextTower(model: Any, module_type: type) -> Any:  # a class-like factory: builds a module
     """A module that runs ``type(model).encode_text`` over only the model's text parts (no image weights)."""
 
-    class TextTower(module_type):  # type: ignore[misc, valid-type]
+    class TextTower(module_type):
         def __init__(self) -> None:
             super().__init__()
             for name in _TEXT_PARTS:

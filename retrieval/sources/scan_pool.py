@@ -2,14 +2,12 @@
 at once where they wait for storage.
 
 A shard scan reads a header window per sample. From the page cache that is CPU work that holds the
-GIL, and threads only add hand-offs (measured on 32 small shards: 10.2 ms with one thread, 15-17 ms
-with 2-8). Where each read waits for storage (a network file system, a spinning disk), the waits of
-several shards overlap. So the first files are read one by one, timing wall clock against this
-process's CPU; if the reads waited more than they computed, the rest go to a thread pool. This
-machine's virtio disk is not that case: a cold scan there takes ~1 ms a shard against 0.3 ms warm,
-60% of it CPU (the kernel's side of each read), so the scan stays on one thread (8 threads would
-have taken it from 38.6 to 22.6 ms, at the price above whenever the page cache holds the shards).
-Results come back in the order of the files either way.
+GIL, and threads only add hand-offs, so they make a warm scan slower. Where each read waits for
+storage (a network file system, a spinning disk), the waits of several shards overlap. So the first
+files are read one by one, timing wall clock against this process's CPU; if the reads waited more
+than they computed, the rest go to a thread pool. A local disk whose cold reads are mostly the
+kernel's CPU work stays on one thread. Results come back in the order of the files either way.
+Figures for both cases: benchmarks/SHARDS.md.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def _number(raw: bytes, offset: int) -> int:
 
 def _checksum_ok(header: bytes, offset: int) -> bool:
     """The header's byte sum (its checksum field counted as spaces) against the stored one, modulo
-    65521: zlib's Adler-32 sums the bytes in C (8x faster than ``sum``), and a 512-byte header sums
+    65521: zlib's Adler-32 sums the bytes in C (far faster than ``sum``), and a 512-byte header sums
     to at most 130,560, so a damaged header passes only if its sum moves by exactly 65,521."""
     stored = _number(header[148:156], offset)
     byte_sum = (zlib.adler32(header) & 0xFFFF) - 1 - sum(header[148:156]) + 8 * 32
