@@ -75,8 +75,9 @@ class VectorSource:
     def _gather(self, part: int, rows: np.ndarray) -> np.ndarray:
         """Rows of one part as float32: gathered by numpy (a plain copy of the float16 rows), converted by
         torch on this thread, in blocks small enough that torch never starts its thread pool (its threads
-        and FAISS's fight over the cores: benchmarks/ANN.md); numpy's float16 conversion is slower. The gathered copy is writable, so torch is never handed the
-        read-only memory map (which it warns about) and nothing is cached: safe from many threads."""
+        and FAISS's fight over the cores: benchmarks/ANN.md); numpy's float16 conversion is slower. The
+        gathered copy is writable, so torch is never handed the read-only memory map (which it warns about)
+        and nothing is cached: safe from many threads."""
         import torch
 
         gathered = torch.from_numpy(np.ascontiguousarray(np.take(self.parts[part], rows, axis=0)))
