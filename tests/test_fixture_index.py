@@ -3,6 +3,7 @@ as it did when it was written; a manifest of a format this version does not read
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from retrieval.store.layout import FORMAT_VERSION, MANIFEST_NAME
 from retrieval.store.manifest import manifest_digest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+TOOL = Path(__file__).parents[1] / "tools" / "make_fixture_index.py"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))
 SCORE_TOLERANCE = 1e-3
 
@@ -34,6 +36,16 @@ def fixture_index(fixture_copy: Path) -> Any:
     return retrieval.open_index(fixture_copy / EXPECTED["index"], device="cpu")
 
 
+@pytest.fixture(scope="module")
+def tool() -> Any:
+    """tools/make_fixture_index.py as a module: its ``ask`` asks the queries as it did when it wrote the answers."""
+    spec = importlib.util.spec_from_file_location("make_fixture_index", TOOL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_fixture_is_small() -> None:
     size = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     assert size < 1 << 20, f"tests/fixtures holds {size} bytes"
@@ -45,16 +57,14 @@ def test_fixture_manifest_is_current_format(fixture_index: Any) -> None:
 
 
 @pytest.mark.parametrize("query", EXPECTED["queries"], ids=lambda q: f"{q['kind']}-{q['query']}-{q['route']}")
-def test_fixture_answers(fixture_index: Any, fixture_copy: Path, query: dict[str, Any]) -> None:
-    """Same hits in the same order, scores within SCORE_TOLERANCE of those recorded."""
-    ask = getattr(fixture_index, query["kind"])
-    argument = query["query"] if query["kind"] == "text_to_image" else fixture_copy / query["query"]
-    hits = ask(argument, k=query["k"], route=query["route"])
-    assert [hit.id for hit in hits] == [want["id"] for want in query["hits"]]
+def test_fixture_answers(tool: Any, fixture_copy: Path, query: dict[str, Any]) -> None:
+    """Through the ``retrieval`` command: the same hits in the same order, scores within SCORE_TOLERANCE."""
+    assert query["k"] == tool.K
+    hits = tool.ask(query, fixture_copy)
     label = "uri" if query["kind"] == "text_to_image" else "caption"
-    assert [getattr(hit, label) for hit in hits] == [want[label] for want in query["hits"]]
+    assert [(hit["id"], hit[label]) for hit in hits] == [(want["id"], want[label]) for want in query["hits"]]
     for hit, want in zip(hits, query["hits"], strict=True):
-        assert hit.score == pytest.approx(want["score"], abs=SCORE_TOLERANCE)
+        assert hit["score"] == pytest.approx(want["score"], abs=SCORE_TOLERANCE)
 
 
 def _with_format(fixture_copy: Path, tmp_path: Path, version: object) -> Path:

@@ -137,19 +137,29 @@ def build(out: Path) -> None:
     write_index(embedded, out / "index", options)
 
 
-def answers(out: Path) -> list[dict[str, Any]]:
-    """QUERIES asked of OUT/index (image queries name files relative to OUT), with their hits."""
-    import retrieval
+def ask(query: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """The hits of one of QUERIES, asked of ROOT/index through the ``retrieval`` command (``--json``) on the CPU;
+    an image query names its file relative to ROOT."""
+    from click.testing import CliRunner
 
-    index = retrieval.open_index(out / "index", device="cpu")
+    from retrieval.cli import main as cli
+
+    argument = query["query"] if query["kind"] == "text_to_image" else str(root / query["query"])
+    command = [query["kind"].replace("_", "-"), argument, "--index", str(root / "index"), "-k", str(K), "--json"]
+    command += ["--device", "cpu", *(["--route", query["route"]] if query["route"] else [])]
+    result = CliRunner().invoke(cli, command)
+    if result.exit_code != 0:
+        raise RuntimeError(f"retrieval {' '.join(command)} failed: {result.output}")
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def answers(out: Path) -> list[dict[str, Any]]:
+    """QUERIES with their hits: id, uri (images) or caption, score."""
     results = []
     for query in QUERIES:
-        ask = getattr(index, query["kind"])
-        argument = query["query"] if query["kind"] == "text_to_image" else out / query["query"]
-        hits = ask(argument, k=K, route=query["route"])
         label = "uri" if query["kind"] == "text_to_image" else "caption"
-        found = [{"id": hit.id, label: getattr(hit, label), "score": round(float(hit.score), 6)} for hit in hits]
-        results.append({**query, "k": K, "hits": found})
+        hits = [{"id": hit["id"], label: hit[label], "score": round(hit["score"], 6)} for hit in ask(query, out)]
+        results.append({**query, "k": K, "hits": hits})
     return results
 
 
