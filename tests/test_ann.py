@@ -106,7 +106,7 @@ def test_auto_choice_follows_size_and_budget():
     assert squeezed.spec.type == "ivfpq" and squeezed.spec.rerank and squeezed.estimated_bytes <= 4 << 30
     assert "over the 4.0 GB budget" in squeezed.reason
     assert squeezed.spec.train_size < 10_000_000  # trained on a sample
-    with pytest.raises(InputError, match="raise --max-memory"):
+    with pytest.raises(InputError, match="raise `IndexOptions.max_memory`"):
         choose_index(10_000_000, 512, parse_memory("100MB"))
     with pytest.raises(InputError, match="over the"):
         choose_index(50, 512, 1000)

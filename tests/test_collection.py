@@ -415,7 +415,7 @@ def test_parquet_missing_column_and_garbage(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "c.parquet")
-    with pytest.raises(InputError, match="--caption-column"):
+    with pytest.raises(InputError, match="`CaptionOptions.caption_column`"):
         read_caption_file(tmp_path / "c.parquet")
     _write(tmp_path / "bad.parquet", "not parquet at all")
     with pytest.raises(InputError, match="parquet"):
@@ -427,7 +427,7 @@ def test_missing_caption_column_message(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         read_caption_file(path)
     message = str(info.value)
-    for part in (str(path), "'caption'", "image, text", "--caption-column"):
+    for part in (str(path), "'caption'", "image, text", "`CaptionOptions.caption_column`"):
         assert part in message
 
 
@@ -454,7 +454,7 @@ def test_invalid_utf8(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         read_caption_file(path)
     message = str(info.value)
-    assert str(path) in message and "byte 11" in message and "--encoding" in message and "latin-1" in message
+    assert str(path) in message and "byte 11" in message and "`CaptionOptions.encoding`" in message and "latin-1" in message
     assert read_caption_file(path, encoding="latin-1").records[0].text == "café"
 
 
@@ -837,7 +837,7 @@ def test_undecodable_txt_and_jsonl_lines_are_skipped(tmp_path: Path) -> None:
 
 def test_file_evidently_in_another_encoding_is_refused(tmp_path: Path) -> None:
     path, offset = _bom_crlf_csv(tmp_path, bad_at=1)  # the first row fails
-    with pytest.raises(InputError, match=f"cannot decode as utf-8 at byte {offset}.*--encoding"):
+    with pytest.raises(InputError, match=f"cannot decode as utf-8 at byte {offset}.*`CaptionOptions.encoding`"):
         read_caption_file(path)
     many = tmp_path / "many.txt"  # 2 of 100 lines (> 1%) fail
     lines = [f"caption {i}".encode() for i in range(100)]

@@ -131,7 +131,7 @@ def test_replicas_follow_device_workers_and_platform(monkeypatch):
         assert use_replicas(True, "cpu", 1, 10) is True
     with pytest.raises(InputError, match="CPU"):
         use_replicas(True, "cuda:0", 2, 10_000)
-    with pytest.raises(InputError, match="--workers"):
+    with pytest.raises(InputError, match="`EmbedOptions.workers`"):
         use_replicas(True, "cpu", 0, 10_000)
     monkeypatch.setattr(workers, "fork_context", lambda: None)  # as on macOS / Windows
     assert use_replicas(None, "cpu", "auto", 10_000) is False
@@ -149,7 +149,7 @@ def test_batch_size_follows_the_device_unless_given():
     assert EmbedOptions().resolved_batch_size("cuda:1") == CUDA_BATCH_SIZE == 256
     assert EmbedOptions(batch_size=7).resolved_batch_size("cuda") == 7
     for bad in (0, -3, 2.5, True, "8"):
-        with pytest.raises(InputError, match="--batch-size"):
+        with pytest.raises(InputError, match="`EmbedOptions.batch_size`"):
             EmbedOptions(batch_size=bad)
 
 
@@ -162,7 +162,7 @@ def test_compiled_encoder_gives_the_same_vectors(tiny, refs):
     np.testing.assert_allclose(compiled.vectors, plain.vectors, rtol=0, atol=1e-5)
     assert "_compiled_forwards" in vars(tiny) and not vars(tiny).get("_compile_on")  # compiled, and switched off again
     if LINUX:
-        with pytest.raises(InputError, match="--compile"):
+        with pytest.raises(InputError, match="`EmbedOptions.compile`"):
             embed_images(refs, tiny, EmbedOptions(workers=2, replicas=True, compile=True, progress=False))
 
 

@@ -470,7 +470,7 @@ def test_hub_clip_offline_fails_fast_naming_the_model(offline):
         load_clip_encoder("open_clip:ViT-B-32/laion2b_s34b_b79k", device="cpu")
     assert time.monotonic() - start < 10
     msg = str(info.value)
-    assert "ViT-B-32" in msg and "laion2b_s34b_b79k" in msg and "--checkpoint" in msg
+    assert "ViT-B-32" in msg and "laion2b_s34b_b79k" in msg and "`EncoderChoice.checkpoint`" in msg
 
 
 def test_unresolvable_hub_fails_fast_without_offline_flag(monkeypatch, tmp_path):

@@ -140,7 +140,7 @@ def test_bad_requests(tmp_path, clip_index, small_collection, tiny_clip_dir):
             index=tmp_path / "x",
             encoders=EncoderChoice(image="efficientnet-lite0", text="minilm"),
         )
-    with pytest.raises(InputError, match="either --encoder"):
+    with pytest.raises(InputError, match="either `EncoderChoice.clip`"):
         EncoderChoice(clip="open_clip:tiny", image="efficientnet-lite0")
 
 

@@ -183,9 +183,9 @@ def test_decode_option_follows_the_device():
     fast = efficientnet_transform()
     assert decode_device("auto", "cpu", fast) is None
     assert decode_device("cpu", "cuda", fast) is None
-    with pytest.raises(InputError, match="--decode gpu .* runs on cpu"):
+    with pytest.raises(InputError, match="`EmbedOptions.decode='gpu'` .* runs on cpu"):
         decode_device("gpu", "cpu", fast)
-    with pytest.raises(InputError, match="--decode must be one of"):
+    with pytest.raises(InputError, match="`EmbedOptions.decode` must be one of"):
         EmbedOptions(decode="nvjpeg")
     if CUDA:
         assert decode_device("auto", "cuda", fast) == "cuda"

@@ -106,7 +106,7 @@ def asif_params_for(sets: Sequence[AnchorSet], chosen: AsifParams | None = None)
         if getattr(chosen, field_name) is None and len(values) > 1:
             detail = ", ".join(f"{s.name} ({field_name}={getattr(s.params, field_name):g})" for s in sets)
             raise InputError(
-                f"the anchor sets use different ASIF {field_name}: {detail}; choose one with --{field_name}"
+                f"the anchor sets use different ASIF {field_name}: {detail}; choose one with `AsifParams.{field_name}`"
             )
     return chosen.resolved(sets[0].params)
 
@@ -169,7 +169,7 @@ def read_pairs(sources: Sequence[str | Path], options: CaptionOptions) -> tuple[
         if not parsed.is_pairs:
             raise InputError(
                 f"{path}: not a pairs file (no {options.image_column!r} column); name the image column with "
-                "--image-column"
+                "`CaptionOptions.image_column`"
             )
         records.extend(parsed.records)
         errors.extend(parsed.errors)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,12 +23,76 @@ TEXT_ENCODER_HELP = "Unimodal text encoder spec, e.g. minilm or st:NAME_OR_PATH 
 INDEX_HELP = "Index directory."
 
 
+# The library's errors name what its caller set in backticks: a function's parameter (`images`) or an
+# option's field (`IndexOptions.target_recall`), sometimes with a value (`EmbedOptions.decode='gpu'`).
+# The command line's user set flags instead: this is the one table from those names to the flags.
+FLAGS = {
+    "images": "--images",
+    "captions": "--captions",
+    "anchors": "--anchors",
+    "index": "--index",
+    "out": "--out",
+    "ids": "--id",
+    "paths": "--path",
+    "device": "--device",
+    "ray": "--ray",
+    "EncoderChoice.clip": "--encoder",
+    "EncoderChoice.image": "--image-encoder",
+    "EncoderChoice.text": "--text-encoder",
+    "EncoderChoice.checkpoint": "--checkpoint",
+    "EncoderChoice.device": "--device",
+    "IndexOptions.index_type": "--index-type",
+    "IndexOptions.target_recall": "--target-recall",
+    "IndexOptions.max_memory": "--max-memory",
+    "IndexOptions.shards": "--index-shards",
+    "EmbedOptions.batch_size": "--batch-size",
+    "EmbedOptions.workers": "--workers",
+    "EmbedOptions.replicas": "--replicas",
+    "EmbedOptions.replicas=False": "--no-replicas",
+    "EmbedOptions.compile": "--compile",
+    "EmbedOptions.decode": "--decode",
+    "EmbedOptions.progress_shard_size": "--progress-shard-size",
+    "CaptionOptions.caption_column": "--caption-column",
+    "CaptionOptions.image_column": "--image-column",
+    "CaptionOptions.template": "--caption-template",
+    "CaptionOptions.encoding": "--encoding",
+    "AsifParams.k": "--k",
+    "AsifParams.p": "--p",
+    "RayOptions.address": "--ray",
+    "RayOptions.work_dir": "--work-dir",
+    "BuildOptions.anchor_weights": "--anchor-weights",
+    "BuildOptions.image_views": "--image-views",
+    "EvalOptions.routes": "--route",
+    "EvalOptions.anchor_weights": "--anchor-weights",
+    "EvalOptions.sweep": "--sweep",
+    "EvalOptions.center": "--center",
+    "EvalOptions.refine": "--refine",
+    "EvalOptions.limit": "--limit",
+}
+_NAMED = re.compile(r"`([^`\n]+)`")
+
+
+def in_flags(message: str) -> str:
+    """A library message in the command line's words: each `name` (or `name=value`) in ``FLAGS`` becomes its
+    flag (``--flag value``); other quoted names stay as they are."""
+
+    def flag(match: re.Match[str]) -> str:
+        named = match[1]
+        if named in FLAGS:
+            return FLAGS[named]
+        name, equals, value = named.partition("=")
+        return f"{FLAGS[name]} {value.strip(chr(39) + chr(34))}" if equals and name in FLAGS else match[0]
+
+    return _NAMED.sub(flag, message)
+
+
 class CliError(click.ClickException):
-    """A library error shown as one line, with the library's exit code."""
+    """A library error shown as one line in the command line's words (see ``FLAGS``), with the library's exit
+    code."""
 
     def __init__(self, error: RetrievalError) -> None:
-        super().__init__(str(error))
-        self.exit_code = error.exit_code
+        super().__init__(in_flags(str(error)))
+        self.exit_code = error.exit_code  # type: ignore[misc]  # click declares a class-wide code; each error has its own
 
 
 def run_api(call: Callable[[], Any]) -> Any:
@@ -68,40 +133,44 @@ def option_group(
     return decorate
 
 
-caption_options = option_group(
-    "caption_options",
-    [
-        click.option(
-            "--caption-column",
-            default="caption",
-            show_default=True,
-            help="Column holding the caption text (csv, tsv, jsonl, parquet; also a parquet given to --images).",
-        ),
-        click.option(
-            "--image-column",
-            default="image",
-            show_default=True,
-            help=(
-                "Column holding the image path of a pairs file (relative paths resolve against the file's folder); "
-                "for a parquet given to --images, the column of image bytes, if not found by itself."
-            ),
-        ),
-        click.option(
-            "--caption-template",
-            default=None,
-            help=(
-                'Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use '
-                "{label}."
-            ),
-        ),
-        click.option(
-            "--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."
-        ),
-    ],
-    lambda caption_column, image_column, caption_template, encoding: CaptionOptions(
-        caption_column, image_column, caption_template, encoding
+CAPTION_FLAGS = [
+    click.option(
+        "--caption-column",
+        default="caption",
+        show_default=True,
+        help="Column holding the caption text (csv, tsv, jsonl, parquet; also a parquet given to --images).",
     ),
-)
+    click.option(
+        "--image-column",
+        default="image",
+        show_default=True,
+        help=(
+            "Column holding the image path of a pairs file (relative paths resolve against the file's folder); "
+            "for a parquet given to --images, the column of image bytes, if not found by itself."
+        ),
+    ),
+    click.option(
+        "--caption-template",
+        default=None,
+        help=(
+            'Build captions from other columns, e.g. "a photo of a {class_name}"; for a labelled folder use {label}.'
+        ),
+    ),
+    click.option(
+        "--encoding", default="utf-8", show_default=True, help="Text encoding of caption files (e.g. latin-1)."
+    ),
+]
+"""How caption and pairs files are read: the values of ``caption_settings``."""
+
+
+def caption_settings(
+    caption_column: str, image_column: str, caption_template: str | None, encoding: str
+) -> CaptionOptions:
+    """``CaptionOptions`` from the values of ``CAPTION_FLAGS``."""
+    return CaptionOptions(caption_column, image_column, caption_template, encoding)
+
+
+caption_options = option_group("caption_options", CAPTION_FLAGS, caption_settings)
 """Options shared by commands that read caption or pairs files: one ``caption_options: CaptionOptions``."""
 
 
@@ -195,20 +264,9 @@ def embed_options(checkpoint: bool = True, resumable: bool = False) -> Callable[
     ]
     flags += [progress_shard_flag] if resumable else []
 
-    def make(
-        device: str,
-        batch_size: int | None,
-        workers: str,
-        replicas: bool | None,
-        compile_model: bool,
-        decode: str,
-        quiet: bool,
-        checkpoint: str | None = None,
-        progress_shard_size: int | None = None,
-    ) -> EmbedFlags:
-        options = embed_settings(
-            batch_size, workers, replicas, compile_model, quiet, progress_shard_size=progress_shard_size, decode=decode
-        )
+    def make(device: str, quiet: bool, checkpoint: str | None = None, **settings: Any) -> EmbedFlags:
+        """``settings``: the flags of ``embed_settings`` and the other fields of EmbedOptions."""
+        options = embed_settings(quiet=quiet, **settings)
         return EmbedFlags(device=device, quiet=quiet, options=options, checkpoint=checkpoint)
 
     return option_group("embedding", flags, make)

@@ -1,4 +1,8 @@
-"""Small option dataclasses shared by the Python API and the CLI."""
+"""Small option dataclasses shared by the Python API and the CLI.
+
+Errors name what the caller set in backticks, in the library's words (`IndexOptions.target_recall`, a
+function's `images`); the command line says its flags instead (``retrieval.cli.common.FLAGS``).
+"""
 
 from __future__ import annotations
 
@@ -36,14 +40,16 @@ class EncoderChoice:
     def __post_init__(self) -> None:
         if self.clip and (self.image or self.text):
             raise InputError(
-                "give either --encoder (a contrastive model) or --image-encoder with --text-encoder, not both"
+                "give either `EncoderChoice.clip` (a contrastive model) or `EncoderChoice.image` with "
+                "`EncoderChoice.text`, not both"
             )
         if not self.clip and not (self.image and self.text):
             raise InputError(
-                "give --encoder SPEC (e.g. open_clip:ViT-B-32/openai), or both --image-encoder and --text-encoder"
+                "give `EncoderChoice.clip` (a contrastive model, e.g. open_clip:ViT-B-32/openai), or both "
+                "`EncoderChoice.image` and `EncoderChoice.text`"
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+            raise InputError(f"`EncoderChoice.device` must be auto, cpu or cuda, got {self.device!r}")
 
     @property
     def is_contrastive(self) -> bool:
@@ -64,11 +70,11 @@ class IndexOptions:
 
     def __post_init__(self) -> None:
         if not 0 < self.target_recall <= 1:
-            raise InputError(f"--target-recall must be in (0, 1], got {self.target_recall}")
+            raise InputError(f"`IndexOptions.target_recall` must be in (0, 1], got {self.target_recall}")
         if self.max_memory is not None and self.max_memory <= 0:
-            raise InputError(f"--max-memory must be positive, got {self.max_memory}")
+            raise InputError(f"`IndexOptions.max_memory` must be positive, got {self.max_memory}")
         if not isinstance(self.shards, int) or self.shards < 1:
-            raise InputError(f"--index-shards must be a whole number >= 1, got {self.shards!r}")
+            raise InputError(f"`IndexOptions.shards` must be a whole number >= 1, got {self.shards!r}")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -56,20 +56,22 @@ def decode_device(choice: str, device: str, transform: Any) -> str | None:
     from retrieval.encoders.preprocess import FastImageTransform
 
     if choice not in DECODE_CHOICES:
-        raise InputError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {choice!r}")
+        raise InputError(f"`EmbedOptions.decode` must be one of {', '.join(DECODE_CHOICES)}, got {choice!r}")
     if choice == "cpu":
         return None
     on_cuda = str(device).startswith("cuda")
     if choice == "gpu" and not on_cuda:
         raise InputError(
-            f"--decode gpu decodes JPEGs on the encoder's GPU, and this encoder runs on {device}: "
-            "use --decode cpu or auto"
+            f"`EmbedOptions.decode='gpu'` decodes JPEGs on the encoder's GPU, and this encoder runs on {device}: "
+            "use `EmbedOptions.decode='cpu'` or 'auto'"
         )
     fast = isinstance(transform, FastImageTransform)
     if choice == "gpu" and not fast:
-        raise InputError(f"--decode gpu needs an encoder with the fast preprocessing; this one uses {transform!r}")
+        raise InputError(
+            f"`EmbedOptions.decode='gpu'` needs an encoder with the fast preprocessing; this one uses {transform!r}"
+        )
     if choice == "gpu" and not device_decodes_jpeg(str(device)):
-        raise InputError(f"--decode gpu: torchvision cannot decode JPEGs on {device} here (no nvJPEG)")
+        raise InputError(f"`EmbedOptions.decode='gpu'`: torchvision cannot decode JPEGs on {device} here (no nvJPEG)")
     return str(device) if on_cuda and fast and device_decodes_jpeg(str(device)) else None
 
 

@@ -55,7 +55,7 @@ class RayOptions:
 
     def __post_init__(self) -> None:
         if not self.address:
-            raise InputError("--ray needs 'auto', 'local' or a cluster address")
+            raise InputError("`RayOptions.address` must be 'auto', 'local' or a cluster address")
         if self.actors is not None and self.actors < 1:
             raise InputError(f"Ray actors must be >= 1, got {self.actors}")
         if self.unit_retries < 0:
@@ -70,7 +70,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise InputError("--ray needs Ray: pip install 'retrieval[ray]' (ray[data]==2.60.0)") from None
+        raise InputError("`ray` needs Ray: pip install 'retrieval[ray]' (ray[data]==2.60.0)") from None
     return ray
 
 

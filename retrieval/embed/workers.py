@@ -98,11 +98,13 @@ def use_replicas(option: bool | None, device: str, workers: int | str, n_items: 
     if not on_cpu:
         raise InputError(f"encoder replicas run on the CPU; this encoder runs on {device}")
     if workers == 0:
-        raise InputError("encoder replicas run in the worker processes: --workers must be at least 1")
+        raise InputError("encoder replicas run in the worker processes: `EmbedOptions.workers` must be at least 1")
     if fork_context() is None:
         raise InputError("encoder replicas need worker processes started by fork (Linux)")
     if compile:
-        raise InputError("--compile compiles the encoder in the main process: use it with --no-replicas")
+        raise InputError(
+            "`EmbedOptions.compile` compiles the encoder in the main process: use it with `EmbedOptions.replicas=False`"
+        )
     return True
 
 

@@ -26,7 +26,7 @@ HF_HUB = "hf-hub:"
 CONFIG_NAME = "open_clip_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 FETCH_FIX = (
-    "it needs internet to download the weights once, or pass --checkpoint PATH to a local file; "
+    "it needs internet to download the weights once, or pass `EncoderChoice.checkpoint` (a local file); "
     "see open_clip.list_pretrained()"
 )
 
@@ -104,7 +104,7 @@ def _plan_builtin(plan: LoadPlan, model: str, tag: str, ckpt: Path | None) -> Lo
         return plan
     if not tag:
         tags = open_clip.list_pretrained_tags_by_model(model)
-        hint = f"open_clip:{model}/{tags[0]}" if tags else f"open_clip:{model} with --checkpoint PATH"
+        hint = f"open_clip:{model}/{tags[0]}" if tags else f"open_clip:{model} with `EncoderChoice.checkpoint`"
         raise EncoderError(f"open_clip:{model} names no weights; use {hint} (tags: {_few(tags) or 'none'})")
     plan.what = f"model {model!r} with pretrained tag {tag!r}"
     reason = hub_unreachable_reason()
@@ -178,7 +178,9 @@ def _unknown_model_message(model: str, names: list[str], ckpt: Path | None) -> s
 
 def _unknown_tag_message(model: str, tag: str, tags: list[str]) -> str:
     if not tags:
-        return f"open_clip model {model!r} has no pretrained tags; pass --checkpoint PATH to a local weights file"
+        return (
+            f"open_clip model {model!r} has no pretrained tags; pass `EncoderChoice.checkpoint` (a local weights file)"
+        )
     close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"unknown pretrained tag {tag!r} for open_clip model {model!r}{hint} (available: {_few(tags)})"

@@ -82,7 +82,7 @@ def resolve_device(device: str = "auto") -> str:
     if not available:
         raise EncoderError(
             f"device {device!r} requested but CUDA is not available (torch {torch.__version__}, "
-            f"built for CUDA {torch.version.cuda or 'none'}); use --device cpu or auto"
+            f"built for CUDA {torch.version.cuda or 'none'}); use `device` 'cpu' or 'auto'"
         )
     if wanted.startswith("cuda:") and int(wanted[5:]) >= torch.cuda.device_count():
         raise EncoderError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
@@ -226,7 +226,7 @@ _ENTRIES = (
         "OpenCLIP ViT-B/32 (LAION-2B), 512-d shared space",
         ("open_clip",),
         "weights cached locally",
-        "needs internet once to download the weights, or --checkpoint PATH to a local copy",
+        "needs internet once to download the weights, or `EncoderChoice.checkpoint` (a local copy)",
         weights_cached=True,
     ),
     _Entry(
@@ -234,14 +234,15 @@ _ENTRIES = (
         "image+text",
         "any OpenCLIP model + pretrained tag (open_clip.list_pretrained())",
         ("open_clip",),
-        "hub weights need internet once (then cached); add --checkpoint FILE to use a local copy",
+        "hub weights need internet once (then cached); `EncoderChoice.checkpoint` (a local copy) works offline",
         "pip install open_clip_torch",
         offline=False,
     ),
     _Entry(
         "open_clip:local-dir:DIR",
         "image+text",
-        "OpenCLIP model from a directory with open_clip_config.json + weights (or open_clip:NAME --checkpoint DIR)",
+        "OpenCLIP model from a directory with open_clip_config.json + weights (or open_clip:NAME with "
+        "`EncoderChoice.checkpoint` DIR)",
         ("open_clip",),
         "",
         "pip install open_clip_torch",
@@ -259,7 +260,7 @@ _ENTRIES = (
         "image",
         "any timm backbone, pooled pre-logits features",
         ("timm",),
-        "with --checkpoint FILE works offline; hub weights need internet once",
+        "with `EncoderChoice.checkpoint` (a file) works offline; hub weights need internet once",
         "pip install timm",
     ),
 )

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "timm:"
-FETCH_FIX = "it needs internet to download the weights once, or pass --checkpoint PATH to a local file"
+FETCH_FIX = "it needs internet to download the weights once, or pass `EncoderChoice.checkpoint` (a local file)"
 
 __all__ = ["PREFIX", "TimmEncoder"]
 

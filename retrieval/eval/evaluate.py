@@ -111,7 +111,7 @@ def center_spaces(
     (transductive and label-free: it adapts to the collection's domain, e.g. 32-pixel thumbnails).
     """
     if mode not in CENTERING:
-        raise InputError(f"unknown centering {mode!r}; choose from {', '.join(CENTERING)}")
+        raise InputError(f"unknown centering {mode!r} (`EvalOptions.center`); choose from {', '.join(CENTERING)}")
     if mode == "none" or not anchors:
         return image_vectors, text_vectors, list(anchors)
     image_mean = np.vstack([a.image_vectors for a in anchors]).mean(axis=0)
@@ -280,7 +280,7 @@ def evaluate(data: PairedData | LabelledData, config: RouteConfig, anchors: Sequ
     scorer = make_scorer(config, data.image_vectors, texts, anchors)
     if isinstance(data, PairedData):
         if config.refine:
-            raise InputError("prototype refinement (--refine) applies to zero-shot classification only")
+            raise InputError("prototype refinement (`EvalOptions.refine`) applies to zero-shot classification only")
         result = evaluate_paired(data, scorer)
     else:
         result = evaluate_zero_shot(data, scorer, config.refine)

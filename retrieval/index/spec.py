@@ -283,7 +283,7 @@ def choose_index(
     raise InputError(
         f"{n} vectors of dimension {d} do not fit the {budget}: "
         f"IVF over float16 vectors needs {_human(ivf_bytes)}, "
-        f"{'; '.join(tried) or 'no PQ size divides the dimension'}; raise --max-memory"
+        f"{'; '.join(tried) or 'no PQ size divides the dimension'}; raise `IndexOptions.max_memory`"
     )
 
 

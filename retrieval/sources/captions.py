@@ -168,7 +168,7 @@ def _check_columns(path: Path, columns: list[str], caption_column: str, template
     elif caption_column not in columns:
         raise InputError(
             f"{path}: no caption column {caption_column!r}; available columns: {available} "
-            "(choose one with --caption-column)"
+            "(choose one with `CaptionOptions.caption_column`)"
         )
 
 

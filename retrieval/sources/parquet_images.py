@@ -105,7 +105,7 @@ def read_parquet_images(
     if column is None:
         raise InputError(
             f"{file}: no column of image bytes (binary, or a struct {{bytes, path}}); "
-            "a parquet of captions goes to --captions"
+            "a parquet of captions goes to `captions`"
         )
     kept = [f.name for f in schema if f.name != column and not _is_bytes(f.type) and not _is_image_struct(f.type)]
     stat = os.stat(file)

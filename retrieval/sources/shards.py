@@ -81,7 +81,7 @@ def container_files(arg: str | Path) -> list[Path] | None:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise InputError(f"{arg}: no such shard file: {shown}")
     if not all(is_container(p) for p in found):
-        raise InputError(f"{arg}: mixes tar/parquet shards with other files; name them in separate --images")
+        raise InputError(f"{arg}: mixes tar/parquet shards with other files; name them in separate `images` entries")
     return list(dict.fromkeys(p.resolve() for p in found))
 
 

@@ -3,7 +3,7 @@
 A scraped caption file with a stray Latin-1 byte in one row of a million should lose that row, not the
 build. A file that is evidently in another encoding (its header or first row fails, or more than one line and
 more than 1% of lines fail) is still refused with a message that names the byte and suggests
-``--encoding``.
+another encoding.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _codec(path: Path, encoding: str) -> str:
     try:
         return codecs.lookup(encoding).name
     except LookupError:
-        raise InputError(f"{path}: unknown encoding {encoding!r} (see --encoding)") from None
+        raise InputError(f"{path}: unknown encoding {encoding!r} (see `CaptionOptions.encoding`)") from None
 
 
 def _ascii_compatible(codec: str) -> bool:
@@ -62,7 +62,7 @@ def _ascii_compatible(codec: str) -> bool:
 def _refuse(path: Path, encoding: str, byte: int, reason: str, detail: str = "") -> InputError:
     return InputError(
         f"{path}: cannot decode as {encoding} at byte {byte} ({reason}){detail}; "
-        "pass the right --encoding (e.g. --encoding latin-1)"
+        "pass the right `CaptionOptions.encoding` (e.g. 'latin-1')"
     )
 
 

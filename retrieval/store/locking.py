@@ -155,7 +155,7 @@ def _locked_message(root: Path, fd: int) -> str:
     who = f"pid {build}" if build else "pid unknown"
     return (
         f"{root}: index is locked by another build ({who}); "
-        "wait for it to finish, or build into another --index directory"
+        "wait for it to finish, or build into another `index` directory"
     )
 
 
