@@ -23,8 +23,7 @@ import numpy as np
 from retrieval.api.write import WriteOptions, commit_index, prepare_target
 from retrieval.core.config import EncoderChoice, IndexOptions
 from retrieval.core.errors import EncoderMismatchError, ImageDecodeError, InputError
-from retrieval.embed.embedded import EmbeddedItems, EmbedStats
-from retrieval.embed.pipeline import ImageRow
+from retrieval.embed.embedded import EmbeddedItems, EmbedStats, ImageRow
 from retrieval.encoders.registry import load_encoders
 from retrieval.sources.clip_embeddings import (
     EmbeddingFolder,

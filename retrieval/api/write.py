@@ -22,8 +22,7 @@ from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.core.config import CaptionOptions, IndexOptions
 from retrieval.core.errors import EncoderMismatchError, InputError
 from retrieval.core.version import __version__
-from retrieval.embed.embedded import EmbeddedItems
-from retrieval.embed.pipeline import ImageRow
+from retrieval.embed.embedded import EmbeddedItems, ImageRow
 from retrieval.embed.resume import remove_work, work_root
 from retrieval.index.vector_sets import VectorSet, sample_queries, write_vector_sets
 from retrieval.sources.items import CaptionRecord

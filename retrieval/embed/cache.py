@@ -123,7 +123,7 @@ class EmbeddingCache:
         for ref in refs:
             try:
                 hashes.append(
-                    sha256_file(ref.path) if ref.opener is None else hashlib.sha256(ref.read_bytes()).hexdigest()
+                    sha256_file(ref.path) if ref.path is not None else hashlib.sha256(ref.read_bytes()).hexdigest()
                 )
             except OSError as e:
                 hashes.append(None)

@@ -1,4 +1,5 @@
-"""The embed stage's output, the write stage's input: items and their vectors, row for row.
+"""The embed stage's output, the write stage's input: items and their vectors, row for row
+(:class:`EmbeddedImages` from the image pipeline, :class:`EmbeddedItems` from the whole stage).
 
 A plain dataclass: precomputed embeddings, or the shards of a distributed builder, can be
 turned into one without running an encoder, and written as an index by
@@ -13,10 +14,36 @@ from typing import Any
 import numpy as np
 
 from retrieval.core.errors import InputError
-from retrieval.embed.pipeline import ImageRow
-from retrieval.sources.items import CaptionRecord, ItemError
+from retrieval.sources.items import CaptionRecord, ImageRef, ItemError
 
 VECTOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+@dataclass
+class ImageRow:
+    """An image that was decoded and embedded, with what was learnt while decoding it (0, 0 and ""
+    mean unknown: a vector that came from elsewhere, e.g. precomputed, for an image never decoded here)."""
+
+    ref: ImageRef
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class EmbeddedImages:
+    """The result of embedding a list of images: rows and vectors aligned, plus the failures."""
+
+    rows: list[ImageRow]
+    vectors: np.ndarray
+    errors: list[ItemError] = field(default_factory=list)
+    resumed: int = 0  # images (embedded or skipped) taken from the progress shards of an earlier run
+    workers: int = 0  # DataLoader worker processes this run started
+    replicas: bool = False  # whether those workers encoded too (single-threaded encoder copies)
+    decode_device: str | None = None  # device of the batched JPEG decode (None: PIL in the workers)
+    decoded_on_device: int = 0  # images that batched decode took (the rest went the CPU path)
+    startup_seconds: float = 0.0  # from the start to the first batch encoded: worker spawn, first CUDA call, warm-up
+    steady_images_per_second: float = 0.0  # images after the first batch over the time after it (0: one batch or none)
 
 
 @dataclass

@@ -139,7 +139,7 @@ class JpegBytesDataset:
     def __getitem__(self, position: int) -> Sample:
         data = self._bytes(self.refs[position])
         size = None if data is None else gpu_jpeg_size(data, self.max_pixels)
-        if size is None:
+        if data is None or size is None:
             return self.cpu[position]
         return position, data, size[0], size[1], hashlib.sha256(data).hexdigest(), None
 

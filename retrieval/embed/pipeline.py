@@ -20,13 +20,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from retrieval.core.errors import ImageDecodeError, InputError
+from retrieval.embed.embedded import EmbeddedImages, ImageRow  # the stage's output (named here too)
 from retrieval.embed.gpu_decode import (
     DECODE_CHOICES,
     DeviceDecoder,
@@ -41,14 +42,14 @@ from retrieval.embed.workers import (
     resolve_workers,
     use_replicas,
 )
-from retrieval.sources.items import ImageRef, ItemError, load_image
+from retrieval.sources.items import ImageRef, ItemError
 from retrieval.sources.readahead import readahead
 
 log = logging.getLogger(__name__)
 
 # Default images per encoder batch. The CPU encoders slice batches themselves where smaller
-# ones run faster (EfficientNet-Lite0), so 32 only sets how work is handed out; a GPU wants
-# large batches (the H200 ran ViT-B/32 at 20,444 img/s with 256, benchmarks/THROUGHPUT.md).
+# ones run faster (EfficientNet-Lite0), so 32 only sets how work is handed out; a GPU is kept
+# busy only by large batches (its throughput by batch size: benchmarks/THROUGHPUT.md).
 CPU_BATCH_SIZE = 32
 CUDA_BATCH_SIZE = 256
 
@@ -74,17 +75,19 @@ class EmbedOptions:
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_CHOICES:
-            raise InputError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {self.decode!r}")
+            raise InputError(f"`EmbedOptions.decode` must be one of {', '.join(DECODE_CHOICES)}, got {self.decode!r}")
         if self.batch_size is not None and (
             isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
         ):
-            raise InputError(f"--batch-size must be a whole number >= 1, got {self.batch_size!r}")
+            raise InputError(f"`EmbedOptions.batch_size` must be a whole number >= 1, got {self.batch_size!r}")
         if self.workers != "auto" and (not isinstance(self.workers, int) or self.workers < 0):
-            raise InputError(f"--workers must be 'auto' or a whole number >= 0, got {self.workers!r}")
+            raise InputError(f"`EmbedOptions.workers` must be 'auto' or a whole number >= 0, got {self.workers!r}")
         if self.progress_shard_size is not None and (
             not isinstance(self.progress_shard_size, int) or self.progress_shard_size < 0
         ):
-            raise InputError(f"progress_shard_size must be a whole number >= 0, got {self.progress_shard_size!r}")
+            raise InputError(
+                f"`EmbedOptions.progress_shard_size` must be a whole number >= 0, got {self.progress_shard_size!r}"
+            )
 
     def resolved_batch_size(self, device: str) -> int:
         """Images per encoder batch: the option, else the default for the device."""
@@ -113,33 +116,6 @@ class EmbedOptions:
         return value
 
 
-@dataclass
-class ImageRow:
-    """An image that was decoded and embedded, with what was learnt while decoding it (0, 0 and ""
-    mean unknown: a vector that came from elsewhere, e.g. precomputed, for an image never decoded here)."""
-
-    ref: ImageRef
-    width: int = 0
-    height: int = 0
-    sha256: str = ""
-
-
-@dataclass
-class EmbeddedImages:
-    """The result of embedding a list of images: rows and vectors aligned, plus the failures."""
-
-    rows: list[ImageRow]
-    vectors: np.ndarray
-    errors: list[ItemError] = field(default_factory=list)
-    resumed: int = 0  # images (embedded or skipped) taken from the progress shards of an earlier run
-    workers: int = 0  # DataLoader worker processes this run started
-    replicas: bool = False  # whether those workers encoded too (single-threaded encoder copies)
-    decode_device: str | None = None  # device of the batched JPEG decode (None: PIL in the workers)
-    decoded_on_device: int = 0  # images that batched decode took (the rest went the CPU path)
-    startup_seconds: float = 0.0  # from the start to the first batch encoded: worker spawn, first CUDA call, warm-up
-    steady_images_per_second: float = 0.0  # images after the first batch over the time after it (0: one batch or none)
-
-
 class _ImageDataset:
     """Map-style dataset: index -> (index, pixels or None, width, height, sha256, error reason)."""
 
@@ -161,10 +137,8 @@ class _ImageDataset:
 
     def __getitem__(self, position: int) -> tuple[int, Any, int, int, str, str | None]:
         ref = self.refs[position]
-        try:  # a file through load_image; other items through the way they open their bytes
-            loaded = (
-                load_image(ref.path, draft_size=self.draft_size) if ref.opener is None else ref.load(self.draft_size)
-            )
+        try:  # a file through load_image; other items through the way they open their bytes (ImageRef.load)
+            loaded = ref.load(self.draft_size)
         except ImageDecodeError as e:
             return position, None, 0, 0, "", e.reason
         try:

@@ -30,7 +30,8 @@ from typing import Any
 
 from retrieval.core.errors import InputError
 from retrieval.embed import ray_hooks
-from retrieval.embed.pipeline import EmbeddedImages, EmbedOptions
+from retrieval.embed.embedded import EmbeddedImages
+from retrieval.embed.pipeline import EmbedOptions
 from retrieval.embed.ray_cluster import (  # noqa: F401  (re-exported: the stage's public names)
     LOOPBACK,
     LOOPBACK_ENV,
@@ -115,7 +116,14 @@ def embed_images_on_ray(
     actors = 0
     if todo:
         with ray_session(ray_options) as ray:
-            job = (_absolute(work_dir), _absolute(ray_options.work_dir), key, len(refs), dim, batch_size)
+            job = (
+                _absolute(work_dir) or str(work_dir),
+                _absolute(ray_options.work_dir),
+                key,
+                len(refs),
+                dim,
+                batch_size,
+            )
             actors = _run_units(ray, refs, todo, ray_options, job, options.progress)
     shards = {(s.start, s.stop): s for s in _done(work, shared)}
     kept = [shards[(u.start, u.stop)] for u in units if (u.start, u.stop) in shards]
