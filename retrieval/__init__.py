@@ -25,9 +25,9 @@ from retrieval.core.errors import (
 )
 from retrieval.core.hits import CaptionHit, ImageHit
 from retrieval.core.query import Query, QueryPart
+from retrieval.core.search import SearchKnobs, SearchOptions
 from retrieval.core.version import __version__
 from retrieval.embed.pipeline import EmbedOptions
-from retrieval.index.spec import SearchKnobs
 
 __all__ = [
     "AnchorSet",
@@ -51,6 +51,7 @@ __all__ = [
     "QueryPart",
     "RetrievalError",
     "SearchKnobs",
+    "SearchOptions",
     "UpdateReport",
     "__version__",
     "add_to_index",

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from retrieval.core.errors import InputError
+from retrieval.core.search import SearchKnobs as SearchKnobs  # defined in core, where queries take it
 
 INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfsq", "ivfpq", "auto")
 AUTO_FLAT_BELOW = 50_000
@@ -88,27 +89,6 @@ class IndexSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IndexSpec:
         return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
-
-
-@dataclass(frozen=True)
-class SearchKnobs:
-    """Search-time settings: IVF ``nprobe``, HNSW ``ef_search``, shortlist factor for re-ranking."""
-
-    nprobe: int | None = None
-    ef_search: int | None = None
-    rerank_factor: int | None = None
-
-    def to_json(self) -> dict[str, int]:
-        return {key: value for key, value in asdict(self).items() if value is not None}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> SearchKnobs:
-        data = data or {}
-        return cls(**{key: int(data[key]) for key in cls.__dataclass_fields__ if data.get(key) is not None})
-
-    def override(self, other: SearchKnobs) -> SearchKnobs:
-        """These knobs with every value that ``other`` sets replaced."""
-        return SearchKnobs(**{**self.to_json(), **other.to_json()})
 
 
 @dataclass(frozen=True)
@@ -290,8 +270,9 @@ def choose_index(
 def _human(size: int | None) -> str:
     if size is None:
         return "unlimited"
+    scaled = float(size)
     for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
+        if scaled < 1024:
+            return f"{scaled:.0f} {unit}" if unit == "B" else f"{scaled:.1f} {unit}"
+        scaled /= 1024
+    return f"{scaled:.1f} TB"
