@@ -22,10 +22,8 @@ MAX_FUNCTION_LINES = 60  # counted from the first statement of the body: ruff pu
 # Modules that ruff's formatter pushed over the limit by exploding their wide signatures, with their size then;
 # narrowing those signatures (options objects) brings them back under it. Shrinks to empty.
 OVER_LIMIT_AFTER_FORMAT = {
-    "retrieval.api.engine": 530,
     "retrieval.api.update": 460,
     "retrieval.cli.main": 630,
-    "retrieval.cli.query": 445,
     "retrieval.embed.pipeline": 445,
 }
 

@@ -350,10 +350,16 @@ def _hits(rows: list) -> tuple[list[list[str]], np.ndarray]:
 def _answers(index: retrieval.Index, photos: list[Path]) -> dict[str, tuple]:
     """Every query of ``index`` on every route it has: (ids, scores) per query and route."""
     calls = {
-        "text_to_image": lambda route: index.texts_to_images(TEXTS, k=3, route=route),
-        "image_to_caption": lambda route: index.images_to_captions(photos, k=3, route=route),
-        "image_to_image": lambda route: index.images_to_images(photos, k=3, exclude_self=True, route=route),
-        "text_to_caption": lambda route: index.texts_to_captions(TEXTS, k=3, route=route),
+        "text_to_image": lambda route: index.texts_to_images(TEXTS, k=3, options=retrieval.SearchOptions(route=route)),
+        "image_to_caption": lambda route: index.images_to_captions(
+            photos, k=3, options=retrieval.SearchOptions(route=route)
+        ),
+        "image_to_image": lambda route: index.images_to_images(
+            photos, k=3, options=retrieval.SearchOptions(route=route), exclude_self=True
+        ),
+        "text_to_caption": lambda route: index.texts_to_captions(
+            TEXTS, k=3, options=retrieval.SearchOptions(route=route)
+        ),
     }
     return {
         f"{query}/{route}": _hits(call(route)) for query, call in calls.items() for route in index.routes_for(query)

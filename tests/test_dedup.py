@@ -108,12 +108,14 @@ def test_dedup_collapses_query_results_and_still_returns_k(dup_index, planted):
     copy, (original, _) = next((c, v) for c, v in copies.items() if v[1] == "half")
     plain = dup_index.image_to_image(folder / original, k=4)
     assert {name(h.uri) for h in plain[:2]} == {original, copy}
-    deduped = dup_index.search(Query.image(folder / original), k=4, dedup=DEFAULT_THRESHOLD)
+    deduped = dup_index.search(
+        Query.image(folder / original), k=4, options=retrieval.SearchOptions(dedup=DEFAULT_THRESHOLD)
+    )
     assert [name(h.uri) for h in deduped[:1]] == [original] and copy not in [name(h.uri) for h in deduped]
     assert len(deduped) == 4 and [h.rank for h in deduped] == [1, 2, 3, 4]
     assert [h.id for h in deduped[1:]] == [h.id for h in dup_index.image_to_image(folder / original, k=5)[2:5]]
-    with pytest.raises(InputError, match="threshold"):
-        dup_index.search(Query.image(folder / original), dedup=1.5)
+    with pytest.raises(InputError, match="`SearchOptions.dedup` must be a cosine in"):
+        retrieval.SearchOptions(dedup=1.5)
 
 
 def test_the_http_deduplicate_flag_uses_the_same_rule(dup_index, planted):

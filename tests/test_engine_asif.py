@@ -133,10 +133,10 @@ def test_projected_route_matches_a_numpy_reference(asif_index):
     projected /= np.linalg.norm(projected, axis=1, keepdims=True)
     query = asif_index.text_encoder.encode_texts(["a man riding a horse"])[0]
     expected = projected @ query
-    hits = asif_index.text_to_image("a man riding a horse", k=6, route="projected")
+    hits = asif_index.text_to_image("a man riding a horse", k=6, options=retrieval.SearchOptions(route="projected"))
     np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1], atol=5e-3)
     with pytest.raises(retrieval.InputError, match="route 'clip' not available"):
-        asif_index.text_to_image("a horse", route="clip")
+        asif_index.text_to_image("a horse", options=retrieval.SearchOptions(route="clip"))
 
 
 def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
@@ -289,12 +289,15 @@ def test_add_and_remove_in_an_asif_index_equal_a_full_build(tmp_path, anchor_dir
     index = retrieval.open_index(grown, device="cpu")
     assert index.manifest["counts"] == full.manifest["counts"]
     for route in ("asif", "projected"):
-        got = index.text_to_image("a man riding a horse", k=4, route=route)
-        want = full.text_to_image("a man riding a horse", k=4, route=route)
+        got = index.text_to_image("a man riding a horse", k=4, options=retrieval.SearchOptions(route=route))
+        want = full.text_to_image("a man riding a horse", k=4, options=retrieval.SearchOptions(route=route))
         np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-3)
         assert {h.id for h in got} == {h.id for h in want}
     gone = index.text_to_image("a man riding a horse", k=1)[0]
     remove_from_index(grown, ids=[gone.id])
     after = retrieval.open_index(grown, device="cpu")
     for route in ("asif", "projected"):
-        assert gone.id not in [h.id for h in after.text_to_image("a man riding a horse", k=10, route=route)]
+        assert gone.id not in [
+            h.id
+            for h in after.text_to_image("a man riding a horse", k=10, options=retrieval.SearchOptions(route=route))
+        ]

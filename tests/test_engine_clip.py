@@ -118,7 +118,7 @@ def test_querying_with_other_weights_is_a_clear_error(tmp_path, small_collection
 def test_bad_requests(tmp_path, clip_index, small_collection, tiny_clip_dir):
     with pytest.raises(InputError, match="empty"):
         clip_index.text_to_image("   ")
-    with pytest.raises(InputError, match="k must be"):
+    with pytest.raises(InputError, match="`k` must be an integer >= 1, got 0"):
         clip_index.image_to_caption(small_collection / "images" / "broken.jpg", k=0)
     with pytest.raises(retrieval.ImageDecodeError, match="broken.jpg"):
         clip_index.image_to_caption(small_collection / "images" / "broken.jpg")

@@ -371,7 +371,9 @@ def test_index_where_matches_brute_force_on_every_asif_route(asif_index, route, 
     assert allowed.tolist() == list(range(0, N_ITEMS, round(1 / share)))
     modality = "image" if route == "unimodal" else "text"
     queries = _unit(12, 16, 9)
-    scores, positions = asif_index.search_vectors("image", queries, modality, K, route, where=where)
+    scores, positions = asif_index.search_vectors(
+        "image", queries, modality, K, retrieval.SearchOptions(route=route, where=where)
+    )
     if route == "asif":
         rows = asif_index.relative_index("image").rows.toarray()
         relative = asif_index.anchor_spaces.relative(queries, "text", asif_index.asif_params).toarray()
@@ -389,11 +391,12 @@ def test_hits_obey_the_where_clause_and_deleted_items_stay_out(asif_index, tmp_p
     retrieval.remove_from_index(copy.path, ids=[gone])
     reopened = retrieval.open_index(copy.path, device="cpu")
     assert 20 not in reopened.matching("image", "n % 10 = 0").tolist()
-    _, positions = reopened.search_vectors("image", _unit(5, 16, 9), "text", 300, "projected", where="n % 10 = 0")
+    _, positions = reopened.search_vectors(
+        "image", _unit(5, 16, 9), "text", 300, retrieval.SearchOptions(route="projected", where="n % 10 = 0")
+    )
     assert positions.shape == (5, 199) and 20 not in positions
-    hits = reopened.search_vectors("image", _unit(1, 16, 9), "text", 5, "asif", where="label = 'l3' AND width >= 1000")[
-        1
-    ][0]
+    options = retrieval.SearchOptions(route="asif", where="label = 'l3' AND width >= 1000")
+    hits = reopened.search_vectors("image", _unit(1, 16, 9), "text", 5, options)[1][0]
     assert all(n % 7 == 3 and 100 + n >= 1000 for n in hits.tolist())
 
 
@@ -423,24 +426,29 @@ def clip_index(tmp_path_factory, tiny_clip_dir):
 
 def test_offset_pages_through_a_bigger_query(clip_index):
     whole = clip_index.text_to_image("a photo", k=30)
-    pages = [clip_index.text_to_image("a photo", k=10, offset=offset) for offset in (0, 10, 20)]
+    pages = [
+        clip_index.text_to_image("a photo", k=10, options=retrieval.SearchOptions(offset=offset))
+        for offset in (0, 10, 20)
+    ]
     assert [hit for page in pages for hit in page] == whole
     assert [hit.rank for hit in pages[1]] == list(range(11, 21))
-    filtered = clip_index.text_to_image("a photo", k=20, where="uri GLOB '*/0000[0-9][0-9].jpg'")
-    assert (
-        clip_index.text_to_image("a photo", k=10, offset=10, where="uri GLOB '*/0000[0-9][0-9].jpg'") == filtered[10:]
-    )
+    where = "uri GLOB '*/0000[0-9][0-9].jpg'"
+    filtered = clip_index.text_to_image("a photo", k=20, options=retrieval.SearchOptions(where=where))
+    paged = clip_index.text_to_image("a photo", k=10, options=retrieval.SearchOptions(where=where, offset=10))
+    assert paged == filtered[10:]
 
 
 def test_min_score_drops_weaker_hits(clip_index):
     hits = clip_index.text_to_image("a photo", k=20)
     cut = hits[7].score
-    kept = clip_index.text_to_image("a photo", k=20, min_score=cut)
+    kept = clip_index.text_to_image("a photo", k=20, options=retrieval.SearchOptions(min_score=cut))
     assert kept == [hit for hit in hits if hit.score >= cut] and len(kept) >= 8
-    with pytest.raises(InputError, match="offset"):
-        clip_index.text_to_image("a photo", offset=-1)
-    with pytest.raises(InputError, match="min_score"):
-        clip_index.text_to_image("a photo", min_score=float("nan"))
+    with pytest.raises(InputError, match="`SearchOptions.offset` must be an integer >= 0, got -1"):
+        retrieval.SearchOptions(offset=-1)
+    with pytest.raises(InputError, match="`SearchOptions.min_score` must be a finite number"):
+        retrieval.SearchOptions(min_score=float("nan"))
+    with pytest.raises(InputError, match="`options` must be a SearchOptions"):
+        clip_index.text_to_image("a photo", options={"min_score": 0.5})
 
 
 def test_ties_are_ordered_by_id():
@@ -461,7 +469,12 @@ def test_cli_where_min_score_and_offset(clip_index):
     assert result.exit_code == 0, result.output
     uris = [json.loads(line)["uri"] for line in result.output.splitlines()]
     assert len(uris) == 5 and all(uri.endswith(tuple(f"/00001{d}.jpg" for d in range(10))) for uri in uris)
-    expected = [hit.uri for hit in clip_index.text_to_image("a photo", k=5, where="uri GLOB '*/00001[0-9].jpg'")]
+    expected = [
+        hit.uri
+        for hit in clip_index.text_to_image(
+            "a photo", k=5, options=retrieval.SearchOptions(where="uri GLOB '*/00001[0-9].jpg'")
+        )
+    ]
     assert uris == expected
 
     everything = [hit.score for hit in clip_index.text_to_image("a photo", k=10)]

@@ -118,8 +118,8 @@ def test_a_one_part_query_equals_the_plain_query(clip_index, asif_index, small_c
         assert same(index.search(Query.text("a cake"), target="caption", k=3), index.text_to_caption("a cake", k=3))
         assert same(index.search(Query.image(photo), target="caption", k=3), index.image_to_caption(photo, k=3))
     assert same(
-        asif_index.search(Query.text("a cake"), k=3, route="projected"),
-        asif_index.text_to_image("a cake", k=3, route="projected"),
+        asif_index.search(Query.text("a cake"), k=3, options=retrieval.SearchOptions(route="projected")),
+        asif_index.text_to_image("a cake", k=3, options=retrieval.SearchOptions(route="projected")),
     )
 
 
@@ -183,7 +183,7 @@ def test_projected_route_projects_image_parts_into_the_text_space(asif_index, as
         )
     )
     items = unit(reference_relative(stored(asif_index, "image/image"), anchors["image"], 5, 2.0) @ anchors["text"])
-    hits = asif_index.search(mixed(asif_parts), target="image", k=5, route="projected")
+    hits = asif_index.search(mixed(asif_parts), target="image", k=5, options=retrieval.SearchOptions(route="projected"))
     check_hits(hits, items @ reference, asif_index.items("image"), 5, 5e-3)
 
 
@@ -198,7 +198,7 @@ def test_unimodal_route_projects_text_parts_into_the_image_space(asif_index, asi
             )
         )
     )
-    hits = asif_index.search(mixed(asif_parts), target="image", k=5, route="unimodal")
+    hits = asif_index.search(mixed(asif_parts), target="image", k=5, options=retrieval.SearchOptions(route="unimodal"))
     check_hits(hits, stored(asif_index, "image/image") @ reference, asif_index.items("image"), 5, 5e-3)
     photo_only = asif_index.search(Query.images(asif_parts["photos"]), k=3)  # several images averaged, own space
     check_hits(
@@ -212,9 +212,9 @@ def test_unimodal_route_projects_text_parts_into_the_image_space(asif_index, asi
 
 def test_routes_errors_and_exclusions(asif_index, clip_index, asif_parts):
     with pytest.raises(InputError, match="route 'asif' not available.*unimodal"):
-        asif_index.search(Query.image(asif_parts["photos"][0]), route="asif")
+        asif_index.search(Query.image(asif_parts["photos"][0]), options=retrieval.SearchOptions(route="asif"))
     with pytest.raises(InputError, match="route 'clip' not available.*asif, projected, unimodal"):
-        asif_index.search(mixed(asif_parts), route="clip")
+        asif_index.search(mixed(asif_parts), options=retrieval.SearchOptions(route="clip"))
     with pytest.raises(InputError, match="'image' or 'caption'"):
         clip_index.search(Query.text("a"), target="text")
     with pytest.raises(InputError, match="cancel out"):
@@ -276,18 +276,21 @@ def test_a_composed_query_takes_where_min_score_and_offset(clip_index, asif_inde
     where = f"image_uri <> '{table['image_uri'][0]}'"  # leave out the captions of one photo
     allowed = np.array([uri != table["image_uri"][0] for uri in table["image_uri"]])
     expected = np.where(allowed, stored(clip_index, "clip/caption") @ reference, -np.inf)
-    hits = clip_index.search(query, target="caption", k=4, where=where)
+    filtered = retrieval.SearchOptions(where=where)
+    hits = clip_index.search(query, target="caption", k=4, options=filtered)
     assert all(table["image_uri"][table["id"].index(h.id)] != table["image_uri"][0] for h in hits)
     check_hits(hits, expected, table, 4, 3e-3)
-    more = clip_index.search(query, target="caption", k=8, where=where)
-    assert [h.id for h in clip_index.search(query, target="caption", k=4, where=where, offset=4)] == [
+    more = clip_index.search(query, target="caption", k=8, options=filtered)
+    assert [h.id for h in clip_index.search(query, target="caption", k=4, options=filtered.replace(offset=4))] == [
         h.id for h in more[4:8]
     ]
     cut = more[2].score
-    assert [h.id for h in clip_index.search(query, target="caption", k=8, where=where, min_score=cut)] == [
+    assert [h.id for h in clip_index.search(query, target="caption", k=8, options=filtered.replace(min_score=cut))] == [
         h.id for h in more[:3]
     ]
     asif_hits = asif_index.search(
-        Query.text("people eating cake") - 0.5 * Query.text("a horse"), k=3, where="width > 0"
+        Query.text("people eating cake") - 0.5 * Query.text("a horse"),
+        k=3,
+        options=retrieval.SearchOptions(where="width > 0"),
     )
     assert len(asif_hits) == 3

@@ -19,7 +19,7 @@ import pytest
 from large_index import caption_items, clustered_vectors, image_rows, tiny_clip_record
 from ray_helpers import alarm_after, local_ray
 
-from retrieval.index.spec import SearchKnobs
+from retrieval.core.search import SearchKnobs, SearchOptions
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is not installed: pip install 'retrieval[ray]'"
@@ -74,7 +74,7 @@ def _write(path: Path, collection, index_type: str, shards: int = 1, ray=None):
 
 
 def _search(index, queries: np.ndarray, nprobe: int | None = None):
-    return index.search_vectors("image", queries, "image", 10, knobs=SearchKnobs(nprobe=nprobe))
+    return index.search_vectors("image", queries, "image", 10, SearchOptions(knobs=SearchKnobs(nprobe=nprobe)))
 
 
 def test_ray_tasks_fill_the_parts_of_one_ivf_index(ray_cluster, collection, tmp_path, monkeypatch):

@@ -167,21 +167,21 @@ def test_routes_of_each_query(opened):
     expected = {"text_to_image": cross, "image_to_caption": cross, "image_to_image": same, "text_to_caption": same}
     assert {q: index.routes_for(q) for q in expected} == expected
     assert index.info()["query_routes"] == expected and index.info()["routes"] == index.routes == cross
-    assert [h.id for h in index.text_to_caption(TEXT, k=3, route=same[0])] == [
+    assert [h.id for h in index.text_to_caption(TEXT, k=3, options=retrieval.SearchOptions(route=same[0]))] == [
         h.id for h in index.text_to_caption(TEXT, k=3)
     ]
     wrong = "asif" if index.mode == "clip" else "clip"
     with pytest.raises(
         InputError, match=f"route '{wrong}' not available; text -> caption in this index answers by {same[0]}"
     ):
-        index.text_to_caption(TEXT, route=wrong)
+        index.text_to_caption(TEXT, options=retrieval.SearchOptions(route=wrong))
     with pytest.raises(InputError, match="route 'unimodal' not available; text -> image"):
-        index.text_to_image(TEXT, route="unimodal")
+        index.text_to_image(TEXT, options=retrieval.SearchOptions(route="unimodal"))
     with pytest.raises(InputError, match="unknown query"):
         index.routes_for("caption_to_image")
     with pytest.raises(InputError, match="empty"):
         index.text_to_caption("  ")
-    with pytest.raises(InputError, match="k must be"):
+    with pytest.raises(InputError, match="`k` must be an integer >= 1, got 0"):
         index.image_to_image(Image.new("RGB", (8, 8)), k=0)
 
 

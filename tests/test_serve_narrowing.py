@@ -8,6 +8,7 @@ from serve_helpers import b64, make_client, tiny_index  # noqa: F401  (tiny_inde
 
 from retrieval.api.dedup import DEFAULT_THRESHOLD
 from retrieval.core.query import Query
+from retrieval.core.search import SearchOptions
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +40,24 @@ def search(client, **body) -> dict:
 def test_where_min_score_and_offset_answer_as_the_python_api(client, index):
     table = index.items("caption")
     where = f"image_uri <> '{table['image_uri'][0]}'"
-    expected = index.text_to_caption("a plate of food", k=4, where=where, offset=2)
+    expected = index.text_to_caption("a plate of food", k=4, options=SearchOptions(where=where, offset=2))
     body = search(client, queries=[{"text": "a plate of food"}], target="caption", k=4, where=where, offset=2)
     positions = [int(i) for i in ids(body)]  # /api/v1 ids are row positions
     assert positions == api_ids(index, expected, "caption") and len(positions) == 4
     assert all(table["image_uri"][p] != table["image_uri"][0] for p in positions)
     assert [hit["score"] for hit in body["results"][0]["hits"]] == pytest.approx([h.score for h in expected], abs=1e-5)
-    full = index.text_to_caption("a plate of food", k=6, where=where)
+    full = index.text_to_caption("a plate of food", k=6, options=SearchOptions(where=where))
     cut = full[2].score
     body = search(client, queries=[{"text": "a plate of food"}], target="caption", k=6, where=where, min_score=cut)
     assert [hit["score"] for hit in body["results"][0]["hits"]] == pytest.approx([h.score for h in full[:3]], abs=1e-5)
     bad = client.post("/api/v1/search", json={"queries": [{"text": "a"}], "where": "no_such_column = 1"})
     assert bad.status_code == 422 and "no_such_column" in bad.json()["error"]
+    bad = client.post("/api/v1/search", json={"queries": [{"text": "a"}], "route": "nope"})  # the body's field names
+    assert bad.status_code == 422
+    assert bad.json()["error"] == "route must be one of clip, asif, projected, unimodal, got 'nope'"
+    bad = client.post("/api/v1/search", json={"queries": [{"text": "a"}], "route": "asif"})  # a CLIP index
+    assert bad.status_code == 422
+    assert bad.json()["error"] == "index tiny: route 'asif' not available; text -> image in this index answers by clip"
 
 
 def test_plus_minus_parts_and_dedup_answer_as_the_python_api(client, index, small_collection):
@@ -67,7 +74,9 @@ def test_plus_minus_parts_and_dedup_answer_as_the_python_api(client, index, smal
     assert [int(i) for i in ids(body)] == api_ids(index, expected, "image")  # image ids are row positions
     assert [hit["score"] for hit in body["results"][0]["hits"]] == pytest.approx([h.score for h in expected], abs=1e-4)
     deduped = index.text_to_image("a plate of food", k=20)
-    kept = index.search(Query.text("a plate of food"), target="image", k=20, dedup=DEFAULT_THRESHOLD)
+    kept = index.search(
+        Query.text("a plate of food"), target="image", k=20, options=SearchOptions(dedup=DEFAULT_THRESHOLD)
+    )
     body = search(client, queries=[{"text": "a plate of food"}], k=20, dedup=True)
     assert len(body["results"][0]["hits"]) == len(kept) <= len(deduped)
     assert [hit["score"] for hit in body["results"][0]["hits"]] == pytest.approx([h.score for h in kept], abs=1e-5)

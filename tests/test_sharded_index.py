@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from large_index import caption_items, clustered_vectors, image_rows, tiny_clip_record
 
-from retrieval.index.spec import SearchKnobs
+from retrieval.core.search import SearchKnobs, SearchOptions
 
 N = 2000
 
@@ -195,7 +195,7 @@ def collection(tiny_clip_dir):
 
 
 def _search(index, queries: np.ndarray, nprobe: int | None = None, k: int = 10):
-    return index.search_vectors("image", queries, "image", k, knobs=SearchKnobs(nprobe=nprobe))
+    return index.search_vectors("image", queries, "image", k, SearchOptions(knobs=SearchKnobs(nprobe=nprobe)))
 
 
 @pytest.mark.parametrize("index_type", ["flat", "ivf"])
@@ -223,7 +223,7 @@ def test_a_sharded_index_answers_as_the_whole_one(collection, tmp_path, index_ty
     where = "uri LIKE '%1.jpg' OR uri LIKE '%7.jpg'"  # a filter: the allowed rows, scanned exactly in each
     allowed = np.array(sharded.matching("image", where))
     assert 0 < len(allowed) < len(vectors) // 4
-    scores, positions = sharded.search_vectors("image", queries, "image", 10, where=where)
+    scores, positions = sharded.search_vectors("image", queries, "image", 10, SearchOptions(where=where))
     reference = queries @ vectors[allowed].T
     order = np.argsort(-reference, axis=1, kind="stable")[:, :10]
     np.testing.assert_allclose(

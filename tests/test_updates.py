@@ -79,7 +79,7 @@ def test_build_records_the_choice_and_the_measured_recall(ivf_index, small_colle
         for path in sorted((COCO / "images").glob("*.jpg"))
         if not (small_collection / "images" / path.name).exists()
     ][:8]
-    fresh = index.image_encoder.encode_images([retrieval.api.engine.load_image(path).image for path in photos])
+    fresh = index.image_encoder.encode_images([retrieval.sources.items.load_image(path).image for path in photos])
     source = index.vector_source("clip/caption")
     _, found = index.search_vectors("caption", fresh, "image", 10)  # with the recorded knobs
     exact, _ = exact_search(source, fresh, 10)
@@ -103,8 +103,8 @@ def test_nprobe_per_query_reaches_exact_results(ivf_index, small_collection):
     assert "Array" in type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded).invlists)).__name__
     nlist = index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
     photo = sorted((small_collection / "images").glob("*.jpg"))[0]
-    query = index.image_encoder.encode_images([retrieval.api.engine.load_image(photo).image])
-    hits = index.image_to_caption(photo, k=10, knobs=SearchKnobs(nprobe=nlist))
+    query = index.image_encoder.encode_images([retrieval.sources.items.load_image(photo).image])
+    hits = index.image_to_caption(photo, k=10, options=retrieval.SearchOptions(knobs=SearchKnobs(nprobe=nlist)))
     assert [h.id for h in hits] == _exact_caption_ids(index, query, 10)[0]
 
 
@@ -130,8 +130,10 @@ def test_ivfpq_index_reranks_in_faiss_from_the_stored_vectors(tmp_path, tiny_cli
     )  # the stored file, viewed
     nlist = index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
     photo = sorted((small_collection / "images").glob("*.jpg"))[0]
-    query = index.image_encoder.encode_images([retrieval.api.engine.load_image(photo).image])
-    hits = index.image_to_caption(photo, k=5, knobs=SearchKnobs(nprobe=nlist, rerank_factor=80))  # the whole list set
+    query = index.image_encoder.encode_images([retrieval.sources.items.load_image(photo).image])
+    hits = index.image_to_caption(  # the whole list set
+        photo, k=5, options=retrieval.SearchOptions(knobs=SearchKnobs(nprobe=nlist, rerank_factor=80))
+    )
     assert [h.id for h in hits] == _exact_caption_ids(index, query, 5)[0]
 
 
@@ -234,7 +236,7 @@ def test_add_encodes_only_new_items_and_equals_a_full_build(
     nlist = updated.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
     for photo in sorted(second.glob("0*.jpg")):
         got, want = (
-            updated.image_to_caption(photo, k=5, knobs=SearchKnobs(nprobe=nlist)),
+            updated.image_to_caption(photo, k=5, options=retrieval.SearchOptions(knobs=SearchKnobs(nprobe=nlist))),
             full.image_to_caption(photo, k=5),
         )
         np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-4)
@@ -273,7 +275,7 @@ def test_compaction_keeps_results_of_the_live_rows(two_step, caption_files):
     ids = index.items("caption")["id"]
     doomed = ids[::3]  # a third of the captions: above the compaction threshold
     photo = sorted(first.glob("*.jpg"))[0]
-    query = index.image_encoder.encode_images([retrieval.api.engine.load_image(photo).image])
+    query = index.image_encoder.encode_images([retrieval.sources.items.load_image(photo).image])
     deleted_positions = [ids.index(i) for i in doomed]
     expected = _exact_caption_ids(index, query, 5, deleted_positions)[0]
     report = remove_from_index(path, ids=doomed)
@@ -281,7 +283,10 @@ def test_compaction_keeps_results_of_the_live_rows(two_step, caption_files):
     after = retrieval.open_index(path, device="cpu")
     assert after.rows("caption") == 300 - len(doomed) and after.info()["deleted"]["caption"] == 0
     nlist = after.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["nlist"]
-    assert [h.id for h in after.image_to_caption(photo, k=5, knobs=SearchKnobs(nprobe=nlist))] == expected
+    assert [
+        h.id
+        for h in after.image_to_caption(photo, k=5, options=retrieval.SearchOptions(knobs=SearchKnobs(nprobe=nlist)))
+    ] == expected
 
 
 def test_updates_are_atomic_for_readers_and_on_crash(two_step, caption_files, monkeypatch):

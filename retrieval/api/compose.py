@@ -23,27 +23,25 @@ modalities land without projection.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from retrieval.api.dedup import distinct
 from retrieval.api.routes import (
     MODALITY,
     UNIMODAL,
-    caption_hits,
-    check_k,
     cross_modal_routes,
-    image_hits,
+    hits_of,
+    pick_route,
     query_name,
     routes_for,
 )
 from retrieval.core.errors import InputError
 from retrieval.core.query import Query
-from retrieval.index.dedup import check_threshold, unit_rows
-from retrieval.index.spec import SearchKnobs
+from retrieval.core.search import SearchOptions, check_k, options_or_default
+from retrieval.index.dedup import unit_rows
 
 TARGETS = ("image", "caption")
 OTHER = {"image": "text", "text": "image"}
@@ -57,19 +55,6 @@ def query_routes(manifest: dict[str, Any], query: Query, target: str) -> list[st
     if len(names) == 1:
         return routes_for(manifest, names[0])
     return cross_modal_routes(manifest) + ([UNIMODAL] if manifest["mode"] == "asif" else [])
-
-
-def choose_query_route(index: Any, query: Query, target: str, route: str | None) -> str:
-    """``route`` checked against :func:`query_routes` (None: the default)."""
-    available = query_routes(index.manifest, query, target)
-    if route is None:
-        return available[0]
-    if route not in available:
-        raise InputError(
-            f"{index.path}: route {route!r} not available for this query of {target}s; "
-            f"it answers by {', '.join(available)}"
-        )
-    return route
 
 
 def encoded_parts(index: Any, query: Query) -> dict[str, np.ndarray]:
@@ -122,38 +107,19 @@ def query_rows(index: Any, query: Query, target: str, route: str) -> Any:
 
 
 def search_query(
-    index: Any,
-    query: Query,
-    target: str = "image",
-    k: int = 10,
-    route: str | None = None,
-    knobs: SearchKnobs | None = None,
-    dedup: float | None = None,
-    exclude: Sequence[str] = (),
-    **options: Any,
+    index: Any, query: Query, target: str, k: int, options: SearchOptions | None, exclude: Collection[str] = ()
 ) -> list[Any]:
-    """The ``k`` best ``target`` hits for ``query``; ``dedup``: collapse near-duplicates at this cosine
-    (fetching more so ``k`` remain when the index has them); ``exclude``: item ids left out; ``options``
-    go to :meth:`~retrieval.api.engine.Index.search_rows`."""
+    """The ``k`` best ``target`` hits for ``query``, narrowed by ``options`` (see :mod:`retrieval.api.paging`);
+    ``exclude``: item ids left out."""
     if not isinstance(query, Query):
         raise InputError(f"search takes a Query (e.g. Query.text('a dog')), got {type(query).__name__}")
-    check_k(k)
-    route = choose_query_route(index, query, target, route)
-    if dedup is not None:
-        dedup = check_threshold(dedup)
+    k, options = check_k(k), options_or_default(options)
+    route = pick_route(
+        index.path, query_routes(index.manifest, query, target), options.route, f"this query of {target}s"
+    )
     if index.manifest["counts"][target] == 0:
         raise InputError(f"{index.path}: the index holds no {target}s; rebuild it with some")
     rows = query_rows(index, query, target, route)
-    live, ids, drop = index.manifest["counts"][target], index.items(target)["id"], set(exclude)
-    fetch = k + len(drop) if dedup is None else 3 * k + len(drop)
-    while True:
-        scores, positions = index.search_rows(target, route, rows, min(fetch, live), knobs, **options)
-        pairs = [(s, p) for s, p in zip(scores[0], positions[0], strict=True) if p >= 0 and ids[p] not in drop]
-        if dedup is not None:
-            pairs = [pairs[i] for i in distinct(index, target, [p for _, p in pairs], dedup)]
-        if len(pairs) >= k or fetch >= live:
-            break
-        fetch *= 2
-    pairs = pairs[:k]
-    found = (np.array([[s for s, _ in pairs]], np.float32), np.array([[p for _, p in pairs]], np.int64))
-    return (image_hits if target == "image" else caption_hits)(index.items(target), *found)[0]
+    scores, positions = index.search_rows(target, rows, k, options.replace(route=route), exclude=exclude)
+    hits: list[Any] = hits_of(target)(index.items(target), scores, positions, options.offset + 1)[0]
+    return hits

@@ -53,7 +53,8 @@ class DuplicateGroup:
 def stored_vectors(index: Any, kind: str, positions: Sequence[int] | np.ndarray) -> np.ndarray:
     """The stored vectors of ``kind`` items at ``positions``, in the items' own encoder space (float32)."""
     key = f"{index.manifest['spaces'][kind]}/{kind}"
-    return index.vector_source(key).take(np.asarray(positions, dtype=np.int64).reshape(-1))
+    vectors: np.ndarray = index.vector_source(key).take(np.asarray(positions, dtype=np.int64).reshape(-1))
+    return vectors
 
 
 def distinct(index: Any, kind: str, positions: Sequence[int] | np.ndarray, threshold: float) -> list[int]:
@@ -80,7 +81,7 @@ def duplicates(index: Any, threshold: float = DEFAULT_THRESHOLD) -> list[Duplica
     return [_group(table, members, unit_rows(source.take(np.asarray(members)))) for members in groups_of(pairs, rows)]
 
 
-def _group(table: dict[str, list], members: list[int], vectors: np.ndarray) -> DuplicateGroup:
+def _group(table: dict[str, list[Any]], members: list[int], vectors: np.ndarray) -> DuplicateGroup:
     """The group of ``members`` (positions) with its keeper: the most pixels, then the lowest position."""
     pick = min(
         range(len(members)),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class OnceCache:
@@ -26,10 +28,11 @@ class OnceCache:
         with self._guard:
             return self._values.pop(key, None)
 
-    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+    def get(self, key: Hashable, compute: Callable[[], T]) -> T:
         """The value of ``key``, from ``compute()`` the first time it is asked for."""
         try:
-            return self._values[key]  # the common case: no lock once a value is there
+            value: T = self._values[key]  # the common case: no lock once a value is there
+            return value
         except KeyError:
             pass
         with self._guard:
@@ -37,7 +40,8 @@ class OnceCache:
         with lock:
             if key not in self._values:
                 self._values[key] = compute()
-            return self._values[key]
+            value = self._values[key]
+            return value
 
 
 class Serialised:

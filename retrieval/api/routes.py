@@ -55,27 +55,25 @@ def routes_for(manifest: Mapping[str, Any], query: str) -> list[str]:
 
 def choose_route(where: Path, manifest: Mapping[str, Any], query: str, route: str | None) -> str:
     """``route``, checked against the routes of ``query``; None picks the default."""
-    available = routes_for(manifest, query)
+    return pick_route(where, routes_for(manifest, query), route, query.replace("_to_", " -> "))
+
+
+def pick_route(where: Path | str, available: Sequence[str], route: str | None, what: str) -> str:
+    """``route`` if it is one of ``available`` (the routes of ``what``, e.g. ``text -> image``), the first for None."""
     if route is None:
         return available[0]
     if route not in available:
-        what = query.replace("_to_", " -> ")
         raise InputError(
             f"{where}: route {route!r} not available; {what} in this index answers by {', '.join(available)}"
         )
     return route
 
 
-def check_k(k: int) -> None:
-    if k < 1:
-        raise InputError(f"k must be at least 1, got {k}")
-
-
-def check_texts(texts: Sequence[str], k: int) -> None:
+def check_texts(texts: Sequence[str]) -> None:
+    """Every query text is a non-empty string."""
     for text in texts:
         if not isinstance(text, str) or not text.strip():
             raise InputError("the query text is empty")
-    check_k(k)
 
 
 def image_id(image: Any) -> str | None:
@@ -87,32 +85,27 @@ def image_id(image: Any) -> str | None:
     return None
 
 
-def live(scores: np.ndarray, positions: np.ndarray) -> list[tuple[float, int]]:
-    """(score, position) pairs of one result row, padding (-1) dropped."""
+Row = list[tuple[float, int]]  # (score, position) pairs of one query's results, best first
+
+
+def live(scores: np.ndarray, positions: np.ndarray) -> Row:
+    """(score, position) pairs of one result row, padding (position -1) dropped."""
     return [(float(score), int(pos)) for score, pos in zip(scores, positions, strict=True) if pos >= 0]
 
 
-def _ranked(
-    table: Mapping[str, list], scores: np.ndarray, positions: np.ndarray, drop: str | None, k: int | None
-) -> list[tuple[float, int]]:
-    pairs = sorted(live(scores, positions), key=lambda pair: (-pair[0], table["id"][pair[1]]))  # ties: by id, stably
-    if drop is not None:
-        pairs = [(score, pos) for score, pos in pairs if table["id"][pos] != drop]
-    return pairs[:k] if k is not None else pairs
+def ranked(ids: Sequence[str], scores: np.ndarray, positions: np.ndarray) -> Row:
+    """One result row's live pairs by descending score, ties by id (stable whatever order the search gave)."""
+    return sorted(live(scores, positions), key=lambda pair: (-pair[0], ids[pair[1]]))
 
 
 def image_hits(
-    table: Mapping[str, list],
-    scores: np.ndarray,
-    positions: np.ndarray,
-    drop: Sequence[str | None] | None = None,
-    k: int | None = None,
+    table: Mapping[str, list[Any]], scores: np.ndarray, positions: np.ndarray, first: int = 1
 ) -> list[list[ImageHit]]:
-    """One list of image hits per result row; ``drop[row]`` names an id left out of that row, ``k`` caps each."""
+    """One list of image hits per result row, ranked (see :func:`ranked`) from rank ``first``."""
     return [
         [
             ImageHit(
-                rank=rank + 1,
+                rank=rank,
                 score=score,
                 id=table["id"][pos],
                 uri=table["uri"][pos],
@@ -120,20 +113,20 @@ def image_hits(
                 height=int(table["height"][pos]),
                 metadata=metadata_at(table, pos),
             )
-            for rank, (score, pos) in enumerate(
-                _ranked(table, row_scores, row_positions, drop[row] if drop else None, k)
-            )
+            for rank, (score, pos) in enumerate(ranked(table["id"], row_scores, row_positions), first)
         ]
-        for row, (row_scores, row_positions) in enumerate(zip(scores, positions, strict=True))
+        for row_scores, row_positions in zip(scores, positions, strict=True)
     ]
 
 
-def caption_hits(table: Mapping[str, list], scores: np.ndarray, positions: np.ndarray) -> list[list[CaptionHit]]:
-    """One list of caption hits per result row."""
+def caption_hits(
+    table: Mapping[str, list[Any]], scores: np.ndarray, positions: np.ndarray, first: int = 1
+) -> list[list[CaptionHit]]:
+    """One list of caption hits per result row, ranked (see :func:`ranked`) from rank ``first``."""
     return [
         [
             CaptionHit(
-                rank=rank + 1,
+                rank=rank,
                 score=score,
                 id=table["id"][pos],
                 caption=table["caption"][pos],
@@ -141,7 +134,12 @@ def caption_hits(table: Mapping[str, list], scores: np.ndarray, positions: np.nd
                 image_uri=table["image_uri"][pos],
                 metadata=metadata_at(table, pos),
             )
-            for rank, (score, pos) in enumerate(_ranked(table, row_scores, row_positions, None, None))
+            for rank, (score, pos) in enumerate(ranked(table["id"], row_scores, row_positions), first)
         ]
         for row_scores, row_positions in zip(scores, positions, strict=True)
     ]
+
+
+def hits_of(kind: str) -> Any:
+    """:func:`image_hits` or :func:`caption_hits`, by the kind of the items."""
+    return image_hits if kind == "image" else caption_hits

@@ -7,24 +7,38 @@ A base class of :class:`~retrieval.api.engine.Index`, which sets the attributes 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from retrieval.api.lazy import OnceCache
 from retrieval.api.shards import open_shards
 from retrieval.core.errors import IndexFormatError
 from retrieval.index.placement import place_index
 from retrieval.index.source import VectorSource
 from retrieval.index.vector_index import Exclusions
 from retrieval.index.vector_sets import spec_of
+from retrieval.store.reader import StoreReader
 
 
 class VectorParts:
     """Lazily loaded vector indexes, stored vectors and deletions (see the module docstring)."""
 
+    path: Path
+    device: str
+    mmap: bool
+    ray: Any
+    store: StoreReader
+    manifest: dict[str, Any]
+    _files: dict[str, Any]
+    _parts: OnceCache
+    _on_device: set[str]
+
     @property
     def _records(self) -> dict[str, Any]:
-        return self.manifest.get("vector_indexes") or {}
+        records: dict[str, Any] = self.manifest.get("vector_indexes") or {}
+        return records
 
     def vector_index(self, key: str) -> Any:
         """The FAISS index of ``key`` (e.g. ``clip/image``), loaded on first use and placed on the device.
@@ -57,7 +71,7 @@ class VectorParts:
         return self._parts.get(("vectors", key), lambda: self._load_vector_source(key))
 
     def _load_vector_source(self, key: str) -> VectorSource:
-        source = self.store.vector_source(self._files["vectors"][key])
+        source: VectorSource = self.store.vector_source(self._files["vectors"][key])
         if spec_of(self._records.get(key)).rerank:  # read a few rows per query: no readahead around them
             source.advise_random_access()
         return source

@@ -1,5 +1,4 @@
-"""Query arithmetic and near-duplicate collapsing on the query commands: ``--plus``, ``--minus``,
-``--plus-image``, ``--minus-image``, ``--dedup`` and ``--dedup-threshold``.
+"""Query arithmetic on the query commands: ``--plus``, ``--minus``, ``--plus-image`` and ``--minus-image``.
 
 ``--plus VALUE`` adds a part of weight 1 and ``--minus VALUE`` one of weight -1; a VALUE that names an
 existing image file is an image part, anything else a text (``--plus-image`` / ``--minus-image`` force an
@@ -16,12 +15,11 @@ from typing import Any
 
 import click
 
-from retrieval.api.dedup import DEFAULT_THRESHOLD
 from retrieval.api.routes import image_id
 from retrieval.cli.common import option_group
 from retrieval.core.errors import InputError
 from retrieval.core.query import Query, QueryPart
-from retrieval.index.spec import SearchKnobs
+from retrieval.core.search import SearchOptions
 from retrieval.sources.items import IMAGE_EXTENSIONS
 
 WEIGHT_MARK = "::"
@@ -29,15 +27,14 @@ WEIGHT_MARK = "::"
 
 @dataclass(frozen=True)
 class Composition:
-    """The extra parts every query of a command gets, and the near-duplicate threshold (None: keep all)."""
+    """The extra parts every query of a command gets."""
 
     parts: tuple[QueryPart, ...] = ()
-    dedup: float | None = None
 
     @property
     def active(self) -> bool:
-        """Whether the queries go through :meth:`~retrieval.api.engine.Index.search` (arithmetic or --dedup)."""
-        return bool(self.parts) or self.dedup is not None
+        """Whether the queries go through :meth:`~retrieval.api.engine.Index.search` (they have extra parts)."""
+        return bool(self.parts)
 
     def query(self, base: Query) -> Query:
         """``base`` with the extra parts."""
@@ -65,17 +62,11 @@ def parse_part(value: str, sign: float, force_image: bool = False) -> QueryPart:
 
 
 def _composition(
-    plus: Sequence[str],
-    minus: Sequence[str],
-    plus_image: Sequence[str],
-    minus_image: Sequence[str],
-    dedup: bool,
-    dedup_threshold: float | None,
+    plus: Sequence[str], minus: Sequence[str], plus_image: Sequence[str], minus_image: Sequence[str]
 ) -> Composition:
     parts = [parse_part(v, 1.0) for v in plus] + [parse_part(v, 1.0, True) for v in plus_image]
     parts += [parse_part(v, -1.0) for v in minus] + [parse_part(v, -1.0, True) for v in minus_image]
-    threshold = dedup_threshold if dedup_threshold is not None else (DEFAULT_THRESHOLD if dedup else None)
-    return Composition(tuple(parts), threshold)
+    return Composition(tuple(parts))
 
 
 composition_options = option_group(
@@ -97,20 +88,6 @@ composition_options = option_group(
         click.option(
             "--minus-image", multiple=True, metavar="PATH[::W]", help="Subtract an image (never read as text)."
         ),
-        click.option(
-            "--dedup",
-            is_flag=True,
-            help=(
-                "Collapse near-duplicate results: drop a hit whose stored vector's cosine to a better hit is >= the "
-                "threshold."
-            ),
-        ),
-        click.option(
-            "--dedup-threshold",
-            type=click.FloatRange(0, 1, min_open=True),
-            default=None,
-            help=f"The cosine of --dedup (implies it; default {DEFAULT_THRESHOLD:g}).",
-        ),
     ],
     _composition,
 )
@@ -121,18 +98,14 @@ def text_asker(
     composition: Composition,
     target: str,
     k: int,
-    route: str | None,
-    knobs: SearchKnobs,
-    narrowing: dict[str, Any],
+    options: SearchOptions,
     plain: Callable[[Any, list[str]], list[list[Any]]],
 ) -> Callable[[Any, list[str]], list[list[Any]]]:
-    """``plain`` (the batch query), or with arithmetic / --dedup one :meth:`Index.search` per text
-    (``narrowing``: where / min_score / offset, as the query methods take them)."""
+    """``plain`` (the batch query), or with arithmetic one :meth:`Index.search` per text."""
     if not composition.active:
         return plain
     return lambda index, texts: [
-        index.search(composition.query(Query.text(text)), target, k, route, knobs, composition.dedup, **narrowing)
-        for text in texts
+        index.search(composition.query(Query.text(text)), target, k, options) for text in texts
     ]
 
 
@@ -140,13 +113,11 @@ def image_asker(
     composition: Composition,
     target: str,
     k: int,
-    route: str | None,
-    knobs: SearchKnobs,
+    options: SearchOptions,
     exclude_self: bool,
-    narrowing: dict[str, Any],
     plain: Callable[[Any, list[Any], Any], list[list[Any]]],
 ) -> Callable[[Any, list[Any], Any], list[list[Any]]]:
-    """``plain`` (the batch query), or with arithmetic / --dedup one :meth:`Index.search` per image
+    """``plain`` (the batch query), or with arithmetic one :meth:`Index.search` per image
     (``exclude_self``: each query image's own id left out)."""
     if not composition.active:
         return plain
@@ -158,11 +129,8 @@ def image_asker(
                 composition.query(Query.image(picture)),
                 target,
                 k,
-                route,
-                knobs,
-                composition.dedup,
+                options,
                 exclude=[own] if exclude_self and own else [],
-                **narrowing,
             )
             for picture, own in zip(pictures, ids, strict=True)
         ]

@@ -1,31 +1,52 @@
-"""``--where``, ``--min-score`` and ``--offset``: the options every query command takes to narrow its results."""
+"""The options every query command takes, as one :class:`~retrieval.core.search.SearchOptions`: ``--route``,
+``--nprobe``, ``--ef-search``, ``--where``, ``--min-score``, ``--offset``, ``--dedup`` and ``--dedup-threshold``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import click
 
+from retrieval.api.dedup import DEFAULT_THRESHOLD
 from retrieval.cli.common import option_group
+from retrieval.core.search import ROUTES, SearchKnobs, SearchOptions
 
 
-@dataclass(frozen=True)
-class Narrowing:
-    """A filter (SQL predicate), a score cutoff and a page offset, as the query methods of ``Index`` take them."""
+def _search_options(
+    route: str | None,
+    nprobe: int | None,
+    ef_search: int | None,
+    where: str | None,
+    min_score: float | None,
+    offset: int,
+    dedup: bool,
+    dedup_threshold: float | None,
+) -> SearchOptions:
+    threshold = dedup_threshold if dedup_threshold is not None else (DEFAULT_THRESHOLD if dedup else None)
+    knobs = SearchKnobs(nprobe=nprobe, ef_search=ef_search)
+    return SearchOptions(route, knobs, where, min_score, offset, threshold)
 
-    where: str | None = None
-    min_score: float | None = None
-    offset: int = 0
 
-    def api(self) -> dict[str, Any]:
-        """The keyword arguments of the ``Index`` query methods."""
-        return {"where": self.where, "min_score": self.min_score, "offset": self.offset}
-
-
-narrowing_options = option_group(
-    "narrowing",
+search_options = option_group(
+    "options",
     [
+        click.option(
+            "--route",
+            type=click.Choice(ROUTES),
+            default=None,
+            help="Route (default: the query's first in this index; see info: query_routes).",
+        ),
+        click.option(
+            "--nprobe",
+            type=click.IntRange(min=1),
+            default=None,
+            help="IVF lists to visit per query (default: tuned at build time; see info). Higher: better recall, "
+            "slower.",
+        ),
+        click.option(
+            "--ef-search",
+            type=click.IntRange(min=1),
+            default=None,
+            help="HNSW search breadth (default: tuned at build time; see info).",
+        ),
         click.option(
             "--where",
             default=None,
@@ -47,7 +68,21 @@ narrowing_options = option_group(
             show_default=True,
             help="Skip this many results (paging: --offset 10 -k 10 is the second page of 10).",
         ),
+        click.option(
+            "--dedup",
+            is_flag=True,
+            help=(
+                "Collapse near-duplicate results: drop a hit whose stored vector's cosine to a better hit is >= the "
+                "threshold."
+            ),
+        ),
+        click.option(
+            "--dedup-threshold",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            help=f"The cosine of --dedup (implies it; default {DEFAULT_THRESHOLD:g}).",
+        ),
     ],
-    lambda where, min_score, offset: Narrowing(where, min_score, offset),
+    _search_options,
 )
-"""Decorator: a query command receives ``narrowing: Narrowing``."""
+"""Decorator: a query command receives ``options: SearchOptions``."""

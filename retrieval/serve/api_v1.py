@@ -14,9 +14,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from retrieval.api.routes import MODALITY
-from retrieval.index.spec import SearchKnobs
 from retrieval.serve.errors import ApiError
-from retrieval.serve.narrowing import parse_narrowing, parse_parts
+from retrieval.serve.narrowing import parse_options, parse_parts
 from retrieval.serve.parse import (
     get_bool,
     get_int,
@@ -164,13 +163,9 @@ def search_body(request: Request, body: dict[str, Any]) -> dict[str, Any]:
     target = body.get("target", "image")
     if target not in KINDS:
         raise ApiError(422, "target must be 'image' or 'caption'")
-    k = get_int(body, "k", 20, 1, config.max_k)
-    route = get_str(body, "route", 40)
-    knobs = SearchKnobs(
-        nprobe=get_int(body, "nprobe", None, 1, 1 << 20), ef_search=get_int(body, "ef_search", None, 1, 1 << 20)
-    )
+    k = get_int(body, "k", 20, 1, config.max_k) or 20
     exclude_self = get_bool(body, "exclude_self", True)
-    narrowing = parse_narrowing(body, config.max_k)
+    options = parse_options(body, config.max_k)
     queries = body.get("queries")
     if not isinstance(queries, list) or not queries:
         raise ApiError(422, "queries must be a non-empty list")
@@ -179,12 +174,11 @@ def search_body(request: Request, body: dict[str, Any]) -> dict[str, Any]:
     parsed = [parse_query(snapshot, q, target) for q in queries]
     results = []
     for number, query in enumerate(parsed):
-        used = route_of(snapshot, query, target, route)
-        found = run_query(
-            snapshot, query, target, k, used, knobs, exclude_self, request.app.state.search_threads, narrowing
-        )
+        route = route_of(snapshot, query, target, options)
+        threads = request.app.state.search_threads
+        found = run_query(snapshot, query, target, k, options.replace(route=route), exclude_self, threads)
         hits = [hit(snapshot, target, f.position, f.score, rank) for rank, f in enumerate(found, start=1)]
-        results.append({"query": number, "route": used, "hits": hits})
+        results.append({"query": number, "route": route, "hits": hits})
     took = (time.perf_counter() - started) * 1000
     return {"index": snapshot.name, "build": snapshot.build, "took_ms": round(took, 3), "results": results}
 

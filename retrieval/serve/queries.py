@@ -1,24 +1,27 @@
 """One query against one snapshot: text, an image, a raw vector or a stored item, searching images or captions.
 
-Shared by ``/api/v1/search`` and the clip-back ``/knn-service``. Results are (row position, score)
-pairs of the target kind; library errors about the input become 422s.
+Shared by ``/api/v1/search`` and the clip-back ``/knn-service``. Every kind of query goes to the
+``Index`` method that answers it, with the request's :class:`~retrieval.core.search.SearchOptions`;
+results are (row position, score) pairs of the target kind; library errors about the input become 422s.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from retrieval.api.routes import MODALITY, query_name
+from retrieval.api.compose import query_routes
+from retrieval.api.routes import MODALITY, pick_route, query_name
 from retrieval.core.errors import ImageDecodeError, InputError
 from retrieval.core.query import Query as ComposedQuery
-from retrieval.index.spec import SearchKnobs
-from retrieval.serve.errors import ApiError
-from retrieval.serve.narrowing import Narrowing
+from retrieval.core.query import QueryPart
+from retrieval.core.search import SearchOptions
+from retrieval.serve.errors import ApiError, refused
 from retrieval.serve.served import Snapshot
 from retrieval.sources.images import decode_image
 
@@ -35,7 +38,7 @@ class Query:
     vector: np.ndarray | None = None
     modality: str | None = None
     item: tuple[str, int] | None = None
-    parts: tuple[tuple[float, str, Any], ...] = ()  # weighted plus/minus parts added to a text or image query
+    parts: tuple[QueryPart, ...] = ()  # weighted plus/minus parts added to a text or image query
 
     @property
     def query_modality(self) -> str:
@@ -46,6 +49,11 @@ class Query:
         if self.item is not None:
             return MODALITY[self.item[0]]
         return self.modality or "image"
+
+    def composed(self) -> ComposedQuery:
+        """A text or image query with its plus/minus parts, as the ``Index`` API composes them."""
+        base = QueryPart(1.0, "text", self.text) if self.text is not None else QueryPart(1.0, "image", self.image)
+        return ComposedQuery((base, *self.parts))
 
 
 @dataclass(frozen=True)
@@ -111,12 +119,19 @@ class SearchThreads:
             faiss.omp_set_num_threads(wanted)
 
 
-def route_of(snapshot: Snapshot, query: Query, target: str, route: str | None) -> str:
-    """The route the query takes (``route`` checked), as named by :meth:`Index.routes_for`."""
-    available = snapshot.index.routes_for(query_name(query.query_modality, target))
-    if route is not None and route not in available:
-        raise ApiError(422, f"route {route!r} not available for this query; one of {', '.join(available)}")
-    return route or available[0]
+def route_of(snapshot: Snapshot, query: Query, target: str, options: SearchOptions) -> str:
+    """The route the query takes (``options.route`` checked), as :meth:`Index.routes_for` names it; a 422 when
+    this query cannot take it."""
+    index = snapshot.index
+    if query.parts:
+        available, what = query_routes(index.manifest, query.composed(), target), f"this query of {target}s"
+    else:
+        name = query_name(query.query_modality, target)
+        available, what = index.routes_for(name), name.replace("_to_", " -> ")
+    try:
+        return pick_route(index.path, available, options.route, what)
+    except InputError as e:
+        raise refused(e, index.path, snapshot.name) from None
 
 
 def run_query(
@@ -124,64 +139,51 @@ def run_query(
     query: Query,
     target: str,
     k: int,
-    route: str | None = None,
-    knobs: SearchKnobs | None = None,
+    options: SearchOptions | None = None,
     exclude_self: bool = True,
     threads: SearchThreads | None = None,
-    narrowing: Narrowing = Narrowing(),
 ) -> list[Found]:
-    """The ``k`` best ``target`` items (``image`` or ``caption``) for ``query``, best first (searching with
-    ``threads``), filtered by ``narrowing.where`` inside the search, then collapsed, paged and cut."""
+    """The ``k`` best ``target`` items (``image`` or ``caption``) for ``query``, best first, narrowed by
+    ``options`` as the ``Index`` API narrows (searching with ``threads``); ``exclude_self``: an item query
+    leaves its own item out of results of its kind."""
     if snapshot.count(target) == 0:
         return []
     if threads is not None:
         threads.apply(query)
     try:
-        found = _run(snapshot, query, target, narrowing.fetch(k), route, knobs, exclude_self, narrowing.where)
-        return narrowing.apply(snapshot.index, target, found, k)
+        return _run(snapshot, query, target, k, options or SearchOptions(), exclude_self)
     except ImageDecodeError as e:
         raise ApiError(422, str(e)) from None
     except InputError as e:
-        raise ApiError(422, str(e).replace(str(snapshot.index.path), f"index {snapshot.name}")) from None
+        raise refused(e, snapshot.index.path, snapshot.name) from None
 
 
 def _run(
-    snapshot: Snapshot,
-    query: Query,
-    target: str,
-    k: int,
-    route: str | None,
-    knobs: SearchKnobs | None,
-    exclude_self: bool,
-    where: str | None,
+    snapshot: Snapshot, query: Query, target: str, k: int, options: SearchOptions, exclude_self: bool
 ) -> list[Found]:
     index = snapshot.index
     if query.parts:
-        base = (1.0, "text", query.text) if query.text is not None else (1.0, "image", query.image)
-        hits = index.search(ComposedQuery((base, *query.parts)), target, k, route, knobs, where=where)
-        return _from_hits(snapshot, target, hits)
+        return _from_hits(snapshot, target, index.search(query.composed(), target, k, options))
     if query.text is not None:
         search = index.text_to_image if target == "image" else index.text_to_caption
-        return _from_hits(snapshot, target, search(query.text, k, route, knobs, where=where))
+        return _from_hits(snapshot, target, search(query.text, k, options))
     if query.image is not None:
-        if target == "image":
-            return _from_hits(snapshot, target, index.image_to_image(query.image, k, False, route, knobs, where=where))
-        return _from_hits(snapshot, target, index.image_to_caption(query.image, k, route, knobs, where=where))
-    drop = None
+        ask = index.image_to_image if target == "image" else index.image_to_caption
+        return _from_hits(snapshot, target, ask(query.image, k, options))
+    exclude: list[str] = []
     vector = query.vector
     if query.item is not None:
         kind, position = query.item
         if not snapshot.is_live(kind, position):
             raise ApiError(404, f"no {kind} {position} in index {snapshot.name}")
         vector = snapshot.vectors(kind, np.array([position]))[0]
-        drop = position if exclude_self and kind == target else None
-    fetch = k + 1 if drop is not None else k
-    scores, positions = index.search_vectors(
-        target, vector[None, :].astype(np.float32), query.query_modality, fetch, route, knobs, where
-    )
-    found = [Found(int(p), float(s)) for s, p in zip(scores[0], positions[0], strict=True) if p >= 0 and p != drop]
-    return found[:k]
+        exclude = [index.items(kind)["id"][position]] if exclude_self and kind == target else []
+    if vector is None:
+        raise ApiError(422, "the query has no text, image, vector or item")
+    rows = vector[None, :].astype(np.float32)
+    scores, positions = index.search_vectors(target, rows, query.query_modality, k, options, exclude=exclude)
+    return [Found(int(p), float(s)) for s, p in zip(scores[0], positions[0], strict=True) if p >= 0]
 
 
-def _from_hits(snapshot: Snapshot, kind: str, hits: list[Any]) -> list[Found]:
+def _from_hits(snapshot: Snapshot, kind: str, hits: Sequence[Any]) -> list[Found]:
     return [Found(snapshot.position_of(kind, hit.id), float(hit.score)) for hit in hits]
