@@ -6,10 +6,14 @@ import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from retrieval.cli.common import quiet_library_warnings, run_api
+from retrieval.cli.common import option_group, quiet_library_warnings, run_api
+
+if TYPE_CHECKING:
+    from retrieval.serve.config import ServeConfig
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
@@ -35,63 +39,8 @@ def setup_serve_logging() -> None:
     logger.propagate = False
 
 
-@click.command("serve")
-@click.option(
-    "--index",
-    "indexes",
-    multiple=True,
-    required=True,
-    metavar="[NAME=]DIR",
-    help="An index directory to serve, optionally named (repeat for more; the first is the default).",
-)
-@click.option(
-    "--host",
-    default="127.0.0.1",
-    show_default=True,
-    help="Address to bind (a non-loopback one without --api-key warns).",
-)
-@click.option("--port", type=click.IntRange(0, 65535), default=1234, show_default=True)
-@click.option(
-    "--api-key",
-    default=None,
-    envvar="RETRIEVAL_API_KEY",
-    help="Require 'Authorization: Bearer KEY' on every route but /healthz and the page (env RETRIEVAL_API_KEY).",
-)
-@click.option(
-    "--allow-image-urls", is_flag=True, help="Let /knn-service fetch image_url (with a timeout and a size limit)."
-)
-@click.option(
-    "--allow-private-urls",
-    is_flag=True,
-    help="With --allow-image-urls: also fetch loopback, private and link-local addresses.",
-)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option(
-    "--max-k",
-    type=click.IntRange(min=1),
-    default=1000,
-    show_default=True,
-    help="Largest k / num_images a request may ask for.",
-)
-@click.option(
-    "--search-threads",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="OpenMP threads per FAISS search of a vector query (concurrent requests already use the cores).",
-)
-@click.option(
-    "--ray",
-    "ray_address",
-    default=None,
-    metavar="auto|local|ADDRESS",
-    help="Search the shards of sharded indexes (build-index --index-shards) with one Ray actor each "
-    "(pip install 'retrieval[ray]'); without it they are searched in this process.",
-)
-def serve_command(
+def _serve_config(
     indexes: Sequence[str],
-    host: str,
-    port: int,
     api_key: str | None,
     allow_image_urls: bool,
     allow_private_urls: bool,
@@ -99,35 +48,104 @@ def serve_command(
     max_k: int,
     search_threads: int,
     ray_address: str | None,
-) -> None:
+) -> ServeConfig:
+    """The ServeConfig of the command's options (a server that owns its process: its builds kept from the GC)."""
+    from retrieval.serve.config import ServeConfig, parse_index_arg
+
+    if allow_private_urls and not allow_image_urls:
+        raise click.UsageError("--allow-private-urls needs --allow-image-urls")
+    return ServeConfig(
+        [parse_index_arg(value) for value in indexes],
+        api_key=api_key,
+        allow_image_urls=allow_image_urls,
+        allow_private_urls=allow_private_urls,
+        device=device,
+        max_k=max_k,
+        search_threads=search_threads,
+        freeze_gc=True,
+        ray=ray_address,
+    )
+
+
+serve_options = option_group(
+    "config",
+    [
+        click.option(
+            "--index",
+            "indexes",
+            multiple=True,
+            required=True,
+            metavar="[NAME=]DIR",
+            help="An index directory to serve, optionally named (repeat for more; the first is the default).",
+        ),
+        click.option(
+            "--api-key",
+            default=None,
+            envvar="RETRIEVAL_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on every route but /healthz and the page "
+            "(env RETRIEVAL_API_KEY).",
+        ),
+        click.option(
+            "--allow-image-urls",
+            is_flag=True,
+            help="Let /knn-service fetch image_url (with a timeout and a size limit).",
+        ),
+        click.option(
+            "--allow-private-urls",
+            is_flag=True,
+            help="With --allow-image-urls: also fetch loopback, private and link-local addresses.",
+        ),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option(
+            "--max-k",
+            type=click.IntRange(min=1),
+            default=1000,
+            show_default=True,
+            help="Largest k / num_images a request may ask for.",
+        ),
+        click.option(
+            "--search-threads",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="OpenMP threads per FAISS search of a vector query (concurrent requests already use the cores).",
+        ),
+        click.option(
+            "--ray",
+            "ray_address",
+            default=None,
+            metavar="auto|local|ADDRESS",
+            help="Search the shards of sharded indexes (build-index --index-shards) with one Ray actor each "
+            "(pip install 'retrieval[ray]'); without it they are searched in this process.",
+        ),
+    ],
+    _serve_config,
+)
+"""The served indexes and the server's guards: one ``config: ServeConfig``."""
+
+
+@click.command("serve")
+@serve_options
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind (a non-loopback one without --api-key warns).",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=1234, show_default=True)
+def serve_command(config: ServeConfig, host: str, port: int) -> None:
     """Serve indexes over HTTP until SIGINT or SIGTERM: /api/v1, clip back's /knn-service and /metadata, the page at /.
 
     A new build of a served index (build-index, add, remove) is picked up without a restart.
     """
     from retrieval.serve.app import create_app
-    from retrieval.serve.config import ServeConfig, parse_index_arg
 
     quiet_library_warnings()
     setup_serve_logging()
-    if not is_loopback(host) and not api_key:
+    if not is_loopback(host) and not config.api_key:
         click.echo(
             f"warning: serving on {host} without --api-key: anyone who can reach this address can query it", err=True
         )
-    if allow_private_urls and not allow_image_urls:
-        raise click.UsageError("--allow-private-urls needs --allow-image-urls")
-    config = run_api(
-        lambda: ServeConfig(
-            [parse_index_arg(value) for value in indexes],
-            api_key=api_key,
-            allow_image_urls=allow_image_urls,
-            allow_private_urls=allow_private_urls,
-            device=device,
-            max_k=max_k,
-            search_threads=search_threads,
-            freeze_gc=True,
-            ray=ray_address,
-        )
-    )
     app = run_api(lambda: create_app(config))
     for name, build in app.state.served.builds().items():
         click.echo(f"serving index {name} (build {build})", err=True)
@@ -136,7 +154,7 @@ def serve_command(
     click.echo(f"stopped ({stopped_by})", err=True)
 
 
-def run_until_signal(app: object, host: str, port: int) -> str:
+def run_until_signal(app: Any, host: str, port: int) -> str:
     """Run uvicorn until SIGINT or SIGTERM, shut down gracefully, and return the signal's name.
 
     uvicorn re-raises the signal it stopped for once it has shut down; the handlers set here take

@@ -47,7 +47,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if not self.indexes:
-            raise InputError("serve at least one index (--index DIR)")
+            raise InputError("serve at least one index (`ServeConfig.indexes` is empty)")
         names = [name for name, _ in self.indexes]
         if len(set(names)) != len(names):
             raise InputError(f"index names must differ, got {', '.join(names)}")
@@ -55,9 +55,9 @@ class ServeConfig:
             if not name or not set(name) <= NAME_CHARS:
                 raise InputError(f"index name {name!r}: use letters, digits, '.', '_' or '-'")
         if self.max_body_bytes < 1024 or self.max_k < 1:
-            raise InputError("max_body_bytes must be at least 1024 and max_k at least 1")
+            raise InputError("`ServeConfig.max_body_bytes` must be at least 1024 and `ServeConfig.max_k` at least 1")
         if self.search_threads < 1:
-            raise InputError(f"search_threads must be at least 1, got {self.search_threads}")
+            raise InputError(f"`ServeConfig.search_threads` must be at least 1, got {self.search_threads}")
 
     @property
     def default_index(self) -> str:
