@@ -35,25 +35,22 @@ NO_PAGE = (
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    async def api_error(request: Request, exc: ApiError) -> Response:
-        return error(exc.status, exc.message)
+    """Every error answers ``{"error": message}``: ApiError and FastAPI's own with their status, a bug with 500."""
 
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(part) for part in first.get("loc", ()))
-        return error(422, f"{where}: {first.get('msg', 'invalid request')}")
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    async def unexpected(request: Request, exc: Exception) -> Response:  # a bug: still JSON, still CORS
-        log.exception("%s %s failed", request.method, request.url.path)
+    async def handled(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, ApiError):
+            return error(exc.status, exc.message)
+        if isinstance(exc, RequestValidationError):
+            first = exc.errors()[0] if exc.errors() else {}
+            where = ".".join(str(part) for part in first.get("loc", ()))
+            return error(422, f"{where}: {first.get('msg', 'invalid request')}")
+        if isinstance(exc, HTTPException):
+            return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        log.exception("%s %s failed", request.method, request.url.path)  # a bug: still JSON, still CORS
         return error(500, f"internal error ({type(exc).__name__})", {"access-control-allow-origin": "*"})
 
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)
+    for kind in (ApiError, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(kind, handled)
 
 
 def add_plain_routes(app: FastAPI, config: ServeConfig) -> None:

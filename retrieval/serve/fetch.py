@@ -50,7 +50,7 @@ def resolve(host: str, port: int, allow_private: bool) -> str:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, ValueError) as e:
         raise ApiError(422, f"image_url: cannot resolve host {host!r} ({e})") from None
-    addresses = [info[4][0] for info in infos]
+    addresses = [str(info[4][0]) for info in infos]
     if not addresses:
         raise ApiError(422, f"image_url: host {host!r} has no address")
     if not allow_private:
@@ -113,7 +113,8 @@ def _read_body(response: http.client.HTTPResponse, policy: FetchPolicy) -> bytes
     if response.status != 200:
         raise ApiError(422, f"image_url: the server answered {response.status} (redirects are not followed)")
     deadline = time.monotonic() + policy.timeout_s
-    chunks, total = [], 0
+    chunks: list[bytes] = []
+    total = 0
     while True:
         chunk = response.read(min(1 << 16, policy.max_bytes + 1 - total))
         if not chunk:

@@ -6,7 +6,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -19,7 +19,9 @@ CORS_HEADERS = [(b"access-control-allow-origin", b"*")]
 OPEN_PATHS = ("/healthz", "/", "/favicon.ico")  # never need the API key (nor does anything under /page/)
 
 
-async def send_json(send: Callable, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def send_json(
+    send: Callable[..., Any], status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     data = json.dumps(body).encode()
     start = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": start})
