@@ -102,9 +102,9 @@ def export_rows(index: Any) -> tuple[np.ndarray, np.ndarray]:
             (by_image.setdefault(p, []) if p is not None else alone).append(c)
     image_rows: list[int] = []
     caption_rows: list[int] = []
-    for p in np.flatnonzero(live_images):
-        paired = by_image.get(int(p), [-1])
-        image_rows.extend([int(p)] * len(paired))
+    for position in np.flatnonzero(live_images):
+        paired = by_image.get(int(position), [-1])
+        image_rows.extend([int(position)] * len(paired))
         caption_rows.extend(paired)
     image_rows.extend([-1] * len(alone))
     caption_rows.extend(alone)
@@ -134,7 +134,7 @@ def _write_parts(writer: ClipLayoutWriter, index: Any, rows: tuple[np.ndarray, n
         writer.write_part(number, sources["image"].take(ip), sources["caption"].take(cp), metadata_table(records))
 
 
-def _record(images: dict[str, list], captions: dict[str, list], image: int, caption: int) -> dict[str, Any]:
+def _record(images: dict[str, list[Any]], captions: dict[str, list[Any]], image: int, caption: int) -> dict[str, Any]:
     """One metadata row: the image's source fields, then the caption's, then ``image_path`` and ``caption``."""
     fields: dict[str, Any] = {}
     if image >= 0:

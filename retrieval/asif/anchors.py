@@ -11,11 +11,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from retrieval.asif.relative import DEFAULT_PARAMS, AnchorSpace, AsifParams
+from retrieval.asif.relative import DEFAULT_PARAMS, AnchorSpace, AsifParams, Modality
 from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions
 from retrieval.core.errors import InputError
 from retrieval.embed.pipeline import EmbedOptions, embed_images
@@ -132,8 +132,11 @@ class AnchorSpaces:
     def relative(self, vectors: np.ndarray, modality: str, params: AsifParams | None = None) -> Any:
         from retrieval.asif.fusion import fuse_relative
 
+        if modality not in ("image", "text"):
+            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+        side = cast(Modality, modality)
         params = asif_params_for(self.sets, params)
-        parts = [space.relative(vectors, modality, params) for space in self._spaces]
+        parts = [space.relative(vectors, side, params) for space in self._spaces]
         return parts[0] if len(parts) == 1 else fuse_relative(parts, self.weights)
 
     def project(self, relative_rows: Any, target_modality: str) -> np.ndarray:
@@ -183,7 +186,7 @@ def group_by_image(records: Sequence[CaptionRecord]) -> dict[Path, list[CaptionR
     groups: dict[Path, list[CaptionRecord]] = {}
     for record in records:
         assert record.image is not None  # read_pairs only returns paired records
-        groups.setdefault(record.image, []).append(record)
+        groups.setdefault(Path(record.image), []).append(record)  # pairs files name image files
     return groups
 
 
@@ -215,7 +218,7 @@ def embed_pairs(
         embedded = image_cache.embed_images(refs, image_encoder, embed)
     else:
         embedded = embed_images(refs, image_encoder, embed)
-    kept = [groups[row.ref.path] for row in embedded.rows]
+    kept = [groups[Path(row.ref.location)] for row in embedded.rows]
     texts = [record.text for captions in kept for record in captions]
     if cache_dir is not None:
         caption_vectors = text_cache.encode_texts(texts, text_encoder, progress=embed.progress)
