@@ -27,7 +27,7 @@ from retrieval.core.errors import IndexFormatError, InputError
 MAGIC = b"ASIFPOST"
 FORMAT_VERSION = 1
 HEADER_BYTES = 64
-VALUE_TYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
+VALUE_TYPES: dict[str, np.dtype[Any]] = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 _CHECK_CHUNK = 1 << 24  # elements per validation step (bounded temporaries)
 
 
@@ -82,7 +82,7 @@ def load_csr_npz(path: Path) -> sp.csr_matrix:
     return m
 
 
-def _value_type(values: str) -> np.dtype:
+def _value_type(values: str) -> np.dtype[Any]:
     if values not in VALUE_TYPES:
         raise InputError(f"values must be one of {sorted(VALUE_TYPES)}, got {values!r}")
     return VALUE_TYPES[values]
@@ -185,9 +185,8 @@ class PostingLists:
         with atomic_path(Path(path)) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(offsets[-1],))
             out[:HEADER_BYTES] = header
-            for start, array, dtype in zip(
-                offsets, (self.indptr, self.rows, self.values), (np.int64, np.int32, self.values.dtype), strict=False
-            ):
+            dtypes: tuple[np.dtype[Any], ...] = (np.dtype(np.int64), np.dtype(np.int32), self.values.dtype)
+            for start, array, dtype in zip(offsets, (self.indptr, self.rows, self.values), dtypes, strict=False):
                 out[start : start + array.nbytes] = np.ascontiguousarray(array, dtype=dtype).view(np.uint8)
             out.flush()
             del out

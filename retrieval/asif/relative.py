@@ -84,6 +84,12 @@ class AsifParams:
             raise InputError(f"ASIF defaults must set both k and p, got {base}")
         return AsifParams(k=self.k if self.k is not None else base.k, p=self.p if self.p is not None else base.p)
 
+    def chosen(self, base: AsifParams | None = None) -> tuple[int, float]:
+        """``(k, p)`` of :meth:`resolved`: both always set."""
+        full = self.resolved(base)
+        assert full.k is not None and full.p is not None  # resolved against a complete base
+        return full.k, full.p
+
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form, e.g. for an index manifest (complete parameters only)."""
         if not self.complete:
@@ -205,9 +211,9 @@ def relative_representation(
     Returns an (n, N) float32 CSR matrix with at most ``params.k`` non-zeros per
     row (zeros after clipping dropped), sorted indices, rows L2-normalised.
     """
-    params = params.resolved()
-    scores, ids = top_k_similarities(vectors, anchors, params.k, batch_size)
-    return _relative_from_topk(scores, ids, np.shape(anchors)[0], params.p)
+    k, p = params.chosen()
+    scores, ids = top_k_similarities(vectors, anchors, k, batch_size)
+    return _relative_from_topk(scores, ids, np.shape(anchors)[0], p)
 
 
 # --------------------------------------------------------------------------- anchor space
@@ -257,13 +263,13 @@ class AnchorSpace:
         batch_size: int = 4096,
     ) -> sp.csr_matrix:
         """Relative rows (n, N) of ``vectors`` embedded by the ``modality`` encoder."""
-        modality = self._check_modality(modality)
+        checked = self._check_modality(modality)
         batch_size = _check_batch_size(batch_size)
-        v = as_matrix(vectors, f"{modality} vectors")
-        _check_dims(v, self._anchors[modality])
-        params = params.resolved()
-        scores, ids = _search_flat(self._index(modality), v, params.k, batch_size)
-        return _relative_from_topk(scores, ids, self.n_anchors, params.p)
+        v = as_matrix(vectors, f"{checked} vectors")
+        _check_dims(v, self._anchors[checked])
+        k, p = params.chosen()
+        scores, ids = _search_flat(self._index(checked), v, k, batch_size)
+        return _relative_from_topk(scores, ids, self.n_anchors, p)
 
 
 # --------------------------------------------------------------------------- sparse index

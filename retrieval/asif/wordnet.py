@@ -37,7 +37,7 @@ def _names(field: str) -> tuple[str, ...]:
 @lru_cache(maxsize=1)
 def imagenet_wordnet() -> tuple[WordnetClass, ...]:
     """The 1,000 classes in class-index order (read once from the package's table)."""
-    text = resources.files("retrieval.asif").joinpath("data", TABLE).read_text(encoding="utf-8")
+    text = resources.files("retrieval.asif").joinpath("data").joinpath(TABLE).read_text(encoding="utf-8")
     rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
     classes = tuple(
         WordnetClass(int(r["class_index"]), r["wnid"], _names(r["synonyms"]), r["gloss"], _names(r["hypernym"]))

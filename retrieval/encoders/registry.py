@@ -325,6 +325,7 @@ def load_encoders(choice: EncoderChoice, snapshots: str | Path | None = None) ->
     if choice.clip:
         model = load_clip_encoder(choice.clip, checkpoint=choice.checkpoint, device=choice.device, snapshots=snapshots)
         return model, model
+    assert choice.image and choice.text  # EncoderChoice checks: a contrastive model, or both unimodal ones
     image = load_image_encoder(choice.image, checkpoint=choice.checkpoint, device=choice.device)
     text = load_text_encoder(choice.text, device=choice.device)
     return image, text

@@ -35,7 +35,8 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     """float32 copy of ``vectors`` with rows L2-normalised (all-zero rows stay zero)."""
     out = np.array(vectors, dtype=np.float32, copy=True, ndmin=2)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return np.divide(out, norms, out=out, where=norms > 0)
+    np.divide(out, norms, out=out, where=norms > 0)
+    return out
 
 
 def greedy_keep(vectors: np.ndarray, threshold: float) -> list[int]:

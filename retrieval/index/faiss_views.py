@@ -51,12 +51,13 @@ def refine_with_rows(index: Any, rows: np.ndarray) -> Any | None:
     if not usable or not views_supported():
         return None
     d = rows.shape[1]
+    flat: Any
     if rows.dtype == np.float16:
         flat = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
     else:
         flat = faiss.IndexFlatIP(d)
     _view_into(flat, rows)
-    refined = faiss.IndexRefine(index, flat)
+    refined: Any = faiss.IndexRefine(index, flat)
     refined.referenced_objects = [index, flat, rows]  # IndexRefine holds raw pointers to all three
     return refined
 
@@ -70,7 +71,9 @@ def _view_into(flat: Any, rows: np.ndarray) -> None:
         tiny = faiss.IndexScalarQuantizer(1, faiss.ScalarQuantizer.QT_fp16)
         tiny.add(np.zeros((1, 1), np.float32))
         faiss.write_index(tiny, path)
-        mapped = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)  # its codes carry an owner handle we can pass on
+        mapped: Any = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)  # its codes carry an owner handle we can pass on
         data = rows.reshape(-1).view(np.uint8)
-        flat.codes = faiss.MaybeOwnedVectorUInt8.create_view(faiss.swig_ptr(data), data.nbytes, mapped.codes.owner)
+        flat.codes = faiss.MaybeOwnedVectorUInt8.create_view(  # type: ignore[attr-defined]  # not in faiss's stubs
+            faiss.swig_ptr(data), data.nbytes, mapped.codes.owner
+        )
         flat.ntotal = len(rows)

@@ -115,7 +115,7 @@ def merge_on_disk(trained: Any, part_paths: Sequence[str | Path], lists_path: st
     with native_stdout_to_stderr():  # FAISS prints "resizing ..."
         merge_ondisk(merged, [str(p) for p in part_paths], str(scratch))
     os.replace(scratch, lists_path)
-    lists = faiss.downcast_InvertedLists(_ivf(merged).invlists)
+    lists: Any = faiss.downcast_InvertedLists(_ivf(merged).invlists)
     lists.filename = str(lists_path)  # the name the .index file records (its folder is replaced on read)
     return merged
 
@@ -170,7 +170,7 @@ def _lists_into_ram(index: Any) -> Any:
     import faiss
 
     ivf = _ivf(index)
-    copy = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    copy: Any = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
     _copy_entries(ivf.invlists, copy, 0, np.iinfo(np.int64).max, 0)
     ivf.replace_invlists(copy, True)
     copy.this.disown()  # the index owns it now

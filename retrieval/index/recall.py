@@ -107,7 +107,7 @@ def exact_scores_of(
     source: VectorSource, queries: np.ndarray, found: np.ndarray, exclude: Exclusions | None = None
 ) -> np.ndarray:
     """Exact scores of the returned positions ``found`` (-inf for padding and deleted rows)."""
-    scores = np.einsum("qkd,qd->qk", source.take(found), np.asarray(queries, np.float32))
+    scores: np.ndarray = np.einsum("qkd,qd->qk", source.take(found), np.asarray(queries, np.float32))
     dead = found < 0
     if exclude is not None and len(exclude):
         dead |= exclude.mask[np.maximum(found, 0)]

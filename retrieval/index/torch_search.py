@@ -62,17 +62,19 @@ class TorchFlatIndex:
             for start in range(0, len(queries), QUERY_BLOCK):
                 block = torch.as_tensor(np.ascontiguousarray(queries[start : start + QUERY_BLOCK], dtype=np.float32))
                 q = block.to(self.device, self.dtype)
-                best_s = best_i = None
+                best_s: torch.Tensor | None = None
+                best_i: torch.Tensor | None = None
                 for row in range(0, self.ntotal, ROW_BLOCK):
                     scores = (q @ self.vectors[row : row + ROW_BLOCK].T).float()
                     if mask is not None:
                         scores.masked_fill_(~mask[row : row + ROW_BLOCK], float("-inf"))
                     s, i = torch.topk(scores, min(k, scores.shape[1]), dim=1)
                     i = i + row
-                    if best_s is not None:
+                    if best_s is not None and best_i is not None:
                         s, pick = torch.topk(torch.cat([best_s, s], 1), k, dim=1)
                         i = torch.gather(torch.cat([best_i, i], 1), 1, pick)
                     best_s, best_i = s, i
+                assert best_s is not None and best_i is not None  # ntotal > 0: at least one row block
                 out_scores.append(best_s.cpu().numpy())
                 out_rows.append(best_i.cpu().numpy().astype(np.int64))
         if not out_scores:

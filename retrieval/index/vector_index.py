@@ -76,7 +76,7 @@ def apply_build_params(index: Any, spec: IndexSpec) -> None:
     if ivf is not None:
         ivf.cp.niter = 10  # the lists need not be optimal, only balanced: 10 iterations, like autofaiss
         ivf.cp.min_points_per_centroid = 1
-        ivfpq = faiss.downcast_index(ivf)
+        ivfpq: Any = faiss.downcast_index(ivf)
         if isinstance(ivfpq, faiss.IndexIVFScalarQuantizer) and ivfpq.sq.qtype == faiss.ScalarQuantizer.QT_fp16:
             ivfpq.by_residual = False  # lists hold the float16 vectors themselves: exactly what the store keeps
         if hasattr(ivfpq, "pq"):
@@ -88,14 +88,10 @@ def apply_build_params(index: Any, spec: IndexSpec) -> None:
         if hasattr(quantizer, "hnsw"):
             quantizer.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
             quantizer.hnsw.efSearch = 128
-    if isinstance(index, faiss.IndexPreTransform):
-        for number in range(index.chain.size()):
-            transform = faiss.downcast_VectorTransform(index.chain.at(number))
-            if isinstance(transform, faiss.OPQMatrix):
-                transform.niter = 10
-        base = faiss.downcast_index(index.index)
-    else:
-        base = index
+    for transform in pre_transforms(index):
+        if isinstance(transform, faiss.OPQMatrix):
+            transform.niter = 10
+    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
     if hasattr(base, "hnsw"):
         base.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
 
@@ -103,9 +99,8 @@ def apply_build_params(index: Any, spec: IndexSpec) -> None:
 def add_vectors(index: Any, vectors: VectorSource | np.ndarray, progress: bool = False) -> None:
     """Append rows to ``index`` in chunks (their positions continue from ``index.ntotal``).
 
-    An HNSW graph gets one large batch: FAISS builds a markedly worse graph from many
-    small ones (recall@10 0.90 instead of 0.99 at 1M vectors in 64k-row batches, see
-    benchmarks/ANN.md), and it holds every vector in memory anyway.
+    An HNSW graph gets one large batch: FAISS builds a markedly worse graph from many small
+    ones (benchmarks/ANN.md), and it holds every vector in memory anyway.
     """
     source = as_source(vectors)
     chunk_rows = HNSW_ADD_CHUNK if _is_hnsw(index) else ADD_CHUNK
@@ -174,17 +169,28 @@ def empty_copy(index: Any) -> Any:
     return copy
 
 
+def pre_transforms(index: Any) -> list[Any]:
+    """The vector transforms (e.g. OPQ) an ``IndexPreTransform`` applies before its index, in order; [] for others."""
+    import faiss
+
+    if not isinstance(index, faiss.IndexPreTransform):
+        return []
+    chain: Any = index.chain  # a SWIG vector (size, at), not the list faiss's stubs declare
+    return [faiss.downcast_VectorTransform(chain.at(number)) for number in range(chain.size())]
+
+
 def search_params(index: Any, knobs: SearchKnobs, selector: Any = None) -> Any:
     """FAISS per-query search parameters for ``index`` (None when there is nothing to set)."""
     import faiss
 
     ivf = _ivf_of(index)
     base = _core(index)
+    params: Any
     if ivf is not None:
         params = faiss.SearchParametersIVF()
         params.nprobe = int(knobs.nprobe or ivf.nprobe)
     elif hasattr(base, "hnsw"):
-        params = faiss.SearchParametersHNSW()
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from faiss's stubs
         params.efSearch = int(knobs.ef_search or base.hnsw.efSearch)
     elif selector is not None:
         params = faiss.SearchParameters()
@@ -193,7 +199,7 @@ def search_params(index: Any, knobs: SearchKnobs, selector: Any = None) -> Any:
     if selector is not None:
         params.sel = selector
     if is_refined(index):  # FAISS re-ranks a shortlist of k x k_factor from its float16 codes
-        refine = faiss.IndexRefineSearchParameters()
+        refine: Any = faiss.IndexRefineSearchParameters()
         refine.k_factor = float(knobs.rerank_factor or DEFAULT_RERANK_FACTOR)
         if params is not None:
             refine.base_index_params = params
@@ -365,7 +371,8 @@ class _NoSelector:
         return getattr(self.index, name)
 
     def search(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(queries, k)
+        found: tuple[np.ndarray, np.ndarray] = self.index.search(queries, k)
+        return found
 
 
 def _as_matrix(vectors: np.ndarray) -> np.ndarray:
@@ -400,14 +407,14 @@ def read_vector_index(path: str, mmap: bool = True) -> Any:
 def without_prefetch_threads(index: Any) -> Any:
     """``index`` with its memory-mapped IVF lists set to prefetch on no threads of their own.
 
-    FAISS's ``OnDiskInvertedLists`` start ``prefetch_nthread`` (32) threads on every search to touch
-    the probed lists; for one query that costs about 0.35 ms against a 0.02 ms search. The OS pages
-    the mapped lists in on first use anyway, so nothing is lost.
+    FAISS's ``OnDiskInvertedLists`` start ``prefetch_nthread`` threads on every search to touch the
+    probed lists, which costs a single query many times its search (benchmarks/SERVE.md). The OS
+    pages the mapped lists in on first use anyway, so nothing is lost.
     """
     import faiss
 
     ivf = _ivf_of(index)
-    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    lists: Any = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
     if hasattr(lists, "prefetch_nthread"):
         lists.prefetch_nthread = 0
     return index

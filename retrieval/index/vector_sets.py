@@ -33,6 +33,7 @@ from retrieval.index.spec import (
 from retrieval.index.vector_index import (
     Exclusions,
     build_vector_index,
+    pre_transforms,
     train_vector_index,
     without_refinement,
 )
@@ -73,6 +74,7 @@ def query_key(key: str, spaces: dict[str, str], counts: dict[str, int]) -> tuple
     """(vector set whose rows query ``key``, its name): the other kind in the same space when it has rows."""
     space, kind = key.split("/")
     other = "caption" if kind == "image" else "image"
+    candidate: str | None
     if space == "projected":  # projected items are searched with the other kind's own encoder vectors
         candidate = f"{spaces[other]}/{other}"
     else:
@@ -123,10 +125,8 @@ def mean_residual(index: Any, vectors: np.ndarray) -> float | None:
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if len(x) == 0:
         return None
-    index = without_refinement(index)
-    if isinstance(index, faiss.IndexPreTransform):
-        for number in range(index.chain.size()):
-            x = faiss.downcast_VectorTransform(index.chain.at(number)).apply(x)
+    for transform in pre_transforms(without_refinement(index)):
+        x = transform.apply(x)
     similarity, _ = ivf.quantizer.search(x, 1)
     return float(np.mean(1.0 - similarity[:, 0]))
 

@@ -68,6 +68,8 @@ class EmbeddingFolder:
             if not len(local):
                 continue
             path = part.shards[kind]
+            if path is None:
+                raise InputError(f"{part.metadata}: this partition has no {kind} embeddings")
             out[done : done + len(local)] = np.asarray(open_npy(path)[local], np.float32)
             where.extend((path, int(r)) for r in local)
             done += len(local)
@@ -146,7 +148,9 @@ def open_embedding_folder(root: str | Path) -> EmbeddingFolder:
     }
     if not any(shards.values()):
         raise InputError(f"{root}: no img_emb/img_emb_N.npy or text_emb/text_emb_N.npy files")
-    parts, dims, start = [], {}, 0
+    parts: list[EmbeddingPart] = []
+    dims: dict[str, int] = {}
+    start = 0
     for number, meta_path in sorted(metadata.items()):
         rows = _metadata_rows(meta_path)
         found: dict[str, Path | None] = {kind: None for kind in KINDS}

@@ -85,9 +85,11 @@ def _dedupe(refs: Iterable[ImageRef]) -> list[ImageRef]:
     seen: set[Path] = set()
     out: list[ImageRef] = []
     for ref in refs:
-        if ref.path not in seen:
+        if ref.path in seen:
+            continue
+        if ref.path is not None:
             seen.add(ref.path)
-            out.append(ref)
+        out.append(ref)
     return out
 
 

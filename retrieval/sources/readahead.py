@@ -12,12 +12,12 @@ reports any problem later.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from retrieval.sources.items import ImageRef
 from retrieval.sources.webdataset_tar import TarMember
 
-_ADVISE = getattr(os, "posix_fadvise", None)
+_ADVISE: Callable[[int, int, int, int], None] | None = getattr(os, "posix_fadvise", None)
 SLACK = 1 << 20  # bytes between a batch's members of one shard that one hint may cover for nothing
 
 
@@ -48,6 +48,8 @@ def member_spans(members: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def _advise(path: str, offset: int, length: int) -> bool:
     """``posix_fadvise(WILLNEED)`` on ``length`` bytes at ``offset`` (0: to the end) of ``path``."""
+    if _ADVISE is None:
+        return False
     try:
         fd = os.open(path, os.O_RDONLY)
     except (OSError, ValueError):  # gone, unreadable, a name with NUL: the read reports it

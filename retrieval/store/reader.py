@@ -189,7 +189,9 @@ class StoreReader:
         where = self.root / rel
         if mmap:
             try:
-                array = self._load_by_path(rel, lambda path: np.load(path, allow_pickle=False, mmap_mode="r"))
+                array: np.ndarray = self._load_by_path(
+                    rel, lambda path: np.load(path, allow_pickle=False, mmap_mode="r")
+                )
             except (OSError, ValueError, EOFError) as e:
                 raise IndexFormatError(f"{where}: cannot read array ({e})") from e
             return array
@@ -338,7 +340,8 @@ def _parse_npy(data: bytearray, where: Path) -> np.ndarray:
         elif version == (2, 0):
             shape, fortran, dtype = npy.read_array_header_2_0(stream)
         else:
-            return np.load(io.BytesIO(data), allow_pickle=False)
+            loaded: np.ndarray = np.load(io.BytesIO(data), allow_pickle=False)
+            return loaded
     except (OSError, ValueError, EOFError, SyntaxError, TypeError) as e:
         raise IndexFormatError(f"{where}: cannot read array ({e})") from e
     if dtype.hasobject:
