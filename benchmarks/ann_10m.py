@@ -37,6 +37,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,14 @@ import ann_common as C
 import ann_data
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.index.recall import RECALL_QUERIES, measure_and_tune, recall_at  # noqa: E402
+from retrieval.index.recall import RECALL_QUERIES, measure_and_tune, recall_at
 from retrieval.index.source import VectorSource
-from retrieval.index.spec import IndexSpec, SearchKnobs, choose_index, parse_memory  # noqa: E402
-from retrieval.index.vector_index import build_vector_index, read_vector_index, search  # noqa: E402
+from retrieval.index.spec import IndexSpec, SearchKnobs, choose_index, parse_memory
+from retrieval.index.vector_index import build_vector_index, read_vector_index, search
 
+ROOT = Path(__file__).resolve().parents[1]
 K = 10
 SEARCH_PROCESS_PHASE_SECONDS = 120  # each phase of a memory-limited search process stops after this long
 TUNE_QUERIES = RECALL_QUERIES  # what a build tunes with (rows 0.. of the query stream)
@@ -80,7 +81,9 @@ def evaluate(
     so a search process that reads every re-ranked row from disk still finishes; the answered counts are reported.
     """
     rerank_with = source if spec.rerank else None
-    run = lambda q: search(index, q, K, knobs, rerank_with=rerank_with)[1]
+
+    def run(q: np.ndarray) -> np.ndarray:
+        return search(index, q, K, knobs, rerank_with=rerank_with)[1]
 
     def singles() -> list[float]:
         times: list[float] = []
@@ -214,34 +217,41 @@ def main() -> None:
             "loadavg_after": C.loadavg(),
         }
         log(
-            f"{name}: {wall:.0f} s, peak RssAnon {peak['anon'] / C.MB:,.0f} MB, peak RssFile {peak['file'] / C.MB:,.0f} MB"
+            f"{name}: {wall:.0f} s, peak RssAnon {peak['anon'] / C.MB:,.0f} MB, "
+            f"peak RssFile {peak['file'] / C.MB:,.0f} MB"
         )
         C.write_json(json_path, result)
         return out
 
-    parts = phase("generate", lambda: ann_data.load_contiguous(n, d, args.seed, log))
+    # Each phase gets its arguments bound by partial, not read by a closure: parts, source, index and report are
+    # deleted below to unmap the shards, and no closure should refer to those names once they are gone.
+    parts = phase("generate", partial(ann_data.load_contiguous, n, d, args.seed, log))
     source = VectorSource(parts)
     log(
-        f"data: {n:,} x {d} float16 in {len(parts)} memory-mapped file(s), {sum(p.nbytes for p in parts) / (1 << 30):.1f} GiB"
+        f"data: {n:,} x {d} float16 in {len(parts)} memory-mapped file(s), "
+        f"{sum(p.nbytes for p in parts) / (1 << 30):.1f} GiB"
     )
     choice = choose_index(n, d, budget, args.target)
     spec = choice.spec
     result["choice"] = choice.to_json()
     log(f"auto at {args.max_memory}: {spec.factory} — {choice.reason}")
-    index = phase("build", lambda: build_vector_index(source, spec))
+    index = phase("build", partial(build_vector_index, source, spec))
     path = work / "index.faiss"
-    phase("write", lambda: faiss.write_index(index, str(path)))
+    phase("write", partial(faiss.write_index, index, str(path)))
     result["index_file_bytes"] = path.stat().st_size
     tune_q = ann_data.queries(TUNE_QUERIES, d, args.seed, 0)
-    report = phase("tune", lambda: measure_and_tune(index, spec, source, tune_q, "held-out queries", args.target))
+    report = phase("tune", partial(measure_and_tune, index, spec, source, tune_q, "held-out queries", args.target))
     result["tuning"] = report.to_json()
     log(f"tuned: {report.knobs.to_json()} recall@10 {report.recall_at_10:.4f} on the tuning queries")
     eval_q = ann_data.queries(args.queries, d, args.seed, EVAL_OFFSET)
-    truth = phase("ground_truth", lambda: ann_data.truth(parts, eval_q, f"eval{EVAL_OFFSET}", args.seed, K, log))
-    ours = phase("search", lambda: evaluate(index, spec, report.knobs, source, eval_q, truth, args.single, args.rounds))
+    truth = phase("ground_truth", partial(ann_data.truth, parts, eval_q, f"eval{EVAL_OFFSET}", args.seed, K, log))
+    ours = phase(
+        "search", partial(evaluate, index, spec, report.knobs, source, eval_q, truth, args.single, args.rounds)
+    )
     result["search"] = ours
     log(
-        f"search: recall@10 {ours['recall@10']:.4f}, b1 {ours['b1_latency_ms']:.2f} ms, batch {ours['batch_qps']:,.0f} QPS"
+        f"search: recall@10 {ours['recall@10']:.4f}, b1 {ours['b1_latency_ms']:.2f} ms, "
+        f"batch {ours['batch_qps']:,.0f} QPS"
     )
     del index
     C.trim()
@@ -315,8 +325,9 @@ def run_search_processes(result: dict[str, Any], args: argparse.Namespace, path:
         sp["limit_bytes"], sp["cgroup"], sp["wall_s"] = limit, run["cgroup"], run["wall_s"]
         runs[name] = sp
         log(
-            f"  -> recall@10 {sp['recall@10']:.4f}, b1 {sp['b1_latency_ms']:.2f} ms (first pass {sp['b1_latency_ms_first_pass']:.2f}), "
-            f"batch {sp['batch_qps']:,.0f} QPS, RssAnon peak {sp['peak']['anon'] / (1 << 20):,.0f} MB, cgroup {run['cgroup']}"
+            f"  -> recall@10 {sp['recall@10']:.4f}, b1 {sp['b1_latency_ms']:.2f} ms "
+            f"(first pass {sp['b1_latency_ms_first_pass']:.2f}), batch {sp['batch_qps']:,.0f} QPS, "
+            f"RssAnon peak {sp['peak']['anon'] / (1 << 20):,.0f} MB, cgroup {run['cgroup']}"
         )
     result["search_processes"] = runs
 
@@ -378,7 +389,8 @@ def report_tables(result: dict[str, Any], budget: int) -> None:
                 f"{sp['limit_bytes'] / GB:.2f} GiB" if sp.get("limit_bytes") else "none",
                 f(sp["recall@10"], 4),
                 f"{sp.get('same_results_as_build_process', float('nan')):.1%}",
-                f"{sp['b1_latency_ms_first_pass']:.2f} / {sp['b1_latency_ms']:.2f} ({sp['b1_samples_first_pass']} / {sp['b1_samples']})",
+                f"{sp['b1_latency_ms_first_pass']:.2f} / {sp['b1_latency_ms']:.2f} "
+                f"({sp['b1_samples_first_pass']} / {sp['b1_samples']})",
                 f"{sp['batch_qps']:,.0f} ({sp['recall_queries']} answered)",
                 f(sp["peak"]["anon"] / GB, 2),
                 f(sp["vm_hwm"] / GB, 2),
@@ -421,7 +433,8 @@ def report_tables(result: dict[str, Any], budget: int) -> None:
     )
     verdicts.append(
         f"index file {result['index_file_bytes'] / GB:.2f} GiB; search processes ran under a {budget / GB:.2f} GiB "
-        f"memory cgroup without an OOM kill (peak RssAnon {max([sp['peak']['anon'] for sp in sps] or [0]) / GB:.2f} GiB): "
+        "memory cgroup without an OOM kill "
+        f"(peak RssAnon {max([sp['peak']['anon'] for sp in sps] or [0]) / GB:.2f} GiB): "
         f"{'MET' if ok_mem else 'MISSED (see the table)'}"
     )
     build_anon = max(p["peak_rss_anon_bytes"] for k, p in result["phases"].items() if k in ("build", "tune"))

@@ -7,8 +7,9 @@ cosine ~0.8-0.95), cached as float16 shards under ``index_data/bench/``. Inner p
 For each index type (flat, hnsw, ivf, ivfsq, ivfpq, and ``auto`` = ``choose_index(n, d, --max-memory, 0.95)``):
 
 - ours: ``build_vector_index(VectorSource(float16 shards, memory-mapped), spec)``, then
-  ``measure_and_tune(..., target_recall=0.95)`` on ``RECALL_QUERIES`` (the library's count) tuning queries; search with ``search()`` and the tuned
-  knobs (ivfpq: ``rerank_with=`` the memory-mapped float16 shard, which FAISS re-ranks from in place);
+  ``measure_and_tune(..., target_recall=0.95)`` on ``RECALL_QUERIES`` (the library's count) tuning queries;
+  search with ``search()`` and the tuned knobs (ivfpq: ``rerank_with=`` the memory-mapped float16 shard, which
+  FAISS re-ranks from in place);
 - raw FAISS with the same parameters: ``faiss.index_factory`` + the build settings the library applies
   (k-means iterations, efConstruction, ...), trained on the very same sample rows, one ``add`` of the float32
   matrix; search with ``nprobe`` / ``hnsw.efSearch`` set on the index and plain ``index.search`` (ivfpq:
@@ -44,17 +45,18 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ann_common as C
 import ann_data
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.index.recall import (  # noqa: E402
+from retrieval.index.recall import (
     EF_SEARCH_STEPS,
     NPROBE_STEPS,
     RECALL_QUERIES,
@@ -62,7 +64,7 @@ from retrieval.index.recall import (  # noqa: E402
     recall_at,
 )
 from retrieval.index.source import VectorSource
-from retrieval.index.spec import (  # noqa: E402
+from retrieval.index.spec import (
     DEFAULT_RERANK_FACTOR,
     IndexSpec,
     SearchKnobs,
@@ -71,8 +73,9 @@ from retrieval.index.spec import (  # noqa: E402
     parse_memory,
     spec_for,
 )
-from retrieval.index.vector_index import apply_build_params, build_vector_index, search  # noqa: E402
+from retrieval.index.vector_index import apply_build_params, build_vector_index, search
 
+ROOT = Path(__file__).resolve().parents[1]
 K = 10
 TARGET = 0.95
 TUNE_QUERIES = RECALL_QUERIES  # what a build tunes with (rows 0.. of the query stream)
@@ -90,7 +93,8 @@ def log(message: str) -> None:
 
 
 def raw_build(xb: np.ndarray, spec: IndexSpec, seed: int = 0) -> Any:
-    """What a FAISS user writes by hand for ``spec``: index_factory, the same build settings, train on the same rows, add."""
+    """What a FAISS user writes by hand for ``spec``: index_factory, the same build settings, train on the same
+    rows, add."""
     import faiss
 
     n, d = xb.shape
@@ -199,7 +203,8 @@ def positions_of(result: Any) -> np.ndarray:
 def operating_points(
     index: Any, spec: IndexSpec, knobs: SearchKnobs, source: VectorSource, queries: np.ndarray, truth: np.ndarray
 ) -> list[dict[str, Any]]:
-    """Recall@10 and batch QPS on the evaluation queries around the tuned knobs (and, for re-ranking, longer shortlists)."""
+    """Recall@10 and batch QPS on the evaluation queries around the tuned knobs (and, for re-ranking, longer
+    shortlists)."""
     points = []
     if spec.nlist:
         steps = [p for p in NPROBE_STEPS if p <= spec.nlist]
@@ -248,7 +253,7 @@ def autofaiss_inputs(parts: list[np.ndarray], n: int, d: int, seed: int) -> Path
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     paths = ann_data.ensure_shards(n, d, seed, log)
-    for path, part in zip(paths, parts):
+    for path, part in zip(paths, parts, strict=True):
         target = folder / path.name
         if np.load(path, mmap_mode="r").shape[0] == len(part):
             try:
@@ -390,13 +395,14 @@ def main() -> None:
                 pass
     convert_s = time.perf_counter()
     xb = np.empty((n, d), np.float32)
-    for part, start in zip(parts, source.offsets):
+    for part, start in zip(parts, source.offsets[:-1], strict=True):  # offsets end with the row count
         xb[start : start + len(part)] = part
     convert_s = time.perf_counter() - convert_s
     result["convert_float16_to_float32_s"] = convert_s
     log(f"float16 shards -> float32 matrix for raw FAISS / numpy: {convert_s:.1f} s")
     log(
-        f"data: {n:,} x {d} float16 shards ({sum(p.nbytes for p in parts) / C.MB:,.0f} MB) + float32 copy for raw FAISS / numpy"
+        f"data: {n:,} x {d} float16 shards ({sum(p.nbytes for p in parts) / C.MB:,.0f} MB) "
+        "+ float32 copy for raw FAISS / numpy"
     )
 
     exact_qps: dict[str, dict[str, float]] = {}
@@ -412,7 +418,8 @@ def main() -> None:
         result["numpy"] = numpy
         exact_qps["numpy"] = {"b1": numpy["b1_qps"], "batch": numpy["batch_qps"]}
         log(
-            f"numpy: b1 {numpy['b1_latency_ms']:.1f} ms, batch {numpy['batch_qps']:.0f} QPS, recall {numpy['recall@10']:.4f}"
+            f"numpy: b1 {numpy['b1_latency_ms']:.1f} ms, batch {numpy['batch_qps']:.0f} QPS, "
+            f"recall {numpy['recall@10']:.4f}"
         )
 
     auto_choice = choose_index(n, d, budget, TARGET) if "auto" in types else None
@@ -434,7 +441,7 @@ def main() -> None:
         row: dict[str, Any] = {"spec": spec.to_json(), "estimated_bytes": estimate_bytes(spec, n, d)}
         log(f"{name}: building {spec.factory} (ours)")
         anon0, load0 = C.anon_bytes(), C.loadavg()
-        wall, cpu, index = C.timed(lambda: build_vector_index(source, spec))
+        wall, cpu, index = C.timed(partial(build_vector_index, source, spec))
         row.update(
             build_s=wall,
             build_cpu_s=cpu,
@@ -444,17 +451,23 @@ def main() -> None:
         row["file_bytes"] = index_file_bytes(index, ann_data.CACHE / "tmp" / "index.faiss")
         log(f"{name}: built in {wall:.1f} s; tuning to recall@10 >= {TARGET}")
         tune_wall, _, report = C.timed(
-            lambda: measure_and_tune(index, spec, source, tune_q, "held-out queries", TARGET)
+            partial(measure_and_tune, index, spec, source, tune_q, "held-out queries", TARGET)
         )
         knobs = report.knobs
         row.update(tune_s=tune_wall, knobs=knobs.to_json(), tuning=report.to_json())
         rerank_with = source if spec.rerank else None
-        fns = {"ours": lambda q: search(index, q, K, knobs, rerank_with=rerank_with)[1]}
+        # the searchers run in this iteration only (compare_search below); default arguments bind this type's
+        # index and knobs, with the same call overhead for ours and raw
+        fns = {
+            "ours": lambda q, index=index, knobs=knobs, rerank_with=rerank_with: search(
+                index, q, K, knobs, rerank_with=rerank_with
+            )[1]
+        }
         raw = None
         if not args.skip_raw:
             log(f"{name}: building {spec.factory} (raw FAISS)")
             load0 = C.loadavg()
-            rwall, rcpu, raw = C.timed(lambda: raw_build(xb, spec))
+            rwall, rcpu, raw = C.timed(partial(raw_build, xb, spec))
             row["raw"] = {
                 "build_s": rwall + convert_s,
                 "build_from_float32_s": rwall,
@@ -471,11 +484,11 @@ def main() -> None:
                     "batch_qps": len(eval_q) / (time.perf_counter() - started),
                 }
             searcher = raw_searcher(raw, spec, knobs, xb)
-            fns["raw"] = lambda q: searcher.search(q, K)[1]
+            fns["raw"] = lambda q, searcher=searcher: searcher.search(q, K)[1]
         log(f"{name}: searching (knobs {knobs.to_json()})")
         count = args.single if not spec.exact else max(100, args.single // 2)
         measured = compare_search(fns, singles[:count], eval_q, args.rounds)
-        for who, m in measured.items():
+        for m in measured.values():
             m["recall@10"] = recall_at(m.pop("found"), truth, K)
         row.update({k: v for k, v in measured["ours"].items()})
         if "raw" in measured:
@@ -494,9 +507,11 @@ def main() -> None:
             row["operating_points"] = operating_points(index, spec, knobs, source, eval_q, truth)
         result["types"][name] = row
         log(
-            f"{name}: recall@10 {row['recall@10']:.4f}, b1 {row['b1_latency_ms']:.3f} ms, batch {row['batch_qps']:.0f} QPS"
+            f"{name}: recall@10 {row['recall@10']:.4f}, b1 {row['b1_latency_ms']:.3f} ms, "
+            f"batch {row['batch_qps']:.0f} QPS"
             + (
-                f"; overhead build {row['overhead']['build']:+.1%} b1 {row['overhead']['b1']:+.1%} batch {row['overhead']['batch']:+.1%}"
+                f"; overhead build {row['overhead']['build']:+.1%} b1 {row['overhead']['b1']:+.1%} "
+                f"batch {row['overhead']['batch']:+.1%}"
                 if "overhead" in row
                 else ""
             )
@@ -521,7 +536,7 @@ def main() -> None:
             fns["autofaiss_at_target"] = lambda q: search(index, q, K, report.knobs)[1]
             faiss.ParameterSpace().set_index_parameters(index, infos["index_param"])  # search() passes its own params
         measured = compare_search(fns, singles, eval_q, args.rounds)
-        for who, m in measured.items():
+        for m in measured.values():
             m["recall@10"] = recall_at(m.pop("found"), truth, K)
         af.update(measured)
         result["autofaiss"] = af
@@ -559,7 +574,8 @@ def report_tables(result: dict[str, Any], exact_qps: dict[str, dict[str, float]]
         )
     n = int(result["args"]["n"])
     print(
-        f"\n## Ours: {n:,} x {result['args']['d']}, k={K}, knobs tuned to recall@10 >= {TARGET} on {result.get('tune_queries', 200)} held-out queries, "
+        f"\n## Ours: {n:,} x {result['args']['d']}, k={K}, knobs tuned to recall@10 >= {TARGET} "
+        f"on {result.get('tune_queries', 200)} held-out queries, "
         f"recall on {result['args']['queries']} other held-out queries\n"
     )
     print(
@@ -639,9 +655,10 @@ def report_tables(result: dict[str, Any], exact_qps: dict[str, dict[str, float]]
             if "no_rerank" in r.get("raw", {}):
                 nr = r["raw"]["no_rerank"]
                 print(
-                    f"\n{name}: raw FAISS without re-ranking (plain index.search, same nprobe): recall@10 {nr['recall@10']:.4f}, "
-                    f"batch {nr['batch_qps']:,.0f} QPS; raw with re-ranking = faiss.IndexRefine over a float16 "
-                    f"IndexScalarQuantizer holding a copy of the rows in RAM (ours views the memory-mapped float16 shard)"
+                    f"\n{name}: raw FAISS without re-ranking (plain index.search, same nprobe): "
+                    f"recall@10 {nr['recall@10']:.4f}, batch {nr['batch_qps']:,.0f} QPS; raw with re-ranking = "
+                    "faiss.IndexRefine over a float16 IndexScalarQuantizer holding a copy of the rows in RAM "
+                    "(ours views the memory-mapped float16 shard)"
                 )
     base_rows = []
     if "numpy" in result:
@@ -686,7 +703,8 @@ def report_tables(result: dict[str, Any], exact_qps: dict[str, dict[str, float]]
         print(C.table(["baseline", "params", "recall@10", "b1 ms", "b1 QPS", "batch QPS"], base_rows))
         if af:
             print(
-                f"\nautofaiss: build {af['wall_s']:.0f} s (subprocess wall), index file {af['file_bytes'] / C.MB:,.0f} MB, "
+                f"\nautofaiss: build {af['wall_s']:.0f} s (subprocess wall), "
+                f"index file {af['file_bytes'] / C.MB:,.0f} MB, "
                 f"its estimate {infos.get('size in bytes', 0) / C.MB:,.0f} MB"
             )
     exact = exact_qps.get("flat") or exact_qps.get("numpy")
@@ -694,7 +712,8 @@ def report_tables(result: dict[str, Any], exact_qps: dict[str, dict[str, float]]
         if not r.get("operating_points") or r.get("same_as"):
             continue
         print(
-            f"\n{name} ({r['spec']['factory']}): operating points on the {result['args']['queries']} evaluation queries "
+            f"\n{name} ({r['spec']['factory']}): operating points on the {result['args']['queries']} "
+            "evaluation queries "
             f"(tuned on the {result.get('tune_queries', 200)} tuning queries: {json.dumps(r['knobs'])})\n"
         )
         print(
@@ -725,16 +744,17 @@ def targets(result: dict[str, Any], exact_qps: dict[str, dict[str, float]]) -> l
         ok = auto["recall@10"] >= TARGET
         out.append(
             f"auto recall@10 {auto['recall@10']:.4f} {'>=' if ok else '<'} {TARGET} on the evaluation queries at the "
-            f"knobs measure_and_tune chose ({json.dumps(auto['knobs'])}, {auto['tuning']['recall@10']:.4f} on its {result.get('tune_queries', 200)} tuning "
-            f"queries): {'MET' if ok else 'MISSED'}"
+            f"knobs measure_and_tune chose ({json.dumps(auto['knobs'])}, {auto['tuning']['recall@10']:.4f} "
+            f"on its {result.get('tune_queries', 200)} tuning queries): {'MET' if ok else 'MISSED'}"
         )
         meeting = [p for p in auto.get("operating_points", []) if p["recall@10"] >= TARGET]
         if not ok and meeting:
             p = meeting[0]
+            knobs = {k: v for k, v in p.items() if k not in ("recall@10", "batch_qps")}
             for exact_name, e in exact_qps.items():
                 out.append(
                     f"auto at the smallest knobs reaching {TARGET} on the evaluation queries "
-                    f"({ {k: v for k, v in p.items() if k not in ('recall@10', 'batch_qps')} }, recall {p['recall@10']:.4f}): "
+                    f"({knobs}, recall {p['recall@10']:.4f}): "
                     f"batch QPS {p['batch_qps']:,.0f} = {p['batch_qps'] / e['batch']:.1f}x exact {exact_name}"
                 )
         for exact_name, e in exact_qps.items():
@@ -742,7 +762,8 @@ def targets(result: dict[str, Any], exact_qps: dict[str, dict[str, float]]) -> l
                 ratio = auto[f"{batch}_qps"] / e[batch]
                 label = "batch 1" if batch == "b1" else f"batch {result['args']['queries']}"
                 out.append(
-                    f"auto QPS at {label} = {ratio:.1f}x exact {exact_name} (target >= 20x): {'MET' if ratio >= 20 else 'MISSED'}"
+                    f"auto QPS at {label} = {ratio:.1f}x exact {exact_name} (target >= 20x): "
+                    f"{'MET' if ratio >= 20 else 'MISSED'}"
                 )
     for name, r in result["types"].items():
         if "overhead" in r and not r.get("same_as"):
@@ -766,21 +787,23 @@ def targets(result: dict[str, Any], exact_qps: dict[str, dict[str, float]]) -> l
             verdict = (
                 "auto matches or beats its recall at equal or better QPS"
                 if better_recall and ratio >= 1
-                else f"auto does NOT match its recall (autofaiss picks the search parameters giving the best recall within "
-                f"10 ms per query) but answers {ratio:.1f}x as many queries per second"
+                else "auto does NOT match its recall (autofaiss picks the search parameters giving the best recall "
+                f"within 10 ms per query) but answers {ratio:.1f}x as many queries per second"
                 if ratio >= 1
                 else "auto is slower" + (" and less accurate" if not better_recall else " with at least its recall")
             )
             out.append(
                 f"auto vs autofaiss ({'batch 1' if batch == 'b1' else 'batch ' + result['args']['queries']}): recall "
-                f"{auto['recall@10']:.4f} vs {a['recall@10']:.4f}, QPS {auto[f'{batch}_qps']:,.0f} vs {a[f'{batch}_qps']:,.0f}: {verdict}"
+                f"{auto['recall@10']:.4f} vs {a['recall@10']:.4f}, "
+                f"QPS {auto[f'{batch}_qps']:,.0f} vs {a[f'{batch}_qps']:,.0f}: {verdict}"
             )
         if "autofaiss_at_target" in af:
             t = af["autofaiss_at_target"]
             for batch in ("b1", "batch"):
                 out.append(
-                    f"at equal target ({TARGET}, both tuned by measure_and_tune), {batch}: auto {auto[f'{batch}_qps']:,.0f} QPS "
-                    f"(recall {auto['recall@10']:.4f}) vs autofaiss's index {t[f'{batch}_qps']:,.0f} QPS (recall {t['recall@10']:.4f})"
+                    f"at equal target ({TARGET}, both tuned by measure_and_tune), {batch}: "
+                    f"auto {auto[f'{batch}_qps']:,.0f} QPS (recall {auto['recall@10']:.4f}) "
+                    f"vs autofaiss's index {t[f'{batch}_qps']:,.0f} QPS (recall {t['recall@10']:.4f})"
                 )
     return out
 

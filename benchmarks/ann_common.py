@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -10,8 +11,9 @@ import resource
 import statistics
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,18 +24,14 @@ def machine() -> dict[str, Any]:
     import faiss
 
     model = "unknown"
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     total = 0
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):
         total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
     return {
         "cpu": model,
         "cores": os.cpu_count(),
@@ -53,14 +51,12 @@ def library_fingerprint(root: Path) -> dict[str, str]:
 
     out = {
         name: hashlib.sha1((root / "retrieval" / name).read_bytes()).hexdigest()[:12]
-        for name in ("index_spec.py", "vector_index.py", "recall.py")
+        for name in ("index/spec.py", "index/vector_index.py", "index/recall.py")
     }
-    try:
+    with contextlib.suppress(OSError):
         out["git_head"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
-    except OSError:
-        pass
     return out
 
 
@@ -79,10 +75,8 @@ def trim() -> None:
     import gc
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def anon_bytes() -> int:
@@ -174,9 +168,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-style markdown table (readable in a terminal too)."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: (
-        "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-    )
+
+    def line(r: list[str]) -> str:
+        return (
+            "| "
+            + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            + " |"
+        )
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
@@ -250,12 +249,9 @@ class MemoryCgroup:
             (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
             swap = self.path / "memory.memsw.limit_in_bytes"
             if swap.exists():
-                try:
-                    swap.write_text(
-                        str(self.limit)
-                    )  # no swapping out of the limit either (there is no swap here anyway)
-                except OSError:
-                    pass
+                # no swapping out of the limit either (there is no swap here anyway)
+                with contextlib.suppress(OSError):
+                    swap.write_text(str(self.limit))
         return self
 
     def join(self) -> None:
@@ -263,7 +259,9 @@ class MemoryCgroup:
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
     def stats(self) -> dict[str, Any]:
-        read = lambda name: (self.path / name).read_text().strip() if (self.path / name).exists() else None
+        def read(name: str) -> str | None:
+            return (self.path / name).read_text().strip() if (self.path / name).exists() else None
+
         if self.version == 2:
             events = dict(line.split() for line in (read("memory.events") or "").splitlines())
             return {
@@ -298,7 +296,8 @@ def drop_from_page_cache(path: Path) -> None:
 
 
 def run_limited(limit: int | None, args: list[str], name: str) -> dict[str, Any]:
-    """Run ``args`` in a fresh memory cgroup limited to ``limit`` bytes (no cgroup when None); parse its tagged JSON lines."""
+    """Run ``args`` in a fresh memory cgroup limited to ``limit`` bytes (no cgroup when None); parse its tagged
+    JSON lines."""
     import subprocess
 
     if limit is None:

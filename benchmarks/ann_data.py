@@ -12,9 +12,9 @@ Not iid Gaussian. Every vector is
   Zipf-like law (the largest cluster holds ~100x the mean, the smallest a handful of rows), as topics
   in a real photo collection do;
 - the within-cluster noise has a power-law eigen-spectrum ``lambda_i ~ (1 + i / 4) ^ -1.5`` (24
-  effective dimensions of 512 by the participation ratio, like the intrinsic dimension measured on CLIP embeddings), expressed in
-  one of ``ROTATIONS`` (32) random orthonormal bases so clusters do not share their principal axes,
-  and scaled by ``s_k`` (log-normal per cluster: some topics are tight, some diffuse).
+  effective dimensions of 512 by the participation ratio, like the intrinsic dimension measured on CLIP
+  embeddings), expressed in one of ``ROTATIONS`` (32) random orthonormal bases so clusters do not share
+  their principal axes, and scaled by ``s_k`` (log-normal per cluster: some topics are tight, some diffuse).
 
 With these constants the held-out queries' nearest neighbour at 1M has a cosine of ~0.8-0.95 (median
 printed by ``python benchmarks/ann_data.py --stats``), as CLIP ViT-B image embeddings of a web
@@ -22,8 +22,8 @@ collection do, and IVF at nprobe=1 is far from recall 1.
 
 Rows are generated in blocks of ``BLOCK`` rows, each from its own seed (``SeedSequence([seed, 0, block])``),
 so a collection of ``n`` rows is always a prefix of a larger one; shards of ``SHARD`` rows are cached under
-``index_data/bench/data_d{d}_s{seed}_{hash of the constants}/`` and reused by every benchmark. Queries come from the same model with
-another seed stream (``[seed, 1, block]``), so they are never rows of the collection.
+``index_data/bench/data_d{d}_s{seed}_{hash of the constants}/`` and reused by every benchmark. Queries come
+from the same model with another seed stream (``[seed, 1, block]``), so they are never rows of the collection.
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def ensure_shards(n: int, d: int = 512, seed: int = 0, log=print) -> list[Path]:
             continue
         m = m or model(d, seed)
         started = time.perf_counter()
-        # a shard is rewritten whole when a longer prefix is needed; blocks are independent, so earlier rows do not change
+        # a shard is rewritten whole when a longer prefix is needed; blocks are independent, so earlier rows do
+        # not change
         rows = stop - start
         out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(rows, d))
         for offset in range(0, rows, BLOCK):
@@ -189,11 +190,12 @@ def load_contiguous(n: int, d: int = 512, seed: int = 0, log=print) -> list[np.n
     copied into it once, streamed): FAISS re-ranks from such a file in place (``retrieval.index.faiss_views``)."""
     path = contiguous_path(n, d, seed)
     if not path.exists():
+        parts = load(n, d, seed, log)  # generates the shards, and the folder, where missing
         log(f"copying the {n:,}-row shards into one file {path.name} (once)")
         tmp = path.with_suffix(".tmp.npy")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
         start = 0
-        for part in load(n, d, seed, log):
+        for part in parts:
             for offset in range(0, len(part), 1 << 18):
                 block = part[offset : offset + (1 << 18)]
                 out[start : start + len(block)] = block
@@ -205,7 +207,8 @@ def load_contiguous(n: int, d: int = 512, seed: int = 0, log=print) -> list[np.n
 
 
 def queries(count: int, d: int = 512, seed: int = 0, offset: int = 0) -> np.ndarray:
-    """``count`` held-out float32 queries (rows ``offset``.. of the query stream): same model, never in the collection."""
+    """``count`` held-out float32 queries (rows ``offset``.. of the query stream): same model, never in the
+    collection."""
     folder = data_dir(d, seed)
     folder.mkdir(parents=True, exist_ok=True)
     need = offset + count
@@ -262,7 +265,10 @@ def main() -> None:
         scores, _ = exact_search(source, q, 10)
         sample = source.sample(2000, seed=5)
         pairs = (sample[:1000] * sample[1000:]).sum(1)
-        pct = lambda a: " ".join(f"p{p}={np.percentile(a, p):.3f}" for p in (5, 25, 50, 75, 95))
+
+        def pct(a: np.ndarray) -> str:
+            return " ".join(f"p{p}={np.percentile(a, p):.3f}" for p in (5, 25, 50, 75, 95))
+
         print(f"n={len(source):,} d={args.d}")
         print(f"top-1 cosine of held-out queries: {pct(scores[:, 0])}")
         print(f"top-10 cosine:                    {pct(scores[:, 9])}")

@@ -25,9 +25,9 @@ import ann_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.index.recall import recall_at  # noqa: E402
-from retrieval.index.source import VectorSource  # noqa: E402
-from retrieval.index.spec import spec_for  # noqa: E402
+from retrieval.index.recall import recall_at
+from retrieval.index.source import VectorSource
+from retrieval.index.spec import spec_for
 
 
 def main() -> None:

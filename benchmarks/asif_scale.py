@@ -45,8 +45,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # on 2 shared cores, threaded BLAS on small products ran 10x slower
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -117,7 +117,7 @@ def _time_batch(fn, queries) -> float:
 
 
 def _recall(approx: np.ndarray, exact: np.ndarray, at: int = 10) -> float:
-    return float(np.mean([len(set(a[:at]) & set(e[:at])) / at for a, e in zip(approx, exact)]))
+    return float(np.mean([len(set(a[:at]) & set(e[:at])) / at for a, e in zip(approx, exact, strict=True)]))
 
 
 def _build(args) -> dict:
@@ -269,7 +269,8 @@ def _point(args) -> dict:
 
 def _table(records: list[dict]) -> str:
     lines = [
-        "| items | anchors | rows file MB | build s (rows + lists) | peak RSS GB | postings read/query | route | p50 ms | p99 ms | batch ms/query | vs faiss p50 | recall@10 vs exact |",
+        "| items | anchors | rows file MB | build s (rows + lists) | peak RSS GB | postings read/query | route "
+        "| p50 ms | p99 ms | batch ms/query | vs faiss p50 | recall@10 vs exact |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -277,7 +278,8 @@ def _table(records: list[dict]) -> str:
         for name, t in r["single"].items():
             lines.append(
                 f"| {r['items']:,} | {r['anchors']:,} | {r['postings_file'] / 1e6:.0f} | "
-                f"{r['build_s']['relative_rows']:.0f} + {r['build_s']['posting_lists']:.1f} | {r['peak_rss_bytes'] / 2**30:.1f} | "
+                f"{r['build_s']['relative_rows']:.0f} + {r['build_s']['posting_lists']:.1f} | "
+                f"{r['peak_rss_bytes'] / 2**30:.1f} | "
                 f"{r['postings_read_per_query_mean']:,.0f} | {name} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | "
                 f"{r['batch_ms_per_query'].get(name, float('nan')):.2f} | {t['p50_ms'] / faiss_p50:.2f}x | "
                 f"{r['recall_at_10_vs_sparse'].get(name, 1.0 if name == 'sparse' else float('nan')):.3f} |"

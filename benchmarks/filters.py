@@ -1,4 +1,4 @@
-"""``where=`` filters inside the search: latency p50 and recall@10 at 50/10/1/0.1% selectivity beside the unfiltered search.
+"""``where=`` filters inside the search: latency p50 and recall@10 at 50/10/1/0.1% selectivity vs unfiltered search.
 
 Data: ``benchmarks/ann_data.py`` (synthetic CLIP-like clustered embeddings, float16 shards, held-out queries).
 For each index type (flat, ivf, hnsw by default) the index is built with the library's own build settings and
@@ -34,14 +34,13 @@ import ann_common as C
 import ann_data
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.index.recall import RECALL_QUERIES, measure_and_tune  # noqa: E402
-from retrieval.index.selection import Selection, exact_first, search_selected  # noqa: E402
-from retrieval.index.source import VectorSource  # noqa: E402
-from retrieval.index.spec import SearchKnobs, spec_for  # noqa: E402
-from retrieval.index.vector_index import build_vector_index, search  # noqa: E402
+from retrieval.index.recall import RECALL_QUERIES, measure_and_tune
+from retrieval.index.selection import Selection, exact_first, search_selected
+from retrieval.index.source import VectorSource
+from retrieval.index.spec import SearchKnobs, spec_for
+from retrieval.index.vector_index import build_vector_index, search
 
 K = 10
 SHARES = (None, 0.5, 0.1, 0.01, 0.001)
@@ -54,7 +53,9 @@ def brute_force(data: np.ndarray, queries: np.ndarray, allowed: np.ndarray | Non
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f[f >= 0].tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
+    return float(
+        np.mean([len(set(f[f >= 0].tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)])
+    )
 
 
 def run_type(

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import save_random_vit_b32  # noqa: E402
-from workers import decode_run  # noqa: E402
+from gpu_check import save_random_vit_b32
+from workers import decode_run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -227,7 +227,10 @@ def worker_scaling(refs: list[Any], encoder: Any, args: argparse.Namespace) -> d
     counts = sorted({n for n in (1, 2, 4, 8, 12, 16, 24, 32) if n <= cores} | {cores})
     found = {n: decode_run(refs, encoder.image_transform(), encoder.draft_size, n, True) for n in counts}
     one = found[1]["steady_images_per_second"]
-    finite = lambda value: round(value, 2) if np.isfinite(value) else None  # noqa: E731  (a run too short for a steady state)
+
+    def finite(value: float) -> float | None:
+        return round(value, 2) if np.isfinite(value) else None  # None: a run too short for a steady state
+
     return {
         f"workers_{n}": {key: finite(value) for key, value in numbers.items()}
         | {"vs_1": finite(numbers["steady_images_per_second"] / one)}

@@ -1,4 +1,4 @@
-"""An IVF index larger than a process's memory limit, searched memory-mapped; the same index loaded in full is OOM-killed.
+"""An IVF index larger than a process's memory limit is searched memory-mapped; loaded in full it is OOM-killed.
 
 1. Build IVF-Flat over ``--n`` cached vectors (``benchmarks/ann_data.py``; 2M x 512 gives a ~4 GB file) with
    ``build_vector_index``, tune nprobe with ``measure_and_tune`` (recall@10 >= 0.95), write it with
@@ -41,14 +41,14 @@ import ann_common as C
 import ann_data
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.index.recall import RECALL_QUERIES, measure_and_tune, recall_at  # noqa: E402
+from retrieval.index.recall import RECALL_QUERIES, measure_and_tune, recall_at
 from retrieval.index.source import VectorSource
-from retrieval.index.spec import SearchKnobs, parse_memory, spec_for  # noqa: E402
-from retrieval.index.vector_index import build_vector_index, read_vector_index, search  # noqa: E402
+from retrieval.index.spec import SearchKnobs, parse_memory, spec_for
+from retrieval.index.vector_index import build_vector_index, read_vector_index, search
 
+ROOT = Path(__file__).resolve().parents[1]
 K = 10
 TARGET = 0.95
 EVAL_OFFSET = 1000
@@ -73,7 +73,10 @@ def child(args: argparse.Namespace) -> None:
     eval_q = ann_data.queries(args.queries, args.d, args.seed, EVAL_OFFSET)
     truth = ann_data.truth(parts, eval_q, f"eval{EVAL_OFFSET}", args.seed, K, log)
     reference = np.load(meta["reference"])
-    run = lambda q: search(index, q, K, knobs)[1]
+
+    def run(q: np.ndarray) -> np.ndarray:
+        return search(index, q, K, knobs)[1]
+
     first = C.single_latencies(run, eval_q[: args.single])
     warm = C.single_latencies(run, eval_q[: args.single])
     started = time.perf_counter()
@@ -159,7 +162,8 @@ def main() -> None:
     log(f"index {path.name}: {size / (1 << 30):.2f} GiB, knobs {meta['knobs']}; search process limits {args.limit}")
     if size <= max(limits):
         log(
-            f"warning: the index ({size:,} bytes) is not larger than every limit ({args.limit}); raise --n or lower --limit"
+            f"warning: the index ({size:,} bytes) is not larger than every limit ({args.limit}); "
+            "raise --n or lower --limit"
         )
 
     common = [
@@ -217,9 +221,9 @@ def print_report(result: dict[str, Any]) -> None:
     rows = []
     ok = True
     for limit in result["limits_bytes"]:
-        m, l = runs[f"mmap@{limit}"], runs[f"load@{limit}"]
+        m, full = runs[f"mmap@{limit}"], runs[f"load@{limit}"]
         cm = m.get("child_result")
-        killed = l["returncode"] < 0 and l["cgroup"]["oom_kill"] > 0 and not l.get("loaded")
+        killed = full["returncode"] < 0 and full["cgroup"]["oom_kill"] > 0 and not full.get("loaded")
         ok = ok and bool(cm) and m["returncode"] == 0 and killed
         rows.append(
             [
@@ -232,7 +236,7 @@ def print_report(result: dict[str, Any]) -> None:
                 f"{cm['batch_qps']:,.0f}" if cm else "-",
                 f"{cm['status']['VmHWM'] / GB:.2f}" if cm else "-",
                 f"{m['cgroup']['peak_bytes'] / GB:.2f}",
-                f"{l['returncode']} {l.get('signal', '')}" + (", OOM-killed while reading" if killed else ""),
+                f"{full['returncode']} {full.get('signal', '')}" + (", OOM-killed while reading" if killed else ""),
             ]
         )
     print(

@@ -183,7 +183,8 @@ def main() -> None:
                 args.repeats,
             )
             print(
-                f"{enc_name:<22} {'COCO, decoded':<28} {len(coco):>4} {r * 1e3:>8.2f} ms {o * 1e3:>8.2f} ms {r / o:>14.2f}x"
+                f"{enc_name:<22} {'COCO, decoded':<28} {len(coco):>4} "
+                f"{r * 1e3:>8.2f} ms {o * 1e3:>8.2f} ms {r / o:>14.2f}x"
             )
         _cosines(
             {

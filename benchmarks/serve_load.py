@@ -238,7 +238,8 @@ def measure(index_path: Path, clients_list: list[int], seconds: float, query: st
 
 
 HEADER = (
-    "| how | clients | QPS | p50 ms | p99 ms | requests | errors | server handler ms (p50) | CPU ms/request here | CPU ms/request server |\n"
+    "| how | clients | QPS | p50 ms | p99 ms | requests | errors | server handler ms (p50) "
+    "| CPU ms/request here | CPU ms/request server |\n"
     "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
@@ -251,7 +252,8 @@ def print_rows(rows: list[dict]) -> None:
 
     for r in rows:
         print(
-            f"| {r['how']} | {r['clients']} | {r['qps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['requests']} | {r['errors']} | "
+            f"| {r['how']} | {r['clients']} | {r['qps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} "
+            f"| {r['requests']} | {r['errors']} | "
             f"{cell(r['server_ms'])} | {cell(r['cpu_ms_here'])} | {cell(r['cpu_ms_server'])} |",
             flush=True,
         )
@@ -291,7 +293,8 @@ def main() -> None:
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     print(
-        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}"
+        f"machine: {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}"
     )
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         os.environ.setdefault("RETRIEVAL_CACHE_DIR", str(Path(tmp) / "cache"))

@@ -135,7 +135,7 @@ def throughput(args: argparse.Namespace, tmp: Path) -> dict:
             "images_per_second": rates,
             "ratio": round(rates["tar shards"] / rates["loose files"], 3),
             "ratio_by_repeat": [
-                round(a / b, 3) for a, b in zip(times[cache, "loose files"], times[cache, "tar shards"])
+                round(a / b, 3) for a, b in zip(times[cache, "loose files"], times[cache, "tar shards"], strict=True)
             ],
             "gather_ms": {name: round(1000 * statistics.median(gathers[cache, name]), 1) for name in sources},
         }

@@ -19,6 +19,7 @@ import json
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +102,9 @@ def image_rows(n: int, repeats: int, batch_size: int) -> list[dict]:
     for name, encoder in encoders.items():
         timed = median_times(
             {
-                "naive": lambda: naive_loop(paths, encoder),
-                "ours": lambda: pipeline(refs, encoder, batch_size),  # the default: replicas where they apply
-                "ours_main_process_encoder": lambda: pipeline(refs, encoder, batch_size, replicas=False),
+                "naive": partial(naive_loop, paths, encoder),
+                "ours": partial(pipeline, refs, encoder, batch_size),  # the default: replicas where they apply
+                "ours_main_process_encoder": partial(pipeline, refs, encoder, batch_size, replicas=False),
             },
             repeats,
         )

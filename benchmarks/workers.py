@@ -13,7 +13,8 @@ keep it flat as they are added; workers that fight over cores (issue 17) make it
 ``startup_seconds`` and ``steady_images_per_second``. Worker counts alternate within each
 repeat; each number is the median of --repeats.
 
-    python benchmarks/workers.py [--images 640] [--repeats 3] [--max-workers N] [--tiny-clip] [--in-process] [--no-single-threaded]
+    python benchmarks/workers.py [--images 640] [--repeats 3] [--max-workers N] [--tiny-clip] [--in-process] \
+        [--no-single-threaded]
 
 Target (issue 17): on the 2-core machine, 2 workers >= 1.7x one, steady state.
 """

@@ -56,13 +56,16 @@ def anchor_texts(image_encoder, text_encoder) -> dict[str, np.ndarray]:
         _, names = image_encoder.classifier_anchors()
         hypernyms = [
             f"a photo of a {n}, a kind of {c.hypernym[0] if c.hypernym else 'thing'}."
-            for n, c in zip(names, imagenet_wordnet())
+            for n, c in zip(names, imagenet_wordnet(), strict=True)
         ]
         texts = {kind: [p[0] for p in class_prompts(names, kind)] for kind in ("names", "glosses")}
         return {kind: text_encoder.encode_texts(t) for kind, t in {**texts, "hypernyms": hypernyms}.items()}
 
     arrays = cached("imagenet_anchor_texts", compute)
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
     arrays = {k: unit(v) for k, v in arrays.items()}
     arrays["names+glosses+hypernyms"] = unit(arrays["names"] + arrays["glosses"] + arrays["hypernyms"])
     return arrays
