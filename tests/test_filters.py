@@ -491,3 +491,6 @@ def test_cli_where_min_score_and_offset(clip_index):
     )
     result = runner.invoke(main, args + ["--where", "1=1) UNION SELECT 1 FROM read_csv('/etc/passwd'"])
     assert result.exit_code == 2 and "syntax error" in result.output
+    result = runner.invoke(main, args + ["--min-score", "nan"])  # the library's `SearchOptions.min_score`, as a flag
+    assert result.exit_code == 2 and "Error: --min-score must be a finite number, got nan" in result.output
+    assert "SearchOptions" not in result.output

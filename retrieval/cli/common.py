@@ -68,6 +68,17 @@ FLAGS = {
     "EvalOptions.center": "--center",
     "EvalOptions.refine": "--refine",
     "EvalOptions.limit": "--limit",
+    "k": "-k",
+    "SearchOptions.route": "--route",
+    "SearchOptions.where": "--where",
+    "SearchOptions.min_score": "--min-score",
+    "SearchOptions.offset": "--offset",
+    "SearchOptions.dedup": "--dedup-threshold",
+    "SearchKnobs.nprobe": "--nprobe",
+    "SearchKnobs.ef_search": "--ef-search",
+    "ServeConfig.indexes": "--index",
+    "ServeConfig.max_k": "--max-k",
+    "ServeConfig.search_threads": "--search-threads",
 }
 _NAMED = re.compile(r"`([^`\n]+)`")
 
