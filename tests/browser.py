@@ -15,9 +15,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from conftest import COCO, TEST_DEVICE, coco_pairs, require_shared_data, under_ci
@@ -45,7 +45,8 @@ def clip_front_dir() -> Path:
         if (folder / "index.html").is_file() and (folder / "config.json").is_file():
             return folder
     need(
-        "clip-front not found: front/build from the clip-retrieval==2.45.0 wheel (pip install --no-deps clip-retrieval==2.45.0)"
+        "clip-front not found: front/build from the clip-retrieval==2.45.0 wheel "
+        "(pip install --no-deps clip-retrieval==2.45.0)"
     )
     raise AssertionError("unreachable")
 
@@ -96,7 +97,7 @@ def serve_app(app) -> Iterator[str]:
 
 
 class _QuietFiles(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args) -> None:  # the stdlib's signature
         pass
 
 

@@ -17,10 +17,10 @@ import os
 import signal
 import struct
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from conftest import COCO, coco_pairs

@@ -4,9 +4,10 @@ module on 127.0.0.1, started the way ``--ray local`` starts one (``ray.init`` ta
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from conftest import COCO, require_shared_data

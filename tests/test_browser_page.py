@@ -112,12 +112,18 @@ def test_an_uploaded_photo_finds_itself_first_and_its_captions(page, server, ind
     assert image_ids(page) == api_image_ids(server, {"text": first_caption})
 
 
+# how many result tiles share the first tile's row
+GRID_COLUMNS = """() => { const b = [...document.querySelectorAll('#images .hit')];
+                          const top = b[0]?.getBoundingClientRect().top;
+                          return b.filter(x => x.getBoundingClientRect().top === top).length; }"""
+
 DROP_OR_PASTE = """([how, data, name]) => {
     const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
     const files = new DataTransfer();
     files.items.add(new File([bytes], name, {type: 'image/jpeg'}));
     if (how === 'paste') document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: files, bubbles: true}));
-    else for (const type of ['dragover', 'drop']) window.dispatchEvent(new DragEvent(type, {dataTransfer: files, cancelable: true}));
+    else for (const type of ['dragover', 'drop'])
+        window.dispatchEvent(new DragEvent(type, {dataTransfer: files, cancelable: true}));
 }"""
 
 
@@ -171,8 +177,7 @@ def test_the_keyboard_alone_searches_moves_and_opens(page, server):
     page.keyboard.press("ArrowRight")
     assert page.evaluate("document.activeElement.dataset.id") == str(ids[1])
     page.keyboard.press("ArrowDown")  # one row down: as many steps as the grid has columns
-    columns = page.evaluate("""() => { const b = [...document.querySelectorAll('#images .hit')];
-                                       return b.filter(x => x.getBoundingClientRect().top === b[0].getBoundingClientRect().top).length; }""")
+    columns = page.evaluate(GRID_COLUMNS)
     assert 1 < columns < N_PHOTOS
     assert page.evaluate("document.activeElement.dataset.id") == str(ids[1 + columns])
     page.keyboard.press("Enter")
@@ -210,8 +215,7 @@ def test_a_phone_sized_window_has_no_sideways_scroll(browser, server):
     page.goto(server + "/?q=a+bus+on+a+street")
     wait_for_results(page)
     widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
-    columns = page.evaluate("""() => { const b = [...document.querySelectorAll('#images .hit')];
-                                       return b.filter(x => x.getBoundingClientRect().top === b[0].getBoundingClientRect().top).length; }""")
+    columns = page.evaluate(GRID_COLUMNS)
     context.close()
     assert widths[0] <= widths[1] and columns >= 3, (widths, columns)
 

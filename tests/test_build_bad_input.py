@@ -62,18 +62,19 @@ def test_odd_images_are_indexed_and_broken_ones_reported(tmp_path, odd_folder, t
     assert index.manifest["counts"] == {"image": 6, "caption": 2}
     # the EXIF-rotated copy embeds like the upright photo
     vectors = index.store.read_vectors(index.manifest["files"]["vectors"]["clip/image"])
-    names = [Path(uri).name for uri in index.items("image")["uri"]]
+    images = index.items("image")
+    names = [Path(uri).name for uri in images["uri"]]
     plain, rotated = vectors[names.index("plain.jpg")], vectors[names.index("rotated.jpg")]
     assert float(plain @ rotated) > 0.99
-    sizes = dict(zip(names, zip(index.items("image")["width"], index.items("image")["height"])))
+    sizes = dict(zip(names, zip(images["width"], images["height"], strict=True), strict=True))
     assert sizes["rotated.jpg"] == sizes["plain.jpg"]
 
 
 def test_a_caption_row_in_another_encoding_is_skipped_not_fatal(tmp_path, odd_folder, tiny_clip_dir):
     """A UTF-8 CSV (BOM, CRLF) with one Latin-1 row builds; the row is in errors.jsonl with line and byte."""
     captions = tmp_path / "captions.csv"
-    good = "caption\r\na person at a table\r\na plate of food\r\n".encode("utf-8")
-    captions.write_bytes(b"\xef\xbb\xbf" + good + "un caf\xe9 noir\r\n".encode("latin-1") + "a cup of tea\r\n".encode())
+    good = b"caption\r\na person at a table\r\na plate of food\r\n"
+    captions.write_bytes(b"\xef\xbb\xbf" + good + "un caf\xe9 noir\r\n".encode("latin-1") + b"a cup of tea\r\n")
     index = retrieval.build_index(
         images=[odd_folder / "plain.jpg"],
         captions=[captions],

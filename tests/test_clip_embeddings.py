@@ -56,7 +56,8 @@ def _encoder(tiny_clip_dir):
 
 
 def _parts(photos: list[tuple[Path, str]], encoder) -> list[dict]:
-    """Two partitions of (photo, caption) samples embedded with ``encoder``; the last sample is known by its url only."""
+    """Two partitions of (photo, caption) samples embedded with ``encoder``; the last sample is known by its url
+    only."""
     from PIL import Image
 
     image = encoder.encode_images([Image.open(path).convert("RGB") for path, _ in photos])

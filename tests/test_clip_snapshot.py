@@ -77,7 +77,9 @@ def test_a_fresh_process_loads_the_snapshot_without_open_clip(tmp_path, model_di
     script = textwrap.dedent(f"""
         import json, sys
         from retrieval.encoders.registry import load_clip_encoder
-        enc = load_clip_encoder({SPEC!r}, checkpoint={str(model_dir)!r}, device="cpu", snapshots={str(tmp_path / "snaps")!r})
+        enc = load_clip_encoder(
+            {SPEC!r}, checkpoint={str(model_dir)!r}, device="cpu", snapshots={str(tmp_path / "snaps")!r}
+        )
         vectors = enc.encode_texts({TEXTS!r}).tolist()
         heavy = sorted(m for m in ("open_clip", "torchvision", "transformers") if m in sys.modules)
         print(json.dumps({{"type": type(enc).__name__, "heavy": heavy, "vectors": vectors}}))

@@ -111,7 +111,7 @@ def tree(tmp_path: Path) -> Path:
 
 def test_stable_id_format_and_determinism() -> None:
     sid = stable_id("img", "/a/b.jpg")
-    expected = hashlib.sha1("/a/b.jpg".encode()).hexdigest()[:16]
+    expected = hashlib.sha1(b"/a/b.jpg").hexdigest()[:16]
     assert sid == f"img-{expected}"
     assert stable_id("cap", "f", 1, "x") == "cap-" + hashlib.sha1(b"f\x001\x00x").hexdigest()[:16]
     assert stable_id("cap", "f", 1, "x") != stable_id("cap", "f", 2, "x")
@@ -133,7 +133,7 @@ def test_item_error_to_json() -> None:
 
 
 def test_image_extensions() -> None:
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} == IMAGE_EXTENSIONS
 
 
 # --------------------------------------------------------------------------- find_images
@@ -743,11 +743,14 @@ def _bomb_bytes(width: int, height: int) -> bytes:
 def test_decompression_bomb_png(tmp_path: Path, size: tuple[int, int]) -> None:
     path = tmp_path / "bomb.png"
     path.write_bytes(_bomb_bytes(*size))
-    # Pillow itself warns between its limit and twice it (and raises above): the library leaves that warning to the caller
+    # Pillow itself warns between its limit and twice it (and raises above): the library leaves that warning to
+    # the caller
     pillow_warns = Image.MAX_IMAGE_PIXELS < size[0] * size[1] <= 2 * Image.MAX_IMAGE_PIXELS
-    with pytest.warns(Image.DecompressionBombWarning) if pillow_warns else contextlib.nullcontext():
-        with pytest.raises(ImageDecodeError, match="decompression bomb"):
-            load_image(path, max_pixels=50_000_000)
+    with (
+        pytest.warns(Image.DecompressionBombWarning) if pillow_warns else contextlib.nullcontext(),
+        pytest.raises(ImageDecodeError, match="decompression bomb"),
+    ):
+        load_image(path, max_pixels=50_000_000)
 
 
 def test_max_pixels_on_normal_image(tmp_path: Path) -> None:
@@ -802,7 +805,7 @@ def _bom_crlf_csv(tmp_path: Path, bad_at: int, rows: int = 4) -> tuple[Path, int
             offset = len(data) + len("caf")
             data += "café au lait\r\n".encode("latin-1")
         else:
-            data += f"row {number} ünïcode\r\n".encode("utf-8")
+            data += f"row {number} ünïcode\r\n".encode()
     path = tmp_path / "captions.csv"
     path.write_bytes(data)
     return path, offset

@@ -96,7 +96,7 @@ def test_readers_see_one_consistent_build_while_a_writer_rebuilds(tmp_path, tiny
         while not done.is_set():
             try:
                 seen.append(_look(index, query))
-            except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
+            except Exception as e:  # any failure is what this test looks for
                 failures.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=read_in_a_loop) for _ in range(2)]
@@ -186,7 +186,7 @@ def test_two_builds_started_together_one_wins_one_is_refused(tmp_path, tiny_clip
             outcomes[slot] = retrieval.build_index(
                 images=[small_collection / "images"], index=index, encoders=_clip(tiny_clip_dir), embed=QUIET
             )
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             outcomes[slot] = e
 
     threads = [threading.Thread(target=build, args=(slot,)) for slot in (0, 1)]
@@ -439,7 +439,7 @@ def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_
             try:
                 if not _same(_answers(shared, photos), reference):
                     failures.append("an answer differs from the single-threaded one")
-            except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
+            except Exception as e:  # any failure is what this test looks for
                 failures.append(f"{type(e).__name__}: {e}")
 
     def reopen() -> None:
@@ -448,14 +448,14 @@ def test_one_index_answers_every_route_from_16_threads_while_it_is_reopened_and_
             try:
                 opened = retrieval.open_index(path, device=TEST_DEVICE)
                 seen.append((opened.manifest["build_id"], _answers(opened, photos)))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 failures.append(f"reopen: {type(e).__name__}: {e}")
                 return
 
     def grow() -> None:
         try:
             add_to_index(path, captions=[small_collection / "captions.txt"], embed=QUIET, device=TEST_DEVICE)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             failures.append(f"add: {type(e).__name__}: {e}")
         grown.set()
 
@@ -504,7 +504,7 @@ def test_decoding_and_gathering_leave_the_warnings_of_other_threads_alone(tmp_pa
             try:
                 load_image(photo)
                 VectorSource([np.load(tmp_path / "v.npy", mmap_mode="r")]).take(np.arange(4))  # fresh: read-only map
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}")
 
     with warnings.catch_warnings(record=True) as caught:
@@ -515,7 +515,7 @@ def test_decoding_and_gathering_leave_the_warnings_of_other_threads_alone(tmp_pa
             worker.start()
         try:
             for n in range(3000):
-                warnings.warn(f"probe {n}", UserWarning)
+                warnings.warn(f"probe {n}", UserWarning, stacklevel=1)
                 if n % 100 == 0:
                     time.sleep(0.001)
         finally:

@@ -195,12 +195,12 @@ def test_sigkill_at_every_commit_step_and_mid_embedding(tmp_path, tiny_clip_dir,
     boot.write_text(BOOTSTRAP)
     points: list[tuple[str, str]] = []
     kill_at = None
-    with hostile.time_limit(240, "the stopped build"):
+    with hostile.time_limit(240, "the stopped build"), open(tmp_path / "child.err", "wb") as child_err:
         child = subprocess.Popen(
             [sys.executable, str(boot)] + rebuild,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "child.err", "wb"),
+            stderr=child_err,
         )
         while True:
             _, status = os.waitpid(child.pid, os.WUNTRACED)
@@ -340,12 +340,12 @@ def _stop_at_every_point(command: list[str], index: Path, tmp_path: Path, check)
     boot.write_text(BOOTSTRAP)
     env = _child_env() | {"CRASHPOINT_DIR": str(index), "CRASHPOINT_LOG": str(log)}
     points = []
-    with hostile.time_limit(240, "the stopped update"):
+    with hostile.time_limit(240, "the stopped update"), open(tmp_path / "update.err", "wb") as child_err:
         child = subprocess.Popen(
             [sys.executable, str(boot), str(ROOT / "cli.py")] + command,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "update.err", "wb"),
+            stderr=child_err,
         )
         while True:
             _, status = os.waitpid(child.pid, os.WUNTRACED)
@@ -398,7 +398,8 @@ def test_add_and_remove_are_atomic_at_every_commit_step(tmp_path, tiny_clip_dir,
         old = state(index)
         seen: dict = {}
 
-        def check(point: str) -> str:
+        # called at every stop of this command's run (_stop_at_every_point below): bound to its states
+        def check(point: str, old: dict = old, expected_counts: dict = expected_counts, seen: dict = seen) -> str:
             now = state(index)
             if now["build_id"] == old["build_id"]:
                 assert now == old, f"{point}: the previous state changed"

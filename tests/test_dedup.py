@@ -128,7 +128,7 @@ def test_the_http_deduplicate_flag_uses_the_same_rule(dup_index, planted):
     assert closest.duplicates[0].similarity >= DUPLICATE_SIMILARITY  # clip back's threshold (0.94) drops this copy
     hits = dup_index.image_to_image(closest.keeper.uri, k=10)
     positions = [dup_index.items("image")["id"].index(h.id) for h in hits]
-    found = [Found(position=p, score=h.score) for p, h in zip(positions, hits)]
+    found = [Found(position=p, score=h.score) for p, h in zip(positions, hits, strict=True)]
     kept = deduplicated(Snapshot("x", dup_index), "image", found)
     assert [f.position for f in kept] == [
         positions[i] for i in distinct(dup_index, "image", positions, DUPLICATE_SIMILARITY)
@@ -177,7 +177,8 @@ def test_a_removed_copy_leaves_its_group(tmp_path, dup_index, planted):
     _, copies = planted
     shutil.copytree(dup_index.path, tmp_path / "i")
     copy = next(iter(copies))
-    gone = next(i for i, u in zip(dup_index.items("image")["id"], dup_index.items("image")["uri"]) if name(u) == copy)
+    images = dup_index.items("image")
+    gone = next(i for i, u in zip(images["id"], images["uri"], strict=True) if name(u) == copy)
     retrieval.remove_from_index(tmp_path / "i", ids=[gone])
     groups = retrieval.open_index(tmp_path / "i", device="cpu").duplicates()
     assert len(groups) == 29 and all(

@@ -357,7 +357,7 @@ def test_image_transform_is_picklable(name, request, photos):
 def test_efficientnet_transform_geometry(effnet, photos):
     x = effnet.image_transform()(photos[0])
     assert tuple(x.shape) == (3, 224, 224)
-    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0  # Normalize(mean=0.5, std=0.5)
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0  # Normalize(mean=0.5, std=0.5)
 
 
 # --- EfficientNet classifier anchors ---------------------------------------------------------
@@ -380,7 +380,7 @@ def test_efficientnet_classifier_anchors_share_feature_space(effnet):
     truth = np.array([int(r["class_index"]) for r in rows])
     assert (by_anchor == by_logits).mean() >= 0.8
     assert (by_anchor == truth).mean() >= 0.6
-    assert sum(names[i] == r["class_name"] for i, r in zip(truth, rows)) >= len(rows) - 1
+    assert sum(names[i] == r["class_name"] for i, r in zip(truth, rows, strict=True)) >= len(rows) - 1
 
 
 # --- fingerprints ------------------------------------------------------------------------------
@@ -623,7 +623,10 @@ def test_list_encoders():
 
 
 def test_import_is_light():
-    code = "import sys, retrieval.encoders; print(sorted(m for m in ('torch', 'open_clip', 'sentence_transformers', 'timm') if m in sys.modules))"
+    code = (
+        "import sys, retrieval.encoders; "
+        "print(sorted(m for m in ('torch', 'open_clip', 'sentence_transformers', 'timm') if m in sys.modules))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO,

@@ -43,7 +43,7 @@ def test_counts_errors_and_manifest(clip_index, small_collection):
     assert manifest["encoders"]["image"]["dim"] == 32
     items = clip_index.items("image")
     assert all(len(sha) == 64 for sha in items["sha256"])
-    assert all(w > 0 and h > 0 for w, h in zip(items["width"], items["height"]))
+    assert all(w > 0 and h > 0 for w, h in zip(items["width"], items["height"], strict=True))
 
 
 def test_text_to_image_matches_brute_force_over_stored_vectors(clip_index):

@@ -45,7 +45,7 @@ def paired():
 def test_paired_recall_matches_brute_force(paired):
     result = evaluate(paired, RouteConfig("clip"), [])
     scores = paired.caption_vectors @ paired.image_vectors.T
-    t2i = np.array([np.sum(row >= row[o]) - 1 for row, o in zip(scores, paired.caption_owner)])
+    t2i = np.array([np.sum(row >= row[o]) - 1 for row, o in zip(scores, paired.caption_owner, strict=True)])
     i2c = np.array(
         [
             np.sum(col[paired.caption_owner != i] >= col[paired.caption_owner == i].max())
@@ -251,7 +251,7 @@ def test_eval_of_an_index_agrees_with_eval_of_its_pairs_file(tmp_path, small_col
         embed=EmbedOptions(workers=0, progress=False),
     )
     assert [r["route"] for r in from_index["rows"]] == ["asif", "projected"]
-    for mine, theirs in zip(from_index["rows"], from_pairs["rows"]):
+    for mine, theirs in zip(from_index["rows"], from_pairs["rows"], strict=True):
         for task in ("text_to_image", "image_to_caption"):
             assert mine[task] == pytest.approx(theirs[task], abs=0.02), (mine["route"], task)  # float16 storage
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "i"), "--json"])
@@ -275,8 +275,9 @@ def test_eval_of_an_index_leaves_removed_items_out(tmp_path, small_collection, t
     index = retrieval.open_index(path, device="cpu")
     images, captions = index.items("image"), index.items("caption")
     gone_image = images["id"][2]  # two of its 5 captions go too; the other 3 are left without their image
-    gone_captions = [cid for cid, owner in zip(captions["id"], captions["image_id"]) if owner == gone_image][:2]
-    gone_captions += [next(cid for cid, owner in zip(captions["id"], captions["image_id"]) if owner == images["id"][0])]
+    owners = list(zip(captions["id"], captions["image_id"], strict=True))
+    gone_captions = [cid for cid, owner in owners if owner == gone_image][:2]
+    gone_captions += [next(cid for cid, owner in owners if owner == images["id"][0])]
     report = remove_from_index(path, ids=[gone_image, *gone_captions])
     assert report.removed == {"image": 1, "caption": 3} and report.compacted == []  # rows stay, marked deleted
 

@@ -43,7 +43,7 @@ def _clip_back_search(folder: Path, kind: str, query: np.ndarray, k: int) -> lis
     index = faiss.read_index(str(folder / f"{kind}.index"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     distances, ids, _ = index.search_and_reconstruct(query[None].astype(np.float32), k)
     rows = pq.read_table(folder / "metadata").to_pylist()
-    return [{**rows[i], "similarity": float(d)} for d, i in zip(distances[0], ids[0]) if i >= 0]
+    return [{**rows[i], "similarity": float(d)} for d, i in zip(distances[0], ids[0], strict=True) if i >= 0]
 
 
 def test_the_layout_is_what_clip_back_reads(index_path, exported):

@@ -65,7 +65,7 @@ def allowed_at(share: float, n: int, seed: int = 3) -> np.ndarray:
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
 DATA = clustered(10_000, 32)
@@ -115,7 +115,8 @@ def test_filtered_search_matches_brute_force_at_every_selectivity(built, index_t
 @pytest.mark.parametrize("share", [0.5, 0.1, 0.01])
 @pytest.mark.parametrize("index_type", ["flat", "ivf", "ivfpq", "hnsw"])
 def test_the_faiss_selector_path_finds_the_allowed_neighbours(built, index_type, share, monkeypatch):
-    """Forced onto FAISS with the bitmap selector (what large collections take above 2%): k allowed hits, recall kept."""
+    """Forced onto FAISS with the bitmap selector (what large collections take above 2%): k allowed hits, recall
+    kept."""
     monkeypatch.setattr(selection_module, "EXACT_ROWS", 0)
     monkeypatch.setattr(selection_module, "EXACT_SHARE", 0.0)
     assert not exact_first(built(index_type)[0], Selection(allowed_at(share, len(DATA)), len(DATA)))

@@ -64,11 +64,13 @@ def tiny(tiny_clip_dir):
 
 
 def _compare(pil, batched, min_cosine: float) -> None:
-    rows = lambda result: [(r.ref.location, r.width, r.height, r.sha256) for r in result.rows]  # noqa: E731
+    def rows(result) -> list[tuple]:
+        return [(r.ref.location, r.width, r.height, r.sha256) for r in result.rows]
+
     assert rows(batched) == rows(pil)
     assert [(e.path, e.reason) for e in batched.errors] == [(e.path, e.reason) for e in pil.errors]
     cosines = _cosines(pil.vectors, batched.vectors)
-    assert cosines.min() >= min_cosine, sorted(zip(cosines, rows(pil)))[:3]
+    assert cosines.min() >= min_cosine, sorted(zip(cosines, rows(pil), strict=True))[:3]
 
 
 def test_batched_decode_matches_the_pil_path_on_real_photos(monkeypatch, photos, effnet):

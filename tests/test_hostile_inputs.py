@@ -168,7 +168,7 @@ def test_every_caption_case_ends_as_declared(corpus):
     image_errors = {Path(row["path"]).name: row["reason"] for row in errors if row["kind"] == "image"}
     for case in corpus["caption_cases"]:
         source = str(root / "captions" / case.name)
-        got = [text for text, src in zip(table["caption"], table["source"]) if src == source]
+        got = [text for text, src in zip(table["caption"], table["source"], strict=True) if src == source]
         assert got == list(case.captions), f"{case.name} ({case.hostile})"
         rows = {row["row"]: row["reason"] for row in errors if row["path"] == source}
         assert sorted(rows) == sorted(row for row, _ in case.errors), f"{case.name}: {rows}"

@@ -225,7 +225,9 @@ import fcntl, os, subprocess, sys
 fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-leftover = subprocess.Popen(["sleep", "120"], pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # keeps the open file, and so the lock
+leftover = subprocess.Popen(  # keeps the open file, and so the lock
+    ["sleep", "120"], pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+)
 print(leftover.pid, flush=True)
 os._exit(0)  # the "build" dies; its child lives on
 """

@@ -82,7 +82,7 @@ def large_jpegs(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("large")
     coco = sorted(_need(COCO).glob("*.jpg"))
     out = []
-    for i, (src, orientation) in enumerate(zip(coco[1:4], (1, 6, 1))):
+    for i, (src, orientation) in enumerate(zip(coco[1:4], (1, 6, 1), strict=True)):
         img = Image.open(src).convert("RGB").resize((4000, 3000), Image.Resampling.LANCZOS)
         if i == 2:
             extra = img.resize((400, 300))

@@ -96,8 +96,8 @@ def test_fuse_relative_scoring_identity():
     fused = fuse_relative(parts, weights)
     assert sp.isspmatrix_csr(fused) and fused.shape == (15, 41) and fused.dtype == np.float32
     dense = [p.toarray().astype(np.float64) for p in parts]
-    inner = sum(w * d @ d.T for w, d in zip(weights, dense))
-    sq = np.array([sum(w * d[i] @ d[i] for w, d in zip(weights, dense)) for i in range(15)])
+    inner = sum(w * d @ d.T for w, d in zip(weights, dense, strict=True))
+    sq = np.array([sum(w * d[i] @ d[i] for w, d in zip(weights, dense, strict=True)) for i in range(15)])
     norms = np.sqrt(sq)
     denom = np.outer(norms, norms)
     ref = np.divide(inner, denom, out=np.zeros_like(inner), where=denom > 0)
@@ -142,7 +142,7 @@ def _rrf_reference(rankings, k, constant, weights):
     per_query = []
     for q in range(n_q):
         score: dict[int, float] = {}
-        for r, w in zip(rankings, weights):
+        for r, w in zip(rankings, weights, strict=True):
             if w == 0:
                 continue
             seen = set()

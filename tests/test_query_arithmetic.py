@@ -160,7 +160,7 @@ def test_asif_route_combines_relative_rows(asif_index, asif_parts):
     def relative(vector, modality):
         return reference_relative(vector[None, :], asif_parts["anchors"][modality], 5, 2.0)[0]
 
-    reference = unit(sum(w * row for w, row in zip(WEIGHTS, reference_parts(asif_parts, relative))))
+    reference = unit(sum(w * row for w, row in zip(WEIGHTS, reference_parts(asif_parts, relative), strict=True)))
     for target in ("image", "caption"):
         hits = asif_index.search(mixed(asif_parts), target=target, k=5)  # the default route of a mixed query
         items = asif_index.relative_index(target).rows.toarray().astype(np.float64)
@@ -179,6 +179,7 @@ def test_projected_route_projects_image_parts_into_the_text_space(asif_index, as
             for w, row in zip(
                 WEIGHTS,
                 reference_parts(asif_parts, lambda v, m: v if m == "text" else project(anchors, v, "image", "text")),
+                strict=True,
             )
         )
     )
@@ -195,6 +196,7 @@ def test_unimodal_route_projects_text_parts_into_the_image_space(asif_index, asi
             for w, row in zip(
                 WEIGHTS,
                 reference_parts(asif_parts, lambda v, m: v if m == "image" else project(anchors, v, "text", "image")),
+                strict=True,
             )
         )
     )

@@ -9,6 +9,7 @@ so the driver can be killed mid-job. Every test runs under an alarm.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -180,10 +181,8 @@ def _kill_driver(child: subprocess.Popen) -> None:
         if not left:
             return
         for pid in left:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.2)
     raise AssertionError(f"Ray processes of the killed driver survived: {sorted(left)}")
 

@@ -332,7 +332,7 @@ def test_save_load_round_trip(tmp_path: Path):
     assert len(back) == N_VEC and back.n_anchors == N_ANCH
     assert (back.rows != idx.rows).nnz == 0 and back.rows.dtype == np.float32
     q = relative_representation(_unit(rng, 3, DIM), a, AsifParams(k=5, p=3.0))
-    for got, want in zip(back.search(q, 10), idx.search(q, 10)):
+    for got, want in zip(back.search(q, 10), idx.search(q, 10), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -419,7 +419,7 @@ def test_stored_rows_are_float16_values_and_int32_row_ids_memory_mapped(tmp_path
             base = base.base
         assert isinstance(base, np.memmap)
     q = relative_representation(_unit(rng, 7, DIM), a, AsifParams(k=20, p=2.0))
-    for got, want in zip(back.search(q, 15), idx.search(q, 15)):
+    for got, want in zip(back.search(q, 15), idx.search(q, 15), strict=True):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(back.rows.toarray(), coll.toarray(), atol=FLOAT16_SCORE_TOLERANCE)
 
@@ -512,7 +512,7 @@ def test_approximate_route_recall_on_clustered_rows():
     q = relative_representation(_clustered(45, 60), a, params)
     exact_s, exact_p = idx.search(q, 10)
     approx_s, approx_p = idx.search(q, 10, candidates=300)
-    recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(approx_p, exact_p)])
+    recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(approx_p, exact_p, strict=True)])
     assert recall >= 0.95, recall
     # scores are exact for whatever is returned: equal to the exact route's score of that row
     dense = (q @ idx.rows.T).toarray()

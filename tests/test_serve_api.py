@@ -1,4 +1,5 @@
-"""The HTTP app in-process (FastAPI's TestClient) over a tiny CLIP index: /api/v1, clip-back compat, CORS, the key, limits."""
+"""The HTTP app in-process (FastAPI's TestClient) over a tiny CLIP index: /api/v1, clip-back compat, CORS, the key,
+limits."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_text_search_matches_the_python_api(client, index):
         "/api/v1/search", json={"queries": [{"text": "a plate of food"}, {"text": "a horse"}], "k": 4}
     ).json()
     assert body["index"] == "tiny" and [r["query"] for r in body["results"]] == [0, 1]
-    for text, result in zip(["a plate of food", "a horse"], body["results"]):
+    for text, result in zip(["a plate of food", "a horse"], body["results"], strict=True):
         expected = index.text_to_image(text, k=4)
         hits = result["hits"]
         assert result["route"] == "clip" and [h["rank"] for h in hits] == [1, 2, 3, 4]
@@ -59,7 +60,8 @@ def test_text_search_matches_the_python_api(client, index):
         assert [index.items("image")["id"][h["id"]] for h in hits] == [h.id for h in expected]  # id = row position
         assert all(h["thumbnail"] == f"/api/v1/thumbnails/{h['id']}?index=tiny" for h in hits)
         captions_by_uri: dict[str, str] = {}
-        for uri, text_ in zip(index.items("caption")["image_uri"], index.items("caption")["caption"]):
+        caption_items = index.items("caption")
+        for uri, text_ in zip(caption_items["image_uri"], caption_items["caption"], strict=True):
             captions_by_uri.setdefault(uri, text_)
         assert [h["caption"] for h in hits] == [captions_by_uri.get(h["uri"]) for h in hits]  # an image's first caption
     captions = client.post(

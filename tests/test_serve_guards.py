@@ -25,7 +25,7 @@ def image_host():
     jpeg, hits = buffer.getvalue(), []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             hits.append(self.path)
             body = jpeg if self.path == "/cat.jpg" else b"\0" * (2 << 20)
             self.send_response(200)

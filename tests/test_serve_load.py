@@ -87,13 +87,16 @@ def problems_with(kind: str, body, expected: dict, first: int | None) -> str | N
         ids, scores = [r["id"] for r in body], [r["similarity"] for r in body]
         if len(set(ids)) != len(ids) or any(not isinstance(i, int) or not 0 <= i < 2**53 for i in ids):
             return f"ids not unique whole numbers below 2**53: {ids}"
-        if any(b > a + 1e-5 for a, b in zip(scores, scores[1:])):
+        if any(b > a + 1e-5 for a, b in zip(scores, scores[1:], strict=False)):
             return f"similarities not best first: {scores}"
         shown = body[: expected["num_images"]]
         if not all(r.get("image_path") and r.get("image") for r in shown) or any(
             set(r) != {"id", "similarity"} for r in body[len(shown) :]
         ):
-            return f"a shown result lacks image_path or image, or a further one has more than id and similarity: {str(body)[:300]}"
+            return (
+                "a shown result lacks image_path or image, or a further one has more than id and similarity: "
+                f"{str(body)[:300]}"
+            )
         return None if first is None or ids[0] == first else f"vector of image {first} found {ids[0]} first"
     if kind == "search-vector":
         hits = body["results"][0]["hits"]

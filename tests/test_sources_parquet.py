@@ -162,9 +162,10 @@ def test_the_same_queries_over_loose_photos_hub_parquet_and_files_layout(tmp_pat
         shutil.copy(sample["file"], loose / sample["file"].name)
     name_of_url = {s["json"]["url"]: s["file"].name for s in samples}
     name_of_key = {s["key"]: s["file"].name for s in samples}
+    hub_rows = {f"{(tmp_path / 'hub.parquet').resolve()}#row{i + 1}": s["json"]["url"] for i, s in enumerate(samples)}
     builds = {
         "files": ([loose], lambda hit, index: Path(hit.uri).name),
-        "hub": ([hub_parquet(tmp_path / "hub.parquet", samples)], None),
+        "hub": ([hub_parquet(tmp_path / "hub.parquet", samples)], lambda hit, index: name_of_url[hub_rows[hit.uri]]),
         "img2dataset": (
             [img2dataset_parquet(tmp_path / "i2d.parquet", samples)],
             lambda hit, index: name_of_key[hit.uri.rsplit("#", 1)[1]],
@@ -172,7 +173,7 @@ def test_the_same_queries_over_loose_photos_hub_parquet_and_files_layout(tmp_pat
         "layout": ([files_layout(tmp_path / "out", samples)], lambda hit, index: name_of_key[Path(hit.uri).stem]),
     }
     results = {}
-    for name, (images, _) in builds.items():
+    for name, (images, photo) in builds.items():
         index = retrieval.build_index(
             images=images,
             index=tmp_path / name,
@@ -182,9 +183,5 @@ def test_the_same_queries_over_loose_photos_hub_parquet_and_files_layout(tmp_pat
         )
         if name != "files":  # every image has its caption, paired by id
             assert sorted(index.items("caption")["image_id"]) == sorted(index.items("image")["id"])
-        hub_rows = {
-            f"{(tmp_path / 'hub.parquet').resolve()}#row{i + 1}": s["json"]["url"] for i, s in enumerate(samples)
-        }
-        photo = builds[name][1] or (lambda hit, index: name_of_url[hub_rows[hit.uri]])
         results[name] = [[(photo(h, index), round(h.score, 5)) for h in index.text_to_image(q, k=6)] for q in QUERIES]
     assert results["hub"] == results["files"] == results["img2dataset"] == results["layout"]

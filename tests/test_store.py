@@ -20,10 +20,9 @@ from retrieval.store.writer import StoreWriter
 def test_atomic_open_leaves_target_untouched_when_the_write_fails(tmp_path):
     target = tmp_path / "file.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_open(target) as handle:
-            handle.write("new")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_open(target) as handle:
+        handle.write("new")
+        raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
 

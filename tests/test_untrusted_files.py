@@ -122,7 +122,7 @@ def _worker() -> None:
         _damage(target, case)
         try:
             (_read_index if case["kind"] == "index" else _read_store)(str(target), case["verify"])
-        except Exception as e:  # noqa: BLE001 - reported to the parent, which judges it
+        except Exception as e:  # reported to the parent, which judges it
             result = {"error": type(e).__name__, "message": str(e)}
         else:
             result = {"error": None}
@@ -242,7 +242,7 @@ def test_every_damaged_store_file_is_a_clear_error(tmp_path, store_dir):
                 )
     results = _run(cases)
     unnoticed = []
-    for case, result in zip(cases, results):
+    for case, result in zip(cases, results, strict=True):
         # without hashing, a flipped byte inside numpy data (not its header) may go unnoticed: documented
         numpy_body = (
             not case["verify"] and case["file"].endswith((".npy", ".npz")) and case["how"] in ("flip", "garbage")
@@ -272,7 +272,7 @@ def test_every_damaged_index_file_is_a_clear_error(tmp_path, clip_index_dir):
                     "verify": True,
                 }
             )
-    for case, result in zip(cases, _run(cases)):
+    for case, result in zip(cases, _run(cases), strict=True):
         _expect_clear_error(case, result, numpy_may_pass=False)
 
 
@@ -343,7 +343,7 @@ def test_crafted_files_with_matching_checksums_are_refused_without_unpickling(tm
         for n, (rel, data, _) in enumerate(crafted)
         for verify in (True, False)
     ]
-    for case, result in zip(cases, _run(cases)):
+    for case, result in zip(cases, _run(cases), strict=True):
         assert not result["marker"], f"{case['label']}: something was unpickled"
         expected = crafted[int(case["label"].rsplit("#", 1)[1])][2]
         if expected is None:
@@ -380,7 +380,7 @@ def test_manifest_tampering(tmp_path, store_dir):
         StoreReader(root, kind="index")
     # paths that leave the directory are refused before anything is opened
     for bad in ("../../../etc/passwd", "/etc/passwd", "items/../../x", "items//x", ".lock"):
-        root = edit(lambda m: m["checksums"].update({bad: {"bytes": 1, "sha256": "0" * 64}}))
+        root = edit(lambda m, bad=bad: m["checksums"].update({bad: {"bytes": 1, "sha256": "0" * 64}}))
         with pytest.raises(IndexFormatError, match="unsafe file path"):
             StoreReader(root, kind="index")
     # a file named under 'files' must have a checksum; checksum entries must be well formed

@@ -87,7 +87,10 @@ def test_class_prompts_with_glosses_name_each_class_with_its_gloss():
     assert glossed[281] == ["tabby: a cat with a grey or tawny coat mottled with black"]
     assert class_prompts(names, "names")[281] == ["a photo of a tabby."]
     # the classifier's names agree with WordNet's synonyms for nearly every class (the table is aligned)
-    agree = sum(name.lower() in {s.lower() for s in entry.synonyms} for name, entry in zip(names, imagenet_wordnet()))
+    agree = sum(
+        name.lower() in {s.lower() for s in entry.synonyms}
+        for name, entry in zip(names, imagenet_wordnet(), strict=True)
+    )
     assert agree >= 700
     with pytest.raises(InputError, match="anchor texts"):
         class_prompts(names, "poems")

@@ -3,7 +3,8 @@
 Usage::
 
     from tiny_clip import make_tiny_clip   # tests/ is on sys.path under pytest (no tests/__init__.py)
-    model_dir = make_tiny_clip(tmp_path / "tiny")       # -> directory: open_clip_config.json + open_clip_model.safetensors
+    model_dir = make_tiny_clip(tmp_path / "tiny")
+    # -> a directory: open_clip_config.json + open_clip_model.safetensors
 
     # Python: any of these load it through open_clip's own "local-dir:" loading path
     enc = load_clip_encoder("open_clip:tiny", checkpoint=model_dir)        # spec "open_clip:tiny"
