@@ -454,7 +454,8 @@ def test_invalid_utf8(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         read_caption_file(path)
     message = str(info.value)
-    assert str(path) in message and "byte 11" in message and "`CaptionOptions.encoding`" in message and "latin-1" in message
+    assert str(path) in message and "byte 11" in message
+    assert "`CaptionOptions.encoding`" in message and "latin-1" in message
     assert read_caption_file(path, encoding="latin-1").records[0].text == "café"
 
 

@@ -119,7 +119,8 @@ def test_anchor_sets_give_their_own_params_and_fused_sets_must_agree():
     assert asif_params_for([first], AsifParams(k=50)) == AsifParams(k=50, p=1.5)
     assert asif_params_for([first, also]) == AsifParams(k=7, p=1.5)
     assert asif_params_for([], AsifParams(p=3)) == AsifParams(k=100, p=3.0)
-    with pytest.raises(InputError, match=r"different ASIF k: first \(k=7\), other \(k=9\); choose one with `AsifParams.k`"):
+    different_k = r"different ASIF k: first \(k=7\), other \(k=9\); choose one with `AsifParams.k`"
+    with pytest.raises(InputError, match=different_k):
         asif_params_for([first, other], AsifParams(p=2))
     with pytest.raises(InputError, match="different ASIF p: .*`AsifParams.p`"):
         asif_params_for([first, other], AsifParams(k=5))
