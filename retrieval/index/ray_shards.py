@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.core.search import SearchKnobs
 from retrieval.embed.ray_pipeline import RayOptions, ray_session
 from retrieval.index.ivf_lists import (
     fill_range,
@@ -34,7 +35,6 @@ from retrieval.index.ivf_lists import (
 )
 from retrieval.index.sharded import Hits, ShardRange, search_shard, search_shards
 from retrieval.index.source import VectorSource
-from retrieval.index.spec import SearchKnobs
 from retrieval.index.vector_index import Exclusions, read_vector_index
 
 ONDISK_MERGE_BYTES = 4 << 30  # merged lists larger than this go into one .ivfdata file, not RAM

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.core.search import SearchKnobs
 from retrieval.index.source import VectorSource
-from retrieval.index.spec import IndexSpec, SearchKnobs
+from retrieval.index.spec import IndexSpec
 from retrieval.index.vector_index import Exclusions, search
 
 RECALL_QUERIES = (

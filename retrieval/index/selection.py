@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.core.search import SearchKnobs
 from retrieval.index.source import VectorSource
-from retrieval.index.spec import SearchKnobs
 from retrieval.index.torch_search import TorchFlatIndex
 from retrieval.index.vector_index import Exclusions, own_knobs, search
 

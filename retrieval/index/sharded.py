@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.core.search import SearchKnobs
 from retrieval.index.source import VectorSource
-from retrieval.index.spec import DEFAULT_RERANK_FACTOR, SearchKnobs
+from retrieval.index.spec import DEFAULT_RERANK_FACTOR
 from retrieval.index.vector_index import Exclusions, rerank
 from retrieval.index.vector_index import search as vector_search
 

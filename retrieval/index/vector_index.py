@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from retrieval.core.errors import InputError
+from retrieval.core.search import SearchKnobs
 from retrieval.index.source import ADD_CHUNK, VectorSource, as_source
 from retrieval.index.spec import (
     DEFAULT_RERANK_FACTOR,
     HNSW_EF_CONSTRUCTION,
     IndexSpec,
-    SearchKnobs,
     spec_for,
 )
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from retrieval.core.config import IndexOptions
 from retrieval.core.errors import InputError
+from retrieval.core.search import SearchKnobs
 from retrieval.index.ivf_lists import shard_bounds, split_index
 from retrieval.index.recall import RECALL_QUERIES, RecallReport, measure_and_tune
 from retrieval.index.source import VectorSource, as_source
@@ -25,7 +26,6 @@ from retrieval.index.spec import (
     PQ_MIN_TRAINING,
     IndexChoice,
     IndexSpec,
-    SearchKnobs,
     choose_index,
     estimate_bytes,
     spec_for,
