@@ -42,7 +42,7 @@ from retrieval.embed.workers import (
     resolve_workers,
     use_replicas,
 )
-from retrieval.sources.items import ImageRef, ItemError
+from retrieval.sources.items import ImageRef, ItemError, load_image
 from retrieval.sources.readahead import readahead
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,10 @@ class _ImageDataset:
 
     def __getitem__(self, position: int) -> tuple[int, Any, int, int, str, str | None]:
         ref = self.refs[position]
-        try:  # a file through load_image; other items through the way they open their bytes (ImageRef.load)
-            loaded = ref.load(self.draft_size)
+        try:  # a file through load_image; other items through the way they open their bytes
+            loaded = (
+                load_image(ref.path, draft_size=self.draft_size) if ref.path is not None else ref.load(self.draft_size)
+            )
         except ImageDecodeError as e:
             return position, None, 0, 0, "", e.reason
         try:
