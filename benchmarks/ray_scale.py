@@ -59,8 +59,7 @@ def timed_build(photos: Path, index: Path, choice, ray) -> tuple[float, int]:
         index=str(index),
         encoders=choice,
         embed=EmbedOptions(progress=False),
-        index_options=retrieval.IndexOptions(index_type="flat"),
-        ray=ray,
+        options=retrieval.BuildOptions(index_options=retrieval.IndexOptions(index_type="flat"), ray=ray),
     )
     seconds = time.perf_counter() - start
     return seconds, retrieval.open_index(index).manifest["counts"]["image"]

@@ -7,7 +7,7 @@ set of anchor (image, caption) pairs.
 
 from __future__ import annotations
 
-from retrieval.api.build import build_anchors, build_index
+from retrieval.api.build import BuildOptions, build_anchors, build_index
 from retrieval.api.dedup import DuplicateGroup, DuplicateItem
 from retrieval.api.engine import Index, open_index
 from retrieval.api.update import UpdateReport, add_to_index, remove_from_index
@@ -32,6 +32,7 @@ from retrieval.embed.pipeline import EmbedOptions
 __all__ = [
     "AnchorSet",
     "AsifParams",
+    "BuildOptions",
     "CaptionHit",
     "CaptionOptions",
     "DuplicateGroup",

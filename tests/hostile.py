@@ -417,7 +417,7 @@ WHOLE_FILE_CASES = [
         "latin1.txt",
         "Latin-1 bytes, read as UTF-8",
         "café crème\nnaïve façade\n".encode("latin-1"),
-        r"latin1\.txt: cannot decode as utf-8 at byte 3 .*--encoding",
+        r"latin1\.txt: cannot decode as utf-8 at byte 3 .*`CaptionOptions\.encoding`",
     ),
     WholeFileCase(
         "no-column.csv",

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import COCO, coco_pairs, require_shared_data
 
 import retrieval
-from retrieval import AsifParams, EmbedOptions
+from retrieval import AsifParams, EmbedOptions, EncoderChoice
 from retrieval.asif.anchors import AnchorSet, load_anchor_set, save_anchor_set
 from retrieval.cli.main import main
 
@@ -29,9 +29,7 @@ def anchor_dirs(tmp_path_factory):
     retrieval.build_anchors(
         [root / "pairs.jsonl"],
         root / "a",
-        "efficientnet-lite0",
-        "minilm",
-        device="cpu",
+        EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu"),
         embed=QUIET,
         asif=AsifParams(k=4, p=1.5),
     )

@@ -185,3 +185,30 @@ def test_a_build_from_in_memory_items(tmp_path, tiny_clip_dir):
     )
     assert np.array_equal(from_files.image_vectors, embedded.image_vectors)
     assert [r.sha256 for r in from_files.images] == [r.sha256 for r in embedded.images]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [  # a Python caller never typed the command line's flags: errors name the parameters and fields it set
+        (lambda: gather_items([], []), "nothing to index: give `images` and/or `captions`"),
+        (lambda: EncoderChoice(clip="c", image="i"), "give either `EncoderChoice.clip` (a contrastive model) or"),
+        (lambda: retrieval.IndexOptions(target_recall=2), "`IndexOptions.target_recall` must be in (0, 1], got 2"),
+        (lambda: EmbedOptions(decode="fpga"), "`EmbedOptions.decode` must be one of auto, cpu, gpu, got 'fpga'"),
+        (lambda: retrieval.BuildOptions(image_views="ten"), "`BuildOptions.image_views` must be one of none, five"),
+        (lambda: retrieval.remove_from_index("/no/such/index"), "nothing to remove: give `ids` and/or `paths`"),
+        (
+            lambda: retrieval.build_anchors([], "/no/such/anchors", EncoderChoice(clip="open_clip:tiny")),
+            "give `EncoderChoice.image` and `EncoderChoice.text`, not `EncoderChoice.clip`",
+        ),
+        (
+            lambda: retrieval.build_index(
+                captions=["x.txt"], index="/no/such/index", encoders=EncoderChoice(image="i", text="t")
+            ),
+            "need an anchor set for cross-modal search: `anchors`",
+        ),
+    ],
+)
+def test_errors_name_the_parameters_not_the_flags(call, message):
+    with pytest.raises(InputError) as info:
+        call()
+    assert message in str(info.value) and "--" not in str(info.value)

@@ -169,6 +169,51 @@ def test_missing_caption_column_names_the_file(tmp_path, tiny_clip_dir):
 
 @pytest.mark.parametrize(
     "args, message",
+    [  # the library names its parameters (`EncoderChoice.clip`, `images`); the command line says its flags
+        (
+            ["build-index", "--captions", "x.txt", "--encoder", "open_clip:tiny", "--image-encoder", "e"],
+            "give either --encoder (a contrastive model) or --image-encoder with --text-encoder, not both",
+        ),
+        (["build-index", "--encoder", "open_clip:tiny"], "nothing to index: give --images and/or --captions"),
+        (
+            ["build-index", "--captions", "x.txt", "--image-encoder", "efficientnet-lite0", "--text-encoder", "minilm"],
+            "need an anchor set for cross-modal search: --anchors (an anchor directory",
+        ),
+        (["remove", "--index", "/no/such/index"], "nothing to remove: give --id and/or --path"),
+    ],
+)
+def test_library_errors_name_the_flags(args, message):
+    result = run(*args, ok=False)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "`" not in result.output
+
+
+def test_in_flags_turns_the_librarys_names_into_flags():
+    from retrieval.cli.common import in_flags
+
+    assert in_flags("`IndexOptions.target_recall` must be in (0, 1]") == "--target-recall must be in (0, 1]"
+    assert (
+        in_flags("`EmbedOptions.decode='gpu'` needs a GPU: use `EmbedOptions.decode='cpu'` or 'auto'")
+        == "--decode gpu needs a GPU: use --decode cpu or 'auto'"
+    )
+    assert in_flags("use it with `EmbedOptions.replicas=False`") == "use it with --no-replicas"
+    assert in_flags("`no_such_name` and ``code``") == "`no_such_name` and ``code``"  # not a name in the table
+
+
+def test_every_flag_in_the_table_is_an_option_of_a_command():
+    from retrieval.cli.common import FLAGS
+
+    options = {
+        opt
+        for command in main.commands.values()
+        for param in command.params
+        for opt in [*param.opts, *param.secondary_opts]
+    }
+    assert set(FLAGS.values()) - options == set()
+
+
+@pytest.mark.parametrize(
+    "args, message",
     [  # options parsed in groups (one dataclass per group) fail as usage errors naming the flag
         (["build-index", "--captions", "x.txt", "--encoder", "open_clip:tiny", "--workers", "many"], "--workers"),
         (["build-index", "--captions", "x.txt", "--encoder", "open_clip:tiny", "--max-memory", "lots"], "lots"),
@@ -239,12 +284,11 @@ def test_grouped_options_reach_the_api(monkeypatch, tmp_path):
         "0.9",
         ok=False,
     )
-    images, captions, index, choice = seen["args"]
+    images, captions, index, choice, anchors, embed, options = seen["args"]
     assert (images, captions, index) == (("a",), ("b.txt",), str(tmp_path / "i"))
     assert (choice.image, choice.text, choice.clip, choice.device) == ("ie", "te", None, "cpu")
-    assert seen["anchors"] == ["builtin:imagenet", "x"] and seen["anchor_weights"] == [1.0, 0.5] and seen["asif"].k == 7
-    assert (seen["caption_options"].caption_column, seen["caption_options"].encoding) == ("text", "latin-1")
-    embed = seen["embed"]
+    assert anchors == ["builtin:imagenet", "x"] and options.anchor_weights == [1.0, 0.5] and options.asif.k == 7
+    assert (options.caption_options.caption_column, options.caption_options.encoding) == ("text", "latin-1")
     assert (embed.batch_size, embed.workers, embed.replicas, embed.progress, embed.progress_shard_size) == (
         5,
         3,
@@ -253,9 +297,9 @@ def test_grouped_options_reach_the_api(monkeypatch, tmp_path):
         16,
     )
     assert (
-        seen["index_options"].index_type,
-        seen["index_options"].max_memory,
-        seen["index_options"].target_recall,
+        options.index_options.index_type,
+        options.index_options.max_memory,
+        options.index_options.target_recall,
     ) == ("hnsw", 2**30, 0.9)
 
 

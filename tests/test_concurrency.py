@@ -146,7 +146,9 @@ def test_a_second_writer_fails_at_once_naming_the_first(tmp_path, tiny_clip_dir,
             )
         assert time.monotonic() - started < 2
         with pytest.raises(IndexLockedError):
-            retrieval.build_anchors([small_collection / "pairs.jsonl"], index, "efficientnet-lite0", "minilm")
+            retrieval.build_anchors(
+                [small_collection / "pairs.jsonl"], index, EncoderChoice(image="efficientnet-lite0", text="minilm")
+            )
         # readers never wait for the lock
         assert retrieval.open_index(index).manifest["counts"]["caption"] == 2
         # the command line: exit code 6 and one line

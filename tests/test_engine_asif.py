@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import IMAGENET, require_shared_data
 
 import retrieval
-from retrieval import AsifParams, CaptionOptions, EmbedOptions, EncoderChoice
+from retrieval import AsifParams, BuildOptions, CaptionOptions, EmbedOptions, EncoderChoice
 from retrieval.asif.anchors import AnchorSet
 from retrieval.cli.main import main
 from retrieval.core.errors import EncoderMismatchError
@@ -68,9 +68,7 @@ def anchor_dir(tmp_path_factory, imagenet_subset):
     retrieval.build_anchors(
         [imagenet_subset],
         out,
-        "efficientnet-lite0",
-        "minilm",
-        device="cpu",
+        EncoderChoice(image="efficientnet-lite0", text="minilm", device="cpu"),
         caption_options=CaptionOptions(image_column="file", template="a photo of a {class_name}"),
         embed=QUIET,
         asif=AsifParams(k=5, p=2.0),
@@ -147,9 +145,9 @@ def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
         index=tmp_path / "fused",
         encoders=UNIMODAL,
         anchors=[anchor_dir, "builtin:imagenet"],
-        anchor_weights=[1.0, 0.5],
         embed=QUIET,
-        asif=AsifParams(k=5),  # the sets' own k differ (5 and 100): fused sets need one chosen; p (2) they share
+        # the sets' own k differ (5 and 100): fused sets need one chosen; p (2) they share
+        options=BuildOptions(anchor_weights=[1.0, 0.5], asif=AsifParams(k=5)),
     )
     assert index.asif_params == AsifParams(k=5, p=2.0)
     info = index.info()

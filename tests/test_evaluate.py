@@ -16,7 +16,7 @@ from retrieval.asif.relative import AsifParams
 from retrieval.cli.main import main
 from retrieval.core.errors import InputError
 from retrieval.embed.cache import EmbeddingCache
-from retrieval.eval.data import check_no_leak, parse_sweep, route_configs
+from retrieval.eval.data import EvalOptions, check_no_leak, parse_sweep, route_configs
 from retrieval.eval.evaluate import (
     LabelledData,
     PairedData,
@@ -115,7 +115,7 @@ def test_sweep_reports_the_choice_on_the_other_half(paired):
     assert result.rows[0]["scored"]["images"] == 15 and result.chosen["scored"]["images"] == 15
     grid = route_configs(["asif", "linear"], None, parse_sweep(["k=5,10", "p=1,3"]), None)
     assert [c.label() for c in grid] == ["asif k=5 p=1", "asif k=5 p=3", "asif k=10 p=1", "asif k=10 p=3", "linear"]
-    with pytest.raises(InputError, match="--sweep"):
+    with pytest.raises(InputError, match="`EvalOptions.sweep`"):
         parse_sweep(["q=1"])
 
 
@@ -246,8 +246,7 @@ def test_eval_of_an_index_agrees_with_eval_of_its_pairs_file(tmp_path, small_col
         small_collection / "pairs.jsonl",
         choice,
         anchors=["builtin:imagenet"],
-        routes=["asif", "projected"],
-        cache_dir=tmp_path / "cache",
+        options=EvalOptions(routes=["asif", "projected"], cache_dir=tmp_path / "cache"),
         embed=EmbedOptions(workers=0, progress=False),
     )
     assert [r["route"] for r in from_index["rows"]] == ["asif", "projected"]

@@ -20,7 +20,7 @@ from conftest import require_shared_data
 from PIL import Image
 
 import retrieval
-from retrieval import CaptionOptions, EmbedOptions, EncoderChoice
+from retrieval import BuildOptions, CaptionOptions, EmbedOptions, EncoderChoice
 from retrieval.core.errors import ImageDecodeError, InputError
 from retrieval.sources.items import load_image
 
@@ -215,7 +215,7 @@ def test_whole_file_problems_stop_the_build_with_one_clear_line(tmp_path, tiny_c
             index=tmp_path / "index",
             encoders=_clip(tiny_clip_dir),
             embed=QUIET,
-            caption_options=CaptionOptions(encoding=case.encoding),
+            options=BuildOptions(caption_options=CaptionOptions(encoding=case.encoding)),
         )
     message = str(info.value)
     assert re.search(case.message, message), message

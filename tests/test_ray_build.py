@@ -255,7 +255,7 @@ def test_tar_shards_are_one_unit_each_and_index_as_without_ray(ray_cluster, tiny
             index=tmp_path / name,
             embed=QUIET,
             encoders=_choice(tiny_clip_dir),
-            ray=ray_options,
+            options=retrieval.BuildOptions(ray=ray_options),
         )
     assert [[(u.start, u.stop) for u in units] for units in cuts] == [[(0, 5), (5, 10), (10, 12)]]
     assert built["ray"].items("image")["id"] == built["single"].items("image")["id"]

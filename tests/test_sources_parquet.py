@@ -15,7 +15,7 @@ from conftest import require_shared_data
 from test_sources_shards import QUERIES, QUIET, _choice, coco_samples
 
 import retrieval
-from retrieval import CaptionOptions, InputError
+from retrieval import InputError
 from retrieval.sources.inputs import read_image_sources
 from retrieval.sources.parquet_images import read_parquet_images
 
@@ -179,7 +179,6 @@ def test_the_same_queries_over_loose_photos_hub_parquet_and_files_layout(tmp_pat
             index=tmp_path / name,
             encoders=_choice(tiny_clip_dir),
             embed=QUIET,
-            caption_options=CaptionOptions(),
         )
         if name != "files":  # every image has its caption, paired by id
             assert sorted(index.items("caption")["image_id"]) == sorted(index.items("image")["id"])

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import COCO, coco_pairs, require_shared_data
 
 import retrieval
-from retrieval import EmbedOptions, EncoderChoice
+from retrieval import BuildOptions, EmbedOptions, EncoderChoice
 from retrieval.api.update import add_to_index, remove_from_index
 from retrieval.cli.main import main
 from retrieval.core.config import IndexOptions
@@ -48,7 +48,7 @@ def ivf_index(tmp_path_factory, tiny_clip_dir, small_collection, caption_files):
         index=path,
         encoders=clip(tiny_clip_dir),
         embed=QUIET,
-        index_options=IndexOptions("ivf", target_recall=0.9),
+        options=BuildOptions(index_options=IndexOptions("ivf", target_recall=0.9)),
     )
     return path
 
@@ -118,7 +118,7 @@ def test_ivfpq_index_reranks_in_faiss_from_the_stored_vectors(tmp_path, tiny_cli
         index=path,
         encoders=clip(tiny_clip_dir),
         embed=QUIET,
-        index_options=IndexOptions("ivfpq", target_recall=0.9),
+        options=BuildOptions(index_options=IndexOptions("ivfpq", target_recall=0.9)),
     )
     index = retrieval.open_index(path, device="cpu")
     assert index.manifest["vector_indexes"]["clip/caption"]["choice"]["spec"]["type"] == "ivfpq"
@@ -185,7 +185,7 @@ def two_step(tmp_path, tiny_clip_dir, small_collection, caption_files):
         index=path,
         encoders=clip(tiny_clip_dir),
         embed=QUIET,
-        index_options=IndexOptions("ivf", target_recall=0.9),
+        options=BuildOptions(index_options=IndexOptions("ivf", target_recall=0.9)),
     )
     return path, first, second
 
@@ -225,7 +225,7 @@ def test_add_encodes_only_new_items_and_equals_a_full_build(
         index=tmp_path / "full",
         encoders=clip(tiny_clip_dir),
         embed=QUIET,
-        index_options=IndexOptions("flat"),
+        options=BuildOptions(index_options=IndexOptions("flat")),
     )
     # same items, same scores (a random tiny model makes near-ties, so compare scores, not orders); image vectors
     # come from other batches here, and the CPU's int8 image tower scales activations per batch: < 2e-3 apart
@@ -338,3 +338,22 @@ def test_cli_add_and_remove(two_step, caption_files):
     assert "removed 1 images" in result.output and "no-such-id" in result.output
     result = runner.invoke(main, ["remove", "--index", str(path)])
     assert result.exit_code != 0 and "nothing to remove" in result.output
+
+
+def test_adding_nothing_new_commits_nothing_and_is_no_error(two_step, caption_files):
+    """A cron job that reruns the same add: nothing new is no failure (exit 0), unless --strict asks for one."""
+    path, first, _ = two_step
+    before = retrieval.open_index(path, device="cpu").manifest
+    report = add_to_index(path, images=[first], captions=[caption_files / "first.txt"], embed=QUIET, device="cpu")
+    assert report.nothing_new and report.added == {"image": 0, "caption": 0}
+    assert report.already_present == {"image": 3, "caption": 300} and report.counts == {"image": 3, "caption": 300}
+    after = retrieval.open_index(path, device="cpu").manifest
+    assert after["build_id"] == before["build_id"] and "updates" not in after  # no new build
+    runner = CliRunner()
+    args = ["add", "--index", str(path), "--captions", str(caption_files / "first.txt"), "-q"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "nothing new to add" in result.output and "300 captions already in the index" in result.output
+    strict = runner.invoke(main, [*args, "--strict"])
+    assert strict.exit_code == 2 and "nothing new to add" in strict.output
+    assert json.loads(runner.invoke(main, [*args, "--json"]).output)["added"] == {"image": 0, "caption": 0}

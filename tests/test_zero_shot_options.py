@@ -12,7 +12,7 @@ from PIL import Image
 from test_engine_asif import reference_relative
 
 import retrieval
-from retrieval import EmbedOptions, EncoderChoice
+from retrieval import BuildOptions, EmbedOptions, EncoderChoice
 from retrieval.asif.anchors import (
     AnchorSet,
     AnchorSpaces,
@@ -110,7 +110,7 @@ def test_index_with_crop_views_and_glosses_end_to_end(tmp_path, small_collection
         encoders=UNIMODAL,
         anchors="builtin:imagenet",
         embed=QUIET,
-        image_views="five",
+        options=BuildOptions(image_views="five"),
     )
     manifest = index.manifest
     assert manifest["image_views"] == "five" and manifest["anchors"][0]["texts"] == "glosses"
@@ -154,21 +154,15 @@ def test_index_with_crop_views_and_glosses_end_to_end(tmp_path, small_collection
 
 
 def test_image_views_are_refused_for_contrastive_models(tmp_path, small_collection):
-    with pytest.raises(InputError, match="image views"):
+    with pytest.raises(InputError, match="`BuildOptions.image_views` 'five' pools ASIF relative rows"):
         retrieval.build_index(
             captions=[small_collection / "pairs.jsonl"],
             index=tmp_path / "c",
             encoders=EncoderChoice(clip="open_clip:ViT-B-32/none"),
-            image_views="five",
+            options=BuildOptions(image_views="five"),
         )
-    with pytest.raises(InputError, match="unknown image views"):
-        retrieval.build_index(
-            captions=[small_collection / "pairs.jsonl"],
-            index=tmp_path / "c",
-            encoders=UNIMODAL,
-            anchors="builtin:imagenet",
-            image_views="ten",
-        )
+    with pytest.raises(InputError, match="`BuildOptions.image_views` must be one of none, five, got 'ten'"):
+        BuildOptions(image_views="ten")
 
 
 @pytest.mark.slow
@@ -187,7 +181,7 @@ def test_images_added_to_a_crop_view_index_are_pooled_too(tmp_path, small_collec
         encoders=UNIMODAL,
         anchors="builtin:imagenet",
         embed=QUIET,
-        image_views="five",
+        options=BuildOptions(image_views="five"),
     )
     retrieval.add_to_index(tmp_path / "i", images=[later], embed=QUIET)
     index = retrieval.open_index(tmp_path / "i")
@@ -210,7 +204,7 @@ def test_cli_passes_image_views_to_the_build(monkeypatch, tmp_path):
     seen = {}
 
     def fake_build(*args, **kwargs):
-        seen.update(kwargs)
+        seen["image_views"] = args[-1].image_views  # the BuildOptions
         raise InputError("stop here")
 
     monkeypatch.setattr(build_module, "build_index", fake_build)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.api.write import WriteOptions, commit_index, prepare_target, write_index
+from retrieval.api.write import NEED_ANCHORS, WriteOptions, commit_index, prepare_target, write_index
 from retrieval.asif.anchors import (
     AnchorSet,
     AnchorSpaces,
@@ -34,9 +34,9 @@ from retrieval.asif.anchors import (
 from retrieval.asif.relative import AsifParams
 from retrieval.core.config import CaptionOptions, EncoderChoice, IndexOptions
 from retrieval.core.errors import InputError
-from retrieval.embed.embedded import EmbeddedItems, EmbedStats
-from retrieval.embed.pipeline import EmbeddedImages, EmbedOptions, embed_images
-from retrieval.embed.views import check_views, embed_views
+from retrieval.embed.embedded import EmbeddedImages, EmbeddedItems, EmbedStats
+from retrieval.embed.pipeline import EmbedOptions, embed_images
+from retrieval.embed.views import VIEW_SETS, embed_views
 from retrieval.encoders.registry import load_encoders
 from retrieval.sources.captions import read_caption_file
 from retrieval.sources.inputs import read_image_sources
@@ -47,19 +47,17 @@ from retrieval.store.provenance import encoder_record
 
 if TYPE_CHECKING:
     from retrieval.api.engine import Index
-
-if TYPE_CHECKING:
-    from retrieval.embed.ray_pipeline import RayOptions
+    from retrieval.embed.ray_cluster import RayOptions
 
 __all__ = [
     "DEFAULT_INDEX",
+    "BuildOptions",
     "Collection",
     "WriteOptions",
     "build_anchors",
     "build_index",
     "commit_index",
     "embed_items",
-    "gather_collection",
     "gather_items",
     "resolve_anchors",
     "write_index",
@@ -80,6 +78,35 @@ class Collection:
     errors: list[ItemError] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class BuildOptions:
+    """How a build reads, describes and indexes its items; every field has a working default.
+
+    - ``caption_options``: how caption and pairs files are read;
+    - ``index_options``: which vector indexes are made (type, memory budget, target recall, shards);
+    - ``asif``: ASIF k and p with unimodal encoders (fields left open: the anchor sets' own);
+      ``anchor_weights``: one weight per anchor set when several are fused;
+    - ``image_views``: ``"five"`` (ASIF only) describes each image by the mean of the relative rows of
+      the whole photo, its four quadrants and a centre crop (six encoder passes per image; image
+      queries are pooled the same way), recorded in the manifest;
+    - ``ray``: ``local``, ``auto``, a cluster address or ``RayOptions``: the images are embedded on
+      Ray (``retrieval[ray]``); the index is the same as without it.
+    """
+
+    caption_options: CaptionOptions = CaptionOptions()
+    index_options: IndexOptions = IndexOptions()
+    asif: AsifParams | None = None
+    anchor_weights: Sequence[float] | None = None
+    image_views: str = "none"
+    ray: str | RayOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_views not in VIEW_SETS:
+            raise InputError(
+                f"`BuildOptions.image_views` must be one of {', '.join(VIEW_SETS)}, got {self.image_views!r}"
+            )
+
+
 def gather_items(
     images: Sequence[str | Path],
     captions: Sequence[str | Path],
@@ -95,7 +122,7 @@ def gather_items(
     ``progress``: a progress bar on stderr while many shards are scanned (shown after a second).
     """
     if not images and not captions:
-        raise InputError("nothing to index: give --images PATH and/or --captions FILE")
+        raise InputError("nothing to index: give `images` and/or `captions`")
     found = (
         read_image_sources(images, options.caption_column, options.image_column, progress) if images else ShardItems()
     )
@@ -108,13 +135,11 @@ def gather_items(
         collection.captions.extend(parsed.records)
         collection.errors.extend(parsed.errors)
         for record in parsed.records:
-            if record.image is not None and record.image not in seen:
-                seen.add(record.image)
-                collection.images.append(ImageRef(path=record.image, source=str(path)))
+            image = Path(record.image) if record.image is not None else None  # a caption file's images are paths
+            if image is not None and image not in seen:
+                seen.add(image)
+                collection.images.append(ImageRef(path=image, source=str(path)))
     return collection
-
-
-gather_collection = gather_items  # the name before the stages were split out
 
 
 def embed_items(
@@ -124,13 +149,15 @@ def embed_items(
     options: EmbedOptions = EmbedOptions(),
     work_dir: str | Path | None = None,
     ray: RayOptions | None = None,
+    image_views: str = "none",
 ) -> EmbeddedItems:
     """Stage 2: images and captions through their encoders (the same object for a contrastive model).
 
     With ``work_dir`` (an index directory whose writer lock the caller holds) the image
     embedding is resumable: see :func:`retrieval.embed.pipeline.embed_images`. With ``ray``
     (and ``work_dir``) the images are embedded on a Ray cluster in resumable units: see
-    :func:`retrieval.embed.ray_pipeline.embed_images_on_ray`.
+    :func:`retrieval.embed.ray_pipeline.embed_images_on_ray`. With ``image_views`` other than
+    ``"none"`` the crops of each embedded image are embedded too (``view_vectors``).
     """
     started = time.perf_counter()
     if ray is not None:
@@ -167,6 +194,9 @@ def embed_items(
         shared_space=image_encoder is text_encoder,
         errors=collection.errors + images.errors,
         stats=stats,
+        view_vectors=None
+        if image_views == "none"
+        else embed_views([row.ref for row in images.rows], image_encoder, image_views),
     )
 
 
@@ -184,61 +214,51 @@ def build_index(
     index: str | Path = DEFAULT_INDEX,
     encoders: EncoderChoice | None = None,
     anchors: str | Path | Sequence[str | Path] | None = None,
-    asif: AsifParams | None = None,
-    caption_options: CaptionOptions = CaptionOptions(),
     embed: EmbedOptions = EmbedOptions(),
-    anchor_weights: Sequence[float] | None = None,
-    index_options: IndexOptions = IndexOptions(),
-    ray: str | RayOptions | None = None,
-    image_views: str = "none",
+    options: BuildOptions = BuildOptions(),
 ) -> Index:
     """Embed images and captions and write an index directory; returns the opened index.
 
     With a contrastive ``encoders.clip`` model both kinds share one space. With
     unimodal ``encoders.image`` + ``encoders.text``, ``anchors`` (a directory from
     :func:`build_anchors` or ``builtin:imagenet``, or a list of them fused with
-    ``anchor_weights``) is required and cross-modal search goes through ASIF
+    ``options.anchor_weights``) is required and cross-modal search goes through ASIF
     relative representations (exact sparse route ``asif``) or their dense
-    projections (route ``projected``).
-
-    With ``ray`` (``local``, ``auto``, a cluster address, or ``RayOptions``) the images
-    are embedded on Ray (``retrieval[ray]``); the index is the same as without it.
-    ``image_views="five"`` (ASIF only) describes each image by the mean of the relative rows of the
-    whole photo, its four quadrants and a centre crop (six encoder passes per image; image
-    queries are pooled the same way); recorded in the manifest as ``image_views``.
+    projections (route ``projected``). ``embed``: how the embedding stage runs;
+    ``options``: everything else (:class:`BuildOptions`).
     """
     from retrieval.api.engine import open_index
 
     started = time.perf_counter()
-    anchors = _check_choice(encoders, anchors, check_views(image_views))
-    ray_options = ray_options_for(ray, encoders)
+    if encoders is None:
+        raise InputError("choose encoders: EncoderChoice(clip=...) or EncoderChoice(image=..., text=...)")
+    anchors = _check_choice(encoders, anchors, options.image_views)
+    ray = ray_options_for(options.ray, encoders)
     index = Path(index)
     prepare_target(index)
     with writer_lock(index):  # one build at a time: a second writer fails here, at once
-        collection = gather_items(images, captions, caption_options, progress=embed.progress)
+        collection = gather_items(images, captions, options.caption_options, progress=embed.progress)
         image_encoder, text_encoder = load_encoders(encoders)
-        spaces = resolve_anchors(anchors, anchor_weights, image_encoder, text_encoder)
-        asif = asif_params_for(spaces.sets, asif) if spaces else asif  # open fields: the anchor sets' own; fails early
-        with _one_ray_session(ray_options):  # the embed and index stages share it (each would start its own)
-            embedded = embed_items(
-                collection, image_encoder, text_encoder, embed, work_dir=index, ray=ray_options
-            )  # resumable: see resume.py
-            if check_views(image_views) != "none":
-                embedded.view_vectors = embed_views([row.ref for row in embedded.images], image_encoder, image_views)
+        spaces = resolve_anchors(anchors, options.anchor_weights, image_encoder, text_encoder)
+        asif = asif_params_for(spaces.sets, options.asif) if spaces else options.asif  # fails early
+        with _one_ray_session(ray):  # the embed and index stages share it (each would start its own)
+            embedded = embed_items(  # resumable: see resume.py
+                collection, image_encoder, text_encoder, embed, index, ray, options.image_views
+            )
             commit_index(
                 embedded,
                 index,
                 WriteOptions(
                     anchors=spaces,
                     asif=asif,
-                    index_options=index_options,
-                    caption_options=caption_options,
+                    index_options=options.index_options,
+                    caption_options=options.caption_options,
                     sources={"images": [str(p) for p in images], "captions": [str(p) for p in captions]},
                     checkpoint=encoders.checkpoint,
                     progress=embed.progress,
                     started=started,
-                    ray=ray_options,
-                    image_views=image_views,
+                    ray=ray,
+                    image_views=options.image_views,
                 ),
             )
     return open_index(index, device=encoders.device)
@@ -259,28 +279,24 @@ def ray_options_for(ray: str | RayOptions | None, encoders: EncoderChoice | None
         return None
     from dataclasses import replace
 
-    from retrieval.embed.ray_pipeline import RayOptions
+    from retrieval.embed.ray_cluster import RayOptions
 
     options = ray if isinstance(ray, RayOptions) else RayOptions(address=str(ray))
     return replace(options, encoders=encoders)
 
 
 def _check_choice(
-    encoders: EncoderChoice | None, anchors: str | Path | Sequence[str | Path] | None, image_views: str = "none"
+    encoders: EncoderChoice, anchors: str | Path | Sequence[str | Path] | None, image_views: str = "none"
 ) -> list[str | Path]:
-    """The anchor references as a list; errors for a missing encoder choice or missing anchors."""
-    if encoders is None:
-        raise InputError("choose encoders: EncoderChoice(clip=...) or EncoderChoice(image=..., text=...)")
+    """The anchor references as a list; errors for missing anchors, or image views they cannot pool."""
     anchors = [anchors] if isinstance(anchors, (str, Path)) else list(anchors or ())
     if encoders.is_contrastive and image_views != "none":
         raise InputError(
-            f"image views {image_views!r} pool ASIF relative rows: they need unimodal encoders and anchors"
+            f"`BuildOptions.image_views` {image_views!r} pools ASIF relative rows: it needs unimodal encoders "
+            "and anchors"
         )
     if not encoders.is_contrastive and not anchors:
-        raise InputError(
-            "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or "
-            "builtin:imagenet"
-        )
+        raise InputError(NEED_ANCHORS)
     return anchors
 
 
@@ -295,40 +311,29 @@ def _images_per_second(embedded: EmbeddedImages, total: int, seconds: float) -> 
 def build_anchors(
     pairs: Sequence[str | Path],
     out: str | Path,
-    image_encoder: str,
-    text_encoder: str,
-    checkpoint: str | Path | None = None,
-    device: str = "auto",
+    encoders: EncoderChoice,
     caption_options: CaptionOptions = CaptionOptions(),
     embed: EmbedOptions = EmbedOptions(),
     asif: AsifParams | None = None,
     cache_dir: str | Path | None = None,
 ) -> AnchorSet:
-    """Embed (image, caption) pairs with two unimodal encoders and save them as an anchor directory.
+    """Embed (image, caption) pairs with the two unimodal ``encoders`` and save them as an anchor directory.
 
-    With ``cache_dir``, embeddings are reused from (and added to) the embedding cache.
+    ``asif``: the k and p recorded as the set's defaults (fields left open: the library's). With
+    ``cache_dir``, embeddings are reused from (and added to) the embedding cache.
     """
     from retrieval.asif.anchors import DEFAULT_PARAMS, load_anchor_set
 
+    if encoders.is_contrastive:
+        raise InputError(
+            "anchor pairs bridge two unimodal encoders: give `EncoderChoice.image` and `EncoderChoice.text`, "
+            "not `EncoderChoice.clip`"
+        )
     out = Path(out)
-    prepare_target(out)
+    prepare_target(out, "out")
     with writer_lock(out):
-        image_model, text_model = load_encoders(
-            EncoderChoice(
-                image=image_encoder,
-                text=text_encoder,
-                checkpoint=str(checkpoint) if checkpoint else None,
-                device=device,
-            )
-        )
-        anchor_set, errors = build_anchor_set(
-            pairs,
-            image_model,
-            text_model,
-            caption_options,
-            embed,
-            (asif or AsifParams()).resolved(DEFAULT_PARAMS),
-            cache_dir,
-        )
+        image_model, text_model = load_encoders(encoders)
+        params = (asif or AsifParams()).resolved(DEFAULT_PARAMS)
+        anchor_set, errors = build_anchor_set(pairs, image_model, text_model, caption_options, embed, params, cache_dir)
         save_anchor_set(anchor_set, out, errors)
     return load_anchor_set(out)

@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
+NEED_ANCHORS = (
+    "unimodal encoders need an anchor set for cross-modal search: `anchors` (an anchor directory made by "
+    "build-anchors, or builtin:imagenet)"
+)
+
+
 @dataclass(frozen=True)
 class WriteOptions:
     """What the write stage needs besides the vectors.
@@ -59,14 +65,15 @@ class WriteOptions:
     image_views: str = "none"  # "five": image relative rows pooled over crops (needs EmbeddedItems.view_vectors)
 
 
-def prepare_target(index: Path) -> None:
-    """Refuse to write into a folder that holds something other than an index."""
+def prepare_target(index: Path, name: str = "index") -> None:
+    """Refuse to write into a folder that holds something other than an index (``name``: the caller's
+    parameter naming it, for the error)."""
     if index.exists() and not index.is_dir():
         raise InputError(f"{index}: exists and is not a directory")
     if index.is_dir() and any(index.iterdir()) and not (index / MANIFEST_NAME).exists():
         leftovers = all(is_leftover_name(p.name) for p in index.iterdir())
         if not leftovers:
-            raise InputError(f"{index}: exists, is not empty and is not an index; choose another --index path")
+            raise InputError(f"{index}: exists, is not empty and is not an index; choose another `{name}` path")
 
 
 def write_index(embedded: EmbeddedItems, index: str | Path, options: WriteOptions = WriteOptions()) -> Path:
@@ -137,10 +144,7 @@ def _distributed(index: Path, options: WriteOptions) -> Any:
 def _check(embedded: EmbeddedItems, options: WriteOptions) -> None:
     embedded.check()
     if not embedded.shared_space and options.anchors is None:
-        raise InputError(
-            "unimodal encoders need an anchor set for cross-modal search: --anchors DIR (from build-anchors) or "
-            "builtin:imagenet"
-        )
+        raise InputError(NEED_ANCHORS)
     if options.image_views != "none" and (
         options.anchors is None or embedded.view_vectors is None or len(embedded.view_vectors) != len(embedded.images)
     ):

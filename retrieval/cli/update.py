@@ -17,6 +17,9 @@ from retrieval.cli.common import (
     setup_logging,
 )
 from retrieval.cli.ray_flags import ray_flags
+from retrieval.core.errors import InputError
+
+NOTHING_NEW_EXIT = InputError.exit_code  # add --strict: what the library's "nothing new" error exited with
 
 
 def _report(report: Any, as_json: bool, index_path: str) -> None:
@@ -24,7 +27,13 @@ def _report(report: Any, as_json: bool, index_path: str) -> None:
         echo_json(report.to_json())
         return
     counts = report.counts
-    if report.operation == "add":
+    if report.nothing_new:
+        present = report.already_present
+        click.echo(
+            f"nothing new to add to {index_path}: {present.get('image', 0)} images and {present.get('caption', 0)} "
+            f"captions already in the index (now {counts['image']} images, {counts['caption']} captions)"
+        )
+    elif report.operation == "add":
         click.echo(
             f"added {report.added['image']} images and {report.added['caption']} captions to {index_path} "
             f"(now {counts['image']} images, {counts['caption']} captions; {report.seconds:.1f} s)"
@@ -63,6 +72,11 @@ def _report(report: Any, as_json: bool, index_path: str) -> None:
 @caption_options
 @embed_options(checkpoint=False)
 @ray_flags("Embed the new images on Ray (pip install 'retrieval[ray]'), as build-index --ray does.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help=f"Exit with status {NOTHING_NEW_EXIT} when there is nothing new to add (default: 0, as a rerun is no error).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as one JSON object.")
 def add_command(
     images: Sequence[str],
@@ -71,11 +85,13 @@ def add_command(
     caption_options: Any,
     embedding: EmbedFlags,
     ray: Any,
+    strict: bool,
     as_json: bool,
 ) -> None:
     """Add images and captions to a built index, encoding only the new ones.
 
-    Items already in the index (same id) are skipped. The vector indexes are not retrained unless the
+    Items already in the index (same id) are skipped; with nothing new the index is left as it is and the
+    command says so (exit status 0, or 2 with --strict). The vector indexes are not retrained unless the
     new data drifted from the training data or the collection grew past 4x; recall is measured again.
     Readers keep seeing the previous state until the update is committed.
     """
@@ -88,6 +104,8 @@ def add_command(
         )
     )
     _report(report, as_json, index_path)
+    if strict and report.nothing_new:
+        click.get_current_context().exit(NOTHING_NEW_EXIT)
 
 
 @click.command("remove")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +70,19 @@ def load_paired(
     """Images and captions of a pairs file (several captions per image allowed)."""
     parsed = read_caption_file(path, options.caption_column, options.image_column, options.template, options.encoding)
     if not parsed.is_pairs:
-        raise InputError(f"{path}: not a pairs file (no {options.image_column!r} column); name it with --image-column")
-    images = list(dict.fromkeys(record.image for record in parsed.records))
+        raise InputError(
+            f"{path}: not a pairs file (no {options.image_column!r} column); name it with `CaptionOptions.image_column`"
+        )
+    images = list(dict.fromkeys(Path(record.image) for record in parsed.records if record.image is not None))
     images = [images[i] for i in evenly_spaced(len(images), limit)]
     embedded = encoders.image_cache.embed_images(
         [ImageRef(path=p, source=str(path)) for p in images], encoders.image, embed
     )
-    row_of = {row.ref.path: i for i, row in enumerate(embedded.rows)}
-    records = [record for record in parsed.records if record.image in row_of]
+    row_of = {row.ref.location: i for i, row in enumerate(embedded.rows)}
+    records = [record for record in parsed.records if str(record.image) in row_of]
     captions = encoders.text_cache.encode_texts([r.text for r in records], encoders.text, progress=embed.progress)
-    owner = np.array([row_of[r.image] for r in records], np.int64)
-    return PairedData(embedded.vectors, captions, owner), [row.ref.path for row in embedded.rows]
+    owner = np.array([row_of[str(r.image)] for r in records], np.int64)
+    return PairedData(embedded.vectors, captions, owner), [Path(row.ref.location) for row in embedded.rows]
 
 
 def load_labelled(
@@ -89,12 +91,13 @@ def load_labelled(
     """A labelled folder ``root/<label>/*`` with one prompt per class built from ``template``."""
     refs = labelled_folder_images(root)
     refs = [refs[i] for i in evenly_spaced(len(refs), limit)]
-    class_names = sorted({ref.label for ref in refs})
+    class_names = sorted({str(ref.label) for ref in refs})  # a labelled folder labels every image
     embedded = encoders.image_cache.embed_images(refs, encoders.image, embed)
-    labels = np.array([class_names.index(row.ref.label) for row in embedded.rows], np.int64)
+    labels = np.array([class_names.index(str(row.ref.label)) for row in embedded.rows], np.int64)
     prompts = [template.format(label=name.replace("_", " ")) for name in class_names]
     prompt_vectors = encoders.text_cache.encode_texts(prompts, encoders.text)
-    return LabelledData(embedded.vectors, labels, class_names, prompt_vectors), [row.ref.path for row in embedded.rows]
+    evaluated = [Path(row.ref.location) for row in embedded.rows]
+    return LabelledData(embedded.vectors, labels, class_names, prompt_vectors), evaluated
 
 
 def check_no_leak(anchors: Sequence[AnchorSet], evaluated: Sequence[Path]) -> None:
@@ -116,11 +119,11 @@ def parse_sweep(values: Sequence[str]) -> dict[str, list[float]]:
         name, _, numbers = value.partition("=")
         name = name.strip().lower()
         if name not in ("k", "p") or not numbers:
-            raise InputError(f"--sweep {value!r}: expected k=N,N,... or p=X,X,...")
+            raise InputError(f"`EvalOptions.sweep` {value!r}: expected k=N,N,... or p=X,X,...")
         try:
             grid[name] = [float(x) for x in numbers.split(",") if x.strip()]
         except ValueError as e:
-            raise InputError(f"--sweep {value!r}: {e}") from e
+            raise InputError(f"`EvalOptions.sweep` {value!r}: {e}") from e
     return grid
 
 
@@ -137,8 +140,8 @@ def route_configs(
     w = tuple(weights) if weights else None
     for route, rounds in itertools.product(routes, refine):
         if route in ("asif", "projected"):
-            base = (params or AsifParams()).resolved()
-            for k, p in itertools.product(grid.get("k", [base.k]), grid.get("p", [base.p])):
+            base_k, base_p = (params or AsifParams()).chosen()
+            for k, p in itertools.product(grid.get("k", [base_k]), grid.get("p", [base_p])):
                 configs.append(RouteConfig(route, AsifParams(int(k), float(p)), w, center, rounds))
         else:
             configs.append(RouteConfig(route, None, w, center if route != "clip" else "none", rounds))
@@ -196,55 +199,74 @@ def evaluate_index(path: str | Path) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """What :func:`run_eval` measures, and on how much of the data; every field has a default.
+
+    - ``routes``: how images and texts are compared (None: ``clip`` or ``asif``, by the encoders);
+    - ``asif``: ASIF k and p (fields left open: the anchor sets' own); ``sweep``: a grid over them,
+      e.g. ``("k=5,10,30", "p=1,3")``; ``anchor_weights``: one per anchor set when several are fused;
+    - ``center``: subtract each modality's mean first (``none``, ``anchors`` or ``collection``);
+    - ``refine``: rounds of label-free prototype refinement (zero-shot only; several are swept);
+    - ``split``: pick the best setting on the even-numbered images, report it on the odd-numbered half;
+    - ``limit``: evaluate an evenly spread subset of this many images;
+    - ``cache_dir``: the embedding cache (default ``index_data/cache/embeddings``).
+    """
+
+    routes: Sequence[str] | None = None
+    asif: AsifParams | None = None
+    sweep: Sequence[str] = ()
+    anchor_weights: Sequence[float] | None = None
+    center: str = "none"
+    refine: Sequence[int] = (0,)
+    split: bool = False
+    limit: int | None = None
+    cache_dir: str | Path | None = None
+
+
 def run_eval(
     data: str | Path,
     encoders: EncoderChoice,
     anchors: Sequence[str] = (),
-    routes: Sequence[str] | None = None,
-    params: AsifParams | None = None,
-    sweep_values: Sequence[str] = (),
-    anchor_weights: Sequence[float] | None = None,
-    split: bool = False,
-    center: str = "none",
-    refine: Sequence[int] = (0,),
+    options: EvalOptions = EvalOptions(),
     caption_options: CaptionOptions = CaptionOptions(),
     embed: EmbedOptions = EmbedOptions(),
-    cache_dir: str | Path | None = None,
-    limit: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a pairs file (recall) or a labelled folder (zero-shot) for the chosen routes and settings."""
     data = Path(data)
     if not data.exists():
         raise InputError(f"{data}: no such file or directory")
-    opened = open_encoders(encoders, cache_dir)
+    opened = open_encoders(encoders, options.cache_dir)
     cached_text = CachedTextEncoder(opened.text, opened.text_cache)
     anchor_sets = [resolve_anchor_set(str(a), opened.image, cached_text) for a in anchors]
-    if routes is None:
-        routes = ["clip"] if encoders.is_contrastive else ["asif"]
+    routes = options.routes if options.routes is not None else ["clip"] if encoders.is_contrastive else ["asif"]
     if not encoders.is_contrastive and "clip" in routes:
-        raise InputError("route 'clip' needs a contrastive --encoder")
+        raise InputError("route 'clip' needs a contrastive `EncoderChoice.clip`")
+    dataset: PairedData | LabelledData
     if data.is_dir():
-        dataset, evaluated = load_labelled(
-            data, caption_options.template or DEFAULT_LABEL_TEMPLATE, opened, embed, limit
-        )
+        template = caption_options.template or DEFAULT_LABEL_TEMPLATE
+        dataset, evaluated = load_labelled(data, template, opened, embed, options.limit)
         task = "zero-shot"
     else:
-        dataset, evaluated = load_paired(data, caption_options, opened, embed, limit)
+        dataset, evaluated = load_paired(data, caption_options, opened, embed, options.limit)
         task = "retrieval"
     check_no_leak(anchor_sets, evaluated)
-    grid = parse_sweep(sweep_values)
+    grid = parse_sweep(options.sweep)
+    params = options.asif
     if anchor_sets and {"asif", "projected"} & set(routes):  # k and p neither given nor swept: the anchor sets'
-        swept = {name: int(values[0]) if name == "k" else values[0] for name, values in grid.items() if values}
-        params = asif_params_for(anchor_sets, replace(params or AsifParams(), **swept))
-    configs = route_configs(routes, params, grid, anchor_weights, center, refine)
-    result: SweepResult = sweep(dataset, configs, anchor_sets, split)
+        chosen = params or AsifParams()
+        k = int(grid["k"][0]) if grid.get("k") else chosen.k
+        p = grid["p"][0] if grid.get("p") else chosen.p
+        params = asif_params_for(anchor_sets, AsifParams(k=k, p=p))
+    configs = route_configs(routes, params, grid, options.anchor_weights, options.center, options.refine)
+    result: SweepResult = sweep(dataset, configs, anchor_sets, options.split)
     return {
         "task": task,
         "data": str(data),
         "encoders": {"image": opened.image.spec, "text": opened.text.spec},
         "anchors": [{"name": a.name, "count": len(a)} for a in anchor_sets],
-        "anchor_weights": list(anchor_weights) if anchor_weights else None,
-        "split": "tune on even images, report on odd" if split else None,
+        "anchor_weights": list(options.anchor_weights) if options.anchor_weights else None,
+        "split": "tune on even images, report on odd" if options.split else None,
         "rows": result.rows,
         "chosen": result.chosen,
     }
