@@ -33,8 +33,8 @@ BUILTIN_IMAGENET = "builtin:imagenet"
 BUILTIN_IMAGENET_NAMES = "builtin:imagenet-names"
 BUILTIN_IMAGENET_GLOSSES = "builtin:imagenet-glosses"
 IMAGENET_IMAGE_ENCODERS = ("efficientnet-lite0",)
-# Prompts for class-name anchors; averaged when several. CLIP's 6-template ensemble
-# measured no better than this one on COCO (benchmarks/asif_params.py) at 6x the cost.
+# Prompts for class-name anchors; averaged when several. One: an ensemble encodes every class once
+# per template, and CLIP's templates bought nothing on COCO (benchmarks/RESULTS.md).
 CLASS_PROMPTS = ("a photo of a {}.",)
 # What the text side of the built-in ImageNet anchors says about each class: ``names`` the
 # prompts above; ``glosses`` also WordNet's definition ("tabby: a cat with a grey or tawny coat

@@ -8,8 +8,8 @@ Workers die with the build that started them (:class:`WorkerInit`): a worker tha
 build killed with SIGKILL would sleep forever (its exit waits on a queue nobody reads).
 
 Every worker runs single-threaded (:func:`single_threaded`): N workers on N cores each with a
-pool of N torch / OpenMP / BLAS threads fight over the cores instead of adding up (issue 17:
-8 workers on 16 cores spent six times the CPU per image that one core needs alone).
+pool of N torch / OpenMP / BLAS threads fight over the cores instead of adding up
+(``benchmarks/THROUGHPUT.md``, issue 17).
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def resolve_workers(workers: int | str, n_items: int, replicas: bool = False) ->
     """Number of DataLoader worker processes: 'auto' gives large collections one per core
     (at most MAX_AUTO_WORKERS, or MAX_AUTO_REPLICAS when the workers also encode).
 
-    One per core, not one per spare core: on the 2-core CPU EfficientNet-Lite0 embedded 109 img/s
-    with 2 workers and 89 with 1, ViT-B/32 35 and 34 (workers sleep while the batch queue is full).
+    One per core, not one per spare core: workers sleep while the batch queue is full, so the
+    extra worker costs the encoder nothing and keeps it fed (``benchmarks/THROUGHPUT.md``).
     """
     if workers != "auto":
         return int(workers)
@@ -80,10 +80,9 @@ def use_replicas(option: bool | None, device: str, workers: int | str, n_items: 
     Only for CPU encoders, and only where workers are forked (Linux): the copy is then the
     parent's memory, shared copy-on-write, and a forked worker must stay single-threaded
     (OpenMP hangs in a child whose parent used its thread pool). ``None`` (auto) turns it on
-    where that holds and at least two workers would run. Measured on the 2-core CPU
-    (``benchmarks/THROUGHPUT.md``): EfficientNet-Lite0 171-174 img/s against 117-121 with the
-    encoder in the main process (1,080 photos), ViT-B/32 39.1 against 35.3 (320 photos); one
-    model with two threads ran 1.6x one with one thread, two single-threaded copies 2x.
+    where that holds and at least two workers would run: one model on several threads scales
+    poorly and stalls whenever a decode worker takes one of its cores, while single-threaded
+    copies run side by side (``benchmarks/THROUGHPUT.md``).
     """
     on_cpu = str(device) == "cpu"
     if option is None:
@@ -173,7 +172,7 @@ def _limit_native_pools() -> int:
         from threadpoolctl import ThreadpoolController
     except ImportError:  # optional: the environment variables still cover pools started later
         return 0
-    controller = ThreadpoolController()  # one scan of the loaded libraries (~8 ms a worker; two before)
+    controller = ThreadpoolController()  # scans the loaded libraries once; limit() reuses that scan
     controller.limit(limits=1)  # the limit stays for the rest of this worker's life
     return len(controller.lib_controllers)
 
