@@ -68,7 +68,8 @@ def export_index(
     if index.mode != "clip":
         raise InputError(
             f"{index_path}: an ASIF index (two encoders, no shared space) cannot be exported in clip-retrieval's "
-            "layout, which holds one CLIP space; export an index built with a CLIP encoder (--encoder open_clip:...)"
+            "layout, which holds one CLIP space; export an index built with a CLIP encoder "
+            "(`EncoderChoice.clip`)"
         )
     rows = export_rows(index)
     parts = max(1, -(-len(rows[0]) // PART_ROWS))
