@@ -66,7 +66,7 @@ def test_image_url_is_off_by_default_and_refuses_private_addresses(image_host):
     base, hits = image_host
     with pytest.raises(ApiError) as off:
         fetch_image_url(f"{base}/cat.jpg", FetchPolicy())
-    assert off.value.status == 403 and "--allow-image-urls" in off.value.message
+    assert off.value.status == 403 and "`allow_image_urls`" in off.value.message
     for url in [
         f"{base}/cat.jpg",
         "http://localhost:9/x",
@@ -75,7 +75,7 @@ def test_image_url_is_off_by_default_and_refuses_private_addresses(image_host):
     ]:
         with pytest.raises(ApiError) as refused:
             fetch_image_url(url, FetchPolicy(allow=True))
-        assert refused.value.status == 403 and "--allow-private-urls" in refused.value.message, url
+        assert refused.value.status == 403 and "`allow_private_urls`" in refused.value.message, url
     for url in ["file:///etc/passwd", "ftp://example.com/x", "http:///nohost", "gopher://127.0.0.1/"]:
         with pytest.raises(ApiError):
             fetch_image_url(url, FetchPolicy(allow=True, allow_private=True))

@@ -59,7 +59,7 @@ def resolve(host: str, port: int, allow_private: bool) -> str:
             raise ApiError(
                 403,
                 f"image_url: host {host!r} resolves to a non-public address ({refused[0]}); "
-                "the server refuses those unless started with --allow-private-urls",
+                "this server refuses those unless its operator turns on `allow_private_urls`",
             )
     return addresses[0]
 
@@ -88,7 +88,7 @@ class _PinnedHTTP(http.client.HTTPConnection):
 def fetch_image_url(url: str, policy: FetchPolicy) -> bytes:
     """The bytes at ``url`` (an ApiError when the policy refuses it or the fetch fails)."""
     if not policy.allow:
-        raise ApiError(403, "image_url is turned off on this server (start it with --allow-image-urls)")
+        raise ApiError(403, "image_url is turned off on this server (its operator can turn on `allow_image_urls`)")
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
