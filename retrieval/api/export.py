@@ -93,11 +93,11 @@ def export_index(
 def export_rows(index: Any) -> tuple[np.ndarray, np.ndarray]:
     """The image position and caption position of each exported row (-1 where the row has none)."""
     images, captions = index.items("image"), index.items("caption")
-    live_images = _live(index, "image")
+    live_images = index.live("image")
     position_of = {uri: p for p, uri in enumerate(images["uri"]) if live_images[p]}
     by_image: dict[int, list[int]] = {}
     alone: list[int] = []
-    for c, live in enumerate(_live(index, "caption")):
+    for c, live in enumerate(index.live("caption")):
         if live:
             p = position_of.get(captions["image_uri"][c]) if captions["image_uri"][c] else None
             (by_image.setdefault(p, []) if p is not None else alone).append(c)
@@ -110,12 +110,6 @@ def export_rows(index: Any) -> tuple[np.ndarray, np.ndarray]:
     image_rows.extend([-1] * len(alone))
     caption_rows.extend(alone)
     return np.asarray(image_rows, np.int64), np.asarray(caption_rows, np.int64)
-
-
-def _live(index: Any, kind: str) -> np.ndarray:
-    mask = np.ones(index.rows(kind), bool)
-    mask[index.deleted(kind)] = False
-    return mask
 
 
 def _firsts(image_rows: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 
 from retrieval.api.build import Collection, embed_items, gather_items, ray_options_for
 from retrieval.api.engine import Index, open_index
-from retrieval.api.update_build import KINDS, UpdateBuild, live_mask
+from retrieval.api.update_build import KINDS, UpdateBuild
 from retrieval.asif.pooling import relative_of_views
 from retrieval.core.config import CaptionOptions
 from retrieval.core.errors import InputError
@@ -142,10 +142,7 @@ def _commit_add(old: Index, embedded: EmbeddedItems, report: UpdateReport) -> di
 def _new_items(old: Index, collection: Collection, report: UpdateReport) -> Collection:
     """The items of ``collection`` not in ``old`` yet (by id; deleted ones count as absent), with its errors;
     ``report.already_present`` counts the others."""
-    present = {
-        kind: set(np.asarray(old.items(kind)["id"], dtype=object)[live_mask(old.rows(kind), old.deleted(kind))])
-        for kind in KINDS
-    }
+    present = {kind: set(np.asarray(old.items(kind)["id"], dtype=object)[old.live(kind)]) for kind in KINDS}
     new = Collection(
         images=[ref for ref in collection.images if ref.id not in present["image"]],
         captions=[record for record in collection.captions if record.id not in present["caption"]],
@@ -216,7 +213,7 @@ def _matches(old: Index, wanted_ids: set[str], wanted_paths: set[str], report: U
     new_deleted: dict[str, np.ndarray] = {}
     for kind in KINDS:
         table = old.items(kind)
-        live = live_mask(old.rows(kind), old.deleted(kind))
+        live = old.live(kind)
         hits = []
         for position, item_id in enumerate(table["id"]):
             where = table["uri"][position] if kind == "image" else table["source"][position]

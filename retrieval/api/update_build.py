@@ -17,7 +17,7 @@ from retrieval.core.config import IndexOptions
 from retrieval.embed.embedded import EmbeddedItems
 from retrieval.index.recall import RECALL_QUERIES
 from retrieval.index.source import RowSubset, VectorSource
-from retrieval.index.vector_index import Exclusions, add_vectors, build_vector_index, empty_copy
+from retrieval.index.vector_index import Exclusions, add_vectors, build_vector_index, empty_copy, live_mask
 from retrieval.index.vector_sets import (
     VectorSet,
     choose,
@@ -33,13 +33,6 @@ from retrieval.store.writer import StoreWriter
 log = logging.getLogger(__name__)
 
 KINDS = ("image", "caption")
-
-
-def live_mask(rows: int, deleted: np.ndarray) -> np.ndarray:
-    """True for each of ``rows`` positions not in ``deleted``."""
-    mask = np.ones(rows, bool)
-    mask[deleted] = False
-    return mask
 
 
 class UpdateBuild:

@@ -17,7 +17,7 @@ from retrieval.api.shards import open_shards
 from retrieval.core.errors import IndexFormatError
 from retrieval.index.placement import place_index
 from retrieval.index.source import VectorSource
-from retrieval.index.vector_index import Exclusions
+from retrieval.index.vector_index import Exclusions, live_mask
 from retrieval.index.vector_sets import spec_of
 from retrieval.store.reader import StoreReader
 
@@ -88,6 +88,10 @@ class VectorParts:
     def rows(self, kind: str) -> int:
         """Stored rows of ``kind``, deleted ones included (positions run from 0 to rows - 1)."""
         return int((self.manifest.get("rows") or self.manifest["counts"])[kind])
+
+    def live(self, kind: str) -> np.ndarray:
+        """True for each stored row of ``kind`` that is not deleted."""
+        return live_mask(self.rows(kind), self.deleted(kind))
 
     def deleted(self, kind: str) -> np.ndarray:
         """Positions of the deleted ``kind`` items (their rows stay in :meth:`items` until compaction)."""
