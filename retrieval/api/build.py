@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from retrieval.core.errors import InputError
 from retrieval.embed.embedded import EmbeddedImages, EmbeddedItems, EmbedStats
 from retrieval.embed.pipeline import EmbedOptions, embed_images
 from retrieval.embed.views import VIEW_SETS, embed_views
+from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.encoders.registry import load_encoders
 from retrieval.sources.captions import read_caption_file
 from retrieval.sources.inputs import read_image_sources
@@ -144,8 +145,8 @@ def gather_items(
 
 def embed_items(
     collection: Collection,
-    image_encoder: Any,
-    text_encoder: Any,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
     options: EmbedOptions = EmbedOptions(),
     work_dir: str | Path | None = None,
     ray: RayOptions | None = None,
@@ -191,7 +192,7 @@ def embed_items(
         captions=list(collection.captions),
         caption_vectors=caption_vectors,
         encoders={"image": encoder_record(image_encoder), "text": encoder_record(text_encoder)},
-        shared_space=image_encoder is text_encoder,
+        shared_space=image_encoder is cast(object, text_encoder),  # one contrastive model: both kinds
         errors=collection.errors + images.errors,
         stats=stats,
         view_vectors=None
@@ -201,7 +202,10 @@ def embed_items(
 
 
 def resolve_anchors(
-    anchors: Sequence[str | Path], weights: Sequence[float] | None, image_encoder: Any, text_encoder: Any
+    anchors: Sequence[str | Path],
+    weights: Sequence[float] | None,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
 ) -> AnchorSpaces | None:
     """The anchor sets named by ``anchors`` (directories or ``builtin:NAME``), checked against the encoders."""
     sets = [resolve_anchor_set(str(a), image_encoder, text_encoder) for a in anchors]

@@ -24,6 +24,7 @@ from retrieval.api.write import WriteOptions, commit_index, prepare_target
 from retrieval.core.config import EncoderChoice, IndexOptions
 from retrieval.core.errors import EncoderMismatchError, ImageDecodeError, InputError
 from retrieval.embed.embedded import EmbeddedItems, EmbedStats, ImageRow
+from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.encoders.registry import load_encoders
 from retrieval.sources.clip_embeddings import (
     EmbeddingFolder,
@@ -156,7 +157,9 @@ def _sample(count: int, size: int = VERIFY_SAMPLES) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(count, size=min(size, count), replace=False))
 
 
-def check_images(refs: Sequence[ImageRef], vectors: np.ndarray, where: list[tuple[Path, int]], encoder: Any) -> int:
+def check_images(
+    refs: Sequence[ImageRef], vectors: np.ndarray, where: list[tuple[Path, int]], encoder: ImageEncoder
+) -> int:
     """Encode up to 32 sampled images that can be read here; EncoderMismatchError if one disagrees. Returns how many."""
     readable = [n for n, ref in enumerate(refs) if ref.path is not None]
     chosen, pictures = [], []
@@ -179,7 +182,7 @@ def check_images(refs: Sequence[ImageRef], vectors: np.ndarray, where: list[tupl
     return len(chosen)
 
 
-def check_texts(texts: Sequence[str], vectors: np.ndarray, where: list[tuple[Path, int]], encoder: Any) -> int:
+def check_texts(texts: Sequence[str], vectors: np.ndarray, where: list[tuple[Path, int]], encoder: TextEncoder) -> int:
     """Encode up to 32 sampled captions; EncoderMismatchError if one disagrees. Returns how many."""
     chosen = [int(n) for n in _sample(len(texts))]
     if chosen:

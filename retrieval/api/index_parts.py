@@ -8,6 +8,7 @@ from typing import Any
 
 from retrieval.asif.anchors import AnchorSet, AnchorSpaces, anchor_texts_of
 from retrieval.core.errors import IndexFormatError
+from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.store.provenance import check_same_encoder
 from retrieval.store.reader import StoreReader
 
@@ -45,7 +46,9 @@ def encoder_choice_for(manifest: Mapping[str, Any], device: str) -> Any:
     )
 
 
-def load_checked_encoders(manifest: Mapping[str, Any], device: str, snapshots: Any, path: Path) -> tuple[Any, Any]:
+def load_checked_encoders(
+    manifest: Mapping[str, Any], device: str, snapshots: Any, path: Path
+) -> tuple[ImageEncoder, TextEncoder]:
     """(image encoder, text encoder) of an index, each checked against the one it was built with."""
     from retrieval.encoders.registry import load_encoders
 

@@ -24,6 +24,7 @@ from retrieval.asif.anchors import AnchorSpaces
 from retrieval.asif.pooling import relative_of_views
 from retrieval.asif.relative import AsifParams, SparseRelativeIndex
 from retrieval.embed.views import encode_views
+from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.sources.items import load_image, normalize_image
 
 ImageQuery = Any  # a path (str or Path) or a PIL image
@@ -48,15 +49,13 @@ class QueryParts(VectorParts):
     def encode(self, modality: str, values: Sequence[Any]) -> np.ndarray:
         """``values`` (texts, or image paths / PIL images) encoded by the index's ``modality`` encoder, one row each."""
         if modality == "text":
-            encoder = self.text_encoder
-            with self._serial.using(encoder):
-                vectors: np.ndarray = encoder.encode_texts(list(values))
-                return vectors
+            text_encoder = self.text_encoder
+            with self._serial.using(text_encoder):
+                return text_encoder.encode_texts(list(values))
         pictures = _pictures(values)  # decoded in parallel with other threads
-        encoder = self.image_encoder
-        with self._serial.using(encoder):
-            vectors = encoder.encode_images(pictures)
-            return vectors
+        image_encoder = self.image_encoder
+        with self._serial.using(image_encoder):
+            return image_encoder.encode_images(pictures)
 
     def in_route_space(self, modality: str, values: Sequence[Any], route: str) -> Any:
         """Query ``values`` of ``modality`` as rows in ``route``'s space: encoder vectors, or for ``asif``
@@ -96,7 +95,7 @@ class QueryParts(VectorParts):
         """The ASIF k and p the collection's relative rows were computed with."""
         return AsifParams.from_json(self.manifest["asif"])
 
-    def _encoders(self) -> tuple[Any, Any]:
+    def _encoders(self) -> tuple[ImageEncoder, TextEncoder]:
         return self._parts.get("encoders", self._load_encoders)
 
     def encoder_choice(self) -> Any:
@@ -107,12 +106,12 @@ class QueryParts(VectorParts):
         return load_checked_encoders(self.manifest, self.device, self.encoder_snapshots, self.path)
 
     @property
-    def image_encoder(self) -> Any:
+    def image_encoder(self) -> ImageEncoder:
         """The image encoder the index was built with (loaded and checked on first use)."""
         return self._encoders()[0]
 
     @property
-    def text_encoder(self) -> Any:
+    def text_encoder(self) -> TextEncoder:
         """The text encoder the index was built with (the same object as the image encoder for CLIP)."""
         return self._encoders()[1]
 

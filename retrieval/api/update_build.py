@@ -16,8 +16,9 @@ from retrieval.asif.relative import SparseRelativeIndex
 from retrieval.core.config import IndexOptions
 from retrieval.embed.embedded import EmbeddedItems
 from retrieval.index.recall import RECALL_QUERIES
+from retrieval.index.selection import live_mask
 from retrieval.index.source import RowSubset, VectorSource
-from retrieval.index.vector_index import Exclusions, add_vectors, build_vector_index, empty_copy, live_mask
+from retrieval.index.vector_index import Exclusions, add_vectors, build_vector_index, empty_copy
 from retrieval.index.vector_sets import (
     VectorSet,
     choose,

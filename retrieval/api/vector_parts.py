@@ -16,8 +16,9 @@ from retrieval.api.lazy import OnceCache
 from retrieval.api.shards import open_shards
 from retrieval.core.errors import IndexFormatError
 from retrieval.index.placement import place_index
+from retrieval.index.selection import live_mask
 from retrieval.index.source import VectorSource
-from retrieval.index.vector_index import Exclusions, live_mask
+from retrieval.index.vector_index import Exclusions
 from retrieval.index.vector_sets import spec_of
 from retrieval.store.reader import StoreReader
 

@@ -19,6 +19,7 @@ from retrieval.asif.relative import DEFAULT_PARAMS, AnchorSpace, AsifParams, Mod
 from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions
 from retrieval.core.errors import InputError
 from retrieval.embed.pipeline import EmbedOptions, embed_images
+from retrieval.encoders.base import ImageEncoder, TextEncoder
 from retrieval.sources.captions import read_caption_file
 from retrieval.sources.discovery import labelled_folder_pairs
 from retrieval.sources.items import CaptionRecord, ImageRef, ItemError
@@ -84,7 +85,7 @@ class AnchorSet:
         """The anchor matrices, ready to compute relative representations."""
         return AnchorSpace(self.image_vectors, self.text_vectors)
 
-    def check_encoders(self, image_encoder: Any, text_encoder: Any) -> None:
+    def check_encoders(self, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
         """Raise unless the given encoders are the ones these anchors were embedded with."""
         check_same_encoder(self.image_encoder, image_encoder, f"anchor set {self.name} (image side)")
         check_same_encoder(self.text_encoder, text_encoder, f"anchor set {self.name} (text side)")
@@ -198,8 +199,8 @@ def mean_caption_vectors(groups: Sequence[list[int]], caption_vectors: np.ndarra
 
 def embed_pairs(
     records: Sequence[CaptionRecord],
-    image_encoder: Any,
-    text_encoder: Any,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
     embed: EmbedOptions = EmbedOptions(),
     cache_dir: str | Path | None = None,
 ) -> tuple[list[ImageRef], np.ndarray, np.ndarray, list[list[CaptionRecord]], list[ItemError]]:
@@ -233,8 +234,8 @@ def embed_pairs(
 
 def build_anchor_set(
     sources: Sequence[str | Path],
-    image_encoder: Any,
-    text_encoder: Any,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
     options: CaptionOptions = CaptionOptions(),
     embed: EmbedOptions = EmbedOptions(),
     params: AsifParams = DEFAULT_PARAMS,
@@ -276,8 +277,8 @@ def class_prompts(class_names: Sequence[str], texts: str = "names") -> list[list
 
 
 def builtin_imagenet(
-    image_encoder: Any,
-    text_encoder: Any,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
     params: AsifParams = DEFAULT_PARAMS,
     texts: str = DEFAULT_ANCHOR_TEXTS,
     name: str = BUILTIN_IMAGENET,
@@ -368,7 +369,7 @@ def load_anchor_set(path: str | Path) -> AnchorSet:
     )
 
 
-def resolve_anchor_set(reference: str, image_encoder: Any, text_encoder: Any) -> AnchorSet:
+def resolve_anchor_set(reference: str, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> AnchorSet:
     """An anchor set from ``builtin:NAME`` or an anchor directory, checked against the encoders."""
     if reference.startswith(BUILTIN_PREFIX):
         if reference not in BUILTIN_TEXTS:

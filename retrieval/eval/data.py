@@ -16,6 +16,7 @@ from retrieval.core.config import DEFAULT_LABEL_TEMPLATE, CaptionOptions, Encode
 from retrieval.core.errors import InputError
 from retrieval.embed.cache import DEFAULT_CACHE, EmbeddingCache
 from retrieval.embed.pipeline import EmbedOptions
+from retrieval.encoders.base import TextEncoder
 from retrieval.eval.evaluate import (
     LabelledData,
     PairedData,
@@ -51,11 +52,19 @@ def open_encoders(choice: EncoderChoice, cache_dir: str | Path | None) -> Encode
     return Encoders(image, text, EmbeddingCache(root, image), EmbeddingCache(root, text))
 
 
-class CachedTextEncoder:
+class CachedTextEncoder(TextEncoder):
     """A text encoder whose ``encode_texts`` goes through the embedding cache (e.g. for built-in anchor prompts)."""
 
-    def __init__(self, encoder: Any, cache: EmbeddingCache) -> None:
+    def __init__(self, encoder: TextEncoder, cache: EmbeddingCache) -> None:
         self._encoder, self._cache = encoder, cache
+        self.spec, self.dim, self.device = encoder.spec, encoder.dim, encoder.device
+
+    def fingerprint(self) -> str:
+        return self._encoder.fingerprint()
+
+    @property
+    def numerics(self) -> str:
+        return self._encoder.numerics
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         return self._cache.encode_texts(texts, self._encoder, progress=progress)

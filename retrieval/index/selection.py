@@ -32,6 +32,13 @@ CACHED_BYTES = 64 << 20  # gathered float32 rows kept per (filter, vector set) u
 MAX_WIDEN = 16  # the most IVF probes / HNSW breadth are multiplied by at low selectivity
 
 
+def live_mask(rows: int, deleted: np.ndarray) -> np.ndarray:
+    """True for each of ``rows`` positions not in ``deleted``."""
+    mask = np.ones(rows, bool)
+    mask[deleted] = False
+    return mask
+
+
 class Selection:
     """Allowed positions out of ``total`` rows: sorted array, FAISS bitmap selector, mask; with gathered rows cached."""
 

@@ -244,13 +244,6 @@ def _cached_search_params(index: Any, knobs: SearchKnobs, selector: Any) -> Any:
     return entry[0]
 
 
-def live_mask(rows: int, deleted: np.ndarray) -> np.ndarray:
-    """True for each of ``rows`` positions not in ``deleted``."""
-    mask = np.ones(rows, bool)
-    mask[deleted] = False
-    return mask
-
-
 class Exclusions:
     """Deleted positions, as a FAISS selector (kept alive with its id array) and a lookup mask."""
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from retrieval.core.errors import EncoderMismatchError
+from retrieval.encoders.base import ImageEncoder, TextEncoder
 
 
-def encoder_record(encoder: Any) -> dict[str, Any]:
+def encoder_record(encoder: ImageEncoder | TextEncoder) -> dict[str, Any]:
     """The manifest entry for an encoder: spec, output dimension and weights fingerprint."""
     return {"spec": encoder.spec, "dim": int(encoder.dim), "fingerprint": encoder.fingerprint()}
 
 
-def check_same_encoder(recorded: dict[str, Any], encoder: Any, where: str) -> None:
+def check_same_encoder(recorded: dict[str, Any], encoder: ImageEncoder | TextEncoder, where: str) -> None:
     """Raise :class:`EncoderMismatchError` unless ``encoder`` is the one ``recorded`` in ``where``."""
     current = encoder_record(encoder)
     if current["dim"] != recorded.get("dim") or current["fingerprint"] != recorded.get("fingerprint"):
