@@ -447,9 +447,14 @@ def test_the_cli_passes_work_dir_and_ship_code(monkeypatch, tmp_path):
     from retrieval.cli.main import main
 
     seen = []
-    monkeypatch.setattr(
-        build, "build_index", lambda *a, **kw: seen.append(kw["ray"]) or (_ for _ in ()).throw(SystemExit(0))
-    )
+
+    def fake_build(*args, **kwargs):
+        """Record the BuildOptions' Ray settings the command passed, then stop before building."""
+        options = kwargs["options"] if "options" in kwargs else args[6]
+        seen.append(options.ray)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(build, "build_index", fake_build)
     runner = CliRunner()
     runner.invoke(
         main,
