@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import IMAGENET, require_shared_data
+from PIL import Image
 
 import retrieval
 from retrieval import AsifParams, BuildOptions, CaptionOptions, EmbedOptions, EncoderChoice
@@ -44,6 +45,17 @@ def reference_relative(vectors: np.ndarray, anchors: np.ndarray, k: int, p: floa
         out[row, top] = np.maximum(values[top], 0) ** p
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.where(norms == 0, 1, norms)
+
+
+def reference_fused(vectors: np.ndarray, anchor_sets: list, weights: list[float], k: int, p: float) -> np.ndarray:
+    """Fused ASIF rows in plain numpy: each set's rows times sqrt(weight), side by side, L2-normalised."""
+    parts = [
+        np.sqrt(w) * reference_relative(vectors, np.asarray(a, np.float32), k, p)
+        for a, w in zip(anchor_sets, weights, strict=True)
+    ]
+    joined = np.hstack(parts)
+    norms = np.linalg.norm(joined, axis=1, keepdims=True)
+    return joined / np.where(norms == 0, 1, norms)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +150,6 @@ def test_projected_route_matches_a_numpy_reference(asif_index):
 
 
 def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
-    from retrieval.asif.anchors import AnchorSpaces
 
     index = retrieval.build_index(
         captions=[small_collection / "pairs.jsonl"],
@@ -157,12 +168,12 @@ def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
     from retrieval.asif.anchors import builtin_imagenet
 
     sets[1] = builtin_imagenet(index.image_encoder, index.text_encoder)
-    spaces = AnchorSpaces(sets, [1.0, 0.5])
-    image_vectors = index.store.read_vectors(index.manifest["files"]["vectors"]["image/image"])
+    image_vectors = np.asarray(index.store.read_vectors(index.manifest["files"]["vectors"]["image/image"]), np.float32)
     query = index.text_encoder.encode_texts(["a cake on a table"])
-    expected = (
-        spaces.relative(image_vectors, "image", index.asif_params) @ spaces.relative(query, "text", index.asif_params).T
-    ).toarray()[:, 0]
+    weights = [1.0, 0.5]
+    images = reference_fused(image_vectors, [s.image_vectors for s in sets], weights, 5, 2.0)
+    texts = reference_fused(query, [s.text_vectors for s in sets], weights, 5, 2.0)
+    expected = (images @ texts.T)[:, 0]
     hits = index.text_to_image("a cake on a table", k=6)
     np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1], atol=5e-3)
 
@@ -170,7 +181,18 @@ def test_fused_anchor_sets_in_an_index(tmp_path, anchor_dir, small_collection):
 def test_image_to_caption_through_anchors(asif_index, small_collection):
     photo = sorted((small_collection / "images").glob("0*.jpg"))[0]
     hits = asif_index.image_to_caption(photo, k=5)
-    assert len(hits) == 5 and hits[0].score >= hits[-1].score
+    # numpy reference: the photo's relative row against the image anchors, scored against every stored caption's
+    # relative row against the text anchors; the five best, in order
+    store, files = asif_index.store, asif_index.manifest["files"]
+    anchor_images = np.asarray(store.read_array(files["anchors"][0]["image"]), np.float32)
+    anchor_texts = np.asarray(store.read_array(files["anchors"][0]["text"]), np.float32)
+    captions = np.asarray(store.read_vectors(files["vectors"]["text/caption"]), np.float32)
+    photo_row = reference_relative(asif_index.image_encoder.encode_images([Image.open(photo)]), anchor_images, 5, 2.0)
+    scores = reference_relative(captions, anchor_texts, 5, 2.0) @ photo_row[0]
+    best = np.argsort(-scores, kind="stable")[:5]
+    texts = asif_index.items("caption")["caption"]
+    np.testing.assert_allclose([hit.score for hit in hits], scores[best], atol=5e-3)
+    assert [hit.caption for hit in hits][:2] == [texts[int(i)] for i in best][:2]  # the clear winners, by text
     assert all(hit.image_uri for hit in hits)  # captions from a pairs file keep their image
 
 

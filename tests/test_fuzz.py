@@ -140,8 +140,12 @@ def test_any_caption_template(tmp_path, template):
 
 
 def test_garbage_parquet(tmp_path):
+    """Bytes that are no parquet file are an error naming the file, never a file of zero rows."""
     for data in (b"", b"PAR1", b"PAR1" + b"\0" * 64 + b"PAR1", bytes(range(256)) * 4):
-        _read(_write(tmp_path, ".parquet", data))
+        path = _write(tmp_path, ".parquet", data)
+        with pytest.raises(InputError, match="not a readable parquet file") as refused:
+            read_caption_file(path)
+        assert str(path) in str(refused.value)
 
 
 # --------------------------------------------------------------------------- queries

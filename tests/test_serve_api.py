@@ -296,7 +296,9 @@ def test_body_limit_refuses_early(tiny_index):  # noqa: F811
                 yield b"y" * 1024
 
         streamed = c.post("/api/v1/search", content=chunks())  # no Content-Length: counted as it arrives
-        assert streamed.status_code == 413 and declared.headers["access-control-allow-origin"] == "*"
+        assert streamed.status_code == 413 and "error" in streamed.json()
+        assert declared.headers["access-control-allow-origin"] == "*"
+        assert streamed.headers["access-control-allow-origin"] == "*"  # refused mid-stream, still with CORS
         assert c.post("/api/v1/search", json={"queries": [{"text": "ok"}], "k": 1}).status_code == 200
 
 

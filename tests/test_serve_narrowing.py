@@ -3,6 +3,7 @@ plus/minus parts; each answers what the Python API answers for the same request.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from serve_helpers import b64, make_client, tiny_index  # noqa: F401  (tiny_index is a fixture)
 
@@ -73,13 +74,26 @@ def test_plus_minus_parts_and_dedup_answer_as_the_python_api(client, index, smal
     )
     assert [int(i) for i in ids(body)] == api_ids(index, expected, "image")  # image ids are row positions
     assert [hit["score"] for hit in body["results"][0]["hits"]] == pytest.approx([h.score for h in expected], abs=1e-4)
-    deduped = index.text_to_image("a plate of food", k=20)
     kept = index.search(
         Query.text("a plate of food"), target="image", k=20, options=SearchOptions(dedup=DEFAULT_THRESHOLD)
     )
     body = search(client, queries=[{"text": "a plate of food"}], k=20, dedup=True)
-    assert len(body["results"][0]["hits"]) == len(kept) <= len(deduped)
     assert [hit["score"] for hit in body["results"][0]["hits"]] == pytest.approx([h.score for h in kept], abs=1e-5)
+    # dedup against a numpy reference, at a threshold that must drop some: every image ranked, then each dropped
+    # when its stored vector's cosine to a better kept one reaches the threshold
+    everything = index.rows("image")
+    ranked = api_ids(index, index.text_to_image("a plate of food", k=everything), "image")
+    stored = np.asarray(index.store.read_vectors(index.manifest["files"]["vectors"]["clip/image"]), np.float32)
+    unit = stored[ranked] / np.linalg.norm(stored[ranked], axis=1, keepdims=True)
+    cosines = unit @ unit.T
+    threshold = round(float(np.median(cosines[np.triu_indices(len(ranked), 1)])), 4)
+    survivors: list[int] = []
+    for i in range(len(ranked)):
+        if all(cosines[i, j] < threshold for j in survivors):
+            survivors.append(i)
+    assert len(survivors) < len(ranked)  # the threshold drops some, so a dedup that drops nothing fails
+    body = search(client, queries=[{"text": "a plate of food"}], k=everything, dedup=threshold)
+    assert [int(i) for i in ids(body)] == [ranked[i] for i in survivors]
     for bad in (
         {"queries": [{"vector": [0.1] * 8, "plus": [{"text": "x"}]}]},
         {"queries": [{"text": "a", "minus": [{"text": "b", "weight": -1}]}]},
