@@ -141,6 +141,17 @@ def image_rows(repeats: int, folder: Path) -> None:
         report(name, len(pixels), timed, "current (encode_image_tensors)", timed["fp32 torch.inference_mode"][1])
 
 
+def sentence_transformer_of(encoder):
+    """A SentenceTransformer over the folder ``encoder`` reads: the encoder itself runs BERT directly (tokenizers
+    + safetensors, no sentence-transformers), so the fp32 torch and ONNX baselines load the library's model."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = encoder._model.folder.model_dir
+    while not (folder / "modules.json").is_file():
+        folder = folder.parent
+    return SentenceTransformer(str(folder), device="cpu")
+
+
 def text_rows(repeats: int, count: int, folder: Path) -> None:
     import torch
 
@@ -150,7 +161,7 @@ def text_rows(repeats: int, count: int, folder: Path) -> None:
     texts = [r.text for r in read_caption_file(DATA / "coco-train-mini" / "captions.jsonl").records]
     texts = (texts * (count // len(texts) + 1))[:count]
     encoder = load_text_encoder("minilm", device="cpu")
-    st = encoder._model  # the SentenceTransformer
+    st = sentence_transformer_of(encoder)  # the same weights in sentence-transformers, the baselines' model
     tokenizer = st.tokenizer
     order = np.argsort([-len(t) for t in texts], kind="stable")  # as SentenceTransformer.encode batches
     batches = [[texts[i] for i in order[s : s + 64]] for s in range(0, len(texts), 64)]
