@@ -77,10 +77,12 @@ def test_info_text_and_json(cli_index):
     assert "open_clip:tiny" in text and "6 images, 30 captions, 1 skipped" in text
     assert "queries    text-to-image clip; image-to-caption clip; image-to-image clip; text-to-caption clip" in text
     build = info["build"]  # the embedding throughput of the build, and how it ran
-    assert build["images_per_second"] > 0 and build["images_resumed"] == 0
+    # the embedding stage is part of the build: its speed is at least the images over the whole build's time
+    assert build["images_per_second"] >= 6 / build["seconds"] and build["images_resumed"] == 0
     assert (build["device"], build["workers"], build["encoder_replicas"]) == ("cpu", 0, False)
     assert f"on cpu, {build['images_per_second']} images/s" in text
-    assert build["decode"] == "cpu" and build["startup_seconds"] > 0  # --decode auto on the CPU: the PIL path
+    assert build["decode"] == "cpu"  # --decode auto on the CPU: the PIL path
+    assert 0 < build["startup_seconds"] <= build["seconds"]  # start-up is a part of the build, counted
 
 
 def test_decode_gpu_on_a_cpu_encoder_is_a_clear_error(tmp_path, tiny_clip_dir, small_collection):

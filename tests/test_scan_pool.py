@@ -11,12 +11,22 @@ FILES = list(range(PROBE_FILES + 12))
 WAIT = 0.02  # seconds a "read from storage" sleeps
 
 
-def _recording(work):
+def _recording(work, in_flight: list[int] | None = None):
+    """A read that records its thread per file and, in ``in_flight``, how many reads ran at once at most."""
     threads: dict[int, str] = {}
+    lock, running = threading.Lock(), [0]
 
     def read(file: int) -> int:
         threads[file] = threading.current_thread().name
-        work()
+        with lock:
+            running[0] += 1
+            if in_flight is not None:
+                in_flight.append(running[0])
+        try:
+            work()
+        finally:
+            with lock:
+                running[0] -= 1
         return file * 10
 
     return read, threads
@@ -29,16 +39,15 @@ def _busy() -> None:
 
 
 def test_reads_that_wait_go_to_threads_after_the_probe_and_come_back_in_order():
-    read, threads = _recording(lambda: time.sleep(WAIT))
-    start = time.perf_counter()
+    in_flight: list[int] = []
+    read, threads = _recording(lambda: time.sleep(WAIT), in_flight)
     got = list(read_in_order(FILES, read, threads=8))
-    seconds = time.perf_counter() - start
     assert got == [file * 10 for file in FILES]
     probed = [threads[file] for file in FILES[:PROBE_FILES]]
     pooled = [threads[file] for file in FILES[PROBE_FILES:]]
     assert all(name == threading.current_thread().name for name in probed)
     assert all(name.startswith("shard-scan") for name in pooled)
-    assert seconds < (PROBE_FILES + len(pooled) / 2) * WAIT  # one by one would take len(FILES) * WAIT
+    assert max(in_flight[:PROBE_FILES]) == 1 and max(in_flight) > 1  # the probe one by one, then reads overlap
 
 
 def test_reads_that_compute_stay_on_the_calling_thread():
