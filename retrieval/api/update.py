@@ -217,11 +217,12 @@ def _matches(old: Index, wanted_ids: set[str], wanted_paths: set[str], report: U
         hits = []
         for position, item_id in enumerate(table["id"]):
             where = table["uri"][position] if kind == "image" else table["source"][position]
-            by_path = where is not None and _resolved(where) in wanted_paths
+            resolved = _resolved(where) if wanted_paths and where is not None else None  # no file lookups by id
+            by_path = resolved in wanted_paths
             if item_id in wanted_ids or by_path:
                 matched.add(item_id)
                 if by_path:
-                    matched.add(f"path:{_resolved(where)}")
+                    matched.add(f"path:{resolved}")
                 if live[position]:
                     hits.append(position)
         new_deleted[kind] = np.asarray(hits, np.int64)
